@@ -1,0 +1,12 @@
+"""finetune: fine-tune Stable Diffusion-style models with one loop and interchangeable strategies."""
+__version__ = "0.1.0"
+
+
+def load_adapter(pipe, path, scale: float = 1.0, name: str | None = None) -> str:
+    """Load a finetune artifact (LoRA, ...) into a diffusers pipeline at strength `scale`."""
+    from finetune.adapters import load_adapter as _load
+
+    return _load(pipe, path, scale=scale, name=name)
+
+
+__all__ = ["__version__", "load_adapter"]

@@ -1,0 +1,110 @@
+"""Command line: `finetune train|validate|sample ...` (also `python -m finetune ...`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train with a recipe")
+    train.add_argument("recipe", help="YAML recipe")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100")
+    train.add_argument("--resume", metavar="latest|PATH",
+                       help="continue from the newest checkpoint in output_dir, or from a checkpoint folder")
+
+    validate = commands.add_parser("validate", help="check a recipe without loading any model")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*", metavar="key=value")
+
+    sample = commands.add_parser("sample", help="generate a grid with a base model and an optional adapter")
+    sample.add_argument("--base", required=True, help="hub id, diffusers folder or single checkpoint file")
+    sample.add_argument("--adapter", help="artifact written by `finetune train`")
+    sample.add_argument("--prompt", required=True, action="append", help="repeat for several rows")
+    sample.add_argument("--scale", type=float, default=1.0, help="adapter strength (0: the base alone)")
+    sample.add_argument("--out", required=True, help="PNG file to write")
+    sample.add_argument("--negative-prompt", default="")
+    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--guidance", type=float, default=7.5)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--num", type=int, default=4, help="images per prompt")
+    sample.add_argument("--resolution", type=int, default=None, help="default: the model's own")
+    sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"train": _train, "validate": _validate, "sample": _sample}[args.command](args)
+    except KnownProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+class KnownProblem(Exception):
+    pass
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from finetune.data import DataError
+    from finetune.models import ModelLoadError
+    from finetune.recipe.load import RecipeError
+    from finetune.training.checkpoint import CheckpointError
+
+    return RecipeError, DataError, ModelLoadError, CheckpointError
+
+
+def _validate(args) -> int:
+    from finetune.recipe.load import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{args.recipe}: ok ({recipe.strategy.kind} on {recipe.model.base}, {recipe.train.max_steps} steps)")
+    return 0
+
+
+def _train(args) -> int:
+    from finetune.recipe.load import load_recipe
+    from finetune.training.loop import train
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        train(recipe, resume=args.resume)
+    except _known_errors() as exc:
+        raise KnownProblem(str(exc)) from None
+    return 0
+
+
+def _sample(args) -> int:
+    import torch
+
+    from finetune.adapters import load_adapter
+    from finetune.models import family_for
+    from finetune.training.sampling import sample_grid, save_png
+    from pathlib import Path
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    family = family_for("auto")
+    try:
+        parts = family.load(args.base, dtype=torch.float16 if device == "cuda" else torch.float32)
+        pipe = family.pipeline(parts).to(device)
+        if args.adapter:
+            load_adapter(pipe, args.adapter, scale=args.scale)
+    except (*_known_errors(), ValueError) as exc:
+        raise KnownProblem(str(exc)) from None
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    grid = sample_grid(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                       guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.num,
+                       resolution=resolution)
+    print(f"wrote {save_png(grid, Path(args.out))}")
+    return 0

@@ -1,0 +1,146 @@
+"""Find the training examples a recipe names, and prove each one readable before any model loads.
+
+Sources: an image folder with caption sidecars, the same with a `metadata.jsonl`, or a Hugging Face
+`datasets` dataset (hub name or a `save_to_disk` folder); `data.prompt` gives every image one caption.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+from finetune.data.images import open_image, to_rgb
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """A problem with the training data, named precisely enough to fix."""
+
+
+@dataclass
+class Example:
+    name: str  # file path or "dataset[row]", for messages
+    caption: str
+    load: Callable[[], Image.Image]  # returns upright RGB
+
+
+def list_examples(images: str | None, dataset: str | None, *, prompt: str | None, caption_extension: str,
+                  split: str, image_column: str, caption_column: str, on_bad_image: str) -> list[Example]:
+    if images is not None:
+        examples = _from_folder(Path(os.path.expanduser(images)), prompt, caption_extension, caption_column)
+    else:
+        examples = _from_dataset(dataset, split, image_column, caption_column, prompt)
+    return _check_readable(examples, on_bad_image)
+
+
+def _from_folder(folder: Path, prompt: str | None, caption_extension: str, caption_column: str) -> list[Example]:
+    metadata = folder / "metadata.jsonl"
+    if metadata.is_file():
+        return _from_metadata(folder, metadata, prompt, caption_column)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"data.images: no images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    examples, missing = [], []
+    for path in files:
+        if prompt is not None:
+            caption = prompt
+        else:
+            sidecar = path.with_suffix(caption_extension)
+            if not sidecar.is_file():
+                missing.append(path.name)
+                continue
+            caption = _read_caption(sidecar)
+        examples.append(Example(str(path), caption, lambda p=str(path): open_image(p)))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(
+            f"data.images: {len(missing)} image(s) in {folder} have no {caption_extension} caption file: {shown}. "
+            f"Add the caption files, or set data.prompt to give every image the same caption"
+        )
+    return examples
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise DataError(f"caption file {path} is not UTF-8 text; re-save it as UTF-8") from None
+
+
+def _from_metadata(folder: Path, metadata: Path, prompt: str | None, caption_column: str) -> list[Example]:
+    examples = []
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{metadata}, line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise DataError(f"{metadata}, line {number}: needs a \"file_name\" field")
+        if prompt is None and caption_column not in row:
+            raise DataError(f"{metadata}, line {number}: no {caption_column!r} caption field "
+                            f"(set data.caption_column, or data.prompt for one caption for all)")
+        path = folder / row["file_name"]
+        if not path.is_file():
+            raise DataError(f"{metadata}, line {number}: file {row['file_name']} not found in {folder}")
+        caption = prompt if prompt is not None else str(row[caption_column]).strip()
+        examples.append(Example(str(path), caption, lambda p=str(path): open_image(p)))
+    if not examples:
+        raise DataError(f"{metadata} lists no images")
+    return examples
+
+
+def _from_dataset(name: str, split: str, image_column: str, caption_column: str,
+                  prompt: str | None) -> list[Example]:
+    import datasets
+
+    if os.path.isdir(name):
+        loaded: Any = datasets.load_from_disk(name)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"data.split: {split!r} not in {name} (splits: {', '.join(loaded)})")
+            loaded = loaded[split]
+    else:
+        loaded = datasets.load_dataset(name, split=split)
+    columns = loaded.column_names
+    for key, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in columns and not (key == "caption_column" and prompt is not None):
+            raise DataError(f"data.{key}: no column {column!r} in {name} (columns: {', '.join(columns)})")
+    captions = [prompt] * len(loaded) if prompt is not None else [str(c).strip() for c in loaded[caption_column]]
+    images = loaded.select_columns([image_column])
+
+    def loader(row: int) -> Callable[[], Image.Image]:
+        def load() -> Image.Image:
+            value = images[row][image_column]
+            return to_rgb(value) if isinstance(value, Image.Image) else open_image(value)
+        return load
+
+    return [Example(f"{name}[{row}]", captions[row], loader(row)) for row in range(len(loaded))]
+
+
+def _check_readable(examples: list[Example], on_bad_image: str) -> list[Example]:
+    good, bad = [], []
+    for example in examples:
+        try:
+            example.load()
+            good.append(example)
+        except Exception as exc:  # PIL raises many types for broken files
+            bad.append(f"{example.name} ({type(exc).__name__}: {exc})")
+    if bad and on_bad_image == "error":
+        raise DataError(
+            f"{len(bad)} unreadable image(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+            + ". Remove or replace them, or set data.on_bad_image: skip to train without them"
+        )
+    for item in bad:
+        log.warning("skipping unreadable image %s", item)
+    if not good:
+        raise DataError("no readable images left to train on")
+    return good

@@ -1,0 +1,1 @@
+"""Artifact formats. Format code lives only here."""

@@ -1,0 +1,62 @@
+"""Write safetensors files atomically, with string metadata in the header; read that metadata back."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def atomic_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def replace_atomically(tmp: Path, path: Path) -> None:
+    """fsync the finished temporary file, then rename it over `path` so readers see old or new, never half."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    try:
+        save_file(plain, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def training_metadata(*, base_model: str, strategy: str, steps: int, recipe: dict,
+                      extra: dict[str, object] | None = None) -> dict[str, str]:
+    """The `finetune.*` header keys every artifact carries."""
+    from finetune import __version__
+
+    meta = {
+        "finetune.version": __version__,
+        "finetune.base_model": base_model,
+        "finetune.strategy": strategy,
+        "finetune.steps": str(steps),
+        "finetune.recipe": json.dumps(recipe, sort_keys=True),
+    }
+    for key, value in (extra or {}).items():
+        meta[f"finetune.{key}"] = str(value)
+    return meta

@@ -1,0 +1,41 @@
+"""What the loop and strategies need from a model family, so that neither asks which family it runs on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class Components:
+    """The loaded base. `unet` and `text_encoder` may be replaced by distributed wrappers during training."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    unet: Any
+    noise_scheduler: Any  # a training scheduler (DDPM) with the base's noise schedule
+    source: str  # what model.base said, for metadata
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific parts (e.g. a second encoder)
+
+
+class ModelFamily(Protocol):
+    name: str
+    lora_targets: tuple[str, ...]  # default LoRA target modules in the denoiser
+    text_encoder_lora_targets: tuple[str, ...]
+
+    def load(self, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
+             config: str | None) -> Components: ...
+
+    def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+
+    def encode_prompts(self, parts: Components, captions: list[str]) -> Any: ...
+
+    def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor: ...
+
+    def pipeline(self, parts: Components, unwrap: Any = None) -> Any: ...

@@ -1,0 +1,102 @@
+"""Stable Diffusion 1.x / 2.x: VAE + CLIP text encoder + UNet2DConditionModel, as diffusers loads them."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from finetune.models.base import Components, ModelLoadError
+
+
+class StableDiffusion:
+    name = "sd"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
+             dtype: torch.dtype = torch.float32, config: str | None = None) -> Components:
+        from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+        path = os.path.expanduser(base)
+        try:
+            if os.path.isfile(path):
+                refuse_unsafe_pickle(path)
+                pipe = StableDiffusionPipeline.from_single_file(
+                    path, config=config, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    path, revision=revision, variant=variant, dtype=dtype,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ModelLoadError(_explain_load_failure(base, exc)) from exc
+        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+            module.requires_grad_(False)
+            module.eval()
+        return Components(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), source=base,
+            extra={"sampling_scheduler": pipe.scheduler},
+        )
+
+    def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        vae = parts.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
+        return latents.float() * vae.config.scaling_factor
+
+    def tokenize(self, parts: Components, captions: list[str]) -> torch.Tensor:
+        tokenizer = parts.tokenizer
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+
+    def encode_prompts(self, parts: Components, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenize(parts, captions)
+        device = next(_unwrapped(parts.text_encoder).parameters()).device
+        return parts.text_encoder(ids.to(device))[0]
+
+    def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: torch.Tensor) -> torch.Tensor:
+        return parts.unet(noisy, timesteps, conditioning).sample
+
+    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
+        """An inference pipeline sharing the (possibly adapted) modules; `unwrap` strips DDP wrappers."""
+        from diffusers import StableDiffusionPipeline
+
+        unwrap = unwrap or _unwrapped
+        return StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=unwrap(parts.text_encoder), tokenizer=parts.tokenizer,
+            unet=unwrap(parts.unet), scheduler=parts.extra["sampling_scheduler"],
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _unwrapped(module: Any) -> Any:
+    return getattr(module, "module", module)
+
+
+def refuse_unsafe_pickle(path: str) -> None:
+    """A .ckpt/.pt/.bin is a pickle that could run code; accept it only if it loads with weights_only=True."""
+    if path.lower().endswith(".safetensors"):
+        return
+    import pickle
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"model.base: {path} is a pickle that needs more than plain tensors to load (it could run code), "
+            f"so it was not loaded ({type(exc).__name__}). Convert it to .safetensors with a tool you trust, "
+            "or use the model's diffusers folder"
+        ) from None
+
+
+def _explain_load_failure(base: str, exc: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    text = f"could not load model.base {base!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not os.path.exists(os.path.expanduser(base)):
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub may be unreachable from this machine"
+        text += (f"\n  {base!r} is not a local path, so it was looked up on the Hugging Face hub and {why}. "
+                 f"Download it where there is network (`huggingface-cli download {base} --local-dir DIR`) "
+                 "and set model.base to that folder.")
+    return text

@@ -1,0 +1,1 @@
+"""Recipes: the YAML schema, its loading and its checks."""

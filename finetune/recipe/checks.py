@@ -1,0 +1,141 @@
+"""Checks across fields and against the file system: everything that can be known without loading a model."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from finetune.recipe.schema import Recipe
+
+# "owner/name" or "name" as the Hugging Face hub spells repository ids
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def looks_like_local_path(value: str) -> bool:
+    return (
+        value.startswith((".", "/", "~"))
+        or value.lower().endswith(CHECKPOINT_SUFFIXES)
+        or os.sep in value.rstrip(os.sep).split(os.sep, 1)[-1]  # more than one separator: not owner/name
+        or not _HUB_ID.match(value)
+    )
+
+
+def check(recipe: Recipe) -> list[str]:
+    problems: list[str] = []
+    problems += _check_model(recipe)
+    problems += _check_data(recipe)
+    problems += _check_train(recipe)
+    problems += _check_outputs(recipe)
+    validate = getattr(recipe.strategy, "validate", None)
+    if validate is not None:
+        problems += validate(recipe)
+    return problems
+
+
+def _check_model(recipe: Recipe) -> list[str]:
+    problems = []
+    m = recipe.model
+    base = os.path.expanduser(m.base)
+    if os.path.exists(base):
+        if os.path.isdir(base) and not os.path.isfile(os.path.join(base, "model_index.json")):
+            problems.append(
+                f"model.base: {m.base} is a folder but not a diffusers pipeline (no model_index.json); "
+                "point it at a folder saved by `pipe.save_pretrained`, a hub id, or a single checkpoint file"
+            )
+        if os.path.isfile(base) and not base.lower().endswith(CHECKPOINT_SUFFIXES):
+            problems.append(
+                f"model.base: {m.base} is a file but not a checkpoint "
+                f"(expected one of {', '.join(CHECKPOINT_SUFFIXES)})"
+            )
+    elif looks_like_local_path(m.base):
+        problems.append(
+            f"model.base: {m.base} does not exist; give an existing diffusers folder, a single checkpoint file, "
+            "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
+    if m.config and looks_like_local_path(m.config) and not os.path.exists(os.path.expanduser(m.config)):
+        problems.append(f"model.config: {m.config} does not exist")
+    mp = recipe.train.mixed_precision
+    if m.dtype in ("fp16", "bf16") and mp != m.dtype:
+        problems.append(
+            f"model.dtype: a {m.dtype} base needs train.mixed_precision: {m.dtype} (now {mp!r}); "
+            "set both, or leave model.dtype at auto"
+        )
+    return problems
+
+
+def _check_data(recipe: Recipe) -> list[str]:
+    problems = []
+    d = recipe.data
+    if (d.images is None) == (d.dataset is None):
+        problems.append("data: give exactly one of data.images (a folder) or data.dataset (a datasets name or folder)")
+    if d.images is not None and not Path(os.path.expanduser(d.images)).is_dir():
+        problems.append(f"data.images: {d.images} is not an existing folder")
+    if d.dataset is not None and looks_like_local_path(d.dataset) and not os.path.exists(d.dataset):
+        problems.append(f"data.dataset: {d.dataset} does not exist")
+    if d.repeats < 1:
+        problems.append(f"data.repeats: must be at least 1, got {d.repeats}")
+    if d.resolution < 8 or d.resolution % 8:
+        problems.append(
+            f"data.resolution: {d.resolution} must be a positive multiple of 8 (the VAE downsamples by 8); "
+            f"try {max(8, round(d.resolution / 8) * 8)}"
+        )
+    if not 0.0 <= d.caption_dropout <= 1.0:
+        problems.append(f"data.caption_dropout: a probability between 0 and 1, got {d.caption_dropout}")
+    if d.num_workers < 0:
+        problems.append(f"data.num_workers: must be 0 or more, got {d.num_workers}")
+    if not d.caption_extension.startswith("."):
+        problems.append(f"data.caption_extension: should start with a dot, e.g. '.txt' (got {d.caption_extension!r})")
+    return problems
+
+
+def _check_train(recipe: Recipe) -> list[str]:
+    problems = []
+    t = recipe.train
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+        if getattr(t, name) < 1:
+            problems.append(f"train.{name}: must be at least 1, got {getattr(t, name)}")
+    for name in ("learning_rate",):
+        if not getattr(t, name) > 0:
+            problems.append(f"train.{name}: must be positive, got {getattr(t, name)}")
+    if recipe.strategy.learning_rate is not None and not recipe.strategy.learning_rate > 0:
+        problems.append(f"strategy.learning_rate: must be positive, got {recipe.strategy.learning_rate}")
+    if t.lr_warmup_steps < 0 or t.lr_warmup_steps > t.max_steps:
+        problems.append(f"train.lr_warmup_steps: must be between 0 and train.max_steps ({t.max_steps}), "
+                        f"got {t.lr_warmup_steps}")
+    if t.max_grad_norm < 0:
+        problems.append(f"train.max_grad_norm: must be 0 (off) or positive, got {t.max_grad_norm}")
+    if t.min_snr_gamma is not None and t.min_snr_gamma <= 0:
+        problems.append(f"train.min_snr_gamma: must be positive (5.0 is usual) or null, got {t.min_snr_gamma}")
+    if t.noise_offset < 0:
+        problems.append(f"train.noise_offset: must be 0 or more (0.05-0.1 is usual), got {t.noise_offset}")
+    if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), "
+                        "or use optimizer: adamw")
+    return problems
+
+
+def _check_outputs(recipe: Recipe) -> list[str]:
+    problems = []
+    c, s, log = recipe.checkpoint, recipe.sample, recipe.log
+    if c.every < 0:
+        problems.append(f"checkpoint.every: must be 0 (off) or positive, got {c.every}")
+    if c.keep < 1:
+        problems.append(f"checkpoint.keep: must be at least 1, got {c.keep}")
+    if s.every < 0:
+        problems.append(f"sample.every: must be 0 (off) or positive, got {s.every}")
+    if s.every > 0 and not s.prompts:
+        problems.append("sample.every is set but sample.prompts is empty: add prompts or set sample.every: 0")
+    if s.steps < 1 or s.images_per_prompt < 1:
+        problems.append("sample.steps and sample.images_per_prompt must be at least 1")
+    if log.every < 1:
+        problems.append(f"log.every: must be at least 1, got {log.every}")
+    out = Path(os.path.expanduser(recipe.output_dir))
+    if out.exists() and not out.is_dir():
+        problems.append(f"output_dir: {recipe.output_dir} exists and is a file; choose a folder")
+    else:
+        parent = next((p for p in [out, *out.parents] if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK):
+            problems.append(f"output_dir: {parent} is not writable; choose a folder you can write to")
+    return problems

@@ -1,0 +1,138 @@
+"""Read a YAML recipe, apply command-line overrides, and check the whole of it before any model loads."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from finetune.recipe import checks
+from finetune.recipe.schema import Recipe, StrategyOptions
+from finetune.recipe.typed import build, closest
+from finetune.strategies import KINDS, options_class
+
+
+class RecipeError(ValueError):
+    """Every problem found in a recipe, reported together."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {count} in the recipe:\n{lines}")
+
+
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), [f"recipe file not found: {path}"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError(str(path), [f"not valid YAML: {exc}"]) from None
+    if data is None:
+        data = {}
+    problems: list[str] = []
+    for item in overrides:
+        apply_override(data, item, problems)
+    if problems:
+        raise RecipeError(str(path), problems)
+    return parse_recipe(data, source=str(path), base_dir=path.parent)
+
+
+def apply_override(data: Any, item: str, problems: list[str]) -> None:
+    """`train.max_steps=10` sets data["train"]["max_steps"] = 10 (the value is read as YAML)."""
+    if "=" not in item:
+        problems.append(f"override {item!r}: expected dotted.key=value, e.g. train.max_steps=100")
+        return
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {} if node.get(part) is None else node[part]
+        if not isinstance(node[part], dict):
+            problems.append(f"override {item!r}: {part} is not a section")
+            return
+        node = node[part]
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        problems.append(f"override {item!r}: value is not valid YAML ({exc})")
+
+
+def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Build and check a Recipe; raise RecipeError naming every problem.
+
+    Relative paths in the recipe are resolved against `base_dir` (the recipe's folder) when they exist
+    there, else against the working directory, so a recipe works from wherever it is run.
+    """
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise RecipeError(source, ["the recipe must be a mapping of sections (model:, strategy:, data:, ...)"])
+    strategy_raw = data.get("strategy")
+    data = {k: v for k, v in data.items() if k != "strategy"}
+    recipe = build(Recipe, {**data, "strategy": {}}, "", problems)
+    strategy = _build_strategy(strategy_raw, problems)
+    if recipe is not None:
+        recipe.strategy = strategy
+        recipe.source = source
+        _require(recipe, problems)
+        if base_dir is not None:
+            _resolve_paths(recipe, base_dir)
+        if strategy is not None and not problems:
+            problems.extend(checks.check(recipe))
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def _build_strategy(raw: Any, problems: list[str]) -> StrategyOptions | None:
+    if raw is None:
+        problems.append(f"strategy: missing section (strategy.kind is one of: {', '.join(KINDS)})")
+        return None
+    if not isinstance(raw, dict):
+        problems.append("strategy: expected a mapping with at least `kind:`")
+        return None
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        guess = closest(str(kind), list(KINDS))
+        hint = f"; did you mean '{guess}'?" if guess else ""
+        problems.append(f"strategy.kind: {kind!r} is not one of {', '.join(KINDS)}{hint}")
+        return None
+    return build(options_class(kind), raw, "strategy", problems)
+
+
+def _require(recipe: Recipe, problems: list[str]) -> None:
+    for section_name, section in [("", recipe)] + [
+        (f.name, getattr(recipe, f.name)) for f in dataclasses.fields(recipe)
+        if dataclasses.is_dataclass(getattr(recipe, f.name, None))
+    ]:
+        if section is None:
+            continue
+        for f in dataclasses.fields(section):
+            if f.metadata.get("required") and getattr(section, f.name) is None:
+                problems.append(f"{section_name + '.' if section_name else ''}{f.name}: required, but missing")
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
+    def resolve(value: str | None) -> str | None:
+        if not value or os.path.isabs(value) or os.path.exists(value):
+            return value
+        candidate = base_dir / value
+        return str(candidate) if candidate.exists() else value
+
+    recipe.model.base = resolve(recipe.model.base)
+    recipe.model.config = resolve(recipe.model.config)
+    recipe.data.images = resolve(recipe.data.images)
+    recipe.data.dataset = resolve(recipe.data.dataset)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain data (what goes into checkpoints and artifact metadata)."""
+    out = dataclasses.asdict(recipe)
+    out.pop("source", None)
+    return out

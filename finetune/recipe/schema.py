@@ -1,0 +1,121 @@
+"""The recipe: typed sections whose field names are the YAML keys users write.
+
+Every field has a default except those marked required(); `finetune.recipe.load` fills and checks them.
+Strategy options live with each strategy (see `finetune.strategies`), because only the strategy knows them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+
+def required() -> Any:
+    """A key with no default: `load` reports it as missing when the recipe leaves it out."""
+    return field(default=None, metadata={"required": True})
+
+
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+
+
+@dataclass
+class ModelOptions:
+    base: str = required()  # hub id, local diffusers folder, or single .safetensors/.ckpt checkpoint
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # e.g. "fp16" for the fp16 weight files of a hub repository
+    # dtype of the frozen base; "auto" follows train.mixed_precision
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    family: Literal["auto", "sd"] = "auto"
+    # None: take it from the base's scheduler config
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    # for a single-file checkpoint: a diffusers folder or hub id holding the matching configs
+    config: Optional[str] = None
+
+
+@dataclass
+class DataOptions:
+    images: Optional[str] = None  # folder of images with .txt sidecars or a metadata.jsonl
+    dataset: Optional[str] = None  # Hugging Face datasets name, or a save_to_disk folder
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    prompt: Optional[str] = None  # one fixed caption for every image (e.g. "a photo of sks dog")
+    caption_extension: str = ".txt"
+    repeats: int = 1
+    resolution: int = 512
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
+    caption_dropout: float = 0.0  # probability of an empty caption, for classifier-free guidance
+    on_bad_image: Literal["error", "skip"] = "error"
+    num_workers: int = 0
+
+
+@dataclass
+class TrainOptions:
+    max_steps: int = 1000  # optimizer steps, whatever the number of processes
+    seed: int = 0
+    batch_size: int = 1  # per process and micro-step
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023); None: plain MSE
+    noise_offset: float = 0.0
+
+
+@dataclass
+class CheckpointOptions:
+    every: int = 500  # optimizer steps between checkpoints; 0: none but the final artifact
+    keep: int = 3
+
+
+@dataclass
+class SampleOptions:
+    every: int = 0  # optimizer steps between sample grids; 0: never
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+    images_per_prompt: int = 1
+
+
+@dataclass
+class LogOptions:
+    to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    project: str = "finetune"
+    run_name: Optional[str] = None
+    every: int = 1  # optimizer steps between logged scalars
+
+
+@dataclass
+class StrategyOptions:
+    """Common to every strategy; each strategy subclasses it with its own fields."""
+
+    kind: str = required()
+    # None: train.learning_rate
+    learning_rate: Optional[float] = None
+
+
+@dataclass
+class Recipe:
+    model: ModelOptions
+    strategy: StrategyOptions
+    data: DataOptions
+    output_dir: str = required()
+    train: TrainOptions = field(default_factory=TrainOptions)
+    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
+    sample: SampleOptions = field(default_factory=SampleOptions)
+    log: LogOptions = field(default_factory=LogOptions)
+    # where the recipe came from, for messages and metadata; not a YAML key
+    source: str = field(default="<recipe>", metadata={"internal": True})

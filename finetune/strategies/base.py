@@ -1,0 +1,45 @@
+"""The strategy interface: the five places where fine-tuning methods differ, and nothing else.
+
+The loop (finetune/training/loop.py) calls these; a strategy never imports the loop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from finetune.models.base import Components, ModelFamily
+from finetune.recipe.schema import StrategyOptions
+
+
+class Strategy(Protocol):
+    options: StrategyOptions
+    # file name of the final artifact inside output_dir
+    artifact_name: str
+
+    def prepare(self, family: ModelFamily, parts: Components) -> None:
+        """Inject layers / add tokens into the frozen base; mark what trains with requires_grad."""
+
+    def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (each with "params" and "lr")."""
+
+    def loss(self, per_sample: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Reduce per-sample losses to the scalar to minimise (e.g. DreamBooth weights prior samples)."""
+
+    def on_step_end(self) -> None:
+        """Fix-up after each optimizer step (e.g. textual inversion restores frozen embedding rows)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that trains, as tensors (used for checkpoints)."""
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of state_dict, on a prepared strategy."""
+
+    def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
+        """Write the final artifact atomically into output_dir; return its path."""
+
+
+def mean_loss(per_sample: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The plain reduction most strategies use."""
+    return per_sample.mean()

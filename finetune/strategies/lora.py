@@ -1,0 +1,113 @@
+"""LoRA (and DoRA) through peft: low-rank layers in the denoiser's attention, optionally the text encoder."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from finetune.export import diffusers_lora
+from finetune.models.base import Components, ModelFamily
+from finetune.recipe.schema import StrategyOptions
+from finetune.strategies.base import mean_loss
+
+
+@dataclass
+class Options(StrategyOptions):
+    rank: int = 4
+    alpha: Optional[float] = None  # None: equal to rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # empty: the family's attention projections
+    use_dora: bool = False
+    text_encoder: bool = False
+    text_encoder_rank: Optional[int] = None  # None: rank
+    text_encoder_learning_rate: Optional[float] = None  # None: the U-Net's learning rate
+    text_encoder_target_modules: list[str] = field(default_factory=list)
+
+    def validate(self, recipe: Any) -> list[str]:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"strategy.rank: must be at least 1, got {self.rank}")
+        if self.text_encoder_rank is not None and self.text_encoder_rank < 1:
+            problems.append(f"strategy.text_encoder_rank: must be at least 1, got {self.text_encoder_rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            problems.append(f"strategy.alpha: must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
+        if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate <= 0:
+            problems.append(f"strategy.text_encoder_learning_rate: must be positive, "
+                            f"got {self.text_encoder_learning_rate}")
+        if not self.text_encoder and (self.text_encoder_learning_rate is not None or self.text_encoder_rank
+                                      or self.text_encoder_target_modules):
+            problems.append("strategy.text_encoder_*: set, but strategy.text_encoder is false; "
+                            "set strategy.text_encoder: true or remove them")
+        return problems
+
+
+class Strategy:
+    artifact_name = diffusers_lora.FILE_NAME
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.modules: dict[str, torch.nn.Module] = {}  # component name -> module holding LoRA layers
+        self.configs: dict[str, Any] = {}
+
+    def prepare(self, family: ModelFamily, parts: Components) -> None:
+        from peft import LoraConfig
+
+        o = self.options
+        self.configs["unet"] = LoraConfig(
+            r=o.rank, lora_alpha=o.alpha or o.rank, lora_dropout=o.dropout, use_dora=o.use_dora,
+            init_lora_weights="gaussian", target_modules=list(o.target_modules or family.lora_targets))
+        self.modules["unet"] = parts.unet
+        if o.text_encoder:
+            rank = o.text_encoder_rank or o.rank
+            self.configs["text_encoder"] = LoraConfig(
+                r=rank, lora_alpha=o.alpha or rank, lora_dropout=o.dropout, use_dora=o.use_dora,
+                init_lora_weights="gaussian",
+                target_modules=list(o.text_encoder_target_modules or family.text_encoder_lora_targets))
+            self.modules["text_encoder"] = parts.text_encoder
+        for name, module in self.modules.items():
+            module.add_adapter(self.configs[name])
+            for parameter in self._trainable(module):
+                # trainable weights stay fp32 whatever the frozen base's dtype (no fp16 unscale errors)
+                parameter.data = parameter.data.float()
+
+    @staticmethod
+    def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+
+    def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        groups = [{"params": self._trainable(self.modules["unet"]), "lr": learning_rate}]
+        if "text_encoder" in self.modules:
+            lr = self.options.text_encoder_learning_rate or learning_rate
+            groups.append({"params": self._trainable(self.modules["text_encoder"]), "lr": lr})
+        return groups
+
+    loss = staticmethod(mean_loss)
+
+    def on_step_end(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return diffusers_lora.pack({name: get_peft_model_state_dict(module) for name, module in self.modules.items()})
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        for name, part in diffusers_lora.unpack(state).items():
+            result = set_peft_model_state_dict(self.modules[name], part)
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise ValueError(f"LoRA state for {name} has keys this model lacks: {unexpected[:3]}")
+
+    def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
+        o = self.options
+        meta = {**metadata, "finetune.rank": str(o.rank), "finetune.alpha": str(o.alpha or o.rank),
+                "finetune.use_dora": str(o.use_dora).lower()}
+        configs = {name: config.to_dict() for name, config in self.configs.items()}
+        components = diffusers_lora.unpack(self.state_dict())
+        return diffusers_lora.save_lora(Path(output_dir) / self.artifact_name, components, configs, meta)

@@ -1,0 +1,1 @@
+"""The shared training loop and what it uses: diffusion maths, optimizer, checkpoints, samples, trackers."""

@@ -1,0 +1,101 @@
+"""Checkpoints: trainable weights, optimizer, LR schedule and step, written to a temporary folder and renamed,
+so a folder named `step-N` is always complete. RNG state needs no saving: the loop reseeds from (seed, step).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from finetune.export.safetensors_io import save_safetensors
+
+_NAME = re.compile(r"^step-(\d+)$")
+STATE_FILE = "state.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, trainable: dict[str, torch.Tensor],
+                    training_state: dict[str, Any], identity: dict[str, Any], keep: int) -> Path:
+    """training_state: {"optimizer": ..., "lr_scheduler": ..., "scaler": ...} state dicts."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors(trainable, tmp / "trainable.safetensors")
+    torch.save(training_state, tmp / "training_state.pt")
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **identity}, indent=2, sort_keys=True))
+    for name in os.listdir(tmp):
+        with open(tmp / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(root, keep)
+    return final
+
+
+def _completed(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _NAME.match(entry.name)
+        if match and (entry / STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for _, path in _completed(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
+    """`latest` -> the newest complete checkpoint in output_dir; otherwise a checkpoint folder path."""
+    if which == "latest":
+        completed = _completed(checkpoints_dir(output_dir))
+        if not completed:
+            raise CheckpointError(f"--resume latest: no complete checkpoint in {checkpoints_dir(output_dir)}; "
+                                  "start without --resume, or set checkpoint.every so that runs save some")
+        return completed[-1][1]
+    path = Path(which)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"--resume {which}: not a checkpoint folder (no {STATE_FILE}); "
+                              f"give a folder like {checkpoints_dir(output_dir)}/step-000100 or `latest`")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """Returns (state.json contents, trainable tensors, training_state). Only plain tensors are unpickled."""
+    state = json.loads((path / STATE_FILE).read_text())
+    trainable = load_file(str(path / "trainable.safetensors"))
+    training_state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    return state, trainable, training_state
+
+
+def check_same_run(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint whose model or strategy differ from this recipe's."""
+    differing = sorted(
+        f"{section}.{key}"
+        for section in identity
+        for key in set(identity[section]) | set(saved.get(section, {}))
+        if identity[section].get(key) != saved.get(section, {}).get(key)
+    )
+    if differing:
+        raise CheckpointError(
+            f"checkpoint {path} was made by a different recipe (differs in: {', '.join(differing)}); "
+            "resume with the recipe that made it, or start a new output_dir")

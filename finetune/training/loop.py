@@ -1,0 +1,204 @@
+"""The one training loop. Every strategy and model family runs through `train`; none has a loop of its own.
+
+Order of work: check data and checkpoint (cheap, can fail) -> load the frozen base -> let the strategy inject
+what trains -> step: encode, noise, predict, weight, backward, optimizer -> checkpoints, samples, logs ->
+final artifact. Each micro-step reseeds from (seed, step, micro-step, process), so a resumed run repeats the
+uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from finetune.data import BatchOrder, ImageCaptionDataset, list_examples, make_loader
+from finetune.export.safetensors_io import training_metadata
+from finetune.models import Components, ModelFamily, family_for
+from finetune.recipe.load import recipe_to_dict
+from finetune.recipe.schema import Recipe
+from finetune.strategies import create_strategy
+from finetune.training import checkpoint, diffusion, trackers
+from finetune.training.optim import build_optimizer, build_scheduler
+from finetune.training.sampling import sample_grid, save_png
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype(model_dtype: str, mixed_precision: str) -> torch.dtype:
+    """dtype of the frozen base: as asked, or following mixed precision when "auto"."""
+    if model_dtype == "auto":
+        return DTYPES.get(mixed_precision, torch.float32)
+    return DTYPES[model_dtype]
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return ((seed * 1_000_003 + step) * 1_009 + micro) * 10_007 + rank
+
+
+def train(recipe: Recipe, resume: str | None = None) -> Path:
+    """Run the recipe; return the path of the final artifact."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    t = recipe.train
+    output_dir = Path(recipe.output_dir).expanduser()
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=recipe.log.to or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
+    try:
+        return _train(accelerator, recipe, output_dir, resume)
+    finally:
+        accelerator.end_training()
+        # without this a multi-process CPU run aborts at interpreter exit
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) -> Path:
+    t, d = recipe.train, recipe.data
+    identity = {"model": dataclasses.asdict(recipe.model), "strategy": dataclasses.asdict(recipe.strategy)}
+    # everything that can fail cheaply fails before the model loads
+    examples = list_examples(d.images, d.dataset, prompt=d.prompt, caption_extension=d.caption_extension,
+                             split=d.split, image_column=d.image_column, caption_column=d.caption_column,
+                             on_bad_image=d.on_bad_image)
+    order = BatchOrder(len(examples), d.repeats, t.batch_size, accelerator.num_processes,
+                       accelerator.process_index, t.seed)
+    resume_from = checkpoint.find_checkpoint(output_dir, resume) if resume else None
+    if resume_from is not None:
+        saved = checkpoint.load_checkpoint(resume_from)
+        checkpoint.check_same_run(saved[0], identity, resume_from)
+
+    family = family_for(recipe.model.family)
+    parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
+                        dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config)
+    for module in (parts.vae, parts.text_encoder, parts.unet):
+        module.to(accelerator.device)
+    strategy = create_strategy(recipe.strategy)
+    strategy.prepare(family, parts)
+    trained = [name for name in ("unet", "text_encoder")
+               if any(p.requires_grad for p in getattr(parts, name).parameters())]
+    if t.gradient_checkpointing:
+        _enable_gradient_checkpointing(parts, trained)
+    groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
+                                t.adam_epsilon)
+    lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
+    for name in trained:
+        getattr(parts, name).train()
+        setattr(parts, name, accelerator.prepare(getattr(parts, name)))
+    optimizer = accelerator.prepare(optimizer)
+
+    step = 0
+    if resume_from is not None:
+        state, trainable, training_state = saved
+        strategy.load_state_dict(trainable)
+        optimizer.load_state_dict(training_state["optimizer"])
+        lr_scheduler.load_state_dict(training_state["lr_scheduler"])
+        if accelerator.scaler is not None and "scaler" in training_state:
+            accelerator.scaler.load_state_dict(training_state["scaler"])
+        step = state["step"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    order.start = step * t.gradient_accumulation_steps
+    loader = make_loader(ImageCaptionDataset(examples, d.resolution, d.crop, d.random_flip, d.caption_dropout),
+                         order, d.num_workers)
+    if accelerator.is_main_process:
+        trackers.start(accelerator, recipe.log.project, recipe.log.run_name, recipe_to_dict(recipe),
+                       str(output_dir / "logs"))
+
+    prediction_type = recipe.model.prediction_type or parts.noise_scheduler.config.prediction_type
+    progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                    disable=not accelerator.is_local_main_process)
+    batches = iter(loader)
+    while step < t.max_steps:
+        losses = []
+        for micro in range(t.gradient_accumulation_steps):
+            batch = next(batches)
+            seed = step_seed(t.seed, step, micro, accelerator.process_index)
+            torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+            with accelerator.accumulate(*[getattr(parts, name) for name in trained]):
+                loss = _loss(family, parts, strategy, batch, torch.Generator().manual_seed(seed),
+                             "text_encoder" in trained, prediction_type, t.noise_offset, t.min_snr_gamma)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        lr_scheduler.step()
+        strategy.on_step_end()
+        step += 1
+        mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        progress.update(1)
+        progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        if step % recipe.log.every == 0:
+            accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps:
+            if accelerator.is_main_process:
+                training_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+                if accelerator.scaler is not None:
+                    training_state["scaler"] = accelerator.scaler.state_dict()
+                checkpoint.save_checkpoint(output_dir, step, strategy.state_dict(), training_state, identity,
+                                           recipe.checkpoint.keep)
+            accelerator.wait_for_everyone()
+        if recipe.sample.every and step % recipe.sample.every == 0:
+            _sample(accelerator, family, parts, recipe, output_dir, step)
+    progress.close()
+
+    artifact = output_dir / strategy.artifact_name
+    if accelerator.is_main_process:
+        metadata = training_metadata(base_model=recipe.model.base, strategy=recipe.strategy.kind, steps=step,
+                                     recipe=recipe_to_dict(recipe))
+        artifact = strategy.save(output_dir, metadata)
+        accelerator.print(f"saved {artifact}")
+    accelerator.wait_for_everyone()
+    return artifact
+
+
+def _loss(family: ModelFamily, parts: Components, strategy, batch: dict[str, Any], generator: torch.Generator,
+          text_encoder_trains: bool, prediction_type: str, noise_offset: float,
+          min_snr_gamma: float | None) -> torch.Tensor:
+    scheduler = parts.noise_scheduler
+    with torch.no_grad():
+        latents = family.encode_images(parts, batch["pixel_values"], generator)
+    with torch.set_grad_enabled(text_encoder_trains):
+        conditioning = family.encode_prompts(parts, batch["captions"])
+    noise, timesteps = diffusion.noise_and_timesteps(scheduler, latents, generator, noise_offset)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = family.predict(parts, noisy, timesteps, conditioning)
+    wanted = diffusion.target(scheduler, latents, noise, timesteps, prediction_type)
+    per_sample = diffusion.per_sample_loss(prediction, wanted)
+    if min_snr_gamma is not None:
+        per_sample = per_sample * diffusion.min_snr_weights(scheduler, timesteps, min_snr_gamma, prediction_type)
+    return strategy.loss(per_sample, batch)
+
+
+def _enable_gradient_checkpointing(parts: Components, trained: list[str]) -> None:
+    parts.unet.enable_gradient_checkpointing()
+    if "text_encoder" in trained:
+        parts.text_encoder.gradient_checkpointing_enable()
+
+
+def _sample(accelerator, family: ModelFamily, parts: Components, recipe: Recipe, output_dir: Path,
+            step: int) -> None:
+    if accelerator.is_main_process:
+        s = recipe.sample
+        pipeline = family.pipeline(parts, unwrap=accelerator.unwrap_model)
+        modules = [pipeline.unet, pipeline.text_encoder]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()  # no dropout in samples
+        grid = sample_grid(pipeline, s.prompts, negative_prompt=s.negative_prompt, steps=s.steps,
+                           guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt,
+                           resolution=recipe.data.resolution)
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+        save_png(grid, output_dir / "samples" / f"step-{step:06d}.png")
+        trackers.log_images(accelerator, "samples", grid, step)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,38 @@
+"""Sample grids during training: one row per prompt, seeded so that grids from different steps compare."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+@torch.no_grad()
+def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: int, guidance_scale: float,
+                seed: int, images_per_prompt: int, resolution: int) -> Image.Image:
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for index, prompt in enumerate(prompts):
+        generator = torch.Generator().manual_seed(seed + index)
+        result = pipeline(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, num_images_per_prompt=images_per_prompt,
+                          height=resolution, width=resolution, generator=generator)
+        images.extend(result.images)
+    return image_grid(images, columns=images_per_prompt)
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
