@@ -67,3 +67,10 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     build_tiny_pipeline(seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "outputs/tiny-sd"
+    print(f"wrote {save_tiny_pipeline(target)}")

@@ -37,6 +37,8 @@ def check(recipe: Recipe) -> list[str]:
 def _check_model(recipe: Recipe) -> list[str]:
     problems = []
     m = recipe.model
+    if m.base is None:
+        return problems  # already reported as missing
     base = os.path.expanduser(m.base)
     if os.path.exists(base):
         if os.path.isdir(base) and not os.path.isfile(os.path.join(base, "model_index.json")):
@@ -131,6 +133,8 @@ def _check_outputs(recipe: Recipe) -> list[str]:
         problems.append("sample.steps and sample.images_per_prompt must be at least 1")
     if log.every < 1:
         problems.append(f"log.every: must be at least 1, got {log.every}")
+    if recipe.output_dir is None:
+        return problems
     out = Path(os.path.expanduser(recipe.output_dir))
     if out.exists() and not out.is_dir():
         problems.append(f"output_dir: {recipe.output_dir} exists and is a file; choose a folder")

@@ -83,7 +83,7 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
         _require(recipe, problems)
         if base_dir is not None:
             _resolve_paths(recipe, base_dir)
-        if strategy is not None and not problems:
+        if strategy is not None:
             problems.extend(checks.check(recipe))
     if problems:
         raise RecipeError(source, problems)

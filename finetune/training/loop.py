@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from finetune.data import BatchOrder, ImageCaptionDataset, list_examples, make_loader
 from finetune.export.safetensors_io import training_metadata
 from finetune.models import Components, ModelFamily, family_for
-from finetune.recipe.load import recipe_to_dict
+from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, diffusion, trackers
@@ -62,6 +62,9 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
 
 def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) -> Path:
     t, d = recipe.train, recipe.data
+    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
+        raise RecipeError(recipe.source, ["train.mixed_precision: fp16 needs a GPU; on a CPU use bf16 or no"])
     identity = {"model": dataclasses.asdict(recipe.model), "strategy": dataclasses.asdict(recipe.strategy)}
     # everything that can fail cheaply fails before the model loads
     examples = list_examples(d.images, d.dataset, prompt=d.prompt, caption_extension=d.caption_extension,
@@ -80,6 +83,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
     for module in (parts.vae, parts.text_encoder, parts.unet):
         module.to(accelerator.device)
     strategy = create_strategy(recipe.strategy)
+    torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
     strategy.prepare(family, parts)
     trained = [name for name in ("unet", "text_encoder")
                if any(p.requires_grad for p in getattr(parts, name).parameters())]

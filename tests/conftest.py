@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny Stable Diffusion pipeline built from configs, and a tiny image folder."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    from finetune.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+def draw_concept(folder: Path, count: int = 4, caption: str = "a purple sks", size: int = 32) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", (size, size), "white")
+        offset = 2 * i
+        ImageDraw.Draw(image).polygon(
+            [(16 + offset, 2), (30, 28 - offset), (2 + offset, 28)], fill=(128, 0, 160))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def concept_dir(tmp_path_factory) -> Path:
+    return draw_concept(tmp_path_factory.mktemp("data") / "concept")
+
+
+BASE_RECIPE = {
+    "strategy": {"kind": "lora", "rank": 4, "alpha": 8},
+    "data": {"resolution": 32},
+    "train": {"max_steps": 4, "learning_rate": 1e-3, "seed": 0},
+    "checkpoint": {"every": 0},
+}
+
+
+def recipe_dict(base: Path, images: Path, output_dir: Path, **sections) -> dict:
+    """A small LoRA recipe; `sections` are merged into the matching sections."""
+    data = copy.deepcopy(BASE_RECIPE)
+    data["model"] = {"base": str(base)}
+    data["data"]["images"] = str(images)
+    data["output_dir"] = str(output_dir)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each in-process training run starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
