@@ -545,3 +545,21 @@ def test_make_loader_follows_batch_order():
     for keys, batch in zip(take(order, 4), itertools.islice(iter(loader), 4)):
         assert batch["pixel_values"].shape == (2, 3, 8, 8)
         assert batch["captions"] == [examples[i].caption for i, _ in keys]
+
+
+def test_byte_order_marks_are_dropped_and_non_utf8_metadata_is_named(tmp_path):
+    from PIL import Image
+
+    from finetune.data.sources import DataError, list_examples
+
+    folder = tmp_path / "bom"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), "red").save(folder / "a.png")
+    (folder / "a.txt").write_bytes("\ufeffa photo".encode("utf-8"))
+    examples = list_examples(str(folder), None, prompt=None, caption_extension=".txt", split="train",
+                             image_column="image", caption_column="text", on_bad_image="error")
+    assert examples[0].caption == "a photo"
+    (folder / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="metadata.jsonl is not UTF-8"):
+        list_examples(str(folder), None, prompt=None, caption_extension=".txt", split="train",
+                      image_column="image", caption_column="text", on_bad_image="error")

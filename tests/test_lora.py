@@ -158,3 +158,20 @@ def test_bf16_mixed_precision_keeps_lora_weights_fp32(tiny_base, concept_dir, tm
     with safe_open(str(artifact), framework="pt") as handle:
         dtypes = {handle.get_tensor(k).dtype for k in handle.keys()}
     assert dtypes == {torch.float32}
+
+
+def test_sample_command_writes_a_grid(trained, tiny_base, tmp_path):
+    from PIL import Image
+
+    from finetune.cli import main
+
+    common = ["sample", "--base", str(tiny_base), "--prompt", "a purple sks", "--prompt", "a red circle",
+              "--steps", "3", "--num", "2"]
+    assert main(common + ["--out", str(tmp_path / "base.png")]) == 0
+    assert main(common + ["--adapter", str(trained["artifact"]), "--scale", "0", "--out",
+                          str(tmp_path / "zero.png")]) == 0
+    assert main(common + ["--adapter", str(trained["artifact"]), "--out", str(tmp_path / "full.png")]) == 0
+    base, zero, full = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("base", "zero", "full"))
+    assert base.shape == (2 * 32, 2 * 32, 3)  # a row per prompt, --num columns
+    np.testing.assert_array_equal(base, zero)
+    assert np.abs(full.astype(int) - base.astype(int)).max() > 0

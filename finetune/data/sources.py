@@ -69,14 +69,18 @@ def _from_folder(folder: Path, prompt: str | None, caption_extension: str, capti
 
 def _read_caption(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8-sig").strip()  # -sig: drop a Windows byte-order mark
     except UnicodeDecodeError:
         raise DataError(f"caption file {path} is not UTF-8 text; re-save it as UTF-8") from None
 
 
 def _from_metadata(folder: Path, metadata: Path, prompt: str | None, caption_column: str) -> list[Example]:
     examples = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = metadata.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{metadata} is not UTF-8 text; re-save it as UTF-8") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

@@ -48,6 +48,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     t = recipe.train
     output_dir = Path(recipe.output_dir).expanduser()
     accelerator = Accelerator(
+        cpu=not _has_accelerator(),  # accelerate only runs multi-process CPU jobs (torchrun) when told cpu=True
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=recipe.log.to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
@@ -58,6 +59,11 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         # without this a multi-process CPU run aborts at interpreter exit
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) -> Path:
