@@ -36,7 +36,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
     if data is None:
         data = {}
     problems: list[str] = []
-    for item in overrides:
+    for item in overrides if isinstance(data, dict) else ():  # a non-mapping recipe is reported below
         apply_override(data, item, problems)
     if problems:
         raise RecipeError(str(path), problems)
