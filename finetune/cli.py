@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+# OpenMP threads that spin while waiting make a CPU run 5-10x slower whenever another process wants a core;
+# this must be set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXIT_BAD_INPUT = 2
 
@@ -35,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=4, help="images per prompt")
     sample.add_argument("--resolution", type=int, default=None, help="default: the model's own")
     sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    evaluate = commands.add_parser("eval", help="shapes world: judge a base (and an adapter) on a concept")
+    evaluate.add_argument("--base", default=None, help="default: the shipped shapes-world base")
+    evaluate.add_argument("--adapter", help="artifact to judge; without it the bare base is judged")
+    evaluate.add_argument("--concept", required=True, help="new_object or known_look")
+    evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+
+    demo = commands.add_parser("demo", help="shapes world: teach both concepts with every strategy, on a CPU")
+    demo.add_argument("--out", default="demo_output", help="folder for the report, grids and runs")
+    demo.add_argument("--strategies", default=None, help="comma-separated, e.g. lora (default: all)")
+    demo.add_argument("--max-steps", type=int, default=None,
+                      help="override every run's train.max_steps (a quick look; the targets need the defaults)")
     return parser
 
 
@@ -42,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"train": _train, "validate": _validate, "sample": _sample}[args.command](args)
+        commands = {"train": _train, "validate": _validate, "sample": _sample, "eval": _eval, "demo": _demo}
+        return commands[args.command](args)
     except KnownProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -107,4 +124,37 @@ def _sample(args) -> int:
                        guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.num,
                        resolution=resolution)
     print(f"wrote {save_png(grid, Path(args.out))}")
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from finetune.shapes.evaluate import evaluate
+
+    try:
+        numbers = evaluate(args.base, args.adapter, args.concept)
+    except (KeyError, FileNotFoundError, ValueError, *_known_errors()) as exc:
+        raise KnownProblem(str(exc).strip("'\"")) from None
+    for key, value in numbers.items():
+        print(f"{key}: {value}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(numbers, indent=2))
+        tmp.replace(path)
+    return 0
+
+
+def _demo(args) -> int:
+    from finetune.shapes.demo import run_demo
+
+    strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
+    try:
+        report = run_demo(args.out, strategies, max_steps=args.max_steps)
+    except (ValueError, FileNotFoundError, *_known_errors()) as exc:
+        raise KnownProblem(str(exc)) from None
+    print(f"wrote {args.out}/demo_report.md and demo_report.json ({len(report['runs'])} runs)")
     return 0

@@ -1,0 +1,27 @@
+"""`finetune eval`: the shapes-world metrics for a base and, optionally, an adapter on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.shapes import metrics
+from finetune.shapes.concepts import get_concept
+from finetune.shapes.evaluator import Evaluator
+from finetune.shapes.paths import default_base_path
+from finetune.shapes.scorecard import score
+
+
+def evaluate(base: str | Path | None, adapter: str | Path | None, concept_name: str) -> dict:
+    from finetune import load_adapter
+    from finetune.shapes.demo import load_base_pipeline
+
+    concept = get_concept(concept_name)  # a typo fails before anything loads
+    if adapter is not None and not Path(adapter).is_file():
+        raise FileNotFoundError(f"--adapter: {adapter} not found")
+    evaluator = Evaluator.load()
+    pipe = load_base_pipeline(base or default_base_path())
+    bare_accuracy = metrics.base_vocabulary_accuracy(pipe, evaluator)
+    if adapter is not None:
+        load_adapter(pipe, adapter)
+    numbers = score(pipe, evaluator, concept, bare_accuracy, adapted=adapter is not None)
+    return {"base_accuracy": bare_accuracy, "concept": concept.concept_prompt(), "concept_kind": concept.kind,
+            **numbers}

@@ -1,0 +1,54 @@
+"""demo_report.md: the demo's numbers next to the targets each strategy is held to."""
+from __future__ import annotations
+
+from pathlib import Path
+
+# (strategy, concept_kind) -> {metric: (">=" or "<=", bound)}; from the issues that define each strategy
+TARGETS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
+    ("lora", "new_object"): {"concept_fidelity": (">=", 0.90), "prompt_fidelity": (">=", 0.80),
+                             "prior_drop": ("<=", 5.0)},
+    ("lora", "known_look"): {"concept_fidelity": (">=", 0.90)},
+}
+BASE_TARGET = 0.90
+
+
+def meets(value: float, rule: tuple[str, float]) -> bool:
+    op, bound = rule
+    return value >= bound if op == ">=" else value <= bound
+
+
+def verdicts(run: dict) -> dict[str, bool]:
+    return {metric: meets(run[metric], rule)
+            for metric, rule in TARGETS.get((run["strategy"], run["concept_kind"]), {}).items()}
+
+
+def write_markdown(path: Path, report: dict) -> Path:
+    base = report["base_accuracy"]
+    lines = [
+        "# finetune demo: the shapes world",
+        "",
+        f"Base model's accuracy on its own 36 prompts: **{base:.3f}** (target >= {BASE_TARGET:.2f}: "
+        f"{'met' if base >= BASE_TARGET else 'NOT met'}).",
+        "",
+        "| strategy | concept | prompt | concept_fidelity | prompt_fidelity | prior_drop (points) | seconds | targets |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in report["runs"]:
+        checks = verdicts(run)
+        target_text = ", ".join(f"{m} {'ok' if ok else 'MISSED'}" for m, ok in checks.items()) or "none set"
+        lines.append(f"| {run['strategy']} | {run['concept_kind']} | `{run['concept']}` | "
+                     f"{run['concept_fidelity']:.3f} | {run['prompt_fidelity']:.3f} | {run['prior_drop']:.1f} | {run['seconds']:.0f} | "
+                     f"{target_text} |")
+    lines += ["", "Before/after sample grids (rows: the concept prompt, composed prompts, `a red circle`; "
+              "left to right: seeds):", ""]
+    for run in report["runs"]:
+        before, after = (Path(g).name for g in run["grids"])
+        lines.append(f"- {run['strategy']} / {run['concept_kind']}: before `{before}`, after `{after}`; "
+                     f"artifact `{run['artifact']}`")
+    lines += ["", "Targets: " + "; ".join(
+        f"{s} on {k}: " + ", ".join(f"{m} {op} {b:g}" for m, (op, b) in rules.items())
+        for (s, k), rules in TARGETS.items()), ""]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path

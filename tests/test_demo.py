@@ -1,0 +1,56 @@
+"""`finetune eval` and `finetune demo` on the shipped shapes world."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.shapes.demo import available_strategies
+
+
+def test_eval_on_the_bare_base_never_sees_the_new_object(tmp_path):
+    out = tmp_path / "bare.json"
+    result = subprocess.run([sys.executable, "-m", "finetune", "eval", "--concept", "new_object", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads(out.read_text())
+    assert numbers["concept_fidelity"] <= 0.1  # the base never drew a star
+    assert numbers["base_accuracy"] >= 0.9 and numbers["prior_drop"] == 0.0
+    assert "concept_fidelity" in result.stdout
+
+
+def test_eval_names_an_unknown_concept():
+    result = subprocess.run([sys.executable, "-m", "finetune", "eval", "--concept", "new_objet"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "new_object" in result.stderr
+
+
+def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
+    from finetune.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--strategies", "lora", "--max-steps", "3"]) == 0
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert isinstance(report["base_accuracy"], float)
+    assert [(r["strategy"], r["concept_kind"]) for r in report["runs"]] == [("lora", "new_object"),
+                                                                           ("lora", "known_look")]
+    for run in report["runs"]:
+        for key in ("concept_fidelity", "prompt_fidelity", "prior_drop", "seconds"):
+            assert isinstance(run[key], float), key
+        assert isinstance(run["concept"], str) and Path(run["artifact"]).is_file()
+        assert all(Path(g).is_file() for g in run["grids"])
+    markdown = (tmp_path / "demo_report.md").read_text()
+    assert "| lora | new_object |" in markdown and "| lora | known_look |" in markdown
+
+
+def test_demo_refuses_an_unknown_strategy(tmp_path):
+    from finetune.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--strategies", "lora,dreambooth-typo"]) == 2
+    assert not (tmp_path / "demo_report.json").exists()
+
+
+def test_lora_has_demo_recipes():
+    assert "lora" in available_strategies()

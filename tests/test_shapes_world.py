@@ -1,0 +1,126 @@
+"""The shapes world: generator, tokenizer, concepts, and the shipped base model and evaluator."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from finetune.shapes.checksums import mismatches, sha256_of
+from finetune.shapes.concepts import CONCEPTS, KNOWN_LOOK, NEW_OBJECT
+from finetune.shapes.paths import shapes_data_dir
+from finetune.shapes.tokenizer import WORDS, build_shapes_tokenizer
+from finetune.shapes.world import ALL_SHAPES, BASE_SHAPES, HELD_OUT_SHAPES, caption, sample_dataset
+
+SHAPES_DATA = shapes_data_dir()
+
+
+def _png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_generator_is_deterministic_per_seed():
+    first, again, other = (sample_dataset(12, seed) for seed in (7, 7, 8))
+    assert [_png_bytes(im) for im, _, _ in first] == [_png_bytes(im) for im, _, _ in again]
+    assert [c for _, c, _ in first] == [c for _, c, _ in again]
+    assert [_png_bytes(im) for im, _, _ in first] != [_png_bytes(im) for im, _, _ in other]
+
+
+def test_images_are_32px_rgb_and_captions_match_labels():
+    for image, text, labels in sample_dataset(60, 1, shapes=ALL_SHAPES):
+        assert image.size == (32, 32) and image.mode == "RGB"
+        assert text == caption(labels["shape"], labels["colour"]) == f"a {labels['colour']} {labels['shape']}"
+        assert labels["size"] not in text.split()  # base captions never say the size
+
+
+def test_base_samples_never_hold_held_out_shapes():
+    shapes = {labels["shape"] for _, _, labels in sample_dataset(600, 2)}
+    assert shapes == set(BASE_SHAPES)
+    assert not shapes & set(HELD_OUT_SHAPES)
+
+
+def test_tokenizer_makes_each_vocabulary_word_one_token():
+    tokenizer = build_shapes_tokenizer()
+    assert tokenizer.model_max_length == 16
+    for word in WORDS:
+        tokens = tokenizer.tokenize(word)
+        assert tokens == [word + "</w>"], (word, tokens)
+    assert len(tokenizer("a purple triangle").input_ids) == 5  # start, three words, end
+    assert tokenizer.tokenize("sks") == ["s", "k", "s</w>"]  # unknown words fall back to characters
+    assert tokenizer.add_tokens(["<sks>"]) == 1
+    assert tokenizer.tokenize("a <sks> star") == ["a</w>", "<sks>", "star</w>"]
+
+
+def test_concept_examples_are_deterministic_and_shipped(tmp_path: Path):
+    for name, concept in CONCEPTS.items():
+        written = concept.write_examples(tmp_path / name)
+        shipped = SHAPES_DATA / "concepts" / name
+        assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in (tmp_path / name).iterdir())
+        for path in written:
+            assert path.read_bytes() == (shipped / path.name).read_bytes()
+            caption_file = path.with_suffix(".txt")
+            assert caption_file.read_text() == (shipped / caption_file.name).read_text()
+    assert {c for _, c in NEW_OBJECT.draw_examples()} == {f"a {colour} sks" for colour in
+                                                          ("red", "green", "blue", "yellow", "purple", "orange")}
+    assert NEW_OBJECT.composed_prompts("<sks>")[0][0] == "a red <sks>"
+    assert {c for _, c in KNOWN_LOOK.draw_examples()} == {f"a {KNOWN_LOOK.token}"}
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(SHAPES_DATA / "base", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    from finetune.shapes.evaluator import Evaluator
+
+    return Evaluator.load()  # the default path: the shipped file
+
+
+def test_shipped_base_matches_its_checksums_and_loads(base_pipe):
+    assert mismatches(SHAPES_DATA / "base", SHAPES_DATA / "base.sha256") == []
+    assert type(base_pipe.scheduler).__name__ == "DDIMScheduler"
+    for word in WORDS:
+        assert len(base_pipe.tokenizer.tokenize(word)) == 1
+
+
+@pytest.fixture
+def one_thread():
+    # tiny batches gain nothing from a second thread, and OpenMP threads that spin-wait for a core the other
+    # tests' processes hold make this test ten times slower on a busy 2-core machine
+    import torch
+
+    kept = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(kept)
+
+
+def test_metric_sampling_does_not_depend_on_batching(base_pipe, monkeypatch, one_thread):
+    import numpy as np
+
+    from finetune.shapes import metrics
+
+    prompts = ["a red circle", "a blue square"]
+    together = metrics.sample(base_pipe, prompts, images_per_prompt=2, seed=5)
+    monkeypatch.setattr(metrics, "BATCH_IMAGES", 2)
+    one_prompt_per_call = metrics.sample(base_pipe, prompts, images_per_prompt=2, seed=5)
+    assert len(together) == 4 and together[0].size == (32, 32)
+    for a, b in zip(together, one_prompt_per_call):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+    assert [p for p, _ in KNOWN_LOOK.composed_prompts()][0] == "a red ohwx"  # recolourings of the look
+
+
+def test_shipped_evaluator_recognises_fresh_ground_truth(evaluator):
+    from finetune.shapes.evaluator import ground_truth_accuracy
+
+    shipped = SHAPES_DATA / "evaluator.safetensors"
+    assert (SHAPES_DATA / "evaluator.sha256").read_text().split()[0] == sha256_of(shipped)
+    accuracy = ground_truth_accuracy(evaluator, n=480, seed=20_240_611, shapes=ALL_SHAPES)
+    assert accuracy["shape"] >= 0.95 and accuracy["colour"] >= 0.95 and accuracy["size"] >= 0.95, accuracy
