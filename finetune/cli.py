@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     evaluate = commands.add_parser("eval", help="shapes world: judge a base (and an adapter) on a concept")
     evaluate.add_argument("--base", default=None, help="default: the shipped shapes-world base")
-    evaluate.add_argument("--adapter", help="artifact to judge; without it the bare base is judged")
+    evaluate.add_argument("--adapter", help="adapter file, or tuned pipeline folder (DreamBooth), to judge; "
+                          "without it the bare base is judged")
     evaluate.add_argument("--concept", required=True, help="new_object or known_look")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
 
@@ -51,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--strategies", default=None, help="comma-separated, e.g. lora (default: all)")
     demo.add_argument("--max-steps", type=int, default=None,
                       help="override every run's train.max_steps (a quick look; the targets need the defaults)")
+
+    extract = commands.add_parser("extract-lora",
+                                  help="turn a DreamBooth pipeline folder into a LoRA file (SVD of tuned - base)")
+    extract.add_argument("--tuned", required=True, help="the tuned pipeline folder (output_dir/pipeline)")
+    extract.add_argument("--base", required=True, help="the base it was tuned from (hub id, folder or file)")
+    extract.add_argument("--rank", type=int, default=32, help="rank kept per layer (default 32)")
+    extract.add_argument("--out", required=True, help=".safetensors file to write")
+    extract.add_argument("--device", default="cpu", help="where the SVDs run, e.g. cuda (default cpu)")
+    extract.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
+                         help="dtype of the written weights (default fp16)")
     return parser
 
 
@@ -58,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"train": _train, "validate": _validate, "sample": _sample, "eval": _eval, "demo": _demo}
+        commands = {"train": _train, "validate": _validate, "sample": _sample, "eval": _eval, "demo": _demo,
+                    "extract-lora": _extract_lora}
         return commands[args.command](args)
     except KnownProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -157,4 +169,26 @@ def _demo(args) -> int:
     except (ValueError, FileNotFoundError, *_known_errors()) as exc:
         raise KnownProblem(str(exc)) from None
     print(f"wrote {args.out}/demo_report.md and demo_report.json ({len(report['runs'])} runs)")
+    return 0
+
+
+def _extract_lora(args) -> int:
+    import torch
+
+    from finetune.export.extract_lora import extract_lora
+
+    if not args.out.endswith(".safetensors"):
+        raise KnownProblem(f"--out: {args.out} should end in .safetensors")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    try:
+        path, results = extract_lora(args.tuned, args.base, args.rank, args.out, device=args.device,
+                                     save_dtype=dtypes[args.save_dtype])
+    except (ValueError, *_known_errors()) as exc:
+        raise KnownProblem(str(exc)) from None
+    for component, result in results.items():
+        print(f"{component}: {len(result.ranks)} layers at rank <= {args.rank}")
+        if result.not_carried:
+            print(f"  not carried by LoRA ({len(result.not_carried)} changed parameters, e.g. norms): "
+                  f"{', '.join(result.not_carried[:3])}{', ...' if len(result.not_carried) > 3 else ''}")
+    print(f"wrote {path}")
     return 0

@@ -46,13 +46,16 @@ BASE_RECIPE = {
 
 
 def recipe_dict(base: Path, images: Path, output_dir: Path, **sections) -> dict:
-    """A small LoRA recipe; `sections` are merged into the matching sections."""
+    """A small LoRA recipe; `sections` are merged into the matching sections (a strategy of another kind
+    replaces the LoRA one)."""
     data = copy.deepcopy(BASE_RECIPE)
     data["model"] = {"base": str(base)}
     data["data"]["images"] = str(images)
     data["output_dir"] = str(output_dir)
     for key, value in sections.items():
-        if isinstance(value, dict):
+        if key == "strategy" and value.get("kind") != data["strategy"]["kind"]:
+            data["strategy"] = dict(value)  # another strategy brings its own options
+        elif isinstance(value, dict):
             data.setdefault(key, {}).update(value)
         else:
             data[key] = value

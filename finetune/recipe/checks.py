@@ -27,6 +27,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_model(recipe)
     problems += _check_data(recipe)
     problems += _check_train(recipe)
+    problems += _check_prior(recipe)
     problems += _check_outputs(recipe)
     validate = getattr(recipe.strategy, "validate", None)
     if validate is not None:
@@ -115,6 +116,31 @@ def _check_train(recipe: Recipe) -> list[str]:
     if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), "
                         "or use optimizer: adamw")
+    return problems
+
+
+def _check_prior(recipe: Recipe) -> list[str]:
+    p = recipe.prior
+    if p.mode == "none":
+        return []
+    problems = []
+    if not [prompt for prompt in p.class_prompt if prompt.strip()]:
+        problems.append(f"prior.class_prompt: prior.mode {p.mode} needs the class the instances belong to, "
+                        "e.g. class_prompt: \"a photo of a dog\" (or a list of prompts)")
+    if p.loss_weight < 0:
+        problems.append(f"prior.loss_weight: must be 0 or more (1.0 is usual), got {p.loss_weight}")
+    if p.mode == "class_images":
+        for name in ("num_class_images", "steps", "generation_batch_size"):
+            if getattr(p, name) < 1:
+                problems.append(f"prior.{name}: must be at least 1, got {getattr(p, name)}")
+        if p.num_class_images < recipe.train.batch_size:
+            problems.append(f"prior.num_class_images: {p.num_class_images} is fewer than one batch "
+                            f"(train.batch_size {recipe.train.batch_size}); every batch holds as many class as "
+                            "instance samples, so ask for at least that many")
+        if p.class_data_dir is not None:
+            folder = Path(os.path.expanduser(p.class_data_dir))
+            if folder.exists() and not folder.is_dir():
+                problems.append(f"prior.class_data_dir: {p.class_data_dir} is a file; choose a folder")
     return problems
 
 

@@ -99,6 +99,29 @@ class LogOptions:
 
 
 @dataclass
+class PriorOptions:
+    """Prior preservation against overfitting and language drift (DreamBooth, Ruiz et al. 2023), for any strategy.
+
+    class_images: the frozen base draws `num_class_images` images of `class_prompt` once (cached under
+    `class_data_dir`, keyed by base, prompts, resolution, seed and sampler); every batch then holds as many class
+    samples as instance samples, and loss = instance loss + loss_weight x class loss.
+    base_prediction: no images; class prompts on noised instance latents are regressed onto the frozen base's
+    own prediction for them.
+    """
+
+    mode: Literal["none", "class_images", "base_prediction"] = "none"
+    class_prompt: list[str] = field(default_factory=list)  # one prompt or a list; images cycle through them
+    loss_weight: float = 1.0
+    num_class_images: int = 100
+    class_data_dir: Optional[str] = None  # None: ~/.cache/finetune/class_images (or $FINETUNE_CACHE)
+    steps: int = 25  # sampler steps when drawing class images
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    seed: int = 0
+    generation_batch_size: int = 4
+
+
+@dataclass
 class StrategyOptions:
     """Common to every strategy; each strategy subclasses it with its own fields."""
 
@@ -114,6 +137,7 @@ class Recipe:
     data: DataOptions
     output_dir: str = required()
     train: TrainOptions = field(default_factory=TrainOptions)
+    prior: PriorOptions = field(default_factory=PriorOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     sample: SampleOptions = field(default_factory=SampleOptions)
     log: LogOptions = field(default_factory=LogOptions)

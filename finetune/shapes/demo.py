@@ -36,8 +36,19 @@ def load_base_pipeline(base: str | Path):
     return pipe
 
 
-def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps: int | None = None) -> dict:
+def tuned_pipeline(base: str | Path, artifact: str | Path):
+    """The base with a training artifact applied: an adapter file loaded onto it, or a whole tuned
+    pipeline folder (DreamBooth) in its place."""
     from finetune import load_adapter
+
+    if (Path(artifact) / "model_index.json").is_file():
+        return load_base_pipeline(artifact)
+    pipe = load_base_pipeline(base)
+    load_adapter(pipe, artifact)
+    return pipe
+
+
+def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps: int | None = None) -> dict:
     from finetune.training.loop import train
 
     out_dir = Path(out_dir)
@@ -64,8 +75,7 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
         tqdm.write(f"== {strategy} on {concept_name} ({concept.concept_prompt()!r}) ==")
         started = time.perf_counter()
         artifact = train(recipe)
-        pipe = load_base_pipeline(base)
-        load_adapter(pipe, artifact)
+        pipe = tuned_pipeline(base, artifact)
         numbers = score(pipe, evaluator, concept, bare_accuracy, label=f"evaluating {strategy}/{concept_name}")
         seconds = time.perf_counter() - started
         grids = _before_after(bare, pipe, concept, out_dir / f"{strategy}-{concept_name}")

@@ -1,4 +1,4 @@
-"""`finetune eval`: the shapes-world metrics for a base and, optionally, an adapter on it."""
+"""`finetune eval`: the shapes-world metrics for a base and, optionally, an adapter on it or a tuned pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,17 +11,17 @@ from finetune.shapes.scorecard import score
 
 
 def evaluate(base: str | Path | None, adapter: str | Path | None, concept_name: str) -> dict:
-    from finetune import load_adapter
-    from finetune.shapes.demo import load_base_pipeline
+    from finetune.shapes.demo import load_base_pipeline, tuned_pipeline
 
     concept = get_concept(concept_name)  # a typo fails before anything loads
-    if adapter is not None and not Path(adapter).is_file():
+    if adapter is not None and not Path(adapter).exists():
         raise FileNotFoundError(f"--adapter: {adapter} not found")
     evaluator = Evaluator.load()
-    pipe = load_base_pipeline(base or default_base_path())
+    base = base or default_base_path()
+    pipe = load_base_pipeline(base)
     bare_accuracy = metrics.base_vocabulary_accuracy(pipe, evaluator)
     if adapter is not None:
-        load_adapter(pipe, adapter)
+        pipe = tuned_pipeline(base, adapter)
     numbers = score(pipe, evaluator, concept, bare_accuracy, adapted=adapter is not None)
     return {"base_accuracy": bare_accuracy, "concept": concept.concept_prompt(), "concept_kind": concept.kind,
             **numbers}

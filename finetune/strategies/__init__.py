@@ -9,6 +9,7 @@ from types import ModuleType
 
 KINDS: dict[str, str] = {
     "lora": "finetune.strategies.lora",
+    "dreambooth": "finetune.strategies.dreambooth",
 }
 
 

@@ -1,9 +1,10 @@
-"""The strategy interface: the five places where fine-tuning methods differ, and nothing else.
+"""The strategy interface: the few places where fine-tuning methods differ, and nothing else.
 
 The loop (finetune/training/loop.py) calls these; a strategy never imports the loop.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,8 +19,10 @@ class Strategy(Protocol):
     # file name of the final artifact inside output_dir
     artifact_name: str
 
-    def prepare(self, family: ModelFamily, parts: Components) -> None:
-        """Inject layers / add tokens into the frozen base; mark what trains with requires_grad."""
+    def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
+        """Inject layers / add tokens into the frozen base; mark what trains with requires_grad.
+        `keep_frozen_base`: `frozen_base` will be asked for (a strategy that trains base weights in place
+        must then keep a copy)."""
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups (each with "params" and "lr")."""
@@ -27,8 +30,13 @@ class Strategy(Protocol):
     def loss(self, per_sample: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Reduce per-sample losses to the scalar to minimise (e.g. DreamBooth weights prior samples)."""
 
-    def on_step_end(self) -> None:
-        """Fix-up after each optimizer step (e.g. textual inversion restores frozen embedding rows)."""
+    def frozen_base(self, parts: Components) -> AbstractContextManager[Components]:
+        """Within the context, components that predict as the untouched base (prior preservation's
+        base_prediction target): adapters switched off, or a frozen copy kept aside."""
+
+    def on_step_end(self, step: int) -> None:
+        """After each optimizer step (`step` steps done), and once on resume: e.g. textual inversion restores
+        frozen embedding rows; DreamBooth stops training the text encoder."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that trains, as tensors (used for checkpoints)."""

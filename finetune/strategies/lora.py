@@ -1,6 +1,8 @@
 """LoRA (and DoRA) through peft: low-rank layers in the denoiser's attention, optionally the text encoder."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -53,7 +55,8 @@ class Strategy:
         self.modules: dict[str, torch.nn.Module] = {}  # component name -> module holding LoRA layers
         self.configs: dict[str, Any] = {}
 
-    def prepare(self, family: ModelFamily, parts: Components) -> None:
+    def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
+        # keep_frozen_base needs nothing: switching the adapters off gives the base back
         from peft import LoraConfig
 
         o = self.options
@@ -87,7 +90,18 @@ class Strategy:
 
     loss = staticmethod(mean_loss)
 
-    def on_step_end(self) -> None:
+    @contextlib.contextmanager
+    def frozen_base(self, parts: Components):
+        for module in self.modules.values():
+            module.disable_adapters()
+        try:
+            yield dataclasses.replace(parts, unet=self.modules["unet"],
+                                      text_encoder=self.modules.get("text_encoder", parts.text_encoder))
+        finally:
+            for module in self.modules.values():
+                module.enable_adapters()
+
+    def on_step_end(self, step: int) -> None:
         pass
 
     def state_dict(self) -> dict[str, torch.Tensor]:

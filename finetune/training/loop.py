@@ -1,16 +1,16 @@
 """The one training loop. Every strategy and model family runs through `train`; none has a loop of its own.
 
-Order of work: check data and checkpoint (cheap, can fail) -> load the frozen base -> let the strategy inject
-what trains -> step: encode, noise, predict, weight, backward, optimizer -> checkpoints, samples, logs ->
-final artifact. Each micro-step reseeds from (seed, step, micro-step, process), so a resumed run repeats the
-uninterrupted one exactly.
+Order of work: check data and checkpoint (cheap, can fail) -> load the frozen base -> class images for prior
+preservation (drawn by the untouched base) -> let the strategy inject what trains -> step (training/step.py:
+encode, noise, predict, weight), backward, optimizer -> checkpoints, samples, logs -> final artifact.
+Each micro-step reseeds from (seed, step, micro-step, process), so a resumed run repeats the uninterrupted
+one exactly.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,9 +21,10 @@ from finetune.models import Components, ModelFamily, family_for
 from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
-from finetune.training import checkpoint, diffusion, trackers
+from finetune.training import checkpoint, prior, trackers
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.sampling import sample_grid, save_png
+from finetune.training.step import LossSettings, micro_step_loss
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -81,18 +82,25 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
     resume_from = checkpoint.find_checkpoint(output_dir, resume) if resume else None
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(resume_from)
-        checkpoint.check_same_run(saved[0], identity, resume_from)
+        resume_state = saved[0]
+        checkpoint.check_same_run(resume_state, identity, resume_from)
 
     family = family_for(recipe.model.family)
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
                         dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config)
     for module in (parts.vae, parts.text_encoder, parts.unet):
         module.to(accelerator.device)
+    class_batches = None
+    if recipe.prior.mode == "class_images":
+        # drawn by the base as it is now, before the strategy changes anything
+        class_batches = prior.class_image_stream(
+            accelerator, family, parts, recipe.prior, recipe.model, d.resolution, t.batch_size, t.seed,
+            start=(resume_state["step"] if resume_from is not None else 0) * t.gradient_accumulation_steps,
+            num_workers=d.num_workers)
     strategy = create_strategy(recipe.strategy)
     torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
-    strategy.prepare(family, parts)
-    trained = [name for name in ("unet", "text_encoder")
-               if any(p.requires_grad for p in getattr(parts, name).parameters())]
+    strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
+    trained = [name for name in ("unet", "text_encoder") if _requires_grad(getattr(parts, name))]
     if t.gradient_checkpointing:
         _enable_gradient_checkpointing(parts, trained)
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
@@ -114,6 +122,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
         if accelerator.scaler is not None and "scaler" in training_state:
             accelerator.scaler.load_state_dict(training_state["scaler"])
         step = state["step"]
+        strategy.on_step_end(step)  # a strategy whose setup changes with the step catches up
         accelerator.print(f"resumed from {resume_from} at step {step}")
     order.start = step * t.gradient_accumulation_steps
     loader = make_loader(ImageCaptionDataset(examples, d.resolution, d.crop, d.random_flip, d.caption_dropout),
@@ -122,7 +131,11 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
         trackers.start(accelerator, recipe.log.project, recipe.log.run_name, recipe_to_dict(recipe),
                        str(output_dir / "logs"))
 
-    prediction_type = recipe.model.prediction_type or parts.noise_scheduler.config.prediction_type
+    settings = LossSettings(
+        prediction_type=recipe.model.prediction_type or parts.noise_scheduler.config.prediction_type,
+        noise_offset=t.noise_offset, min_snr_gamma=t.min_snr_gamma, text_encoder_trains=False,
+        prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
+        class_prompts=tuple(recipe.prior.class_prompt))
     progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)
     batches = iter(loader)
@@ -130,11 +143,14 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
         losses = []
         for micro in range(t.gradient_accumulation_steps):
             batch = next(batches)
+            class_batch = next(class_batches) if class_batches is not None else None
             seed = step_seed(t.seed, step, micro, accelerator.process_index)
             torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+            # a strategy may stop training the text encoder part-way (DreamBooth's text_encoder_steps)
+            settings = dataclasses.replace(settings, text_encoder_trains=_requires_grad(parts.text_encoder))
             with accelerator.accumulate(*[getattr(parts, name) for name in trained]):
-                loss = _loss(family, parts, strategy, batch, torch.Generator().manual_seed(seed),
-                             "text_encoder" in trained, prediction_type, t.noise_offset, t.min_snr_gamma)
+                loss = micro_step_loss(family, parts, strategy, batch, class_batch,
+                                       torch.Generator().manual_seed(seed), settings)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -142,7 +158,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
         lr_scheduler.step()
-        strategy.on_step_end()
+        strategy.on_step_end(step + 1)
         step += 1
         mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
         progress.update(1)
@@ -171,22 +187,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
     return artifact
 
 
-def _loss(family: ModelFamily, parts: Components, strategy, batch: dict[str, Any], generator: torch.Generator,
-          text_encoder_trains: bool, prediction_type: str, noise_offset: float,
-          min_snr_gamma: float | None) -> torch.Tensor:
-    scheduler = parts.noise_scheduler
-    with torch.no_grad():
-        latents = family.encode_images(parts, batch["pixel_values"], generator)
-    with torch.set_grad_enabled(text_encoder_trains):
-        conditioning = family.encode_prompts(parts, batch["captions"])
-    noise, timesteps = diffusion.noise_and_timesteps(scheduler, latents, generator, noise_offset)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = family.predict(parts, noisy, timesteps, conditioning)
-    wanted = diffusion.target(scheduler, latents, noise, timesteps, prediction_type)
-    per_sample = diffusion.per_sample_loss(prediction, wanted)
-    if min_snr_gamma is not None:
-        per_sample = per_sample * diffusion.min_snr_weights(scheduler, timesteps, min_snr_gamma, prediction_type)
-    return strategy.loss(per_sample, batch)
+def _requires_grad(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _enable_gradient_checkpointing(parts: Components, trained: list[str]) -> None:

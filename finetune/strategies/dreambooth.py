@@ -1,0 +1,133 @@
+"""DreamBooth (Ruiz et al. 2023): the whole denoiser trains, optionally the text encoder for the first steps.
+
+Prior preservation is the loop's (recipe section `prior`), shared with every strategy; this strategy only
+decides what trains and writes a whole diffusers pipeline folder. `finetune extract-lora` turns that folder
+into a compact LoRA file.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from finetune.models.base import Components, ModelFamily
+from finetune.recipe.schema import StrategyOptions
+from finetune.strategies.base import mean_loss
+
+log = logging.getLogger(__name__)
+PIPELINE_DIR = "pipeline"
+METADATA_FILE = "finetune.json"
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Options(StrategyOptions):
+    text_encoder: bool = False
+    text_encoder_learning_rate: Optional[float] = None  # None: the U-Net's learning rate
+    # the text encoder trains for the first this-many steps, then stays as it is (None: to the end)
+    text_encoder_steps: Optional[int] = None
+    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the saved pipeline's weights
+
+    def validate(self, recipe: Any) -> list[str]:
+        problems = []
+        if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate <= 0:
+            problems.append(f"strategy.text_encoder_learning_rate: must be positive, "
+                            f"got {self.text_encoder_learning_rate}")
+        if self.text_encoder_steps is not None and self.text_encoder_steps < 1:
+            problems.append(f"strategy.text_encoder_steps: must be at least 1, got {self.text_encoder_steps}")
+        if not self.text_encoder and (self.text_encoder_learning_rate is not None
+                                      or self.text_encoder_steps is not None):
+            problems.append("strategy.text_encoder_*: set, but strategy.text_encoder is false; "
+                            "set strategy.text_encoder: true or remove them")
+        return problems
+
+
+def _size_gib(module: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
+
+
+class Strategy:
+    artifact_name = PIPELINE_DIR
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.family: ModelFamily | None = None
+        self.parts: Components | None = None
+        self.modules: dict[str, torch.nn.Module] = {}  # what trains, unwrapped
+        self.frozen: dict[str, torch.nn.Module] = {}  # untouched copies, only for base_prediction prior
+
+    def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
+        self.family, self.parts = family, parts
+        self.modules["unet"] = parts.unet
+        if self.options.text_encoder:
+            self.modules["text_encoder"] = parts.text_encoder
+        if keep_frozen_base:
+            # the base's own prediction needs the base as it was; an in-place trained U-Net cannot give it back
+            for name, module in self.modules.items():
+                self.frozen[name] = copy.deepcopy(module).requires_grad_(False).eval()
+            extra = sum(_size_gib(m) for m in self.frozen.values())
+            log.warning("prior.mode base_prediction with DreamBooth keeps a frozen copy of the %s on the device: "
+                        "%.2f GiB more memory. prior.mode class_images needs no copy.",
+                        " and ".join(self.frozen), extra)
+        for module in self.modules.values():
+            # trainable weights are fp32 whatever the frozen base's dtype; mixed precision casts per operation
+            module.float().requires_grad_(True)
+
+    def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        groups = [{"params": list(self.modules["unet"].parameters()), "lr": learning_rate}]
+        if "text_encoder" in self.modules:
+            groups.append({"params": list(self.modules["text_encoder"].parameters()),
+                           "lr": self.options.text_encoder_learning_rate or learning_rate})
+        return groups
+
+    loss = staticmethod(mean_loss)
+
+    @contextlib.contextmanager
+    def frozen_base(self, parts: Components):
+        if not self.frozen:
+            raise RuntimeError("DreamBooth was prepared without keep_frozen_base; the base is no longer there")
+        yield dataclasses.replace(parts, unet=self.frozen["unet"],
+                                  text_encoder=self.frozen.get("text_encoder", parts.text_encoder))
+
+    def on_step_end(self, step: int) -> None:
+        stop = self.options.text_encoder_steps
+        if "text_encoder" in self.modules and stop is not None and step >= stop:
+            # no gradient from here on, so the optimizer leaves it as it is
+            self.modules["text_encoder"].requires_grad_(False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": value for name, module in self.modules.items()
+                for key, value in module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, module in self.modules.items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
+        """A diffusers pipeline folder, written beside its final name and renamed into place."""
+        output_dir = Path(output_dir)
+        final, tmp, old = (output_dir / PIPELINE_DIR, output_dir / f".{PIPELINE_DIR}.tmp",
+                           output_dir / f".{PIPELINE_DIR}.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        parts = dataclasses.replace(self.parts, unet=self.modules["unet"],
+                                    text_encoder=self.modules.get("text_encoder", self.parts.text_encoder))
+        pipeline = self.family.pipeline(parts)
+        # training is over: casting in place spares a second copy of the weights in memory
+        pipeline.to(dtype=SAVE_DTYPES[self.options.save_dtype])
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
