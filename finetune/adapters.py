@@ -8,6 +8,7 @@ from typing import Any, Callable
 from safetensors import safe_open
 
 from finetune.export.safetensors_io import read_metadata
+from finetune.export.textual_inversion import A1111_KEY, read_a1111_pt
 
 # format name -> (detector on (metadata, keys), loader(pipe, path, scale, name) -> adapter name)
 Detector = Callable[[dict[str, str], list[str]], bool]
@@ -21,8 +22,10 @@ def register(name: str, detect: Detector, load: Loader) -> None:
 
 def detect_format(path: str | os.PathLike) -> str:
     path = str(path)
+    if path.endswith(".pt"):
+        return "a1111_embedding_pt"  # the one pickled format read; loaded with weights_only=True
     if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: expected a .safetensors adapter file")
+        raise ValueError(f"{path}: expected a .safetensors adapter file (or an AUTOMATIC1111 embedding .pt)")
     metadata = read_metadata(path)
     with safe_open(path, framework="pt") as handle:
         keys = list(handle.keys())
@@ -52,3 +55,40 @@ def _load_lora(pipe: Any, path: str, scale: float, name: str) -> str:
 
 
 register("lora", _is_lora, _load_lora)
+
+
+def _is_diffusers_embedding(metadata: dict[str, str], keys: list[str]) -> bool:
+    # {token: tensor}: keys are the tokens themselves, e.g. "<cat-toy>"
+    if not keys or keys == [A1111_KEY]:
+        return False
+    return metadata.get("finetune.strategy") == "textual_inversion" or not any("." in k for k in keys)
+
+
+def _load_embeddings(pipe: Any, tokens: list[str], tensors: list) -> str:
+    # diffusers' own loader: it adds the tokens (multi-vector ones expanded) and refuses known words
+    pipe.load_textual_inversion(tensors, token=tokens)
+    return ",".join(tokens)
+
+
+def _load_diffusers_embedding(pipe: Any, path: str, scale: float, name: str) -> str:
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    return _load_embeddings(pipe, list(tensors), list(tensors.values()))
+
+
+def _load_a1111_embedding(pipe: Any, path: str, scale: float, name: str) -> str:
+    from safetensors.torch import load_file
+
+    # AUTOMATIC1111 names an embedding after its file
+    return _load_embeddings(pipe, [Path(path).stem], [load_file(path)[A1111_KEY]])
+
+
+def _load_a1111_pt(pipe: Any, path: str, scale: float, name: str) -> str:
+    token, vectors = read_a1111_pt(path)
+    return _load_embeddings(pipe, [token], [vectors])
+
+
+register("textual_inversion", _is_diffusers_embedding, _load_diffusers_embedding)
+register("a1111_embedding", lambda metadata, keys: keys == [A1111_KEY], _load_a1111_embedding)
+register("a1111_embedding_pt", lambda metadata, keys: False, _load_a1111_pt)  # chosen by suffix

@@ -85,9 +85,10 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from finetune.data import DataError
     from finetune.models import ModelLoadError
     from finetune.recipe.load import RecipeError
+    from finetune.strategies.base import StrategySetupError
     from finetune.training.checkpoint import CheckpointError
 
-    return RecipeError, DataError, ModelLoadError, CheckpointError
+    return RecipeError, DataError, ModelLoadError, CheckpointError, StrategySetupError
 
 
 def _validate(args) -> int:

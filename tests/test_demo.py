@@ -30,18 +30,24 @@ def test_eval_names_an_unknown_concept():
 def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
     from finetune.cli import main
 
-    assert main(["demo", "--out", str(tmp_path), "--strategies", "lora", "--max-steps", "3"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--strategies", "lora,dreambooth", "--max-steps", "2"]) == 0
     report = json.loads((tmp_path / "demo_report.json").read_text())
     assert isinstance(report["base_accuracy"], float)
-    assert [(r["strategy"], r["concept_kind"]) for r in report["runs"]] == [("lora", "new_object"),
-                                                                           ("lora", "known_look")]
+    assert [(r["strategy"], r["concept_kind"], r["prior_preservation"]) for r in report["runs"]] == [
+        ("lora", "new_object", True), ("lora", "known_look", False),
+        ("dreambooth", "new_object", True), ("dreambooth", "known_look", True),
+        ("dreambooth_no_prior", "new_object", False)]
     for run in report["runs"]:
         for key in ("concept_fidelity", "prompt_fidelity", "prior_drop", "seconds"):
             assert isinstance(run[key], float), key
-        assert isinstance(run["concept"], str) and Path(run["artifact"]).is_file()
+        assert isinstance(run["concept"], str)
         assert all(Path(g).is_file() for g in run["grids"])
+    assert Path(report["runs"][0]["artifact"]).is_file()  # a LoRA file
+    assert (Path(report["runs"][2]["artifact"]) / "model_index.json").is_file()  # a DreamBooth pipeline
     markdown = (tmp_path / "demo_report.md").read_text()
-    assert "| lora | new_object |" in markdown and "| lora | known_look |" in markdown
+    for row in ("| lora | new_object |", "| lora | known_look |", "| dreambooth | new_object |",
+                "| dreambooth_no_prior | new_object |"):
+        assert row in markdown
 
 
 def test_demo_refuses_an_unknown_strategy(tmp_path):
@@ -51,5 +57,5 @@ def test_demo_refuses_an_unknown_strategy(tmp_path):
     assert not (tmp_path / "demo_report.json").exists()
 
 
-def test_lora_has_demo_recipes():
-    assert "lora" in available_strategies()
+def test_every_strategy_so_far_has_demo_recipes():
+    assert {"lora", "dreambooth"} <= set(available_strategies())

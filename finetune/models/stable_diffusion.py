@@ -41,6 +41,10 @@ class StableDiffusion:
             extra={"sampling_scheduler": pipe.scheduler},
         )
 
+    def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
+        """(name, tokenizer, text encoder) pairs; SD has one (SDXL will have clip_l and clip_g)."""
+        return [("text_encoder", parts.tokenizer, _unwrapped(parts.text_encoder))]
+
     def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         vae = parts.vae
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
@@ -58,7 +62,10 @@ class StableDiffusion:
 
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: torch.Tensor) -> torch.Tensor:
-        return parts.unet(noisy, timesteps, conditioning).sample
+        # a half-precision U-Net outside autocast (the frozen copy prior preservation keeps) needs its own dtype;
+        # for the trained, autocast U-Net the cast is a no-op
+        dtype = _unwrapped(parts.unet).dtype
+        return parts.unet(noisy.to(dtype), timesteps, conditioning.to(dtype)).sample
 
     def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
         """An inference pipeline sharing the (possibly adapted) modules; `unwrap` strips DDP wrappers."""

@@ -149,6 +149,8 @@ def _check_outputs(recipe: Recipe) -> list[str]:
     c, s, log = recipe.checkpoint, recipe.sample, recipe.log
     if c.every < 0:
         problems.append(f"checkpoint.every: must be 0 (off) or positive, got {c.every}")
+    if c.snapshot_every < 0:
+        problems.append(f"checkpoint.snapshot_every: must be 0 (off) or positive, got {c.snapshot_every}")
     if c.keep < 1:
         problems.append(f"checkpoint.keep: must be at least 1, got {c.keep}")
     if s.every < 0:

@@ -77,6 +77,8 @@ class TrainOptions:
 class CheckpointOptions:
     every: int = 500  # optimizer steps between checkpoints; 0: none but the final artifact
     keep: int = 3
+    # optimizer steps between loadable copies of the artifact in output_dir/snapshots/step-N/; 0: none
+    snapshot_every: int = 0
 
 
 @dataclass

@@ -20,6 +20,9 @@ from finetune.shapes.scorecard import score
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
 GRID_IMAGES = 4  # per prompt in the before/after grids
+# extra runs: a demo recipe with one thing changed, to show what that thing does
+# (label, strategy kind, concept, overrides)
+VARIANTS = [("dreambooth_no_prior", "dreambooth", "new_object", ["prior.mode=none"])]
 
 
 def available_strategies() -> list[str]:
@@ -57,12 +60,17 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
     if unknown:
         raise ValueError(f"--strategies: no demo recipes for {', '.join(unknown)} in {RECIPES} "
                          f"(available: {', '.join(available_strategies())})")
-    def overrides(strategy: str, concept: str) -> list[str]:
+    def plan(label: str, strategy: str, concept: str, changes: list[str]) -> tuple:
         steps = [f"train.max_steps={max_steps}"] if max_steps else []
-        return [f"output_dir={out_dir / 'runs' / f'{strategy}-{concept}'}", *steps]
+        recipe = load_recipe(RECIPES / f"{strategy}_{concept}.yaml",
+                             [f"output_dir={out_dir / 'runs' / f'{label}-{concept}'}", *steps, *changes])
+        return label, concept, recipe
 
     # every recipe is checked before any work starts
-    plans = [(s, c, load_recipe(RECIPES / f"{s}_{c}.yaml", overrides(s, c))) for s in strategies for c in CONCEPTS]
+    plans = []
+    for strategy in strategies:
+        plans += [plan(strategy, strategy, concept, []) for concept in CONCEPTS]
+        plans += [plan(*variant) for variant in VARIANTS if variant[1] == strategy]
     evaluator = Evaluator.load()
     base = plans[0][2].model.base
     bare = load_base_pipeline(base)
@@ -83,6 +91,7 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
             "strategy": strategy, "concept_kind": concept.kind, "concept": concept.concept_prompt(),
             "concept_fidelity": numbers["concept_fidelity"], "prompt_fidelity": numbers["prompt_fidelity"],
             "prior_drop": numbers["prior_drop"], "seconds": round(seconds, 1), "artifact": str(artifact),
+            "prior_preservation": recipe.prior.mode != "none",
             "base_accuracy_after": numbers["base_accuracy_after"], "grids": [str(g) for g in grids],
         })
         _write(out_dir, report)

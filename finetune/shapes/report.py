@@ -8,6 +8,8 @@ TARGETS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
     ("lora", "new_object"): {"concept_fidelity": (">=", 0.90), "prompt_fidelity": (">=", 0.80),
                              "prior_drop": ("<=", 5.0)},
     ("lora", "known_look"): {"concept_fidelity": (">=", 0.90)},
+    ("dreambooth", "new_object"): {"concept_fidelity": (">=", 0.90), "prompt_fidelity": (">=", 0.80),
+                                   "prior_drop": ("<=", 5.0)},
 }
 BASE_TARGET = 0.90
 
@@ -30,13 +32,15 @@ def write_markdown(path: Path, report: dict) -> Path:
         f"Base model's accuracy on its own 36 prompts: **{base:.3f}** (target >= {BASE_TARGET:.2f}: "
         f"{'met' if base >= BASE_TARGET else 'NOT met'}).",
         "",
-        "| strategy | concept | prompt | concept_fidelity | prompt_fidelity | prior_drop (points) | seconds | targets |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| strategy | concept | prompt | prior preservation | concept_fidelity | prompt_fidelity | prior_drop (points) "
+        "| seconds | targets |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in report["runs"]:
         checks = verdicts(run)
         target_text = ", ".join(f"{m} {'ok' if ok else 'MISSED'}" for m, ok in checks.items()) or "none set"
-        lines.append(f"| {run['strategy']} | {run['concept_kind']} | `{run['concept']}` | "
+        prior = "yes" if run.get("prior_preservation") else "no"
+        lines.append(f"| {run['strategy']} | {run['concept_kind']} | `{run['concept']}` | {prior} | "
                      f"{run['concept_fidelity']:.3f} | {run['prompt_fidelity']:.3f} | {run['prior_drop']:.1f} | {run['seconds']:.0f} | "
                      f"{target_text} |")
     lines += ["", "Before/after sample grids (rows: the concept prompt, composed prompts, `a red circle`; "

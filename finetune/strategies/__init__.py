@@ -10,6 +10,7 @@ from types import ModuleType
 KINDS: dict[str, str] = {
     "lora": "finetune.strategies.lora",
     "dreambooth": "finetune.strategies.dreambooth",
+    "textual_inversion": "finetune.strategies.textual_inversion",
 }
 
 

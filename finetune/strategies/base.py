@@ -4,7 +4,7 @@ The loop (finetune/training/loop.py) calls these; a strategy never imports the l
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,10 +14,18 @@ from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions
 
 
+class StrategySetupError(ValueError):
+    """The strategy's options do not fit the loaded model (e.g. a placeholder the tokenizer already has)."""
+
+
 class Strategy(Protocol):
     options: StrategyOptions
     # file name of the final artifact inside output_dir
     artifact_name: str
+
+    def check(self, family: ModelFamily, parts: Components) -> None:
+        """Raise StrategySetupError if the options cannot work on this model; runs right after loading,
+        before any long work (class images, training)."""
 
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         """Inject layers / add tokens into the frozen base; mark what trains with requires_grad.
@@ -26,6 +34,10 @@ class Strategy(Protocol):
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups (each with "params" and "lr")."""
+
+    def prompts(self, captions: list[str], generator: torch.Generator) -> list[str]:
+        """The text the instance images are trained with (e.g. textual inversion's templates and
+        multi-vector tokens); most strategies keep the captions."""
 
     def loss(self, per_sample: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Reduce per-sample losses to the scalar to minimise (e.g. DreamBooth weights prior samples)."""
@@ -51,3 +63,17 @@ class Strategy(Protocol):
 def mean_loss(per_sample: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """The plain reduction most strategies use."""
     return per_sample.mean()
+
+
+def keep_captions(captions: list[str], generator: torch.Generator) -> list[str]:
+    return captions
+
+
+@contextmanager
+def unchanged_base(parts: Components):
+    """frozen_base for a strategy whose changes never touch what class prompts use."""
+    yield parts
+
+
+def no_check(family: ModelFamily, parts: Components) -> None:
+    return None

@@ -20,7 +20,7 @@ import torch
 
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions
-from finetune.strategies.base import mean_loss
+from finetune.strategies.base import keep_captions, mean_loss, no_check
 
 log = logging.getLogger(__name__)
 PIPELINE_DIR = "pipeline"
@@ -88,6 +88,8 @@ class Strategy:
                            "lr": self.options.text_encoder_learning_rate or learning_rate})
         return groups
 
+    check = staticmethod(no_check)
+    prompts = staticmethod(keep_captions)
     loss = staticmethod(mean_loss)
 
     @contextlib.contextmanager

@@ -12,7 +12,7 @@ import torch
 from finetune.export import diffusers_lora
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions
-from finetune.strategies.base import mean_loss
+from finetune.strategies.base import keep_captions, mean_loss, no_check
 
 
 @dataclass
@@ -88,6 +88,8 @@ class Strategy:
             groups.append({"params": self._trainable(self.modules["text_encoder"]), "lr": lr})
         return groups
 
+    check = staticmethod(no_check)
+    prompts = staticmethod(keep_captions)
     loss = staticmethod(mean_loss)
 
     @contextlib.contextmanager

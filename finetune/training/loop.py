@@ -90,6 +90,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
                         dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config)
     for module in (parts.vae, parts.text_encoder, parts.unet):
         module.to(accelerator.device)
+    strategy = create_strategy(recipe.strategy)
+    strategy.check(family, parts)  # options that cannot fit this model fail before any long work
     class_batches = None
     if recipe.prior.mode == "class_images":
         # drawn by the base as it is now, before the strategy changes anything
@@ -97,7 +99,6 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
             accelerator, family, parts, recipe.prior, recipe.model, d.resolution, t.batch_size, t.seed,
             start=(resume_state["step"] if resume_from is not None else 0) * t.gradient_accumulation_steps,
             num_workers=d.num_workers)
-    strategy = create_strategy(recipe.strategy)
     torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
     trained = [name for name in ("unet", "text_encoder") if _requires_grad(getattr(parts, name))]
@@ -173,16 +174,24 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
                 checkpoint.save_checkpoint(output_dir, step, strategy.state_dict(), training_state, identity,
                                            recipe.checkpoint.keep)
             accelerator.wait_for_everyone()
+        snapshot_every = recipe.checkpoint.snapshot_every
+        if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
+            _save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}", step)
         if recipe.sample.every and step % recipe.sample.every == 0:
             _sample(accelerator, family, parts, recipe, output_dir, step)
     progress.close()
 
+    artifact = _save_artifact(accelerator, strategy, recipe, output_dir, step)
+    accelerator.print(f"saved {artifact}")
+    return artifact
+
+
+def _save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int) -> Path:
     artifact = output_dir / strategy.artifact_name
     if accelerator.is_main_process:
         metadata = training_metadata(base_model=recipe.model.base, strategy=recipe.strategy.kind, steps=step,
                                      recipe=recipe_to_dict(recipe))
         artifact = strategy.save(output_dir, metadata)
-        accelerator.print(f"saved {artifact}")
     accelerator.wait_for_everyone()
     return artifact
 

@@ -50,7 +50,7 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
     scheduler = parts.noise_scheduler
     instance = _noise(scheduler, _encode(family, parts, batch["pixel_values"], generator), generator,
                       settings.noise_offset)
-    captions = list(batch["captions"])
+    captions = strategy.prompts(list(batch["captions"]), generator)
     halves = [instance]
     frozen_target = None
     if settings.prior_mode == "class_images":

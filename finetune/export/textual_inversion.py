@@ -1,0 +1,77 @@
+"""Learned embeddings in the three files people load them from.
+
+- diffusers: `learned_embeds.safetensors` = {token: tensor[num_vectors, dim]}, read by
+  `pipe.load_textual_inversion` (which expands a multi-vector token to `<tok>`, `<tok>_1`, ...).
+  A family with two text encoders (SDXL) gets {"clip_l": ..., "clip_g": ...} per token instead.
+- AUTOMATIC1111 / kohya `.safetensors`: {"emb_params": tensor[num_vectors, dim]}; the file name is the word
+  typed in prompts. One file per placeholder, in `a1111/`.
+- AUTOMATIC1111 `.pt` (on request): a pickle {"string_to_token": {"*": 265}, "string_to_param": {"*": tensor},
+  "name", "step", "sd_checkpoint", "sd_checkpoint_name"}; plain containers only, so it loads with
+  `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from finetune.export.safetensors_io import atomic_path, replace_atomically, save_safetensors
+
+FILE_NAME = "learned_embeds.safetensors"
+A1111_DIR = "a1111"
+A1111_KEY = "emb_params"
+_UNSAFE = re.compile(r'[<>:"/\\|?*\s]+')
+
+
+def a1111_name(token: str) -> str:
+    """The file stem (and so the prompt word in AUTOMATIC1111) for a placeholder: no characters a file
+    system refuses, e.g. "<sks>" -> "sks"."""
+    return _UNSAFE.sub("", token) or "embedding"
+
+
+def diffusers_tensors(learned: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    encoders = {name for per in learned.values() for name in per}
+    if len(encoders) == 1:
+        return {token: next(iter(per.values())) for token, per in learned.items()}
+    if len(learned) != 1:
+        raise ValueError("with two text encoders, one placeholder per file (the format has no room for more)")
+    return dict(next(iter(learned.values())))
+
+
+def save_all(output_dir: Path, learned: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str],
+             pt: bool = False) -> Path:
+    """Write every format; return the diffusers file's path."""
+    path = save_safetensors(diffusers_tensors(learned), output_dir / FILE_NAME, metadata)
+    for token, per in learned.items():
+        if len(per) != 1:
+            continue  # AUTOMATIC1111's SD1 formats hold one encoder's vectors
+        vectors = next(iter(per.values()))
+        stem = output_dir / A1111_DIR / a1111_name(token)
+        save_safetensors({A1111_KEY: vectors}, stem.with_suffix(".safetensors"), metadata)
+        if pt:
+            save_a1111_pt(vectors, stem.with_suffix(".pt"), token, int(metadata.get("finetune.steps", 0)),
+                          metadata.get("finetune.base_model", ""))
+    return path
+
+
+def save_a1111_pt(vectors: torch.Tensor, path: Path, token: str, step: int, base_model: str) -> Path:
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors.detach().cpu().clone()},
+            "name": a1111_name(token), "step": step, "sd_checkpoint": None, "sd_checkpoint_name": base_model}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        torch.save(data, tmp)
+        replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_a1111_pt(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
+    """(name, vectors) from an AUTOMATIC1111 .pt, refusing pickles that need more than plain data."""
+    data = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or "string_to_param" not in data:
+        raise ValueError(f"{path}: not an AUTOMATIC1111 embedding (no string_to_param)")
+    return str(data.get("name") or Path(path).stem), data["string_to_param"]["*"]
