@@ -10,6 +10,7 @@ TARGETS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
     ("lora", "known_look"): {"concept_fidelity": (">=", 0.90)},
     ("dreambooth", "new_object"): {"concept_fidelity": (">=", 0.90), "prompt_fidelity": (">=", 0.80),
                                    "prior_drop": ("<=", 5.0)},
+    ("textual_inversion", "known_look"): {"concept_fidelity": (">=", 0.90), "prior_drop": ("<=", 1.0)},
 }
 BASE_TARGET = 0.90
 
