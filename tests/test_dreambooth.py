@@ -82,14 +82,25 @@ def test_fp16_on_request(tiny_base, concept_dir, tmp_path):
     assert pipe.unet.dtype == torch.float16
 
 
-def test_base_prediction_prior_keeps_a_frozen_copy_and_says_so(tiny_base, concept_dir, tmp_path, caplog):
+def test_base_prediction_prior_keeps_a_frozen_copy_and_says_so(tiny_base, concept_dir, tmp_path, caplog,
+                                                                monkeypatch, base_states):
+    from finetune.training import loop
+
     prior = {"mode": "base_prediction", "class_prompt": "a red circle"}
+    made = []
+    real = loop.create_strategy
+    monkeypatch.setattr(loop, "create_strategy", lambda options: made.append(real(options)) or made[-1])
     with caplog.at_level("WARNING"):
         # bf16: the frozen copy stays in the base's half precision while the trained U-Net is fp32
         artifact = _run(tiny_base, concept_dir, tmp_path / "out", prior=prior,
                         train={"max_steps": 2, "mixed_precision": "bf16"})
     assert artifact.is_dir()
     assert "frozen copy of the unet" in caplog.text and "GiB" in caplog.text
+    # the copy is the base as it was (in the base's bf16), while the trained U-Net moved on
+    frozen = _state(made[0].frozen["unet"])
+    as_loaded = {k: v.to(torch.bfloat16).float() for k, v in base_states["unet"].items()}
+    assert _changed(as_loaded, frozen) == set()
+    assert _changed(base_states["unet"], _state(made[0].modules["unet"]))
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_base, concept_dir, tmp_path):

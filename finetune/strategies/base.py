@@ -65,15 +65,24 @@ def mean_loss(per_sample: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     return per_sample.mean()
 
 
+def no_check(family: ModelFamily, parts: Components) -> None:
+    return None
+
+
 def keep_captions(captions: list[str], generator: torch.Generator) -> list[str]:
     return captions
+
+
+class CommonDefaults:
+    """What most strategies do at three of the interface's places: no model check, the captions as they
+    are, the plain mean loss. A strategy that differs overrides the one it needs."""
+
+    check = staticmethod(no_check)
+    prompts = staticmethod(keep_captions)
+    loss = staticmethod(mean_loss)
 
 
 @contextmanager
 def unchanged_base(parts: Components):
     """frozen_base for a strategy whose changes never touch what class prompts use."""
     yield parts
-
-
-def no_check(family: ModelFamily, parts: Components) -> None:
-    return None

@@ -20,7 +20,7 @@ import torch
 
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions
-from finetune.strategies.base import keep_captions, mean_loss, no_check
+from finetune.strategies.base import CommonDefaults
 
 log = logging.getLogger(__name__)
 PIPELINE_DIR = "pipeline"
@@ -54,7 +54,7 @@ def _size_gib(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
 
 
-class Strategy:
+class Strategy(CommonDefaults):
     artifact_name = PIPELINE_DIR
 
     def __init__(self, options: Options):
@@ -87,10 +87,6 @@ class Strategy:
             groups.append({"params": list(self.modules["text_encoder"].parameters()),
                            "lr": self.options.text_encoder_learning_rate or learning_rate})
         return groups
-
-    check = staticmethod(no_check)
-    prompts = staticmethod(keep_captions)
-    loss = staticmethod(mean_loss)
 
     @contextlib.contextmanager
     def frozen_base(self, parts: Components):

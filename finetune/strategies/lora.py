@@ -12,7 +12,7 @@ import torch
 from finetune.export import diffusers_lora
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions
-from finetune.strategies.base import keep_captions, mean_loss, no_check
+from finetune.strategies.base import CommonDefaults
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Options(StrategyOptions):
         return problems
 
 
-class Strategy:
+class Strategy(CommonDefaults):
     artifact_name = diffusers_lora.FILE_NAME
 
     def __init__(self, options: Options):
@@ -87,10 +87,6 @@ class Strategy:
             lr = self.options.text_encoder_learning_rate or learning_rate
             groups.append({"params": self._trainable(self.modules["text_encoder"]), "lr": lr})
         return groups
-
-    check = staticmethod(no_check)
-    prompts = staticmethod(keep_captions)
-    loss = staticmethod(mean_loss)
 
     @contextlib.contextmanager
     def frozen_base(self, parts: Components):

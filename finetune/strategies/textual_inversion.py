@@ -18,7 +18,7 @@ import torch
 from finetune.export import textual_inversion as ti_files
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions, required
-from finetune.strategies.base import StrategySetupError, mean_loss, unchanged_base
+from finetune.strategies.base import CommonDefaults, StrategySetupError, unchanged_base
 
 # prompts for `prompts: object` / `style` (the concept shown as a thing, or as a way of drawing)
 OBJECT_TEMPLATES = ("a photo of a {}", "a picture of a {}", "a rendering of a {}", "a close-up photo of a {}",
@@ -88,7 +88,7 @@ def check_placeholders(tokenizer, placeholders: list[str], initializers: list[st
     return ids
 
 
-class Strategy:
+class Strategy(CommonDefaults):
     artifact_name = ti_files.FILE_NAME
 
     def __init__(self, options: Options):
@@ -149,7 +149,6 @@ class Strategy:
             text = _word(token).sub(" ".join(vector_tokens(token, self.options.num_vectors)), text)
         return text
 
-    loss = staticmethod(mean_loss)
     frozen_base = staticmethod(unchanged_base)  # the base's own prompts never reach the new rows
 
     def on_step_end(self, step: int) -> None:

@@ -82,8 +82,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
     resume_from = checkpoint.find_checkpoint(output_dir, resume) if resume else None
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(resume_from)
-        resume_state = saved[0]
-        checkpoint.check_same_run(resume_state, identity, resume_from)
+        checkpoint.check_same_run(saved[0], identity, resume_from)
+    first_step = saved[0]["step"] if resume_from is not None else 0
 
     family = family_for(recipe.model.family)
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
@@ -97,7 +97,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
         # drawn by the base as it is now, before the strategy changes anything
         class_batches = prior.class_image_stream(
             accelerator, family, parts, recipe.prior, recipe.model, d.resolution, t.batch_size, t.seed,
-            start=(resume_state["step"] if resume_from is not None else 0) * t.gradient_accumulation_steps,
+            start=first_step * t.gradient_accumulation_steps,
             num_workers=d.num_workers)
     torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
@@ -114,15 +114,14 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
         setattr(parts, name, accelerator.prepare(getattr(parts, name)))
     optimizer = accelerator.prepare(optimizer)
 
-    step = 0
+    step = first_step
     if resume_from is not None:
-        state, trainable, training_state = saved
+        _, trainable, training_state = saved
         strategy.load_state_dict(trainable)
         optimizer.load_state_dict(training_state["optimizer"])
         lr_scheduler.load_state_dict(training_state["lr_scheduler"])
         if accelerator.scaler is not None and "scaler" in training_state:
             accelerator.scaler.load_state_dict(training_state["scaler"])
-        step = state["step"]
         strategy.on_step_end(step)  # a strategy whose setup changes with the step catches up
         accelerator.print(f"resumed from {resume_from} at step {step}")
     order.start = step * t.gradient_accumulation_steps
@@ -142,13 +141,13 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
     batches = iter(loader)
     while step < t.max_steps:
         losses = []
+        # a strategy may stop training the text encoder part-way (DreamBooth's text_encoder_steps)
+        settings = dataclasses.replace(settings, text_encoder_trains=_requires_grad(parts.text_encoder))
         for micro in range(t.gradient_accumulation_steps):
             batch = next(batches)
             class_batch = next(class_batches) if class_batches is not None else None
             seed = step_seed(t.seed, step, micro, accelerator.process_index)
             torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
-            # a strategy may stop training the text encoder part-way (DreamBooth's text_encoder_steps)
-            settings = dataclasses.replace(settings, text_encoder_trains=_requires_grad(parts.text_encoder))
             with accelerator.accumulate(*[getattr(parts, name) for name in trained]):
                 loss = micro_step_loss(family, parts, strategy, batch, class_batch,
                                        torch.Generator().manual_seed(seed), settings)
