@@ -7,8 +7,11 @@ from typing import Any, Callable
 
 from safetensors import safe_open
 
+from finetune.export import hypernetwork as hypernetwork_files
+from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import read_metadata
-from finetune.export.textual_inversion import A1111_KEY, read_a1111_pt
+from finetune.export.textual_inversion import A1111_KEY, embedding_from_a1111
+from finetune.networks import hypernetwork as hypernetworks
 
 # format name -> (detector on (metadata, keys), loader(pipe, path, scale, name) -> adapter name)
 Detector = Callable[[dict[str, str], list[str]], bool]
@@ -23,9 +26,10 @@ def register(name: str, detect: Detector, load: Loader) -> None:
 def detect_format(path: str | os.PathLike) -> str:
     path = str(path)
     if path.endswith(".pt"):
-        return "a1111_embedding_pt"  # the one pickled format read; loaded with weights_only=True
+        return _detect_pt(path)
     if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: expected a .safetensors adapter file (or an AUTOMATIC1111 embedding .pt)")
+        raise ValueError(f"{path}: expected a .safetensors adapter file (or an AUTOMATIC1111 .pt embedding or "
+                         "hypernetwork)")
     metadata = read_metadata(path)
     with safe_open(path, framework="pt") as handle:
         keys = list(handle.keys())
@@ -33,6 +37,17 @@ def detect_format(path: str | os.PathLike) -> str:
         if detect(metadata, keys):
             return name
     raise ValueError(f"{path}: not an adapter format finetune knows (formats: {', '.join(LOADERS)})")
+
+
+def _detect_pt(path: str) -> str:
+    # the only pickles read: AUTOMATIC1111's, and only when they hold plain data (never code)
+    data = load_plain_pickle(path, "AUTOMATIC1111 .pt file")
+    if isinstance(data, dict) and "string_to_param" in data:
+        return "a1111_embedding_pt"
+    if isinstance(data, dict) and any(isinstance(key, int) for key in data):
+        return "a1111_hypernetwork_pt"
+    raise ValueError(f"{path}: a .pt file that is neither an AUTOMATIC1111 embedding (string_to_param) nor "
+                     "hypernetwork (per-width layers)")
 
 
 def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:
@@ -85,10 +100,38 @@ def _load_a1111_embedding(pipe: Any, path: str, scale: float, name: str) -> str:
 
 
 def _load_a1111_pt(pipe: Any, path: str, scale: float, name: str) -> str:
-    token, vectors = read_a1111_pt(path)
+    token, vectors = embedding_from_a1111(load_plain_pickle(path, "AUTOMATIC1111 embedding"), path)
     return _load_embeddings(pipe, [token], [vectors])
 
 
 register("textual_inversion", _is_diffusers_embedding, _load_diffusers_embedding)
 register("a1111_embedding", lambda metadata, keys: keys == [A1111_KEY], _load_a1111_embedding)
 register("a1111_embedding_pt", lambda metadata, keys: False, _load_a1111_pt)  # chosen by suffix
+
+
+def _attach_hypernetwork(pipe: Any, network: Any, scale: float, name: str) -> str:
+    network.set_strength(scale)
+    network.eval()
+    hypernetworks.attach(pipe.unet, network, name)
+    return name
+
+
+register("hypernetwork", hypernetwork_files.is_hypernetwork_file,
+         lambda pipe, path, scale, name: _attach_hypernetwork(pipe, hypernetwork_files.read(path), scale, name))
+register("a1111_hypernetwork_pt", lambda metadata, keys: False,  # chosen by suffix and contents
+         lambda pipe, path, scale, name: _attach_hypernetwork(pipe, hypernetwork_files.read_a1111_pt(path), scale,
+                                                              name))
+
+
+def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
+    """Remove a loaded hypernetwork or LoRA by the name `load_adapter` returned (None: every hypernetwork);
+    the pipeline's attention processors are as they were before. Returns what was removed.
+    (Embeddings: diffusers' `pipe.unload_textual_inversion()`.)"""
+    if name is None or name in hypernetworks.loaded(pipe.unet):
+        return hypernetworks.detach(pipe.unet, name)
+    lora_names = {n for names in pipe.get_list_adapters().values() for n in names}
+    if name in lora_names:
+        pipe.delete_adapters(name)
+        return [name]
+    raise ValueError(f"no adapter named {name!r} is loaded (hypernetworks: {list(hypernetworks.loaded(pipe.unet))}, "
+                     f"LoRAs: {sorted(lora_names)})")

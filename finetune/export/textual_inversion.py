@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.export.safetensors_io import atomic_path, replace_atomically, save_safetensors
+from finetune.export.pickle_files import load_plain_pickle, write_pickle_atomically
+from finetune.export.safetensors_io import save_safetensors
 
 FILE_NAME = "learned_embeds.safetensors"
 A1111_DIR = "a1111"
@@ -59,19 +60,15 @@ def save_all(output_dir: Path, learned: dict[str, dict[str, torch.Tensor]], meta
 def save_a1111_pt(vectors: torch.Tensor, path: Path, token: str, step: int, base_model: str) -> Path:
     data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors.detach().cpu().clone()},
             "name": a1111_name(token), "step": step, "sd_checkpoint": None, "sd_checkpoint_name": base_model}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        torch.save(data, tmp)
-        replace_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_pickle_atomically(data, path)
 
 
 def read_a1111_pt(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
     """(name, vectors) from an AUTOMATIC1111 .pt, refusing pickles that need more than plain data."""
-    data = torch.load(str(path), map_location="cpu", weights_only=True)
+    return embedding_from_a1111(load_plain_pickle(path, "AUTOMATIC1111 embedding"), path)
+
+
+def embedding_from_a1111(data: object, path: object) -> tuple[str, torch.Tensor]:
     if not isinstance(data, dict) or "string_to_param" not in data:
         raise ValueError(f"{path}: not an AUTOMATIC1111 embedding (no string_to_param)")
     return str(data.get("name") or Path(path).stem), data["string_to_param"]["*"]

@@ -2,7 +2,10 @@
 
 The base model learns `BASE_SHAPES` in every colour and size; `HELD_OUT_SHAPES` never reach it, so a
 fine-tuning method that makes the base draw a star has taught it something new. Captions name colour and
-shape only ("a red circle"): the base learns to draw both sizes but has no word for either.
+shape ("a red circle"), and for the base's training set half of them also name the size ("a big red circle"),
+except for one combination, `UNNAMED_LOOK` (big green diamonds): the base draws those but never hears their
+size named with them, so it has no word for that look. Textual inversion and the `known_look` concept rely
+on this: "big" steers size through the text, so a learned word can reach the look.
 """
 from __future__ import annotations
 
@@ -34,12 +37,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # the shape's half-extent in pixels at 32 px; the gap between the ranges keeps "small" and "big" unambiguous
 SIZES: dict[str, tuple[float, float]] = {"small": (5.0, 8.0), "big": (11.0, 14.0)}
 
+# the shape-colour-size combination whose size no base caption names (see the module docstring)
+UNNAMED_LOOK: tuple[str, str, str] = ("diamond", "green", "big")
+# share of base training captions that name the size: the rest teach the size-free prompts the evaluator uses
+SIZE_NAMED_SHARE = 0.5
+
 Labels = dict[str, str]
 Point = tuple[float, float]
 
 
-def caption(shape: str, colour: str) -> str:
-    return f"a {colour} {shape}"
+def caption(shape: str, colour: str, size: str | None = None) -> str:
+    return f"a {size} {colour} {shape}" if size else f"a {colour} {shape}"
 
 
 def _regular_polygon(cx: float, cy: float, radius: float, corners: int, start_angle: float) -> list[Point]:
@@ -115,14 +123,21 @@ def draw(shape: str, colour: str, size: str, rng: random.Random) -> Image.Image:
 
 def sample_dataset(n: int, seed: int, shapes: Sequence[str] = BASE_SHAPES,
                    colours: Sequence[str] = tuple(COLOURS), sizes: Sequence[str] = tuple(SIZES),
-                   ) -> list[tuple[Image.Image, str, Labels]]:
-    """`n` random (image, caption, labels) triples; the same arguments always give the same images."""
+                   name_sizes: bool = False) -> list[tuple[Image.Image, str, Labels]]:
+    """`n` random (image, caption, labels) triples; the same arguments always give the same images.
+
+    With `name_sizes`, about `SIZE_NAMED_SHARE` of the captions name the size, never for `UNNAMED_LOOK`.
+    The choice comes from its own generator, so the images are the same either way.
+    """
     rng = random.Random(seed)
+    naming = random.Random(f"size captions {seed}")
     samples = []
     for _ in range(n):
         shape, colour, size = rng.choice(shapes), rng.choice(colours), rng.choice(sizes)
         image = draw(shape, colour, size, rng)
-        samples.append((image, caption(shape, colour), {"shape": shape, "colour": colour, "size": size}))
+        named = name_sizes and naming.random() < SIZE_NAMED_SHARE and (shape, colour, size) != UNNAMED_LOOK
+        samples.append((image, caption(shape, colour, size if named else None),
+                        {"shape": shape, "colour": colour, "size": size}))
     return samples
 
 

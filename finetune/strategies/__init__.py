@@ -11,6 +11,7 @@ KINDS: dict[str, str] = {
     "lora": "finetune.strategies.lora",
     "dreambooth": "finetune.strategies.dreambooth",
     "textual_inversion": "finetune.strategies.textual_inversion",
+    "hypernetwork": "finetune.strategies.hypernetwork",
 }
 
 

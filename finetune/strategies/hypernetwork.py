@@ -1,0 +1,114 @@
+"""Hypernetwork (AUTOMATIC1111's design): small residual MLPs rewrite the inputs of attention keys and values.
+
+The U-Net and text encoder stay frozen; only the MLPs train (finetune/networks/hypernetwork.py). Because they
+act on every prompt, not only the concept's, prior preservation (section `prior`) matters more here than for
+LoRA: `base_prediction` switches the MLPs off to get the base's own prediction, at no extra memory.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from finetune.export import hypernetwork as files
+from finetune.models.base import Components, ModelFamily
+from finetune.networks.hypernetwork import (ACTIVATIONS, WEIGHT_INITS, HyperMLP, Hypernetwork, Structure, attach,
+                                            dropout_structure, widths_of)
+from finetune.recipe.schema import StrategyOptions
+from finetune.strategies.base import CommonDefaults
+
+TRAINING_NAME = "training"
+
+
+@dataclass
+class Options(StrategyOptions):
+    # width multipliers of the MLP's layers; must start and end with 1 (A1111's "1, 2, 1")
+    layer_structure: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])
+    activation: str = "linear"  # linear (none), relu, leakyrelu, elu, swish, tanh, sigmoid
+    activate_output: bool = False  # the activation after the last layer too
+    layer_norm: bool = False
+    dropout: float = 0.0  # after every hidden layer
+    weight_init: Literal["normal", "xavier", "xavier_uniform", "kaiming", "kaiming_uniform"] = "normal"
+    # the last layer starts at zero, so the untrained network changes nothing (as LoRA's B does)
+    zero_init_last: bool = True
+    strength: float = 1.0  # the residual branch's scale while training
+    self_attention: bool = False  # also rewrite self-attention inputs at the U-Net's own widths
+    a1111_pt: bool = False  # also write AUTOMATIC1111's pickled .pt (its only hypernetwork format)
+    name: str = "hypernetwork"  # the .pt file's name, which A1111 lists
+
+    def validate(self, recipe: Any) -> list[str]:
+        problems = []
+        s = self.layer_structure
+        if len(s) < 2 or s[0] != 1 or s[-1] != 1:
+            problems.append(f"strategy.layer_structure: must start and end with 1 and have at least two entries "
+                            f"(e.g. [1, 2, 1]), got {s}")
+        if any(x <= 0 for x in s):
+            problems.append(f"strategy.layer_structure: every multiplier must be positive, got {s}")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"strategy.activation: {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
+        if not math.isfinite(self.strength):
+            problems.append(f"strategy.strength: must be a finite number, got {self.strength}")
+        if not self.name.strip() or any(c in self.name for c in '/\\:*?"<>|'):
+            problems.append(f"strategy.name: {self.name!r} must be a plain file name without / \\ : * ? \" < > |")
+        return problems
+
+
+def structure_for(options: Options, widths: tuple[int, ...]) -> Structure:
+    layers = tuple(float(x) for x in options.layer_structure)
+    return Structure(layer_structure=layers, activation=options.activation, layer_norm=options.layer_norm,
+                     dropout_structure=dropout_structure(layers, options.dropout),
+                     activate_output=options.activate_output, self_attention=options.self_attention, widths=widths)
+
+
+class Strategy(CommonDefaults):
+    artifact_name = files.FILE_NAME
+
+    def __init__(self, options: Options):
+        assert options.weight_init in WEIGHT_INITS
+        self.options = options
+        self.network: Hypernetwork | None = None
+
+    def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
+        # keep_frozen_base needs nothing: switching the network off gives the base back
+        o = self.options
+        parts.unet.requires_grad_(False)
+        parts.text_encoder.requires_grad_(False)
+        network = Hypernetwork(structure_for(o, widths_of(parts.unet, o.self_attention)))
+        for mlp in network.modules():
+            if isinstance(mlp, HyperMLP):
+                mlp.initialise(o.weight_init, o.zero_init_last, o.activation)
+        network.set_strength(o.strength)
+        network.float().requires_grad_(True)  # trainable weights stay fp32 whatever the base's dtype
+        attach(parts.unet, network, TRAINING_NAME)
+        self.network = network
+
+    def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.network.parameters()), "lr": learning_rate}]
+
+    @contextmanager
+    def frozen_base(self, parts: Components):
+        self.network.enabled = False
+        try:
+            yield parts
+        finally:
+            self.network.enabled = True
+
+    def on_step_end(self, step: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.network.tensors().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.network.load_tensors(state)
+
+    def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
+        o = self.options
+        return files.save(Path(output_dir), self.network, metadata, a1111_pt=o.a1111_pt, name=o.name,
+                          weight_init=o.weight_init, step=int(metadata.get("finetune.steps", 0)))
