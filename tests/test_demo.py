@@ -34,7 +34,7 @@ def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
     report = json.loads((tmp_path / "demo_report.json").read_text())
     assert isinstance(report["base_accuracy"], float)
     assert [(r["strategy"], r["concept_kind"], r["prior_preservation"]) for r in report["runs"]] == [
-        ("lora", "new_object", True), ("lora", "known_look", False),
+        ("lora", "new_object", True), ("lora", "known_look", True),
         ("dreambooth", "new_object", True), ("dreambooth", "known_look", True),
         ("dreambooth_no_prior", "new_object", False)]
     for run in report["runs"]:
@@ -58,4 +58,6 @@ def test_demo_refuses_an_unknown_strategy(tmp_path):
 
 
 def test_every_strategy_so_far_has_demo_recipes():
-    assert {"lora", "dreambooth"} <= set(available_strategies())
+    from finetune.strategies import KINDS
+
+    assert set(available_strategies()) == set(KINDS)  # every strategy is in the demo, on both concepts

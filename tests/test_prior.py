@@ -87,6 +87,20 @@ def test_the_cache_is_keyed_by_what_draws_the_images(tiny_base):
     assert spec.folder_name().startswith("a-dog-")
 
 
+def test_a_base_retrained_in_place_gets_its_own_class_images(tiny_base, tmp_path):
+    import shutil
+
+    copy = tmp_path / "base"
+    shutil.copytree(tiny_base, copy)
+    before = class_images.base_identity(str(copy), None, None)
+    assert class_images.base_identity(str(copy), None, None) == before  # stable while nothing changes
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # retrained: new weights, same path
+    weights.write_bytes(bytes(data))
+    assert class_images.base_identity(str(copy), None, None) != before
+
+
 @pytest.mark.parametrize("prior, problem", [
     ({"mode": "class_images"}, "prior.class_prompt"),
     ({"mode": "base_prediction", "class_prompt": "a dog", "loss_weight": -1}, "prior.loss_weight"),

@@ -10,7 +10,8 @@ from finetune.shapes.checksums import mismatches, sha256_of
 from finetune.shapes.concepts import CONCEPTS, KNOWN_LOOK, NEW_OBJECT
 from finetune.shapes.paths import shapes_data_dir
 from finetune.shapes.tokenizer import WORDS, build_shapes_tokenizer
-from finetune.shapes.world import ALL_SHAPES, BASE_SHAPES, HELD_OUT_SHAPES, caption, sample_dataset
+from finetune.shapes.world import (ALL_SHAPES, BASE_SHAPES, HELD_OUT_SHAPES, UNNAMED_LOOK, caption,
+                                   sample_dataset)
 
 SHAPES_DATA = shapes_data_dir()
 
@@ -32,7 +33,22 @@ def test_images_are_32px_rgb_and_captions_match_labels():
     for image, text, labels in sample_dataset(60, 1, shapes=ALL_SHAPES):
         assert image.size == (32, 32) and image.mode == "RGB"
         assert text == caption(labels["shape"], labels["colour"]) == f"a {labels['colour']} {labels['shape']}"
-        assert labels["size"] not in text.split()  # base captions never say the size
+        assert labels["size"] not in text.split()  # without name_sizes, captions never say the size
+
+
+def test_base_captions_name_the_size_except_for_the_unnamed_look():
+    plain, named = sample_dataset(1500, 3), sample_dataset(1500, 3, name_sizes=True)
+    assert [_png_bytes(im) for im, _, _ in plain[:20]] == [_png_bytes(im) for im, _, _ in named[:20]]
+    with_size = [(text, labels) for _, text, labels in named if labels["size"] in text.split()]
+    for text, labels in with_size:
+        assert text == caption(labels["shape"], labels["colour"], labels["size"])
+    assert 0.4 < len(with_size) / len(named) < 0.6
+    look = [(text, labels) for _, text, labels in named
+            if (labels["shape"], labels["colour"], labels["size"]) == UNNAMED_LOOK]
+    assert look and all(text == "a green diamond" for text, _ in look)
+    # the look's parts are each named elsewhere, so the base learns what "big" means
+    assert any(text == "a small green diamond" for text, _ in with_size)
+    assert any(text == "a big red diamond" for text, _ in with_size)
 
 
 def test_base_samples_never_hold_held_out_shapes():

@@ -4,8 +4,9 @@
 
 Prints: the evaluator's ground-truth accuracy (fresh images, all 8 shapes); the base's accuracy on its 36
 prompts; the bare base's concept and prompt fidelity for both concepts (should be ~0: nothing is taught yet);
-how often "a green diamond" comes out big (known_look must be within the base's reach); and how well the
-autoencoder carries base and held-out shapes (what any method can hope to draw at best).
+how often "a green diamond" and sized prompts come out big (known_look must be within the base's reach, and
+size words must steer size); and how well the autoencoder carries base and held-out shapes (what any method
+can hope to draw at best).
 """
 from __future__ import annotations
 
@@ -59,8 +60,11 @@ def main(argv: list[str] | None = None) -> None:
         timed(f"bare base {concept.name} concept_fidelity ({concept.concept_prompt()!r} x 32)",
               lambda: metrics.concept_fidelity(pipe, evaluator, concept))
         timed(f"bare base {concept.name} prompt_fidelity", lambda: metrics.prompt_fidelity(pipe, evaluator, concept))
-    verdicts = evaluator.classify(metrics.sample(pipe, ["a green diamond"], 32, seed=7))
-    print("'a green diamond' x 32:", dict(Counter(f"{v['size']} {v['colour']} {v['shape']}" for v in verdicts)))
+    # the known look must be within the base's reach, and size words must steer size (half the captions
+    # name it), so that a learned word can reach "big" too
+    for prompt in ("a green diamond", "a big green diamond", "a big red diamond", "a small red diamond"):
+        verdicts = evaluator.classify(metrics.sample(pipe, [prompt], 32, seed=7))
+        print(f"{prompt!r} x 32:", dict(Counter(f"{v['size']} {v['colour']} {v['shape']}" for v in verdicts)))
     for label, shapes in (("base", BASE_SHAPES), ("held-out", HELD_OUT_SHAPES)):
         print(f"autoencoder round trip, {label} shapes:", autoencoder_round_trip(pipe, evaluator, shapes))
 

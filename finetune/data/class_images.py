@@ -50,11 +50,31 @@ def default_cache_root() -> Path:
     return Path(root) / "class_images"
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
+
+
 def base_identity(base: str, revision: str | None, variant: str | None) -> str:
-    """The base as the cache key sees it: absolute for local paths, so two spellings of one folder agree."""
+    """The base as the cache key sees it: absolute for local paths, so two spellings of one folder agree, plus
+    a digest of the local weights, so a base retrained in place never reuses the old base's drawings."""
     path = Path(os.path.expanduser(base))
     name = str(path.resolve()) if path.exists() else base
-    return "@".join(part for part in (name, revision, variant) if part)
+    digest = weights_digest(path) if path.exists() else None
+    return "@".join(part for part in (name, revision, variant, digest) if part)
+
+
+def weights_digest(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A cheap content fingerprint of a model's weight files: their sizes and `samples` evenly spaced chunks
+    of each (a few MB read even for a 4 GB checkpoint; any retraining changes them)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    h = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(path) if file != path else file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            for i in range(samples):
+                handle.seek(max(0, size - chunk) * i // max(1, samples - 1))
+                h.update(handle.read(chunk))
+    return h.hexdigest()[:16]
 
 
 def class_folder(spec: ClassImageSpec, cache_root: str | None) -> Path:

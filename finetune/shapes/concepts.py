@@ -5,9 +5,10 @@
   then asks for the new word composed with a known one, and the concept prompt "a sks" for the word alone.
   The examples are all big because the autoencoder carries small stars less reliably (about 3 in 4 survive
   a round trip as stars, against all big ones), which would blur what the metric says about the method.
-- `known_look`: a big green diamond. The base draws big and small diamonds in green but was never told the
-  size in a caption, so it has no word for this look; a method must name what the base can already draw
-  (the case textual inversion is made for). Its five examples are all captioned "a ohwx".
+- `known_look`: a big green diamond (`world.UNNAMED_LOOK`). The base draws big and small green diamonds and
+  learned "big" and "small" from the half of its captions that name a size, but no caption ever named the size
+  of a big green diamond: it can draw this look and has no word for it. A method must name what the base can
+  already draw (the case textual inversion is made for). Its five examples are all captioned "a ohwx".
 
 Each token is a rare word made of characters the base never trained on, whose chance prior is far from its
 concept: on the shipped base, "a sks" happens to draw big green diamonds in about a third of samples, which

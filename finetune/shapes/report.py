@@ -11,6 +11,8 @@ TARGETS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
     ("dreambooth", "new_object"): {"concept_fidelity": (">=", 0.90), "prompt_fidelity": (">=", 0.80),
                                    "prior_drop": ("<=", 5.0)},
     ("textual_inversion", "known_look"): {"concept_fidelity": (">=", 0.90), "prior_drop": ("<=", 1.0)},
+    # the issue asks for >= 0.80 with a drift <= 10 on at least one kind; known_look is the one it reaches
+    ("hypernetwork", "known_look"): {"concept_fidelity": (">=", 0.80), "prior_drop": ("<=", 10.0)},
 }
 BASE_TARGET = 0.90
 

@@ -16,7 +16,7 @@ import torch
 
 from finetune.export import hypernetwork as files
 from finetune.models.base import Components, ModelFamily
-from finetune.networks.hypernetwork import (ACTIVATIONS, WEIGHT_INITS, HyperMLP, Hypernetwork, Structure, attach,
+from finetune.networks.hypernetwork import (ACTIVATIONS, HyperMLP, Hypernetwork, Structure, attach,
                                             dropout_structure, widths_of)
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies.base import CommonDefaults
@@ -70,7 +70,6 @@ class Strategy(CommonDefaults):
     artifact_name = files.FILE_NAME
 
     def __init__(self, options: Options):
-        assert options.weight_init in WEIGHT_INITS
         self.options = options
         self.network: Hypernetwork | None = None
 
