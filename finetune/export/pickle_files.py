@@ -13,14 +13,14 @@ class UnsafePickleError(ValueError):
     """A .pt that only loads by running arbitrary code."""
 
 
-def load_plain_pickle(path: str | os.PathLike, what: str) -> Any:
+def load_plain_pickle(path: str | os.PathLike, what: str, mmap: bool = False) -> Any:
     """The file's contents if they are plain data (dicts, lists, numbers, strings, tensors); refused otherwise.
 
     `torch.load(weights_only=True)` rebuilds only those types, so a pickle that would call anything else
     (the way malicious files run code) fails here instead of running.
     """
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
         raise UnsafePickleError(
             f"{path}: this {what} is a pickle that needs more than plain tensors and numbers to load (it could run "

@@ -86,15 +86,15 @@ def refuse_unsafe_pickle(path: str) -> None:
     """A .ckpt/.pt/.bin is a pickle that could run code; accept it only if it loads with weights_only=True."""
     if path.lower().endswith(".safetensors"):
         return
-    import pickle
+    from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle
 
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
+        load_plain_pickle(path, "checkpoint", mmap=True)  # mmap: a 4 GB checkpoint is not read into memory
+    except UnsafePickleError:
         raise ModelLoadError(
             f"model.base: {path} is a pickle that needs more than plain tensors to load (it could run code), "
-            f"so it was not loaded ({type(exc).__name__}). Convert it to .safetensors with a tool you trust, "
-            "or use the model's diffusers folder"
+            "so it was not loaded. Convert it to .safetensors with a tool you trust, or use the model's "
+            "diffusers folder"
         ) from None
 
 

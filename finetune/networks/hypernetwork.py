@@ -91,7 +91,7 @@ class HyperMLP(nn.Module):
                 nn.init.zeros_(self.linears()[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.linears()[0].weight.dtype
+        dtype = next(self.linear.parameters()).dtype
         # the MLP keeps its own (fp32 when trained) dtype whatever the frozen base's
         return x + (self.linear(x.to(dtype)) * self.strength).to(x.dtype)
 
