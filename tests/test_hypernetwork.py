@@ -254,3 +254,31 @@ def test_base_prediction_prior_reaches_the_hypernetwork(tiny_base, concept_dir, 
     assert all(torch.allclose(plain[k], zero[k], atol=1e-6, rtol=0) for k in plain)
     weighted = run("one", prior={**prior, "loss_weight": 1.0})
     assert any(not torch.allclose(plain[k], weighted[k], atol=1e-6) for k in plain)
+
+
+def test_a_lora_on_the_same_layers_combines_in_either_load_order():
+    from peft import LoraConfig
+
+    def lora_config():
+        # init_lora_weights=False: B is random too, so the LoRA changes the output from the start
+        return LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v"], init_lora_weights=False)
+
+    def add_lora(unet):
+        torch.manual_seed(5)  # the same LoRA weights in both orders
+        unet.add_adapter(lora_config())
+
+    outputs = []
+    for hypernetwork_first in (True, False):
+        pipe = build_tiny_pipeline(seed=0)
+        if hypernetwork_first:
+            attach(pipe.unet, _random_network(pipe.unet, seed=1), "h")
+            add_lora(pipe.unet)
+        else:
+            add_lora(pipe.unet)
+            attach(pipe.unet, _random_network(pipe.unet, seed=1), "h")
+        outputs.append(_unet_output(pipe))
+        detach(pipe.unet)
+        only_lora = _unet_output(pipe)
+        assert not torch.allclose(outputs[-1], only_lora, atol=1e-5)  # both act
+    # the wrapper finds the LoRA layer at call time, so the LoRA branch sees the rewritten input either way
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
