@@ -24,9 +24,8 @@ def register(name: str, detect: Detector, load: Loader) -> None:
 
 
 def detect_format(path: str | os.PathLike) -> str:
+    """The registered format of a .safetensors adapter file."""
     path = str(path)
-    if path.endswith(".pt"):
-        return _detect_pt(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"{path}: expected a .safetensors adapter file (or an AUTOMATIC1111 .pt embedding or "
                          "hypernetwork)")
@@ -39,22 +38,25 @@ def detect_format(path: str | os.PathLike) -> str:
     raise ValueError(f"{path}: not an adapter format finetune knows (formats: {', '.join(LOADERS)})")
 
 
-def _detect_pt(path: str) -> str:
-    # the only pickles read: AUTOMATIC1111's, and only when they hold plain data (never code)
+def _load_a1111_pt(pipe: Any, path: str, scale: float, name: str) -> str:
+    """AUTOMATIC1111's pickled embedding or hypernetwork, told apart by what the file holds; read once, and
+    only if it is plain data (never code)."""
     data = load_plain_pickle(path, "AUTOMATIC1111 .pt file")
     if isinstance(data, dict) and "string_to_param" in data:
-        return "a1111_embedding_pt"
+        token, vectors = embedding_from_a1111(data, path)
+        return _load_embeddings(pipe, [token], [vectors])
     if isinstance(data, dict) and any(isinstance(key, int) for key in data):
-        return "a1111_hypernetwork_pt"
+        return _attach_hypernetwork(pipe, hypernetwork_files.from_a1111(data, path), scale, name)
     raise ValueError(f"{path}: a .pt file that is neither an AUTOMATIC1111 embedding (string_to_param) nor "
                      "hypernetwork (per-width layers)")
 
 
 def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:
     """Load an adapter file into `pipe` at strength `scale`; returns the adapter's name in the pipeline."""
-    kind = detect_format(path)
     name = name or Path(path).stem.replace(".", "_")
-    return LOADERS[kind][1](pipe, str(path), scale, name)
+    if str(path).endswith(".pt"):
+        return _load_a1111_pt(pipe, str(path), scale, name)
+    return LOADERS[detect_format(path)][1](pipe, str(path), scale, name)
 
 
 def _is_lora(metadata: dict[str, str], keys: list[str]) -> bool:
@@ -99,14 +101,8 @@ def _load_a1111_embedding(pipe: Any, path: str, scale: float, name: str) -> str:
     return _load_embeddings(pipe, [Path(path).stem], [load_file(path)[A1111_KEY]])
 
 
-def _load_a1111_pt(pipe: Any, path: str, scale: float, name: str) -> str:
-    token, vectors = embedding_from_a1111(load_plain_pickle(path, "AUTOMATIC1111 embedding"), path)
-    return _load_embeddings(pipe, [token], [vectors])
-
-
 register("textual_inversion", _is_diffusers_embedding, _load_diffusers_embedding)
 register("a1111_embedding", lambda metadata, keys: keys == [A1111_KEY], _load_a1111_embedding)
-register("a1111_embedding_pt", lambda metadata, keys: False, _load_a1111_pt)  # chosen by suffix
 
 
 def _attach_hypernetwork(pipe: Any, network: Any, scale: float, name: str) -> str:
@@ -118,9 +114,6 @@ def _attach_hypernetwork(pipe: Any, network: Any, scale: float, name: str) -> st
 
 register("hypernetwork", hypernetwork_files.is_hypernetwork_file,
          lambda pipe, path, scale, name: _attach_hypernetwork(pipe, hypernetwork_files.read(path), scale, name))
-register("a1111_hypernetwork_pt", lambda metadata, keys: False,  # chosen by suffix and contents
-         lambda pipe, path, scale, name: _attach_hypernetwork(pipe, hypernetwork_files.read_a1111_pt(path), scale,
-                                                              name))
 
 
 def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:

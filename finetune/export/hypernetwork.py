@@ -60,14 +60,11 @@ def read(path: str | os.PathLike) -> Hypernetwork:
     from safetensors.torch import load_file
 
     metadata = read_metadata(path)
-    tensors = load_file(str(path))
-    if HEADER_KEY in metadata:
-        structure = structure_from_header(metadata[HEADER_KEY])
-    else:
+    if HEADER_KEY not in metadata:
         raise ValueError(f"{path}: a hypernetwork file needs its structure in the header key {HEADER_KEY!r}; "
                          "this one has none (was it written by finetune?)")
-    network = Hypernetwork(structure)
-    _load(network, tensors, path)
+    network = Hypernetwork(structure_from_header(metadata[HEADER_KEY]))
+    _load(network, load_file(str(path)), path)
     return network
 
 
