@@ -348,49 +348,49 @@ def test_exif_rotated_jpeg_is_upright(tmp_path):
 
 def test_transform_shape_dtype_and_range():
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (37, 50, 3), dtype=np.uint8))
-    out = transform(image, 32, "center", True, random.Random(0))
+    out = transform(image, (32, 32), "center", True, random.Random(0))
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     assert out.min() >= -1.0 and out.max() <= 1.0
     assert out.min() < -0.5 and out.max() > 0.5  # uses the range, not squashed
 
     # exact endpoints: black -> -1, white -> +1, channels first
-    assert torch.equal(transform(Image.new("RGB", (32, 32), (0, 0, 0)), 32, "center", False, random.Random(0)),
+    assert torch.equal(transform(Image.new("RGB", (32, 32), (0, 0, 0)), (32, 32), "center", False, random.Random(0)),
                        torch.full((3, 32, 32), -1.0))
-    red = transform(Image.new("RGB", (32, 32), RED), 32, "center", False, random.Random(0))
+    red = transform(Image.new("RGB", (32, 32), RED), (32, 32), "center", False, random.Random(0))
     assert torch.all(red[0] == 1.0) and torch.all(red[1] == -1.0) and torch.all(red[2] == -1.0)
 
 
 def test_center_crop_of_wide_image_takes_the_middle():
     image = Image.new("RGB", (96, 32), RED)
     image.paste(GREEN, (32, 0, 64, 32))  # green middle third
-    out = as_uint8(transform(image, 32, "center", False, random.Random(0)))
+    out = as_uint8(transform(image, (32, 32), "center", False, random.Random(0)))
     assert (out == np.array(GREEN)).all()
 
     # also through a downscale: 192x64 -> 96x32 -> middle 32 columns
     big = Image.new("RGB", (192, 64), RED)
     big.paste(GREEN, (64, 0, 128, 64))
-    out = as_uint8(transform(big, 32, "center", False, random.Random(0)))
+    out = as_uint8(transform(big, (32, 32), "center", False, random.Random(0)))
     assert (np.abs(out[:, 2:30] - np.array(GREEN)) <= 8).all()
 
 
 def test_center_crop_of_tall_image_takes_the_middle():
     image = Image.new("RGB", (32, 96), RED)
     image.paste(BLUE, (0, 32, 32, 64))
-    out = as_uint8(transform(image, 32, "center", False, random.Random(0)))
+    out = as_uint8(transform(image, (32, 32), "center", False, random.Random(0)))
     assert (out == np.array(BLUE)).all()
 
 
 def test_random_crop_stays_in_bounds_and_is_seeded():
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 80, 3), dtype=np.uint8))
-    outs = [transform(image, 32, "random", False, random.Random(seed)) for seed in range(10)]
+    outs = [transform(image, (32, 32), "random", False, random.Random(seed)) for seed in range(10)]
     assert all(o.shape == (3, 32, 32) for o in outs)
-    assert torch.equal(outs[3], transform(image, 32, "random", False, random.Random(3)))
+    assert torch.equal(outs[3], transform(image, (32, 32), "random", False, random.Random(3)))
     assert len({o.numpy().tobytes() for o in outs}) > 1
 
 
 @pytest.mark.parametrize("size", [(10, 8), (8, 20), (31, 31)])
 def test_small_image_is_upscaled_to_resolution(size):
-    out = transform(Image.new("RGB", size, BLUE), 32, "center", False, random.Random(0))
+    out = transform(Image.new("RGB", size, BLUE), (32, 32), "center", False, random.Random(0))
     assert out.shape == (3, 32, 32)
     assert (np.abs(as_uint8(out) - np.array(BLUE)) <= 1).all()
 
@@ -400,7 +400,8 @@ def test_random_flip_is_seeded():
     image.paste(BLUE, (16, 0, 32, 32))  # left red, right blue
 
     def flipped(seed: int, flip: bool = True) -> bool:
-        out = as_uint8(transform(image, 32, "center", flip, random.Random(seed)))
+        dataset = ImageCaptionDataset([Example("x", "x", lambda: image)], [(32, 32)], "center", flip, 0.0)
+        out = as_uint8(dataset[(0, seed)]["pixel_values"])
         left = tuple(out[16, 0])
         assert left in (RED, BLUE)
         return left == BLUE
@@ -507,26 +508,26 @@ def make_examples() -> list[Example]:
 
 
 def test_caption_dropout_one_empties_captions():
-    dataset = ImageCaptionDataset(make_examples(), 16, "center", True, caption_dropout=1.0)
+    dataset = ImageCaptionDataset(make_examples(), [(16, 16)] * 2, "center", True, caption_dropout=1.0)
     assert len(dataset) == 2
     assert all(dataset[(i % 2, seed)]["caption"] == "" for i, seed in enumerate(range(20)))
 
 
 def test_caption_dropout_zero_keeps_captions():
-    dataset = ImageCaptionDataset(make_examples(), 16, "center", True, caption_dropout=0.0)
+    dataset = ImageCaptionDataset(make_examples(), [(16, 16)] * 2, "center", True, caption_dropout=0.0)
     assert [dataset[(0, s)]["caption"] for s in range(10)] == ["a red square"] * 10
     assert [dataset[(1, s)]["caption"] for s in range(10)] == ["a blue square"] * 10
 
 
 def test_caption_dropout_partial_is_seeded():
-    dataset = ImageCaptionDataset(make_examples(), 16, "center", False, caption_dropout=0.5)
+    dataset = ImageCaptionDataset(make_examples(), [(16, 16)] * 2, "center", False, caption_dropout=0.5)
     captions = [dataset[(0, s)]["caption"] for s in range(40)]
     assert "" in captions and "a red square" in captions
     assert captions == [dataset[(0, s)]["caption"] for s in range(40)]
 
 
 def test_dataset_item_and_collate():
-    dataset = ImageCaptionDataset(make_examples(), 16, "center", False, caption_dropout=0.0)
+    dataset = ImageCaptionDataset(make_examples(), [(16, 16)] * 2, "center", False, caption_dropout=0.0)
     items = [dataset[(0, 1)], dataset[(1, 2)], dataset[(0, 3)]]
     assert items[0]["pixel_values"].shape == (3, 16, 16)
     assert torch.all(items[1]["pixel_values"][2] == 1.0)  # blue channel of the blue image
@@ -539,7 +540,7 @@ def test_dataset_item_and_collate():
 
 def test_make_loader_follows_batch_order():
     examples = make_examples()
-    dataset = ImageCaptionDataset(examples, 8, "center", False, caption_dropout=0.0)
+    dataset = ImageCaptionDataset(examples, [(8, 8)] * 2, "center", False, caption_dropout=0.0)
     order = BatchOrder(len(examples), 2, 2, 1, 0, seed=4)
     loader = make_loader(dataset, order, num_workers=0)
     for keys, batch in zip(take(order, 4), itertools.islice(iter(loader), 4)):

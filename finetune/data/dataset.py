@@ -17,15 +17,21 @@ from finetune.data.sources import DataError, Example
 
 
 class ImageCaptionDataset(Dataset):
-    """Items are addressed by (example index, augmentation seed) keys from `BatchOrder`."""
+    """Items are addressed by (example index, augmentation seed) keys from `BatchOrder`.
 
-    def __init__(self, examples: list[Example], resolution: int, crop: str, random_flip: bool,
-                 caption_dropout: float):
+    `sizes[i]` is example i's training (width, height): the resolution squared, or its bucket's. With
+    `latent_keys` ((index, flipped) -> latent cache key) an item names its cached latents instead of carrying
+    pixels; the random draws are the same either way (flip, then a random crop's corner, then caption dropout).
+    """
+
+    def __init__(self, examples: list[Example], sizes: list[tuple[int, int]], crop: str, random_flip: bool,
+                 caption_dropout: float, latent_keys: dict[tuple[int, bool], str] | None = None):
         self.examples = examples
-        self.resolution = resolution
+        self.sizes = sizes
         self.crop = crop
         self.random_flip = random_flip
         self.caption_dropout = caption_dropout
+        self.latent_keys = latent_keys
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -34,57 +40,79 @@ class ImageCaptionDataset(Dataset):
         index, aug_seed = key
         rng = random.Random(aug_seed)
         example = self.examples[index]
-        pixels = transform(example.load(), self.resolution, self.crop, self.random_flip, rng)
-        caption = "" if rng.random() < self.caption_dropout else example.caption
-        return {"pixel_values": pixels, "caption": caption}
+        flip = self.random_flip and rng.random() < 0.5
+        if self.latent_keys is not None:
+            item = {"latent_key": self.latent_keys[(index, flip)]}
+        else:
+            item = {"pixel_values": transform(example.load(), self.sizes[index], self.crop, flip, rng)}
+        item["caption"] = "" if rng.random() < self.caption_dropout else example.caption
+        return item
 
 
 def collate(items: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-        "captions": [item["caption"] for item in items],
-    }
+    batch = {"captions": [item["caption"] for item in items]}
+    if "latent_key" in items[0]:
+        batch["latent_keys"] = [item["latent_key"] for item in items]
+    else:
+        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+    return batch
 
 
 class BatchOrder:
     """Infinite sequence of micro-batches of dataset keys for one process, starting at `start`.
 
-    Each epoch is a seeded permutation of the examples repeated `repeats` times; every global batch
-    holds `batch_size * world_size` keys, of which process `rank` takes its slice. The last partial
-    global batch of an epoch is dropped so that all processes always step together.
+    Each epoch permutes each group's examples (all examples, or one group per bucket) repeated `repeats` times,
+    cuts every group into global batches of `batch_size * world_size` keys (a group's last partial batch is
+    dropped, so that all processes always step together and a batch never mixes buckets), and, with several
+    groups, shuffles the batches. Process `rank` takes its slice of each global batch.
     """
 
     def __init__(self, num_examples: int, repeats: int, batch_size: int, world_size: int, rank: int,
-                 seed: int, start: int = 0):
+                 seed: int, start: int = 0, groups: list[list[int]] | None = None):
         self.num_examples = num_examples
-        self.length = num_examples * repeats
+        self.repeats = repeats
         self.batch_size = batch_size
         self.world_size = world_size
         self.rank = rank
         self.seed = seed
         self.start = start
-        self.batches_per_epoch = self.length // (batch_size * world_size)
+        self.groups = groups if groups is not None else [list(range(num_examples))]
+        global_batch = batch_size * world_size
+        self.batches_per_epoch = sum(len(g) * repeats // global_batch for g in self.groups)
         if self.batches_per_epoch == 0:
+            count = sum(len(g) for g in self.groups)
             raise DataError(
-                f"{num_examples} image(s) x {repeats} repeat(s) = {self.length} samples, fewer than one batch "
-                f"across processes (train.batch_size {batch_size} x {world_size} process(es)); "
-                "add images, raise data.repeats, or lower train.batch_size"
+                f"{count} image(s) x {repeats} repeat(s) = {count * repeats} samples, fewer than one batch "
+                f"across processes (train.batch_size {batch_size} x {world_size} process(es))"
+                + (" in any bucket" if len(self.groups) > 1 else "")
+                + "; add images, raise data.repeats, or lower train.batch_size"
             )
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         micro = self.start
         while True:
             epoch, position = divmod(micro, self.batches_per_epoch)
-            order = self._permutation(epoch)
-            for batch in range(position, self.batches_per_epoch):
-                first = (batch * self.world_size + self.rank) * self.batch_size
-                yield [(order[i] % self.num_examples, self._aug_seed(epoch, order[i]))
-                       for i in range(first, first + self.batch_size)]
+            batches = self._epoch(epoch)
+            for batch in batches[position:]:
+                first = self.rank * self.batch_size
+                yield [(v % self.num_examples, self._aug_seed(epoch, v))
+                       for v in batch[first:first + self.batch_size]]
             micro = (epoch + 1) * self.batches_per_epoch
 
-    def _permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.length, generator=generator).tolist()
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches, as virtual indices (example + num_examples x repeat)."""
+        global_batch = self.batch_size * self.world_size
+        batches = []
+        for number, group in enumerate(self.groups):
+            generator = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + number)
+            length = len(group) * self.repeats
+            order = torch.randperm(length, generator=generator).tolist()
+            virtual = [group[i % len(group)] + self.num_examples * (i // len(group)) for i in order]
+            batches += [virtual[b:b + global_batch] for b in range(0, length - global_batch + 1, global_batch)]
+        if len(self.groups) > 1:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
 
     def _aug_seed(self, epoch: int, virtual_index: int) -> int:
         return (self.seed * 1_000_003 + epoch) * 10_000_019 + virtual_index

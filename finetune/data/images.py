@@ -30,20 +30,27 @@ def open_image(path: str) -> Image.Image:
         return to_rgb(image)
 
 
-def transform(image: Image.Image, resolution: int, crop: str, flip: bool, rng: random.Random) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, crop a square, maybe flip; returns CHW float in [-1, 1]."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The smallest size with the image's aspect ratio that covers `target` (width, height)."""
+    scale = max(target[0] / width, target[1] / height)
+    return max(target[0], round(width * scale)), max(target[1], round(height * scale))
+
+
+def transform(image: Image.Image, target: tuple[int, int], crop: str, flip: bool,
+              rng: random.Random | None = None) -> torch.Tensor:
+    """Resize to cover `target` (width, height), crop it (centred, or where `rng` says), maybe mirror;
+    returns CHW float in [-1, 1]."""
+    size = cover_size(*image.size, target)
     if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+        upscale = size[0] > image.size[0]
+        image = image.resize(size, Image.Resampling.BICUBIC if upscale else Image.Resampling.LANCZOS)
     width, height = image.size
     if crop == "random":
-        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+        left, top = rng.randint(0, width - target[0]), rng.randint(0, height - target[1])
     else:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
+        left, top = (width - target[0]) // 2, (height - target[1]) // 2
+    image = image.crop((left, top, left + target[0], top + target[1]))
+    if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -29,6 +29,7 @@ class Example:
     name: str  # file path or "dataset[row]", for messages
     caption: str
     load: Callable[[], Image.Image]  # returns upright RGB
+    size: tuple[int, int] | None = None  # (width, height), known once the image has been read
 
 
 def list_examples(images: str | None, dataset: str | None, *, prompt: str | None, caption_extension: str,
@@ -134,7 +135,7 @@ def _check_readable(examples: list[Example], on_bad_image: str) -> list[Example]
     good, bad = [], []
     for example in examples:
         try:
-            example.load()
+            example.size = example.load().size
             good.append(example)
         except Exception as exc:  # PIL raises many types for broken files
             bad.append(f"{example.name} ({type(exc).__name__}: {exc})")

@@ -46,9 +46,21 @@ class StableDiffusion:
         return [("text_encoder", parts.tokenizer, _unwrapped(parts.text_encoder))]
 
     def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.latents_from_moments(parts, *self.encode_image_moments(parts, pixels), generator)
+
+    def encode_image_moments(self, parts: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution (mean, std) for the images: what a latent cache keeps."""
         vae = parts.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
-        return latents.float() * vae.config.scaling_factor
+        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return distribution.mean, distribution.std
+
+    def latents_from_moments(self, parts: Components, mean: torch.Tensor, std: torch.Tensor,
+                             generator: torch.Generator) -> torch.Tensor:
+        """One latent sample, scaled for the denoiser; the same draw diffusers' `latent_dist.sample` makes."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise).float() * parts.vae.config.scaling_factor
 
     def tokenize(self, parts: Components, captions: list[str]) -> torch.Tensor:
         tokenizer = parts.tokenizer

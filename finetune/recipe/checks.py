@@ -28,6 +28,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_data(recipe)
     problems += _check_train(recipe)
     problems += _check_prior(recipe)
+    problems += _check_cache(recipe)
     problems += _check_outputs(recipe)
     validate = getattr(recipe.strategy, "validate", None)
     if validate is not None:
@@ -88,8 +89,45 @@ def _check_data(recipe: Recipe) -> list[str]:
         problems.append(f"data.caption_dropout: a probability between 0 and 1, got {d.caption_dropout}")
     if d.num_workers < 0:
         problems.append(f"data.num_workers: must be 0 or more, got {d.num_workers}")
+    if d.bucketing or d.buckets:
+        problems += _check_buckets(d.buckets, d.bucket_step, d.bucket_min_side, d.bucket_max_side, d.bucket_max_crop)
     if not d.caption_extension.startswith("."):
         problems.append(f"data.caption_extension: should start with a dot, e.g. '.txt' (got {d.caption_extension!r})")
+    return problems
+
+
+def _check_buckets(buckets: list[list[int]], step: int, min_side: int, max_side: int, max_crop: float) -> list[str]:
+    problems = []
+    for bucket in buckets:
+        if len(bucket) != 2 or any(side < 8 or side % 8 for side in bucket):
+            problems.append(f"data.buckets: {bucket} should be [width, height], each a positive multiple of 8")
+    if not buckets:
+        if step < 8 or step % 8:
+            problems.append(f"data.bucket_step: must be a positive multiple of 8 (64 is usual), got {step}")
+        if not 8 <= min_side <= max_side:
+            problems.append(f"data.bucket_min_side/bucket_max_side: need 8 <= min <= max, got {min_side}, {max_side}")
+    if not 0.0 <= max_crop < 1.0:
+        problems.append(f"data.bucket_max_crop: a share of the image in [0, 1), got {max_crop}")
+    return problems
+
+
+def _check_cache(recipe: Recipe) -> list[str]:
+    """Cache settings that would train on something other than what the recipe says are refused here; "auto"
+    turns such a cache off with a message instead (finetune/training/caches.py)."""
+    from finetune.training.caches import latent_cache_conflict
+
+    problems = []
+    c = recipe.cache
+    conflict = latent_cache_conflict(recipe.data.crop)
+    if c.latents in ("memory", "disk") and conflict:
+        problems.append(f"cache.latents: {c.latents} cannot be right: {conflict}. "
+                        "Set cache.latents: auto or off, or data.crop: center")
+    change = recipe.strategy.changes_text_encoding() if recipe.strategy.kind else None
+    if c.text == "on" and change:
+        problems.append(f"cache.text: on cannot be right: {change}, so a caption's encoding changes as it "
+                        "trains. Set cache.text: auto or off")
+    if c.dir is not None and Path(os.path.expanduser(c.dir)).is_file():
+        problems.append(f"cache.dir: {c.dir} is a file; choose a folder")
     return problems
 
 

@@ -50,6 +50,13 @@ class DataOptions:
     caption_dropout: float = 0.0  # probability of an empty caption, for classifier-free guidance
     on_bad_image: Literal["error", "skip"] = "error"
     num_workers: int = 0
+    # aspect-ratio bucketing (finetune/data/buckets.py): each image at the bucket size nearest its shape
+    bucketing: bool = False
+    buckets: list[list[int]] = field(default_factory=list)  # [[width, height], ...]; empty: derived as below
+    bucket_step: int = 64  # derived buckets: sides in these steps, area at most resolution squared
+    bucket_min_side: int = 256
+    bucket_max_side: int = 1024
+    bucket_max_crop: float = 0.5  # skip an image a crop would cut by more than this share of its area
 
 
 @dataclass
@@ -68,7 +75,9 @@ class TrainOptions:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # 0 turns clipping off
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    compile: bool = False  # torch.compile the denoiser (first steps slower while it compiles)
+    channels_last: bool = False  # denoiser weights and inputs in NHWC, faster convolutions on many GPUs
     min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023); None: plain MSE
     noise_offset: float = 0.0
 
@@ -124,12 +133,34 @@ class PriorOptions:
 
 
 @dataclass
+class CacheOptions:
+    """Work done once instead of every step (see finetune/data/caches.py).
+
+    latents: the VAE's latent distribution (mean and std) of every training and class image, per size and flip;
+    each step still draws its own latent sample from it, so a cached run trains exactly as an uncached one.
+    "auto": in memory, or on disk when they would take more than 2 GB; off, with a message, where they cannot be
+    right (random crops). text: the text encoder's output for every caption, when nothing trains it.
+    Once both are built, the VAE and the text encoder leave the accelerator (`offload`).
+    """
+
+    latents: Literal["auto", "memory", "disk", "off"] = "auto"
+    text: Literal["auto", "on", "off"] = "auto"
+    dir: Optional[str] = None  # disk latents; None: ~/.cache/finetune/latents (or $FINETUNE_CACHE)
+    offload: bool = True
+
+
+@dataclass
 class StrategyOptions:
     """Common to every strategy; each strategy subclasses it with its own fields."""
 
     kind: str = required()
     # None: train.learning_rate
     learning_rate: Optional[float] = None
+
+    def changes_text_encoding(self) -> Optional[str]:
+        """Why the text encoder's output for a caption changes during training (so it cannot be cached), or
+        None. A strategy that trains the text encoder or rewrites captions overrides this."""
+        return None
 
 
 @dataclass
@@ -140,6 +171,7 @@ class Recipe:
     output_dir: str = required()
     train: TrainOptions = field(default_factory=TrainOptions)
     prior: PriorOptions = field(default_factory=PriorOptions)
+    cache: CacheOptions = field(default_factory=CacheOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     sample: SampleOptions = field(default_factory=SampleOptions)
     log: LogOptions = field(default_factory=LogOptions)

@@ -36,6 +36,9 @@ class Options(StrategyOptions):
     text_encoder_steps: Optional[int] = None
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the saved pipeline's weights
 
+    def changes_text_encoding(self) -> Optional[str]:
+        return "strategy.text_encoder is true, so the text encoder trains" if self.text_encoder else None
+
     def validate(self, recipe: Any) -> list[str]:
         problems = []
         if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate <= 0:

@@ -27,6 +27,9 @@ class Options(StrategyOptions):
     text_encoder_learning_rate: Optional[float] = None  # None: the U-Net's learning rate
     text_encoder_target_modules: list[str] = field(default_factory=list)
 
+    def changes_text_encoding(self) -> Optional[str]:
+        return "strategy.text_encoder is true, so the text encoder trains" if self.text_encoder else None
+
     def validate(self, recipe: Any) -> list[str]:
         problems = []
         if self.rank < 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -40,6 +40,9 @@ class Options(StrategyOptions):
     # object / style: templates such as "a photo of a {}" around the first placeholder
     prompts: Literal["captions", "object", "style"] = "captions"
     a1111_pt: bool = False  # also write AUTOMATIC1111's pickled .pt (its .safetensors is always written)
+
+    def changes_text_encoding(self) -> Optional[str]:
+        return "textual inversion trains the new words' embeddings inside the text encoder"
 
     def validate(self, recipe: Any) -> list[str]:
         problems = []

@@ -11,17 +11,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from finetune.data import BatchOrder, ImageCaptionDataset, list_examples, make_loader
+from finetune.data.buckets import format_report, training_sizes, write_report
+from finetune.data.latent_cache import estimated_bytes
 from finetune.export.safetensors_io import training_metadata
 from finetune.models import Components, ModelFamily, family_for
 from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, prior, trackers
+from finetune.training.caches import BatchEncoder, make_encoder, plan_caches
+from finetune.training.offload import offload, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.sampling import sample_grid, save_png
 from finetune.training.step import LossSettings, micro_step_loss
@@ -41,8 +46,9 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 1_009 + micro) * 10_007 + rank
 
 
-def train(recipe: Recipe, resume: str | None = None) -> Path:
-    """Run the recipe; return the path of the final artifact."""
+def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None) -> Path:
+    """Run the recipe; return the path of the final artifact. `on_step(step)` is called after every optimizer
+    step (benchmarks time the loop with it)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -54,7 +60,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         log_with=recipe.log.to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
     try:
-        return _train(accelerator, recipe, output_dir, resume)
+        return _train(accelerator, recipe, output_dir, resume, on_step)
     finally:
         accelerator.end_training()
         # without this a multi-process CPU run aborts at interpreter exit
@@ -67,7 +73,8 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) -> Path:
+def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
+           on_step: Callable[[int], None] | None) -> Path:
     t, d = recipe.train, recipe.data
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
@@ -77,8 +84,16 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
     examples = list_examples(d.images, d.dataset, prompt=d.prompt, caption_extension=d.caption_extension,
                              split=d.split, image_column=d.image_column, caption_column=d.caption_column,
                              on_bad_image=d.on_bad_image)
+    sizes, groups, bucket_report = training_sizes(
+        [e.name for e in examples], [e.size for e in examples], d.resolution, d.bucketing or bool(d.buckets),
+        d.buckets, d.bucket_step, d.bucket_min_side, d.bucket_max_side, d.bucket_max_crop,
+        t.batch_size * accelerator.num_processes, d.repeats)
+    if bucket_report is not None:
+        accelerator.print(format_report(bucket_report))
+        if accelerator.is_main_process:
+            write_report(bucket_report, output_dir / "buckets.json")
     order = BatchOrder(len(examples), d.repeats, t.batch_size, accelerator.num_processes,
-                       accelerator.process_index, t.seed)
+                       accelerator.process_index, t.seed, groups=groups)
     resume_from = checkpoint.find_checkpoint(output_dir, resume) if resume else None
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(resume_from)
@@ -92,18 +107,32 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
         module.to(accelerator.device)
     strategy = create_strategy(recipe.strategy)
     strategy.check(family, parts)  # options that cannot fit this model fail before any long work
+    class_count = recipe.prior.num_class_images if recipe.prior.mode == "class_images" else 0
+    plan = plan_caches(recipe.cache.latents, recipe.cache.text, d.crop, recipe.strategy.changes_text_encoding(),
+                       estimated_bytes(len(examples) + class_count, 2 if d.random_flip else 1, d.resolution))
+    for note in plan.notes:
+        accelerator.print(note)
+    encoder = make_encoder(family, parts, plan, accelerator.device, recipe.cache.dir,
+                           show_progress=accelerator.is_local_main_process)
     class_batches = None
     if recipe.prior.mode == "class_images":
         # drawn by the base as it is now, before the strategy changes anything
         class_batches = prior.class_image_stream(
             accelerator, family, parts, recipe.prior, recipe.model, d.resolution, t.batch_size, t.seed,
-            start=first_step * t.gradient_accumulation_steps,
-            num_workers=d.num_workers)
+            start=first_step * t.gradient_accumulation_steps, num_workers=d.num_workers, encoder=encoder)
+    latent_keys = encoder.cache_latents(examples, sizes, d.random_flip, "training images")
+    encoder.cache_text([e.caption for e in examples] + [""] * (d.caption_dropout > 0)
+                       + list(recipe.prior.class_prompt))
+    offloaded = _offload_idle(encoder, parts, accelerator.device) if recipe.cache.offload else []
     torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
     trained = [name for name in ("unet", "text_encoder") if _requires_grad(getattr(parts, name))]
     if t.gradient_checkpointing:
         _enable_gradient_checkpointing(parts, trained)
+    if t.channels_last:
+        parts.unet.to(memory_format=torch.channels_last)
+    if t.compile:
+        parts.unet.compile()  # in place: parameter names, and so saved files, stay as they are
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     params = [p for group in groups for p in group["params"]]
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
@@ -125,8 +154,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
         strategy.on_step_end(step)  # a strategy whose setup changes with the step catches up
         accelerator.print(f"resumed from {resume_from} at step {step}")
     order.start = step * t.gradient_accumulation_steps
-    loader = make_loader(ImageCaptionDataset(examples, d.resolution, d.crop, d.random_flip, d.caption_dropout),
-                         order, d.num_workers)
+    loader = make_loader(ImageCaptionDataset(examples, sizes, d.crop, d.random_flip, d.caption_dropout,
+                                             latent_keys), order, d.num_workers)
     if accelerator.is_main_process:
         trackers.start(accelerator, recipe.log.project, recipe.log.run_name, recipe_to_dict(recipe),
                        str(output_dir / "logs"))
@@ -150,7 +179,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
             torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
             with accelerator.accumulate(*[getattr(parts, name) for name in trained]):
                 loss = micro_step_loss(family, parts, strategy, batch, class_batch,
-                                       torch.Generator().manual_seed(seed), settings)
+                                       torch.Generator().manual_seed(seed), settings, encoder)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -161,6 +190,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
         strategy.on_step_end(step + 1)
         step += 1
         mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if on_step is not None:
+            on_step(step)
         progress.update(1)
         progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         if step % recipe.log.every == 0:
@@ -177,7 +208,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None) ->
         if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
             _save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}", step)
         if recipe.sample.every and step % recipe.sample.every == 0:
-            _sample(accelerator, family, parts, recipe, output_dir, step)
+            with on_device(offloaded, accelerator.device):
+                _sample(accelerator, family, parts, recipe, output_dir, step)
     progress.close()
 
     artifact = _save_artifact(accelerator, strategy, recipe, output_dir, step)
@@ -193,6 +225,16 @@ def _save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step
         artifact = strategy.save(output_dir, metadata)
     accelerator.wait_for_everyone()
     return artifact
+
+
+def _offload_idle(encoder: BatchEncoder, parts: Components, device: torch.device) -> list[torch.nn.Module]:
+    """Once the caches hold everything, the VAE (latent cache) and text encoder (text cache) leave the
+    accelerator; they come back only for sample grids."""
+    idle = [m for m, cached in ((parts.vae, encoder.latent_store is not None), (parts.text_encoder,
+            encoder.text is not None)) if cached]
+    for module in idle:
+        offload(module, device)
+    return idle
 
 
 def _requires_grad(module: torch.nn.Module) -> bool:

@@ -8,11 +8,12 @@ from finetune.data.class_images import (ClassImageSpec, base_identity, class_exa
                                         ensure_class_images)
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import ModelOptions, PriorOptions
+from finetune.training.caches import BatchEncoder
 
 
 def class_image_stream(accelerator, family: ModelFamily, parts: Components, prior: PriorOptions,
                        model: ModelOptions, resolution: int, batch_size: int, seed: int, start: int,
-                       num_workers: int) -> Any:
+                       num_workers: int, encoder: BatchEncoder) -> Any:
     """Draw (once, on the main process) and stream the class images; call before the strategy changes the base."""
     spec = ClassImageSpec(
         base_model=base_identity(model.base, model.revision, model.variant), prompts=tuple(prior.class_prompt),
@@ -28,5 +29,8 @@ def class_image_stream(accelerator, family: ModelFamily, parts: Components, prio
     # its own seed, so the instance stream is the same with or without prior preservation
     order = BatchOrder(len(examples), 1, batch_size, accelerator.num_processes, accelerator.process_index,
                        seed + 7_919, start=start)
-    dataset = ImageCaptionDataset(examples, resolution, "center", random_flip=False, caption_dropout=0.0)
+    sizes = [(resolution, resolution)] * len(examples)
+    latent_keys = encoder.cache_latents(examples, sizes, False, "class images")
+    dataset = ImageCaptionDataset(examples, sizes, "center", random_flip=False, caption_dropout=0.0,
+                                  latent_keys=latent_keys)
     return iter(make_loader(dataset, order, num_workers))

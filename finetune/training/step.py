@@ -13,6 +13,7 @@ import torch
 
 from finetune.models.base import Components, ModelFamily
 from finetune.training import diffusion
+from finetune.training.caches import BatchEncoder
 
 
 @dataclass(frozen=True)
@@ -39,22 +40,16 @@ def _noise(scheduler, latents: torch.Tensor, generator: torch.Generator, noise_o
     return Noised(latents, noise, timesteps, scheduler.add_noise(latents, noise, timesteps))
 
 
-def _encode(family: ModelFamily, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    with torch.no_grad():
-        return family.encode_images(parts, pixels, generator)
-
-
 def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dict[str, Any],
                     class_batch: dict[str, Any] | None, generator: torch.Generator,
-                    settings: LossSettings) -> torch.Tensor:
+                    settings: LossSettings, encoder: BatchEncoder) -> torch.Tensor:
     scheduler = parts.noise_scheduler
-    instance = _noise(scheduler, _encode(family, parts, batch["pixel_values"], generator), generator,
-                      settings.noise_offset)
+    instance = _noise(scheduler, encoder.latents(parts, batch, generator), generator, settings.noise_offset)
     captions = strategy.prompts(list(batch["captions"]), generator)
     halves = [instance]
     frozen_target = None
     if settings.prior_mode == "class_images":
-        latents = _encode(family, parts, class_batch["pixel_values"], generator)
+        latents = encoder.latents(parts, class_batch, generator)
         halves.append(_noise(scheduler, latents, generator, settings.noise_offset))
         captions += list(class_batch["captions"])
     elif settings.prior_mode == "base_prediction":
@@ -64,13 +59,13 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
         picks = torch.randint(len(settings.class_prompts), (len(captions),), generator=generator).tolist()
         class_captions = [settings.class_prompts[i] for i in picks]
         with torch.no_grad(), strategy.frozen_base(parts) as base:
-            frozen_target = family.predict(base, cls.noisy, cls.timesteps,
-                                           family.encode_prompts(base, class_captions)).float()
+            conditioning = encoder.conditioning(base, class_captions, text_encoder_trains=False)
+            frozen_target = family.predict(base, cls.noisy, cls.timesteps, conditioning).float()
         halves.append(cls)
         captions += class_captions
 
     with torch.set_grad_enabled(settings.text_encoder_trains):
-        conditioning = family.encode_prompts(parts, captions)
+        conditioning = encoder.conditioning(parts, captions, settings.text_encoder_trains)
     noisy = torch.cat([h.noisy for h in halves])
     timesteps = torch.cat([h.timesteps for h in halves])
     prediction = family.predict(parts, noisy, timesteps, conditioning)

@@ -1,0 +1,206 @@
+"""Step time and peak memory of a training recipe against the floor, measured in one run.
+
+The floor is the bare loop a hand-written script cannot beat: the U-Net's forward and backward and AdamW on
+inputs computed beforehand, with the same trainable weights (LoRA of the recipe's rank on the same layers, or the
+whole U-Net for DreamBooth), precision, batch and resolution. "Ours" is `finetune train` on the recipe as a user
+runs it, with its defaults (caches, SDPA, offloading). Each runs in its own process, so each peak is its own.
+
+    python benchmarks/step_time.py --model sd15 --steps 5 --json step_time.json
+    python benchmarks/step_time.py --model tiny --recipe my_recipe.yaml
+
+Peak memory is the process's peak RSS on a CPU and torch's peak allocated memory on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_RECIPE = {"strategy": {"kind": "lora", "rank": 4}, "train": {"learning_rate": 1e-4}}
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny or sd15 (the SD1.5 architecture, random weights)")
+    parser.add_argument("--recipe", help="a recipe to time (its model and data are replaced); default LoRA rank 4")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (1)")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15, 32 for tiny")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--child", choices=("floor", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-recipe", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def _peak_gb(device) -> float:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def _floor(recipe) -> tuple[list[float], float]:
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from finetune.training.loop import DTYPES, weight_dtype
+
+    t, d = recipe.train, recipe.data
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = recipe.model.base
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
+                                                dtype=weight_dtype(recipe.model.dtype, t.mixed_precision))
+    unet.requires_grad_(False)
+    if recipe.strategy.kind == "lora":
+        from peft import LoraConfig
+
+        o = recipe.strategy
+        unet.add_adapter(LoraConfig(r=o.rank, lora_alpha=o.alpha or o.rank, init_lora_weights="gaussian",
+                                    target_modules=list(o.target_modules or ("to_q", "to_k", "to_v", "to_out.0"))))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+    elif recipe.strategy.kind == "dreambooth":
+        unet.float().requires_grad_(True)
+        params = list(unet.parameters())
+    else:
+        raise SystemExit(f"no floor defined for strategy {recipe.strategy.kind!r} (lora and dreambooth have one)")
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.to(device).train()
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    text = json.loads((Path(base) / "text_encoder" / "config.json").read_text())
+    vae = json.loads((Path(base) / "vae" / "config.json").read_text())
+    side = d.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(t.batch_size, unet.config.in_channels, side, side, generator=generator).to(device)
+    states = torch.randn(t.batch_size, text["max_position_embeddings"], unet.config.cross_attention_dim,
+                         generator=generator).to(device)
+    autocast = torch.autocast(device.type, dtype=DTYPES.get(t.mixed_precision, torch.float32),
+                              enabled=t.mixed_precision != "no")
+    times = []
+    for _ in range(t.max_steps):
+        start = time.perf_counter()
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        steps = torch.randint(0, scheduler.config.num_train_timesteps, (t.batch_size,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, steps).to(device)
+        with autocast:
+            prediction = unet(noisy.to(unet.dtype), steps.to(device), states.to(unet.dtype)).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # waits for the device, as the toolkit's loop does when it logs the loss
+        times.append(time.perf_counter() - start)
+    return times, _peak_gb(device)
+
+
+def _ours(recipe) -> tuple[list[float], float]:
+    import torch
+
+    from finetune.training.loop import train
+
+    stamps = [time.perf_counter()]
+    train(recipe, on_step=lambda step: stamps.append(time.perf_counter()))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [b - a for a, b in zip(stamps, stamps[1:])], _peak_gb(device)
+
+
+def _child(kind: str, recipe_path: str) -> None:
+    from finetune.recipe.load import load_recipe
+
+    recipe = load_recipe(recipe_path, [])
+    times, peak = (_floor if kind == "floor" else _ours)(recipe)
+    print("RESULT " + json.dumps({"times": times, "peak_gb": peak}), flush=True)
+
+
+def _run_child(kind: str, recipe_path: Path) -> dict:
+    command = [sys.executable, __file__, "--child", kind, "--child-recipe", str(recipe_path)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"the {kind} run failed (exit {done.returncode}); its output is above")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _recipe(args, work: Path) -> Path:
+    import yaml
+
+    from benchmarks.models import DEFAULT_RESOLUTION, data_folder, model_folder
+
+    data = yaml.safe_load(Path(args.recipe).read_text()) if args.recipe else json.loads(json.dumps(DEFAULT_RECIPE))
+    resolution = args.resolution or DEFAULT_RESOLUTION[args.model]
+    data["model"] = {**data.get("model", {}), "base": str(model_folder(args.model))}
+    data["data"] = {**data.get("data", {}), "images": str(data_folder(resolution)), "resolution": resolution}
+    data["data"].pop("dataset", None)
+    data["train"] = {**data.get("train", {}), "max_steps": args.warmup + args.steps}
+    if args.batch_size:
+        data["train"]["batch_size"] = args.batch_size
+    data["output_dir"] = str(work / "out")
+    data["checkpoint"] = {"every": 0}
+    data["sample"] = {"every": 0}
+    data["log"] = {"to": []}
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def main() -> None:
+    args = _arguments()
+    if args.child:
+        _child(args.child, args.child_recipe)
+        return
+    if args.steps < 1 or args.warmup < 1:
+        raise SystemExit("--steps and --warmup must be at least 1 (the first step is never timed)")
+    with tempfile.TemporaryDirectory(prefix="finetune-bench-") as work:
+        recipe_path = _recipe(args, Path(work))
+        from finetune.recipe.load import load_recipe
+
+        recipe = load_recipe(str(recipe_path), [])
+        runs = {kind: _run_child(kind, recipe_path) for kind in ("floor", "ours")}
+    import torch
+
+    batch = recipe.train.batch_size
+    figures = {"model": args.model, "strategy": recipe.strategy.kind, "resolution": recipe.data.resolution,
+               "batch_size": batch, "mixed_precision": recipe.train.mixed_precision, "steps": args.steps,
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    for kind, run in runs.items():
+        timed = run["times"][-args.steps:]
+        figures[f"{kind}_s_per_step"] = statistics.median(timed)
+        figures[f"{kind}_samples_per_s"] = batch / figures[f"{kind}_s_per_step"]
+        figures[f"{kind}_peak_gb"] = run["peak_gb"]
+        figures[f"{kind}_step_times"] = timed
+    figures["ratio"] = figures["ours_s_per_step"] / figures["floor_s_per_step"]
+    figures["memory_ratio"] = figures["ours_peak_gb"] / figures["floor_peak_gb"]
+    print(f"\n{args.model}, {figures['strategy']}, {figures['resolution']} px, batch {batch}, "
+          f"{figures['mixed_precision']}, {figures['device']}, median of {args.steps} steps")
+    print(f"{'':10} {'s/step':>9} {'samples/s':>10} {'peak GB':>9}")
+    for kind, label in (("floor", "floor"), ("ours", "finetune")):
+        print(f"{label:10} {figures[f'{kind}_s_per_step']:9.3f} {figures[f'{kind}_samples_per_s']:10.3f} "
+              f"{figures[f'{kind}_peak_gb']:9.2f}")
+    print(f"{'ratio':10} {figures['ratio']:9.3f} {'':10} {figures['memory_ratio']:9.3f}")
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(figures, indent=2))
+        tmp.replace(path)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

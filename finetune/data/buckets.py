@@ -1,0 +1,105 @@
+"""Aspect-ratio bucketing: each image trains at the bucket size closest to its own shape, so a portrait is
+not cut to a square; every batch comes from one bucket, so its images stack.
+
+Buckets are given (`data.buckets`) or derived: every width from `bucket_min_side` to `bucket_max_side` in
+steps of `bucket_step`, with the tallest height in the same steps that keeps width x height within
+`data.resolution` squared. An image goes to the bucket whose aspect ratio is nearest its own (in log scale) and
+is resized to cover it and center-cropped. Skipped, with the reason in the report: an image a crop would cut by
+more than `bucket_max_crop` of its area, and the images of a bucket holding fewer than one batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Size = tuple[int, int]  # (width, height)
+
+
+def derive_buckets(max_area: int, step: int, min_side: int, max_side: int) -> list[Size]:
+    buckets = set()
+    for width in range(min_side, max_side + 1, step):
+        height = min(max_side, (max_area // width) // step * step)
+        if height >= min_side:
+            buckets.add((width, height))
+            buckets.add((height, width))
+    return sorted(buckets)
+
+
+def crop_share(image: Size, bucket: Size) -> float:
+    """Share of the image's area a cover-resize then crop to `bucket` cuts away."""
+    image_ratio, bucket_ratio = image[0] / image[1], bucket[0] / bucket[1]
+    return 1.0 - min(image_ratio, bucket_ratio) / max(image_ratio, bucket_ratio)
+
+
+def nearest_bucket(image: Size, buckets: list[Size]) -> Size:
+    ratio = math.log(image[0] / image[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+@dataclass
+class BucketPlan:
+    sizes: dict[int, Size] = field(default_factory=dict)  # example index -> training size
+    groups: dict[Size, list[int]] = field(default_factory=dict)  # bucket -> example indices that train
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, why)
+
+    def report(self, global_batch: int, repeats: int) -> dict:
+        return {
+            "buckets": [{"width": w, "height": h, "images": len(indices),
+                         "batches_per_epoch": len(indices) * repeats // global_batch}
+                        for (w, h), indices in sorted(self.groups.items())],
+            "skipped": [{"image": name, "reason": why} for name, why in self.skipped],
+        }
+
+
+def plan_buckets(names: list[str], image_sizes: list[Size], buckets: list[Size], max_crop: float,
+                 global_batch: int, repeats: int) -> BucketPlan:
+    plan = BucketPlan()
+    for index, (name, size) in enumerate(zip(names, image_sizes)):
+        bucket = nearest_bucket(size, buckets)
+        cut = crop_share(size, bucket)
+        if cut > max_crop:
+            plan.skipped.append((name, f"{size[0]}x{size[1]}: the nearest bucket {bucket[0]}x{bucket[1]} would "
+                                       f"crop away {cut:.0%} of it (data.bucket_max_crop {max_crop:.0%})"))
+            continue
+        plan.groups.setdefault(bucket, []).append(index)
+    for bucket, indices in list(plan.groups.items()):
+        if len(indices) * repeats < global_batch:
+            for index in indices:
+                plan.skipped.append((names[index], f"bucket {bucket[0]}x{bucket[1]} holds {len(indices)} image(s) "
+                                                   f"x {repeats} repeat(s), fewer than one batch ({global_batch})"))
+            del plan.groups[bucket]
+    plan.sizes = {i: bucket for bucket, indices in plan.groups.items() for i in indices}
+    return plan
+
+
+def format_report(report: dict) -> str:
+    lines = ["bucket       images  batches/epoch"]
+    lines += [f"{b['width']:>4}x{b['height']:<6} {b['images']:>7}  {b['batches_per_epoch']:>13}"
+              for b in report["buckets"]]
+    if report["skipped"]:
+        lines.append(f"skipped {len(report['skipped'])} image(s):")
+        lines += [f"  {s['image']}: {s['reason']}" for s in report["skipped"]]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+
+
+def training_sizes(names: list[str], image_sizes: list[Size], resolution: int, bucketing: bool,
+                   buckets: list[list[int]], step: int, min_side: int, max_side: int, max_crop: float,
+                   global_batch: int, repeats: int) -> tuple[list[Size], list[list[int]] | None, dict | None]:
+    """Each example's training size, the batch groups (None: one group of all) and the bucket report."""
+    square = [(resolution, resolution)] * len(names)
+    if not bucketing:
+        return square, None, None
+    sizes = [tuple(b) for b in buckets] or derive_buckets(resolution * resolution, step, min_side, max_side)
+    plan = plan_buckets(names, image_sizes, sizes, max_crop, global_batch, repeats)
+    trained = [plan.sizes.get(i, square[i]) for i in range(len(names))]  # skipped ones are never drawn
+    return trained, list(plan.groups.values()), plan.report(global_batch, repeats)

@@ -1,0 +1,114 @@
+"""Latent cache: the VAE's latent distribution of each training image, computed once instead of every step.
+
+An entry is keyed by a digest of the exact pixels the VAE would see (so by the image's content, size, crop and
+flip) and of the VAE's weights and dtype; an image edited, a recipe resized, or another VAE never reuses an entry.
+Entries hold the distribution (mean and std), not one sample of it: each step still draws its own latent from
+the step's generator, exactly as an uncached step does, so caching changes speed and nothing else.
+
+`memory` keeps entries in RAM; `disk` keeps one small safetensors file per entry (written to a temporary name
+and renamed), shared by later runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from finetune.data.images import transform
+from finetune.data.sources import Example
+
+# below this the dataset's entries stay in memory under cache.latents: auto
+AUTO_MEMORY_LIMIT_BYTES = 2 * 1024**3
+
+
+def default_latent_dir() -> Path:
+    root = os.environ.get("FINETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
+    return Path(root) / "latents"
+
+
+def estimated_bytes(num_images: int, variants: int, resolution: int, latent_channels: int = 4,
+                    downsample: int = 8) -> int:
+    """Size of the entries (mean and std in fp32) for `num_images` x `variants` square images."""
+    side = resolution // downsample
+    return num_images * variants * 2 * latent_channels * side * side * 4
+
+
+def vae_identity(vae: torch.nn.Module) -> str:
+    """A digest of every weight and the dtype: two VAEs share cache entries only if they encode alike."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+class LatentStore:
+    """key -> (mean, std). `folder` None keeps entries in memory."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries if self.folder is None else self._path(key).is_file()
+
+    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        mean, std = mean.detach().cpu().contiguous(), std.detach().cpu().contiguous()
+        if self.folder is None:
+            self.entries[key] = (mean, std)
+            return
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"mean": mean, "std": std}, str(tmp))
+        tmp.replace(path)  # a present entry is always whole
+
+    def get(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entries for a batch, stacked."""
+        if self.folder is None:
+            pairs = [self.entries[key] for key in keys]
+        else:
+            pairs = [(tensors["mean"], tensors["std"]) for tensors in (load_file(str(self._path(k))) for k in keys)]
+        return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+def pixel_key(pixels: torch.Tensor, vae_id: str) -> str:
+    digest = hashlib.sha256(vae_id.encode())
+    digest.update(str(tuple(pixels.shape)).encode())
+    digest.update(pixels.numpy().tobytes())
+    return digest.hexdigest()[:40]
+
+
+def fill(store: LatentStore, examples: list[Example], sizes: list[tuple[int, int]], flips: bool, vae_id: str,
+         encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], what: str,
+         show_progress: bool = True) -> tuple[dict[tuple[int, bool], str], int]:
+    """Make sure every (example, flip) variant has an entry; return the key of each, and how many were encoded
+    now (the rest were there).
+
+    `sizes[i]` is example i's (width, height) after resizing and center-cropping; `encode` maps a batch of one
+    image to the VAE's (mean, std)."""
+    keys: dict[tuple[int, bool], str] = {}
+    encoded = 0
+    variants = (False, True) if flips else (False,)
+    for index in tqdm(range(len(examples)), desc=f"caching latents ({what})", unit="image",
+                      disable=not show_progress):
+        image = examples[index].load()
+        for flip in variants:
+            pixels = transform(image, sizes[index], "center", flip)
+            key = pixel_key(pixels, vae_id)
+            if key not in store:
+                with torch.no_grad():
+                    mean, std = encode(pixels[None])
+                store.put(key, mean[0], std[0])
+                encoded += 1
+            keys[(index, flip)] = key
+    return keys, encoded
+

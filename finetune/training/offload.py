@@ -1,0 +1,48 @@
+"""Frozen parts the caches made idle leave the accelerator's memory, and come back only while they are needed.
+
+On a GPU they move to the CPU. On a CPU the RAM is the accelerator's memory, so their weights move to a
+memory-mapped scratch file (unlinked at once, so nothing is left behind): the pages are read back only while a
+sample grid or a saved pipeline needs them, and the operating system may drop them again.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def scratch_dir() -> Path:
+    root = os.environ.get("FINETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
+    return Path(root) / "offload"
+
+
+def offload(module: torch.nn.Module, device: torch.device) -> None:
+    if device.type != "cpu":
+        module.to("cpu")
+        return
+    folder = scratch_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=folder, suffix=".pt")
+    os.close(handle)
+    try:
+        torch.save(module.state_dict(), name)
+        mapped = torch.load(name, mmap=True, weights_only=True, map_location="cpu")
+    finally:
+        os.unlink(name)  # the mapping stays valid; the file disappears with the process
+    module.load_state_dict(mapped, assign=True)
+
+
+@contextmanager
+def on_device(modules: list[torch.nn.Module], device: torch.device):
+    """Within the context the modules are on `device` (a no-op where they already are, or on a CPU)."""
+    moved = [m for m in modules if device.type != "cpu" and next(m.parameters()).device != device]
+    for module in moved:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in moved:
+            module.to("cpu")
