@@ -3,7 +3,8 @@
 The floor is the bare loop a hand-written script cannot beat: the U-Net's forward and backward and AdamW on
 inputs computed beforehand, with the same trainable weights (LoRA of the recipe's rank on the same layers, or the
 whole U-Net for DreamBooth), precision, batch and resolution. "Ours" is `finetune train` on the recipe as a user
-runs it, with its defaults (caches, SDPA, offloading). Each runs in its own process, so each peak is its own.
+runs it, with its defaults (caches, SDPA, offloading). Each runs in its own process, so each peak is its own,
+and the two take turns step by step, so a machine whose speed drifts (a shared CPU does) cannot favour either.
 
     python benchmarks/step_time.py --model sd15 --steps 5 --json step_time.json
     python benchmarks/step_time.py --model tiny --recipe my_recipe.yaml
@@ -33,7 +34,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--model", default="tiny", help="tiny or sd15 (the SD1.5 architecture, random weights)")
     parser.add_argument("--recipe", help="a recipe to time (its model and data are replaced); default LoRA rank 4")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (a CPU needs a few to settle)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (1)")
     parser.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15, 32 for tiny")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -94,7 +95,9 @@ def _floor(recipe) -> tuple[list[float], float]:
     autocast = torch.autocast(device.type, dtype=DTYPES.get(t.mixed_precision, torch.float32),
                               enabled=t.mixed_precision != "no")
     times = []
-    for _ in range(t.max_steps):
+    _ready()
+    for _ in range(t.max_steps - 1):  # the toolkit's first step runs untimed, during its set-up
+        _wait_for_turn()
         start = time.perf_counter()
         noise = torch.randn(latents.shape, generator=generator).to(device)
         steps = torch.randint(0, scheduler.config.num_train_timesteps, (t.batch_size,), generator=generator)
@@ -107,6 +110,7 @@ def _floor(recipe) -> tuple[list[float], float]:
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # waits for the device, as the toolkit's loop does when it logs the loss
         times.append(time.perf_counter() - start)
+        _report(times[-1])
     return times, _peak_gb(device)
 
 
@@ -115,10 +119,36 @@ def _ours(recipe) -> tuple[list[float], float]:
 
     from finetune.training.loop import train
 
-    stamps = [time.perf_counter()]
-    train(recipe, on_step=lambda step: stamps.append(time.perf_counter()))
+    times, started = [], []
+
+    def on_step(step: int) -> None:
+        if step == 1:
+            _ready()  # set-up and the first step are done
+        else:
+            times.append(time.perf_counter() - started[-1])
+            _report(times[-1])
+        if step < recipe.train.max_steps:
+            _wait_for_turn()
+            started.append(time.perf_counter())
+
+    train(recipe, on_step=on_step)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return [b - a for a, b in zip(stamps, stamps[1:])], _peak_gb(device)
+    return times, _peak_gb(device)
+
+
+# The two runs live in two processes (so each peak is its own) and take turns, one step at a time, under the
+# parent's control: both meet the same machine, and a machine that slows down mid-run slows both alike.
+def _ready() -> None:
+    print("READY", flush=True)
+
+
+def _wait_for_turn() -> None:
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("the benchmark's parent went away")
+
+
+def _report(seconds: float) -> None:
+    print(f"STEP {seconds}", flush=True)
 
 
 def _child(kind: str, recipe_path: str) -> None:
@@ -129,13 +159,34 @@ def _child(kind: str, recipe_path: str) -> None:
     print("RESULT " + json.dumps({"times": times, "peak_gb": peak}), flush=True)
 
 
-def _run_child(kind: str, recipe_path: Path) -> dict:
+def _start_child(kind: str, recipe_path: Path) -> subprocess.Popen:
     command = [sys.executable, __file__, "--child", kind, "--child-recipe", str(recipe_path)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"the {kind} run failed (exit {done.returncode}); its output is above")
-    return json.loads(lines[-1][len("RESULT "):])
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+
+def _read_until(child: subprocess.Popen, kind: str, word: str) -> str:
+    for line in child.stdout:
+        if line.startswith(word):
+            return line[len(word):].strip()
+    raise SystemExit(f"the {kind} run ended early (exit {child.wait()}); its messages are above")
+
+
+def _take_turns(recipe_path: Path, steps: int) -> dict:
+    children = {kind: _start_child(kind, recipe_path) for kind in ("floor", "ours")}
+    try:
+        for kind, child in children.items():
+            _read_until(child, kind, "READY")
+        for _ in range(steps):
+            for kind, child in children.items():
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                _read_until(child, kind, "STEP ")
+        results = {kind: json.loads(_read_until(child, kind, "RESULT ")) for kind, child in children.items()}
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait()
+    return results
 
 
 def _recipe(args, work: Path) -> Path:
@@ -148,7 +199,7 @@ def _recipe(args, work: Path) -> Path:
     data["model"] = {**data.get("model", {}), "base": str(model_folder(args.model))}
     data["data"] = {**data.get("data", {}), "images": str(data_folder(resolution)), "resolution": resolution}
     data["data"].pop("dataset", None)
-    data["train"] = {**data.get("train", {}), "max_steps": args.warmup + args.steps}
+    data["train"] = {**data.get("train", {}), "max_steps": 1 + args.warmup + args.steps}
     if args.batch_size:
         data["train"]["batch_size"] = args.batch_size
     data["output_dir"] = str(work / "out")
@@ -172,7 +223,7 @@ def main() -> None:
         from finetune.recipe.load import load_recipe
 
         recipe = load_recipe(str(recipe_path), [])
-        runs = {kind: _run_child(kind, recipe_path) for kind in ("floor", "ours")}
+        runs = _take_turns(recipe_path, args.warmup + args.steps)
     import torch
 
     batch = recipe.train.batch_size

@@ -1,0 +1,147 @@
+"""FLOPs of one training step, counted by torch.utils.flop_counter, and model-FLOPs utilisation on a GPU.
+
+Counts, per sample: the U-Net's forward and backward with the recipe's trainable weights (LoRA or the whole
+U-Net), one VAE encode, one text encode; so what a step costs with the caches (the U-Net alone) and without
+them. On a GPU it then times the U-Net's forward and backward in bf16 at the batch size and reports achieved
+TFLOP/s and MFU, the share of the GPU's peak dense bf16 rate (`--peak-tflops`, or a table of known GPUs).
+
+    python benchmarks/flops.py --model sd15
+    python benchmarks/flops.py --model sd15 --batch-size 8 --json flops.json     # on a GPU: MFU too
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+# dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny or sd15")
+    parser.add_argument("--strategy", default="lora", choices=("lora", "dreambooth"))
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15, 32 for tiny")
+    parser.add_argument("--batch-size", type=int, default=1, help="for the GPU timing")
+    parser.add_argument("--steps", type=int, default=10, help="timed GPU steps (after 3 untimed)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="for the GPU timing")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak bf16 TFLOP/s")
+    parser.add_argument("--json", help="also write the figures to this file")
+    return parser.parse_args()
+
+
+def _count(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _unet_step(unet, latents, states, timesteps):
+    def run():
+        unet(latents, timesteps, states).sample.float().pow(2).mean().backward()
+    return run
+
+
+def main() -> None:
+    from benchmarks.models import DEFAULT_RESOLUTION, model_folder
+    from finetune.models.stable_diffusion import StableDiffusion
+
+    args = _arguments()
+    resolution = args.resolution or DEFAULT_RESOLUTION[args.model]
+    family = StableDiffusion()
+    parts = family.load(str(model_folder(args.model)))
+    unet = parts.unet
+    if args.strategy == "lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(family.lora_targets)))
+    else:
+        unet.requires_grad_(True)
+    side = resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    length = parts.tokenizer.model_max_length
+    latents = torch.randn(1, unet.config.in_channels, side, side)
+    states = torch.randn(1, length, unet.config.cross_attention_dim)
+    timesteps = torch.tensor([500])
+    pixels = torch.rand(1, 3, resolution, resolution) * 2 - 1
+
+    unet_flops = _count(_unet_step(unet, latents, states, timesteps))
+    with torch.no_grad():
+        vae_flops = _count(lambda: family.encode_image_moments(parts, pixels))
+        text_flops = _count(lambda: family.encode_prompts(parts, ["a photo of a blue ball"]))
+    figures = {"model": args.model, "strategy": args.strategy, "resolution": resolution,
+               "unet_fwd_bwd_tflop_per_sample": unet_flops / 1e12, "vae_encode_tflop_per_sample": vae_flops / 1e12,
+               "text_encode_tflop_per_sample": text_flops / 1e12,
+               "step_tflop_per_sample_cached": unet_flops / 1e12,
+               "step_tflop_per_sample_uncached": (unet_flops + vae_flops + text_flops) / 1e12}
+    figures["uncached_extra_share"] = (vae_flops + text_flops) / unet_flops
+    print(f"{args.model}, {args.strategy}, {resolution} px, per sample:")
+    print(f"  U-Net forward+backward  {figures['unet_fwd_bwd_tflop_per_sample']:.4f} TFLOP")
+    print(f"  VAE encode              {figures['vae_encode_tflop_per_sample']:.4f} TFLOP")
+    print(f"  text encode             {figures['text_encode_tflop_per_sample']:.4f} TFLOP")
+    print(f"  a step without caches costs {figures['uncached_extra_share']:.0%} more than with them")
+
+    if torch.cuda.is_available():
+        figures.update(_gpu_utilisation(unet, latents, states, timesteps, unet_flops, args))
+        mfu = f"{figures['mfu']:.1%}" if figures["mfu"] else "unknown (give --peak-tflops)"
+        print(f"  GPU {figures['device']}, bf16, batch {args.batch_size}: {figures['gpu_s_per_step']:.4f} s/step, "
+              f"{figures['samples_per_s']:.1f} samples/s, {figures['achieved_tflops']:.1f} TFLOP/s, "
+              f"MFU {mfu}, peak {figures['gpu_peak_gb']:.2f} GB")
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(figures, indent=2))
+        tmp.replace(path)
+        print(f"wrote {path}")
+
+
+def _gpu_utilisation(unet, latents, states, timesteps, flops_per_sample: int, args) -> dict:
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    unet.to(device, dtype=torch.bfloat16)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable weights fp32, as the toolkit keeps them
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    batch = args.batch_size
+    inputs = (latents.repeat(batch, 1, 1, 1).to(device), timesteps.repeat(batch).to(device),
+              states.repeat(batch, 1, 1).to(device))
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(3 + args.steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = unet(inputs[0], inputs[1], inputs[2]).sample
+        out.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= 3:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    achieved = flops_per_sample * batch / seconds / 1e12
+    return {"device": name, "batch_size": batch, "gpu_s_per_step": seconds, "samples_per_s": batch / seconds,
+            "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
+            "gpu_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+if __name__ == "__main__":
+    main()
