@@ -94,9 +94,12 @@ def test_a_bucketed_run_trains_and_reports(tiny_base, tmp_path, capsys):
     ({"bucketing": True, "buckets": [[30, 32]]}, "data.buckets: [30, 32] should be [width, height]"),
     ({"bucketing": True, "bucket_step": 60}, "data.bucket_step: must be a positive multiple of 8"),
     ({"bucketing": True, "bucket_max_crop": 1.5}, "data.bucket_max_crop"),
+    ({"bucketing": True, "prior": {"mode": "class_images", "class_prompt": ["a shape"]}},
+     "use prior.mode: base_prediction with buckets"),
 ])
 def test_validate_refuses_bad_buckets(tiny_base, concept_dir, tmp_path, data, expected, capsys):
+    prior = data.pop("prior", {})
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe_dict(tiny_base, concept_dir, tmp_path / "out", data=data)))
+    path.write_text(yaml.safe_dump(recipe_dict(tiny_base, concept_dir, tmp_path / "out", data=data, prior=prior)))
     assert main(["validate", str(path)]) == 2
     assert expected in capsys.readouterr().err

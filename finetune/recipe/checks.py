@@ -91,6 +91,10 @@ def _check_data(recipe: Recipe) -> list[str]:
         problems.append(f"data.num_workers: must be 0 or more, got {d.num_workers}")
     if d.bucketing or d.buckets:
         problems += _check_buckets(d.buckets, d.bucket_step, d.bucket_min_side, d.bucket_max_side, d.bucket_max_crop)
+        if recipe.prior.mode == "class_images":
+            problems.append("data.bucketing: class images are square and share each batch with the instance "
+                            "images, which buckets make any shape; use prior.mode: base_prediction with buckets, "
+                            "or turn bucketing off")
     if not d.caption_extension.startswith("."):
         problems.append(f"data.caption_extension: should start with a dot, e.g. '.txt' (got {d.caption_extension!r})")
     return problems
