@@ -179,3 +179,14 @@ def test_a_run_with_caches_samples_with_the_offloaded_encoders(tiny_base, concep
     assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir()) == ["step-000002.png",
                                                                                 "step-000004.png"]
     assert "latent cache (memory): 4 variant(s) of 4 training images, 4 encoded now" in caplog.text
+
+
+def test_bare_on_and_off_in_yaml_mean_the_words(tiny_base, concept_dir, tmp_path):
+    from finetune.recipe.load import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: {{base: {tiny_base}}}\nstrategy: {{kind: lora}}\ndata: {{images: {concept_dir}}}\n"
+                    f"output_dir: {tmp_path / 'out'}\ncache:\n  latents: off\n  text: on\n")
+    recipe = load_recipe(str(path), [])
+    assert (recipe.cache.latents, recipe.cache.text) == ("off", "on")
+    assert load_recipe(str(path), ["cache.latents=off", "cache.text=off"]).cache.text == "off"

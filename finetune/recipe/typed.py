@@ -61,6 +61,8 @@ def convert(hint: Any, raw: Any, path: str, errors: list[str]) -> tuple[bool, An
         inner = [a for a in args if a is not _NONE]
         return convert(inner[0] if len(inner) == 1 else Union[tuple(inner)], raw, path, errors)
     if origin is Literal:
+        if isinstance(raw, bool) and ("on" if raw else "off") in args:
+            return True, "on" if raw else "off"  # YAML reads a bare on/off as true/false
         if raw in args:
             return True, raw
         choices = ", ".join(repr(a) for a in args)
