@@ -6,7 +6,6 @@ Both are written once as ordinary diffusers folders (under $FINETUNE_CACHE/bench
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,8 +17,9 @@ DEFAULT_RESOLUTION = {"tiny": 32, "sd15": 512}
 
 
 def cache_root() -> Path:
-    root = os.environ.get("FINETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
-    return Path(root) / "benchmarks"
+    from finetune.paths import cache_home
+
+    return cache_home() / "benchmarks"
 
 
 def build_sd15(seed: int = 0):

@@ -2,7 +2,6 @@
 through the shared loop, our file and AUTOMATIC1111's .pt (import and export), and pickle safety."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from finetune.data.images import open_image
 from finetune.data.sources import Example
+from finetune.paths import cache_home
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,7 @@ class ClassImageSpec:
 
 
 def default_cache_root() -> Path:
-    root = os.environ.get("FINETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
-    return Path(root) / "class_images"
+    return cache_home() / "class_images"
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")

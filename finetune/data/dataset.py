@@ -104,13 +104,14 @@ class BatchOrder:
         global_batch = self.batch_size * self.world_size
         batches = []
         for number, group in enumerate(self.groups):
-            generator = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + number)
+            # group 0's seed is the one a run without buckets has always used, so its batches stay as they were
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919 * number)
             length = len(group) * self.repeats
             order = torch.randperm(length, generator=generator).tolist()
             virtual = [group[i % len(group)] + self.num_examples * (i // len(group)) for i in order]
             batches += [virtual[b:b + global_batch] for b in range(0, length - global_batch + 1, global_batch)]
         if len(self.groups) > 1:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 104_729)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
 

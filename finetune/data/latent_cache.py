@@ -21,14 +21,14 @@ from tqdm.auto import tqdm
 
 from finetune.data.images import transform
 from finetune.data.sources import Example
+from finetune.paths import cache_home
 
 # below this the dataset's entries stay in memory under cache.latents: auto
 AUTO_MEMORY_LIMIT_BYTES = 2 * 1024**3
 
 
 def default_latent_dir() -> Path:
-    root = os.environ.get("FINETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
-    return Path(root) / "latents"
+    return cache_home() / "latents"
 
 
 def estimated_bytes(num_images: int, variants: int, resolution: int, latent_channels: int = 4,

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from finetune.paths import cache_home
+
 
 def scratch_dir() -> Path:
-    root = os.environ.get("FINETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
-    return Path(root) / "offload"
+    return cache_home() / "offload"
 
 
 def offload(module: torch.nn.Module, device: torch.device) -> None:
