@@ -22,6 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+
+from finetune.paths import write_text_atomically  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name
@@ -103,11 +105,7 @@ def main() -> None:
               f"{figures['samples_per_s']:.1f} samples/s, {figures['achieved_tflops']:.1f} TFLOP/s, "
               f"MFU {mfu}, peak {figures['gpu_peak_gb']:.2f} GB")
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(figures, indent=2))
-        tmp.replace(path)
-        print(f"wrote {path}")
+        print(f"wrote {write_text_atomically(args.json, json.dumps(figures, indent=2))}")
 
 
 def _gpu_utilisation(unet, latents, states, timesteps, flops_per_sample: int, args) -> dict:

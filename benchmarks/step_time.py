@@ -26,6 +26,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from finetune.paths import write_text_atomically  # noqa: E402
+
 DEFAULT_RECIPE = {"strategy": {"kind": "lora", "rank": 4}, "train": {"learning_rate": 1e-4}}
 
 
@@ -246,11 +248,7 @@ def main() -> None:
               f"{figures[f'{kind}_peak_gb']:9.2f}")
     print(f"{'ratio':10} {figures['ratio']:9.3f} {'':10} {figures['memory_ratio']:9.3f}")
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(figures, indent=2))
-        tmp.replace(path)
-        print(f"wrote {path}")
+        print(f"wrote {write_text_atomically(args.json, json.dumps(figures, indent=2))}")
 
 
 if __name__ == "__main__":

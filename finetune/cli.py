@@ -142,8 +142,8 @@ def _sample(args) -> int:
 
 def _eval(args) -> int:
     import json
-    from pathlib import Path
 
+    from finetune.paths import write_text_atomically
     from finetune.shapes.evaluate import evaluate
 
     try:
@@ -153,11 +153,7 @@ def _eval(args) -> int:
     for key, value in numbers.items():
         print(f"{key}: {value}")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(numbers, indent=2))
-        tmp.replace(path)
+        write_text_atomically(args.json, json.dumps(numbers, indent=2))
     return 0
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from finetune.paths import write_text_atomically
 
 Size = tuple[int, int]  # (width, height)
 
@@ -86,10 +87,7 @@ def format_report(report: dict) -> str:
 
 
 def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(report, indent=2))
 
 
 def training_sizes(names: list[str], image_sizes: list[Size], resolution: int, bucketing: bool,

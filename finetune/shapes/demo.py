@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from finetune.paths import write_text_atomically
 from finetune.recipe.load import load_recipe
 from finetune.shapes import metrics
 from finetune.shapes.concepts import CONCEPTS
@@ -110,8 +111,5 @@ def _before_after(bare, tuned, concept, stem: Path) -> list[Path]:
 
 
 def _write(out_dir: Path, report: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".demo_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out_dir / "demo_report.json")
+    write_text_atomically(out_dir / "demo_report.json", json.dumps(report, indent=2))
     write_markdown(out_dir / "demo_report.md", report)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.paths import write_text_atomically
+
 # (strategy, concept_kind) -> {metric: (">=" or "<=", bound)}; from the issues that define each strategy
 TARGETS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
     ("lora", "new_object"): {"concept_fidelity": (">=", 0.90), "prompt_fidelity": (">=", 0.80),
@@ -55,7 +57,4 @@ def write_markdown(path: Path, report: dict) -> Path:
     lines += ["", "Targets: " + "; ".join(
         f"{s} on {k}: " + ", ".join(f"{m} {op} {b:g}" for m, (op, b) in rules.items())
         for (s, k), rules in TARGETS.items()), ""]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return write_text_atomically(path, "\n".join(lines))
