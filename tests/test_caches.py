@@ -190,3 +190,13 @@ def test_bare_on_and_off_in_yaml_mean_the_words(tiny_base, concept_dir, tmp_path
     recipe = load_recipe(str(path), [])
     assert (recipe.cache.latents, recipe.cache.text) == ("off", "on")
     assert load_recipe(str(path), ["cache.latents=off", "cache.text=off"]).cache.text == "off"
+
+
+def test_a_run_that_trains_the_text_encoder_encodes_captions_every_step(tiny_base, concept_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    texts = _count_calls(monkeypatch, "encode_prompts")
+    recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out", train=RUN,
+                                      strategy={"kind": "lora", "rank": 4, "text_encoder": True}))
+    train(recipe)
+    assert "text cache off: strategy.text_encoder is true" in capsys.readouterr().out
+    assert texts == [2] * 4  # through the training text encoder at every step, never from a cache
