@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--device", default="cpu", help="where the SVDs run, e.g. cuda (default cpu)")
     extract.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
                          help="dtype of the written weights (default fp16)")
+    from finetune.tools.commands import add_parsers
+
+    add_parsers(commands)
     return parser
 
 
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "validate": _validate, "sample": _sample, "eval": _eval, "demo": _demo,
                     "extract-lora": _extract_lora}
-        return commands[args.command](args)
+        if args.command in commands:
+            return commands[args.command](args)
+        return _file_tool(args)
     except KnownProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -189,3 +194,13 @@ def _extract_lora(args) -> int:
                   f"{', '.join(result.not_carried[:3])}{', ...' if len(result.not_carried) > 3 else ''}")
     print(f"wrote {path}")
     return 0
+
+
+def _file_tool(args) -> int:
+    """convert | merge | resize | inspect: a file or base the tool cannot use is bad input (exit 2)."""
+    from finetune.tools.commands import HANDLERS
+
+    try:
+        return HANDLERS[args.command](args)
+    except (ValueError, FileNotFoundError, *_known_errors()) as exc:
+        raise KnownProblem(str(exc)) from None

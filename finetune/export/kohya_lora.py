@@ -1,0 +1,170 @@
+"""kohya-ss's LoRA file: what AUTOMATIC1111, ComfyUI, Forge and InvokeAI load.
+
+Keys are a component prefix plus the module path with `.` turned into `_`:
+`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight` (and `.lora_up.weight`,
+and a 0-d `.alpha`; the layer adds `up @ down * alpha / rank`). Text-encoder keys start `lora_te_text_model_...`,
+the module path as the CLIP of transformers 4 (and the original checkpoints) names it. The header carries the
+`ss_*` training figures kohya writes, which the UIs show, and `sshs_*` hashes of the tensor data.
+
+Going back from underscores to module paths is ambiguous (`attn1_to_q` is `attn1.to_q`), so names are matched
+against the model's own module paths when a model is at hand, and otherwise parsed with the vocabulary of path
+segments the Stable Diffusion U-Net and CLIP text encoder use.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+
+from finetune.export.lora_layers import LoraFileError, LoraLayer, LoraWeights
+from finetune.export.safetensors_io import save_safetensors
+
+PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+# SDXL's kohya files call the first text encoder te1
+_READ_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                  "lora_te2": "text_encoder_2"}
+
+
+def _kohya_module(component: str, module: str) -> str:
+    if component.startswith("text_encoder") and not module.startswith("text_model."):
+        module = f"text_model.{module}"  # transformers 5's CLIPTextModel dropped that level; kohya keeps it
+    return f"{PREFIXES[component]}_{module.replace('.', '_')}"
+
+
+def to_kohya(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    if weights.uses_dora:
+        raise LoraFileError("DoRA layers have no kohya form that diffusers reads back (it drops `dora_scale`); "
+                            "keep DoRA LoRAs in the diffusers format")
+    tensors: dict[str, torch.Tensor] = {}
+    for component, module, layer in weights.modules():
+        if component not in PREFIXES:
+            raise LoraFileError(f"kohya's format has no prefix for component {component!r}")
+        if layer.bias is not None:
+            raise LoraFileError(f"{component}.{module} carries a bias change (peft lora_bias), which kohya's "
+                                "format cannot hold; keep this file in the diffusers format")
+        stem = _kohya_module(component, module)
+        tensors[f"{stem}.lora_down.weight"] = layer.down
+        tensors[f"{stem}.lora_up.weight"] = layer.up
+        tensors[f"{stem}.alpha"] = torch.tensor(float(layer.alpha))
+    return tensors
+
+
+@functools.lru_cache(maxsize=1)
+def _segment_vocabulary() -> frozenset[str]:
+    """Every module-path segment of an SD 1.x U-Net and CLIP text encoder, from the libraries' own classes
+    built without memory (meta device): the words an underscored kohya name is made of."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        models = [UNet2DConditionModel(), CLIPTextModel(CLIPTextConfig())]
+    words = {"text_model"}
+    for model in models:
+        for name, _ in model.named_modules():
+            words.update(part for part in name.split(".") if not part.isdigit())
+    return frozenset(words)
+
+
+def parse_module_path(underscored: str) -> str:
+    """`down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q` -> `down_blocks.0....attn1.to_q`,
+    taking the longest known segment at each point."""
+    vocabulary = _segment_vocabulary()
+    tokens, parts, i = underscored.split("_"), [], 0
+    while i < len(tokens):
+        for j in range(len(tokens), i, -1):
+            segment = "_".join(tokens[i:j])
+            if segment.isdigit() or segment in vocabulary:
+                parts.append(segment)
+                i = j
+                break
+        else:
+            raise LoraFileError(f"cannot tell which module {underscored!r} names; give the base model "
+                                "(--base) so names are matched against its modules")
+    return ".".join(parts)
+
+
+def _resolver(component: str, names: list[str] | None):
+    if names is None:
+        def parse(underscored: str) -> str:
+            path = parse_module_path(underscored)
+            return path.removeprefix("text_model.") if component.startswith("text_encoder") and \
+                not _reference_has_text_model() else path
+        return parse
+    table = {}
+    for name in names:
+        table[name.replace(".", "_")] = name
+        if component.startswith("text_encoder") and not name.startswith("text_model."):
+            table[f"text_model_{name.replace('.', '_')}"] = name
+
+    def look_up(underscored: str) -> str:
+        if underscored not in table:
+            raise LoraFileError(f"the model has no {component} module named like {underscored!r}: this LoRA "
+                                "was made for another base model (or architecture)")
+        return table[underscored]
+    return look_up
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_has_text_model() -> bool:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        return any(name.startswith("text_model") for name, _ in CLIPTextModel(CLIPTextConfig()).named_modules())
+
+
+def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str,
+               module_names: dict[str, list[str]] | None = None) -> LoraWeights:
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        stem, _, role = key.partition(".")
+        prefix = next((p for p in sorted(_READ_PREFIXES, key=len, reverse=True) if stem.startswith(p + "_")), None)
+        if prefix is None:
+            raise LoraFileError(f"{source}: key {key!r} has no kohya prefix (lora_unet_, lora_te_, ...)")
+        if role not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise LoraFileError(f"{source}: key {key!r} is not a plain LoRA weight (LyCORIS LoHa/LoKr and DoRA "
+                                "kohya files cannot be converted yet)")
+        grouped.setdefault((_READ_PREFIXES[prefix], stem[len(prefix) + 1:]), {})[role] = value
+    layers: dict[str, dict[str, LoraLayer]] = {}
+    resolvers = {}
+    for (component, underscored), found in sorted(grouped.items()):
+        if "lora_down.weight" not in found or "lora_up.weight" not in found:
+            raise LoraFileError(f"{source}: {underscored} has only one of its two LoRA factors")
+        if component not in resolvers:
+            names = None if module_names is None else module_names.get(component, [])
+            resolvers[component] = _resolver(component, names)
+        down = found["lora_down.weight"]
+        # kohya: no alpha means scale 1, i.e. alpha equal to the rank
+        alpha = float(found["alpha"]) if "alpha" in found else float(down.shape[0])
+        layers.setdefault(component, {})[resolvers[component](underscored)] = LoraLayer(
+            down, found["lora_up.weight"], alpha)
+    return LoraWeights(layers, dict(metadata), format="kohya")
+
+
+def data_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """The hashes kohya puts in the header for sd-webui-additional-networks: SHA-256 of the tensor bytes (the
+    file after its header), and the legacy one over 64 KiB at 1 MiB into the file with only `ss_*` metadata."""
+    from safetensors.torch import save
+
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data = save(plain, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_length = int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header_length:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
+
+
+def write_kohya(weights: LoraWeights, path: Path, output_name: str | None = None,
+                dtype: torch.dtype | None = None) -> Path:
+    """The kohya file, with the `ss_*` figures and hashes; `output_name` (default: the file's stem) is the name
+    the UIs show and AUTOMATIC1111's `<lora:NAME:1>` uses."""
+    from finetune.export.kohya_metadata import kohya_metadata
+
+    path = Path(path)
+    tensors = to_kohya(weights)
+    if dtype is not None:
+        # alphas stay exact in fp32 whatever the weights' dtype
+        tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in tensors.items()}
+    metadata = kohya_metadata(weights, output_name or path.stem)
+    metadata.update(data_hashes(tensors, metadata))
+    return save_safetensors(tensors, path, metadata)

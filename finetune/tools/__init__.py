@@ -1,0 +1,1 @@
+"""LoRA and adapter file tools behind `finetune convert | merge | resize | inspect`."""

@@ -1,0 +1,161 @@
+"""`finetune inspect FILE`: what a model or adapter file is, for which base, what its header says, its shapes.
+
+Reads headers and tensor shapes only (safetensors), or a pickle only if it is plain data; never runs code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+# cross-attention width -> the base family a file's layers fit
+FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
+_CHECKPOINT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def _kind(keys: list[str], metadata: dict[str, str]) -> str:
+    from finetune.export import hypernetwork as hypernetwork_files
+    from finetune.export.textual_inversion import A1111_KEY
+
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "single-file checkpoint (original Stable Diffusion layout)"
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        if any(".hada_" in k or ".lokr_" in k for k in keys):
+            return "LyCORIS LoHa/LoKr (kohya layout)"
+        return "LoRA (kohya format: AUTOMATIC1111, ComfyUI)"
+    if any(".lora_A." in k or ".lora.down." in k for k in keys):
+        return "LoRA (diffusers/peft format)" + (" with DoRA" if any("magnitude" in k for k in keys) else "")
+    variant = metadata.get("finetune.variant")
+    if variant and variant != "lora":
+        return f"{variant} adapter (finetune/peft format)"
+    if hypernetwork_files.is_hypernetwork_file(metadata, keys):
+        return "hypernetwork (finetune format)"
+    if keys == [A1111_KEY]:
+        return "textual-inversion embedding (AUTOMATIC1111/kohya format; the file name is the prompt word)"
+    if set(keys) == {"clip_l", "clip_g"}:
+        return "textual-inversion embedding (SDXL)"
+    if keys and not any("." in k for k in keys):
+        return "textual-inversion embedding (diffusers format)"
+    return "safetensors weights of an unknown kind"
+
+
+def _family_from_width(width: int | None) -> str | None:
+    if width is None:
+        return None
+    return FAMILIES.get(width, f"unknown (cross-attention width {width}; 32 is the shapes world's tiny base)")
+
+
+def _cross_attention_width(shapes: dict[str, list[int]]) -> int | None:
+    if _CHECKPOINT_KEY in shapes:
+        return shapes[_CHECKPOINT_KEY][1]
+    for key, shape in sorted(shapes.items()):
+        if ("attn2.to_k" in key or "attn2_to_k" in key) and ("lora_A" in key or "lora_down" in key
+                                                             or "lora.down" in key):
+            return shape[1]
+    for key, shape in shapes.items():  # an embedding: its width is the text encoder's
+        if "." not in key and len(shape) == 2:
+            return shape[1]
+    return None
+
+
+def _lora_summary(shapes: dict[str, list[int]]) -> dict[str, Any]:
+    per_component: dict[str, Counter] = {}
+    for key, shape in shapes.items():
+        if key.endswith((".lora_A.weight", ".lora.down.weight", ".lora_down.weight")):
+            component = key.split(".")[0]
+            if key.startswith("lora_"):  # kohya: lora_unet_..., lora_te_...
+                component = {"unet": "unet", "te": "text_encoder"}.get(key.split("_")[1], key.split("_")[1])
+            per_component.setdefault(component, Counter())[shape[0]] += 1
+    return {c: {"modules": sum(ranks.values()), "ranks": dict(sorted(ranks.items()))}
+            for c, ranks in per_component.items()}
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        return _describe_folder(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.suffix != ".safetensors":
+        return _describe_pickle(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        keys = list(handle.keys())
+        shapes = {k: list(handle.get_slice(k).get_shape()) for k in keys}
+        dtypes = Counter(str(handle.get_slice(k).get_dtype()) for k in keys)
+    info: dict[str, Any] = {"file": str(path), "kind": _kind(keys, metadata), "bytes": path.stat().st_size,
+                            "tensors": len(keys), "parameters": sum(_numel(s) for s in shapes.values()),
+                            "dtypes": dict(dtypes)}
+    info["base_model"] = metadata.get("finetune.base_model") or metadata.get("ss_sd_model_name")
+    info["base_family"] = (_family_from_width(_cross_attention_width(shapes))
+                           or metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture"))
+    if "LoRA" in info["kind"]:
+        info["lora"] = _lora_summary(shapes)
+    info["metadata"] = metadata
+    info["shapes"] = shapes
+    return info
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for side in shape:
+        count *= side
+    return count
+
+
+def _describe_folder(path: Path) -> dict[str, Any]:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{path}: a folder, but not a diffusers pipeline (no model_index.json)")
+    components = {k: v for k, v in json.loads(index.read_text()).items() if not k.startswith("_")}
+    info: dict[str, Any] = {"file": str(path), "kind": f"diffusers pipeline ({json.loads(index.read_text())['_class_name']})",
+                            "components": {k: v[1] if isinstance(v, list) else v for k, v in components.items()}}
+    trained = path / "finetune.json"
+    info["metadata"] = json.loads(trained.read_text()) if trained.is_file() else {}
+    info["base_model"] = info["metadata"].get("finetune.base_model")
+    return info
+
+
+def _describe_pickle(path: Path) -> dict[str, Any]:
+    from finetune.export.pickle_files import load_plain_pickle
+
+    data = load_plain_pickle(path, "pickle file")  # refuses anything but plain data, so nothing runs
+    info: dict[str, Any] = {"file": str(path), "bytes": path.stat().st_size}
+    if isinstance(data, dict) and "string_to_param" in data:
+        info["kind"] = "textual-inversion embedding (AUTOMATIC1111 .pt)"
+        vectors = data["string_to_param"].get("*")
+        info["shapes"] = {"string_to_param.*": list(getattr(vectors, "shape", []))}
+        info["metadata"] = {k: str(data[k]) for k in ("name", "step", "sd_checkpoint_name") if k in data}
+    elif isinstance(data, dict) and any(isinstance(key, int) for key in data):
+        info["kind"] = "hypernetwork (AUTOMATIC1111 .pt)"
+        info["metadata"] = {k: str(v) for k, v in data.items() if isinstance(k, str)}
+        info["shapes"] = {"context widths": [k for k in data if isinstance(k, int)]}
+    else:
+        state = data.get("state_dict", data) if isinstance(data, dict) else {}
+        info["kind"] = "pickled checkpoint" if state else "pickle of an unknown kind"
+        info["tensors"] = len(state)
+        info["metadata"] = {}
+    return info
+
+
+def render(info: dict[str, Any], all_shapes: bool = False) -> str:
+    lines = [f"{info['file']}: {info['kind']}"]
+    for key in ("base_model", "base_family", "bytes", "tensors", "parameters", "dtypes", "components", "lora"):
+        if info.get(key) is not None:
+            lines.append(f"  {key}: {info[key]}")
+    metadata = info.get("metadata") or {}
+    if metadata:
+        lines.append("  metadata:")
+        for key, value in sorted(metadata.items()):
+            text = str(value).replace("\n", " ")
+            lines.append(f"    {key}: {text if len(text) <= 100 or all_shapes else text[:97] + '...'}")
+    shapes = info.get("shapes") or {}
+    if shapes:
+        shown = sorted(shapes.items()) if all_shapes else sorted(shapes.items())[:8]
+        lines.append(f"  shapes ({len(shapes)} tensors{'' if all_shapes else ', first 8; --all for every one'}):")
+        lines.extend(f"    {key}: {shape}" for key, shape in shown)
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""`finetune merge`: fuse one or more adapters, each at its ratio, into the base's weights; save the result as a
+diffusers pipeline folder or one original-layout `.safetensors` checkpoint (what AUTOMATIC1111 loads).
+
+Each adapter is loaded the way `finetune.load_adapter` does (so every format it reads can be merged), fused into
+the weights by peft's own `merge`, and its layers removed before the next one loads: merges add up, and the result
+needs neither peft nor the adapter at inference.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from finetune.export.lora_layers import LoraFileError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_adapter_argument(text: str) -> tuple[str, float]:
+    """`FILE` or `FILE:RATIO` (a Windows drive letter's colon is not a ratio)."""
+    path, sep, ratio = text.rpartition(":")
+    if not sep or not path or "/" in ratio or "\\" in ratio:
+        return text, 1.0
+    try:
+        return path, float(ratio)
+    except ValueError:
+        raise LoraFileError(f"--lora {text!r}: the part after the last ':' should be a ratio such as 0.8") from None
+
+
+def fuse_into_base(module: torch.nn.Module) -> int:
+    """Merge every active adapter layer into its base weight and put the plain layer back; returns how many."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    fused = 0
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge(adapter_names=list(layer.active_adapters))
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, layer.get_base_layer())
+            fused += 1
+    # the model no longer holds adapters: forget their configs so a later load starts clean
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    if getattr(module, "_hf_peft_config_loaded", False):
+        module._hf_peft_config_loaded = False
+    return fused
+
+
+def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dtype: str = "fp16") -> list[str]:
+    """Returns one line per fused adapter."""
+    from finetune.adapters import load_adapter
+    from finetune.models import family_for
+
+    out = Path(out)
+    if not adapters:
+        raise LoraFileError("give at least one --lora FILE[:RATIO]")
+    if save_dtype not in DTYPES:
+        raise LoraFileError(f"--save-dtype: one of {', '.join(DTYPES)}, got {save_dtype!r}")
+    single_file = out.suffix in (".safetensors", ".ckpt")
+    if out.suffix == ".ckpt":
+        raise LoraFileError(f"{out}: finetune never writes pickles; name the checkpoint .safetensors")
+    for path, _ in adapters:
+        if not Path(path).is_file():
+            raise LoraFileError(f"--lora: {path}: no such file")
+    family = family_for("auto")
+    parts = family.load(base)
+    pipe = family.pipeline(parts)
+    lines = []
+    for index, (path, ratio) in enumerate(adapters):
+        try:
+            name = load_adapter(pipe, path, scale=ratio, name=f"merge_{index}")
+        except (ValueError, RuntimeError) as exc:
+            raise LoraFileError(f"--lora {path}: could not load it onto {base}: {exc}") from None
+        layers = fuse_into_base(pipe.unet) + fuse_into_base(pipe.text_encoder)
+        lines.append(f"fused {path} at {ratio:g} ({layers} layers, adapter {name})")
+    if single_file:
+        from finetune.export.single_file import save_single_file
+
+        save_single_file(out, pipe.unet, pipe.vae, pipe.text_encoder, metadata=_merge_metadata(base, adapters),
+                         dtype=DTYPES[save_dtype])
+    else:
+        _save_folder(pipe, out, DTYPES[save_dtype], _merge_metadata(base, adapters))
+    return lines
+
+
+def _merge_metadata(base: str, adapters: list[tuple[str, float]]) -> dict[str, str]:
+    from finetune import __version__
+
+    return {"finetune.version": __version__, "finetune.base_model": base,
+            "finetune.merged": json.dumps([{"file": str(p), "ratio": r} for p, r in adapters])}
+
+
+def _save_folder(pipe, out: Path, dtype: torch.dtype, metadata: dict[str, str]) -> None:
+    """Write the pipeline beside `out` under a temporary name, then rename: no half-written folder is left."""
+    from finetune.paths import write_text_atomically
+
+    if out.exists() and not (out / "model_index.json").is_file():
+        raise LoraFileError(f"{out}: exists and is not a pipeline folder; choose a new folder for the merge")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        write_text_atomically(tmp / "finetune.json", json.dumps(metadata, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
