@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -74,3 +75,50 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def pipeline(path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(path))
+
+
+def images(pipe):
+    """Two denoising steps from a fixed seed: enough to tell one model's images from another's."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return pipe(["a purple sks"], num_inference_steps=2, generator=generator, output_type="np",
+                height=32, width=32).images
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]  # conv1: 3x3 convs (LoCon)
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+
+
+@pytest.fixture(scope="session")
+def lora_file(tiny_base, tmp_path_factory):
+    """A diffusers-format LoRA on U-Net (attention, proj_in 1x1 and 3x3 convs) and text encoder, with alpha
+    unlike the rank (scale != 1) and weights big enough to change every output."""
+    from peft import LoraConfig
+    import torch
+    from peft.utils import get_peft_model_state_dict
+
+    from finetune.export import diffusers_lora
+
+    pipe = pipeline(tiny_base)
+    torch.manual_seed(3)
+    configs = {"unet": LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS),
+               "text_encoder": LoraConfig(r=2, lora_alpha=4, target_modules=TEXT_TARGETS)}
+    for name, config in configs.items():
+        module = getattr(pipe, name)
+        module.add_adapter(config)
+        for parameter_name, parameter in module.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.data.normal_(0, 0.3)
+    components = {name: get_peft_model_state_dict(getattr(pipe, name)) for name in configs}
+    recipe = {"train": {"learning_rate": 1e-4, "max_steps": 7, "seed": 5}, "data": {"resolution": 32},
+              "strategy": {"kind": "lora", "rank": 4}, "model": {"base": str(tiny_base)}}
+    metadata = {"finetune.base_model": str(tiny_base), "finetune.steps": "7", "finetune.recipe": json.dumps(recipe)}
+    path = tmp_path_factory.mktemp("lora") / "ours.safetensors"
+    return diffusers_lora.save_lora(path, components, {n: c.to_dict() for n, c in configs.items()}, metadata)
