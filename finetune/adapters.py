@@ -8,6 +8,7 @@ from typing import Any, Callable
 from safetensors import safe_open
 
 from finetune.export import hypernetwork as hypernetwork_files
+from finetune.export import peft_adapter
 from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import read_metadata
 from finetune.export.textual_inversion import A1111_KEY, embedding_from_a1111
@@ -52,7 +53,9 @@ def _load_a1111_pt(pipe: Any, path: str, scale: float, name: str) -> str:
 
 
 def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:
-    """Load an adapter file into `pipe` at strength `scale`; returns the adapter's name in the pipeline."""
+    """Load an adapter file into `pipe` at strength `scale`; returns the adapter's name in the pipeline.
+    LoRA, LoHa, LoKr: `scale` weights the update (0: the base). DoRA: it weights the direction update only, the
+    learned magnitudes stay. OFT: scale 1 only (a rotation has no strength)."""
     name = name or Path(path).stem.replace(".", "_")
     if str(path).endswith(".pt"):
         return _load_a1111_pt(pipe, str(path), scale, name)
@@ -60,6 +63,8 @@ def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0, name: s
 
 
 def _is_lora(metadata: dict[str, str], keys: list[str]) -> bool:
+    if metadata.get(peft_adapter.VARIANT_KEY, "lora") != "lora":
+        return False  # a LoHa/LoKr/OFT file from the LoRA strategy: diffusers has no loader for those
     return metadata.get("finetune.strategy") == "lora" or any(
         ".lora_A." in k or ".lora.down." in k or ".lora_down." in k for k in keys)
 
@@ -72,6 +77,8 @@ def _load_lora(pipe: Any, path: str, scale: float, name: str) -> str:
 
 
 register("lora", _is_lora, _load_lora)
+# LoHa, LoKr, OFT: peft layers rebuilt from the configs in the file's header
+register("peft_adapter", peft_adapter.is_peft_adapter, peft_adapter.load_peft_adapter)
 
 
 def _is_diffusers_embedding(metadata: dict[str, str], keys: list[str]) -> bool:
@@ -117,8 +124,8 @@ register("hypernetwork", hypernetwork_files.is_hypernetwork_file,
 
 
 def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
-    """Remove a loaded hypernetwork or LoRA by the name `load_adapter` returned (None: every hypernetwork);
-    the pipeline's attention processors are as they were before. Returns what was removed.
+    """Remove a loaded hypernetwork or LoRA (LoHa, LoKr, OFT too) by the name `load_adapter` returned (None:
+    every hypernetwork); the pipeline then predicts as before. Returns what was removed.
     (Embeddings: diffusers' `pipe.unload_textual_inversion()`.)"""
     if name is None or name in hypernetworks.loaded(pipe.unet):
         return hypernetworks.detach(pipe.unet, name)

@@ -27,6 +27,7 @@ class Components:
 class ModelFamily(Protocol):
     name: str
     lora_targets: tuple[str, ...]  # default LoRA target modules in the denoiser
+    conv_lora_targets: tuple[str, ...]  # the denoiser's convolutions that strategy.conv_layers adds
     text_encoder_lora_targets: tuple[str, ...]
 
     def load(self, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,

@@ -12,6 +12,10 @@ from finetune.models.base import Components, ModelLoadError
 class StableDiffusion:
     name = "sd"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # LoCon-style convolutions (strategy.conv_layers): every Conv2d of the U-Net's ResNet blocks (3x3 conv1/conv2,
+    # 1x1 conv_shortcut) and of its down/upsamplers, as kohya's LoCon adapts; not conv_in/conv_out, whose
+    # latent-channel shapes the base fixes. peft matches these as name tails (e.g. `mid_block.resnets.1.conv2`).
+    conv_lora_targets = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
     text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
 
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,

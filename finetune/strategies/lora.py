@@ -1,27 +1,34 @@
-"""LoRA (and DoRA) through peft: low-rank layers in the denoiser's attention, optionally the text encoder."""
+"""LoRA and its variants (DoRA, LoHa, LoKr, OFT; finetune/strategies/lora_variants.py) through peft: adapter layers
+in the denoiser's attention, optionally its convolutions (LoCon) and the text encoder."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
-from finetune.export import diffusers_lora
+from finetune.export import diffusers_lora, peft_adapter
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions
+from finetune.strategies import lora_variants
 from finetune.strategies.base import CommonDefaults
 
 
 @dataclass
 class Options(StrategyOptions):
-    rank: int = 4
-    alpha: Optional[float] = None  # None: equal to rank (scale 1)
+    # peft's LoraConfig / LoHaConfig / LoKrConfig / OFTConfig; lora_variants.py says how rank and alpha map
+    variant: Literal["lora", "loha", "lokr", "oft"] = "lora"
+    rank: int = 4  # oft: the block size
+    alpha: Optional[float] = None  # None: equal to rank (scale 1); oft has none
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)  # empty: the family's attention projections
-    use_dora: bool = False
+    use_dora: bool = False  # variant lora only
+    conv_layers: bool = False  # also the U-Net's ResNet and resampler convolutions (the family's conv_lora_targets)
+    conv_rank: Optional[int] = None  # None: rank
+    conv_alpha: Optional[float] = None  # None: the other layers' scale, alpha / rank, at conv_rank
     text_encoder: bool = False
     text_encoder_rank: Optional[int] = None  # None: rank
     text_encoder_learning_rate: Optional[float] = None  # None: the U-Net's learning rate
@@ -47,7 +54,7 @@ class Options(StrategyOptions):
                                       or self.text_encoder_target_modules):
             problems.append("strategy.text_encoder_*: set, but strategy.text_encoder is false; "
                             "set strategy.text_encoder: true or remove them")
-        return problems
+        return problems + lora_variants.problems(self)
 
 
 class Strategy(CommonDefaults):
@@ -58,21 +65,23 @@ class Strategy(CommonDefaults):
         self.modules: dict[str, torch.nn.Module] = {}  # component name -> module holding LoRA layers
         self.configs: dict[str, Any] = {}
 
+    def check(self, family: ModelFamily, parts: Components) -> None:
+        if self.options.variant == "oft":
+            lora_variants.refuse_oft_on_convolutions(self.options.target_modules or family.lora_targets, parts.unet)
+
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         # keep_frozen_base needs nothing: switching the adapters off gives the base back
-        from peft import LoraConfig
-
         o = self.options
-        self.configs["unet"] = LoraConfig(
-            r=o.rank, lora_alpha=o.alpha or o.rank, lora_dropout=o.dropout, use_dora=o.use_dora,
-            init_lora_weights="gaussian", target_modules=list(o.target_modules or family.lora_targets))
+        self.configs["unet"] = lora_variants.peft_config(
+            o.variant, rank=o.rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
+            targets=o.target_modules or family.lora_targets,
+            conv_targets=family.conv_lora_targets if o.conv_layers else (), conv_rank=o.conv_rank,
+            conv_alpha=o.conv_alpha)
         self.modules["unet"] = parts.unet
         if o.text_encoder:
-            rank = o.text_encoder_rank or o.rank
-            self.configs["text_encoder"] = LoraConfig(
-                r=rank, lora_alpha=o.alpha or rank, lora_dropout=o.dropout, use_dora=o.use_dora,
-                init_lora_weights="gaussian",
-                target_modules=list(o.text_encoder_target_modules or family.text_encoder_lora_targets))
+            self.configs["text_encoder"] = lora_variants.peft_config(
+                o.variant, rank=o.text_encoder_rank or o.rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
+                targets=o.text_encoder_target_modules or family.text_encoder_lora_targets)
             self.modules["text_encoder"] = parts.text_encoder
         for name, module in self.modules.items():
             module.add_adapter(self.configs[name])
@@ -82,7 +91,8 @@ class Strategy(CommonDefaults):
 
     @staticmethod
     def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-        return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+        # what peft's adapter layers added (lora_A/B, DoRA's magnitude, hada_*, lokr_*, oft_R); the base is frozen
+        return [p for n, p in module.named_parameters() if lora_variants.is_adapter_parameter(n) and p.requires_grad]
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         groups = [{"params": self._trainable(self.modules["unet"]), "lr": learning_rate}]
@@ -121,8 +131,14 @@ class Strategy(CommonDefaults):
 
     def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
         o = self.options
-        meta = {**metadata, "finetune.rank": str(o.rank), "finetune.alpha": str(o.alpha or o.rank),
+        meta = {**metadata, peft_adapter.VARIANT_KEY: o.variant, "finetune.rank": str(o.rank),
                 "finetune.use_dora": str(o.use_dora).lower()}
+        if o.variant != "oft":
+            meta["finetune.alpha"] = str(o.alpha or o.rank)
         configs = {name: config.to_dict() for name, config in self.configs.items()}
         components = diffusers_lora.unpack(self.state_dict())
-        return diffusers_lora.save_lora(Path(output_dir) / self.artifact_name, components, configs, meta)
+        path = Path(output_dir) / self.artifact_name
+        if o.variant in peft_adapter.PEFT_ONLY_VARIANTS:
+            # diffusers has no loader for these: the same layout, with the peft configs to rebuild them exactly
+            return peft_adapter.save_peft_adapter(path, components, configs, meta)
+        return diffusers_lora.save_lora(path, components, configs, meta)

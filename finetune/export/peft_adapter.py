@@ -1,0 +1,120 @@
+"""LoHa, LoKr and OFT files: the LoRA file's layout, for the variants diffusers has no loader for.
+
+Keys are peft's, prefixed by component, as in diffusers' LoRA file (`unet.<module>.hada_w1_a`,
+`text_encoder.<module>.lokr_w1`, `unet.<module>.oft_R.weight`). The header names the variant (`finetune.variant`)
+and holds each component's peft config as JSON (`finetune.peft_config`), so the layers are rebuilt exactly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.export import diffusers_lora
+from finetune.export.safetensors_io import read_metadata, save_safetensors
+
+VARIANT_KEY = "finetune.variant"
+PEFT_CONFIG_KEY = "finetune.peft_config"
+PEFT_ONLY_VARIANTS = ("loha", "lokr", "oft")
+
+
+def config_json(configs: dict[str, dict]) -> str:
+    """{"unet": LoHaConfig.to_dict(), ...} as JSON (sets as sorted lists, the peft type as its name)."""
+    plain = {component: {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+             for component, config in configs.items()}
+    return json.dumps(plain, indent=2, sort_keys=True, default=str)
+
+
+def save_peft_adapter(path: Path, components: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict],
+                      metadata: dict[str, str]) -> Path:
+    if metadata.get(VARIANT_KEY) not in PEFT_ONLY_VARIANTS:
+        raise ValueError(f"{VARIANT_KEY} must be one of {PEFT_ONLY_VARIANTS}, got {metadata.get(VARIANT_KEY)!r}")
+    header = {"format": "pt", PEFT_CONFIG_KEY: config_json(configs), **metadata}
+    return save_safetensors(diffusers_lora.pack(components), path, header)
+
+
+def is_peft_adapter(metadata: dict[str, str], keys: list[str]) -> bool:
+    return metadata.get(VARIANT_KEY) in PEFT_ONLY_VARIANTS
+
+
+def configs_from_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
+    from peft import PeftConfig
+
+    try:
+        plain = json.loads(metadata[PEFT_CONFIG_KEY])
+        return {component: PeftConfig.from_peft_type(**config) for component, config in plain.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: a {metadata.get(VARIANT_KEY)} adapter whose {PEFT_CONFIG_KEY} header is "
+                         f"missing or unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def load_peft_adapter(pipe: Any, path: str, scale: float, name: str) -> str:
+    """Rebuild the file's adapter layers in `pipe` under `name`, active alone, at strength `scale`."""
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    variant = metadata[VARIANT_KEY]
+    if variant == "oft" and scale != 1:
+        raise ValueError(f"{path}: an OFT adapter has no strength to scale (it rotates each layer's input by a "
+                         f"learned orthogonal matrix); load it with scale 1, not {scale}")
+    configs = configs_from_metadata(metadata, path)
+    components = diffusers_lora.unpack(load_file(path))
+    for component in components:
+        module = getattr(pipe, component, None)
+        if module is None or component not in configs:
+            raise ValueError(f"{path}: holds {component} weights, but "
+                             + ("this pipeline has no " + component if module is None else "no config for them"))
+        if name in (getattr(module, "peft_config", None) or {}):
+            raise ValueError(f"an adapter named {name!r} is already loaded in {component}; pass another name or "
+                             "unload it first")
+    try:
+        for component, state in components.items():
+            _inject(getattr(pipe, component), configs[component], state, name, f"{path} ({component})")
+    except BaseException:
+        _remove(pipe, components, name)  # nothing half-loaded stays behind
+        raise
+    if variant != "oft":
+        _set_scale(pipe, components, name, scale)
+    return name
+
+
+def _inject(module: Any, config: Any, state: dict[str, torch.Tensor], name: str, source: str) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    # diffusers' and transformers' add_adapter: peft's inject_adapter_in_model plus their adapter bookkeeping,
+    # so pipe.get_list_adapters / delete_adapters (and unload_adapter) see it like a LoRA; the adapter is active alone
+    module.add_adapter(config, adapter_name=name)
+    try:
+        result = set_peft_model_state_dict(module, state, adapter_name=name)
+    except RuntimeError as exc:  # torch's "size mismatch for ..."
+        lines = [line.strip().rstrip(".") for line in str(exc).splitlines() if "size mismatch" in line]
+        raise ValueError(f"{source}: weights of the wrong shape for this model, e.g. {lines[0] if lines else exc}; "
+                         "was the adapter trained on another base model?") from None
+    # load_state_dict(strict=False) lists every base weight as missing: only the adapter's own count (peft names
+    # them with the adapter's name as one part, e.g. `to_q.hada_w1_a.<name>`, `to_q.oft_R.<name>.weight`)
+    missing = [k for k in result.missing_keys if name in k.split(".")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{source}: the file does not match the layers its config builds in this model "
+                         f"(missing: {missing[:3]}, unexpected: {list(result.unexpected_keys)[:3]}); was it trained "
+                         "on another base model?")
+
+
+def _set_scale(pipe: Any, components: dict, name: str, scale: float) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component in components:
+        for layer in getattr(pipe, component).modules():
+            # LoHa/LoKr: scaling = scale x alpha / r; only layers holding `name` (OFT layers have no scaling at all)
+            if isinstance(layer, BaseTunerLayer) and name in getattr(layer, "scaling", {}):
+                layer.set_scale(name, scale)
+
+
+def _remove(pipe: Any, components: dict, name: str) -> None:
+    from diffusers.utils.peft_utils import delete_adapter_layers
+
+    for component in components:
+        module = getattr(pipe, component)
+        delete_adapter_layers(module, name)
+        (getattr(module, "peft_config", None) or {}).pop(name, None)
