@@ -149,3 +149,18 @@ def _check_readable(examples: list[Example], on_bad_image: str) -> list[Example]
     if not good:
         raise DataError("no readable images left to train on")
     return good
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How often each comma-separated tag occurs in the captions (the tag lists UIs show for a LoRA)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in (part.strip() for part in caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def data_name(images: str | None, dataset: str | None) -> str:
+    """A short name for the training data: the image folder's name, or the dataset's."""
+    return Path(images).name if images else str(dataset)

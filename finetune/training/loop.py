@@ -9,6 +9,7 @@ one exactly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.data import BatchOrder, ImageCaptionDataset, list_examples, make_loader
+from finetune.data.sources import data_name, tag_frequency
 from finetune.data.buckets import format_report, training_sizes, write_report
 from finetune.data.latent_cache import estimated_bytes
 from finetune.export.safetensors_io import training_metadata
@@ -94,6 +96,10 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             write_report(bucket_report, output_dir / "buckets.json")
     order = BatchOrder(len(examples), d.repeats, t.batch_size, accelerator.num_processes,
                        accelerator.process_index, t.seed, groups=groups)
+    # what the artifact's header says about the data (kohya's ss_num_train_images and ss_tag_frequency)
+    data_figures = {"num_train_images": len(examples),
+                    "tag_frequency": json.dumps({data_name(d.images, d.dataset): tag_frequency(
+                        [e.caption for e in examples])}, sort_keys=True)}
     resume_from = checkpoint.find_checkpoint(output_dir, resume) if resume else None
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(resume_from)
@@ -206,22 +212,24 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             accelerator.wait_for_everyone()
         snapshot_every = recipe.checkpoint.snapshot_every
         if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
-            _save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}", step)
+            _save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}", step,
+                           data_figures)
         if recipe.sample.every and step % recipe.sample.every == 0:
             with on_device(offloaded, accelerator.device):
                 _sample(accelerator, family, parts, recipe, output_dir, step)
     progress.close()
 
-    artifact = _save_artifact(accelerator, strategy, recipe, output_dir, step)
+    artifact = _save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures)
     accelerator.print(f"saved {artifact}")
     return artifact
 
 
-def _save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int) -> Path:
+def _save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int,
+                   data_figures: dict[str, object]) -> Path:
     artifact = output_dir / strategy.artifact_name
     if accelerator.is_main_process:
         metadata = training_metadata(base_model=recipe.model.base, strategy=recipe.strategy.kind, steps=step,
-                                     recipe=recipe_to_dict(recipe))
+                                     recipe=recipe_to_dict(recipe), extra=data_figures)
         artifact = strategy.save(output_dir, metadata)
     accelerator.wait_for_everyone()
     return artifact
