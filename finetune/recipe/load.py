@@ -129,6 +129,10 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
     recipe.model.config = resolve(recipe.model.config)
     recipe.data.images = resolve(recipe.data.images)
     recipe.data.dataset = resolve(recipe.data.dataset)
+    for f in dataclasses.fields(recipe.strategy) if recipe.strategy is not None else ():
+        # a strategy's own path keys say so in their field metadata
+        if f.metadata.get("path"):
+            setattr(recipe.strategy, f.name, resolve(getattr(recipe.strategy, f.name)))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 
-from finetune.export import diffusers_lora, peft_adapter
+from finetune.export import diffusers_lora, kohya_lora, lora_layers, peft_adapter
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies import lora_variants
@@ -33,6 +34,11 @@ class Options(StrategyOptions):
     text_encoder_rank: Optional[int] = None  # None: rank
     text_encoder_learning_rate: Optional[float] = None  # None: the U-Net's learning rate
     text_encoder_target_modules: list[str] = field(default_factory=list)
+    # the diffusers file is always written; kohya adds output_dir/kohya/<output_dir name>.safetensors
+    formats: list[Literal["diffusers", "kohya"]] = field(default_factory=lambda: ["diffusers"])
+    # start from a LoRA file (diffusers or kohya format): its layers, ranks and alphas replace rank, alpha and
+    # target_modules, and its weights are where training starts
+    initial_weights: Optional[str] = field(default=None, metadata={"path": True})
 
     def changes_text_encoding(self) -> Optional[str]:
         return "strategy.text_encoder is true, so the text encoder trains" if self.text_encoder else None
@@ -54,7 +60,25 @@ class Options(StrategyOptions):
                                       or self.text_encoder_target_modules):
             problems.append("strategy.text_encoder_*: set, but strategy.text_encoder is false; "
                             "set strategy.text_encoder: true or remove them")
-        return problems + lora_variants.problems(self)
+        return problems + lora_variants.problems(self) + self._file_problems()
+
+    def _file_problems(self) -> list[str]:
+        problems = []
+        if "kohya" in self.formats and (self.variant != "lora" or self.use_dora):
+            problems.append(f"strategy.formats: kohya's LoRA format holds plain LoRA, not "
+                            f"{'DoRA' if self.use_dora else self.variant}; remove kohya (the diffusers-layout file "
+                            "loads with finetune.load_adapter)")
+        if self.initial_weights:
+            if self.variant != "lora" or self.use_dora:
+                problems.append("strategy.initial_weights: starting from a file works for plain LoRA only; remove "
+                                "it, or set variant: lora without use_dora")
+            if self.target_modules or self.conv_layers:
+                problems.append("strategy.initial_weights: the file decides which layers train; remove "
+                                "strategy.target_modules / conv_layers")
+            if not self.initial_weights.endswith(".safetensors") or not os.path.isfile(self.initial_weights):
+                problems.append(f"strategy.initial_weights: {self.initial_weights} is not a .safetensors file; give "
+                                "the path of a LoRA file (diffusers or kohya format)")
+        return problems
 
 
 class Strategy(CommonDefaults):
@@ -64,10 +88,13 @@ class Strategy(CommonDefaults):
         self.options = options
         self.modules: dict[str, torch.nn.Module] = {}  # component name -> module holding LoRA layers
         self.configs: dict[str, Any] = {}
+        self.start: Optional[lora_layers.LoraWeights] = None  # strategy.initial_weights, read by check()
 
     def check(self, family: ModelFamily, parts: Components) -> None:
         if self.options.variant == "oft":
             lora_variants.refuse_oft_on_convolutions(self.options.target_modules or family.lora_targets, parts.unet)
+        if self.options.initial_weights:
+            self.start = initial_layers(self.options.initial_weights, parts, self.options.text_encoder)
 
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         # keep_frozen_base needs nothing: switching the adapters off gives the base back
@@ -83,11 +110,18 @@ class Strategy(CommonDefaults):
                 o.variant, rank=o.text_encoder_rank or o.rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
                 targets=o.text_encoder_target_modules or family.text_encoder_lora_targets)
             self.modules["text_encoder"] = parts.text_encoder
+        from peft import LoraConfig
+
+        start = self.start.layers if self.start is not None else {}
+        for name in start:  # the file's layers, ranks and alphas, exactly
+            self.configs[name] = LoraConfig(**{**lora_layers.peft_config(start[name]), "lora_dropout": o.dropout})
         for name, module in self.modules.items():
             module.add_adapter(self.configs[name])
             for parameter in self._trainable(module):
                 # trainable weights stay fp32 whatever the frozen base's dtype (no fp16 unscale errors)
                 parameter.data = parameter.data.float()
+            if name in start:
+                self._load_component(name, lora_layers.peft_state_dict(start[name]))
 
     @staticmethod
     def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -121,13 +155,16 @@ class Strategy(CommonDefaults):
         return diffusers_lora.pack({name: get_peft_model_state_dict(module) for name, module in self.modules.items()})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, part in diffusers_lora.unpack(state).items():
+            self._load_component(name, part)
+
+    def _load_component(self, name: str, state: dict[str, torch.Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        for name, part in diffusers_lora.unpack(state).items():
-            result = set_peft_model_state_dict(self.modules[name], part)
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise ValueError(f"LoRA state for {name} has keys this model lacks: {unexpected[:3]}")
+        result = set_peft_model_state_dict(self.modules[name], state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"LoRA state for {name} has keys this model lacks: {unexpected[:3]}")
 
     def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
         o = self.options
@@ -141,4 +178,36 @@ class Strategy(CommonDefaults):
         if o.variant in peft_adapter.PEFT_ONLY_VARIANTS:
             # diffusers has no loader for these: the same layout, with the peft configs to rebuild them exactly
             return peft_adapter.save_peft_adapter(path, components, configs, meta)
-        return diffusers_lora.save_lora(path, components, configs, meta)
+        diffusers_lora.save_lora(path, components, configs, meta)
+        if "kohya" in o.formats:
+            name = Path(output_dir).name
+            kohya_lora.write_kohya(lora_layers.read_lora(path), Path(output_dir) / KOHYA_DIR / f"{name}.safetensors")
+        return path
+
+
+KOHYA_DIR = "kohya"
+
+
+def initial_layers(path: str, parts: Components, text_encoder: bool) -> lora_layers.LoraWeights:
+    """A LoRA file's layers, named as this model names its modules; refused (before any long work) when they do
+    not fit the model or the recipe."""
+    from finetune.strategies.base import StrategySetupError
+
+    names = {c: [n for n, m in getattr(parts, c).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+             for c in ("unet", "text_encoder")}
+    try:
+        start = lora_layers.read_lora(path, names)
+    except lora_layers.LoraFileError as exc:
+        raise StrategySetupError(f"strategy.initial_weights: {exc}") from None
+    if start.uses_dora:
+        raise StrategySetupError(f"strategy.initial_weights: {path} is a DoRA file; start from a plain LoRA file")
+    if "text_encoder" in start.layers and not text_encoder:
+        raise StrategySetupError(f"strategy.initial_weights: {path} also adapts the text encoder; set "
+                                 "strategy.text_encoder: true to go on training both")
+    for component, module, layer in start.modules():
+        weight = getattr(parts, component).get_submodule(module).weight
+        shape = (weight.shape[0], *layer.down.shape[1:])
+        if layer.up.shape[0] != weight.shape[0] or tuple(layer.down.shape[1:]) != tuple(weight.shape[1:]):
+            raise StrategySetupError(f"strategy.initial_weights: {component}.{module} is {tuple(weight.shape)} in "
+                                     f"this model but {shape} in {path}: the file was made for another base model")
+    return start
