@@ -248,3 +248,15 @@ def test_validate_command_exits_2_on_a_variant_mismatch(tiny_base, concept_dir, 
                                                strategy={"kind": "lora", "variant": "lokr"})))
     assert main(["validate", str(path)]) == 0
     assert main(["validate", str(path), "strategy.use_dora=true"]) == 2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merge_fuses_every_variant_into_plain_weights(case, trained, tiny_base, tmp_path):
+    from finetune.models.stable_diffusion import StableDiffusion
+    from finetune.tools.merge import merge
+
+    artifact, trained_outputs = trained[case]
+    merge(str(tiny_base), [(str(artifact), 1.0)], tmp_path / "merged", save_dtype="fp32")
+    merged = StableDiffusion().load(str(tmp_path / "merged"))
+    assert not any("base_layer" in name for name, _ in merged.unet.named_modules())  # no adapter left
+    assert same(outputs(merged.unet, merged.text_encoder), trained_outputs)
