@@ -151,3 +151,20 @@ def test_inspect_names_format_base_metadata_and_shapes(lora_file, tmp_path, caps
     text = capsys.readouterr().out
     assert "LoRA (diffusers/peft format)" in text and "base_model:" in text
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_inspect_tells_each_kind_of_file(tiny_base, tmp_path, capsys):
+    from finetune.export.single_file import save_single_file
+    from finetune.export.textual_inversion import save_a1111_pt
+
+    pipe = _pipe(tiny_base)
+    checkpoint = save_single_file(tmp_path / "model.safetensors", pipe.unet, pipe.vae, pipe.text_encoder)
+    pt = save_a1111_pt(torch.randn(2, 32), tmp_path / "sks.pt", "<sks>", step=3, base_model="tiny")
+    embedding = tmp_path / "learned_embeds.safetensors"
+    save_file({"<sks>": torch.randn(2, 32)}, str(embedding))
+    expected = {checkpoint: "single-file checkpoint", pt: "AUTOMATIC1111 .pt", embedding: "diffusers format",
+                tiny_base: "diffusers pipeline"}
+    for path, kind in expected.items():
+        capsys.readouterr()
+        assert main(["inspect", str(path), "--json"]) == 0
+        assert kind in json.loads(capsys.readouterr().out)["kind"], path

@@ -260,3 +260,11 @@ def test_merge_fuses_every_variant_into_plain_weights(case, trained, tiny_base, 
     merged = StableDiffusion().load(str(tmp_path / "merged"))
     assert not any("base_layer" in name for name, _ in merged.unet.named_modules())  # no adapter left
     assert same(outputs(merged.unet, merged.text_encoder), trained_outputs)
+
+
+@pytest.mark.parametrize("case, kind", [("loha", "loha adapter"), ("lokr", "lokr adapter"), ("oft", "oft adapter"),
+                                        ("dora", "with DoRA"), ("lora_conv", "LoRA (diffusers/peft format)")])
+def test_inspect_names_the_variant(case, kind, trained):
+    from finetune.tools.inspect_file import describe
+
+    assert kind in describe(trained[case][0])["kind"]
