@@ -111,9 +111,10 @@ def _describe_folder(path: Path) -> dict[str, Any]:
     index = path / "model_index.json"
     if not index.is_file():
         raise ValueError(f"{path}: a folder, but not a diffusers pipeline (no model_index.json)")
-    components = {k: v for k, v in json.loads(index.read_text()).items() if not k.startswith("_")}
-    info: dict[str, Any] = {"file": str(path), "kind": f"diffusers pipeline ({json.loads(index.read_text())['_class_name']})",
-                            "components": {k: v[1] if isinstance(v, list) else v for k, v in components.items()}}
+    listing = json.loads(index.read_text())
+    components = {k: v[1] if isinstance(v, list) else v for k, v in listing.items() if not k.startswith("_")}
+    info: dict[str, Any] = {"file": str(path), "kind": f"diffusers pipeline ({listing.get('_class_name')})",
+                            "components": components}
     trained = path / "finetune.json"
     info["metadata"] = json.loads(trained.read_text()) if trained.is_file() else {}
     info["base_model"] = info["metadata"].get("finetune.base_model")
