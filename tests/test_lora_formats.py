@@ -168,3 +168,23 @@ def test_inspect_tells_each_kind_of_file(tiny_base, tmp_path, capsys):
         capsys.readouterr()
         assert main(["inspect", str(path), "--json"]) == 0
         assert kind in json.loads(capsys.readouterr().out)["kind"], path
+
+
+def test_every_sd15_module_name_parses_back_without_the_model():
+    """kohya names of every Linear/Conv2d in an SD1.5-shaped U-Net and CLIP (built on the meta device, no
+    memory) come back as the module paths, so converting a civitai LoRA needs no base model."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel(), "text_encoder": CLIPTextModel(CLIPTextConfig())}
+    checked = 0
+    for component, model in models.items():
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                kohya = kohya_lora._kohya_module(component, name)
+                underscored = kohya.split("_", 2)[2]  # without lora_unet_ / lora_te_
+                parsed = kohya_lora._resolver(component, None)(underscored)
+                assert parsed == name, (kohya, parsed)
+                checked += 1
+    assert checked > 300  # SD1.5: 192 + 72 LoRA targets, plus the ResNet convolutions
