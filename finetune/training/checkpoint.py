@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle
 from finetune.export.safetensors_io import save_safetensors
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -83,7 +84,10 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     """Returns (state.json contents, trainable tensors, training_state). Only plain tensors are unpickled."""
     state = json.loads((path / STATE_FILE).read_text())
     trainable = load_file(str(path / "trainable.safetensors"))
-    training_state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    try:
+        training_state = load_plain_pickle(path / "training_state.pt", "checkpoint's training state")
+    except UnsafePickleError as exc:
+        raise CheckpointError(f"--resume {path}: {exc}") from None
     return state, trainable, training_state
 
 
