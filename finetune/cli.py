@@ -110,6 +110,7 @@ def _validate(args) -> int:
 
 def _train(args) -> int:
     from finetune.recipe.load import load_recipe
+    from finetune.training.interrupt import Interrupted
     from finetune.training.loop import train
 
     try:
@@ -117,6 +118,9 @@ def _train(args) -> int:
         train(recipe, resume=args.resume)
     except _known_errors() as exc:
         raise KnownProblem(str(exc)) from None
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +27,7 @@ from finetune.models import Components, ModelFamily, family_for
 from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
-from finetune.training import checkpoint, prior, trackers
+from finetune.training import checkpoint, interrupt, prior, trackers
 from finetune.training.caches import BatchEncoder, make_encoder, plan_caches
 from finetune.training.offload import offload, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
@@ -174,54 +175,79 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)
     batches = iter(loader)
-    while step < t.max_steps:
-        losses = []
-        # a strategy may stop training the text encoder part-way (DreamBooth's text_encoder_steps)
-        settings = dataclasses.replace(settings, text_encoder_trains=_requires_grad(parts.text_encoder))
-        for micro in range(t.gradient_accumulation_steps):
-            batch = next(batches)
-            class_batch = next(class_batches) if class_batches is not None else None
-            seed = step_seed(t.seed, step, micro, accelerator.process_index)
-            torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
-            with accelerator.accumulate(*[getattr(parts, name) for name in trained]):
-                loss = micro_step_loss(family, parts, strategy, batch, class_batch,
-                                       torch.Generator().manual_seed(seed), settings, encoder)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        lr_scheduler.step()
-        strategy.on_step_end(step + 1)
-        step += 1
-        mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        if on_step is not None:
-            on_step(step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-        if step % recipe.log.every == 0:
-            accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps:
-            if accelerator.is_main_process:
-                training_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
-                if accelerator.scaler is not None:
-                    training_state["scaler"] = accelerator.scaler.state_dict()
-                checkpoint.save_checkpoint(output_dir, step, strategy.state_dict(), training_state, identity,
-                                           recipe.checkpoint.keep)
-            accelerator.wait_for_everyone()
-        snapshot_every = recipe.checkpoint.snapshot_every
-        if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
-            _save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}", step,
-                           data_figures)
-        if recipe.sample.every and step % recipe.sample.every == 0:
-            with on_device(offloaded, accelerator.device):
-                _sample(accelerator, family, parts, recipe, output_dir, step)
+    with interrupt.stop_on_signals() as stop:
+        while step < t.max_steps:
+            losses = []
+            # a strategy may stop training the text encoder part-way (DreamBooth's text_encoder_steps)
+            settings = dataclasses.replace(settings, text_encoder_trains=_requires_grad(parts.text_encoder))
+            for micro in range(t.gradient_accumulation_steps):
+                batch = next(batches)
+                class_batch = next(class_batches) if class_batches is not None else None
+                seed = step_seed(t.seed, step, micro, accelerator.process_index)
+                torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+                with accelerator.accumulate(*[getattr(parts, name) for name in trained]):
+                    loss = micro_step_loss(family, parts, strategy, batch, class_batch,
+                                           torch.Generator().manual_seed(seed), settings, encoder)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+            lr_scheduler.step()
+            strategy.on_step_end(step + 1)
+            step += 1
+            mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            if on_step is not None:
+                on_step(step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            if step % recipe.log.every == 0:
+                accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
+            if saved:
+                _save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, identity,
+                                 recipe.checkpoint.keep)
+            snapshot_every = recipe.checkpoint.snapshot_every
+            if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
+                _save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}", step,
+                               data_figures)
+            if recipe.sample.every and step % recipe.sample.every == 0:
+                with on_device(offloaded, accelerator.device):
+                    _sample(accelerator, family, parts, recipe, output_dir, step)
+            if step < t.max_steps and _stop_requested(stop, accelerator):
+                if not saved:
+                    _save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, identity,
+                                     recipe.checkpoint.keep)
+                progress.close()
+                raise interrupt.Interrupted(
+                    f"stopped on {signal.Signals(stop.signum or signal.SIGINT).name} after step {step} of "
+                    f"{t.max_steps}; the checkpoint is in {checkpoint.checkpoints_dir(output_dir)}. Continue with:\n"
+                    f"  finetune train {recipe.source} --resume latest", stop.signum or signal.SIGINT)
     progress.close()
 
     artifact = _save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures)
     accelerator.print(f"saved {artifact}")
     return artifact
+
+
+def _save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimizer, lr_scheduler,
+                     identity: dict, keep: int) -> None:
+    if accelerator.is_main_process:
+        training_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            training_state["scaler"] = accelerator.scaler.state_dict()
+        checkpoint.save_checkpoint(output_dir, step, strategy.state_dict(), training_state, identity, keep)
+    accelerator.wait_for_everyone()
+
+
+def _stop_requested(stop: interrupt.StopRequest, accelerator) -> bool:
+    """Whether any process was asked to stop: all stop at the same step, or the others would wait forever."""
+    wanted = stop.signum is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(wanted)], device=accelerator.device)
+        wanted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    return wanted
 
 
 def _save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int,

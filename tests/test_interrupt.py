@@ -1,0 +1,75 @@
+"""Ctrl-C (SIGINT) and `kill` (SIGTERM) stop a run at the next step boundary with a checkpoint, say how to go on,
+and the resumed run ends with the same artifact as an uninterrupted one (issue 9)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from finetune.recipe.load import parse_recipe
+from finetune.training.interrupt import Interrupted
+from finetune.training.loop import train
+from tests.conftest import recipe_dict
+
+RUN = {"max_steps": 5, "learning_rate": 1e-3, "batch_size": 2, "lr_scheduler": "linear"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_checkpoints_at_the_step_boundary_and_resume_is_exact(signum, tiny_base, concept_dir, tmp_path):
+    full = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "full", train=RUN, checkpoint={"every": 0}))
+    uninterrupted = load_file(train(full))
+
+    part = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "part", train=RUN, checkpoint={"every": 0}))
+
+    def signal_at_step_2(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signum)  # arrives mid-run; the loop must finish the step first
+
+    with pytest.raises(Interrupted) as info:
+        train(part, on_step=signal_at_step_2)
+    assert info.value.exit_code == 128 + signum
+    assert "after step 2 of 5" in str(info.value) and "--resume latest" in str(info.value)
+    assert [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (tmp_path / "part" / "pytorch_lora_weights.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run gave the handlers back
+
+    resumed = load_file(train(part, resume="latest"))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_ctrl_c_on_the_command_line(tiny_base, concept_dir, tmp_path):
+    recipe = recipe_dict(tiny_base, concept_dir, tmp_path / "out", train={"max_steps": 100000},
+                         checkpoint={"every": 0})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path)], stderr=subprocess.PIPE,
+                               text=True, env=env)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for chunk in iter(lambda: process.stderr.read(64), ""):  # tqdm redraws with \r, not newlines
+            lines.append(chunk)
+            if " 1/100000" in "".join(lines):  # tqdm shows the first finished step
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(timeout=300), "".join(lines)[-2000:]
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    reader.join(timeout=10)
+    text = "".join(lines)
+    assert "stopping after this step" in text and f"finetune train {path} --resume latest" in text
+    saved = list((tmp_path / "out" / "checkpoints").iterdir())
+    assert len(saved) == 1 and (saved[0] / "state.json").is_file()
