@@ -58,9 +58,18 @@ def test_resume_refuses_another_recipes_checkpoint(tiny_base, concept_dir, tmp_p
                                      strategy={"kind": "lora", "rank": 8}))
     with pytest.raises(checkpoint.CheckpointError, match="strategy.rank"):
         train(other, resume="latest")
+
+
+
+def test_resume_latest_without_a_checkpoint_starts_at_step_0(tiny_base, concept_dir, tmp_path, capsys):
+    # a run killed before its first checkpoint: the same command still finishes it, as a fresh run would
+    plain = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "plain", train={"max_steps": 2}))
     fresh = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "empty", train={"max_steps": 2}))
-    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
-        train(fresh, resume="latest")
+    (tmp_path / "empty" / "checkpoints" / ".tmp-step-000001").mkdir(parents=True)  # a save that died midway
+    expected = load_file(train(plain))
+    resumed = load_file(train(fresh, resume="latest"))
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
 
 
 def test_an_unfinished_checkpoint_is_never_latest(tmp_path):

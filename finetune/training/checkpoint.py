@@ -45,8 +45,17 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, trainable: dict[st
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_directory(root)  # the rename itself reaches the disk before older checkpoints are pruned
     _prune(root, keep)
     return final
+
+
+def _fsync_directory(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _completed(root: Path) -> list[tuple[int, Path]]:
@@ -65,14 +74,13 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
-    """`latest` -> the newest complete checkpoint in output_dir; otherwise a checkpoint folder path."""
+def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path | None:
+    """`latest` -> the newest complete checkpoint in output_dir, or None when there is none yet (a run killed
+    before its first checkpoint starts again from step 0, so one command always finishes it); otherwise a
+    checkpoint folder path."""
     if which == "latest":
         completed = _completed(checkpoints_dir(output_dir))
-        if not completed:
-            raise CheckpointError(f"--resume latest: no complete checkpoint in {checkpoints_dir(output_dir)}; "
-                                  "start without --resume, or set checkpoint.every so that runs save some")
-        return completed[-1][1]
+        return completed[-1][1] if completed else None
     path = Path(which)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"--resume {which}: not a checkpoint folder (no {STATE_FILE}); "

@@ -102,6 +102,9 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                     "tag_frequency": json.dumps({data_name(d.images, d.dataset): tag_frequency(
                         [e.caption for e in examples])}, sort_keys=True)}
     resume_from = checkpoint.find_checkpoint(output_dir, resume) if resume else None
+    if resume and resume_from is None:
+        accelerator.print(f"--resume latest: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet; "
+                          "starting at step 0")
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(resume_from)
         checkpoint.check_same_run(saved[0], identity, resume_from)
