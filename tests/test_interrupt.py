@@ -73,3 +73,52 @@ def test_ctrl_c_on_the_command_line(tiny_base, concept_dir, tmp_path):
     assert "stopping after this step" in text and f"finetune train {path} --resume latest" in text
     saved = list((tmp_path / "out" / "checkpoints").iterdir())
     assert len(saved) == 1 and (saved[0] / "state.json").is_file()
+
+
+def _start(path, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path), *extra], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
+
+
+def _wait_for_progress(process, pattern: str, timeout: float = 300) -> bool:
+    """Read the child's stderr until `pattern` shows up (True) or the child ends (False)."""
+    seen = ""
+    for chunk in iter(lambda: process.stderr.read(16), ""):
+        seen += chunk
+        if pattern in seen:
+            return True
+    return False
+
+
+def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_artifact(tiny_base, concept_dir, tmp_path):
+    run = {"max_steps": 8, "learning_rate": 1e-3, "batch_size": 2}
+    # the uninterrupted run in a process like the killed ones (the thread count changes float sums' order)
+    full = tmp_path / "full.yaml"
+    full.write_text(yaml.safe_dump(recipe_dict(tiny_base, concept_dir, tmp_path / "full", train=run)))
+    process = _start(full)
+    process.communicate(timeout=300)
+    uninterrupted = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+
+    # a checkpoint every step, so kills land before, inside and after checkpoint writes and the final save
+    recipe = recipe_dict(tiny_base, concept_dir, tmp_path / "killed", train=run, checkpoint={"every": 1, "keep": 2})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    artifact = tmp_path / "killed" / "pytorch_lora_weights.safetensors"
+    kills = 0
+    for step_seen, delay in ((1, 0.0), (3, 0.05), (5, 0.2), (6, 0.4)):
+        process = _start(path, "--resume", "latest")
+        if _wait_for_progress(process, f" {step_seen}/8"):
+            threading.Event().wait(delay)
+            process.kill()  # SIGKILL: no handler, no cleanup
+            kills += 1
+        process.wait(timeout=120)
+    assert kills >= 2
+    process = _start(path, "--resume", "latest")
+    process.communicate(timeout=300)
+    assert process.returncode == 0
+    resumed = load_file(artifact)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert not list((tmp_path / "killed").glob(".*tmp*"))  # the finished run left no temporary file behind

@@ -97,3 +97,15 @@ def test_samples_and_tensorboard_and_wandb_offline(tiny_base, concept_dir, tmp_p
     events = list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))
     assert events and sum(e.stat().st_size for e in events) > 200
     assert list((tmp_path / "out" / "logs").rglob("offline-run-*"))  # the W&B offline run folder
+
+
+def test_resume_removes_what_a_killed_run_left_half_written(tiny_base, concept_dir, tmp_path):
+    out = tmp_path / "out"
+    leftovers = [out / ".pytorch_lora_weights.safetensors.tmp-4242", out / "kohya" / ".out.safetensors.tmp-4242",
+                 out / "checkpoints" / ".tmp-step-000003"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if path.name.startswith(".tmp-step") else path.write_bytes(b"half")
+    train(parse_recipe(recipe_dict(tiny_base, concept_dir, out, train={"max_steps": 1})), resume="latest")
+    assert not any(path.exists() for path in leftovers)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -111,3 +111,17 @@ def check_same_run(saved: dict[str, Any], identity: dict[str, Any], path: Path) 
         raise CheckpointError(
             f"checkpoint {path} was made by a different recipe (differs in: {', '.join(differing)}); "
             "resume with the recipe that made it, or start a new output_dir")
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """What a killed run left half-written: `.NAME.tmp-PID` files (atomic saves) and `.tmp-step-N` checkpoint
+    folders. Only complete files are ever renamed into place, so these are never needed again."""
+    output_dir = Path(output_dir)
+    stale = [p for folder in (output_dir, *[d for d in output_dir.glob("*") if d.is_dir()])
+             for p in folder.glob(".*.tmp-*")] + list(checkpoints_dir(output_dir).glob(".tmp-step-*"))
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale

@@ -101,6 +101,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     data_figures = {"num_train_images": len(examples),
                     "tag_frequency": json.dumps({data_name(d.images, d.dataset): tag_frequency(
                         [e.caption for e in examples])}, sort_keys=True)}
+    if resume and accelerator.is_main_process:
+        checkpoint.remove_stale_temporaries(output_dir)
     resume_from = checkpoint.find_checkpoint(output_dir, resume) if resume else None
     if resume and resume_from is None:
         accelerator.print(f"--resume latest: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet; "
