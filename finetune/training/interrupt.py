@@ -30,6 +30,16 @@ class StopRequest:
         print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
+    def requested_anywhere(self, accelerator) -> bool:
+        """Whether any process was asked to stop: all stop at the same step, or the others would wait forever."""
+        wanted = self.signum is not None
+        if accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor([float(wanted)], device=accelerator.device)
+            wanted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return wanted
+
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:

@@ -220,7 +220,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             if recipe.sample.every and step % recipe.sample.every == 0:
                 with on_device(offloaded, accelerator.device):
                     _sample(accelerator, family, parts, recipe, output_dir, step)
-            if step < t.max_steps and _stop_requested(stop, accelerator):
+            if step < t.max_steps and stop.requested_anywhere(accelerator):
                 if not saved:
                     _save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, identity,
                                      recipe.checkpoint.keep)
@@ -244,15 +244,6 @@ def _save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimiz
             training_state["scaler"] = accelerator.scaler.state_dict()
         checkpoint.save_checkpoint(output_dir, step, strategy.state_dict(), training_state, identity, keep)
     accelerator.wait_for_everyone()
-
-
-def _stop_requested(stop: interrupt.StopRequest, accelerator) -> bool:
-    """Whether any process was asked to stop: all stop at the same step, or the others would wait forever."""
-    wanted = stop.signum is not None
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([float(wanted)], device=accelerator.device)
-        wanted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-    return wanted
 
 
 def _save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int,
