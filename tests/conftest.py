@@ -70,11 +70,7 @@ def recipe_dict(base: Path, images: Path, output_dir: Path, **sections) -> dict:
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; each in-process training run starts from a clean one."""
     yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
 
 
 def pipeline(path):
@@ -122,3 +118,36 @@ def lora_file(tiny_base, tmp_path_factory):
     metadata = {"finetune.base_model": str(tiny_base), "finetune.steps": "7", "finetune.recipe": json.dumps(recipe)}
     path = tmp_path_factory.mktemp("lora") / "ours.safetensors"
     return diffusers_lora.save_lora(path, components, {n: c.to_dict() for n, c in configs.items()}, metadata)
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train_keeping_parts(recipe):
+    """Train with the SD family, returning (artifact, the loaded components in eval mode) so a test can compare
+    the trained model with what a file loads back; accelerate's singletons are reset for module-scoped use."""
+    from finetune.models.stable_diffusion import StableDiffusion
+    from finetune.training import loop
+
+    kept = {}
+
+    class KeepParts(StableDiffusion):
+        def load(self, *args, **kwargs):
+            kept["parts"] = super().load(*args, **kwargs)
+            return kept["parts"]
+
+    original = loop.family_for
+    loop.family_for = lambda name: KeepParts()
+    try:
+        artifact = loop.train(recipe)
+    finally:
+        loop.family_for = original
+        reset_accelerate()
+    for module in (kept["parts"].unet, kept["parts"].text_encoder):
+        module.eval()
+    return artifact, kept["parts"]

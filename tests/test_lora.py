@@ -13,17 +13,7 @@ import finetune
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
 from finetune.training import diffusion, loop
-from tests.conftest import recipe_dict
-
-
-class KeepParts(StableDiffusion):
-    """The SD family, keeping a handle on the loaded components so tests can inspect them after training."""
-
-    loaded = None
-
-    def load(self, *args, **kwargs):
-        KeepParts.loaded = super().load(*args, **kwargs)
-        return KeepParts.loaded
+from tests.conftest import recipe_dict, train_keeping_parts
 
 
 def fixed_loss(family, parts, pixels, captions) -> float:
@@ -49,32 +39,19 @@ def unet_output(pipe, seed=0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def trained(tiny_base, concept_dir, tmp_path_factory):
     """One LoRA run (U-Net + text encoder) with the loaded components kept for inspection."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     out = tmp_path_factory.mktemp("lora") / "out"
     recipe = parse_recipe(recipe_dict(
         tiny_base, concept_dir, out, train={"max_steps": 30, "learning_rate": 5e-3, "batch_size": 4},
         strategy={"kind": "lora", "rank": 4, "alpha": 8, "text_encoder": True,
                   "text_encoder_learning_rate": 1e-3}))
-    family = KeepParts()
-    reference = StableDiffusion().load(str(tiny_base))
+    family = StableDiffusion()
+    reference = family.load(str(tiny_base))
     pixels = torch.stack([torch.from_numpy(np.asarray(
         __import__("PIL.Image", fromlist=["Image"]).open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1)
         .permute(2, 0, 1) for p in sorted(concept_dir.glob("*.png"))])
     captions = ["a purple sks"] * len(pixels)
     before = fixed_loss(family, reference, pixels, captions)
-    original = loop.family_for
-    loop.family_for = lambda name: family
-    try:
-        artifact = loop.train(recipe)
-    finally:
-        loop.family_for = original
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-    parts = KeepParts.loaded
-    for module in (parts.unet, parts.text_encoder):
-        module.eval()
+    artifact, parts = train_keeping_parts(recipe)
     after = fixed_loss(family, parts, pixels, captions)
     return {"artifact": artifact, "parts": parts, "reference": reference, "before": before, "after": after,
             "recipe": recipe}

@@ -13,10 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import finetune
-from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import RecipeError, load_recipe, parse_recipe
 from finetune.training import loop
-from tests.conftest import recipe_dict
+from tests.conftest import recipe_dict, train_keeping_parts
 
 # (variant options, what the file's keys must show); all train the U-Net's attention, some more
 CASES = {
@@ -28,29 +27,6 @@ CASES = {
 }
 CONV_MODULES = {"down_blocks.0.resnets.0.conv1", "down_blocks.0.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv",
                 "up_blocks.1.resnets.1.conv_shortcut", "mid_block.resnets.1.conv2"}
-
-
-class KeepParts(StableDiffusion):
-    """The SD family, keeping the loaded (then trained) components for comparison."""
-
-    loaded = None
-
-    def load(self, *args, **kwargs):
-        KeepParts.loaded = super().load(*args, **kwargs)
-        return KeepParts.loaded
-
-
-def train_keeping_parts(recipe):
-    family = KeepParts()
-    original = loop.family_for
-    loop.family_for = lambda name: family
-    try:
-        artifact = loop.train(recipe)
-    finally:
-        loop.family_for = original
-    for module in (KeepParts.loaded.unet, KeepParts.loaded.text_encoder):
-        module.eval()
-    return artifact, KeepParts.loaded
 
 
 def variant_recipe(tiny_base, concept_dir, out, options, **train):
@@ -75,16 +51,11 @@ def same(a: tuple, b: tuple) -> bool:
 @pytest.fixture(scope="module")
 def trained(tiny_base, concept_dir, tmp_path_factory):
     """Each variant trained once: {case: (artifact, the trained model's outputs)}."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     runs = {}
     for case, (options, _) in CASES.items():
         out = tmp_path_factory.mktemp(case) / "out"
         artifact, parts = train_keeping_parts(variant_recipe(tiny_base, concept_dir, out, options))
         runs[case] = (artifact, outputs(parts.unet, parts.text_encoder))
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
     return runs
 
 

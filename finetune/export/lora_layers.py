@@ -146,11 +146,21 @@ def write_diffusers(weights: LoraWeights, path: Path, metadata: dict[str, str] |
     return diffusers_lora.save_lora(Path(path), components, configs, header)
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _check_path(path: str | Path) -> None:
     if not str(path).endswith(".safetensors"):
         raise LoraFileError(f"{path}: expected a .safetensors LoRA file")
     if not Path(path).is_file():
         raise LoraFileError(f"{path}: no such file")
+
+
+def tensor_names(path: str | Path) -> list[str]:
+    _check_path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    _check_path(path)
     with safe_open(str(path), framework="pt") as handle:
         return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 

@@ -180,8 +180,11 @@ class Strategy(CommonDefaults):
             return peft_adapter.save_peft_adapter(path, components, configs, meta)
         diffusers_lora.save_lora(path, components, configs, meta)
         if "kohya" in o.formats:
+            # the same tensors and configs the diffusers file holds, viewed as layers (no reading it back)
+            header = {**meta, diffusers_lora.ADAPTER_METADATA_KEY: diffusers_lora.adapter_metadata(configs)}
+            layers = lora_layers.from_diffusers(diffusers_lora.pack(components), header, str(path))
             name = Path(output_dir).name
-            kohya_lora.write_kohya(lora_layers.read_lora(path), Path(output_dir) / KOHYA_DIR / f"{name}.safetensors")
+            kohya_lora.write_kohya(layers, Path(output_dir) / KOHYA_DIR / f"{name}.safetensors")
         return path
 
 

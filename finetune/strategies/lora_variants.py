@@ -16,8 +16,6 @@ from typing import Any
 VARIANTS = ("lora", "loha", "lokr", "oft")
 # the part of a parameter's name that peft gives each variant's adapter weights (e.g. `to_q.hada_w1_a.default`)
 ADAPTER_PARAMETER_MARKERS = ("lora_", "hada_", "lokr_", "oft_")
-# variants whose layers peft can weight by a strength (set_scale); OFT's rotations have none
-SCALABLE_VARIANTS = ("lora", "loha", "lokr")
 
 
 def is_adapter_parameter(name: str) -> bool:

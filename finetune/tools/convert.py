@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.export.lora_layers import LoraFileError, is_kohya, read_tensors
+from finetune.export.lora_layers import LoraFileError, is_kohya, read_tensors, tensor_names
 
 TARGETS = ("diffusers", "kohya")
 
@@ -38,12 +38,11 @@ def convert(source: str | Path, out: str | Path, to: str, base: str | None = Non
         raise LoraFileError(f"{out}: the output should end in .safetensors (finetune never writes pickles)")
     if source.suffix == ".pt":
         return _embedding_from_a1111_pt(source, out, to, token)
-    tensors, metadata = read_tensors(source)
-    keys = list(tensors)
+    keys = tensor_names(source)  # the header alone tells a LoRA from an embedding
     if is_kohya(keys) or any(".lora_A." in k or ".lora.down." in k for k in keys):
         return _lora(source, out, to, base)
     if keys == ["emb_params"] or (keys and not any("." in k for k in keys)):
-        return _embedding(tensors, metadata, source, out, to, token)
+        return _embedding(*read_tensors(source), source, out, to, token)
     raise LoraFileError(f"{source}: neither a LoRA nor a textual-inversion embedding; `finetune inspect "
                         f"{source}` says what it is (hypernetworks and checkpoints have one format here)")
 
