@@ -92,8 +92,9 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from finetune.recipe.load import RecipeError
     from finetune.strategies.base import StrategySetupError
     from finetune.training.checkpoint import CheckpointError
+    from finetune.training.failures import SaveFailed, TrainingDiverged
 
-    return RecipeError, DataError, ModelLoadError, CheckpointError, StrategySetupError
+    return RecipeError, DataError, ModelLoadError, CheckpointError, StrategySetupError, TrainingDiverged, SaveFailed
 
 
 def _validate(args) -> int:

@@ -124,8 +124,12 @@ class Strategy(CommonDefaults):
         pipeline = self.family.pipeline(parts)
         # training is over: casting in place spares a second copy of the weights in memory
         pipeline.to(dtype=SAVE_DTYPES[self.options.save_dtype])
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        try:
+            pipeline.save_pretrained(tmp, safe_serialization=True)
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save (full disk) leaves nothing half-written
+            raise
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)

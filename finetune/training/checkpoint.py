@@ -36,12 +36,16 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, trainable: dict[st
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_safetensors(trainable, tmp / "trainable.safetensors")
-    torch.save(training_state, tmp / "training_state.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **identity}, indent=2, sort_keys=True))
-    for name in os.listdir(tmp):
-        with open(tmp / name, "rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        save_safetensors(trainable, tmp / "trainable.safetensors")
+        torch.save(training_state, tmp / "training_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **identity}, indent=2, sort_keys=True))
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (full disk, Ctrl-C) leaves nothing half-written
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -114,11 +118,13 @@ def check_same_run(saved: dict[str, Any], identity: dict[str, Any], path: Path) 
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """What a killed run left half-written: `.NAME.tmp-PID` files (atomic saves) and `.tmp-step-N` checkpoint
-    folders. Only complete files are ever renamed into place, so these are never needed again."""
+    """What a killed run left half-written: `.NAME.tmp-PID` and `.NAME.tmp` files and folders (atomic saves)
+    and `.tmp-step-N` checkpoint folders. Only complete files are ever renamed into place, so these are never
+    needed again."""
     output_dir = Path(output_dir)
-    stale = [p for folder in (output_dir, *[d for d in output_dir.glob("*") if d.is_dir()])
-             for p in folder.glob(".*.tmp-*")] + list(checkpoints_dir(output_dir).glob(".tmp-step-*"))
+    folders = (output_dir, *[d for d in output_dir.glob("*") if d.is_dir()])
+    stale = [p for folder in folders for pattern in (".*.tmp-*", ".*.tmp") for p in folder.glob(pattern)]
+    stale += list(checkpoints_dir(output_dir).glob(".tmp-step-*"))
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -18,20 +18,20 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from finetune.data import BatchOrder, ImageCaptionDataset, list_examples, make_loader
+from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
+from finetune.data.prepare import prepare_data
 from finetune.data.sources import data_name, tag_frequency
-from finetune.data.buckets import format_report, training_sizes, write_report
+from finetune.data.buckets import format_report, write_report
 from finetune.data.latent_cache import estimated_bytes
-from finetune.export.safetensors_io import training_metadata
-from finetune.models import Components, ModelFamily, family_for
+from finetune.models import Components, family_for
 from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
-from finetune.training import checkpoint, interrupt, prior, trackers
+from finetune.training import checkpoint, interrupt, prior, saves, trackers
 from finetune.training.caches import BatchEncoder, make_encoder, plan_caches
+from finetune.training.failures import check_finite_loss
 from finetune.training.offload import offload, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
-from finetune.training.sampling import sample_grid, save_png
 from finetune.training.step import LossSettings, micro_step_loss
 
 log = logging.getLogger(__name__)
@@ -84,19 +84,14 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         raise RecipeError(recipe.source, ["train.mixed_precision: fp16 needs a GPU; on a CPU use bf16 or no"])
     identity = {"model": dataclasses.asdict(recipe.model), "strategy": dataclasses.asdict(recipe.strategy)}
     # everything that can fail cheaply fails before the model loads
-    examples = list_examples(d.images, d.dataset, prompt=d.prompt, caption_extension=d.caption_extension,
-                             split=d.split, image_column=d.image_column, caption_column=d.caption_column,
-                             on_bad_image=d.on_bad_image)
-    sizes, groups, bucket_report = training_sizes(
-        [e.name for e in examples], [e.size for e in examples], d.resolution, d.bucketing or bool(d.buckets),
-        d.buckets, d.bucket_step, d.bucket_min_side, d.bucket_max_side, d.bucket_max_crop,
-        t.batch_size * accelerator.num_processes, d.repeats)
-    if bucket_report is not None:
-        accelerator.print(format_report(bucket_report))
+    prepared = prepare_data(d, t.batch_size * accelerator.num_processes)
+    examples, sizes = prepared.examples, prepared.sizes
+    if prepared.bucket_report is not None:
+        accelerator.print(format_report(prepared.bucket_report))
         if accelerator.is_main_process:
-            write_report(bucket_report, output_dir / "buckets.json")
+            write_report(prepared.bucket_report, output_dir / "buckets.json")
     order = BatchOrder(len(examples), d.repeats, t.batch_size, accelerator.num_processes,
-                       accelerator.process_index, t.seed, groups=groups)
+                       accelerator.process_index, t.seed, groups=prepared.groups)
     # what the artifact's header says about the data (kohya's ss_num_train_images and ss_tag_frequency)
     data_figures = {"num_train_images": len(examples),
                     "tag_frequency": json.dumps({data_name(d.images, d.dataset): tag_frequency(
@@ -180,7 +175,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)
     batches = iter(loader)
-    with interrupt.stop_on_signals() as stop:
+    with interrupt.stop_on_signals() as stop, progress:  # the bar closes before any message that stops the run
         while step < t.max_steps:
             losses = []
             # a strategy may stop training the text encoder part-way (DreamBooth's text_encoder_steps)
@@ -203,6 +198,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             strategy.on_step_end(step + 1)
             step += 1
             mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            # the same reduced value on every process, so all of them stop together
+            check_finite_loss(mean_loss, step, t.learning_rate, output_dir)
             if on_step is not None:
                 on_step(step)
             progress.update(1)
@@ -211,49 +208,26 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                 accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
             if saved:
-                _save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, identity,
-                                 recipe.checkpoint.keep)
+                saves.save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, identity,
+                                      recipe.checkpoint.keep, recipe.source)
             snapshot_every = recipe.checkpoint.snapshot_every
             if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
-                _save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}", step,
-                               data_figures)
+                saves.save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}",
+                                    step, data_figures, output_dir)
             if recipe.sample.every and step % recipe.sample.every == 0:
                 with on_device(offloaded, accelerator.device):
-                    _sample(accelerator, family, parts, recipe, output_dir, step)
+                    saves.save_samples(accelerator, family, parts, recipe, output_dir, step)
             if step < t.max_steps and stop.requested_anywhere(accelerator):
                 if not saved:
-                    _save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, identity,
-                                     recipe.checkpoint.keep)
-                progress.close()
+                    saves.save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler,
+                                          identity, recipe.checkpoint.keep, recipe.source)
                 raise interrupt.Interrupted(
                     f"stopped on {signal.Signals(stop.signum or signal.SIGINT).name} after step {step} of "
                     f"{t.max_steps}; the checkpoint is in {checkpoint.checkpoints_dir(output_dir)}. Continue with:\n"
                     f"  finetune train {recipe.source} --resume latest", stop.signum or signal.SIGINT)
-    progress.close()
 
-    artifact = _save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures)
+    artifact = saves.save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures, output_dir)
     accelerator.print(f"saved {artifact}")
-    return artifact
-
-
-def _save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimizer, lr_scheduler,
-                     identity: dict, keep: int) -> None:
-    if accelerator.is_main_process:
-        training_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
-        if accelerator.scaler is not None:
-            training_state["scaler"] = accelerator.scaler.state_dict()
-        checkpoint.save_checkpoint(output_dir, step, strategy.state_dict(), training_state, identity, keep)
-    accelerator.wait_for_everyone()
-
-
-def _save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int,
-                   data_figures: dict[str, object]) -> Path:
-    artifact = output_dir / strategy.artifact_name
-    if accelerator.is_main_process:
-        metadata = training_metadata(base_model=recipe.model.base, strategy=recipe.strategy.kind, steps=step,
-                                     recipe=recipe_to_dict(recipe), extra=data_figures)
-        artifact = strategy.save(output_dir, metadata)
-    accelerator.wait_for_everyone()
     return artifact
 
 
@@ -275,22 +249,3 @@ def _enable_gradient_checkpointing(parts: Components, trained: list[str]) -> Non
     parts.unet.enable_gradient_checkpointing()
     if "text_encoder" in trained:
         parts.text_encoder.gradient_checkpointing_enable()
-
-
-def _sample(accelerator, family: ModelFamily, parts: Components, recipe: Recipe, output_dir: Path,
-            step: int) -> None:
-    if accelerator.is_main_process:
-        s = recipe.sample
-        pipeline = family.pipeline(parts, unwrap=accelerator.unwrap_model)
-        modules = [pipeline.unet, pipeline.text_encoder]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()  # no dropout in samples
-        grid = sample_grid(pipeline, s.prompts, negative_prompt=s.negative_prompt, steps=s.steps,
-                           guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt,
-                           resolution=recipe.data.resolution)
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-        save_png(grid, output_dir / "samples" / f"step-{step:06d}.png")
-        trackers.log_images(accelerator, "samples", grid, step)
-    accelerator.wait_for_everyone()

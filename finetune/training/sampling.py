@@ -33,6 +33,9 @@ def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: in
 def save_png(image: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    try:
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed (a full disk)
     return path

@@ -1,0 +1,72 @@
+"""What can go wrong in the middle of a run, said plainly: a loss or weights that stop being finite, a full disk.
+
+Either way the run stops with its last good checkpoint kept: a checkpoint is written only from finite weights,
+and a save that fails leaves no half-written file behind.
+"""
+from __future__ import annotations
+
+import errno
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+# a write that fails for want of room: a full disk, or a full quota
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the trained weights became NaN or infinite."""
+
+
+class SaveFailed(ValueError):
+    """A checkpoint or artifact could not be written for want of room."""
+
+
+def _last_good(output_dir: Path) -> str:
+    from finetune.training.checkpoint import find_checkpoint
+
+    last_checkpoint = find_checkpoint(output_dir, "latest")  # looked up only once something went wrong
+    if last_checkpoint is None:
+        return "There is no checkpoint yet (checkpoint.every keeps one every N steps)"
+    return f"The last good checkpoint, {last_checkpoint}, is kept"
+
+
+def check_finite_loss(loss: float, step: int, learning_rate: float, output_dir: Path) -> None:
+    if math.isfinite(loss):
+        return
+    raise TrainingDiverged(
+        f"the loss became {loss} at step {step}: training diverged, so it stopped there and saved nothing from "
+        f"this step on. {_last_good(output_dir)}. Lower train.learning_rate (now {learning_rate:g}), keep "
+        "train.max_grad_norm on (1.0 clips the gradients), or prefer bf16 to fp16, and train again")
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], step: int, output_dir: Path) -> None:
+    """Before anything is saved: weights with NaN or infinity must never become the latest checkpoint."""
+    bad = [name for name, tensor in tensors.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if not bad:
+        return
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise TrainingDiverged(
+        f"the trained weights became NaN or infinite by step {step} ({shown}): training diverged, so nothing was "
+        f"saved. {_last_good(output_dir)}. Lower train.learning_rate, keep train.max_grad_norm on (1.0), or "
+        "prefer bf16 to fp16, and train again")
+
+
+@contextmanager
+def saving(what: str, step: int, recipe_source: str, output_dir: Path) -> Iterator[None]:
+    """Turn "no space left" while writing `what` into a message that says what was kept and how to go on.
+    The writers themselves remove their temporary files when they fail."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_ROOM:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise SaveFailed(
+            f"no room left on the disk while writing {what} at step {step}{where}: {exc.strerror or exc}. Nothing "
+            f"half-written was left behind. {_last_good(output_dir)}. Free some space (or point output_dir "
+            f"at a disk with room), then continue with: finetune train {recipe_source} --resume latest") from None

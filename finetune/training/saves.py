@@ -1,0 +1,64 @@
+"""What the loop writes while it runs: checkpoints, artifacts (final and snapshots) and sample grids.
+
+Every save is checked first (weights that stopped being finite are never written) and guarded (a full disk
+stops the run with a message, the last good checkpoint kept); only the main process writes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.export.safetensors_io import training_metadata
+from finetune.models import Components, ModelFamily
+from finetune.recipe.load import recipe_to_dict
+from finetune.recipe.schema import Recipe
+from finetune.training import checkpoint, trackers
+from finetune.training.failures import check_finite_weights, saving
+from finetune.training.sampling import sample_grid, save_png
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimizer, lr_scheduler,
+                    identity: dict, keep: int, recipe_source: str) -> None:
+    trainable = strategy.state_dict()
+    check_finite_weights(trainable, step, output_dir)  # on every process: all stop together
+    if accelerator.is_main_process:
+        training_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            training_state["scaler"] = accelerator.scaler.state_dict()
+        with saving("a checkpoint", step, recipe_source, output_dir):
+            checkpoint.save_checkpoint(output_dir, step, trainable, training_state, identity, keep)
+    accelerator.wait_for_everyone()
+
+
+def save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int,
+                  data_figures: dict[str, object], checkpoints_in: Path) -> Path:
+    """`output_dir` is where the artifact goes (the run's folder, or a snapshot's); `checkpoints_in` is the
+    run's folder, named in messages."""
+    check_finite_weights(strategy.state_dict(), step, checkpoints_in)
+    artifact = output_dir / strategy.artifact_name
+    if accelerator.is_main_process:
+        metadata = training_metadata(base_model=recipe.model.base, strategy=recipe.strategy.kind, steps=step,
+                                     recipe=recipe_to_dict(recipe), extra=data_figures)
+        with saving(f"the artifact in {output_dir}", step, recipe.source, checkpoints_in):
+            artifact = strategy.save(output_dir, metadata)
+    accelerator.wait_for_everyone()
+    return artifact
+
+
+def save_samples(accelerator, family: ModelFamily, parts: Components, recipe: Recipe, output_dir: Path,
+                 step: int) -> None:
+    if accelerator.is_main_process:
+        s = recipe.sample
+        pipeline = family.pipeline(parts, unwrap=accelerator.unwrap_model)
+        modules = [pipeline.unet, pipeline.text_encoder]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()  # no dropout in samples
+        grid = sample_grid(pipeline, s.prompts, negative_prompt=s.negative_prompt, steps=s.steps,
+                           guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt,
+                           resolution=recipe.data.resolution)
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+        with saving("a sample grid", step, recipe.source, output_dir):
+            save_png(grid, output_dir / "samples" / f"step-{step:06d}.png")
+        trackers.log_images(accelerator, "samples", grid, step)
+    accelerator.wait_for_everyone()
