@@ -38,7 +38,19 @@ def list_examples(images: str | None, dataset: str | None, *, prompt: str | None
         examples = _from_folder(Path(os.path.expanduser(images)), prompt, caption_extension, caption_column)
     else:
         examples = _from_dataset(dataset, split, image_column, caption_column, prompt)
+    _check_captions(examples)
     return _check_readable(examples, on_bad_image)
+
+
+def _check_captions(examples: list[Example]) -> None:
+    """An empty caption is nearly always a captioner that failed or a file saved blank; trained on, it teaches
+    the unconditional prediction. Empty captions on purpose are data.caption_dropout's job."""
+    empty = [e.name for e in examples if not e.caption]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DataError(
+            f"{len(empty)} image(s) have an empty caption: {shown}. Write their captions, or set data.prompt to "
+            "give every image the same one (data.caption_dropout trains on empty captions on purpose)")
 
 
 def _from_folder(folder: Path, prompt: str | None, caption_extension: str, caption_column: str) -> list[Example]:

@@ -49,6 +49,8 @@ class DataOptions:
     random_flip: bool = False
     caption_dropout: float = 0.0  # probability of an empty caption, for classifier-free guidance
     on_bad_image: Literal["error", "skip"] = "error"
+    # images smaller than the size they train at: enlarge (softer), leave out, or refuse (data/prepare.py)
+    on_small_image: Literal["upscale", "skip", "error"] = "upscale"
     num_workers: int = 0
     # aspect-ratio bucketing (finetune/data/buckets.py): each image at the bucket size nearest its shape
     bucketing: bool = False
