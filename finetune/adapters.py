@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from finetune.export import hypernetwork as hypernetwork_files
 from finetune.export import peft_adapter
+from finetune.export.mismatch import another_base_error
 from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import read_metadata
 from finetune.export.textual_inversion import A1111_KEY, embedding_from_a1111
@@ -57,9 +58,12 @@ def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0, name: s
     LoRA, LoHa, LoKr: `scale` weights the update (0: the base). DoRA: it weights the direction update only, the
     learned magnitudes stay. OFT: scale 1 only (a rotation has no strength)."""
     name = name or Path(path).stem.replace(".", "_")
-    if str(path).endswith(".pt"):
-        return _load_a1111_pt(pipe, str(path), scale, name)
-    return LOADERS[detect_format(path)][1](pipe, str(path), scale, name)
+    try:
+        if str(path).endswith(".pt"):
+            return _load_a1111_pt(pipe, str(path), scale, name)
+        return LOADERS[detect_format(path)][1](pipe, str(path), scale, name)
+    except RuntimeError as exc:  # the loaders' load_state_dict: torch's "size mismatch for ..."
+        raise another_base_error(exc, str(path)) or exc from None
 
 
 def _is_lora(metadata: dict[str, str], keys: list[str]) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from finetune.export import diffusers_lora
+from finetune.export.mismatch import another_base_error
 from finetune.export.safetensors_io import read_metadata, save_safetensors
 
 VARIANT_KEY = "finetune.variant"
@@ -89,9 +90,7 @@ def _inject(module: Any, config: Any, state: dict[str, torch.Tensor], name: str,
     try:
         result = set_peft_model_state_dict(module, state, adapter_name=name)
     except RuntimeError as exc:  # torch's "size mismatch for ..."
-        lines = [line.strip().rstrip(".") for line in str(exc).splitlines() if "size mismatch" in line]
-        raise ValueError(f"{source}: weights of the wrong shape for this model, e.g. {lines[0] if lines else exc}; "
-                         "was the adapter trained on another base model?") from None
+        raise another_base_error(exc, source) or exc from None
     # load_state_dict(strict=False) lists every base weight as missing: only the adapter's own count (peft names
     # them with the adapter's name as one part, e.g. `to_q.hada_w1_a.<name>`, `to_q.oft_R.<name>.weight`)
     missing = [k for k in result.missing_keys if name in k.split(".")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from finetune.recipe.schema import Recipe
@@ -210,6 +211,15 @@ def _check_outputs(recipe: Recipe) -> list[str]:
         problems.append(f"output_dir: {recipe.output_dir} exists and is a file; choose a folder")
     else:
         parent = next((p for p in [out, *out.parents] if p.exists()), None)
-        if parent is not None and not os.access(parent, os.W_OK):
+        if parent is not None and not _can_write_in(parent):
             problems.append(f"output_dir: {parent} is not writable; choose a folder you can write to")
     return problems
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Try it: permission bits say nothing of read-only mounts, and nothing at all to root."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
