@@ -1,0 +1,283 @@
+"""The catalogue of bad inputs: each one a test (tests/test_bad_inputs.py) and a row of README's troubleshooting
+table, which `python -m tests.bad_inputs` prints from this list.
+
+Each entry builds its bad input in a fresh workspace and returns the command line that meets it; the test
+checks that `finetune` exits with 2, that the message holds the fragments in `says` (the problem and the fix),
+whether a model was loaded first, and that nothing half-written is left in output_dir.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from tests.conftest import draw_concept, recipe_dict, reset_accelerate
+
+TI = {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x"}
+
+
+class Workspace:
+    """A fresh image folder and output_dir beside the shared tiny base; writes recipes and side files."""
+
+    def __init__(self, tmp: Path, base: Path, monkeypatch):
+        self.tmp, self.base, self.monkeypatch = tmp, base, monkeypatch
+        self.images = draw_concept(tmp / "images")
+        self.out = tmp / "out"
+        self.recipe_path = tmp / "recipe.yaml"
+
+    def recipe(self, text: str | None = None, **sections) -> str:
+        """Write the small LoRA recipe with `sections` merged in (or `text` as it stands); return its path."""
+        out = Path(sections.pop("output_dir", self.out))
+        data = recipe_dict(self.base, self.images, out, **sections)
+        self.recipe_path.write_text(text if text is not None else yaml.safe_dump(data))
+        return str(self.recipe_path)
+
+    def train(self, *extra: str, **sections) -> list[str]:
+        return ["train", self.recipe(**sections), *extra]
+
+    def run(self, argv: list[str]) -> None:
+        """A run that must succeed, to set the stage (a checkpoint to resume, say)."""
+        from finetune.cli import main
+
+        assert main(argv) == 0
+        reset_accelerate()
+
+    def fail_writes(self, after: int) -> None:
+        """Simulate a full disk: the safetensors write after the first `after` ones writes half a file, then
+        fails with ENOSPC, as a real full disk does."""
+        from finetune.export import safetensors_io
+
+        calls = []
+        real = safetensors_io.save_file
+
+        def save_file_on_a_full_disk(tensors, filename, metadata=None):
+            calls.append(filename)
+            if len(calls) <= after:
+                return real(tensors, filename, metadata=metadata)
+            Path(filename).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+        self.monkeypatch.setattr(safetensors_io, "save_file", save_file_on_a_full_disk)
+
+
+@dataclass(frozen=True)
+class BadInput:
+    name: str
+    problem: str  # README: what the user did or met
+    answer: str  # README: what finetune does about it and what to do
+    make: Callable[[Workspace], list[str]]  # builds the bad input; returns the `finetune` command line
+    says: tuple[str, ...]  # fragments of the message: the problem and the fix
+    loads_model: bool = False  # True only where the check needs the model (or the model is the bad input)
+    then: Callable[[Workspace], None] | None = None  # further checks, e.g. that a kept checkpoint resumes
+
+
+def _image_file(ws: Workspace, name: str, content: bytes | None = None, caption: str = "a purple sks") -> Path:
+    path = ws.images / name
+    if content is None:
+        Image.new("RGB", (16, 16), "red").save(path)
+    else:
+        path.write_bytes(content)
+    path.with_suffix(".txt").write_text(caption)
+    return path
+
+
+def _truncated(ws: Workspace) -> list[str]:
+    data = (ws.images / "0.png").read_bytes()
+    (ws.images / "0.png").write_bytes(data[: len(data) // 2])
+    return ws.train()
+
+
+def _metadata(ws: Workspace, lines: str) -> list[str]:
+    (ws.images / "metadata.jsonl").write_text(lines)
+    return ws.train()
+
+
+def _pickled_base(ws: Workspace) -> list[str]:
+    class WritesAFile:
+        def __reduce__(self):
+            return (open, (str(ws.tmp / "pwned.txt"), "w"))
+
+    torch.save({"state_dict": {"model.diffusion_model.x": WritesAFile()}}, ws.tmp / "model.ckpt")
+    return ws.train(model={"base": str(ws.tmp / "model.ckpt")})
+
+
+def _not_writable(ws: Workspace) -> list[str]:
+    if os.geteuid() == 0:  # root writes through permission bits; a read-only mount stops it
+        return ws.train(output_dir="/sys/finetune-out")
+    locked = ws.tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return ws.train(output_dir=str(locked / "out"))
+
+
+def _lora_for_another_base(ws: Workspace) -> Path:
+    """A LoRA on a cross-attention key projection fed by a 768-wide text encoder; the tiny base's is 32 wide."""
+    stem = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    path = ws.tmp / "sd15_lora.safetensors"
+    save_file({f"{stem}.lora_A.weight": torch.zeros(4, 768), f"{stem}.lora_B.weight": torch.zeros(32, 4)}, str(path))
+    return path
+
+
+def _resume_another_recipe(ws: Workspace) -> list[str]:
+    ws.run(ws.train(train={"max_steps": 2}, checkpoint={"every": 1}))
+    return ws.train("--resume", "latest", strategy={"kind": "lora", "rank": 8}, checkpoint={"every": 1})
+
+
+def _checkpoint_kept_and_resumable(ws: Workspace) -> None:
+    from safetensors.torch import load_file
+
+    kept = ws.out / "checkpoints" / "step-000001"
+    assert sorted(p.name for p in (ws.out / "checkpoints").iterdir()) == ["step-000001"]
+    assert all(torch.isfinite(t).all() for t in load_file(kept / "trainable.safetensors").values())
+
+
+def _resumes_once_there_is_room(ws: Workspace) -> None:
+    _checkpoint_kept_and_resumable(ws)
+    ws.monkeypatch.undo()  # space freed
+    reset_accelerate()
+    ws.run(ws.train("--resume", "latest", checkpoint={"every": 1}))
+    assert (ws.out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _no_code_ran(ws: Workspace) -> None:
+    assert not (ws.tmp / "pwned.txt").exists(), "the pickle ran code"
+
+
+CATALOGUE = [
+    # the recipe
+    BadInput("unknown-key", "A misspelled key in the recipe (`strategy.rnak`)",
+             "Names the key and the closest valid one; fix the spelling",
+             lambda ws: ws.train(strategy={"kind": "lora", "rnak": 8}),
+             ("strategy.rnak", "did you mean 'strategy.rank'")),
+    BadInput("unknown-override", "A misspelled key on the command line (`train.max_step=10`)",
+             "Same as in the file: the closest valid key is named",
+             lambda ws: ws.train("train.max_step=10"), ("train.max_step", "did you mean 'train.max_steps'")),
+    BadInput("wrong-type", "A value of the wrong type (`max_steps: many`)",
+             "Names the key and the type it needs",
+             lambda ws: ws.train(train={"max_steps": "many"}), ("train.max_steps: expected an integer",)),
+    BadInput("wrong-choice", "A value outside a key's choices (`mixed_precision: fp8`)",
+             "Lists the valid choices",
+             lambda ws: ws.train(train={"mixed_precision": "fp8"}), ("train.mixed_precision", "'bf16'")),
+    BadInput("zero-steps", "Zero or negative `train.max_steps`", "Says it must be at least 1",
+             lambda ws: ws.train(train={"max_steps": 0}), ("train.max_steps: must be at least 1",)),
+    BadInput("negative-learning-rate", "Zero or negative learning rate", "Says it must be positive",
+             lambda ws: ws.train(train={"learning_rate": -1e-4}), ("train.learning_rate: must be positive",)),
+    BadInput("zero-rank", "Zero or negative LoRA rank", "Says it must be at least 1",
+             lambda ws: ws.train(strategy={"kind": "lora", "rank": 0}), ("strategy.rank: must be at least 1",)),
+    BadInput("unknown-strategy", "An unknown `strategy.kind`", "Lists the strategies and the closest one",
+             lambda ws: ws.train(strategy={"kind": "lorra"}), ("strategy.kind", "'lora'")),
+    BadInput("yaml-syntax", "A recipe that is not valid YAML", "Quotes the parser's line and column",
+             lambda ws: ["train", ws.recipe(text="train:\n  max_steps: [4\n")], ("not valid YAML", "line")),
+    BadInput("recipe-missing", "A recipe path that does not exist", "Says so before anything else",
+             lambda ws: ["train", str(ws.tmp / "nowhere.yaml")], ("recipe file not found",)),
+    BadInput("fp16-on-cpu", "`mixed_precision: fp16` on a machine without a GPU", "Suggests bf16 or no",
+             lambda ws: ws.train(train={"mixed_precision": "fp16"}), ("fp16 needs a GPU", "bf16")),
+    BadInput("resolution-not-divisible", "A resolution the VAE cannot divide (`resolution: 36`)",
+             "Says it must be a multiple of 8 and suggests one",
+             lambda ws: ws.train(data={"resolution": 36}), ("multiple of 8", "try 32")),
+    BadInput("prior-without-class-prompt", "Prior preservation without a class prompt",
+             "Asks for `prior.class_prompt`, with an example",
+             lambda ws: ws.train(prior={"mode": "base_prediction"}), ("prior.class_prompt", "a photo of a dog")),
+    # the base model
+    BadInput("base-missing", "`model.base` is a path that does not exist",
+             "Says what it may be: a diffusers folder, a checkpoint file or a hub id",
+             lambda ws: ws.train(model={"base": str(ws.tmp / "no-such-model")}),
+             ("model.base", "does not exist", "hub id")),
+    BadInput("hub-id-offline", "A hub id while offline (`HF_HUB_OFFLINE=1` or no network)",
+             "Says the hub is out of reach and how to point at a local folder",
+             lambda ws: ws.train(model={"base": "someone/not-a-real-model-xyz"}), ("HF_HUB_OFFLINE", "local"),
+             loads_model=True),
+    BadInput("not-a-pipeline", "`model.base` is a folder but not a diffusers pipeline",
+             "Says model_index.json is missing and what to point at instead",
+             lambda ws: ws.train(model={"base": str(ws.images)}), ("not a diffusers pipeline", "save_pretrained")),
+    BadInput("pickled-checkpoint", "A `.ckpt` base that is a pickle which would run code",
+             "Refused without running it (`weights_only=True`); convert it to .safetensors",
+             _pickled_base, ("is a pickle", "could run code", "Convert it to .safetensors"), loads_model=True, then=_no_code_ran),
+    # the images and captions
+    BadInput("images-folder-missing", "`data.images` does not exist", "Names the folder",
+             lambda ws: ws.train(data={"images": str(ws.tmp / "no-images")}), ("data.images", "not an existing")),
+    BadInput("no-images", "An image folder without images", "Names the folder and the suffixes looked for",
+             lambda ws: ws.train(data={"images": str((ws.tmp / "empty").mkdir() or ws.tmp / "empty")}),
+             ("no images in", ".png")),
+    BadInput("truncated-image", "A truncated image", "Names the file; remove it or set `data.on_bad_image: skip`",
+             _truncated, ("0.png", "data.on_bad_image: skip")),
+    BadInput("zero-byte-image", "A zero-byte image", "Names the file; remove it or set `data.on_bad_image: skip`",
+             lambda ws: _image_file(ws, "9.png", b"") and ws.train(), ("9.png", "data.on_bad_image: skip")),
+    BadInput("not-an-image", "A file that is not an image among the images",
+             "Names the file; remove it or set `data.on_bad_image: skip`",
+             lambda ws: _image_file(ws, "notes.png", b"these are my notes") and ws.train(),
+             ("notes.png", "cannot identify image", "data.on_bad_image: skip")),
+    BadInput("small-image", "Images smaller than the resolution, with `data.on_small_image: error`",
+             "Names them; by default they are upscaled with a warning (`skip` leaves them out)",
+             lambda ws: _image_file(ws, "9.png") and ws.train(data={"on_small_image": "error"}),
+             ("9.png (16x16 for 32x32)", "lower data.resolution", "data.on_small_image: upscale")),
+    BadInput("caption-missing", "An image without its caption file",
+             "Names the images; add the captions or set `data.prompt`",
+             lambda ws: (ws.images / "0.txt").unlink() or ws.train(), ("0.png", "data.prompt")),
+    BadInput("caption-empty", "An empty caption file", "Names the images; write captions or set `data.prompt`",
+             lambda ws: (ws.images / "0.txt").write_text("  \n") and ws.train(), ("empty caption", "data.prompt")),
+    BadInput("caption-not-utf8", "A caption file that is not UTF-8", "Names the file; re-save it as UTF-8",
+             lambda ws: (ws.images / "0.txt").write_bytes("caf\xe9".encode("latin-1")) and ws.train(),
+             ("0.txt", "re-save it as UTF-8")),
+    BadInput("metadata-bad-json", "A `metadata.jsonl` line that is not JSON", "Names the line",
+             lambda ws: _metadata(ws, '{"file_name": "0.png", "text": "x"}\n{"file_name": "1.png",\n'),
+             ("metadata.jsonl, line 2", "not valid JSON")),
+    BadInput("metadata-missing-file", "A `metadata.jsonl` naming a file that is not there",
+             "Names the line and the file",
+             lambda ws: _metadata(ws, '{"file_name": "gone.png", "text": "x"}\n'),
+             ("line 1", "gone.png not found")),
+    # the strategy meets the model
+    BadInput("token-in-vocabulary", "A textual-inversion token that is already a word of the tokenizer",
+             "Asks for a string the vocabulary lacks, such as `<a-concept>`",
+             lambda ws: ws.train(strategy={**TI, "placeholder_token": "a"}),
+             ("already in the tokenizer's vocabulary", "'<a-concept>'"), loads_model=True),
+    BadInput("adapter-for-another-base", "Sampling with an adapter made for another base model",
+             "Names the mismatched layer and shapes",
+             lambda ws: ["sample", "--base", str(ws.base), "--adapter", str(_lora_for_another_base(ws)),
+                         "--prompt", "x", "--out", str(ws.out / "grid.png"), "--steps", "1", "--num", "1"],
+             ("attn2.to_k", "768", "another base"), loads_model=True),
+    BadInput("initial-weights-for-another-base", "Training on from a LoRA made for another base model",
+             "Names the layer and says the file was made for another base",
+             lambda ws: ws.train(strategy={"kind": "lora", "initial_weights": str(_lora_for_another_base(ws))}),
+             ("attn2.to_k", "another base model"), loads_model=True),
+    # output and checkpoints
+    BadInput("output-dir-is-a-file", "`output_dir` is a file", "Asks for a folder",
+             lambda ws: ws.out.write_text("x") and ws.train(), ("output_dir", "is a file; choose a folder")),
+    BadInput("output-dir-not-writable", "`output_dir` cannot be written (permissions, read-only disk)",
+             "Says so before any model loads", _not_writable, ("not writable", "choose a folder you can write to")),
+    BadInput("resume-another-recipe", "`--resume` with a checkpoint made by a different recipe",
+             "Names the settings that differ", _resume_another_recipe, ("different recipe", "strategy.rank", "start a new output_dir")),
+    BadInput("resume-not-a-checkpoint", "`--resume PATH` that is not a checkpoint folder",
+             "Shows what a checkpoint folder looks like, or `latest`",
+             lambda ws: ws.train("--resume", str(ws.tmp)), ("not a checkpoint folder", "latest")),
+    # during the run
+    BadInput("loss-not-finite", "The loss becomes NaN or infinite (here: `learning_rate: 1e10`)",
+             "Stops at once, names the step, keeps the last good checkpoint; lower the learning rate",
+             lambda ws: ws.train(train={"learning_rate": 1e10}, checkpoint={"every": 1}),
+             ("the loss became nan at step 2", "step-000001", "Lower train.learning_rate"),
+             loads_model=True, then=_checkpoint_kept_and_resumable),
+    BadInput("disk-full-at-checkpoint", "The disk fills up while a checkpoint is written",
+             "Removes the half-written files, keeps the last good checkpoint, says how to resume",
+             lambda ws: ws.fail_writes(after=1) or ws.train(checkpoint={"every": 1}),
+             ("no room left on the disk", "step 2", "step-000001", "--resume latest"),
+             loads_model=True, then=_resumes_once_there_is_room),
+    BadInput("disk-full-at-final-save", "The disk fills up while the final file is written",
+             "Removes the half-written file and says so", lambda ws: ws.fail_writes(after=0) or ws.train(),
+             ("no room left on the disk", "the artifact", "Free some space"), loads_model=True),
+]
+
+
+def troubleshooting_table() -> str:
+    rows = [f"| {case.problem} | {case.answer} |" for case in CATALOGUE]
+    return "\n".join(["| Problem | What finetune does, and the fix |", "| --- | --- |", *rows])
+
+
+if __name__ == "__main__":
+    print(troubleshooting_table())
