@@ -169,6 +169,8 @@ CATALOGUE = [
              lambda ws: ws.train(train={"max_steps": 0}), ("train.max_steps: must be at least 1",)),
     BadInput("negative-learning-rate", "Zero or negative learning rate", "Says it must be positive",
              lambda ws: ws.train(train={"learning_rate": -1e-4}), ("train.learning_rate: must be positive",)),
+    BadInput("infinite-learning-rate", "A learning rate of `.inf` or `.nan`", "Says it must be positive",
+             lambda ws: ws.train(train={"learning_rate": float("inf")}), ("train.learning_rate: must be positive",)),
     BadInput("zero-rank", "Zero or negative LoRA rank", "Says it must be at least 1",
              lambda ws: ws.train(strategy={"kind": "lora", "rank": 0}), ("strategy.rank: must be at least 1",)),
     BadInput("unknown-strategy", "An unknown `strategy.kind`", "Lists the strategies and the closest one",

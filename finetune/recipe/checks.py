@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import tempfile
@@ -142,11 +143,10 @@ def _check_train(recipe: Recipe) -> list[str]:
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name}: must be at least 1, got {getattr(t, name)}")
-    for name in ("learning_rate",):
-        if not getattr(t, name) > 0:
-            problems.append(f"train.{name}: must be positive, got {getattr(t, name)}")
-    if recipe.strategy.learning_rate is not None and not recipe.strategy.learning_rate > 0:
-        problems.append(f"strategy.learning_rate: must be positive, got {recipe.strategy.learning_rate}")
+    for key, value in (("train.learning_rate", t.learning_rate), ("strategy.learning_rate",
+                                                                     recipe.strategy.learning_rate)):
+        if value is not None and not (math.isfinite(value) and value > 0):  # YAML reads .inf and .nan too
+            problems.append(f"{key}: must be positive, got {value}")
     if t.lr_warmup_steps < 0 or t.lr_warmup_steps > t.max_steps:
         problems.append(f"train.lr_warmup_steps: must be between 0 and train.max_steps ({t.max_steps}), "
                         f"got {t.lr_warmup_steps}")
