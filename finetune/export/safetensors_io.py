@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -34,10 +35,27 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     try:
         save_file(plain, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        sort_metadata(tmp)
         replace_atomically(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite the header in place with its metadata keys sorted, so the same tensors and metadata give the same
+    bytes: safetensors (0.8 still, upstream issue safetensors#584) writes them in a random order on every save."""
+    with open(path, "r+b") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        # compact and unescaped like serde_json's: the same keys and values reordered take the same room
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # otherwise keep the file as written: valid, only not canonical
+            handle.seek(8)
+            handle.write(text.ljust(size, b" "))  # safetensors pads its header with spaces too
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
