@@ -62,3 +62,31 @@ def test_same_recipe_and_seed_write_bit_identical_files(tiny_base, concept_dir, 
     assert sorted(second) == sorted(first), "the two runs wrote different sets of files"
     differing = [name for name in first if first[name] != second[name]]
     assert not differing, f"these files differ between two runs of the same recipe: {differing}"
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at_step_3(step: int) -> None:
+    if step == 3:  # after step 2's checkpoint, before step 3's files: like a kill mid-run
+        raise _Crash
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES.values(), ids=STRATEGIES.keys())
+def test_a_run_resumed_from_its_checkpoint_writes_the_same_files(tiny_base, concept_dir, tmp_path, strategy):
+    out = tmp_path / "out"
+    recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=strategy,
+                                      train={**TRAIN, "max_steps": 4}, checkpoint={"every": 2}))
+    uninterrupted = _files(train(recipe).parent)
+    shutil.move(out, tmp_path / "uninterrupted")
+    reset_accelerate()
+    with pytest.raises(_Crash):
+        train(recipe, on_step=_crash_at_step_3)
+    reset_accelerate()
+    train(recipe, resume="latest")
+    resumed = _files(out)
+    artifacts = [name for name in uninterrupted if not name.startswith("checkpoints/")]
+    assert artifacts, sorted(uninterrupted)
+    differing = [name for name in artifacts if resumed.get(name) != uninterrupted[name]]
+    assert not differing, f"these files differ between the resumed and the uninterrupted run: {differing}"
