@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from finetune.data.buckets import training_sizes
-from finetune.data.sources import DataError, Example, list_examples
+from finetune.data.sources import DataError, Example, list_examples, some
 from finetune.recipe.schema import DataOptions
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ def prepare_data(d: DataOptions, global_batch: int) -> PreparedData:
     small = _smaller_than_trained(prepared)
     if not small:
         return prepared
-    shown = "; ".join(f"{prepared.examples[i].name} ({_wxh(prepared.examples[i].size)} for "
-                      f"{_wxh(prepared.sizes[i])})" for i in small[:5]) + (" ..." if len(small) > 5 else "")
+    shown = some([f"{prepared.examples[i].name} ({_wxh(prepared.examples[i].size)} for {_wxh(prepared.sizes[i])})"
+                  for i in small], separator="; ")
     if d.on_small_image == "error":
         raise DataError(
             f"{len(small)} image(s) are smaller than the size they train at: {shown}. Use larger images, lower "

@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def some(names: list[str], limit: int = 5, separator: str = ", ") -> str:
+    """The first `limit` names, and how many more: enough to find the files without flooding the message."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return separator.join(names[:limit]) + more
+
+
 class DataError(ValueError):
     """A problem with the training data, named precisely enough to fix."""
 
@@ -47,9 +53,8 @@ def _check_captions(examples: list[Example]) -> None:
     the unconditional prediction. Empty captions on purpose are data.caption_dropout's job."""
     empty = [e.name for e in examples if not e.caption]
     if empty:
-        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise DataError(
-            f"{len(empty)} image(s) have an empty caption: {shown}. Write their captions, or set data.prompt to "
+            f"{len(empty)} image(s) have an empty caption: {some(empty)}. Write their captions, or set data.prompt to "
             "give every image the same one (data.caption_dropout trains on empty captions on purpose)")
 
 
@@ -72,9 +77,9 @@ def _from_folder(folder: Path, prompt: str | None, caption_extension: str, capti
             caption = _read_caption(sidecar)
         examples.append(Example(str(path), caption, lambda p=str(path): open_image(p)))
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DataError(
-            f"data.images: {len(missing)} image(s) in {folder} have no {caption_extension} caption file: {shown}. "
+            f"data.images: {len(missing)} image(s) in {folder} have no {caption_extension} caption file: "
+            f"{some(missing)}. "
             f"Add the caption files, or set data.prompt to give every image the same caption"
         )
     return examples
@@ -153,7 +158,7 @@ def _check_readable(examples: list[Example], on_bad_image: str) -> list[Example]
             bad.append(f"{example.name} ({type(exc).__name__}: {exc})")
     if bad and on_bad_image == "error":
         raise DataError(
-            f"{len(bad)} unreadable image(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+            f"{len(bad)} unreadable image(s): {some(bad, separator='; ')}"
             + ". Remove or replace them, or set data.on_bad_image: skip to train without them"
         )
     for item in bad:

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from finetune.data.sources import some
+
 # a write that fails for want of room: a full disk, or a full quota
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -49,9 +51,8 @@ def check_finite_weights(tensors: dict[str, torch.Tensor], step: int, output_dir
            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if not bad:
         return
-    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     raise TrainingDiverged(
-        f"the trained weights became NaN or infinite by step {step} ({shown}): training diverged, so nothing was "
+        f"the trained weights became NaN or infinite by step {step} ({some(bad, limit=3)}): training diverged, so nothing was "
         f"saved. {_last_good(output_dir)}. Lower train.learning_rate, keep train.max_grad_norm on (1.0), or "
         "prefer bf16 to fp16, and train again")
 
