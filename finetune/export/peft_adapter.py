@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from finetune.export import diffusers_lora
-from finetune.export.mismatch import another_base_error
 from finetune.export.safetensors_io import read_metadata, save_safetensors
 
 VARIANT_KEY = "finetune.variant"
@@ -87,10 +86,8 @@ def _inject(module: Any, config: Any, state: dict[str, torch.Tensor], name: str,
     # diffusers' and transformers' add_adapter: peft's inject_adapter_in_model plus their adapter bookkeeping,
     # so pipe.get_list_adapters / delete_adapters (and unload_adapter) see it like a LoRA; the adapter is active alone
     module.add_adapter(config, adapter_name=name)
-    try:
-        result = set_peft_model_state_dict(module, state, adapter_name=name)
-    except RuntimeError as exc:  # torch's "size mismatch for ..."
-        raise another_base_error(exc, source) or exc from None
+    # a size mismatch (an adapter for another base) is explained by finetune.load_adapter, for every format
+    result = set_peft_model_state_dict(module, state, adapter_name=name)
     # load_state_dict(strict=False) lists every base weight as missing: only the adapter's own count (peft names
     # them with the adapter's name as one part, e.g. `to_q.hada_w1_a.<name>`, `to_q.oft_R.<name>.weight`)
     missing = [k for k in result.missing_keys if name in k.split(".")]
