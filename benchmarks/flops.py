@@ -72,7 +72,10 @@ def main() -> None:
     if args.strategy == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(family.lora_targets)))
+        from finetune.networks import peft_layers
+
+        peft_layers.inject(unet, LoraConfig(r=args.rank, lora_alpha=args.rank,
+                                            target_modules=list(family.lora_targets)))
     else:
         unet.requires_grad_(True)
     side = resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)

@@ -70,9 +70,12 @@ def _floor(recipe) -> tuple[list[float], float]:
     if recipe.strategy.kind == "lora":
         from peft import LoraConfig
 
+        from finetune.networks import peft_layers
+
         o = recipe.strategy
-        unet.add_adapter(LoraConfig(r=o.rank, lora_alpha=o.alpha or o.rank, init_lora_weights="gaussian",
-                                    target_modules=list(o.target_modules or ("to_q", "to_k", "to_v", "to_out.0"))))
+        peft_layers.inject(unet, LoraConfig(r=o.rank, lora_alpha=o.alpha or o.rank, init_lora_weights="gaussian",
+                                            target_modules=list(o.target_modules or ("to_q", "to_k", "to_v",
+                                                                                     "to_out.0"))))
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()

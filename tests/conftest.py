@@ -98,9 +98,9 @@ def lora_file(tiny_base, tmp_path_factory):
     unlike the rank (scale != 1) and weights big enough to change every output."""
     from peft import LoraConfig
     import torch
-    from peft.utils import get_peft_model_state_dict
 
     from finetune.export import diffusers_lora
+    from finetune.networks import peft_layers
 
     pipe = pipeline(tiny_base)
     torch.manual_seed(3)
@@ -108,11 +108,11 @@ def lora_file(tiny_base, tmp_path_factory):
                "text_encoder": LoraConfig(r=2, lora_alpha=4, target_modules=TEXT_TARGETS)}
     for name, config in configs.items():
         module = getattr(pipe, name)
-        module.add_adapter(config)
+        peft_layers.inject(module, config)
         for parameter_name, parameter in module.named_parameters():
             if "lora_B" in parameter_name:
                 parameter.data.normal_(0, 0.3)
-    components = {name: get_peft_model_state_dict(getattr(pipe, name)) for name in configs}
+    components = {name: peft_layers.state_dict(getattr(pipe, name)) for name in configs}
     recipe = {"train": {"learning_rate": 1e-4, "max_steps": 7, "seed": 5}, "data": {"resolution": 32},
               "strategy": {"kind": "lora", "rank": 4}, "model": {"base": str(tiny_base)}}
     metadata = {"finetune.base_model": str(tiny_base), "finetune.steps": "7", "finetune.recipe": json.dumps(recipe)}

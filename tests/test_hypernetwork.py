@@ -12,6 +12,7 @@ from finetune import load_adapter, unload_adapter
 from finetune.export import hypernetwork as files
 from finetune.export.pickle_files import UnsafePickleError
 from finetune.models.tiny import build_tiny_pipeline
+from finetune.networks import peft_layers
 from finetune.networks.hypernetwork import (HyperMLP, Hypernetwork, HypernetworkProcessor, Structure, attach,
                                             detach, loaded, widths_of)
 from finetune.recipe.load import RecipeError, parse_recipe
@@ -264,7 +265,7 @@ def test_a_lora_on_the_same_layers_combines_in_either_load_order():
 
     def add_lora(unet):
         torch.manual_seed(5)  # the same LoRA weights in both orders
-        unet.add_adapter(lora_config())
+        peft_layers.inject(unet, lora_config())
 
     outputs = []
     for hypernetwork_first in (True, False):

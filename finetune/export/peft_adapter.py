@@ -14,6 +14,7 @@ import torch
 
 from finetune.export import diffusers_lora
 from finetune.export.safetensors_io import read_metadata, save_safetensors
+from finetune.networks import peft_layers
 
 VARIANT_KEY = "finetune.variant"
 PEFT_CONFIG_KEY = "finetune.peft_config"
@@ -66,7 +67,7 @@ def load_peft_adapter(pipe: Any, path: str, scale: float, name: str) -> str:
         if module is None or component not in configs:
             raise ValueError(f"{path}: holds {component} weights, but "
                              + ("this pipeline has no " + component if module is None else "no config for them"))
-        if name in (getattr(module, "peft_config", None) or {}):
+        if name in peft_layers.adapter_names(module):
             raise ValueError(f"an adapter named {name!r} is already loaded in {component}; pass another name or "
                              "unload it first")
     try:
@@ -81,13 +82,11 @@ def load_peft_adapter(pipe: Any, path: str, scale: float, name: str) -> str:
 
 
 def _inject(module: Any, config: Any, state: dict[str, torch.Tensor], name: str, source: str) -> None:
-    from peft.utils import set_peft_model_state_dict
-
-    # diffusers' and transformers' add_adapter: peft's inject_adapter_in_model plus their adapter bookkeeping,
-    # so pipe.get_list_adapters / delete_adapters (and unload_adapter) see it like a LoRA; the adapter is active alone
-    module.add_adapter(config, adapter_name=name)
+    # peft_layers keeps diffusers' bookkeeping, so pipe.get_list_adapters / delete_adapters (and unload_adapter) see
+    # it like a LoRA; the adapter is active alone
+    peft_layers.inject(module, config, name)
     # a size mismatch (an adapter for another base) is explained by finetune.load_adapter, for every format
-    result = set_peft_model_state_dict(module, state, adapter_name=name)
+    result = peft_layers.load_state_dict(module, state, name)
     # load_state_dict(strict=False) lists every base weight as missing: only the adapter's own count (peft names
     # them with the adapter's name as one part, e.g. `to_q.hada_w1_a.<name>`, `to_q.oft_R.<name>.weight`)
     missing = [k for k in result.missing_keys if name in k.split(".")]
@@ -98,19 +97,12 @@ def _inject(module: Any, config: Any, state: dict[str, torch.Tensor], name: str,
 
 
 def _set_scale(pipe: Any, components: dict, name: str, scale: float) -> None:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     for component in components:
-        for layer in getattr(pipe, component).modules():
-            # LoHa/LoKr: scaling = scale x alpha / r; only layers holding `name` (OFT layers have no scaling at all)
-            if isinstance(layer, BaseTunerLayer) and name in getattr(layer, "scaling", {}):
-                layer.set_scale(name, scale)
+        peft_layers.set_scale(getattr(pipe, component), name, scale)
 
 
 def _remove(pipe: Any, components: dict, name: str) -> None:
-    from diffusers.utils.peft_utils import delete_adapter_layers
-
     for component in components:
         module = getattr(pipe, component)
-        delete_adapter_layers(module, name)
-        (getattr(module, "peft_config", None) or {}).pop(name, None)
+        if name in peft_layers.adapter_names(module):  # a failed load may have stopped before this component
+            peft_layers.remove(module, name)

@@ -13,6 +13,7 @@ import torch
 
 from finetune.export import diffusers_lora, kohya_lora, lora_layers, peft_adapter
 from finetune.models.base import Components, ModelFamily
+from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies import lora_variants
 from finetune.strategies.base import CommonDefaults
@@ -116,7 +117,7 @@ class Strategy(CommonDefaults):
         for name in start:  # the file's layers, ranks and alphas, exactly
             self.configs[name] = LoraConfig(**{**lora_layers.peft_config(start[name]), "lora_dropout": o.dropout})
         for name, module in self.modules.items():
-            module.add_adapter(self.configs[name])
+            peft_layers.inject(module, self.configs[name])
             for parameter in self._trainable(module):
                 # trainable weights stay fp32 whatever the frozen base's dtype (no fp16 unscale errors)
                 parameter.data = parameter.data.float()
@@ -138,30 +139,26 @@ class Strategy(CommonDefaults):
     @contextlib.contextmanager
     def frozen_base(self, parts: Components):
         for module in self.modules.values():
-            module.disable_adapters()
+            peft_layers.enable(module, False)
         try:
             yield dataclasses.replace(parts, unet=self.modules["unet"],
                                       text_encoder=self.modules.get("text_encoder", parts.text_encoder))
         finally:
             for module in self.modules.values():
-                module.enable_adapters()
+                peft_layers.enable(module, True)
 
     def on_step_end(self, step: int) -> None:
         pass
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return diffusers_lora.pack({name: get_peft_model_state_dict(module) for name, module in self.modules.items()})
+        return diffusers_lora.pack({name: peft_layers.state_dict(module) for name, module in self.modules.items()})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, part in diffusers_lora.unpack(state).items():
             self._load_component(name, part)
 
     def _load_component(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(self.modules[name], state)
+        result = peft_layers.load_state_dict(self.modules[name], state)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"LoRA state for {name} has keys this model lacks: {unexpected[:3]}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from finetune.export.lora_layers import LoraFileError
+from finetune.networks import peft_layers
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -27,26 +28,6 @@ def parse_adapter_argument(text: str) -> tuple[str, float]:
         return path, float(ratio)
     except ValueError:
         raise LoraFileError(f"--lora {text!r}: the part after the last ':' should be a ratio such as 0.8") from None
-
-
-def fuse_into_base(module: torch.nn.Module) -> int:
-    """Merge every active adapter layer into its base weight and put the plain layer back; returns how many."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    fused = 0
-    for name, layer in list(module.named_modules()):
-        if isinstance(layer, BaseTunerLayer):
-            layer.merge(adapter_names=list(layer.active_adapters))
-            parent_name, _, child = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, child, layer.get_base_layer())
-            fused += 1
-    # the model no longer holds adapters: forget their configs so a later load starts clean
-    if hasattr(module, "peft_config"):
-        del module.peft_config
-    if getattr(module, "_hf_peft_config_loaded", False):
-        module._hf_peft_config_loaded = False
-    return fused
 
 
 def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dtype: str = "fp16") -> list[str]:
@@ -74,7 +55,7 @@ def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dt
             name = load_adapter(pipe, path, scale=ratio, name=f"merge_{index}")
         except (ValueError, RuntimeError) as exc:
             raise LoraFileError(f"--lora {path}: could not load it onto {base}: {exc}") from None
-        layers = fuse_into_base(pipe.unet) + fuse_into_base(pipe.text_encoder)
+        layers = peft_layers.fuse(pipe.unet) + peft_layers.fuse(pipe.text_encoder)
         lines.append(f"fused {path} at {ratio:g} ({layers} layers, adapter {name})")
     if single_file:
         from finetune.export.single_file import save_single_file
