@@ -1,4 +1,4 @@
-"""Command line: `finetune train|validate|sample ...` (also `python -m finetune ...`)."""
+"""Command line: `finetune train|validate|sample|env ...` (also `python -m finetune ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--device", default="cpu", help="where the SVDs run, e.g. cuda (default cpu)")
     extract.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
                          help="dtype of the written weights (default fp16)")
+    commands.add_parser("env", help="print what a bug report needs: versions, platform, accelerator, problems")
     from finetune.tools.commands import add_parsers
 
     add_parsers(commands)
@@ -71,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "env":
+        return _env()
     try:
+        # before any model loads: packages known not to work together stop here, not in a traceback later
+        check_packages()
         commands = {"train": _train, "validate": _validate, "sample": _sample, "eval": _eval, "demo": _demo,
                     "extract-lora": _extract_lora}
         if args.command in commands:
@@ -84,6 +89,25 @@ def main(argv: list[str] | None = None) -> int:
 
 class KnownProblem(Exception):
     pass
+
+
+def check_packages() -> None:
+    from finetune.environment import IncompatiblePackages, check_packages as check
+
+    try:
+        check()
+    except IncompatiblePackages as exc:
+        raise KnownProblem(str(exc)) from None
+
+
+def _env() -> int:
+    from finetune.environment import report
+
+    rows = report()
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name + ':':<{width + 1}} {value}")
+    return 0
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
