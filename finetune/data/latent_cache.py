@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from finetune.data.images import transform
 from finetune.data.sources import Example
-from finetune.paths import cache_home
+from finetune.paths import cache_home, give_umask_permissions
 
 # below this the dataset's entries stay in memory under cache.latents: auto
 AUTO_MEMORY_LIMIT_BYTES = 2 * 1024**3
@@ -69,6 +69,7 @@ class LatentStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({"mean": mean, "std": std}, str(tmp))
+        give_umask_permissions(tmp)  # a shared cache stays readable by the other users the umask allows
         tmp.replace(path)  # a present entry is always whole
 
     def get(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from finetune.paths import give_umask_permissions
+
 
 def atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -36,6 +38,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     try:
         save_file(plain, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
         sort_metadata(tmp)
+        give_umask_permissions(tmp)
         replace_atomically(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -64,13 +64,20 @@ def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32):
 
 
 def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    from finetune.paths import give_umask_permissions
+
     folder = Path(folder)
     build_tiny_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    give_umask_permissions(folder)
     return folder
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    target = sys.argv[1] if len(sys.argv) > 1 else "outputs/tiny-sd"
-    print(f"wrote {save_tiny_pipeline(target)}")
+    parser = argparse.ArgumentParser(prog="python -m finetune.models.tiny",
+                                     description="Write a tiny random Stable Diffusion pipeline (a test model).")
+    parser.add_argument("folder", nargs="?", default="outputs/tiny-sd", help="where to write it (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args()
+    print(f"wrote {save_tiny_pipeline(args.folder, args.seed)}")

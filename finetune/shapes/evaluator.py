@@ -73,11 +73,10 @@ class Evaluator:
         return cls(model, config)
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from finetune.export.safetensors_io import save_safetensors
 
         state = {name: tensor.contiguous() for name, tensor in self.model.state_dict().items()}
-        save_file(state, str(path), metadata={"config": json.dumps(self.config)})
-        return Path(path)
+        return save_safetensors(state, path, {"config": json.dumps(self.config)})
 
     @torch.no_grad()
     def logits(self, images: Sequence[Image.Image], batch: int = 256) -> dict[str, torch.Tensor]:

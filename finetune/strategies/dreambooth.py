@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from finetune.models.base import Components, ModelFamily
+from finetune.paths import give_umask_permissions
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies.base import CommonDefaults
 
@@ -127,6 +128,7 @@ class Strategy(CommonDefaults):
         try:
             pipeline.save_pretrained(tmp, safe_serialization=True)
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+            give_umask_permissions(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed save (full disk) leaves nothing half-written
             raise

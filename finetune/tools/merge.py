@@ -76,7 +76,7 @@ def _merge_metadata(base: str, adapters: list[tuple[str, float]]) -> dict[str, s
 
 def _save_folder(pipe, out: Path, dtype: torch.dtype, metadata: dict[str, str]) -> None:
     """Write the pipeline beside `out` under a temporary name, then rename: no half-written folder is left."""
-    from finetune.paths import write_text_atomically
+    from finetune.paths import give_umask_permissions, write_text_atomically
 
     if out.exists() and not (out / "model_index.json").is_file():
         raise LoraFileError(f"{out}: exists and is not a pipeline folder; choose a new folder for the merge")
@@ -85,6 +85,7 @@ def _save_folder(pipe, out: Path, dtype: torch.dtype, metadata: dict[str, str]) 
     try:
         pipe.to(dtype).save_pretrained(tmp, safe_serialization=True)
         write_text_atomically(tmp / "finetune.json", json.dumps(metadata, indent=2))
+        give_umask_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
