@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100")
     train.add_argument("--resume", metavar="latest|PATH",
                        help="continue from the newest checkpoint in output_dir, or from a checkpoint folder")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start anew in an output_dir that holds a finished run or checkpoints (refused without "
+                            "it): the earlier checkpoints are removed, the artifact replaced when this run saves")
 
     validate = commands.add_parser("validate", help="check a recipe without loading any model")
     validate.add_argument("recipe")
@@ -140,7 +143,7 @@ def _train(args) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        train(recipe, resume=args.resume)
+        train(recipe, resume=args.resume, overwrite=args.overwrite)
     except _known_errors() as exc:
         raise KnownProblem(str(exc)) from None
     except Interrupted as exc:

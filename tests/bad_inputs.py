@@ -130,6 +130,16 @@ def _resume_another_recipe(ws: Workspace) -> list[str]:
     return ws.train("--resume", "latest", strategy={"kind": "lora", "rank": 8}, checkpoint={"every": 1})
 
 
+def _second_run_in_a_finished_output_dir(ws: Workspace) -> list[str]:
+    ws.run(ws.train(train={"max_steps": 2}, checkpoint={"every": 1}))
+    return ws.train(train={"max_steps": 3})
+
+
+def _resume_a_finished_run(ws: Workspace) -> list[str]:
+    ws.run(ws.train(train={"max_steps": 2}))
+    return ws.train("--resume", "latest", train={"max_steps": 2})
+
+
 def _checkpoint_kept_and_resumable(ws: Workspace) -> None:
     from safetensors.torch import load_file
 
@@ -255,7 +265,15 @@ CATALOGUE = [
     BadInput("output-dir-not-writable", "`output_dir` cannot be written (permissions, read-only disk)",
              "Says so before any model loads", _not_writable, ("not writable", "choose a folder you can write to")),
     BadInput("resume-another-recipe", "`--resume` with a checkpoint made by a different recipe",
-             "Names the settings that differ", _resume_another_recipe, ("different recipe", "strategy.rank", "start a new output_dir")),
+             "Names each setting that differs, with both values", _resume_another_recipe,
+             ("different recipe", "strategy.rank: 4 in the checkpoint's run, 8 now", "start a new output_dir")),
+    BadInput("output-dir-holds-a-run", "A new run in an `output_dir` that holds a finished artifact or checkpoints",
+             "Refuses before any model loads, changing nothing; offers `--resume latest`, a new `output_dir` or "
+             "`--overwrite`", _second_run_in_a_finished_output_dir,
+             ("already holds a finished artifact", "--resume latest", "output_dir=PATH", "--overwrite")),
+    BadInput("resume-a-finished-run", "`--resume latest` where the run finished and no checkpoint is left",
+             "Says there is nothing to resume; a new `output_dir`, or `--overwrite` to train again",
+             _resume_a_finished_run, ("nothing to resume", "no checkpoint", "--overwrite")),
     BadInput("resume-not-a-checkpoint", "`--resume PATH` that is not a checkpoint folder",
              "Shows what a checkpoint folder looks like, or `latest`",
              lambda ws: ws.train("--resume", str(ws.tmp)), ("not a checkpoint folder", "latest")),

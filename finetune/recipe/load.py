@@ -40,7 +40,9 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
         apply_override(data, item, problems)
     if problems:
         raise RecipeError(str(path), problems)
-    return parse_recipe(data, source=str(path), base_dir=path.parent)
+    recipe = parse_recipe(data, source=str(path), base_dir=path.parent)
+    recipe.overrides = list(overrides)
+    return recipe
 
 
 def apply_override(data: Any, item: str, problems: list[str]) -> None:
@@ -139,4 +141,5 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     """The recipe as plain data (what goes into checkpoints and artifact metadata)."""
     out = dataclasses.asdict(recipe)
     out.pop("source", None)
+    out.pop("overrides", None)  # already applied: the values above are the resolved ones
     return out

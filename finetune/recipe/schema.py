@@ -177,5 +177,7 @@ class Recipe:
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     sample: SampleOptions = field(default_factory=SampleOptions)
     log: LogOptions = field(default_factory=LogOptions)
-    # where the recipe came from, for messages and metadata; not a YAML key
+    # where the recipe came from, and the command line's key=value overrides, for messages (the resume command)
+    # and metadata; not YAML keys
     source: str = field(default="<recipe>", metadata={"internal": True})
+    overrides: list[str] = field(default_factory=list, metadata={"internal": True})

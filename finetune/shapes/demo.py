@@ -83,7 +83,7 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
         concept = CONCEPTS[concept_name]
         tqdm.write(f"== {strategy} on {concept_name} ({concept.concept_prompt()!r}) ==")
         started = time.perf_counter()
-        artifact = train(recipe)
+        artifact = train(recipe, overwrite=True)  # the demo owns its runs: running it again replaces them
         pipe = tuned_pipeline(base, artifact)
         numbers = score(pipe, evaluator, concept, bare_accuracy, label=f"evaluating {strategy}/{concept_name}")
         seconds = time.perf_counter() - started

@@ -29,8 +29,9 @@ def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, trainable: dict[str, torch.Tensor],
-                    training_state: dict[str, Any], identity: dict[str, Any], keep: int) -> Path:
-    """training_state: {"optimizer": ..., "lr_scheduler": ..., "scaler": ...} state dicts."""
+                    training_state: dict[str, Any], recipe: dict[str, Any], keep: int) -> Path:
+    """training_state: {"optimizer": ..., "lr_scheduler": ..., "scaler": ...} state dicts; `recipe`: the run's
+    whole resolved recipe (recipe_to_dict), kept in state.json so a resume can be compared with it."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -39,7 +40,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, trainable: dict[st
     try:
         save_safetensors(trainable, tmp / "trainable.safetensors")
         torch.save(training_state, tmp / "training_state.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **identity}, indent=2, sort_keys=True))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "recipe": recipe}, indent=2, sort_keys=True))
         for name in os.listdir(tmp):
             with open(tmp / name, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -101,20 +102,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     except UnsafePickleError as exc:
         raise CheckpointError(f"--resume {path}: {exc}") from None
     return state, trainable, training_state
-
-
-def check_same_run(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a checkpoint whose model or strategy differ from this recipe's."""
-    differing = sorted(
-        f"{section}.{key}"
-        for section in identity
-        for key in set(identity[section]) | set(saved.get(section, {}))
-        if identity[section].get(key) != saved.get(section, {}).get(key)
-    )
-    if differing:
-        raise CheckpointError(
-            f"checkpoint {path} was made by a different recipe (differs in: {', '.join(differing)}); "
-            "resume with the recipe that made it, or start a new output_dir")
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:

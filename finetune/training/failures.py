@@ -58,8 +58,9 @@ def check_finite_weights(tensors: dict[str, torch.Tensor], step: int, output_dir
 
 
 @contextmanager
-def saving(what: str, step: int, recipe_source: str, output_dir: Path) -> Iterator[None]:
-    """Turn "no space left" while writing `what` into a message that says what was kept and how to go on.
+def saving(what: str, step: int, resume_with: str, output_dir: Path) -> Iterator[None]:
+    """Turn "no space left" while writing `what` into a message that says what was kept and how to go on
+    (`resume_with`: the command that continues the run).
     The writers themselves remove their temporary files when they fail."""
     try:
         yield
@@ -70,4 +71,4 @@ def saving(what: str, step: int, recipe_source: str, output_dir: Path) -> Iterat
         raise SaveFailed(
             f"no room left on the disk while writing {what} at step {step}{where}: {exc.strerror or exc}. Nothing "
             f"half-written was left behind. {_last_good(output_dir)}. Free some space (or point output_dir "
-            f"at a disk with room), then continue with: finetune train {recipe_source} --resume latest") from None
+            f"at a disk with room), then continue with: {resume_with}") from None

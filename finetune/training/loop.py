@@ -32,6 +32,7 @@ from finetune.training.caches import BatchEncoder, make_encoder, plan_caches
 from finetune.training.failures import check_finite_loss
 from finetune.training.offload import offload, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
+from finetune.training.resume import check_output_dir, check_resumable, remove_earlier_run, resume_command
 from finetune.training.step import LossSettings, micro_step_loss
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,11 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 1_009 + micro) * 10_007 + rank
 
 
-def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None) -> Path:
-    """Run the recipe; return the path of the final artifact. `on_step(step)` is called after every optimizer
-    step (benchmarks time the loop with it)."""
+def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None,
+          overwrite: bool = False) -> Path:
+    """Run the recipe; return the path of the final artifact. `resume`: "latest" or a checkpoint folder.
+    `overwrite`: start anew in an output_dir that holds a finished artifact or checkpoints (refused otherwise,
+    see training/resume.py). `on_step(step)` is called after every optimizer step (benchmarks time the loop)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -63,7 +66,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         log_with=recipe.log.to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
     try:
-        return _train(accelerator, recipe, output_dir, resume, on_step)
+        return _train(accelerator, recipe, output_dir, resume, on_step, overwrite)
     finally:
         accelerator.end_training()
         # without this a multi-process CPU run aborts at interpreter exit
@@ -77,13 +80,15 @@ def _has_accelerator() -> bool:
 
 
 def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
-           on_step: Callable[[int], None] | None) -> Path:
+           on_step: Callable[[int], None] | None, overwrite: bool) -> Path:
     t, d = recipe.train, recipe.data
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
         raise RecipeError(recipe.source, ["train.mixed_precision: fp16 needs a GPU; on a CPU use bf16 or no"])
-    identity = {"model": dataclasses.asdict(recipe.model), "strategy": dataclasses.asdict(recipe.strategy)}
-    # everything that can fail cheaply fails before the model loads
+    # everything that can fail cheaply fails before the model loads; first, that nothing finished gets lost
+    strategy = create_strategy(recipe.strategy)
+    command = resume_command(recipe.source, recipe.overrides)
+    earlier_run = check_output_dir(output_dir, output_dir / strategy.artifact_name, resume, overwrite, command)
     prepared = prepare_data(d, t.batch_size * accelerator.num_processes)
     examples, sizes = prepared.examples, prepared.sizes
     if prepared.bucket_report is not None:
@@ -104,7 +109,13 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                           "starting at step 0")
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(resume_from)
-        checkpoint.check_same_run(saved[0], identity, resume_from)
+        for note in check_resumable(saved[0], recipe_to_dict(recipe), resume_from):
+            accelerator.print(f"resume: {note}")
+    if earlier_run:
+        accelerator.wait_for_everyone()  # every process has looked before the main one removes
+        if accelerator.is_main_process:
+            accelerator.print(f"--overwrite: removing the earlier run's {', '.join(map(str, earlier_run))}")
+            remove_earlier_run(earlier_run)
     first_step = saved[0]["step"] if resume_from is not None else 0
 
     family = family_for(recipe.model.family)
@@ -112,7 +123,6 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                         dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config)
     for module in (parts.vae, parts.text_encoder, parts.unet):
         module.to(accelerator.device)
-    strategy = create_strategy(recipe.strategy)
     strategy.check(family, parts)  # options that cannot fit this model fail before any long work
     class_count = recipe.prior.num_class_images if recipe.prior.mode == "class_images" else 0
     plan = plan_caches(recipe.cache.latents, recipe.cache.text, d.crop, recipe.strategy.changes_text_encoding(),
@@ -208,8 +218,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                 accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
             if saved:
-                saves.save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, identity,
-                                      recipe.checkpoint.keep, recipe.source)
+                saves.save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, recipe)
             snapshot_every = recipe.checkpoint.snapshot_every
             if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
                 saves.save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}",
@@ -219,12 +228,11 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                     saves.save_samples(accelerator, family, parts, recipe, output_dir, step)
             if step < t.max_steps and stop.requested_anywhere(accelerator):
                 if not saved:
-                    saves.save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler,
-                                          identity, recipe.checkpoint.keep, recipe.source)
+                    saves.save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, recipe)
                 raise interrupt.Interrupted(
                     f"stopped on {signal.Signals(stop.signum or signal.SIGINT).name} after step {step} of "
                     f"{t.max_steps}; the checkpoint is in {checkpoint.checkpoints_dir(output_dir)}. Continue with:\n"
-                    f"  finetune train {recipe.source} --resume latest", stop.signum or signal.SIGINT)
+                    f"  {command}", stop.signum or signal.SIGINT)
 
     artifact = saves.save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures, output_dir)
     accelerator.print(f"saved {artifact}")

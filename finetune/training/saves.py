@@ -13,19 +13,21 @@ from finetune.recipe.load import recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.training import checkpoint, trackers
 from finetune.training.failures import check_finite_weights, saving
+from finetune.training.resume import resume_command
 from finetune.training.sampling import sample_grid, save_png
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimizer, lr_scheduler,
-                    identity: dict, keep: int, recipe_source: str) -> None:
+                    recipe: Recipe) -> None:
     trainable = strategy.state_dict()
     check_finite_weights(trainable, step, output_dir)  # on every process: all stop together
     if accelerator.is_main_process:
         training_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
         if accelerator.scaler is not None:
             training_state["scaler"] = accelerator.scaler.state_dict()
-        with saving("a checkpoint", step, recipe_source, output_dir):
-            checkpoint.save_checkpoint(output_dir, step, trainable, training_state, identity, keep)
+        with saving("a checkpoint", step, resume_command(recipe.source, recipe.overrides), output_dir):
+            checkpoint.save_checkpoint(output_dir, step, trainable, training_state, recipe_to_dict(recipe),
+                                       recipe.checkpoint.keep)
     accelerator.wait_for_everyone()
 
 
@@ -38,7 +40,8 @@ def save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step:
     if accelerator.is_main_process:
         metadata = training_metadata(base_model=recipe.model.base, strategy=recipe.strategy.kind, steps=step,
                                      recipe=recipe_to_dict(recipe), extra=data_figures)
-        with saving(f"the artifact in {output_dir}", step, recipe.source, checkpoints_in):
+        with saving(f"the artifact in {output_dir}", step, resume_command(recipe.source, recipe.overrides),
+                    checkpoints_in):
             artifact = strategy.save(output_dir, metadata)
     accelerator.wait_for_everyone()
     return artifact
@@ -58,7 +61,7 @@ def save_samples(accelerator, family: ModelFamily, parts: Components, recipe: Re
                            resolution=recipe.data.resolution)
         for m, mode in zip(modules, modes):
             m.train(mode)
-        with saving("a sample grid", step, recipe.source, output_dir):
+        with saving("a sample grid", step, resume_command(recipe.source, recipe.overrides), output_dir):
             save_png(grid, output_dir / "samples" / f"step-{step:06d}.png")
         trackers.log_images(accelerator, "samples", grid, step)
     accelerator.wait_for_everyone()

@@ -1,0 +1,120 @@
+"""Never lose a finished result, and resume the run that was meant.
+
+- `check_output_dir`: a new run refuses an output_dir that already holds a finished artifact or another run's
+  checkpoints (before any model loads), unless told `--resume` or `--overwrite`.
+- `resume_command`: the exact command that continues this run, command-line overrides included and
+  shell-quoted, for every message that says how to go on (Ctrl-C, a full disk).
+- `recipe_changes`: what differs between the recipe a checkpoint was made with and the one resuming it; what may
+  change mid-run is said with its effect, what may not is refused.
+"""
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+from finetune.training.checkpoint import CheckpointError, checkpoints_dir, find_checkpoint
+
+# what may differ on resume, with what the change does; everything else would make the resumed run another run
+# (its data order, learning rates, what trains, the numbers it computes) and is refused
+MAY_CHANGE = {
+    "train.max_steps": "training goes on to step {new} instead of {old}; a schedule that depends on the length "
+                       "(linear, cosine, ...) follows the new length from here",
+    "output_dir": "files from here on go to {new}",
+    "checkpoint.": "applies from this step on",
+    "sample.": "applies from this step on",
+    "log.": "applies from this step on",
+    "cache.": "applies from this step on (what is cached changes speed and memory, not the results)",
+    "data.num_workers": "changes loading speed only",
+    "train.gradient_checkpointing": "changes memory and speed only",
+    "train.compile": "changes speed only",
+    "train.channels_last": "changes speed only",
+}
+
+
+class OutputDirInUse(CheckpointError):
+    """output_dir holds a finished artifact or checkpoints, and neither --resume nor --overwrite was given."""
+
+
+def resume_command(source: str, overrides: Iterable[str] = ()) -> str:
+    """`finetune train RECIPE OVERRIDES... --resume latest`, each word shell-quoted, so pasting it resumes this
+    run (same output_dir, same settings)."""
+    return "finetune train " + shlex.join([source, *overrides]) + " --resume latest"
+
+
+def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overwrite: bool,
+                     command: str) -> list[Path]:
+    """Raise OutputDirInUse when a run started this way would write over what `output_dir` holds: a finished
+    `artifact` or checkpoints (without --resume), or a finished artifact with nothing to resume (with
+    --resume latest). With `overwrite`, returns the earlier run's checkpoints for the caller to remove."""
+    if resume and overwrite:
+        raise OutputDirInUse("--resume continues a run and --overwrite starts a new one: give one of them")
+    if resume and resume != "latest":
+        return []  # an explicit checkpoint folder: the user named what to continue
+    newest = find_checkpoint(output_dir, "latest")
+    finished = artifact.exists()
+    if overwrite:
+        return [checkpoints_dir(output_dir)] if checkpoints_dir(output_dir).exists() else []
+    if resume and (newest is not None or not finished):
+        return []  # a checkpoint to continue from, or nothing yet (a run killed before its first checkpoint)
+    held = ([f"a finished artifact ({artifact})"] if finished else []) + (
+        [f"checkpoints up to {newest.name}"] if newest is not None else [])
+    if not held:
+        return []  # nothing finished to lose
+    if resume:
+        raise OutputDirInUse(
+            f"--resume latest: nothing to resume in {output_dir}: it holds {held[0]} and no checkpoint. To train "
+            "again, pick a new output_dir (output_dir=PATH on the command line), or add --overwrite to replace it")
+    ways = [f"continue that run: {command}"] if newest is not None else []
+    ways += ["keep it and train anew: a new output_dir (add output_dir=PATH to the command)",
+             "replace it: add --overwrite (its checkpoints are removed now, its artifact when this run saves)"]
+    raise OutputDirInUse(f"output_dir {output_dir} already holds {' and '.join(held)}; nothing was changed. To "
+                         + "; to ".join(ways))
+
+
+def remove_earlier_run(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: data}
+
+
+def recipe_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(notes, refusals) for every dotted key whose value differs between the checkpoint's resolved recipe and
+    this one: notes for keys in MAY_CHANGE (with their effect), refusals for the rest."""
+    old, new = _flatten(saved), _flatten(current)
+    notes, refusals = [], []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        rule = next((effect for prefix, effect in MAY_CHANGE.items()
+                     if key == prefix or (prefix.endswith(".") and key.startswith(prefix))), None)
+        change = f"{key}: {before!r} in the checkpoint's run, {after!r} now"
+        if rule is None:
+            refusals.append(change)
+        else:
+            notes.append(f"{change}: {rule.format(old=before, new=after)}")
+    return notes, refusals
+
+
+def check_resumable(saved_state: dict, current: dict, path: Path) -> list[str]:
+    """Compare the checkpoint at `path` (its state.json, `saved_state`) with the resuming recipe (`current`, as
+    recipe_to_dict gives it); return the notes to print, or raise CheckpointError naming every setting that
+    cannot change mid-run. A checkpoint from before whole recipes were kept is compared on model and strategy."""
+    saved = saved_state.get("recipe") or {k: saved_state[k] for k in ("model", "strategy") if k in saved_state}
+    notes, refusals = recipe_changes(saved, {k: current[k] for k in saved if k in current})
+    if refusals:
+        raise CheckpointError(
+            f"checkpoint {path} was made by a different recipe, with settings that cannot change mid-run:\n  - "
+            + "\n  - ".join(refusals) + f"\nSet them back (the checkpoint's whole recipe is in {path}/state.json), "
+            "or start a new output_dir (or --overwrite) for a new run")
+    return notes
