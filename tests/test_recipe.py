@@ -142,3 +142,14 @@ def test_every_shipped_recipe_validates(path, tiny_base):
 
     assert recipe.strategy.kind in KINDS
     assert recipe.train.max_steps > 0
+
+
+def test_resolution_follows_the_bases_vae(tiny_base, concept_dir, tmp_path):
+    # the tiny base's VAE has 3 blocks: it downsamples by 4, so 36 fits it though it is no multiple of 8
+    assert parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "o", data={"resolution": 36}))
+    # a hub id is not read before loading: Stable Diffusion's 8 is asked for, and said to be an assumption
+    hub = recipe_dict(tiny_base, concept_dir, tmp_path / "o", data={"resolution": 36})
+    hub["model"]["base"] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    with pytest.raises(RecipeError, match=r"multiple of 8 \(Stable Diffusion's VAE downsamples by 8; the base's "
+                                          r"own is read when it loads\); try 32"):
+        parse_recipe(hub)

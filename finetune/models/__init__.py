@@ -1,8 +1,12 @@
 """Model families. Each file holds one family; `family_for` picks one by name."""
-from finetune.models.base import Components, ModelFamily, ModelLoadError
+from __future__ import annotations
+
+from typing import Any
+
+_FROM_BASE = ("Components", "ModelFamily", "ModelLoadError")
 
 
-def family_for(name: str) -> ModelFamily:
+def family_for(name: str) -> Any:
     # "auto" means Stable Diffusion 1.x/2.x until more families arrive
     if name in ("auto", "sd"):
         from finetune.models.stable_diffusion import StableDiffusion
@@ -10,4 +14,13 @@ def family_for(name: str) -> ModelFamily:
     raise ValueError(f"unknown model family {name!r}")
 
 
-__all__ = ["Components", "ModelFamily", "ModelLoadError", "family_for"]
+def __getattr__(name: str) -> Any:
+    # loaded on first use, so that recipe checks can read model folders (pipeline_folder.py) without torch
+    if name in _FROM_BASE:
+        from finetune.models import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'finetune.models' has no attribute {name!r}")
+
+
+__all__ = [*_FROM_BASE, "family_for"]

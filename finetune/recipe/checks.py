@@ -8,6 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from finetune.models.pipeline_folder import vae_downsampling
 from finetune.recipe.schema import Recipe
 
 # "owner/name" or "name" as the Hugging Face hub spells repository ids
@@ -82,11 +83,13 @@ def _check_data(recipe: Recipe) -> list[str]:
         problems.append(f"data.dataset: {d.dataset} does not exist")
     if d.repeats < 1:
         problems.append(f"data.repeats: must be at least 1, got {d.repeats}")
-    if d.resolution < 8 or d.resolution % 8:
-        problems.append(
-            f"data.resolution: {d.resolution} must be a positive multiple of 8 (the VAE downsamples by 8); "
-            f"try {max(8, round(d.resolution / 8) * 8)}"
-        )
+    known = vae_downsampling(recipe.model.base)
+    factor = known or 8
+    if d.resolution < factor or d.resolution % factor:
+        why = (f"this base's VAE downsamples by {factor}" if known else
+               "Stable Diffusion's VAE downsamples by 8; the base's own is read when it loads")
+        problems.append(f"data.resolution: {d.resolution} must be a positive multiple of {factor} ({why}); "
+                        f"try {max(factor, round(d.resolution / factor) * factor)}")
     if not 0.0 <= d.caption_dropout <= 1.0:
         problems.append(f"data.caption_dropout: a probability between 0 and 1, got {d.caption_dropout}")
     if d.num_workers < 0:
