@@ -71,7 +71,8 @@ def test_torchrun_two_cpu_processes_give_one_artifact(tiny_base, concept_dir, tm
     result = run([torchrun, "--nproc_per_node", "2", "-m", "finetune", "train", str(recipe)], tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert output.count("saved ") == 1  # only the main process writes
+    assert output.count("wrote:\n") == 1  # only the main process writes (and lists what it wrote)
+    assert "effective batch 2 = 1 per process x 2 process(es) x 1 accumulation" in output
     assert "Traceback" not in output and "abort" not in output.lower()
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "pytorch_lora_weights.safetensors"]

@@ -43,6 +43,27 @@ def _kind(keys: list[str], metadata: dict[str, str]) -> str:
     return "safetensors weights of an unknown kind"
 
 
+# what reads each kind of file (by the start of its kind), for `inspect` and the end-of-run list
+READ_BY = {
+    "LoRA (diffusers/peft format)": "diffusers' pipe.load_lora_weights, finetune.load_adapter",
+    "LoRA (kohya format": "AUTOMATIC1111 and Forge (models/Lora), ComfyUI's LoRA loader, kohya's scripts",
+    "LyCORIS": "AUTOMATIC1111 and Forge (models/Lora), ComfyUI",
+    **{f"{variant} adapter": "finetune.load_adapter (diffusers has no loader for it)"
+       for variant in ("loha", "lokr", "oft")},
+    "hypernetwork (finetune format)": "finetune.load_adapter (diffusers has no hypernetwork loader)",
+    "hypernetwork (AUTOMATIC1111 .pt)": "AUTOMATIC1111 (models/hypernetworks), finetune.load_adapter",
+    "textual-inversion embedding (AUTOMATIC1111": "AUTOMATIC1111 (embeddings/), ComfyUI, kohya; "
+                                                  "finetune.load_adapter",
+    "textual-inversion embedding (diffusers format)": "diffusers' pipe.load_textual_inversion, finetune.load_adapter",
+    "diffusers pipeline": "diffusers' DiffusionPipeline.from_pretrained; finetune merge / extract-lora",
+    "single-file checkpoint": "AUTOMATIC1111, ComfyUI, diffusers' from_single_file",
+}
+
+
+def read_by(kind: str) -> str | None:
+    return next((readers for start, readers in READ_BY.items() if kind.startswith(start)), None)
+
+
 def _family_from_width(width: int | None) -> str | None:
     if width is None:
         return None
@@ -75,7 +96,13 @@ def _lora_summary(shapes: dict[str, list[int]]) -> dict[str, Any]:
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+    """What the file or pipeline folder at `path` is: {"kind", "read_by", "base_model", shapes, metadata, ...}."""
+    info = _describe(Path(path))
+    info["read_by"] = read_by(info["kind"])
+    return info
+
+
+def _describe(path: Path) -> dict[str, Any]:
     if path.is_dir():
         return _describe_folder(path)
     if not path.is_file():
@@ -145,7 +172,8 @@ def _describe_pickle(path: Path) -> dict[str, Any]:
 
 def render(info: dict[str, Any], all_shapes: bool = False) -> str:
     lines = [f"{info['file']}: {info['kind']}"]
-    for key in ("base_model", "base_family", "bytes", "tensors", "parameters", "dtypes", "components", "lora"):
+    for key in ("read_by", "base_model", "base_family", "bytes", "tensors", "parameters", "dtypes", "components",
+                "lora"):
         if info.get(key) is not None:
             lines.append(f"  {key}: {info[key]}")
     metadata = info.get("metadata") or {}

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,7 @@ from finetune.training.offload import offload, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.resume import check_output_dir, check_resumable, remove_earlier_run, resume_command
 from finetune.training.step import LossSettings, micro_step_loss
+from finetune.training.summary import Plan, images_per_folder, plan_lines, written_lines
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,6 +84,7 @@ def _has_accelerator() -> bool:
 def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
            on_step: Callable[[int], None] | None, overwrite: bool) -> Path:
     t, d = recipe.train, recipe.data
+    started_at = time.time() - 1  # file times may be rounded down to the second
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
         raise RecipeError(recipe.source, ["train.mixed_precision: fp16 needs a GPU; on a CPU use bf16 or no"])
@@ -152,6 +155,12 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         parts.unet.compile()  # in place: parameter names, and so saved files, stay as they are
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     params = [p for group in groups for p in group["params"]]
+    for line in plan_lines(Plan(
+            images_per_folder([e.name for e in examples]), d.repeats, t.max_steps, t.batch_size,
+            accelerator.num_processes, t.gradient_accumulation_steps, order.batches_per_epoch, params,
+            str(accelerator.device), f"mixed precision {t.mixed_precision}, frozen base in "
+            f"{str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix('torch.')}", output_dir)):
+        accelerator.print(line)
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
@@ -235,7 +244,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                     f"  {command}", stop.signum or signal.SIGINT)
 
     artifact = saves.save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures, output_dir)
-    accelerator.print(f"saved {artifact}")
+    if accelerator.is_main_process:
+        accelerator.print("wrote:\n" + "\n".join(written_lines(output_dir, started_at)))
     return artifact
 
 

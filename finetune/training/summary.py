@@ -1,0 +1,96 @@
+"""What a run says before it trains (its plan) and after (every file it wrote, and what reads each)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# folders a run fills with many files: listed as one line each, with what they hold
+RUN_FOLDERS = {
+    "checkpoints": "checkpoints, for `--resume latest`",
+    "samples": "sample grids (PNG)",
+    "snapshots": "loadable copies of the artifact made during training",
+    "logs": "TensorBoard events / W&B run files",
+}
+
+
+@dataclass
+class Plan:
+    images_per_folder: dict[str, int]
+    repeats: int
+    max_steps: int
+    batch_size: int  # per process
+    processes: int
+    accumulation: int
+    batches_per_epoch: int  # micro-batches each process takes per epoch
+    trainable: list[torch.nn.Parameter]
+    device: str
+    precision: str  # mixed precision and the frozen base's dtype
+    output_dir: Path
+
+
+def images_per_folder(names: list[str]) -> dict[str, int]:
+    """Count training images by the folder they sit in (absolute paths); dataset rows (`name[row]`) by dataset."""
+    counts: Counter = Counter()
+    for name in names:
+        counts[name.rsplit("[", 1)[0] if name.endswith("]") else str(Path(name).resolve().parent)] += 1
+    return dict(sorted(counts.items()))
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The summary printed before the first step: data, length, batch, what trains, where, and where files go."""
+    images = sum(plan.images_per_folder.values())
+    effective = plan.batch_size * plan.processes * plan.accumulation
+    epochs = plan.max_steps * plan.accumulation / plan.batches_per_epoch
+    count = sum(p.numel() for p in plan.trainable)
+    size = sum(p.numel() * p.element_size() for p in plan.trainable)
+    lines = [f"data: {images} image(s) x {plan.repeats} repeat(s) = {images * plan.repeats} samples per epoch"]
+    lines += [f"  {folder}: {n} image(s), {plan.repeats} repeat(s)" for folder, n in plan.images_per_folder.items()]
+    lines += [f"steps: {plan.max_steps} ({epochs:.3g} epoch(s)); effective batch {effective} = {plan.batch_size} per "
+              f"process x {plan.processes} process(es) x {plan.accumulation} accumulation",
+              f"trains: {count:,} parameters ({size / 2**20:.1f} MB); on {plan.device}, {plan.precision}"
+              if size >= 2**20 else
+              f"trains: {count:,} parameters ({size / 2**10:.1f} KB); on {plan.device}, {plan.precision}",
+              f"output: {plan.output_dir.resolve()}"]
+    return lines
+
+
+def written_lines(output_dir: Path, since: float) -> list[str]:
+    """Every file or folder in output_dir written at or after `since` (time.time()), with absolute paths and what
+    each is, and which loader or program reads it (as `finetune inspect` says)."""
+    from finetune.tools.inspect_file import describe
+
+    output_dir = output_dir.resolve()
+    lines = []
+    for path in sorted(output_dir.rglob("*")):
+        relative = path.relative_to(output_dir).parts
+        if path.name.startswith(".") or not _written_since(path, since):
+            continue
+        if relative[0] in RUN_FOLDERS:
+            if len(relative) == 1:
+                lines.append(f"  {path}/: {RUN_FOLDERS[relative[0]]}")
+            continue
+        if path.is_dir() and not (path / "model_index.json").is_file():
+            continue  # a plain folder (kohya/, a1111/): its files are listed
+        if any((output_dir.joinpath(*relative[:i]) / "model_index.json").is_file() for i in range(1, len(relative))):
+            continue  # inside a pipeline folder, which was listed whole
+        lines.append(f"  {path}{'/' if path.is_dir() else ''}: {_what(path, describe)}")
+    return lines
+
+
+def _written_since(path: Path, since: float) -> bool:
+    if path.is_file():
+        return path.stat().st_mtime >= since
+    return any(p.is_file() and p.stat().st_mtime >= since for p in path.rglob("*"))
+
+
+def _what(path: Path, describe) -> str:
+    if path.suffix not in (".safetensors", ".pt") and not path.is_dir():
+        return {".json": "JSON", ".png": "image"}.get(path.suffix, "file")
+    try:
+        info = describe(path)
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({exc})"
+    return f"{info['kind']}; read by {info['read_by']}" if info.get("read_by") else info["kind"]
