@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -15,7 +14,14 @@ EXIT_BAD_INPUT = 2
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    # every command takes them after its name (the tools in tools/commands.py too, through add_parser)
+    talk = argparse.ArgumentParser(add_help=False)
+    talk.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    talk.add_argument("-v", "--verbose", action="store_true",
+                      help="everything, the libraries' own information and warnings included")
     commands = parser.add_subparsers(dest="command", required=True)
+    add_parser = commands.add_parser
+    commands.add_parser = lambda *args, **kwargs: add_parser(*args, parents=[talk], **kwargs)
 
     train = commands.add_parser("train", help="train with a recipe")
     train.add_argument("recipe", help="YAML recipe")
@@ -73,8 +79,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finetune import console
+
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet and args.verbose:
+        print("error: --quiet and --verbose contradict each other; give one", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    console.configure(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)
     if args.command == "env":
         return _env()
     try:

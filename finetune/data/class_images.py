@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from finetune.console import quiet
 from finetune.data.images import open_image
 from finetune.data.sources import Example
 from finetune.paths import cache_home
@@ -102,7 +103,7 @@ def ensure_class_images(spec: ClassImageSpec, count: int, folder: Path, make_pip
         _write_spec(folder, spec)
         pipeline = make_pipeline()
         pipeline.set_progress_bar_config(disable=True)
-        with tqdm(total=len(missing), desc="class images", unit="img", disable=not show_progress,
+        with tqdm(total=len(missing), desc="class images", unit="img", disable=not show_progress or quiet(),
                   dynamic_ncols=True) as progress:
             for start in range(0, len(missing), batch_size):
                 chunk = missing[start:start + batch_size]

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from finetune.data.images import transform
 from finetune.data.sources import Example
+from finetune.console import quiet
 from finetune.paths import cache_home, give_umask_permissions
 
 # below this the dataset's entries stay in memory under cache.latents: auto
@@ -100,7 +101,7 @@ def fill(store: LatentStore, examples: list[Example], sizes: list[tuple[int, int
     encoded = 0
     variants = (False, True) if flips else (False,)
     for index in tqdm(range(len(examples)), desc=f"caching latents ({what})", unit="image",
-                      disable=not show_progress):
+                      disable=not show_progress or quiet()):
         image = examples[index].load()
         for flip in variants:
             pixels = transform(image, sizes[index], "center", flip)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from finetune.console import quiet
 from finetune.paths import write_text_atomically
 from finetune.recipe.load import load_recipe
 from finetune.shapes import metrics
@@ -75,7 +76,7 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
     evaluator = Evaluator.load()
     base = plans[0][2].model.base
     bare = load_base_pipeline(base)
-    with tqdm(total=1, desc="base accuracy", unit="eval") as bar:
+    with tqdm(total=1, desc="base accuracy", unit="eval", disable=quiet()) as bar:
         bare_accuracy = metrics.base_vocabulary_accuracy(bare, evaluator)
         bar.update(1)
     report = {"base_accuracy": bare_accuracy, "runs": []}

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from finetune.console import ensure_configured, quiet
 from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
 from finetune.data.prepare import prepare_data
 from finetune.data.sources import data_name, tag_frequency
@@ -37,7 +38,7 @@ from finetune.training.resume import check_output_dir, check_resumable, remove_e
 from finetune.training.step import LossSettings, micro_step_loss
 from finetune.training.summary import Plan, images_per_folder, plan_lines, written_lines
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)  # the toolkit's own messages: finetune/console.py styles them
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -60,6 +61,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    ensure_configured()
     t = recipe.train
     output_dir = Path(recipe.output_dir).expanduser()
     accelerator = Accelerator(
@@ -83,6 +85,10 @@ def _has_accelerator() -> bool:
 
 def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
            on_step: Callable[[int], None] | None, overwrite: bool) -> Path:
+    def say(text: str) -> None:  # the main process speaks for all
+        if accelerator.is_main_process:
+            log.info(text)
+
     t, d = recipe.train, recipe.data
     started_at = time.time() - 1  # file times may be rounded down to the second
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -95,7 +101,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     prepared = prepare_data(d, t.batch_size * accelerator.num_processes)
     examples, sizes = prepared.examples, prepared.sizes
     if prepared.bucket_report is not None:
-        accelerator.print(format_report(prepared.bucket_report))
+        say(format_report(prepared.bucket_report))
         if accelerator.is_main_process:
             write_report(prepared.bucket_report, output_dir / "buckets.json")
     order = BatchOrder(len(examples), d.repeats, t.batch_size, accelerator.num_processes,
@@ -108,16 +114,16 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         checkpoint.remove_stale_temporaries(output_dir)
     resume_from = checkpoint.find_checkpoint(output_dir, resume) if resume else None
     if resume and resume_from is None:
-        accelerator.print(f"--resume latest: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet; "
+        say(f"--resume latest: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet; "
                           "starting at step 0")
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(resume_from)
         for note in check_resumable(saved[0], recipe_to_dict(recipe), resume_from):
-            accelerator.print(f"resume: {note}")
+            say(f"resume: {note}")
     if earlier_run:
         accelerator.wait_for_everyone()  # every process has looked before the main one removes
         if accelerator.is_main_process:
-            accelerator.print(f"--overwrite: removing the earlier run's {', '.join(map(str, earlier_run))}")
+            say(f"--overwrite: removing the earlier run's {', '.join(map(str, earlier_run))}")
             remove_earlier_run(earlier_run)
     first_step = saved[0]["step"] if resume_from is not None else 0
 
@@ -131,7 +137,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     plan = plan_caches(recipe.cache.latents, recipe.cache.text, d.crop, recipe.strategy.changes_text_encoding(),
                        estimated_bytes(len(examples) + class_count, 2 if d.random_flip else 1, d.resolution))
     for note in plan.notes:
-        accelerator.print(note)
+        say(note)
     encoder = make_encoder(family, parts, plan, accelerator.device, recipe.cache.dir,
                            show_progress=accelerator.is_local_main_process)
     class_batches = None
@@ -160,7 +166,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             accelerator.num_processes, t.gradient_accumulation_steps, order.batches_per_epoch, params,
             str(accelerator.device), f"mixed precision {t.mixed_precision}, frozen base in "
             f"{str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix('torch.')}", output_dir)):
-        accelerator.print(line)
+        say(line)
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
@@ -178,7 +184,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         if accelerator.scaler is not None and "scaler" in training_state:
             accelerator.scaler.load_state_dict(training_state["scaler"])
         strategy.on_step_end(step)  # a strategy whose setup changes with the step catches up
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+        say(f"resumed from {resume_from} at step {step}")
     order.start = step * t.gradient_accumulation_steps
     loader = make_loader(ImageCaptionDataset(examples, sizes, d.crop, d.random_flip, d.caption_dropout,
                                              latent_keys), order, d.num_workers)
@@ -192,7 +198,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
         class_prompts=tuple(recipe.prior.class_prompt))
     progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
-                    disable=not accelerator.is_local_main_process)
+                    disable=not accelerator.is_local_main_process or quiet())
     batches = iter(loader)
     with interrupt.stop_on_signals() as stop, progress:  # the bar closes before any message that stops the run
         while step < t.max_steps:
@@ -245,7 +251,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
 
     artifact = saves.save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures, output_dir)
     if accelerator.is_main_process:
-        accelerator.print("wrote:\n" + "\n".join(written_lines(output_dir, started_at)))
+        say("wrote:\n" + "\n".join(written_lines(output_dir, started_at)))
     return artifact
 
 

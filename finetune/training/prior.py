@@ -1,6 +1,7 @@
 """Prior preservation's part of the loop: class images from the frozen base, and the class half of each batch."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
@@ -9,6 +10,8 @@ from finetune.data.class_images import (ClassImageSpec, base_identity, class_exa
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import ModelOptions, PriorOptions
 from finetune.training.caches import BatchEncoder
+
+log = logging.getLogger(__name__)
 
 
 def class_image_stream(accelerator, family: ModelFamily, parts: Components, prior: PriorOptions,
@@ -23,7 +26,7 @@ def class_image_stream(accelerator, family: ModelFamily, parts: Components, prio
     if accelerator.is_main_process:
         drawn = ensure_class_images(spec, prior.num_class_images, folder, lambda: family.pipeline(parts),
                                     prior.generation_batch_size, show_progress=accelerator.is_local_main_process)
-        accelerator.print(f"class images: {prior.num_class_images} in {folder} ({drawn} drawn now)")
+        log.info(f"class images: {prior.num_class_images} in {folder} ({drawn} drawn now)")
     accelerator.wait_for_everyone()
     examples = class_examples(spec, prior.num_class_images, folder)
     # its own seed, so the instance stream is the same with or without prior preservation

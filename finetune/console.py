@@ -1,0 +1,114 @@
+"""What the command line prints: the toolkit's own messages in one style, third-party warnings that do not apply
+kept out of the way, and `--quiet` / `--verbose`.
+
+Style: information as plain lines on stdout; `warning: ...` and `error: ...` on stderr. `--quiet` keeps only
+warnings and errors (no progress bars); `--verbose` shows everything, the libraries' INFO lines and the
+warnings filtered below included.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+_LEVEL_NAMES = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
+
+
+@dataclass(frozen=True)
+class NotApplicable:
+    """A third-party warning finetune knows is wrong for its own use, and why."""
+    logger: str
+    text: str  # a fragment of the message
+    why: str
+
+
+NOT_APPLICABLE = (
+    NotApplicable("transformers.utils.import_utils", "requires torchvision (not installed)",
+                  "finetune uses no image processor; and following it (pip install torchvision) can replace a CPU "
+                  "build of torch with several GB of CUDA packages"),
+    NotApplicable("diffusers.loaders.lora_base", "No LoRA keys associated to",
+                  "a LoRA that adapts only the U-Net has no text-encoder keys by design"),
+    NotApplicable("diffusers.loaders.peft", "No LoRA keys associated to",
+                  "a LoRA file without keys for one of the pipeline's models leaves that model as it is"),
+)
+
+
+class _DropNotApplicable(logging.Filter):
+    def __init__(self, fragments: list[str]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+class _ToolkitFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return _LEVEL_NAMES.get(record.levelno, "") + record.getMessage()
+
+
+class _ByLevel(logging.Handler):
+    """Information to stdout, warnings and errors to stderr; each stream looked up when written (tests and tqdm
+    replace them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never stop a run
+            self.handleError(record)
+
+
+def configure(verbosity: int = NORMAL) -> None:
+    """Set up printing for one command: QUIET, NORMAL or VERBOSE. Safe to call again (tests call main often)."""
+    toolkit = logging.getLogger("finetune")
+    for handler in [h for h in toolkit.handlers if isinstance(h, _ByLevel)]:
+        toolkit.removeHandler(handler)
+    handler = _ByLevel()
+    handler.setFormatter(_ToolkitFormatter())
+    toolkit.addHandler(handler)
+    toolkit.setLevel(logging.WARNING if verbosity <= QUIET else logging.DEBUG if verbosity >= VERBOSE
+                     else logging.INFO)
+    by_logger: dict[str, list[str]] = {}
+    for item in NOT_APPLICABLE:
+        by_logger.setdefault(item.logger, []).append(item.text)
+    for name, fragments in by_logger.items():
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _DropNotApplicable)]:
+            logger.removeFilter(old)
+        if verbosity < VERBOSE:
+            logger.addFilter(_DropNotApplicable(fragments))
+    os.environ["FINETUNE_VERBOSITY"] = str(verbosity)  # read by quiet() in this process and its children
+    # the libraries' own default is WARNING; quiet keeps their errors, verbose adds their INFO lines
+    level = logging.ERROR if verbosity <= QUIET else logging.INFO if verbosity >= VERBOSE else logging.WARNING
+    for library in ("transformers", "diffusers", "accelerate"):
+        logging.getLogger(library).setLevel(level)
+    _progress_bars(enabled=verbosity > QUIET)
+
+
+def _progress_bars(enabled: bool) -> None:
+    """transformers' and diffusers' bars (loading, saving, sampling) have switches of their own; finetune's own
+    bars ask quiet()."""
+    import importlib
+
+    for library in ("transformers", "diffusers"):
+        if enabled and library not in sys.modules:
+            continue  # never switched off in this process
+        module = importlib.import_module(f"{library}.utils.logging")
+        (module.enable_progress_bar if enabled else module.disable_progress_bar)()
+
+
+def ensure_configured() -> None:
+    """For finetune used from Python (train() in a notebook): print as the command line does, unless the caller
+    set up the "finetune" logger already."""
+    if not logging.getLogger("finetune").handlers:
+        configure(int(os.environ.get("FINETUNE_VERBOSITY", NORMAL)))
+
+
+def quiet() -> bool:
+    """Whether --quiet was given: progress bars stay off."""
+    return os.environ.get("FINETUNE_VERBOSITY") == str(QUIET)

@@ -1,0 +1,88 @@
+"""What the command line prints: the toolkit's messages in one style (plain information on stdout, `warning:`
+on stderr), third-party warnings that do not apply filtered out (shown with --verbose), --quiet."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from finetune import console
+from finetune.networks import peft_layers
+from tests.conftest import draw_concept, pipeline, recipe_dict
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", *argv], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(autouse=True)
+def normal_afterwards():
+    yield
+    console.configure(console.NORMAL)
+
+
+@pytest.mark.parametrize("item", console.NOT_APPLICABLE, ids=lambda item: item.logger)
+def test_warnings_that_do_not_apply_are_dropped_unless_verbose(item):
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger(item.logger)
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        console.configure(console.NORMAL)
+        logger.warning(f"`X` {item.text} something")
+        logger.warning("an unrelated warning")
+        assert seen == ["an unrelated warning"]
+        console.configure(console.VERBOSE)
+        logger.warning(f"`X` {item.text} something")
+        assert seen[-1] == f"`X` {item.text} something"
+    finally:
+        logger.removeHandler(keep)
+
+
+def test_a_unet_only_lora_loads_without_diffusers_text_encoder_warning(tiny_base, tmp_path):
+    from peft import LoraConfig
+
+    from finetune.export import diffusers_lora
+
+    pipe = pipeline(tiny_base)
+    config = LoraConfig(r=2, target_modules=["to_q"])
+    peft_layers.inject(pipe.unet, config)
+    path = diffusers_lora.save_lora(tmp_path / "unet_only.safetensors", {"unet": peft_layers.state_dict(pipe.unet)},
+                                    {"unet": config.to_dict()}, {})
+    argv = ["sample", "--base", str(tiny_base), "--adapter", str(path), "--prompt", "x", "--steps", "1", "--num", "1",
+            "--out", str(tmp_path / "grid.png")]
+    normal = _run(*argv)
+    assert normal.returncode == 0, normal.stderr[-2000:]
+    assert "No LoRA keys associated" not in normal.stderr and "requires torchvision" not in normal.stderr
+    verbose = _run(*argv, "--verbose")
+    assert verbose.returncode == 0 and "No LoRA keys associated" in verbose.stderr  # it was there, and filtered
+
+
+def test_the_toolkits_messages_have_one_style_and_quiet_keeps_only_warnings(tiny_base, tmp_path):
+    images = draw_concept(tmp_path / "small", size=16)  # smaller than the resolution: upscaled with a warning
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_base, images, tmp_path / "out", train={"max_steps": 2})))
+    normal = _run("train", str(recipe))
+    assert normal.returncode == 0, normal.stderr[-2000:]
+    assert "\nlatent cache (memory): " in "\n" + normal.stdout  # information: a plain line on stdout
+    assert "\nwarning: upscaling 4 image(s)" in "\n" + normal.stderr  # a warning says so, on stderr
+    assert "INFO finetune" not in normal.stdout + normal.stderr and "training:" in normal.stderr
+
+    quiet = _run("train", str(recipe), "--overwrite", "--quiet")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stdout == ""  # no plan, no list of files
+    assert "warning: upscaling 4 image(s)" in quiet.stderr
+    assert "training:" not in quiet.stderr and "Loading" not in quiet.stderr  # no progress bars
+
+    both = _run("train", str(recipe), "-q", "-v")
+    assert both.returncode == 2 and "--quiet and --verbose" in both.stderr
