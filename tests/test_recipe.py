@@ -153,3 +153,28 @@ def test_resolution_follows_the_bases_vae(tiny_base, concept_dir, tmp_path):
     with pytest.raises(RecipeError, match=r"multiple of 8 \(Stable Diffusion's VAE downsamples by 8; the base's "
                                           r"own is read when it loads\); try 32"):
         parse_recipe(hub)
+
+
+def test_a_path_is_relative_to_where_it_was_written(tiny_base, concept_dir, tmp_path, monkeypatch):
+    recipes = tmp_path / "project" / "recipes"
+    recipes.mkdir(parents=True)
+    (tmp_path / "project" / "data").symlink_to(concept_dir)
+    data = recipe_dict(tiny_base, concept_dir, "../runs/a")  # output_dir: not there yet
+    data["data"]["images"] = "../data"
+    (recipes / "r.yaml").write_text(yaml.safe_dump(data))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # in the file: against the recipe's folder, whatever the working directory
+    recipe = load_recipe(recipes / "r.yaml")
+    assert recipe.output_dir == str(tmp_path / "project" / "runs" / "a")
+    assert recipe.data.images == str(tmp_path / "project" / "data")
+    # on the command line: against the working directory, like any shell argument
+    recipe = load_recipe(recipes / "r.yaml", ["output_dir=runs/b", f"data.images={concept_dir}"])
+    assert recipe.output_dir == str(elsewhere / "runs" / "b")
+    # owner/name is a hub id unless such a folder is there
+    assert load_recipe(recipes / "r.yaml", ["model.base=some-owner/some-model"]).model.base == "some-owner/some-model"
+    (elsewhere / "some-owner").mkdir()
+    (elsewhere / "some-owner" / "some-model").symlink_to(tiny_base)
+    assert load_recipe(recipes / "r.yaml", ["model.base=some-owner/some-model"]).model.base == str(
+        elsewhere / "some-owner" / "some-model")

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import yaml
 
 from finetune.recipe import checks
+from finetune.recipe.paths import resolve_paths
 from finetune.recipe.schema import Recipe, StrategyOptions
 from finetune.recipe.typed import build, closest
 from finetune.strategies import KINDS, options_class
@@ -40,7 +41,8 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
         apply_override(data, item, problems)
     if problems:
         raise RecipeError(str(path), problems)
-    recipe = parse_recipe(data, source=str(path), base_dir=path.parent)
+    command_line_keys = {item.partition("=")[0].strip() for item in overrides}
+    recipe = parse_recipe(data, source=str(path), base_dir=path.parent, command_line_keys=command_line_keys)
     recipe.overrides = list(overrides)
     return recipe
 
@@ -66,11 +68,13 @@ def apply_override(data: Any, item: str, problems: list[str]) -> None:
         problems.append(f"override {item!r}: value is not valid YAML ({exc})")
 
 
-def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = None,
+                 command_line_keys: set[str] = frozenset()) -> Recipe:
     """Build and check a Recipe; raise RecipeError naming every problem.
 
-    Relative paths in the recipe are resolved against `base_dir` (the recipe's folder) when they exist
-    there, else against the working directory, so a recipe works from wherever it is run.
+    With `base_dir` (the recipe file's folder), relative paths become absolute as finetune/recipe/paths.py says:
+    those written in the file against `base_dir`, those in `command_line_keys` against the working directory.
+    Without it they stay as given (relative to the working directory).
     """
     problems: list[str] = []
     if not isinstance(data, dict):
@@ -84,7 +88,7 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
         recipe.source = source
         _require(recipe, problems)
         if base_dir is not None:
-            _resolve_paths(recipe, base_dir)
+            resolve_paths(recipe, base_dir, command_line_keys)
         if strategy is not None:
             problems.extend(checks.check(recipe))
     if problems:
@@ -118,23 +122,6 @@ def _require(recipe: Recipe, problems: list[str]) -> None:
         for f in dataclasses.fields(section):
             if f.metadata.get("required") and getattr(section, f.name) is None:
                 problems.append(f"{section_name + '.' if section_name else ''}{f.name}: required, but missing")
-
-
-def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
-    def resolve(value: str | None) -> str | None:
-        if not value or os.path.isabs(value) or os.path.exists(value):
-            return value
-        candidate = base_dir / value
-        return str(candidate) if candidate.exists() else value
-
-    recipe.model.base = resolve(recipe.model.base)
-    recipe.model.config = resolve(recipe.model.config)
-    recipe.data.images = resolve(recipe.data.images)
-    recipe.data.dataset = resolve(recipe.data.dataset)
-    for f in dataclasses.fields(recipe.strategy) if recipe.strategy is not None else ():
-        # a strategy's own path keys say so in their field metadata
-        if f.metadata.get("path"):
-            setattr(recipe.strategy, f.name, resolve(getattr(recipe.strategy, f.name)))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -165,7 +165,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             images_per_folder([e.name for e in examples]), d.repeats, t.max_steps, t.batch_size,
             accelerator.num_processes, t.gradient_accumulation_steps, order.batches_per_epoch, params,
             str(accelerator.device), f"mixed precision {t.mixed_precision}, frozen base in "
-            f"{str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix('torch.')}", output_dir)):
+            f"{str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix('torch.')}", recipe.model.base,
+            output_dir)):
         say(line)
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon)

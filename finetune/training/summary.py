@@ -28,6 +28,7 @@ class Plan:
     trainable: list[torch.nn.Parameter]
     device: str
     precision: str  # mixed precision and the frozen base's dtype
+    base: str  # the base model: an absolute path, or a hub id
     output_dir: Path
 
 
@@ -53,6 +54,7 @@ def plan_lines(plan: Plan) -> list[str]:
               f"trains: {count:,} parameters ({size / 2**20:.1f} MB); on {plan.device}, {plan.precision}"
               if size >= 2**20 else
               f"trains: {count:,} parameters ({size / 2**10:.1f} KB); on {plan.device}, {plan.precision}",
+              f"base: {plan.base}",
               f"output: {plan.output_dir.resolve()}"]
     return lines
 

@@ -1,0 +1,48 @@
+"""Where a recipe's relative paths point. One rule, for every path key, whether the path exists yet or not
+(output_dir included): a path is relative to where it was written.
+
+- written in the recipe file: relative to the file's folder, so a recipe and its data can move together and the
+  recipe works from any working directory;
+- given on the command line (`key=value` overrides): relative to the working directory, as any shell argument.
+
+`model.base` and `data.dataset` may also name a hub repository (`owner/name`): such a value is a hub id unless a
+folder of that name exists where the path would point (diffusers' and datasets' own order: local first).
+Every path comes out absolute, so the run's summary and its files' metadata say exactly where things were.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from finetune.recipe.checks import looks_like_local_path
+from finetune.recipe.schema import Recipe
+
+# (section, key) of the recipe's own path keys; a strategy marks its own with field metadata {"path": True}
+PATH_KEYS = (("model", "base"), ("model", "config"), ("data", "images"), ("data", "dataset"), ("", "output_dir"),
+             ("prior", "class_data_dir"), ("cache", "dir"))
+MAY_BE_HUB_IDS = {("model", "base"), ("data", "dataset")}
+
+
+def resolve_paths(recipe: Recipe, recipe_dir: Path, command_line_keys: set[str]) -> None:
+    """Make every relative path in `recipe` absolute by the rule above, in place. `command_line_keys`: the dotted
+    keys the command line set (e.g. {"output_dir", "train.max_steps"})."""
+    keys = list(PATH_KEYS)
+    if recipe.strategy is not None:
+        keys += [("strategy", f.name) for f in dataclasses.fields(recipe.strategy) if f.metadata.get("path")]
+    for section_name, key in keys:
+        section = getattr(recipe, section_name) if section_name else recipe
+        value = getattr(section, key)
+        if not value:
+            continue
+        dotted = f"{section_name}.{key}" if section_name else key
+        anchor = Path.cwd() if dotted in command_line_keys else recipe_dir
+        setattr(section, key, _resolve(str(value), anchor, (section_name, key) in MAY_BE_HUB_IDS))
+
+
+def _resolve(value: str, anchor: Path, may_be_hub_id: bool) -> str:
+    path = Path(os.path.expanduser(value))
+    candidate = path if path.is_absolute() else anchor / path
+    if may_be_hub_id and not candidate.exists() and not looks_like_local_path(value):
+        return value  # owner/name on the hub
+    return os.path.normpath(os.path.abspath(candidate))
