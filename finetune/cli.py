@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="shapes world: teach both concepts with every strategy, on a CPU")
     demo.add_argument("--out", default="demo_output", help="folder for the report, grids and runs")
     demo.add_argument("--strategies", default=None, help="comma-separated, e.g. lora (default: all)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a quick look (about 3 minutes on a 2-core CPU): LoRA teaching the star only")
     demo.add_argument("--max-steps", type=int, default=None,
                       help="override every run's train.max_steps (a quick look; the targets need the defaults)")
 
@@ -210,7 +212,7 @@ def _demo(args) -> int:
 
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
     try:
-        report = run_demo(args.out, strategies, max_steps=args.max_steps)
+        report = run_demo(args.out, strategies, max_steps=args.max_steps, quick=args.quick)
     except (ValueError, FileNotFoundError, *_known_errors()) as exc:
         raise KnownProblem(str(exc)) from None
     print(f"wrote {args.out}/demo_report.md and demo_report.json ({len(report['runs'])} runs)")

@@ -41,13 +41,21 @@ class KnownConflict:
 # Combinations no package declares but that break finetune. Add one with the versions, what breaks and the fix,
 # and a test in tests/test_environment.py picks it up.
 KNOWN_CONFLICTS: tuple[KnownConflict, ...] = (
+    # both found by running the suite on older releases (`bash .ci/run --oldest`, then one package at a time);
+    # pyproject's peft>=0.20 keeps a plain install out of them, these say why when one is installed anyway
     # transformers 5.6-5.19 ask for peft>=0.18.2 (never released) but import `_maybe_shard_state_dict_for_tp`,
-    # which peft added in 0.19: diffusers' load_lora_weights, which goes through transformers' load_adapter for
-    # text encoders, fails with an ImportError (found by the lower-bound run of the test suite)
+    # which peft added in 0.19: diffusers' load_lora_weights goes through transformers' load_adapter for text
+    # encoders, and fails with an ImportError
     KnownConflict(when=("transformers>=5.6,<5.20", "peft<0.19"),
                   what="diffusers' load_lora_weights cannot load a LoRA that adapts a text encoder (transformers' "
                        "load_adapter imports a function peft added in 0.19)",
-                  fix="pip install 'peft>=0.19'"),
+                  fix="pip install 'peft>=0.20'"),
+    # peft 0.19's set_peft_model_state_dict renames a transformers 5.6-5.10.1 model's adapter keys to
+    # `base_model.model.<key>` (a PeftModel's), so they match nothing in the bare text encoder
+    KnownConflict(when=("transformers>=5.6,<5.10.2", "peft>=0.19,<0.20"),
+                  what="a text encoder's LoRA state cannot be loaded back (resume, strategy.initial_weights): "
+                       "peft renames its keys to base_model.model.*",
+                  fix="pip install 'peft>=0.20'"),
 )
 
 

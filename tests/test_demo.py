@@ -48,6 +48,21 @@ def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
     for row in ("| lora | new_object |", "| lora | known_look |", "| dreambooth | new_object |",
                 "| dreambooth_no_prior | new_object |"):
         assert row in markdown
+    # shortened: said at the top and in every judged row, never reported as a miss
+    assert report["max_steps_override"] == 2 and all(run["steps"] == 2 for run in report["runs"])
+    assert markdown.splitlines()[2].startswith("**Shortened run** (`--max-steps 2`)")
+    assert "MISSED" not in markdown and markdown.count("not judged: shortened to 2 steps") == 3
+
+
+def test_quick_demo_runs_the_headline_alone(tmp_path):
+    from finetune.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1"]) == 0
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert report["quick"] is True
+    assert [(r["strategy"], r["concept_kind"]) for r in report["runs"]] == [("lora", "new_object")]
+    assert "Quick look (`--quick`)" in (tmp_path / "demo_report.md").read_text()
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--strategies", "dreambooth"]) == 2
 
 
 def test_demo_refuses_an_unknown_strategy(tmp_path):

@@ -85,6 +85,6 @@ def test_train_and_validate_stop_before_any_model_loads(command, monkeypatch, tm
     monkeypatch.setattr(loop, "family_for", lambda name: pytest.fail("a model family was asked for"))
     assert main([command, str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert "transformers 5.10.4 with peft 0.18.1" in err and "pip install 'peft>=0.19'" in err
+    assert "transformers 5.10.4 with peft 0.18.1" in err and "pip install 'peft>=0.20'" in err
     assert "constraints.txt" in err and "finetune env" in err
     assert not (tmp_path / "out").exists()

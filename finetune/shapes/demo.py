@@ -53,11 +53,19 @@ def tuned_pipeline(base: str | Path, artifact: str | Path):
     return pipe
 
 
-def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps: int | None = None) -> dict:
+QUICK = ("lora", "new_object")  # --quick: the headline alone, LoRA teaching the star the base never drew
+
+
+def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps: int | None = None,
+             quick: bool = False) -> dict:
+    """Train, judge and report; `max_steps` shortens every run (the report says the targets were not judged);
+    `quick` runs only LoRA on new_object, at its recipe's full length."""
     from finetune.training.loop import train
 
+    if quick and strategies:
+        raise ValueError("--quick runs LoRA on new_object alone; leave out --strategies, or drop --quick")
     out_dir = Path(out_dir)
-    strategies = strategies or available_strategies()
+    strategies = [QUICK[0]] if quick else strategies or available_strategies()
     unknown = [s for s in strategies if s not in available_strategies()]
     if unknown:
         raise ValueError(f"--strategies: no demo recipes for {', '.join(unknown)} in {RECIPES} "
@@ -71,15 +79,16 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
     # every recipe is checked before any work starts
     plans = []
     for strategy in strategies:
-        plans += [plan(strategy, strategy, concept, []) for concept in CONCEPTS]
-        plans += [plan(*variant) for variant in VARIANTS if variant[1] == strategy]
+        plans += [plan(strategy, strategy, concept, []) for concept in CONCEPTS if not quick or concept == QUICK[1]]
+        plans += [plan(*variant) for variant in VARIANTS if variant[1] == strategy and not quick]
     evaluator = Evaluator.load()
     base = plans[0][2].model.base
     bare = load_base_pipeline(base)
     with tqdm(total=1, desc="base accuracy", unit="eval", disable=quiet()) as bar:
         bare_accuracy = metrics.base_vocabulary_accuracy(bare, evaluator)
         bar.update(1)
-    report = {"base_accuracy": bare_accuracy, "runs": []}
+    # shortened runs are reported, and not judged against targets that need the recipes' own lengths
+    report = {"base_accuracy": bare_accuracy, "max_steps_override": max_steps, "quick": quick, "runs": []}
     for strategy, concept_name, recipe in plans:
         concept = CONCEPTS[concept_name]
         tqdm.write(f"== {strategy} on {concept_name} ({concept.concept_prompt()!r}) ==")
@@ -93,7 +102,7 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
             "strategy": strategy, "concept_kind": concept.kind, "concept": concept.concept_prompt(),
             "concept_fidelity": numbers["concept_fidelity"], "prompt_fidelity": numbers["prompt_fidelity"],
             "prior_drop": numbers["prior_drop"], "seconds": round(seconds, 1), "artifact": str(artifact),
-            "prior_preservation": recipe.prior.mode != "none",
+            "prior_preservation": recipe.prior.mode != "none", "steps": recipe.train.max_steps,
             "base_accuracy_after": numbers["base_accuracy_after"], "grids": [str(g) for g in grids],
         })
         _write(out_dir, report)
