@@ -86,3 +86,10 @@ def test_the_toolkits_messages_have_one_style_and_quiet_keeps_only_warnings(tiny
 
     both = _run("train", str(recipe), "-q", "-v")
     assert both.returncode == 2 and "--quiet and --verbose" in both.stderr
+
+
+def test_the_tiny_model_script_answers_help_instead_of_writing_a_folder_named_so(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "finetune.models.tiny", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "usage: python -m finetune.models.tiny" in result.stdout
+    assert list(tmp_path.iterdir()) == []
