@@ -114,8 +114,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         checkpoint.remove_stale_temporaries(output_dir)
     resume_from = checkpoint.find_checkpoint(output_dir, resume) if resume else None
     if resume and resume_from is None:
-        say(f"--resume latest: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet; "
-                          "starting at step 0")
+        say(f"--resume latest: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet; starting at step 0")
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(resume_from)
         for note in check_resumable(saved[0], recipe_to_dict(recipe), resume_from):
@@ -161,13 +160,13 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         parts.unet.compile()  # in place: parameter names, and so saved files, stay as they are
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     params = [p for group in groups for p in group["params"]]
-    for line in plan_lines(Plan(
-            images_per_folder([e.name for e in examples]), d.repeats, t.max_steps, t.batch_size,
-            accelerator.num_processes, t.gradient_accumulation_steps, order.batches_per_epoch, params,
-            str(accelerator.device), f"mixed precision {t.mixed_precision}, frozen base in "
-            f"{str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix('torch.')}", recipe.model.base,
-            output_dir)):
-        say(line)
+    base_dtype = str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix("torch.")
+    say("\n".join(plan_lines(Plan(
+        images_per_folder=images_per_folder([e.name for e in examples]), repeats=d.repeats, max_steps=t.max_steps,
+        batch_size=t.batch_size, processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
+        batches_per_epoch=order.batches_per_epoch, trainable=params, device=str(accelerator.device),
+        precision=f"mixed precision {t.mixed_precision}, frozen base in {base_dtype}", base=recipe.model.base,
+        output_dir=output_dir))))
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
