@@ -24,6 +24,31 @@ def test_derived_buckets_keep_the_area_and_the_steps():
     assert max(w / h for w, h in buckets) == 1024 / 256
 
 
+@pytest.mark.parametrize("resolution", [32, 64, 256, 512, 1024])
+def test_the_default_grid_follows_the_resolution_and_always_yields_buckets(resolution):
+    from finetune.data.buckets import default_grid
+
+    step, min_side, max_side = default_grid(resolution, None, None, None)
+    buckets = derive_buckets(resolution * resolution, step, min_side, max_side)
+    assert (resolution, resolution) in buckets and any(w > h for w, h in buckets)
+    if resolution == 512:
+        assert (step, min_side, max_side) == (64, 256, 1024)  # kohya's defaults where they were made for
+    assert default_grid(resolution, 16, 64, 128) == (16, 64, 128)  # given values are kept
+
+
+def test_bucketing_below_the_old_smallest_side_trains(tiny_base, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, size in enumerate([(64, 64), (64, 64), (96, 64), (96, 64)]):
+        Image.new("RGB", size, "red").save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a red block")
+    recipe = parse_recipe(recipe_dict(tiny_base, images, tmp_path / "out", train={"max_steps": 2, "batch_size": 2},
+                                      data={"resolution": 64, "bucketing": True}))
+    assert train(recipe).is_file()
+    sizes = {(b["width"], b["height"]) for b in json.loads((tmp_path / "out" / "buckets.json").read_text())["buckets"]}
+    assert (64, 64) in sizes and any(w > h for w, h in sizes)
+
+
 def test_each_image_goes_to_the_bucket_nearest_its_shape():
     buckets = [(512, 512), (768, 320), (320, 768), (640, 384)]
     assert nearest_bucket((1000, 1000), buckets) == (512, 512)
@@ -94,6 +119,8 @@ def test_a_bucketed_run_trains_and_reports(tiny_base, tmp_path, capsys):
     ({"bucketing": True, "buckets": [[30, 32]]}, "data.buckets: [30, 32] should be [width, height]"),
     ({"bucketing": True, "bucket_step": 60}, "data.bucket_step: must be a positive multiple of 8"),
     ({"bucketing": True, "bucket_max_crop": 1.5}, "data.bucket_max_crop"),
+    # kohya's 256 at 32 px: no side of 256 fits in 32 x 32; the fix is named
+    ({"bucketing": True, "bucket_min_side": 256}, "data.bucket_min_side: 256 leaves no bucket"),
     ({"bucketing": True, "prior": {"mode": "class_images", "class_prompt": ["a shape"]}},
      "use prior.mode: base_prediction with buckets"),
 ])

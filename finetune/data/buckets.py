@@ -3,7 +3,8 @@ not cut to a square; every batch comes from one bucket, so its images stack.
 
 Buckets are given (`data.buckets`) or derived: every width from `bucket_min_side` to `bucket_max_side` in
 steps of `bucket_step`, with the tallest height in the same steps that keeps width x height within
-`data.resolution` squared. An image goes to the bucket whose aspect ratio is nearest its own (in log scale) and
+`data.resolution` squared. Unset, the grid follows the resolution (`default_grid`): kohya's 64 / 256 / 1024 at
+512 px, scaled down for smaller resolutions so that buckets always exist. An image goes to the bucket whose aspect ratio is nearest its own (in log scale) and
 is resized to cover it and center-cropped. Skipped, with the reason in the report: an image a crop would cut by
 more than `bucket_max_crop` of its area, and the images of a bucket holding fewer than one batch.
 """
@@ -17,6 +18,17 @@ from pathlib import Path
 from finetune.paths import write_text_atomically
 
 Size = tuple[int, int]  # (width, height)
+
+
+def default_grid(resolution: int, step: int | None, min_side: int | None,
+                 max_side: int | None) -> tuple[int, int, int]:
+    """(step, min_side, max_side) with every unset value following `resolution` (pixels): sides from half to
+    twice the resolution, in steps of 64 from 512 px up (kohya's defaults at 512: 64, 256, 1024) and of an eighth
+    of the resolution (a multiple of 8) below."""
+    step = step or (64 if resolution >= 512 else max(8, resolution // 8 // 8 * 8))
+    min_side = min_side or max(step, resolution // 2 // step * step)
+    max_side = max_side or max(resolution * 2, min_side)
+    return step, min_side, max_side
 
 
 def derive_buckets(max_area: int, step: int, min_side: int, max_side: int) -> list[Size]:
@@ -91,13 +103,15 @@ def write_report(report: dict, path: Path) -> None:
 
 
 def training_sizes(names: list[str], image_sizes: list[Size], resolution: int, bucketing: bool,
-                   buckets: list[list[int]], step: int, min_side: int, max_side: int, max_crop: float,
+                   buckets: list[list[int]], step: int | None, min_side: int | None, max_side: int | None,
+                   max_crop: float,
                    global_batch: int, repeats: int) -> tuple[list[Size], list[list[int]] | None, dict | None]:
     """Each example's training size, the batch groups (None: one group of all) and the bucket report."""
     square = [(resolution, resolution)] * len(names)
     if not bucketing:
         return square, None, None
-    sizes = [tuple(b) for b in buckets] or derive_buckets(resolution * resolution, step, min_side, max_side)
+    sizes = [tuple(b) for b in buckets] or derive_buckets(resolution * resolution,
+                                                          *default_grid(resolution, step, min_side, max_side))
     plan = plan_buckets(names, image_sizes, sizes, max_crop, global_batch, repeats)
     trained = [plan.sizes.get(i, square[i]) for i in range(len(names))]  # skipped ones are never drawn
     return trained, list(plan.groups.values()), plan.report(global_batch, repeats)

@@ -95,7 +95,7 @@ def _check_data(recipe: Recipe) -> list[str]:
     if d.num_workers < 0:
         problems.append(f"data.num_workers: must be 0 or more, got {d.num_workers}")
     if d.bucketing or d.buckets:
-        problems += _check_buckets(d.buckets, d.bucket_step, d.bucket_min_side, d.bucket_max_side, d.bucket_max_crop)
+        problems += _check_buckets(d)
         if recipe.prior.mode == "class_images":
             problems.append("data.bucketing: class images are square and share each batch with the instance "
                             "images, which buckets make any shape; use prior.mode: base_prediction with buckets, "
@@ -105,18 +105,27 @@ def _check_data(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _check_buckets(buckets: list[list[int]], step: int, min_side: int, max_side: int, max_crop: float) -> list[str]:
+def _check_buckets(d) -> list[str]:
+    from finetune.data.buckets import default_grid, derive_buckets
+
     problems = []
-    for bucket in buckets:
+    for bucket in d.buckets:
         if len(bucket) != 2 or any(side < 8 or side % 8 for side in bucket):
             problems.append(f"data.buckets: {bucket} should be [width, height], each a positive multiple of 8")
-    if not buckets:
+    if not d.buckets:
+        step, min_side, max_side = default_grid(d.resolution, d.bucket_step, d.bucket_min_side, d.bucket_max_side)
         if step < 8 or step % 8:
             problems.append(f"data.bucket_step: must be a positive multiple of 8 (64 is usual), got {step}")
-        if not 8 <= min_side <= max_side:
+        elif not 8 <= min_side <= max_side:
             problems.append(f"data.bucket_min_side/bucket_max_side: need 8 <= min <= max, got {min_side}, {max_side}")
-    if not 0.0 <= max_crop < 1.0:
-        problems.append(f"data.bucket_max_crop: a share of the image in [0, 1), got {max_crop}")
+        elif not derive_buckets(d.resolution ** 2, step, min_side, max_side):
+            problems.append(
+                f"data.bucket_min_side: {min_side} leaves no bucket: a side of at least {min_side} needs an area "
+                f"of {min_side * min_side}, more than data.resolution {d.resolution} squared allows; lower "
+                f"bucket_min_side to {d.resolution // step * step} or less (or leave it unset to follow the "
+                "resolution), or raise data.resolution")
+    if not 0.0 <= d.bucket_max_crop < 1.0:
+        problems.append(f"data.bucket_max_crop: a share of the image in [0, 1), got {d.bucket_max_crop}")
     return problems
 
 

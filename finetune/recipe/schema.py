@@ -55,9 +55,11 @@ class DataOptions:
     # aspect-ratio bucketing (finetune/data/buckets.py): each image at the bucket size nearest its shape
     bucketing: bool = False
     buckets: list[list[int]] = field(default_factory=list)  # [[width, height], ...]; empty: derived as below
-    bucket_step: int = 64  # derived buckets: sides in these steps, area at most resolution squared
-    bucket_min_side: int = 256
-    bucket_max_side: int = 1024
+    # derived buckets: sides from bucket_min_side to bucket_max_side in bucket_step steps, area at most resolution
+    # squared; None: following the resolution (64, 256, 1024 at 512 px; see finetune/data/buckets.py)
+    bucket_step: Optional[int] = None
+    bucket_min_side: Optional[int] = None
+    bucket_max_side: Optional[int] = None
     bucket_max_crop: float = 0.5  # skip an image a crop would cut by more than this share of its area
 
 
