@@ -5,15 +5,17 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from safetensors import safe_open
 
 from finetune.export import hypernetwork as hypernetwork_files
-from finetune.export import peft_adapter
+from finetune.export import lora_layers, peft_adapter
 from finetune.export.mismatch import another_base_error
 from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import read_metadata
 from finetune.export.textual_inversion import A1111_KEY, embedding_from_a1111
 from finetune.networks import hypernetwork as hypernetworks
+from finetune.networks import peft_layers
 
 # format name -> (detector on (metadata, keys), loader(pipe, path, scale, name) -> adapter name)
 Detector = Callable[[dict[str, str], list[str]], bool]
@@ -74,10 +76,25 @@ def _is_lora(metadata: dict[str, str], keys: list[str]) -> bool:
 
 
 def _load_lora(pipe: Any, path: str, scale: float, name: str) -> str:
-    # diffusers' own loader: what every diffusers user would call, with its checks and conversions
-    pipe.load_lora_weights(path, adapter_name=name)
-    pipe.set_adapters([name], adapter_weights=[scale])
-    return name
+    """A LoRA file in diffusers' or kohya's format, read as layers (lora_layers.read_lora) so that every layer
+    keeps its own rank and alpha (kohya files may differ per layer; a layer without alpha takes its rank, kohya's
+    convention), and put in through peft. diffusers' load_lora_weights applies one alpha per file to kohya files."""
+    from peft import LoraConfig
+
+    linear = (torch.nn.Linear, torch.nn.Conv2d)
+    modules = {c: [n for n, m in getattr(pipe, c).named_modules() if isinstance(m, linear)]
+               for c in ("unet", "text_encoder") if getattr(pipe, c, None) is not None}
+    weights = lora_layers.read_lora(path, modules)
+    layers = {c: _as_named_here(per, set(modules.get(c, ()))) for c, per in weights.layers.items()}
+    configs = {c: LoraConfig(**lora_layers.peft_config(per, weights.uses_dora)) for c, per in layers.items()}
+    states = {c: lora_layers.peft_state_dict(per) for c, per in layers.items()}
+    return peft_adapter.load_components(pipe, configs, states, name, scale, path)
+
+
+def _as_named_here(layers: dict, names: set[str]) -> dict:
+    # files from transformers before 5.6 name text-encoder modules `text_model.encoder...`; 5.6 dropped that level
+    return {m.removeprefix("text_model.") if m not in names and m.removeprefix("text_model.") in names else m: layer
+            for m, layer in layers.items()}
 
 
 register("lora", _is_lora, _load_lora)
@@ -133,9 +150,12 @@ def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
     (Embeddings: diffusers' `pipe.unload_textual_inversion()`.)"""
     if name is None or name in hypernetworks.loaded(pipe.unet):
         return hypernetworks.detach(pipe.unet, name)
-    lora_names = {n for names in pipe.get_list_adapters().values() for n in names}
-    if name in lora_names:
-        pipe.delete_adapters(name)
-        return [name]
-    raise ValueError(f"no adapter named {name!r} is loaded (hypernetworks: {list(hypernetworks.loaded(pipe.unet))}, "
-                     f"LoRAs: {sorted(lora_names)})")
+    holders = [m for m in (getattr(pipe, c, None) for c in ("unet", "text_encoder"))
+               if m is not None and name in peft_layers.adapter_names(m)]
+    if not holders:
+        loras = sorted({n for c in ("unet", "text_encoder") for n in peft_layers.adapter_names(getattr(pipe, c))})
+        raise ValueError(f"no adapter named {name!r} is loaded (hypernetworks: "
+                         f"{list(hypernetworks.loaded(pipe.unet))}, LoRAs: {loras})")
+    for module in holders:
+        peft_layers.remove(module, name)
+    return [name]

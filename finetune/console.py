@@ -28,11 +28,9 @@ NOT_APPLICABLE = (
     NotApplicable("transformers.utils.import_utils", "requires torchvision (not installed)",
                   "finetune uses no image processor; and following it (pip install torchvision) can replace a CPU "
                   "build of torch with several GB of CUDA packages"),
-    NotApplicable("diffusers.loaders.lora_base", "No LoRA keys associated to",
-                  "a LoRA that adapts only the U-Net has no text-encoder keys by design"),
-    NotApplicable("diffusers.loaders.peft", "No LoRA keys associated to",
-                  "a LoRA file without keys for one of the pipeline's models leaves that model as it is"),
 )
+# (diffusers' "No LoRA keys associated to CLIPTextModel" came from its load_lora_weights, which finetune.load_adapter
+# no longer calls: it reads LoRA files itself, with each layer's own alpha)
 
 
 class _DropNotApplicable(logging.Filter):

@@ -64,8 +64,7 @@ def test_a_unet_only_lora_loads_without_diffusers_text_encoder_warning(tiny_base
     normal = _run(*argv)
     assert normal.returncode == 0, normal.stderr[-2000:]
     assert "No LoRA keys associated" not in normal.stderr and "requires torchvision" not in normal.stderr
-    verbose = _run(*argv, "--verbose")
-    assert verbose.returncode == 0 and "No LoRA keys associated" in verbose.stderr  # it was there, and filtered
+    assert "warning" not in normal.stderr.lower()
 
 
 def test_the_toolkits_messages_have_one_style_and_quiet_keeps_only_warnings(tiny_base, tmp_path):

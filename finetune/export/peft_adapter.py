@@ -60,23 +60,29 @@ def load_peft_adapter(pipe: Any, path: str, scale: float, name: str) -> str:
     if variant == "oft" and scale != 1:
         raise ValueError(f"{path}: an OFT adapter has no strength to scale (it rotates each layer's input by a "
                          f"learned orthogonal matrix); load it with scale 1, not {scale}")
-    configs = configs_from_metadata(metadata, path)
-    components = diffusers_lora.unpack(load_file(path))
+    return load_components(pipe, configs_from_metadata(metadata, path), diffusers_lora.unpack(load_file(path)),
+                           name, None if variant == "oft" else scale, path)
+
+
+def load_components(pipe: Any, configs: dict[str, Any], components: dict[str, dict[str, torch.Tensor]], name: str,
+                    scale: float | None, source: str) -> str:
+    """Put adapter `name` into each of the pipeline's `components` ({"unet": peft state dict, ...}) with its peft
+    config, through peft (networks/peft_layers.py); all or nothing. `scale`: the strength (None: leave it)."""
     for component in components:
         module = getattr(pipe, component, None)
         if module is None or component not in configs:
-            raise ValueError(f"{path}: holds {component} weights, but "
+            raise ValueError(f"{source}: holds {component} weights, but "
                              + ("this pipeline has no " + component if module is None else "no config for them"))
         if name in peft_layers.adapter_names(module):
             raise ValueError(f"an adapter named {name!r} is already loaded in {component}; pass another name or "
                              "unload it first")
     try:
         for component, state in components.items():
-            _inject(getattr(pipe, component), configs[component], state, name, f"{path} ({component})")
+            _inject(getattr(pipe, component), configs[component], state, name, f"{source} ({component})")
     except BaseException:
         _remove(pipe, components, name)  # nothing half-loaded stays behind
         raise
-    if variant != "oft":
+    if scale is not None:
         _set_scale(pipe, components, name, scale)
     return name
 
