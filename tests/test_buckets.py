@@ -59,16 +59,19 @@ def test_each_image_goes_to_the_bucket_nearest_its_shape():
 def test_plan_skips_with_reasons():
     names = ["square", "square2", "wide", "panorama", "tall"]
     sizes = [(100, 100), (90, 90), (200, 100), (1000, 100), (100, 200)]
-    plan = plan_buckets(names, sizes, [(64, 64), (96, 48), (48, 96)], max_crop=0.5, global_batch=2, repeats=1)
+    plan = plan_buckets(names, sizes, [(64, 64), (96, 48), (48, 96)], max_crop=0.5, global_batch=2,
+                        repeats=[1] * 5)
     assert plan.groups == {(64, 64): [0, 1]}
     skipped = dict(plan.skipped)
     assert "crop away 80%" in skipped["panorama"]  # 10:1 into 2:1
-    assert "bucket 96x48 holds 1 image(s) x 1 repeat(s), fewer than one batch (2)" in skipped["wide"]
+    assert "bucket 96x48 holds 1 image(s), 1 sample(s) with repeats, fewer than one batch (2)" in skipped["wide"]
     assert "fewer than one batch" in skipped["tall"]
-    report = plan.report(global_batch=2, repeats=1)
+    report = plan.report(global_batch=2, repeats=[1] * 5)
     assert report["buckets"] == [{"width": 64, "height": 64, "images": 2, "batches_per_epoch": 1}]
     # with repeats the lone images fill a batch and stay
-    assert (96, 48) in plan_buckets(names, sizes, [(64, 64), (96, 48)], 0.5, 2, repeats=2).groups
+    assert (96, 48) in plan_buckets(names, sizes, [(64, 64), (96, 48)], 0.5, 2, repeats=[2] * 5).groups
+    # a kohya folder's repeats count too: the lone wide image from a `2_name` folder fills a batch alone
+    assert (96, 48) in plan_buckets(names, sizes, [(64, 64), (96, 48)], 0.5, 2, repeats=[1, 1, 2, 1, 1]).groups
 
 
 def test_batches_never_mix_buckets_and_resume_exactly():

@@ -22,8 +22,8 @@ def test_the_plan_is_printed_before_training(tiny_base, tmp_path, capsys):
     artifact = train(recipe)
     out = capsys.readouterr().out
     plan = out[:out.index("wrote:")]
-    assert "data: 6 image(s) x 2 repeat(s) = 12 samples per epoch" in plan
-    assert f"  {flat.resolve()}: 6 image(s), 2 repeat(s)" in plan
+    assert "data: 6 image(s), 12 samples per epoch with their repeats" in plan
+    assert f"  {flat.resolve()}: 6 image(s) x 2 repeat(s)" in plan
     assert "steps: 5 (1.67 epoch(s)); effective batch 4 = 2 per process x 1 process(es) x 2 accumulation" in plan
     trained = sum(t.numel() for t in load_file(artifact).values())
     assert re.search(rf"trains: {trained:,} parameters \([\d.]+ KB\); on cpu, mixed precision no, frozen base in "

@@ -58,17 +58,18 @@ class BucketPlan:
     groups: dict[Size, list[int]] = field(default_factory=dict)  # bucket -> example indices that train
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, why)
 
-    def report(self, global_batch: int, repeats: int) -> dict:
+    def report(self, global_batch: int, repeats: list[int]) -> dict:
         return {
             "buckets": [{"width": w, "height": h, "images": len(indices),
-                         "batches_per_epoch": len(indices) * repeats // global_batch}
+                         "batches_per_epoch": sum(repeats[i] for i in indices) // global_batch}
                         for (w, h), indices in sorted(self.groups.items())],
             "skipped": [{"image": name, "reason": why} for name, why in self.skipped],
         }
 
 
 def plan_buckets(names: list[str], image_sizes: list[Size], buckets: list[Size], max_crop: float,
-                 global_batch: int, repeats: int) -> BucketPlan:
+                 global_batch: int, repeats: list[int]) -> BucketPlan:
+    """`repeats`: each image's samples per epoch (data.repeats times its folder's)."""
     plan = BucketPlan()
     for index, (name, size) in enumerate(zip(names, image_sizes)):
         bucket = nearest_bucket(size, buckets)
@@ -79,10 +80,12 @@ def plan_buckets(names: list[str], image_sizes: list[Size], buckets: list[Size],
             continue
         plan.groups.setdefault(bucket, []).append(index)
     for bucket, indices in list(plan.groups.items()):
-        if len(indices) * repeats < global_batch:
+        samples = sum(repeats[i] for i in indices)
+        if samples < global_batch:
             for index in indices:
-                plan.skipped.append((names[index], f"bucket {bucket[0]}x{bucket[1]} holds {len(indices)} image(s) "
-                                                   f"x {repeats} repeat(s), fewer than one batch ({global_batch})"))
+                plan.skipped.append((names[index], f"bucket {bucket[0]}x{bucket[1]} holds {len(indices)} image(s), "
+                                                   f"{samples} sample(s) with repeats, fewer than one batch "
+                                                   f"({global_batch})"))
             del plan.groups[bucket]
     plan.sizes = {i: bucket for bucket, indices in plan.groups.items() for i in indices}
     return plan
@@ -105,7 +108,7 @@ def write_report(report: dict, path: Path) -> None:
 def training_sizes(names: list[str], image_sizes: list[Size], resolution: int, bucketing: bool,
                    buckets: list[list[int]], step: int | None, min_side: int | None, max_side: int | None,
                    max_crop: float,
-                   global_batch: int, repeats: int) -> tuple[list[Size], list[list[int]] | None, dict | None]:
+                   global_batch: int, repeats: list[int]) -> tuple[list[Size], list[list[int]] | None, dict | None]:
     """Each example's training size, the batch groups (None: one group of all) and the bucket report."""
     square = [(resolution, resolution)] * len(names)
     if not bucketing:

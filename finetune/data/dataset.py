@@ -61,16 +61,19 @@ def collate(items: list[dict]) -> dict:
 class BatchOrder:
     """Infinite sequence of micro-batches of dataset keys for one process, starting at `start`.
 
-    Each epoch permutes each group's examples (all examples, or one group per bucket) repeated `repeats` times,
+    Each epoch permutes each group's examples (all examples, or one group per bucket), each repeated `repeats`
+    times its own `example_repeats` (kohya's `10_name` folders),
     cuts every group into global batches of `batch_size * world_size` keys (a group's last partial batch is
     dropped, so that all processes always step together and a batch never mixes buckets), and, with several
     groups, shuffles the batches. Process `rank` takes its slice of each global batch.
     """
 
     def __init__(self, num_examples: int, repeats: int, batch_size: int, world_size: int, rank: int,
-                 seed: int, start: int = 0, groups: list[list[int]] | None = None):
+                 seed: int, start: int = 0, groups: list[list[int]] | None = None,
+                 example_repeats: list[int] | None = None):
         self.num_examples = num_examples
         self.repeats = repeats
+        self.example_repeats = example_repeats or [1] * num_examples
         self.batch_size = batch_size
         self.world_size = world_size
         self.rank = rank
@@ -78,11 +81,12 @@ class BatchOrder:
         self.start = start
         self.groups = groups if groups is not None else [list(range(num_examples))]
         global_batch = batch_size * world_size
-        self.batches_per_epoch = sum(len(g) * repeats // global_batch for g in self.groups)
+        self.batches_per_epoch = sum(len(self._pool(g)) // global_batch for g in self.groups)
         if self.batches_per_epoch == 0:
             count = sum(len(g) for g in self.groups)
+            samples = sum(len(self._pool(g)) for g in self.groups)
             raise DataError(
-                f"{count} image(s) x {repeats} repeat(s) = {count * repeats} samples, fewer than one batch "
+                f"{count} image(s) x their repeats = {samples} samples, fewer than one batch "
                 f"across processes (train.batch_size {batch_size} x {world_size} process(es))"
                 + (" in any bucket" if len(self.groups) > 1 else "")
                 + "; add images, raise data.repeats, or lower train.batch_size"
@@ -106,14 +110,28 @@ class BatchOrder:
         for number, group in enumerate(self.groups):
             # group 0's seed is the one a run without buckets has always used, so its batches stay as they were
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919 * number)
-            length = len(group) * self.repeats
+            pool = self._pool(group)
+            length = len(pool)
             order = torch.randperm(length, generator=generator).tolist()
-            virtual = [group[i % len(group)] + self.num_examples * (i // len(group)) for i in order]
+            virtual = [pool[i] for i in order]
             batches += [virtual[b:b + global_batch] for b in range(0, length - global_batch + 1, global_batch)]
         if len(self.groups) > 1:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 104_729)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
+
+    def _pool(self, group: list[int]) -> list[int]:
+        """The group's samples of one epoch as virtual indices, example + num_examples x (its n-th copy): round
+        after round of the group, each example as many times as its own repeats (all 1: exactly the order a
+        run without per-example repeats has always drawn)."""
+        copies: dict[int, int] = {}
+        pool = []
+        for _ in range(self.repeats):
+            for example in group:
+                for _ in range(self.example_repeats[example]):
+                    pool.append(example + self.num_examples * copies.get(example, 0))
+                    copies[example] = copies.get(example, 0) + 1
+        return pool
 
     def _aug_seed(self, epoch: int, virtual_index: int) -> int:
         return (self.seed * 1_000_003 + epoch) * 10_000_019 + virtual_index

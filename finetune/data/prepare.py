@@ -57,7 +57,7 @@ def _sized(examples: list[Example], d: DataOptions, global_batch: int) -> Prepar
     sizes, groups, report = training_sizes(
         [e.name for e in examples], [e.size for e in examples], d.resolution, d.bucketing or bool(d.buckets),
         d.buckets, d.bucket_step, d.bucket_min_side, d.bucket_max_side, d.bucket_max_crop, global_batch,
-        d.repeats)
+        [d.repeats * e.repeats for e in examples])
     return PreparedData(examples, sizes, groups, report)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,7 @@ class Example:
     caption: str
     load: Callable[[], Image.Image]  # returns upright RGB
     size: tuple[int, int] | None = None  # (width, height), known once the image has been read
+    repeats: int = 1  # times per epoch, times data.repeats (kohya's `10_name` folders give 10)
 
 
 def list_examples(images: str | None, dataset: str | None, *, prompt: str | None, caption_extension: str,
@@ -58,31 +60,64 @@ def _check_captions(examples: list[Example]) -> None:
             "give every image the same one (data.caption_dropout trains on empty captions on purpose)")
 
 
+# kohya's folder layout: `<repeats>_<text>`, e.g. `10_circle`: its images repeat 10 times per epoch, and `circle`
+# is the caption of an image without a caption file (kohya's class tokens)
+_KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
 def _from_folder(folder: Path, prompt: str | None, caption_extension: str, caption_column: str) -> list[Example]:
+    """Every image in `folder` and its subfolders, at any depth (sorted; hidden folders, named `.xxx`, are left
+    out and said so); kohya-named subfolders give their images repeats and a fallback caption."""
     metadata = folder / "metadata.jsonl"
     if metadata.is_file():
         return _from_metadata(folder, metadata, prompt, caption_column)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"data.images: no images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    examples, missing = [], []
-    for path in files:
-        if prompt is not None:
-            caption = prompt
-        else:
+    examples, missing, looked = [], [], []
+    for directory, names in _walk(folder):
+        looked.append(directory)
+        repeats, class_text = _kohya_folder(directory, folder)
+        for path in (directory / name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES):
             sidecar = path.with_suffix(caption_extension)
-            if not sidecar.is_file():
-                missing.append(path.name)
+            if prompt is not None:
+                caption = prompt
+            elif sidecar.is_file():
+                caption = _read_caption(sidecar)
+            elif class_text is not None:
+                caption = class_text
+            else:
+                missing.append(str(path.relative_to(folder)))
                 continue
-            caption = _read_caption(sidecar)
-        examples.append(Example(str(path), caption, lambda p=str(path): open_image(p)))
+            examples.append(Example(str(path), caption, lambda p=str(path): open_image(p), repeats=repeats))
+    if not examples and not missing:
+        where = folder if len(looked) == 1 else f"{folder} or its {len(looked) - 1} subfolder(s)"
+        raise DataError(f"data.images: no images in {where} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     if missing:
         raise DataError(
             f"data.images: {len(missing)} image(s) in {folder} have no {caption_extension} caption file: "
-            f"{some(missing)}. "
-            f"Add the caption files, or set data.prompt to give every image the same caption"
-        )
+            f"{some(missing)}. Add the caption files, name their folder kohya's way (`10_a red circle`: "
+            "10 repeats, that caption), or set data.prompt to give every image the same caption")
     return examples
+
+
+def _walk(folder: Path) -> list[tuple[Path, list[str]]]:
+    """(directory, its file names) for `folder` and every subfolder, sorted so the order never depends on the file
+    system; hidden folders are skipped with a message, never silently."""
+    found = []
+    for directory, subfolders, files in os.walk(folder):
+        hidden = sorted(name for name in subfolders if name.startswith("."))
+        if hidden:
+            log.info("data.images: left out hidden folder(s) %s in %s", ", ".join(hidden), directory)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found.append((Path(directory), sorted(files)))
+    return found
+
+
+def _kohya_folder(directory: Path, root: Path) -> tuple[int, str | None]:
+    """(repeats, fallback caption) from the nearest kohya-named folder between `root` and `directory`."""
+    for part in reversed(directory.relative_to(root).parts):
+        match = _KOHYA_FOLDER.match(part)
+        if match:
+            return max(1, int(match.group(1))), match.group(2).strip()
+    return 1, None
 
 
 def _read_caption(path: Path) -> str:

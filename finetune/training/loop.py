@@ -105,7 +105,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         if accelerator.is_main_process:
             write_report(prepared.bucket_report, output_dir / "buckets.json")
     order = BatchOrder(len(examples), d.repeats, t.batch_size, accelerator.num_processes,
-                       accelerator.process_index, t.seed, groups=prepared.groups)
+                       accelerator.process_index, t.seed, groups=prepared.groups,
+                       example_repeats=[e.repeats for e in examples])
     # what the artifact's header says about the data (kohya's ss_num_train_images and ss_tag_frequency)
     data_figures = {"num_train_images": len(examples),
                     "tag_frequency": json.dumps({data_name(d.images, d.dataset): tag_frequency(
@@ -162,7 +163,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     params = [p for group in groups for p in group["params"]]
     base_dtype = str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix("torch.")
     say("\n".join(plan_lines(Plan(
-        images_per_folder=images_per_folder([e.name for e in examples]), repeats=d.repeats, max_steps=t.max_steps,
+        images_per_folder=images_per_folder(examples, d.repeats), max_steps=t.max_steps,
         batch_size=t.batch_size, processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
         batches_per_epoch=order.batches_per_epoch, trainable=params, device=str(accelerator.device),
         precision=f"mixed precision {t.mixed_precision}, frozen base in {base_dtype}", base=recipe.model.base,

@@ -18,8 +18,7 @@ RUN_FOLDERS = {
 
 @dataclass
 class Plan:
-    images_per_folder: dict[str, int]
-    repeats: int
+    images_per_folder: dict[str, tuple[int, int]]  # folder -> (images, repeats of each)
     max_steps: int
     batch_size: int  # per process
     processes: int
@@ -32,23 +31,29 @@ class Plan:
     output_dir: Path
 
 
-def images_per_folder(names: list[str]) -> dict[str, int]:
-    """Count training images by the folder they sit in (absolute paths); dataset rows (`name[row]`) by dataset."""
+def images_per_folder(examples: list, repeats: int) -> dict[str, tuple[int, int]]:
+    """{folder: (images, samples per epoch of each)} by the folder the images sit in (absolute paths); dataset
+    rows (`name[row]`) by dataset. `repeats`: data.repeats, times each folder's own (kohya's `10_name`)."""
     counts: Counter = Counter()
-    for name in names:
-        counts[name.rsplit("[", 1)[0] if name.endswith("]") else str(Path(name).resolve().parent)] += 1
-    return dict(sorted(counts.items()))
+    each: dict[str, int] = {}
+    for example in examples:
+        name = example.name
+        folder = name.rsplit("[", 1)[0] if name.endswith("]") else str(Path(name).resolve().parent)
+        counts[folder] += 1
+        each[folder] = repeats * example.repeats  # one folder, one kohya name: the same for all its images
+    return {folder: (counts[folder], each[folder]) for folder in sorted(counts)}
 
 
 def plan_lines(plan: Plan) -> list[str]:
     """The summary printed before the first step: data, length, batch, what trains, where, and where files go."""
-    images = sum(plan.images_per_folder.values())
+    images = sum(n for n, _ in plan.images_per_folder.values())
+    samples = sum(n * r for n, r in plan.images_per_folder.values())
     effective = plan.batch_size * plan.processes * plan.accumulation
     epochs = plan.max_steps * plan.accumulation / plan.batches_per_epoch
     count = sum(p.numel() for p in plan.trainable)
     size = sum(p.numel() * p.element_size() for p in plan.trainable)
-    lines = [f"data: {images} image(s) x {plan.repeats} repeat(s) = {images * plan.repeats} samples per epoch"]
-    lines += [f"  {folder}: {n} image(s), {plan.repeats} repeat(s)" for folder, n in plan.images_per_folder.items()]
+    lines = [f"data: {images} image(s), {samples} samples per epoch with their repeats"]
+    lines += [f"  {folder}: {n} image(s) x {r} repeat(s)" for folder, (n, r) in plan.images_per_folder.items()]
     lines += [f"steps: {plan.max_steps} ({epochs:.3g} epoch(s)); effective batch {effective} = {plan.batch_size} per "
               f"process x {plan.processes} process(es) x {plan.accumulation} accumulation",
               f"trains: {count:,} parameters ({size / 2**20:.1f} MB); on {plan.device}, {plan.precision}"
