@@ -32,9 +32,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="start anew in an output_dir that holds a finished run or checkpoints (refused without "
                             "it): the earlier checkpoints are removed, the artifact replaced when this run saves")
 
-    validate = commands.add_parser("validate", help="check a recipe without loading any model")
+    validate = commands.add_parser("validate", help="check a recipe and its data without loading any model")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*", metavar="key=value")
+    validate.add_argument("--decode", action="store_true",
+                          help="decode every image as training does (slower); by default their headers are read")
 
     sample = commands.add_parser("sample", help="generate a grid with a base model and an optional adapter")
     sample.add_argument("--base", required=True, help="hub id, diffusers folder or single checkpoint file")
@@ -138,14 +140,33 @@ def _known_errors() -> tuple[type[Exception], ...]:
 
 
 def _validate(args) -> int:
-    from finetune.recipe.load import RecipeError, load_recipe
+    """Every check that needs no model, the data included: the same data summary training prints."""
+    from pathlib import Path
+
+    from finetune.data import BatchOrder
+    from finetune.data.buckets import format_report
+    from finetune.data.prepare import prepare_data
+    from finetune.recipe.load import load_recipe
+    from finetune.training.summary import data_lines, images_per_folder, length_line
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"{args.recipe}: ok ({recipe.strategy.kind} on {recipe.model.base}, {recipe.train.max_steps} steps)")
+        t, d = recipe.train, recipe.data
+        prepared = prepare_data(d, t.batch_size, decode=args.decode)
+        examples = prepared.examples
+        order = BatchOrder(len(examples), d.repeats, t.batch_size, 1, 0, t.seed, groups=prepared.groups,
+                           example_repeats=[e.repeats for e in examples])
+    except _known_errors() as exc:
+        raise KnownProblem(str(exc)) from None
+    print("\n".join(data_lines(images_per_folder(examples, d.repeats))))
+    if prepared.bucket_report is not None:
+        print(format_report(prepared.bucket_report))
+    print(length_line(t.max_steps, t.batch_size, 1, t.gradient_accumulation_steps, order.batches_per_epoch)
+          + " (on 1 process; N processes multiply the batch)")
+    print(f"base: {recipe.model.base}\noutput: {Path(recipe.output_dir).resolve()}")
+    print(f"{args.recipe}: ok ({recipe.strategy.kind} on {recipe.model.base}, {t.max_steps} steps; images "
+          + ("decoded" if args.decode else "checked by their headers; --decode decodes each as training does")
+          + ")")
     return 0
 
 

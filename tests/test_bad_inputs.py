@@ -62,6 +62,42 @@ def assert_nothing_half_written(out: Path, artifacts_before: set[str]) -> None:
     assert {name for name in ARTIFACTS if (out / name).exists()} == artifacts_before
 
 
+# what `finetune train` refuses only once the run starts: the device it gets, what output_dir holds, checkpoints,
+# and what happens mid-run; everything else `validate` must refuse alike
+RUN_TIME = {"fp16-on-cpu", "output-dir-holds-a-run", "resume-a-finished-run", "resume-another-recipe",
+            "resume-not-a-checkpoint", "loss-not-finite", "disk-full-at-checkpoint", "disk-full-at-final-save"}
+VALIDATE_CASES = [case for case in CATALOGUE if not case.loads_model and case.name not in RUN_TIME]
+
+
+@pytest.mark.parametrize("case", VALIDATE_CASES, ids=lambda case: case.name)
+def test_validate_refuses_what_train_refuses(case, tiny_base, tmp_path, monkeypatch, capsys):
+    ws = Workspace(tmp_path, tiny_base, monkeypatch)
+    argv = case.make(ws)
+    assert argv[0] == "train", case.name
+    capsys.readouterr()
+    # --decode: a truncated image has an intact header; only decoding finds it, as training does
+    assert main(["validate", *argv[1:], "--decode"]) == 2
+    message = capsys.readouterr().err
+    for fragment in case.says:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_validate_prints_the_data_summary_reading_headers_only(tiny_base, tmp_path, monkeypatch, capsys):
+    from finetune.data import images
+
+    ws = Workspace(tmp_path, tiny_base, monkeypatch)
+    decoded = []
+    real = images.Image.Image.load
+    monkeypatch.setattr(images.Image.Image, "load", lambda self: decoded.append(1) or real(self))
+    assert main(["validate", ws.recipe(data={"repeats": 3})]) == 0
+    out = capsys.readouterr().out
+    assert "data: 4 image(s), 12 samples per epoch with their repeats" in out
+    assert f"  {ws.images.resolve()}: 4 image(s) x 3 repeat(s)" in out
+    assert "steps: 4 (0.333 epoch(s)); effective batch 1" in out and "checked by their headers" in out
+    assert decoded == []  # no pixel decoded
+    assert main(["validate", ws.recipe(), "--decode"]) == 0 and decoded
+
+
 def test_readme_troubleshooting_is_the_catalogue():
     readme = (ROOT / "README.md").read_text()
     start, end = "<!-- troubleshooting:start -->\n", "\n<!-- troubleshooting:end -->"

@@ -84,3 +84,17 @@ def test_a_run_on_kohya_folders_lists_each_folder_with_its_repeats(tiny_base, tm
     assert "data: 3 image(s), 14 samples per epoch with their repeats" in out  # 2 x 3 x 2 + 1 x 2
     assert f"  {(tmp_path / 'train').resolve()}: 1 image(s) x 2 repeat(s)" in out
     assert f"  {(tmp_path / 'train' / '3_a purple sks').resolve()}: 2 image(s) x 6 repeat(s)" in out
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_the_header_gives_the_size_decoding_gives(orientation, tmp_path):
+    """`finetune validate` reads sizes from headers (EXIF rotation included); training decodes: they agree."""
+    from PIL import Image
+
+    from finetune.data.images import open_image, probe_size
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (40, 20), "red").save(path, exif=exif)
+    assert probe_size(str(path)) == open_image(str(path)).size == ((20, 40) if orientation in (6, 8) else (40, 20))

@@ -30,6 +30,23 @@ def open_image(path: str) -> Image.Image:
         return to_rgb(image)
 
 
+# EXIF orientations that turn the picture a quarter: width and height trade places once it is upright
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def probe_size(path: str) -> tuple[int, int]:
+    """The upright (width, height) from the file's header alone, without decoding a pixel (what `finetune
+    validate` checks by default). Raises what PIL raises for a file that is no image."""
+    with Image.open(path) as image:
+        width, height = image.size
+        # the EXIF block read at open (JPEG, WebP, PNG's eXIf before the pixels); getexif() would decode a PNG
+        exif = Image.Exif()
+        if image.info.get("exif"):
+            exif.load(image.info["exif"])
+        orientation = exif.get(0x0112) or getattr(image, "tag_v2", {}).get(0x0112)  # TIFF keeps it as a tag
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
+
+
 def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
     """The smallest size with the image's aspect ratio that covers `target` (width, height)."""
     scale = max(target[0] / width, target[1] / height)

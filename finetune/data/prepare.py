@@ -26,10 +26,11 @@ class PreparedData:
     bucket_report: dict | None
 
 
-def prepare_data(d: DataOptions, global_batch: int) -> PreparedData:
+def prepare_data(d: DataOptions, global_batch: int, decode: bool = True) -> PreparedData:
+    """`decode`: decode every image (training) or read headers only (`finetune validate`)."""
     examples = list_examples(d.images, d.dataset, prompt=d.prompt, caption_extension=d.caption_extension,
                              split=d.split, image_column=d.image_column, caption_column=d.caption_column,
-                             on_bad_image=d.on_bad_image)
+                             on_bad_image=d.on_bad_image, decode=decode)
     prepared = _sized(examples, d, global_batch)
     small = _smaller_than_trained(prepared)
     if not small:

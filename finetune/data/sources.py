@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from finetune.data.images import open_image, to_rgb
+from finetune.data.images import open_image, probe_size, to_rgb
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -38,16 +38,20 @@ class Example:
     load: Callable[[], Image.Image]  # returns upright RGB
     size: tuple[int, int] | None = None  # (width, height), known once the image has been read
     repeats: int = 1  # times per epoch, times data.repeats (kohya's `10_name` folders give 10)
+    probe: Callable[[], tuple[int, int]] | None = None  # the upright size without decoding (None: decode to see)
 
 
 def list_examples(images: str | None, dataset: str | None, *, prompt: str | None, caption_extension: str,
-                  split: str, image_column: str, caption_column: str, on_bad_image: str) -> list[Example]:
+                  split: str, image_column: str, caption_column: str, on_bad_image: str,
+                  decode: bool = True) -> list[Example]:
+    """Every example, each proven readable: decoded whole (`decode`, as training does, so a truncated file fails
+    before any model loads) or its header read (`finetune validate`: fast for thousands of images)."""
     if images is not None:
         examples = _from_folder(Path(os.path.expanduser(images)), prompt, caption_extension, caption_column)
     else:
         examples = _from_dataset(dataset, split, image_column, caption_column, prompt)
     _check_captions(examples)
-    return _check_readable(examples, on_bad_image)
+    return _check_readable(examples, on_bad_image, decode)
 
 
 def _check_captions(examples: list[Example]) -> None:
@@ -86,7 +90,8 @@ def _from_folder(folder: Path, prompt: str | None, caption_extension: str, capti
             else:
                 missing.append(str(path.relative_to(folder)))
                 continue
-            examples.append(Example(str(path), caption, lambda p=str(path): open_image(p), repeats=repeats))
+            examples.append(Example(str(path), caption, lambda p=str(path): open_image(p), repeats=repeats,
+                                    probe=lambda p=str(path): probe_size(p)))
     if not examples and not missing:
         where = folder if len(looked) == 1 else f"{folder} or its {len(looked) - 1} subfolder(s)"
         raise DataError(f"data.images: no images in {where} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -149,7 +154,8 @@ def _from_metadata(folder: Path, metadata: Path, prompt: str | None, caption_col
         if not path.is_file():
             raise DataError(f"{metadata}, line {number}: file {row['file_name']} not found in {folder}")
         caption = prompt if prompt is not None else str(row[caption_column]).strip()
-        examples.append(Example(str(path), caption, lambda p=str(path): open_image(p)))
+        examples.append(Example(str(path), caption, lambda p=str(path): open_image(p),
+                                probe=lambda p=str(path): probe_size(p)))
     if not examples:
         raise DataError(f"{metadata} lists no images")
     return examples
@@ -183,11 +189,11 @@ def _from_dataset(name: str, split: str, image_column: str, caption_column: str,
     return [Example(f"{name}[{row}]", captions[row], loader(row)) for row in range(len(loaded))]
 
 
-def _check_readable(examples: list[Example], on_bad_image: str) -> list[Example]:
+def _check_readable(examples: list[Example], on_bad_image: str, decode: bool) -> list[Example]:
     good, bad = [], []
     for example in examples:
         try:
-            example.size = example.load().size
+            example.size = example.probe() if example.probe is not None and not decode else example.load().size
             good.append(example)
         except Exception as exc:  # PIL raises many types for broken files
             bad.append(f"{example.name} ({type(exc).__name__}: {exc})")

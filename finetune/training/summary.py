@@ -44,24 +44,31 @@ def images_per_folder(examples: list, repeats: int) -> dict[str, tuple[int, int]
     return {folder: (counts[folder], each[folder]) for folder in sorted(counts)}
 
 
+def data_lines(folders: dict[str, tuple[int, int]]) -> list[str]:
+    """The data part of the summary (training and `finetune validate` print it alike)."""
+    images = sum(n for n, _ in folders.values())
+    samples = sum(n * r for n, r in folders.values())
+    return [f"data: {images} image(s), {samples} samples per epoch with their repeats",
+            *(f"  {folder}: {n} image(s) x {r} repeat(s)" for folder, (n, r) in folders.items())]
+
+
+def length_line(max_steps: int, batch_size: int, processes: int, accumulation: int, batches_per_epoch: int) -> str:
+    effective = batch_size * processes * accumulation
+    epochs = max_steps * accumulation / batches_per_epoch
+    return (f"steps: {max_steps} ({epochs:.3g} epoch(s)); effective batch {effective} = {batch_size} per process x "
+            f"{processes} process(es) x {accumulation} accumulation")
+
+
 def plan_lines(plan: Plan) -> list[str]:
     """The summary printed before the first step: data, length, batch, what trains, where, and where files go."""
-    images = sum(n for n, _ in plan.images_per_folder.values())
-    samples = sum(n * r for n, r in plan.images_per_folder.values())
-    effective = plan.batch_size * plan.processes * plan.accumulation
-    epochs = plan.max_steps * plan.accumulation / plan.batches_per_epoch
     count = sum(p.numel() for p in plan.trainable)
     size = sum(p.numel() * p.element_size() for p in plan.trainable)
-    lines = [f"data: {images} image(s), {samples} samples per epoch with their repeats"]
-    lines += [f"  {folder}: {n} image(s) x {r} repeat(s)" for folder, (n, r) in plan.images_per_folder.items()]
-    lines += [f"steps: {plan.max_steps} ({epochs:.3g} epoch(s)); effective batch {effective} = {plan.batch_size} per "
-              f"process x {plan.processes} process(es) x {plan.accumulation} accumulation",
-              f"trains: {count:,} parameters ({size / 2**20:.1f} MB); on {plan.device}, {plan.precision}"
-              if size >= 2**20 else
-              f"trains: {count:,} parameters ({size / 2**10:.1f} KB); on {plan.device}, {plan.precision}",
-              f"base: {plan.base}",
-              f"output: {plan.output_dir.resolve()}"]
-    return lines
+    shown = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.1f} KB"
+    return [*data_lines(plan.images_per_folder),
+            length_line(plan.max_steps, plan.batch_size, plan.processes, plan.accumulation, plan.batches_per_epoch),
+            f"trains: {count:,} parameters ({shown}); on {plan.device}, {plan.precision}",
+            f"base: {plan.base}",
+            f"output: {plan.output_dir.resolve()}"]
 
 
 def written_lines(output_dir: Path, since: float) -> list[str]:
