@@ -42,6 +42,24 @@ def detect_format(path: str | os.PathLike) -> str:
     raise ValueError(f"{path}: not an adapter format finetune knows (formats: {', '.join(LOADERS)})")
 
 
+def trained_max_token_length(path: str | os.PathLike) -> int | None:
+    """The data.max_token_length an artifact was trained with, from the recipe in its header (None: the plain
+    window, or a file that does not say)."""
+    import json
+
+    folder = Path(path)
+    try:
+        if (folder / "model_index.json").is_file():  # a DreamBooth pipeline folder
+            metadata = json.loads((folder / "finetune.json").read_text())
+        elif str(path).endswith(".safetensors"):
+            metadata = read_metadata(path)
+        else:
+            return None
+        return json.loads(metadata["finetune.recipe"])["data"].get("max_token_length")
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _load_a1111_pt(pipe: Any, path: str, scale: float, name: str) -> str:
     """AUTOMATIC1111's pickled embedding or hypernetwork, told apart by what the file holds; read once, and
     only if it is plain data (never code)."""

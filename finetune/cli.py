@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=4, help="images per prompt")
     sample.add_argument("--resolution", type=int, default=None, help="default: the model's own")
     sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    sample.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=None,
+                        help="encode long prompts in 75-token chunks as training did (default: what the adapter "
+                             "was trained with, from its header)")
     evaluate = commands.add_parser("eval", help="shapes world: judge a base (and an adapter) on a concept")
     evaluate.add_argument("--base", default=None, help="default: the shipped shapes-world base")
     evaluate.add_argument("--adapter", help="adapter file, or tuned pipeline folder (DreamBooth), to judge; "
@@ -158,7 +161,7 @@ def _validate(args) -> int:
                            example_repeats=[e.repeats for e in examples])
     except _known_errors() as exc:
         raise KnownProblem(str(exc)) from None
-    print("\n".join(data_lines(images_per_folder(examples, d.repeats))))
+    print("\n".join(data_lines(images_per_folder(examples, d.repeats)) + _caption_lines(recipe, examples)))
     if prepared.bucket_report is not None:
         print(format_report(prepared.bucket_report))
     print(length_line(t.max_steps, t.batch_size, 1, t.gradient_accumulation_steps, order.batches_per_epoch)
@@ -168,6 +171,27 @@ def _validate(args) -> int:
           + ("decoded" if args.decode else "checked by their headers; --decode decodes each as training does")
           + ")")
     return 0
+
+
+def _caption_lines(recipe, examples) -> list[str]:
+    """Caption lengths against the window, from the base's tokenizer alone (a local pipeline folder)."""
+    import torch
+
+    from finetune.data.captions import caption_report
+    from finetune.models import family_for
+    from finetune.strategies import create_strategy
+
+    family = family_for(recipe.model.family)
+    tokenizer = family.tokenizer_of(recipe.model.base)
+    if tokenizer is None:
+        return ["captions: lengths are checked when the model loads (model.base is not a local folder)"]
+    strategy = create_strategy(recipe.strategy)
+    try:
+        return caption_report(tokenizer, strategy.prompts([e.caption for e in examples], torch.Generator()),
+                              [e.name for e in examples],
+                              family.caption_window(tokenizer, recipe.data.max_token_length), strategy.kept_words())
+    except _known_errors() as exc:
+        raise KnownProblem(str(exc)) from None
 
 
 def _train(args) -> int:
@@ -189,9 +213,10 @@ def _train(args) -> int:
 def _sample(args) -> int:
     import torch
 
-    from finetune.adapters import load_adapter
+    from finetune.adapters import load_adapter, trained_max_token_length
     from finetune.models import family_for
     from finetune.training.sampling import sample_grid, save_png
+    from functools import partial
     from pathlib import Path
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -201,12 +226,15 @@ def _sample(args) -> int:
         pipe = family.pipeline(parts).to(device)
         if args.adapter:
             load_adapter(pipe, args.adapter, scale=args.scale)
+        parts.max_token_length = args.max_token_length or (trained_max_token_length(args.adapter)
+                                                           if args.adapter else None)
     except (*_known_errors(), ValueError) as exc:
         raise KnownProblem(str(exc)) from None
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     grid = sample_grid(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                        guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.num,
-                       resolution=resolution)
+                       resolution=resolution,
+                       encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
     print(f"wrote {save_png(grid, Path(args.out))}")
     return 0
 

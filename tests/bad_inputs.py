@@ -130,6 +130,13 @@ def _resume_another_recipe(ws: Workspace) -> list[str]:
     return ws.train("--resume", "latest", strategy={"kind": "lora", "rank": 8}, checkpoint={"every": 1})
 
 
+def _placeholder_past_the_window(ws: Workspace) -> list[str]:
+    # 52 tokens of text before the placeholder; the tiny base's window holds 30
+    for caption in ws.images.glob("*.txt"):
+        caption.write_text("a round object on a plain white background in soft studio light, <sks>")
+    return ws.train(strategy=TI)
+
+
 def _second_run_in_a_finished_output_dir(ws: Workspace) -> list[str]:
     ws.run(ws.train(train={"max_steps": 2}, checkpoint={"every": 1}))
     return ws.train(train={"max_steps": 3})
@@ -251,6 +258,11 @@ CATALOGUE = [
              lambda ws: _metadata(ws, '{"file_name": "gone.png", "text": "x"}\n'),
              ("line 1", "gone.png not found")),
     # the strategy meets the model
+    BadInput("placeholder-past-the-window", "Textual-inversion captions whose placeholder lies past the text "
+             "encoder's window (75 tokens for CLIP)", "Names the images and where the placeholder sits; move it up, "
+             "shorten the captions, or set `data.max_token_length: 150`", _placeholder_past_the_window,
+             ("past the text encoder's window of 30 tokens", "0.png (at token", "data.max_token_length: 150"),
+             loads_model=True),
     BadInput("token-in-vocabulary", "A textual-inversion token that is already a word of the tokenizer",
              "Asks for a string the vocabulary lacks, such as `<a-concept>`",
              lambda ws: ws.train(strategy={**TI, "placeholder_token": "a"}),

@@ -22,6 +22,9 @@ class Components:
     noise_scheduler: Any  # a training scheduler (DDPM) with the base's noise schedule
     source: str  # what model.base said, for metadata
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific parts (e.g. a second encoder)
+    # data.max_token_length: captions encoded whole up to this many tokens (kohya/A1111 long prompts); None: the
+    # text encoder's own window. Training, its caches and sample grids all read it from here
+    max_token_length: int | None = None
 
 
 class ModelFamily(Protocol):
@@ -43,6 +46,10 @@ class ModelFamily(Protocol):
                              generator: torch.Generator) -> torch.Tensor: ...
 
     def encode_prompts(self, parts: Components, captions: list[str]) -> Any: ...
+
+    def caption_window(self, tokenizer: Any, max_token_length: int | None) -> int: ...
+
+    def tokenizer_of(self, base: str) -> Any | None: ...
 
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor: ...
 

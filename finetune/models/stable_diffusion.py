@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from finetune.models import clip_prompts
 from finetune.models.base import Components, ModelLoadError
 
 
@@ -68,13 +69,29 @@ class StableDiffusion:
 
     def tokenize(self, parts: Components, captions: list[str]) -> torch.Tensor:
         tokenizer = parts.tokenizer
+        if parts.max_token_length:  # kohya's / AUTOMATIC1111's long prompts: chunks of 75, each with its ends
+            return clip_prompts.token_ids(tokenizer, captions, clip_prompts.chunk_count(tokenizer,
+                                                                                         parts.max_token_length))
         return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
 
     def encode_prompts(self, parts: Components, captions: list[str]) -> torch.Tensor:
+        """[batch, 77 x chunks, width] hidden states of CLIP's last layer (one chunk unless max_token_length)."""
         ids = self.tokenize(parts, captions)
         device = next(_unwrapped(parts.text_encoder).parameters()).device
-        return parts.text_encoder(ids.to(device))[0]
+        return clip_prompts.encode(parts.text_encoder, ids.to(device), parts.tokenizer.model_max_length)
+
+    def caption_window(self, tokenizer: Any, max_token_length: int | None) -> int:
+        """Tokens of caption text that reach the text encoder (75 for CLIP; more with max_token_length)."""
+        return clip_prompts.chunk_count(tokenizer, max_token_length) * clip_prompts.content_window(tokenizer)
+
+    def tokenizer_of(self, base: str) -> Any | None:
+        """The base's tokenizer without its models (for `finetune validate`): from a diffusers folder's
+        `tokenizer/`; None for a hub id or a single file, whose tokenizer comes with loading."""
+        from transformers import CLIPTokenizer
+
+        folder = os.path.join(os.path.expanduser(base), "tokenizer")
+        return CLIPTokenizer.from_pretrained(folder) if os.path.isdir(folder) else None
 
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: torch.Tensor) -> torch.Tensor:

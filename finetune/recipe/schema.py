@@ -48,6 +48,9 @@ class DataOptions:
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
     caption_dropout: float = 0.0  # probability of an empty caption, for classifier-free guidance
+    # captions longer than the text encoder's 75 tokens: encoded whole in 75-token chunks, each with its own start
+    # and end tokens (kohya's --max_token_length, AUTOMATIC1111's long prompts); None: cut at the window
+    max_token_length: Optional[Literal[75, 150, 225]] = None
     on_bad_image: Literal["error", "skip"] = "error"
     # images smaller than the size they train at: enlarge (softer), leave out, or refuse (data/prepare.py)
     on_small_image: Literal["upscale", "skip", "error"] = "upscale"

@@ -39,6 +39,10 @@ class Strategy(Protocol):
         """The text the instance images are trained with (e.g. textual inversion's templates and
         multi-vector tokens); most strategies keep the captions."""
 
+    def kept_words(self) -> list[str]:
+        """Words every caption must keep inside the text encoder's window (textual inversion's new tokens): a
+        caption that would cut one is refused before training."""
+
     def loss(self, per_sample: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Reduce per-sample losses to the scalar to minimise (e.g. DreamBooth weights prior samples)."""
 
@@ -73,12 +77,17 @@ def keep_captions(captions: list[str], generator: torch.Generator) -> list[str]:
     return captions
 
 
+def no_kept_words() -> list[str]:
+    return []
+
+
 class CommonDefaults:
-    """What most strategies do at three of the interface's places: no model check, the captions as they
-    are, the plain mean loss. A strategy that differs overrides the one it needs."""
+    """What most strategies do at four of the interface's places: no model check, the captions as they
+    are, no word to keep, the plain mean loss. A strategy that differs overrides the one it needs."""
 
     check = staticmethod(no_check)
     prompts = staticmethod(keep_captions)
+    kept_words = staticmethod(no_kept_words)
     loss = staticmethod(mean_loss)
 
 

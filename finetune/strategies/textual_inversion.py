@@ -146,6 +146,10 @@ class Strategy(CommonDefaults):
             texts = [templates[i].format(first) for i in picks]
         return [self._expand(text) for text in texts]
 
+    def kept_words(self) -> list[str]:
+        # a placeholder cut from a caption is never trained (issue 19, case 01-long-caption-ti)
+        return [t for p in self.placeholders for t in vector_tokens(p, self.options.num_vectors)]
+
     def _expand(self, text: str) -> str:
         # the same expansion diffusers' maybe_convert_prompt applies at inference: <tok> -> <tok> <tok>_1 ...
         for token in self.placeholders:

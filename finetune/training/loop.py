@@ -24,6 +24,7 @@ from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
 from finetune.data.prepare import prepare_data
 from finetune.data.sources import data_name, tag_frequency
 from finetune.data.buckets import format_report, write_report
+from finetune.data.captions import caption_report
 from finetune.data.latent_cache import estimated_bytes
 from finetune.models import Components, family_for
 from finetune.recipe.load import RecipeError, recipe_to_dict
@@ -132,7 +133,13 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                         dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config)
     for module in (parts.vae, parts.text_encoder, parts.unet):
         module.to(accelerator.device)
+    parts.max_token_length = d.max_token_length
     strategy.check(family, parts)  # options that cannot fit this model fail before any long work
+    tokenizer = family.text_encoders(parts)[0][1]
+    for line in caption_report(tokenizer, strategy.prompts([e.caption for e in examples], torch.Generator()),
+                               [e.name for e in examples], family.caption_window(tokenizer, d.max_token_length),
+                               strategy.kept_words()):
+        say(line)
     class_count = recipe.prior.num_class_images if recipe.prior.mode == "class_images" else 0
     plan = plan_caches(recipe.cache.latents, recipe.cache.text, d.crop, recipe.strategy.changes_text_encoding(),
                        estimated_bytes(len(examples) + class_count, 2 if d.random_flip else 1, d.resolution))

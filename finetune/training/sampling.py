@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -18,12 +19,18 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 @torch.no_grad()
 def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: int, guidance_scale: float,
-                seed: int, images_per_prompt: int, resolution: int) -> Image.Image:
+                seed: int, images_per_prompt: int, resolution: int,
+                encode: Callable[[list[str]], torch.Tensor] | None = None) -> Image.Image:
+    """One row per prompt. `encode` (the family's encode_prompts): prompts are encoded as training encodes
+    them (long prompts in chunks, data.max_token_length) and handed to the pipeline as embeddings; without it
+    the pipeline encodes them itself (cut at the window)."""
     pipeline.set_progress_bar_config(disable=True)
     images = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed + index)
-        result = pipeline(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+        text = ({"prompt_embeds": encode([prompt]), "negative_prompt_embeds": encode([negative_prompt or ""])}
+                if encode is not None else {"prompt": prompt, "negative_prompt": negative_prompt or None})
+        result = pipeline(**text, num_inference_steps=steps,
                           guidance_scale=guidance_scale, num_images_per_prompt=images_per_prompt,
                           height=resolution, width=resolution, generator=generator)
         images.extend(result.images)

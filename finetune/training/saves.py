@@ -5,6 +5,7 @@ stops the run with a message, the last good checkpoint kept); only the main proc
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from finetune.export.safetensors_io import training_metadata
@@ -58,7 +59,8 @@ def save_samples(accelerator, family: ModelFamily, parts: Components, recipe: Re
             m.eval()  # no dropout in samples
         grid = sample_grid(pipeline, s.prompts, negative_prompt=s.negative_prompt, steps=s.steps,
                            guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt,
-                           resolution=recipe.data.resolution)
+                           resolution=recipe.data.resolution,
+                           encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
         for m, mode in zip(modules, modes):
             m.train(mode)
         with saving("a sample grid", step, resume_command(recipe.source, recipe.overrides), output_dir):
