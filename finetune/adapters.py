@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from finetune.export import hypernetwork as hypernetwork_files
-from finetune.export import lora_layers, peft_adapter
+from finetune.export import lora_layers, lycoris, peft_adapter
 from finetune.export.mismatch import another_base_error
 from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import read_metadata
@@ -87,8 +87,8 @@ def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0, name: s
 
 
 def _is_lora(metadata: dict[str, str], keys: list[str]) -> bool:
-    if metadata.get(peft_adapter.VARIANT_KEY, "lora") != "lora":
-        return False  # a LoHa/LoKr/OFT file from the LoRA strategy: diffusers has no loader for those
+    if metadata.get(peft_adapter.VARIANT_KEY, "lora") != "lora" or lycoris.is_lycoris(keys):
+        return False  # LoHa/LoKr/OFT, in peft's layout or LyCORIS's: loaded below
     return metadata.get("finetune.strategy") == "lora" or any(
         ".lora_A." in k or ".lora.down." in k or ".lora_down." in k for k in keys)
 
@@ -99,14 +99,19 @@ def _load_lora(pipe: Any, path: str, scale: float, name: str) -> str:
     convention), and put in through peft. diffusers' load_lora_weights applies one alpha per file to kohya files."""
     from peft import LoraConfig
 
-    linear = (torch.nn.Linear, torch.nn.Conv2d)
-    modules = {c: [n for n, m in getattr(pipe, c).named_modules() if isinstance(m, linear)]
-               for c in ("unet", "text_encoder") if getattr(pipe, c, None) is not None}
+    modules = _module_names(pipe)
     weights = lora_layers.read_lora(path, modules)
     layers = {c: _as_named_here(per, set(modules.get(c, ()))) for c, per in weights.layers.items()}
     configs = {c: LoraConfig(**lora_layers.peft_config(per, weights.uses_dora)) for c, per in layers.items()}
     states = {c: lora_layers.peft_state_dict(per) for c, per in layers.items()}
     return peft_adapter.load_components(pipe, configs, states, name, scale, path)
+
+
+def _module_names(pipe: Any) -> dict[str, list[str]]:
+    """The pipeline's adaptable module paths per component: kohya's underscored names are matched against them."""
+    linear = (torch.nn.Linear, torch.nn.Conv2d)
+    return {c: [n for n, m in getattr(pipe, c).named_modules() if isinstance(m, linear)]
+            for c in ("unet", "text_encoder") if getattr(pipe, c, None) is not None}
 
 
 def _as_named_here(layers: dict, names: set[str]) -> dict:
@@ -116,6 +121,18 @@ def _as_named_here(layers: dict, names: set[str]) -> dict:
 
 
 register("lora", _is_lora, _load_lora)
+
+
+def _load_lycoris(pipe: Any, path: str, scale: float, name: str) -> str:
+    """LoHa / LoKr in the LyCORIS layout (kohya names): rebuilt in peft with the strength AUTOMATIC1111 and
+    ComfyUI give each module."""
+    from safetensors.torch import load_file
+
+    _, states, configs = lycoris.from_lycoris(load_file(path), path, _module_names(pipe))
+    return peft_adapter.load_components(pipe, configs, states, name, scale, path)
+
+
+register("lycoris", lambda metadata, keys: lycoris.is_lycoris(keys), _load_lycoris)
 # LoHa, LoKr, OFT: peft layers rebuilt from the configs in the file's header
 register("peft_adapter", peft_adapter.is_peft_adapter, peft_adapter.load_peft_adapter)
 

@@ -71,8 +71,8 @@ def test_starting_file_for_another_base_is_refused(tiny_base, concept_dir, tmp_p
 
 
 @pytest.mark.parametrize("strategy, message", [
-    ({"variant": "loha", "formats": ["kohya"]}, "kohya's LoRA format holds plain LoRA"),
-    ({"use_dora": True, "formats": ["kohya"]}, "not DoRA"),
+    ({"variant": "oft", "formats": ["kohya"]}, "holds no OFT here"),
+    ({"use_dora": True, "formats": ["kohya"]}, "holds no DoRA here"),
     ({"formats": ["a1111"]}, "strategy.formats"),
     ({"initial_weights": "missing.safetensors"}, "not a .safetensors file"),
     ({"initial_weights": "x.safetensors", "target_modules": ["to_q"]}, "the file decides which layers"),

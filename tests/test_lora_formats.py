@@ -182,9 +182,9 @@ def test_every_sd15_module_name_parses_back_without_the_model():
     for component, model in models.items():
         for name, module in model.named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                kohya = kohya_lora._kohya_module(component, name)
+                kohya = kohya_lora.kohya_module(component, name)
                 underscored = kohya.split("_", 2)[2]  # without lora_unet_ / lora_te_
-                parsed = kohya_lora._resolver(component, None)(underscored)
+                parsed = kohya_lora.name_resolver(component, None)(underscored)
                 assert parsed == name, (kohya, parsed)
                 checked += 1
     assert checked > 300  # SD1.5: 192 + 72 LoRA targets, plus the ResNet convolutions

@@ -27,7 +27,8 @@ _READ_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "t
                   "lora_te2": "text_encoder_2"}
 
 
-def _kohya_module(component: str, module: str) -> str:
+def kohya_module(component: str, module: str) -> str:
+    """`lora_unet_down_blocks_0_..._to_q` for unet module `down_blocks.0....to_q` (kohya's module names)."""
     if component.startswith("text_encoder") and not module.startswith("text_model."):
         module = f"text_model.{module}"  # transformers 5's CLIPTextModel dropped that level; kohya keeps it
     return f"{PREFIXES[component]}_{module.replace('.', '_')}"
@@ -44,7 +45,7 @@ def to_kohya(weights: LoraWeights) -> dict[str, torch.Tensor]:
         if layer.bias is not None:
             raise LoraFileError(f"{component}.{module} carries a bias change (peft lora_bias), which kohya's "
                                 "format cannot hold; keep this file in the diffusers format")
-        stem = _kohya_module(component, module)
+        stem = kohya_module(component, module)
         tensors[f"{stem}.lora_down.weight"] = layer.down
         tensors[f"{stem}.lora_up.weight"] = layer.up
         tensors[f"{stem}.alpha"] = torch.tensor(float(layer.alpha))
@@ -85,7 +86,8 @@ def parse_module_path(underscored: str) -> str:
     return ".".join(parts)
 
 
-def _resolver(component: str, names: list[str] | None):
+def name_resolver(component: str, names: list[str] | None):
+    """underscored kohya name -> module path: looked up among `names` (the model's), or parsed without them."""
     if names is None:
         def parse(underscored: str) -> str:
             path = parse_module_path(underscored)
@@ -133,7 +135,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
             raise LoraFileError(f"{source}: {underscored} has only one of its two LoRA factors")
         if component not in resolvers:
             names = None if module_names is None else module_names.get(component, [])
-            resolvers[component] = _resolver(component, names)
+            resolvers[component] = name_resolver(component, names)
         down = found["lora_down.weight"]
         # kohya: no alpha means scale 1, i.e. alpha equal to the rank
         alpha = float(found["alpha"]) if "alpha" in found else float(down.shape[0])

@@ -60,7 +60,7 @@ def _matches(pattern: str, module: str) -> bool:
     return re.match(rf"(.*\.)?({pattern})$", module) is not None
 
 
-def _per_module(config: dict, default_key: str, pattern_key: str, module: str, fallback: float) -> float:
+def per_module(config: dict, default_key: str, pattern_key: str, module: str, fallback: float) -> float:
     for pattern, value in (config.get(pattern_key) or {}).items():
         if _matches(pattern, module):
             return float(value)
@@ -104,7 +104,7 @@ def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], s
                 raise LoraFileError(f"{source}: {component}.{module} has only one of its two LoRA factors")
             rank = found["down"].shape[0]
             # diffusers takes alpha equal to the rank when the file does not say (scale 1)
-            alpha = _per_module(config, "lora_alpha", "alpha_pattern", module, float(rank))
+            alpha = per_module(config, "lora_alpha", "alpha_pattern", module, float(rank))
             layers.setdefault(component, {})[module] = LoraLayer(found["down"], found["up"], alpha,
                                                                  found.get("magnitude"), found.get("bias"))
     return LoraWeights(layers, dict(metadata))

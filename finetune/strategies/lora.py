@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from finetune.export import diffusers_lora, kohya_lora, lora_layers, peft_adapter
+from finetune.export import diffusers_lora, kohya_lora, lora_layers, lycoris, peft_adapter
 from finetune.models.base import Components, ModelFamily
 from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
@@ -65,9 +65,9 @@ class Options(StrategyOptions):
 
     def _file_problems(self) -> list[str]:
         problems = []
-        if "kohya" in self.formats and (self.variant != "lora" or self.use_dora):
-            problems.append(f"strategy.formats: kohya's LoRA format holds plain LoRA, not "
-                            f"{'DoRA' if self.use_dora else self.variant}; remove kohya (the diffusers-layout file "
+        if "kohya" in self.formats and (self.variant == "oft" or self.use_dora):
+            problems.append(f"strategy.formats: kohya's format (and LyCORIS's, for LoHa and LoKr) holds no "
+                            f"{'DoRA' if self.use_dora else 'OFT'} here; remove kohya (the diffusers-layout file "
                             "loads with finetune.load_adapter)")
         if self.initial_weights:
             if self.variant != "lora" or self.use_dora:
@@ -172,16 +172,19 @@ class Strategy(CommonDefaults):
         configs = {name: config.to_dict() for name, config in self.configs.items()}
         components = diffusers_lora.unpack(self.state_dict())
         path = Path(output_dir) / self.artifact_name
+        kohya_path = Path(output_dir) / KOHYA_DIR / f"{Path(output_dir).name}.safetensors"
         if o.variant in peft_adapter.PEFT_ONLY_VARIANTS:
             # diffusers has no loader for these: the same layout, with the peft configs to rebuild them exactly
-            return peft_adapter.save_peft_adapter(path, components, configs, meta)
+            saved = peft_adapter.save_peft_adapter(path, components, configs, meta)
+            if "kohya" in o.formats:  # LoHa / LoKr in the LyCORIS layout AUTOMATIC1111 and ComfyUI read
+                lycoris.write_lycoris(o.variant, components, configs, kohya_path, meta)
+            return saved
         diffusers_lora.save_lora(path, components, configs, meta)
         if "kohya" in o.formats:
             # the same tensors and configs the diffusers file holds, viewed as layers (no reading it back)
             header = {**meta, diffusers_lora.ADAPTER_METADATA_KEY: diffusers_lora.adapter_metadata(configs)}
             layers = lora_layers.from_diffusers(diffusers_lora.pack(components), header, str(path))
-            name = Path(output_dir).name
-            kohya_lora.write_kohya(layers, Path(output_dir) / KOHYA_DIR / f"{name}.safetensors")
+            kohya_lora.write_kohya(layers, kohya_path)
         return path
 
 

@@ -2,6 +2,8 @@
 
 - LoRA: diffusers/peft (`pipe.load_lora_weights`) <-> kohya (`lora_unet_...`, AUTOMATIC1111, ComfyUI). The
   training metadata travels; a kohya file gets the `ss_*` figures derived from it.
+- LoHa, LoKr: peft's layout (`finetune.load_adapter`) <-> LyCORIS's (`lora_unet_....hada_w1_a`, AUTOMATIC1111,
+  ComfyUI), finetune/export/lycoris.py.
 - Textual inversion: diffusers `{token: vectors}` <-> AUTOMATIC1111/kohya `{"emb_params": vectors}` (the file
   name is the prompt word), also from AUTOMATIC1111's pickled `.pt` (read only if it is plain data).
 """
@@ -39,6 +41,11 @@ def convert(source: str | Path, out: str | Path, to: str, base: str | None = Non
     if source.suffix == ".pt":
         return _embedding_from_a1111_pt(source, out, to, token)
     keys = tensor_names(source)  # the header alone tells a LoRA from an embedding
+    from finetune.export import lycoris, peft_adapter
+    from finetune.export.safetensors_io import read_metadata
+
+    if lycoris.is_lycoris(keys) or peft_adapter.is_peft_adapter(read_metadata(source), keys):
+        return _loha_lokr(source, out, to, base)
     if is_kohya(keys) or any(".lora_A." in k or ".lora.down." in k for k in keys):
         return _lora(source, out, to, base)
     if keys == ["emb_params"] or (keys and not any("." in k for k in keys)):
@@ -57,6 +64,31 @@ def _lora(source: Path, out: Path, to: str, base: str | None) -> str:
         lora_layers.write_diffusers(weights, out)
     counts = ", ".join(f"{len(layers)} {component} layers" for component, layers in weights.layers.items())
     return f"LoRA ({weights.format} -> {to}, {counts}): wrote {out}"
+
+
+def _loha_lokr(source: Path, out: Path, to: str, base: str | None) -> str:
+    """LoHa / LoKr between peft's layout (finetune.load_adapter) and LyCORIS's (AUTOMATIC1111, ComfyUI)."""
+    from finetune.export import diffusers_lora, lycoris, peft_adapter
+
+    tensors, metadata = read_tensors(source)
+    if lycoris.is_lycoris(list(tensors)):
+        variant, states, configs = lycoris.from_lycoris(tensors, str(source), _module_names(base))
+        plain = {c: config.to_dict() for c, config in configs.items()}
+        origin = "lycoris"
+    else:
+        variant, states = metadata[peft_adapter.VARIANT_KEY], diffusers_lora.unpack(tensors)
+        plain = {c: config.to_dict() for c, config in peft_adapter.configs_from_metadata(metadata, str(source)).items()}
+        origin = "peft"
+    if variant == "oft":
+        raise LoraFileError(f"{source}: an OFT adapter has no kohya or LyCORIS layout that AUTOMATIC1111 or "
+                            "ComfyUI apply; keep it in finetune's format (finetune.load_adapter reads it)")
+    header = {k: v for k, v in metadata.items() if k not in (peft_adapter.PEFT_CONFIG_KEY, "format")}
+    if to == "kohya":
+        lycoris.write_lycoris(variant, states, plain, out, header)
+    else:
+        peft_adapter.save_peft_adapter(out, states, plain, {**header, peft_adapter.VARIANT_KEY: variant})
+    counts = ", ".join(f"{len({k.rpartition('.')[0] for k in s})} {c} modules" for c, s in states.items())
+    return f"{variant} ({origin} -> {'lycoris' if to == 'kohya' else 'peft'}, {counts}): wrote {out}"
 
 
 def _embedding(tensors: dict, metadata: dict[str, str], source: Path, out: Path, to: str,
