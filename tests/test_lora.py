@@ -12,7 +12,8 @@ from safetensors import safe_open
 import finetune
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
-from finetune.training import diffusion, loop
+from finetune.training import loop
+from finetune.training.step import per_sample_loss
 from tests.conftest import recipe_dict, train_keeping_parts
 
 
@@ -26,7 +27,7 @@ def fixed_loss(family, parts, pixels, captions) -> float:
         timesteps = torch.tensor([100, 300, 500, 700] * (len(captions) // 4 or 1))[: len(captions)]
         noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = family.predict(parts, noisy, timesteps, cond)
-    return diffusion.per_sample_loss(prediction, noise).mean().item()
+    return per_sample_loss(prediction, noise).mean().item()
 
 
 def unet_output(pipe, seed=0) -> np.ndarray:

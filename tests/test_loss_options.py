@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 from finetune.models import ModelLoadError
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
-from finetune.training import diffusion
+from finetune.models.ddpm import DDPMObjective
 from finetune.training.loop import train
 from tests.conftest import recipe_dict
 
@@ -17,11 +17,12 @@ from tests.conftest import recipe_dict
 def test_min_snr_weights_clip_at_gamma():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     timesteps = torch.tensor([0, 999])
-    snr = diffusion.snr(scheduler, timesteps)
+    snr = DDPMObjective(scheduler, "epsilon").snr(timesteps)
     assert snr[0] > 5 and snr[1] < 5  # low noise has high SNR
-    eps = diffusion.min_snr_weights(scheduler, timesteps, 5.0, "epsilon")
+    assert DDPMObjective(scheduler, "epsilon").weights(timesteps) is None  # plain MSE unless asked
+    eps = DDPMObjective(scheduler, "epsilon", min_snr_gamma=5.0).weights(timesteps)
     assert eps[0].item() == pytest.approx(5.0 / snr[0].item()) and eps[1].item() == pytest.approx(1.0)
-    v = diffusion.min_snr_weights(scheduler, timesteps, 5.0, "v_prediction")
+    v = DDPMObjective(scheduler, "v_prediction", min_snr_gamma=5.0).weights(timesteps)
     assert v[1].item() == pytest.approx(snr[1].item() / (snr[1].item() + 1))
 
 
@@ -29,18 +30,34 @@ def test_v_prediction_target_is_the_velocity():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 500])
-    assert torch.equal(diffusion.target(scheduler, latents, noise, t, "epsilon"), noise)
+    assert torch.equal(DDPMObjective(scheduler, "epsilon").target(latents, noise, t), noise)
     alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-    torch.testing.assert_close(diffusion.target(scheduler, latents, noise, t, "v_prediction"),
+    torch.testing.assert_close(DDPMObjective(scheduler, "v_prediction").target(latents, noise, t),
                                alpha * noise - sigma * latents)
+
+
+def test_the_objective_noises_as_ddpm_says_from_the_generator_alone():
+    """Golden values by hand: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, with noise then timesteps drawn from the
+    step's generator in that order (so a resumed run draws the same)."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noised = DDPMObjective(scheduler, "epsilon").noise(latents, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (3,), generator=generator)
+    a = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    assert torch.equal(noised.timesteps, timesteps) and torch.equal(noised.target, noise)
+    torch.testing.assert_close(noised.noisy, a.sqrt() * latents + (1 - a).sqrt() * noise)
 
 
 def test_noise_offset_shifts_each_channel():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     latents = torch.zeros(64, 4, 8, 8)
-    plain, _ = diffusion.noise_and_timesteps(scheduler, latents, torch.Generator().manual_seed(0), 0.0)
-    offset, _ = diffusion.noise_and_timesteps(scheduler, latents, torch.Generator().manual_seed(0), 1.0)
+    # epsilon: the target is the noise itself
+    plain = DDPMObjective(scheduler, "epsilon").noise(latents, torch.Generator().manual_seed(0)).target
+    offset = DDPMObjective(scheduler, "epsilon", noise_offset=1.0).noise(latents,
+                                                                          torch.Generator().manual_seed(0)).target
     channel_means = (offset - plain).mean(dim=(2, 3))
     assert channel_means.std() > 0.5  # a per-(sample, channel) constant was added
 

@@ -36,6 +36,11 @@ class ModelFamily(Protocol):
     def load(self, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
              config: str | None) -> Components: ...
 
+    def objective(self, parts: Components, *, prediction_type: str | None, noise_offset: float,
+                  min_snr_gamma: float | None) -> Any:
+        """How latents are noised and what is regressed: `noise(latents, generator)` -> noisy input, timesteps
+        and target; `weights(timesteps)` -> per-sample loss weights or None (finetune/models/ddpm.py)."""
+
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]: ...
 
     def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...

@@ -8,6 +8,7 @@ import torch
 
 from finetune.models import clip_prompts
 from finetune.models.base import Components, ModelLoadError
+from finetune.models.ddpm import DDPMObjective
 
 
 class StableDiffusion:
@@ -45,6 +46,12 @@ class StableDiffusion:
             noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), source=base,
             extra={"sampling_scheduler": pipe.scheduler},
         )
+
+    def objective(self, parts: Components, *, prediction_type: str | None, noise_offset: float,
+                  min_snr_gamma: float | None) -> DDPMObjective:
+        """DDPM with the base's noise schedule; `prediction_type` None: the scheduler's own (v for SD 2.x 768)."""
+        return DDPMObjective(parts.noise_scheduler, prediction_type or parts.noise_scheduler.config.prediction_type,
+                             noise_offset, min_snr_gamma)
 
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
         """(name, tokenizer, text encoder) pairs; SD has one (SDXL will have clip_l and clip_g)."""

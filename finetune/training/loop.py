@@ -201,8 +201,9 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                        str(output_dir / "logs"))
 
     settings = LossSettings(
-        prediction_type=recipe.model.prediction_type or parts.noise_scheduler.config.prediction_type,
-        noise_offset=t.noise_offset, min_snr_gamma=t.min_snr_gamma, text_encoder_trains=False,
+        objective=family.objective(parts, prediction_type=recipe.model.prediction_type,
+                                   noise_offset=t.noise_offset, min_snr_gamma=t.min_snr_gamma),
+        text_encoder_trains=False,
         prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
         class_prompts=tuple(recipe.prior.class_prompt))
     progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,

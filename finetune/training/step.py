@@ -1,4 +1,5 @@
-"""One micro-step's loss: encode, noise, predict, regress, weight; with the prior-preservation half when asked.
+"""One micro-step's loss: draw (the family's objective noises latents and names the target), predict, weighted
+MSE; with the prior-preservation half when asked. Nothing here knows which objective or family runs.
 
 Random draws happen in a fixed order from the step's generator (instance latents, instance noise, then the
 class half), so the instance half of a step is the same with or without prior preservation; with
@@ -12,50 +13,40 @@ from typing import Any
 import torch
 
 from finetune.models.base import Components, ModelFamily
-from finetune.training import diffusion
 from finetune.training.caches import BatchEncoder
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    prediction_type: str
-    noise_offset: float
-    min_snr_gamma: float | None
+    objective: Any  # the family's objective (finetune/models/ddpm.py): noise(latents, generator), weights(t)
     text_encoder_trains: bool
     prior_mode: str = "none"  # "none", "class_images" or "base_prediction"
     prior_weight: float = 1.0
     class_prompts: tuple[str, ...] = ()
 
 
-@dataclass
-class Noised:
-    latents: torch.Tensor
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-    noisy: torch.Tensor
-
-
-def _noise(scheduler, latents: torch.Tensor, generator: torch.Generator, noise_offset: float) -> Noised:
-    noise, timesteps = diffusion.noise_and_timesteps(scheduler, latents, generator, noise_offset)
-    return Noised(latents, noise, timesteps, scheduler.add_noise(latents, noise, timesteps))
+def per_sample_loss(prediction: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample (over every dimension but the batch's), in fp32."""
+    return torch.nn.functional.mse_loss(prediction.float(), wanted.float(), reduction="none").mean(
+        dim=list(range(1, prediction.ndim)))
 
 
 def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dict[str, Any],
                     class_batch: dict[str, Any] | None, generator: torch.Generator,
                     settings: LossSettings, encoder: BatchEncoder) -> torch.Tensor:
-    scheduler = parts.noise_scheduler
-    instance = _noise(scheduler, encoder.latents(parts, batch, generator), generator, settings.noise_offset)
+    objective = settings.objective
+    instance = objective.noise(encoder.latents(parts, batch, generator), generator)
     captions = strategy.prompts(list(batch["captions"]), generator)
     halves = [instance]
     frozen_target = None
     if settings.prior_mode == "class_images":
         latents = encoder.latents(parts, class_batch, generator)
-        halves.append(_noise(scheduler, latents, generator, settings.noise_offset))
+        halves.append(objective.noise(latents, generator))
         captions += list(class_batch["captions"])
     elif settings.prior_mode == "base_prediction":
         # the instances' own latents, noised afresh and captioned with class prompts: what the frozen base
         # predicts for them is the target, so no class images are needed
-        cls = _noise(scheduler, instance.latents, generator, settings.noise_offset)
+        cls = objective.noise(instance.latents, generator)
         picks = torch.randint(len(settings.class_prompts), (len(captions),), generator=generator).tolist()
         class_captions = [settings.class_prompts[i] for i in picks]
         with torch.no_grad(), strategy.frozen_base(parts) as base:
@@ -69,14 +60,13 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
     noisy = torch.cat([h.noisy for h in halves])
     timesteps = torch.cat([h.timesteps for h in halves])
     prediction = family.predict(parts, noisy, timesteps, conditioning)
-    wanted = [diffusion.target(scheduler, h.latents, h.noise, h.timesteps, settings.prediction_type)
-              for h in halves]
+    wanted = [h.target for h in halves]
     if frozen_target is not None:
         wanted[1] = frozen_target
-    per_sample = diffusion.per_sample_loss(prediction, torch.cat(wanted))
-    if settings.min_snr_gamma is not None:
-        per_sample = per_sample * diffusion.min_snr_weights(scheduler, timesteps, settings.min_snr_gamma,
-                                                            settings.prediction_type)
+    per_sample = per_sample_loss(prediction, torch.cat(wanted))
+    weights = objective.weights(timesteps)
+    if weights is not None:
+        per_sample = per_sample * weights
     n = len(instance.latents)
     loss = strategy.loss(per_sample[:n], batch)
     if len(halves) == 2:

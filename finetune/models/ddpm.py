@@ -1,0 +1,63 @@
+"""The denoising-diffusion (DDPM) objective of the Stable Diffusion families: what a family's `objective` returns,
+and all the training loop knows of noise, timesteps, targets and loss weights.
+
+Latents are noised by the base's own scheduler, `add_noise(x0, noise, t) = sqrt(a_t) x0 + sqrt(1 - a_t) noise`
+with `a_t = alphas_cumprod[t]`, at integer timesteps drawn uniformly from [0, num_train_timesteps); the target is
+the noise (epsilon) or `sqrt(a_t) noise - sqrt(1 - a_t) x0` (v-prediction, Salimans & Ho 2022, the scheduler's
+`get_velocity`); loss weights are Min-SNR-gamma's (Hang et al. 2023) when asked. Random draws come in a fixed order
+(noise, the offset's shift, timesteps), so runs repeat bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Noised:
+    """One half of a batch made ready for the denoiser: its input, the timesteps it is told, and the target."""
+    latents: torch.Tensor  # x0
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DDPMObjective:
+    scheduler: object  # diffusers' DDPMScheduler with the base's noise schedule
+    prediction_type: str  # "epsilon" or "v_prediction"
+    noise_offset: float = 0.0  # a per-channel constant shift (Guttenberg 2023): very dark or bright images
+    min_snr_gamma: float | None = None
+
+    def noise(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
+        """Draw noise and timesteps for `latents` [batch, channels, h, w] from `generator`, on the CPU (so draws
+        are the same on every device), and noise them."""
+        shape, device = latents.shape, latents.device
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
+        noise, timesteps = noise.to(device), timesteps.to(device)
+        return Noised(latents, self.scheduler.add_noise(latents, noise, timesteps), timesteps,
+                      self.target(latents, noise, timesteps))
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        return alphas_cumprod / (1.0 - alphas_cumprod)
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights, or None for plain MSE: Min-SNR-gamma, min(SNR, gamma) / SNR for epsilon
+        and min(SNR, gamma) / (SNR + 1) for v-prediction."""
+        if self.min_snr_gamma is None:
+            return None
+        ratio = self.snr(timesteps)
+        clipped = torch.clamp(ratio, max=self.min_snr_gamma)
+        return clipped / (ratio + 1.0) if self.prediction_type == "v_prediction" else clipped / ratio
