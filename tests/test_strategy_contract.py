@@ -1,0 +1,145 @@
+"""What every strategy promises, checked the same way for each (adding one to CONTRACT covers it):
+- right after `prepare` the model computes exactly what the base does;
+- training changes only the parameters the strategy hands the optimizer (and never the VAE);
+- the loss on fixed data falls;
+- its saved artifact, loaded onto a fresh base (or loaded whole, DreamBooth), computes what the trained model does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.models.stable_diffusion import StableDiffusion
+from finetune.recipe.load import parse_recipe
+from finetune.shapes.demo import tuned_pipeline
+from finetune.strategies import KINDS
+from finetune.training import loop
+from tests.conftest import recipe_dict, reset_accelerate
+from tests.test_lora import fixed_loss
+
+@dataclass(frozen=True)
+class Contract:
+    options: dict
+    prompt: str  # a prompt the strategy's effect shows in
+    learning_rate: float  # moves it in 12 steps
+    base_prompt: str  # what `prompt` must compute like before prepare (textual inversion: its initializer word)
+    base_weights: tuple[str, ...] = ()  # the base's own weights it may change ("component." prefixes or names)
+
+
+CONTRACT = {
+    "lora": Contract({"kind": "lora", "rank": 4, "text_encoder": True}, "a purple sks", 5e-3, "a purple sks"),
+    "dreambooth": Contract({"kind": "dreambooth", "text_encoder": True}, "a purple sks", 1e-4, "a purple sks",
+                           ("unet.", "text_encoder.")),
+    "textual_inversion": Contract(
+        {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x"}, "a purple <sks>",
+        5e-2, "a purple x", ("text_encoder.embeddings.token_embedding.weight",)),
+    "hypernetwork": Contract({"kind": "hypernetwork", "layer_structure": [1, 2, 1]}, "a purple sks", 5e-3,
+                             "a purple sks"),
+}
+
+
+def test_every_strategy_is_under_contract():
+    assert set(CONTRACT) == set(KINDS)
+
+
+def _outputs(family, parts, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text encoding of `prompt` and the denoiser's prediction for fixed latents and timesteps."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, parts.unet.config.in_channels, 8, 8, generator=generator)
+    with torch.no_grad():
+        conditioning = family.encode_prompts(parts, [prompt])
+        return conditioning, family.predict(parts, latents, torch.tensor([500]), conditioning)
+
+
+@pytest.fixture(scope="module", params=list(CONTRACT))
+def run(request, tiny_base, concept_dir, tmp_path_factory):
+    """One short run per strategy, keeping the base as loaded, the strategy, and the model as trained."""
+    from PIL import Image
+
+    contract = CONTRACT[request.param]
+    options, prompt, learning_rate, base_prompt = (contract.options, contract.prompt, contract.learning_rate,
+                                                   contract.base_prompt)
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1)
+                          .permute(2, 0, 1) for p in sorted(concept_dir.glob("*.png"))])
+    family = StableDiffusion()
+    kept: dict = {"reference": family.load(str(tiny_base))}
+    for module in (kept["reference"].unet, kept["reference"].text_encoder):
+        module.eval()
+
+    class Keeping(StableDiffusion):
+        def load(self, *args, **kwargs):
+            kept["parts"] = super().load(*args, **kwargs)
+            return kept["parts"]
+
+    def create(opts):
+        kept["strategy"] = real_create(opts)
+        real_prepare = kept["strategy"].prepare
+
+        def prepare(fam, parts, keep_frozen_base=False):
+            before = _outputs(fam, parts, base_prompt)
+            real_prepare(fam, parts, keep_frozen_base)
+            kept["prepared"] = (before, _outputs(fam, parts, prompt))
+            kept["loss_before"] = fixed_loss(fam, parts, pixels, [prompt] * len(pixels))
+        kept["strategy"].prepare = prepare
+        return kept["strategy"]
+
+    real_create, real_family = loop.create_strategy, loop.family_for
+    loop.create_strategy, loop.family_for = create, (lambda name: Keeping())
+    try:
+        out = tmp_path_factory.mktemp(request.param) / "out"
+        recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=options,
+                                          train={"max_steps": 12, "learning_rate": learning_rate, "batch_size": 4}))
+        kept["artifact"] = loop.train(recipe)
+    finally:
+        loop.create_strategy, loop.family_for = real_create, real_family
+        reset_accelerate()
+    for module in (kept["parts"].unet, kept["parts"].text_encoder):
+        module.eval()
+    kept["loss_after"] = fixed_loss(family, kept["parts"], pixels, [prompt] * len(pixels))
+    kept.update(family=family, prompt=prompt, learning_rate=learning_rate, base=tiny_base, name=request.param)
+    return kept
+
+
+def test_prepare_changes_nothing_the_model_computes(run):
+    (encoding, prediction), (encoding_after, prediction_after) = run["prepared"]
+    torch.testing.assert_close(encoding_after, encoding, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prediction_after, prediction, atol=1e-6, rtol=0)
+
+
+def test_only_what_the_strategy_trains_changes(run):
+    allowed = CONTRACT[run["name"]].base_weights
+    given = {id(p) for group in run["strategy"].parameter_groups(run["learning_rate"]) for p in group["params"]}
+    for component in ("vae", "unet", "text_encoder"):
+        reference = dict(getattr(run["reference"], component).named_parameters())
+        trained = getattr(run["parts"], component)
+        # peft keeps an adapted layer's own weight as `<layer>.base_layer.weight`: compared under its plain name
+        changed = [name for name, p in trained.named_parameters()
+                   if name.replace(".base_layer", "") in reference
+                   and not torch.equal(p.detach().cpu().float(),
+                                       reference[name.replace(".base_layer", "")].detach().float())]
+        compared = [n for n, _ in trained.named_parameters() if n.replace(".base_layer", "") in reference]
+        assert len(compared) == len(reference), (component, "a base weight went uncompared")
+        unintended = [name for name in changed if id(dict(trained.named_parameters())[name]) not in given
+                      or not f"{component}.{name}".startswith(allowed or ("<none>",))]
+        assert unintended == [], (component, unintended[:5])
+
+
+def test_the_loss_falls(run):
+    """On fixed data, noise and timesteps: right after prepare (the base) and after 12 steps."""
+    assert run["loss_after"] < run["loss_before"], (run["name"], run["loss_before"], run["loss_after"])
+
+
+def test_the_saved_artifact_reproduces_the_trained_model(run):
+    trained = run["family"].pipeline(run["parts"])
+    loaded = tuned_pipeline(run["base"], run["artifact"])
+    for pipe in (trained, loaded):
+        pipe.set_progress_bar_config(disable=True)
+    outputs = []
+    for pipe in (trained, loaded):
+        generator = torch.Generator().manual_seed(0)
+        outputs.append(pipe([run["prompt"]], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
+                            generator=generator, output_type="np").images)
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-3 if run["name"] == "dreambooth" else 1e-5)
