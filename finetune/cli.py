@@ -134,12 +134,14 @@ def _env() -> int:
 def _known_errors() -> tuple[type[Exception], ...]:
     from finetune.data import DataError
     from finetune.models import ModelLoadError
+    from finetune.models.detect import UnsupportedFamily
     from finetune.recipe.load import RecipeError
     from finetune.strategies.base import StrategySetupError
     from finetune.training.checkpoint import CheckpointError
     from finetune.training.failures import SaveFailed, TrainingDiverged
 
-    return RecipeError, DataError, ModelLoadError, CheckpointError, StrategySetupError, TrainingDiverged, SaveFailed
+    return (RecipeError, DataError, ModelLoadError, CheckpointError, StrategySetupError, TrainingDiverged, SaveFailed,
+            UnsupportedFamily)
 
 
 def _validate(args) -> int:
@@ -181,7 +183,7 @@ def _caption_lines(recipe, examples) -> list[str]:
     from finetune.models import family_for
     from finetune.strategies import create_strategy
 
-    family = family_for(recipe.model.family)
+    family = family_for(recipe.model.family, recipe.model.base)
     tokenizer = family.tokenizer_of(recipe.model.base)
     if tokenizer is None:
         return ["captions: lengths are checked when the model loads (model.base is not a local folder)"]
@@ -220,8 +222,8 @@ def _sample(args) -> int:
     from pathlib import Path
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    family = family_for("auto")
     try:
+        family = family_for("auto", args.base)
         parts = family.load(args.base, dtype=torch.float16 if device == "cuda" else torch.float32)
         pipe = family.pipeline(parts).to(device)
         if args.adapter:

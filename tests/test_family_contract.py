@@ -60,3 +60,30 @@ def test_the_inference_pipeline_shares_the_parts(family_and_parts):
     assert pipe.unet is parts.unet and pipe.text_encoder is parts.text_encoder
     image = pipe(["a red circle"], num_inference_steps=1, height=32, width=32, output_type="np").images
     assert image.shape[0] == 1 and torch.isfinite(torch.from_numpy(image)).all()
+
+
+def test_a_family_not_trained_here_is_named_before_any_model_loads(tmp_path, capsys):
+    """An SDXL folder (or an SDXL / SD3 / Flux single file) is told from its model_index.json or its keys; today
+    an SDXL folder passed validate and train died inside diffusers with a TypeError."""
+    import json
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from finetune.cli import main
+    from tests.conftest import draw_concept, recipe_dict
+
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    flux = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(flux))
+    images = draw_concept(tmp_path / "images", count=1)
+    for base, name in ((sdxl, "Stable Diffusion XL pipeline (StableDiffusionXLPipeline"), (flux, "Flux.1 checkpoint")):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(recipe_dict(base, images, tmp_path / "out")))
+        for argv in (["validate", str(recipe)], ["train", str(recipe)],
+                     ["sample", "--base", str(base), "--prompt", "x", "--out", str(tmp_path / "x.png")]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert name in err and "finetune trains Stable Diffusion 1.x and 2.x" in err and "Traceback" not in err

@@ -6,8 +6,13 @@ from typing import Any
 _FROM_BASE = ("Components", "ModelFamily", "ModelLoadError")
 
 
-def family_for(name: str) -> Any:
-    # "auto" means Stable Diffusion 1.x/2.x until more families arrive
+def family_for(name: str, base: str | None = None) -> Any:
+    """The family called `name` ("auto": told from `base` where it can be, finetune/models/detect.py; raises
+    UnsupportedFamily, a ValueError naming it, for a base of a family not trained here)."""
+    if name == "auto" and base is not None:
+        from finetune.models.detect import family_of
+
+        name = family_of(base) or "sd"  # a hub id or .ckpt: Stable Diffusion 1.x/2.x, the one family so far
     if name in ("auto", "sd"):
         from finetune.models.stable_diffusion import StableDiffusion
         return StableDiffusion()

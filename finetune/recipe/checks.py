@@ -8,6 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from finetune.models.detect import UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
 from finetune.recipe.schema import Recipe
 
@@ -61,6 +62,10 @@ def _check_model(recipe: Recipe) -> list[str]:
             f"model.base: {m.base} does not exist; give an existing diffusers folder, a single checkpoint file, "
             "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
+    try:
+        family_of(m.base)  # an SDXL or Flux base is named here, not met as a TypeError inside diffusers
+    except UnsupportedFamily as exc:
+        problems.append(str(exc))
     if m.config and looks_like_local_path(m.config) and not os.path.exists(os.path.expanduser(m.config)):
         problems.append(f"model.config: {m.config} does not exist")
     mp = recipe.train.mixed_precision

@@ -24,7 +24,7 @@ def _module_names(base: str | None) -> dict[str, list[str]] | None:
 
     from finetune.models import family_for
 
-    parts = family_for("auto").load(base)
+    parts = family_for("auto", base).load(base)
     return {name: [n for n, m in getattr(parts, name).named_modules() if isinstance(m, (torch.nn.Linear,
                                                                                       torch.nn.Conv2d))]
             for name in ("unet", "text_encoder")}

@@ -46,7 +46,7 @@ def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dt
     for path, _ in adapters:
         if not Path(path).is_file():
             raise LoraFileError(f"--lora: {path}: no such file")
-    family = family_for("auto")
+    family = family_for("auto", base)
     parts = family.load(base)
     pipe = family.pipeline(parts)
     lines = []

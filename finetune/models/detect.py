@@ -1,0 +1,55 @@
+"""Which model family a base is, from what can be read without loading it (no torch): a diffusers folder's
+`model_index.json` (`_class_name`), or a single `.safetensors` checkpoint's key names. A hub id cannot be read
+offline before loading; `model.family` says it then."""
+from __future__ import annotations
+
+import json
+import os
+
+# diffusers pipeline classes -> the family that trains them
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
+            "StableDiffusionInpaintPipeline": "sd"}
+# what people bring that finetune does not train yet, by pipeline class, and by a key only that family's
+# single-file checkpoints hold
+NOT_YET = {"StableDiffusionXLPipeline": "Stable Diffusion XL", "StableDiffusionXLImg2ImgPipeline": "Stable Diffusion XL",
+           "StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux.1", "SanaPipeline": "Sana",
+           "PixArtSigmaPipeline": "PixArt-Sigma", "ZImagePipeline": "Z-Image"}
+SINGLE_FILE_KEYS = (("conditioner.embedders.1.", "Stable Diffusion XL"),
+                    ("model.diffusion_model.joint_blocks.", "Stable Diffusion 3"),
+                    ("double_blocks.", "Flux.1"))
+
+
+class UnsupportedFamily(ValueError):
+    """The base is a model family finetune does not train (yet); the message names it and what is supported."""
+
+
+def family_of(base: str) -> str | None:
+    """"sd" for a base known to be Stable Diffusion 1.x/2.x, None when it cannot be told before loading (a hub id,
+    a .ckpt); raises UnsupportedFamily naming the family of a base finetune cannot train."""
+    path = os.path.expanduser(base)
+    index = os.path.join(path, "model_index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as handle:
+                name = json.load(handle).get("_class_name", "")
+        except (OSError, ValueError):
+            return None
+        if name in NOT_YET:
+            _refuse(base, f"a {NOT_YET[name]} pipeline ({name} in model_index.json)")
+        return FAMILIES.get(name)
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            keys = list(handle.keys())
+        for prefix, family in SINGLE_FILE_KEYS:
+            if any(k.startswith(prefix) for k in keys):
+                _refuse(base, f"a {family} checkpoint (its keys start {prefix}...)")
+        return "sd" if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys) else None
+    return None
+
+
+def _refuse(base: str, what: str) -> None:
+    raise UnsupportedFamily(f"model.base: {base} is {what}; finetune trains Stable Diffusion 1.x and 2.x "
+                            "(model.family: sd) today, and SDXL, SD3.5, Flux.1 and Z-Image are being added. "
+                            "Point model.base at an SD 1.x/2.x model")
