@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import finetune
 from finetune.cli import main
+from finetune.export.diffusers_lora import unpack as by_stem  # `stem.role` keys split at the first dot
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
 from tests.conftest import images, pipeline, recipe_dict
@@ -56,14 +57,6 @@ def trained(request, tiny_base, concept_dir, tmp_path_factory):
     peft_file = train(parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=strategy,
                                                train={"max_steps": 3, "learning_rate": 1e-2})))
     return {"case": request.param, "peft": peft_file, "lycoris": out / "kohya" / "out.safetensors"}
-
-
-def by_stem(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        stem, _, role = key.partition(".")
-        grouped.setdefault(stem, {})[role] = value
-    return grouped
 
 
 def test_every_key_is_one_the_readers_apply(trained, tiny_base):
