@@ -13,7 +13,10 @@ EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from finetune import __version__
+
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
     # every command takes them after its name (the tools in tools/commands.py too, through add_parser)
     talk = argparse.ArgumentParser(add_help=False)
     talk.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
@@ -150,7 +153,7 @@ def _validate(args) -> int:
 
     from finetune.data import BatchOrder
     from finetune.data.buckets import format_report
-    from finetune.data.prepare import prepare_data
+    from finetune.data.prepare import prepare_data, trained_examples
     from finetune.recipe.load import load_recipe
     from finetune.training.summary import data_lines, images_per_folder, length_line
 
@@ -163,9 +166,10 @@ def _validate(args) -> int:
                            example_repeats=[e.repeats for e in examples])
     except _known_errors() as exc:
         raise KnownProblem(str(exc)) from None
-    print("\n".join(data_lines(images_per_folder(examples, d.repeats)) + _caption_lines(recipe, examples)))
-    if prepared.bucket_report is not None:
+    if prepared.bucket_report is not None:  # first, as training prints it
         print(format_report(prepared.bucket_report))
+    print("\n".join(data_lines(images_per_folder(trained_examples(prepared), d.repeats))
+                    + _caption_lines(recipe, examples) + _output_dir_lines(recipe)))
     print(length_line(t.max_steps, t.batch_size, 1, t.gradient_accumulation_steps, order.batches_per_epoch)
           + " (on 1 process; N processes multiply the batch)")
     print(f"base: {recipe.model.base}\noutput: {Path(recipe.output_dir).resolve()}")
@@ -173,6 +177,22 @@ def _validate(args) -> int:
           + ("decoded" if args.decode else "checked by their headers; --decode decodes each as training does")
           + ")")
     return 0
+
+
+def _output_dir_lines(recipe) -> list[str]:
+    """What `finetune train` will say of output_dir (refuse it without --resume latest or --overwrite)."""
+    from pathlib import Path
+
+    from finetune.strategies import create_strategy
+    from finetune.training.resume import OutputDirInUse, check_output_dir, resume_command
+
+    output_dir = Path(recipe.output_dir)
+    try:
+        check_output_dir(output_dir, output_dir / create_strategy(recipe.strategy).artifact_name, None, False,
+                         resume_command(recipe.source, recipe.overrides))
+    except OutputDirInUse as exc:
+        return [f"note: `finetune train` as it stands will stop: {exc}"]
+    return []
 
 
 def _caption_lines(recipe, examples) -> list[str]:

@@ -295,9 +295,9 @@ CATALOGUE = [
              "Names each setting that differs, with both values", _resume_another_recipe,
              ("different recipe", "strategy.rank: 4 in the checkpoint's run, 8 now", "start a new output_dir")),
     BadInput("output-dir-holds-a-run", "A new run in an `output_dir` that holds a finished artifact or checkpoints",
-             "Refuses before any model loads, changing nothing; offers `--resume latest`, a new `output_dir` or "
-             "`--overwrite`", _second_run_in_a_finished_output_dir,
-             ("already holds a finished artifact", "--resume latest", "output_dir=PATH", "--overwrite")),
+             "Refuses before any model loads, changing nothing; offers a new `output_dir`, `--overwrite`, and "
+             "`--resume latest` for a run that has not finished", _second_run_in_a_finished_output_dir,
+             ("already holds a finished artifact", "output_dir=PATH", "--overwrite")),
     BadInput("resume-a-finished-run", "`--resume latest` where the run finished and no checkpoint is left",
              "Says there is nothing to resume; a new `output_dir`, or `--overwrite` to train again",
              _resume_a_finished_run, ("nothing to resume", "no checkpoint", "--overwrite")),

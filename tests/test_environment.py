@@ -88,3 +88,9 @@ def test_train_and_validate_stop_before_any_model_loads(command, monkeypatch, tm
     assert "transformers 5.10.4 with peft 0.18.1" in err and "pip install 'peft>=0.20'" in err
     assert "constraints.txt" in err and "finetune env" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"finetune {__import__('finetune').__version__}"

@@ -50,7 +50,8 @@ def test_ctrl_c_prints_a_command_that_resumes_this_very_run(tiny_base, concept_d
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2
     assert "already holds a finished artifact" in err and "--overwrite" in err and "output_dir=PATH" in err
-    assert "--resume latest" in err  # its checkpoint from the Ctrl-C is still there: continuing is offered
+    # its checkpoint from the Ctrl-C is still there, but the run finished: continuing it is not offered
+    assert "--resume latest" not in err
     assert "Loading pipeline components" not in err  # refused before any model loaded
     assert (out / ARTIFACT).read_bytes() == finished
 
@@ -115,3 +116,18 @@ def test_resume_command_quotes_what_the_shell_would_split():
     command = resume_command("my recipes/lora.yaml", ["output_dir=out/run 1", "sample.prompts=[a sks, a red sks]"])
     assert shlex.split(command) == ["finetune", "train", "my recipes/lora.yaml", "output_dir=out/run 1",
                                     "sample.prompts=[a sks, a red sks]", "--resume", "latest"]
+
+
+def test_validate_says_what_train_will_say_of_a_used_output_dir(tiny_base, concept_dir, tmp_path, capsys):
+    import yaml
+
+    from finetune.cli import main
+
+    data = recipe_dict(tiny_base, concept_dir, tmp_path / "out", train={"max_steps": 1})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 0 and "note:" not in capsys.readouterr().out
+    train(parse_recipe(data))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 0  # the recipe is fine; the run needs a flag
+    assert "note: `finetune train` as it stands will stop: output_dir" in capsys.readouterr().out

@@ -49,3 +49,24 @@ def test_every_file_written_is_listed_with_what_reads_it(strategy, tiny_base, co
             assert "read by " in what, (path, what)  # which program or loader reads it
     if strategy.get("formats") == ["diffusers", "kohya"]:
         assert any("kohya format" in w and "AUTOMATIC1111" in w for w in paths.values())
+
+
+def test_textual_inversion_counts_its_new_vectors_not_the_whole_table(tiny_base, concept_dir, tmp_path, capsys):
+    strategy = {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x",
+                "num_vectors": 2}
+    train(parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out", strategy=strategy,
+                                   train={"max_steps": 1})))
+    assert "trains: 64 parameters (0.2 KB)" in capsys.readouterr().out  # 2 vectors of the encoder's 32
+
+
+def test_only_the_images_that_train_are_counted(tiny_base, tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, size in enumerate([(32, 32), (32, 32), (64, 16)]):  # the wide one's bucket holds less than a batch
+        Image.new("RGB", size, "red").save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a red block")
+    train(parse_recipe(recipe_dict(tiny_base, images, tmp_path / "out", data={"bucketing": True},
+                                   train={"max_steps": 1, "batch_size": 2})))
+    assert "data: 2 image(s), 2 samples per epoch" in capsys.readouterr().out

@@ -54,6 +54,13 @@ def prepare_data(d: DataOptions, global_batch: int, decode: bool = True) -> Prep
     return prepared
 
 
+def trained_examples(prepared: PreparedData) -> list[Example]:
+    """The examples that train: all, or those a bucket plan kept (the others are never drawn)."""
+    if prepared.groups is None:
+        return prepared.examples
+    return [prepared.examples[i] for i in sorted(i for group in prepared.groups for i in group)]
+
+
 def _sized(examples: list[Example], d: DataOptions, global_batch: int) -> PreparedData:
     sizes, groups, report = training_sizes(
         [e.name for e in examples], [e.size for e in examples], d.resolution, d.bucketing or bool(d.buckets),

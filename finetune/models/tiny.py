@@ -80,4 +80,7 @@ if __name__ == "__main__":
     parser.add_argument("folder", nargs="?", default="outputs/tiny-sd", help="where to write it (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     args = parser.parse_args()
+    from finetune import console
+
+    console.configure()  # the libraries' warnings that do not apply stay out of the way, as in the CLI
     print(f"wrote {save_tiny_pipeline(args.folder, args.seed)}")

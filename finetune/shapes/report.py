@@ -66,5 +66,6 @@ def write_markdown(path: Path, report: dict) -> Path:
                      f"artifact `{run['artifact']}`")
     lines += ["", "Targets: " + "; ".join(
         f"{s} on {k}: " + ", ".join(f"{m} {op} {b:g}" for m, (op, b) in rules.items())
-        for (s, k), rules in TARGETS.items()), ""]
+        for (s, k), rules in TARGETS.items()
+        if any((run["strategy"], run["concept_kind"]) == (s, k) for run in report["runs"])), ""]
     return write_text_atomically(path, "\n".join(lines))

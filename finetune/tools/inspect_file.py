@@ -46,8 +46,9 @@ def _kind(keys: list[str], metadata: dict[str, str]) -> str:
 # what reads each kind of file (by the start of its kind), for `inspect` and the end-of-run list
 READ_BY = {
     "LoRA (diffusers/peft format)": "diffusers' pipe.load_lora_weights, finetune.load_adapter",
-    "LoRA (kohya format": "AUTOMATIC1111 and Forge (models/Lora), ComfyUI's LoRA loader, kohya's scripts",
-    "LyCORIS": "AUTOMATIC1111 and Forge (models/Lora), ComfyUI",
+    "LoRA (kohya format": "AUTOMATIC1111 and Forge (models/Lora), ComfyUI's LoRA loader, kohya's scripts, "
+                          "finetune.load_adapter",
+    "LyCORIS": "AUTOMATIC1111 and Forge (models/Lora), ComfyUI, finetune.load_adapter",
     **{f"{variant} adapter": "finetune.load_adapter (diffusers has no loader for it)"
        for variant in ("loha", "lokr", "oft")},
     "hypernetwork (finetune format)": "finetune.load_adapter (diffusers has no hypernetwork loader)",
@@ -67,7 +68,8 @@ def read_by(kind: str) -> str | None:
 def _family_from_width(width: int | None) -> str | None:
     if width is None:
         return None
-    return FAMILIES.get(width, f"unknown (cross-attention width {width}; 32 is the shapes world's tiny base)")
+    return FAMILIES.get(width, f"unknown (cross-attention width {width}: no Stable Diffusion release; the shapes world's "
+                                    "base is 64 wide, finetune's test models 32)")
 
 
 def _cross_attention_width(shapes: dict[str, list[int]]) -> int | None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from finetune.console import ensure_configured, quiet
 from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
-from finetune.data.prepare import prepare_data
+from finetune.data.prepare import prepare_data, trained_examples
 from finetune.data.sources import data_name, tag_frequency
 from finetune.data.buckets import format_report, write_report
 from finetune.data.captions import caption_report
@@ -170,9 +170,9 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     params = [p for group in groups for p in group["params"]]
     base_dtype = str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix("torch.")
     say("\n".join(plan_lines(Plan(
-        images_per_folder=images_per_folder(examples, d.repeats), max_steps=t.max_steps,
+        images_per_folder=images_per_folder(trained_examples(prepared), d.repeats), max_steps=t.max_steps,
         batch_size=t.batch_size, processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
-        batches_per_epoch=order.batches_per_epoch, trainable=params, device=str(accelerator.device),
+        batches_per_epoch=order.batches_per_epoch, trainable=strategy.state_dict(), device=str(accelerator.device),
         precision=f"mixed precision {t.mixed_precision}, frozen base in {base_dtype}", base=recipe.model.base,
         output_dir=output_dir))))
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,

@@ -66,9 +66,11 @@ def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overw
         raise OutputDirInUse(
             f"--resume latest: nothing to resume in {output_dir}: it holds {held[0]} and no checkpoint. To train "
             "again, pick a new output_dir (output_dir=PATH on the command line), or add --overwrite to replace it")
-    ways = [f"continue that run: {command}"] if newest is not None else []
+    # a finished run's checkpoints are not offered: resuming one would retrain its last steps over the artifact
+    ways = [f"continue that run: {command}"] if newest is not None and not finished else []
+    removed = "its checkpoints are removed now, its artifact" if newest is not None else "its artifact is replaced"
     ways += ["keep it and train anew: a new output_dir (add output_dir=PATH to the command)",
-             "replace it: add --overwrite (its checkpoints are removed now, its artifact when this run saves)"]
+             f"replace it: add --overwrite ({removed} when this run saves)"]
     raise OutputDirInUse(f"output_dir {output_dir} already holds {' and '.join(held)}; nothing was changed. To "
                          + "; to ".join(ways))
 

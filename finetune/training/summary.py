@@ -24,7 +24,7 @@ class Plan:
     processes: int
     accumulation: int
     batches_per_epoch: int  # micro-batches each process takes per epoch
-    trainable: list[torch.nn.Parameter]
+    trainable: dict[str, torch.Tensor]  # the strategy's state: what trains (textual inversion: its new rows)
     device: str
     precision: str  # mixed precision and the frozen base's dtype
     base: str  # the base model: an absolute path, or a hub id
@@ -61,8 +61,8 @@ def length_line(max_steps: int, batch_size: int, processes: int, accumulation: i
 
 def plan_lines(plan: Plan) -> list[str]:
     """The summary printed before the first step: data, length, batch, what trains, where, and where files go."""
-    count = sum(p.numel() for p in plan.trainable)
-    size = sum(p.numel() * p.element_size() for p in plan.trainable)
+    count = sum(t.numel() for t in plan.trainable.values())
+    size = sum(t.numel() * t.element_size() for t in plan.trainable.values())
     shown = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.1f} KB"
     return [*data_lines(plan.images_per_folder),
             length_line(plan.max_steps, plan.batch_size, plan.processes, plan.accumulation, plan.batches_per_epoch),
