@@ -148,72 +148,14 @@ def _known_errors() -> tuple[type[Exception], ...]:
 
 
 def _validate(args) -> int:
-    """Every check that needs no model, the data included: the same data summary training prints."""
-    from pathlib import Path
-
-    from finetune.data import BatchOrder
-    from finetune.data.buckets import format_report
-    from finetune.data.prepare import prepare_data, trained_examples
-    from finetune.recipe.load import load_recipe
-    from finetune.training.summary import data_lines, images_per_folder, length_line
+    from finetune.tools.validate import validate
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        t, d = recipe.train, recipe.data
-        prepared = prepare_data(d, t.batch_size, decode=args.decode)
-        examples = prepared.examples
-        order = BatchOrder(len(examples), d.repeats, t.batch_size, 1, 0, t.seed, groups=prepared.groups,
-                           example_repeats=[e.repeats for e in examples])
+        lines = validate(args.recipe, args.overrides, decode=args.decode)
     except _known_errors() as exc:
         raise KnownProblem(str(exc)) from None
-    if prepared.bucket_report is not None:  # first, as training prints it
-        print(format_report(prepared.bucket_report))
-    print("\n".join(data_lines(images_per_folder(trained_examples(prepared), d.repeats))
-                    + _caption_lines(recipe, examples) + _output_dir_lines(recipe)))
-    print(length_line(t.max_steps, t.batch_size, 1, t.gradient_accumulation_steps, order.batches_per_epoch)
-          + " (on 1 process; N processes multiply the batch)")
-    print(f"base: {recipe.model.base}\noutput: {Path(recipe.output_dir).resolve()}")
-    print(f"{args.recipe}: ok ({recipe.strategy.kind} on {recipe.model.base}, {t.max_steps} steps; images "
-          + ("decoded" if args.decode else "checked by their headers; --decode decodes each as training does")
-          + ")")
+    print("\n".join(lines))
     return 0
-
-
-def _output_dir_lines(recipe) -> list[str]:
-    """What `finetune train` will say of output_dir (refuse it without --resume latest or --overwrite)."""
-    from pathlib import Path
-
-    from finetune.strategies import create_strategy
-    from finetune.training.resume import OutputDirInUse, check_output_dir, resume_command
-
-    output_dir = Path(recipe.output_dir)
-    try:
-        check_output_dir(output_dir, output_dir / create_strategy(recipe.strategy).artifact_name, None, False,
-                         resume_command(recipe.source, recipe.overrides))
-    except OutputDirInUse as exc:
-        return [f"note: `finetune train` as it stands will stop: {exc}"]
-    return []
-
-
-def _caption_lines(recipe, examples) -> list[str]:
-    """Caption lengths against the window, from the base's tokenizer alone (a local pipeline folder)."""
-    import torch
-
-    from finetune.data.captions import caption_report
-    from finetune.models import family_for
-    from finetune.strategies import create_strategy
-
-    family = family_for(recipe.model.family, recipe.model.base)
-    tokenizer = family.tokenizer_of(recipe.model.base)
-    if tokenizer is None:
-        return ["captions: lengths are checked when the model loads (model.base is not a local folder)"]
-    strategy = create_strategy(recipe.strategy)
-    try:
-        return caption_report(tokenizer, strategy.prompts([e.caption for e in examples], torch.Generator()),
-                              [e.name for e in examples],
-                              family.caption_window(tokenizer, recipe.data.max_token_length), strategy.kept_words())
-    except _known_errors() as exc:
-        raise KnownProblem(str(exc)) from None
 
 
 def _train(args) -> int:

@@ -142,7 +142,7 @@ def train_keeping_parts(recipe):
             return kept["parts"]
 
     original = loop.family_for
-    loop.family_for = lambda name: KeepParts()
+    loop.family_for = lambda name, base=None: KeepParts()
     try:
         artifact = loop.train(recipe)
     finally:

@@ -87,7 +87,7 @@ def run(request, tiny_base, concept_dir, tmp_path_factory):
         return kept["strategy"]
 
     real_create, real_family = loop.create_strategy, loop.family_for
-    loop.create_strategy, loop.family_for = create, (lambda name: Keeping())
+    loop.create_strategy, loop.family_for = create, (lambda name, base=None: Keeping())
     try:
         out = tmp_path_factory.mktemp(request.param) / "out"
         recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=options,
