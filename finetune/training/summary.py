@@ -80,11 +80,12 @@ def written_lines(output_dir: Path, since: float) -> list[str]:
     lines = []
     for path in sorted(output_dir.rglob("*")):
         relative = path.relative_to(output_dir).parts
-        if path.name.startswith(".") or not _written_since(path, since):
+        if path.name.startswith(".") or (relative[0] in RUN_FOLDERS and len(relative) > 1):
+            continue  # hidden, or inside a run folder (listed once, as a whole)
+        if not _written_since(path, since):
             continue
         if relative[0] in RUN_FOLDERS:
-            if len(relative) == 1:
-                lines.append(f"  {path}/: {RUN_FOLDERS[relative[0]]}")
+            lines.append(f"  {path}/: {RUN_FOLDERS[relative[0]]}")
             continue
         if path.is_dir() and not (path / "model_index.json").is_file():
             continue  # a plain folder (kohya/, a1111/): its files are listed
