@@ -178,3 +178,13 @@ def test_a_path_is_relative_to_where_it_was_written(tiny_base, concept_dir, tmp_
     (elsewhere / "some-owner" / "some-model").symlink_to(tiny_base)
     assert load_recipe(recipes / "r.yaml", ["model.base=some-owner/some-model"]).model.base == str(
         elsewhere / "some-owner" / "some-model")
+
+
+@pytest.mark.parametrize("override, expected", [("train.mixed_precision=no", "no"), ("cache.text=off", "off"),
+                                                ("cache.text=on", "on")])
+def test_yaml_booleans_spell_the_choices_they_look_like(tiny_base, concept_dir, tmp_path, override, expected):
+    """`mixed_precision=no` on the command line (or `no` unquoted in a file) is YAML's false: it means "no"."""
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_base, concept_dir, tmp_path / "out")))
+    recipe = load_recipe(tmp_path / "r.yaml", [override])
+    section, key = override.split("=")[0].split(".")
+    assert getattr(getattr(recipe, section), key) == expected

@@ -61,8 +61,11 @@ def convert(hint: Any, raw: Any, path: str, errors: list[str]) -> tuple[bool, An
         inner = [a for a in args if a is not _NONE]
         return convert(inner[0] if len(inner) == 1 else Union[tuple(inner)], raw, path, errors)
     if origin is Literal:
-        if isinstance(raw, bool) and ("on" if raw else "off") in args:
-            return True, "on" if raw else "off"  # YAML reads a bare on/off as true/false
+        if isinstance(raw, bool):
+            # YAML 1.1 reads a bare no/off/false (yes/on/true) as a boolean: take the choice it was spelled as
+            spelled = [word for word in (("yes", "on", "true") if raw else ("no", "off", "false")) if word in args]
+            if spelled:
+                return True, spelled[0]
         if raw in args:
             return True, raw
         choices = ", ".join(repr(a) for a in args)
