@@ -34,7 +34,7 @@ class ModelFamily(Protocol):
     text_encoder_lora_targets: tuple[str, ...]
 
     def load(self, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
-             config: str | None) -> Components: ...
+             config: str | None, vae: str | None = None) -> Components: ...
 
     def objective(self, parts: Components, *, prediction_type: str | None, noise_offset: float,
                   min_snr_gamma: float | None) -> Any:

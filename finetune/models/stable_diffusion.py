@@ -21,7 +21,9 @@ class StableDiffusion:
     text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
 
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
-             dtype: torch.dtype = torch.float32, config: str | None = None) -> Components:
+             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None) -> Components:
+        """The frozen base from a hub id, a diffusers folder or a single checkpoint; `vae` replaces its VAE (a
+        folder holding one, a pipeline folder, a single file, or a hub id), e.g. a fine-tuned or fp16-safe one."""
         from diffusers import DDPMScheduler, StableDiffusionPipeline
 
         path = os.path.expanduser(base)
@@ -38,6 +40,11 @@ class StableDiffusion:
             raise
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelLoadError(_explain_load_failure(base, exc)) from exc
+        if vae is not None:
+            try:
+                pipe.vae = load_vae(vae, dtype)
+            except (OSError, ValueError, EnvironmentError) as exc:
+                raise ModelLoadError(_explain_load_failure(vae, exc, key="model.vae")) from exc
         for module in (pipe.vae, pipe.text_encoder, pipe.unet):
             module.requires_grad_(False)
             module.eval()
@@ -118,6 +125,19 @@ class StableDiffusion:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def load_vae(source: str, dtype: torch.dtype) -> Any:
+    """An AutoencoderKL from a folder holding one (config.json), a pipeline folder (its vae/), a single file, or
+    a hub id."""
+    from diffusers import AutoencoderKL
+
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):
+        refuse_unsafe_pickle(path)
+        return AutoencoderKL.from_single_file(path, torch_dtype=dtype)
+    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
+    return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+
+
 def _unwrapped(module: Any) -> Any:
     return getattr(module, "module", module)
 
@@ -138,12 +158,12 @@ def refuse_unsafe_pickle(path: str) -> None:
         ) from None
 
 
-def _explain_load_failure(base: str, exc: Exception) -> str:
+def _explain_load_failure(base: str, exc: Exception, key: str = "model.base") -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    text = f"could not load model.base {base!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    text = f"could not load {key} {base!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if not os.path.exists(os.path.expanduser(base)):
         why = "HF_HUB_OFFLINE is set" if offline else "the hub may be unreachable from this machine"
         text += (f"\n  {base!r} is not a local path, so it was looked up on the Hugging Face hub and {why}. "
                  f"Download it where there is network (`huggingface-cli download {base} --local-dir DIR`) "
-                 "and set model.base to that folder.")
+                 f"and set {key} to that folder.")
     return text

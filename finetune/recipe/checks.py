@@ -66,6 +66,9 @@ def _check_model(recipe: Recipe) -> list[str]:
         family_of(m.base)  # an SDXL or Flux base is named here, not met as a TypeError inside diffusers
     except UnsupportedFamily as exc:
         problems.append(str(exc))
+    if m.vae and looks_like_local_path(m.vae) and not os.path.exists(os.path.expanduser(m.vae)):
+        problems.append(f"model.vae: {m.vae} does not exist; give a folder holding a VAE (its config.json), a "
+                        "pipeline folder, a single .safetensors file, or a hub id such as stabilityai/sd-vae-ft-mse")
     if m.config and looks_like_local_path(m.config) and not os.path.exists(os.path.expanduser(m.config)):
         problems.append(f"model.config: {m.config} does not exist")
     mp = recipe.train.mixed_precision

@@ -19,9 +19,9 @@ from finetune.recipe.checks import looks_like_local_path
 from finetune.recipe.schema import Recipe
 
 # (section, key) of the recipe's own path keys; a strategy marks its own with field metadata {"path": True}
-PATH_KEYS = (("model", "base"), ("model", "config"), ("data", "images"), ("data", "dataset"), ("", "output_dir"),
-             ("prior", "class_data_dir"), ("cache", "dir"))
-MAY_BE_HUB_IDS = {("model", "base"), ("data", "dataset")}
+PATH_KEYS = (("model", "base"), ("model", "config"), ("model", "vae"), ("data", "images"), ("data", "dataset"),
+             ("", "output_dir"), ("prior", "class_data_dir"), ("cache", "dir"))
+MAY_BE_HUB_IDS = {("model", "base"), ("model", "vae"), ("data", "dataset")}
 
 
 def resolve_paths(recipe: Recipe, recipe_dir: Path, command_line_keys: set[str]) -> None:

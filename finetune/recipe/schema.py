@@ -32,6 +32,9 @@ class ModelOptions:
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     # for a single-file checkpoint: a diffusers folder or hub id holding the matching configs
     config: Optional[str] = None
+    # another VAE instead of the base's: a folder holding one, a pipeline folder (its vae/), a single file or a
+    # hub id (e.g. stabilityai/sd-vae-ft-mse)
+    vae: Optional[str] = None
 
 
 @dataclass

@@ -130,7 +130,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
 
     family = family_for(recipe.model.family, recipe.model.base)
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
-                        dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config)
+                        dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config,
+                        vae=recipe.model.vae)
     for module in (parts.vae, parts.text_encoder, parts.unet):
         module.to(accelerator.device)
     parts.max_token_length = d.max_token_length
