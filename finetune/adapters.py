@@ -5,11 +5,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from safetensors import safe_open
 
 from finetune.export import hypernetwork as hypernetwork_files
 from finetune.export import lora_layers, lycoris, peft_adapter
+from finetune.export.kohya_lora import module_paths
 from finetune.export.mismatch import another_base_error
 from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import read_metadata
@@ -99,19 +99,12 @@ def _load_lora(pipe: Any, path: str, scale: float, name: str) -> str:
     convention), and put in through peft. diffusers' load_lora_weights applies one alpha per file to kohya files."""
     from peft import LoraConfig
 
-    modules = _module_names(pipe)
+    modules = module_paths(pipe)
     weights = lora_layers.read_lora(path, modules)
     layers = {c: _as_named_here(per, set(modules.get(c, ()))) for c, per in weights.layers.items()}
     configs = {c: LoraConfig(**lora_layers.peft_config(per, weights.uses_dora)) for c, per in layers.items()}
     states = {c: lora_layers.peft_state_dict(per) for c, per in layers.items()}
     return peft_adapter.load_components(pipe, configs, states, name, scale, path)
-
-
-def _module_names(pipe: Any) -> dict[str, list[str]]:
-    """The pipeline's adaptable module paths per component: kohya's underscored names are matched against them."""
-    linear = (torch.nn.Linear, torch.nn.Conv2d)
-    return {c: [n for n, m in getattr(pipe, c).named_modules() if isinstance(m, linear)]
-            for c in ("unet", "text_encoder") if getattr(pipe, c, None) is not None}
 
 
 def _as_named_here(layers: dict, names: set[str]) -> dict:
@@ -128,7 +121,7 @@ def _load_lycoris(pipe: Any, path: str, scale: float, name: str) -> str:
     ComfyUI give each module."""
     from safetensors.torch import load_file
 
-    _, states, configs = lycoris.from_lycoris(load_file(path), path, _module_names(pipe))
+    _, states, configs = lycoris.from_lycoris(load_file(path), path, module_paths(pipe))
     return peft_adapter.load_components(pipe, configs, states, name, scale, path)
 
 

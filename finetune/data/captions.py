@@ -18,8 +18,8 @@ def caption_report(tokenizer: Any, texts: list[str], names: list[str], window: i
         tokenizer.add_tokens(list(kept_words))
     kept_ids = set(tokenizer.convert_tokens_to_ids(list(kept_words)))
     lost, long = [], []
-    for name, ids in zip(names, tokenizer(texts, add_special_tokens=False, truncation=False,
-                                                       verbose=False).input_ids):
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    for name, ids in zip(names, encoded):
         if len(ids) > window:
             long.append((name, len(ids) - window))
             cut = [position for position, token in enumerate(ids) if token in kept_ids and position >= window]

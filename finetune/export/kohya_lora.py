@@ -86,6 +86,14 @@ def parse_module_path(underscored: str) -> str:
     return ".".join(parts)
 
 
+def module_paths(holder, components=("unet", "text_encoder")) -> dict[str, list[str]]:
+    """The Linear and Conv2d module paths of each of `holder`'s components (a pipeline or Components) that it
+    has: what kohya's underscored names are matched against."""
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    return {c: [n for n, m in getattr(holder, c).named_modules() if isinstance(m, layers)]
+            for c in components if getattr(holder, c, None) is not None}
+
+
 def name_resolver(component: str, names: list[str] | None):
     """underscored kohya name -> module path: looked up among `names` (the model's), or parsed without them."""
     if names is None:

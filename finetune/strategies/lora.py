@@ -196,10 +196,8 @@ def initial_layers(path: str, parts: Components, text_encoder: bool) -> lora_lay
     not fit the model or the recipe."""
     from finetune.strategies.base import StrategySetupError
 
-    names = {c: [n for n, m in getattr(parts, c).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-             for c in ("unet", "text_encoder")}
     try:
-        start = lora_layers.read_lora(path, names)
+        start = lora_layers.read_lora(path, kohya_lora.module_paths(parts))
     except lora_layers.LoraFileError as exc:
         raise StrategySetupError(f"strategy.initial_weights: {exc}") from None
     if start.uses_dora:

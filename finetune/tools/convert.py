@@ -20,14 +20,10 @@ def _module_names(base: str | None) -> dict[str, list[str]] | None:
     """The base model's module paths, to resolve kohya's underscored names exactly (None: parse them)."""
     if base is None:
         return None
-    import torch
-
+    from finetune.export.kohya_lora import module_paths
     from finetune.models import family_for
 
-    parts = family_for("auto", base).load(base)
-    return {name: [n for n, m in getattr(parts, name).named_modules() if isinstance(m, (torch.nn.Linear,
-                                                                                      torch.nn.Conv2d))]
-            for name in ("unet", "text_encoder")}
+    return module_paths(family_for("auto", base).load(base))
 
 
 def convert(source: str | Path, out: str | Path, to: str, base: str | None = None,
