@@ -14,6 +14,7 @@ from finetune.export.mismatch import another_base_error
 from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import read_metadata
 from finetune.export.textual_inversion import A1111_KEY, embedding_from_a1111
+from finetune.models.base import adaptable_modules, denoiser_of
 from finetune.networks import hypernetwork as hypernetworks
 from finetune.networks import peft_layers
 
@@ -164,7 +165,7 @@ register("a1111_embedding", lambda metadata, keys: keys == [A1111_KEY], _load_a1
 def _attach_hypernetwork(pipe: Any, network: Any, scale: float, name: str) -> str:
     network.set_strength(scale)
     network.eval()
-    hypernetworks.attach(pipe.unet, network, name)
+    hypernetworks.attach(denoiser_of(pipe), network, name)
     return name
 
 
@@ -176,14 +177,15 @@ def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
     """Remove a loaded hypernetwork or LoRA (LoHa, LoKr, OFT too) by the name `load_adapter` returned (None:
     every hypernetwork); the pipeline then predicts as before. Returns what was removed.
     (Embeddings: diffusers' `pipe.unload_textual_inversion()`.)"""
-    if name is None or name in hypernetworks.loaded(pipe.unet):
-        return hypernetworks.detach(pipe.unet, name)
-    holders = [m for m in (getattr(pipe, c, None) for c in ("unet", "text_encoder"))
-               if m is not None and name in peft_layers.adapter_names(m)]
+    denoiser = denoiser_of(pipe)
+    if name is None or name in hypernetworks.loaded(denoiser):
+        return hypernetworks.detach(denoiser, name)
+    modules = adaptable_modules(pipe).values()
+    holders = [m for m in modules if name in peft_layers.adapter_names(m)]
     if not holders:
-        loras = sorted({n for c in ("unet", "text_encoder") for n in peft_layers.adapter_names(getattr(pipe, c))})
+        loras = sorted({n for m in modules for n in peft_layers.adapter_names(m)})
         raise ValueError(f"no adapter named {name!r} is loaded (hypernetworks: "
-                         f"{list(hypernetworks.loaded(pipe.unet))}, LoRAs: {loras})")
+                         f"{list(hypernetworks.loaded(denoiser))}, LoRAs: {loras})")
     for module in holders:
         peft_layers.remove(module, name)
     return [name]

@@ -194,7 +194,9 @@ def _sample(args) -> int:
                                                            if args.adapter else None)
     except (*_known_errors(), ValueError) as exc:
         raise KnownProblem(str(exc)) from None
-    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from finetune.models.base import denoiser_of
+
+    resolution = args.resolution or denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
     grid = sample_grid(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                        guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.num,
                        resolution=resolution,

@@ -17,9 +17,6 @@ import torch
 from finetune.export import diffusers_lora
 from finetune.export.safetensors_io import training_metadata
 
-COMPONENTS = ("unet", "text_encoder")
-
-
 @dataclass
 class Extracted:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # peft keys, without the component prefix
@@ -87,6 +84,7 @@ def extract_component(tuned: torch.nn.Module, base: torch.nn.Module, rank: int) 
 def extract_lora(tuned: str, base: str, rank: int, out: str | Path, device: str = "cpu",
                  save_dtype: torch.dtype = torch.float32) -> tuple[Path, dict[str, Extracted]]:
     from finetune.models import family_for
+    from finetune.models.base import adaptable_modules
 
     if rank < 1:
         raise ValueError(f"--rank: must be at least 1, got {rank}")
@@ -96,9 +94,9 @@ def extract_lora(tuned: str, base: str, rank: int, out: str | Path, device: str 
     family = family_for("auto", base)
     tuned_parts, base_parts = family.load(tuned), family.load(base)
     results: dict[str, Extracted] = {}
-    for component in COMPONENTS:
-        tuned_module = getattr(tuned_parts, component).to(device)
-        base_module = getattr(base_parts, component).to(device)
+    base_modules = adaptable_modules(base_parts)
+    for component, tuned_module in adaptable_modules(tuned_parts).items():  # the denoiser and text encoders
+        tuned_module, base_module = tuned_module.to(device), base_modules[component].to(device)
         result = extract_component(tuned_module, base_module, rank)
         if result.ranks:
             results[component] = result

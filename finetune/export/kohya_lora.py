@@ -86,12 +86,14 @@ def parse_module_path(underscored: str) -> str:
     return ".".join(parts)
 
 
-def module_paths(holder, components=("unet", "text_encoder")) -> dict[str, list[str]]:
-    """The Linear and Conv2d module paths of each of `holder`'s components (a pipeline or Components) that it
-    has: what kohya's underscored names are matched against."""
+def module_paths(holder) -> dict[str, list[str]]:
+    """The Linear and Conv2d module paths of the denoiser and each text encoder of `holder` (a pipeline or
+    Components): what kohya's underscored names are matched against."""
+    from finetune.models.base import adaptable_modules
+
     layers = (torch.nn.Linear, torch.nn.Conv2d)
-    return {c: [n for n, m in getattr(holder, c).named_modules() if isinstance(m, layers)]
-            for c in components if getattr(holder, c, None) is not None}
+    return {name: [n for n, m in getattr(module, "module", module).named_modules() if isinstance(m, layers)]
+            for name, module in adaptable_modules(holder).items()}
 
 
 def name_resolver(component: str, names: list[str] | None):

@@ -1,6 +1,7 @@
 """What the loop and strategies need from a model family, so that neither asks which family it runs on."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -11,20 +12,87 @@ class ModelLoadError(RuntimeError):
     """The base model could not be loaded; the message says why and what to do."""
 
 
+# how diffusers pipelines name their parts (and so the key prefixes of LoRA files): the denoiser is `unet` or
+# `transformer`; text encoders are `text_encoder`, `text_encoder_2`, ... with `tokenizer`, `tokenizer_2`, ...
+DENOISER_NAMES = ("unet", "transformer")
+
+
 @dataclass
 class Components:
-    """The loaded base. `unet` and `text_encoder` may be replaced by distributed wrappers during training."""
+    """The loaded base, its parts named as the diffusers pipeline names them. A trained part may be replaced by
+    a distributed wrapper during training (`modules[name] = accelerator.prepare(...)`)."""
 
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    unet: Any
-    noise_scheduler: Any  # a training scheduler (DDPM) with the base's noise schedule
+    modules: dict[str, Any]  # every torch module: "vae", "text_encoder", ..., and the denoiser
+    tokenizers: dict[str, Any]  # "tokenizer", "tokenizer_2", ...: the i-th belongs to the i-th text encoder
+    denoiser_name: str  # which module predicts: "unet" or "transformer"
+    text_encoder_names: tuple[str, ...]  # in the pipeline's order ("text_encoder", "text_encoder_2")
+    noise_scheduler: Any  # a training scheduler with the base's noise schedule
     source: str  # what model.base said, for metadata
-    extra: dict[str, Any] = field(default_factory=dict)  # family-specific parts (e.g. a second encoder)
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific values (e.g. the sampling scheduler)
     # data.max_token_length: captions encoded whole up to this many tokens (kohya/A1111 long prompts); None: the
     # text encoder's own window. Training, its caches and sample grids all read it from here
     max_token_length: int | None = None
+
+    @property
+    def denoiser(self) -> Any:
+        return self.modules[self.denoiser_name]
+
+    @property
+    def vae(self) -> Any:
+        return self.modules["vae"]
+
+    def text_encoder_modules(self) -> dict[str, Any]:
+        """{name: text encoder}, in the pipeline's order."""
+        return {name: self.modules[name] for name in self.text_encoder_names}
+
+    def trained(self) -> list[str]:
+        """Names of the modules with a parameter that trains."""
+        return [name for name, module in self.modules.items()
+                if any(p.requires_grad for p in module.parameters())]
+
+    def with_modules(self, modules: dict[str, Any]) -> "Components":
+        """A copy whose named modules are replaced (e.g. by frozen copies); the rest are shared."""
+        return dataclasses.replace(self, modules={**self.modules, **modules})
+
+    def __getattr__(self, name: str) -> Any:
+        # parts.unet, parts.text_encoder_2, parts.tokenizer: for code that knows the family (its file, tests)
+        if not name.startswith("__"):
+            for table in ("modules", "tokenizers"):
+                found = self.__dict__.get(table, {})
+                if name in found:
+                    return found[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or part {name!r}")
+
+
+def pipeline_components(pipe: Any, source: str, noise_scheduler: Any, extra: dict[str, Any] | None = None
+                        ) -> Components:
+    """Components from a diffusers pipeline, named as the pipeline names them (`pipe.components`)."""
+    modules = {name: part for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
+    tokenizers = {name: part for name, part in pipe.components.items()
+                  if name.startswith("tokenizer") and part is not None}
+    denoiser = next(name for name in DENOISER_NAMES if name in modules)
+    encoders = tuple(sorted((n for n in modules if n.startswith("text_encoder")), key=_numbered))
+    return Components(modules, tokenizers, denoiser, encoders, noise_scheduler, source, extra or {})
+
+
+def adaptable_modules(holder: Any) -> dict[str, Any]:
+    """{name: module} of the parts adapters go into, the denoiser first and then the text encoders, of a diffusers
+    pipeline or of Components (a wrapper the loop put around one is left on)."""
+    found = holder.modules if isinstance(holder, Components) else {
+        name: part for name, part in holder.components.items() if isinstance(part, torch.nn.Module)}
+    names = [n for n in DENOISER_NAMES if n in found]
+    names += sorted((n for n in found if n.startswith("text_encoder")), key=_numbered)
+    return {name: found[name] for name in names}
+
+
+def denoiser_of(holder: Any) -> Any:
+    """The U-Net or transformer of a diffusers pipeline or of Components."""
+    return next(iter(adaptable_modules(holder).values()))
+
+
+def _numbered(name: str) -> int:
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 1
 
 
 class ModelFamily(Protocol):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from finetune.models import clip_prompts
-from finetune.models.base import Components, ModelLoadError
+from finetune.models.base import Components, ModelLoadError, pipeline_components
 from finetune.models.ddpm import DDPMObjective
 
 
@@ -45,14 +45,12 @@ class StableDiffusion:
                 pipe.vae = load_vae(vae, dtype)
             except (OSError, ValueError, EnvironmentError) as exc:
                 raise ModelLoadError(_explain_load_failure(vae, exc, key="model.vae")) from exc
-        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        parts = pipeline_components(pipe, base, DDPMScheduler.from_config(pipe.scheduler.config),
+                                    {"sampling_scheduler": pipe.scheduler})
+        for module in parts.modules.values():
             module.requires_grad_(False)
             module.eval()
-        return Components(
-            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), source=base,
-            extra={"sampling_scheduler": pipe.scheduler},
-        )
+        return parts
 
     def objective(self, parts: Components, *, prediction_type: str | None, noise_offset: float,
                   min_snr_gamma: float | None) -> DDPMObjective:
@@ -61,7 +59,7 @@ class StableDiffusion:
                              noise_offset, min_snr_gamma)
 
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
-        """(name, tokenizer, text encoder) pairs; SD has one (SDXL will have clip_l and clip_g)."""
+        """(name, tokenizer, text encoder) triples; SD has one."""
         return [("text_encoder", parts.tokenizer, _unwrapped(parts.text_encoder))]
 
     def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -113,6 +111,13 @@ class StableDiffusion:
         # for the trained, autocast U-Net the cast is a no-op
         dtype = _unwrapped(parts.unet).dtype
         return parts.unet(noisy.to(dtype), timesteps, conditioning.to(dtype)).sample
+
+    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
+                         dtype: torch.dtype | None = None) -> Any:
+        """One original-layout checkpoint (AUTOMATIC1111's, ComfyUI's), finetune/export/single_file.py."""
+        from finetune.export.single_file import save_single_file
+
+        return save_single_file(path, parts.unet, parts.vae, parts.text_encoder, metadata=metadata, dtype=dtype)
 
     def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
         """An inference pipeline sharing the (possibly adapted) modules; `unwrap` strips DDP wrappers."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from finetune.models.base import denoiser_of
 from finetune.shapes.concepts import BASE_PROMPTS, Concept, Expectation, matches
 from finetune.shapes.evaluator import Evaluator
 
@@ -29,8 +30,8 @@ def sample(pipe, prompts: Sequence[str], images_per_prompt: int, seed: int = 0) 
     """`images_per_prompt` images for each prompt, prompt-major, with the fixed sampling settings."""
     from diffusers import DDIMScheduler
 
-    height = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    shape = (len(prompts) * images_per_prompt, pipe.unet.config.in_channels,
+    height = denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
+    shape = (len(prompts) * images_per_prompt, denoiser_of(pipe).config.in_channels,
              height // pipe.vae_scale_factor, height // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     # whatever scheduler the pipeline carries, judge with DDIM so every method is sampled the same way
@@ -45,7 +46,7 @@ def sample(pipe, prompts: Sequence[str], images_per_prompt: int, seed: int = 0) 
             latents = noise[start * images_per_prompt:(start + len(chunk)) * images_per_prompt]
             images += pipe(prompt=chunk, num_images_per_prompt=images_per_prompt, num_inference_steps=STEPS,
                            guidance_scale=GUIDANCE, height=height, width=height, output_type="pil",
-                           latents=latents.to(pipe.device, pipe.unet.dtype)).images
+                           latents=latents.to(pipe.device, denoiser_of(pipe).dtype)).images
     finally:
         pipe.scheduler = kept_scheduler
     return images

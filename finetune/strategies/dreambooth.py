@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import shutil
@@ -70,9 +69,9 @@ class Strategy(CommonDefaults):
 
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         self.family, self.parts = family, parts
-        self.modules["unet"] = parts.unet
-        if self.options.text_encoder:
-            self.modules["text_encoder"] = parts.text_encoder
+        self.modules[parts.denoiser_name] = parts.denoiser
+        if self.options.text_encoder:  # every text encoder the family has (SDXL: both)
+            self.modules.update(parts.text_encoder_modules())
         if keep_frozen_base:
             # the base's own prediction needs the base as it was; an in-place trained U-Net cannot give it back
             for name, module in self.modules.items():
@@ -86,24 +85,23 @@ class Strategy(CommonDefaults):
             module.float().requires_grad_(True)
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
-        groups = [{"params": list(self.modules["unet"].parameters()), "lr": learning_rate}]
-        if "text_encoder" in self.modules:
-            groups.append({"params": list(self.modules["text_encoder"].parameters()),
-                           "lr": self.options.text_encoder_learning_rate or learning_rate})
-        return groups
+        denoiser = self.parts.denoiser_name
+        return [{"params": list(module.parameters()),
+                 "lr": learning_rate if name == denoiser else self.options.text_encoder_learning_rate or learning_rate}
+                for name, module in self.modules.items()]
 
     @contextlib.contextmanager
     def frozen_base(self, parts: Components):
         if not self.frozen:
             raise RuntimeError("DreamBooth was prepared without keep_frozen_base; the base is no longer there")
-        yield dataclasses.replace(parts, unet=self.frozen["unet"],
-                                  text_encoder=self.frozen.get("text_encoder", parts.text_encoder))
+        yield parts.with_modules(self.frozen)
 
     def on_step_end(self, step: int) -> None:
         stop = self.options.text_encoder_steps
-        if "text_encoder" in self.modules and stop is not None and step >= stop:
-            # no gradient from here on, so the optimizer leaves it as it is
-            self.modules["text_encoder"].requires_grad_(False)
+        if stop is not None and step >= stop:
+            for name in set(self.modules) & set(self.parts.text_encoder_names):
+                # no gradient from here on, so the optimizer leaves it as it is
+                self.modules[name].requires_grad_(False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{key}": value for name, module in self.modules.items()
@@ -120,9 +118,7 @@ class Strategy(CommonDefaults):
         final, tmp, old = (output_dir / PIPELINE_DIR, output_dir / f".{PIPELINE_DIR}.tmp",
                            output_dir / f".{PIPELINE_DIR}.old")
         shutil.rmtree(tmp, ignore_errors=True)
-        parts = dataclasses.replace(self.parts, unet=self.modules["unet"],
-                                    text_encoder=self.modules.get("text_encoder", self.parts.text_encoder))
-        pipeline = self.family.pipeline(parts)
+        pipeline = self.family.pipeline(self.parts.with_modules(self.modules))
         # training is over: casting in place spares a second copy of the weights in memory
         pipeline.to(dtype=SAVE_DTYPES[self.options.save_dtype])
         try:

@@ -76,15 +76,15 @@ class Strategy(CommonDefaults):
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         # keep_frozen_base needs nothing: switching the network off gives the base back
         o = self.options
-        parts.unet.requires_grad_(False)
-        parts.text_encoder.requires_grad_(False)
-        network = Hypernetwork(structure_for(o, widths_of(parts.unet, o.self_attention)))
+        for module in parts.modules.values():
+            module.requires_grad_(False)
+        network = Hypernetwork(structure_for(o, widths_of(parts.denoiser, o.self_attention)))
         for mlp in network.modules():
             if isinstance(mlp, HyperMLP):
                 mlp.initialise(o.weight_init, o.zero_init_last, o.activation)
         network.set_strength(o.strength)
         network.float().requires_grad_(True)  # trainable weights stay fp32 whatever the base's dtype
-        attach(parts.unet, network, TRAINING_NAME)
+        attach(parts.denoiser, network, TRAINING_NAME)
         self.network = network
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@ in the denoiser's attention, optionally its convolutions (LoCon) and the text en
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,16 @@ class Options(StrategyOptions):
     conv_layers: bool = False  # also the U-Net's ResNet and resampler convolutions (the family's conv_lora_targets)
     conv_rank: Optional[int] = None  # None: rank
     conv_alpha: Optional[float] = None  # None: the other layers' scale, alpha / rank, at conv_rank
+    # LoRA on the text encoders too: every one the family has (SDXL's two, as diffusers' --train_text_encoder)
     text_encoder: bool = False
     text_encoder_rank: Optional[int] = None  # None: rank
     text_encoder_learning_rate: Optional[float] = None  # None: the U-Net's learning rate
     text_encoder_target_modules: list[str] = field(default_factory=list)
+    # SDXL's second encoder (CLIP-G) on its own: None follows text_encoder; false leaves it out, true adapts it
+    # even without the first; its rank and learning rate default to the text_encoder_* ones
+    text_encoder_2: Optional[bool] = None
+    text_encoder_2_rank: Optional[int] = None
+    text_encoder_2_learning_rate: Optional[float] = None
     # the diffusers file is always written; kohya adds output_dir/kohya/<output_dir name>.safetensors
     formats: list[Literal["diffusers", "kohya"]] = field(default_factory=lambda: ["diffusers"])
     # start from a LoRA file (diffusers or kohya format): its layers, ranks and alphas replace rank, alpha and
@@ -42,26 +47,50 @@ class Options(StrategyOptions):
     initial_weights: Optional[str] = field(default=None, metadata={"path": True})
 
     def changes_text_encoding(self) -> Optional[str]:
-        return "strategy.text_encoder is true, so the text encoder trains" if self.text_encoder else None
+        if self.text_encoder or self.text_encoder_2:
+            return "strategy.text_encoder is true, so the text encoder trains"
+        return None
 
     def validate(self, recipe: Any) -> list[str]:
         problems = []
         if self.rank < 1:
             problems.append(f"strategy.rank: must be at least 1, got {self.rank}")
-        if self.text_encoder_rank is not None and self.text_encoder_rank < 1:
-            problems.append(f"strategy.text_encoder_rank: must be at least 1, got {self.text_encoder_rank}")
+        for key in ("text_encoder_rank", "text_encoder_2_rank"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                problems.append(f"strategy.{key}: must be at least 1, got {getattr(self, key)}")
         if self.alpha is not None and self.alpha <= 0:
             problems.append(f"strategy.alpha: must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
-        if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate <= 0:
-            problems.append(f"strategy.text_encoder_learning_rate: must be positive, "
-                            f"got {self.text_encoder_learning_rate}")
-        if not self.text_encoder and (self.text_encoder_learning_rate is not None or self.text_encoder_rank
-                                      or self.text_encoder_target_modules):
+        for key in ("text_encoder_learning_rate", "text_encoder_2_learning_rate"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                problems.append(f"strategy.{key}: must be positive, got {getattr(self, key)}")
+        if not (self.text_encoder or self.text_encoder_2) and (
+                self.text_encoder_learning_rate is not None or self.text_encoder_rank
+                or self.text_encoder_target_modules):
             problems.append("strategy.text_encoder_*: set, but strategy.text_encoder is false; "
                             "set strategy.text_encoder: true or remove them")
+        if not self.adapts_text_encoder_2() and (self.text_encoder_2_rank or self.text_encoder_2_learning_rate):
+            problems.append("strategy.text_encoder_2_*: set, but the second text encoder gets no LoRA; set "
+                            "strategy.text_encoder_2: true (or text_encoder: true) or remove them")
         return problems + lora_variants.problems(self) + self._file_problems()
+
+    def adapts_text_encoder_2(self) -> bool:
+        return self.text_encoder if self.text_encoder_2 is None else self.text_encoder_2
+
+    def text_encoder_settings(self, names: tuple[str, ...]) -> dict[str, tuple[int, Optional[float]]]:
+        """{text encoder name: (rank, learning rate or None for the U-Net's)} for the encoders that get LoRA, of
+        a family's `names` (in the pipeline's order)."""
+        first = (self.text_encoder_rank or self.rank, self.text_encoder_learning_rate)
+        chosen = {}
+        for position, name in enumerate(names):
+            if position == 1:
+                if self.adapts_text_encoder_2():
+                    chosen[name] = (self.text_encoder_2_rank or first[0],
+                                    self.text_encoder_2_learning_rate or first[1])
+            elif self.text_encoder:
+                chosen[name] = first
+        return chosen
 
     def _file_problems(self) -> list[str]:
         problems = []
@@ -90,27 +119,36 @@ class Strategy(CommonDefaults):
         self.modules: dict[str, torch.nn.Module] = {}  # component name -> module holding LoRA layers
         self.configs: dict[str, Any] = {}
         self.start: Optional[lora_layers.LoraWeights] = None  # strategy.initial_weights, read by check()
+        self.learning_rates: dict[str, Optional[float]] = {}  # text encoder -> its own rate
 
     def check(self, family: ModelFamily, parts: Components) -> None:
+        from finetune.strategies.base import StrategySetupError
+
+        if self.options.text_encoder_2 and len(parts.text_encoder_names) < 2:
+            raise StrategySetupError(f"strategy.text_encoder_2: this model has one text encoder "
+                                     f"({family.name}); remove text_encoder_2 (text_encoder: true adapts it)")
         if self.options.variant == "oft":
-            lora_variants.refuse_oft_on_convolutions(self.options.target_modules or family.lora_targets, parts.unet)
+            lora_variants.refuse_oft_on_convolutions(self.options.target_modules or family.lora_targets,
+                                                     parts.denoiser)
         if self.options.initial_weights:
-            self.start = initial_layers(self.options.initial_weights, parts, self.options.text_encoder)
+            adapted = set(self.options.text_encoder_settings(parts.text_encoder_names))
+            self.start = initial_layers(self.options.initial_weights, parts, adapted)
 
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         # keep_frozen_base needs nothing: switching the adapters off gives the base back
         o = self.options
-        self.configs["unet"] = lora_variants.peft_config(
+        self.configs[parts.denoiser_name] = lora_variants.peft_config(
             o.variant, rank=o.rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
             targets=o.target_modules or family.lora_targets,
             conv_targets=family.conv_lora_targets if o.conv_layers else (), conv_rank=o.conv_rank,
             conv_alpha=o.conv_alpha)
-        self.modules["unet"] = parts.unet
-        if o.text_encoder:
-            self.configs["text_encoder"] = lora_variants.peft_config(
-                o.variant, rank=o.text_encoder_rank or o.rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
+        self.modules[parts.denoiser_name] = parts.denoiser
+        for name, (rank, learning_rate) in o.text_encoder_settings(parts.text_encoder_names).items():
+            self.configs[name] = lora_variants.peft_config(
+                o.variant, rank=rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
                 targets=o.text_encoder_target_modules or family.text_encoder_lora_targets)
-            self.modules["text_encoder"] = parts.text_encoder
+            self.modules[name] = parts.modules[name]
+            self.learning_rates[name] = learning_rate
         from peft import LoraConfig
 
         start = self.start.layers if self.start is not None else {}
@@ -130,19 +168,16 @@ class Strategy(CommonDefaults):
         return [p for n, p in module.named_parameters() if lora_variants.is_adapter_parameter(n) and p.requires_grad]
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
-        groups = [{"params": self._trainable(self.modules["unet"]), "lr": learning_rate}]
-        if "text_encoder" in self.modules:
-            lr = self.options.text_encoder_learning_rate or learning_rate
-            groups.append({"params": self._trainable(self.modules["text_encoder"]), "lr": lr})
-        return groups
+        # the denoiser first, then each text encoder with its own rate (None: the denoiser's)
+        return [{"params": self._trainable(module), "lr": self.learning_rates.get(name) or learning_rate}
+                for name, module in self.modules.items()]
 
     @contextlib.contextmanager
     def frozen_base(self, parts: Components):
         for module in self.modules.values():
             peft_layers.enable(module, False)
         try:
-            yield dataclasses.replace(parts, unet=self.modules["unet"],
-                                      text_encoder=self.modules.get("text_encoder", parts.text_encoder))
+            yield parts.with_modules(self.modules)
         finally:
             for module in self.modules.values():
                 peft_layers.enable(module, True)
@@ -191,7 +226,7 @@ class Strategy(CommonDefaults):
 KOHYA_DIR = "kohya"
 
 
-def initial_layers(path: str, parts: Components, text_encoder: bool) -> lora_layers.LoraWeights:
+def initial_layers(path: str, parts: Components, text_encoders: set[str]) -> lora_layers.LoraWeights:
     """A LoRA file's layers, named as this model names its modules; refused (before any long work) when they do
     not fit the model or the recipe."""
     from finetune.strategies.base import StrategySetupError
@@ -202,11 +237,12 @@ def initial_layers(path: str, parts: Components, text_encoder: bool) -> lora_lay
         raise StrategySetupError(f"strategy.initial_weights: {exc}") from None
     if start.uses_dora:
         raise StrategySetupError(f"strategy.initial_weights: {path} is a DoRA file; start from a plain LoRA file")
-    if "text_encoder" in start.layers and not text_encoder:
-        raise StrategySetupError(f"strategy.initial_weights: {path} also adapts the text encoder; set "
-                                 "strategy.text_encoder: true to go on training both")
+    missing = sorted(set(start.layers) & set(parts.text_encoder_names) - text_encoders)
+    if missing:
+        raise StrategySetupError(f"strategy.initial_weights: {path} also adapts {', '.join(missing)}; set "
+                                 f"strategy.text_encoder: true to go on training {'them' if len(missing) > 1 else 'it'}")
     for component, module, layer in start.modules():
-        weight = getattr(parts, component).get_submodule(module).weight
+        weight = parts.modules[component].get_submodule(module).weight
         shape = (weight.shape[0], *layer.down.shape[1:])
         if layer.up.shape[0] != weight.shape[0] or tuple(layer.down.shape[1:]) != tuple(weight.shape[1:]):
             raise StrategySetupError(f"strategy.initial_weights: {component}.{module} is {tuple(weight.shape)} in "

@@ -34,6 +34,7 @@ def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dt
     """Returns one line per fused adapter."""
     from finetune.adapters import load_adapter
     from finetune.models import family_for
+    from finetune.models.base import adaptable_modules
 
     out = Path(out)
     if not adapters:
@@ -55,13 +56,10 @@ def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dt
             name = load_adapter(pipe, path, scale=ratio, name=f"merge_{index}")
         except (ValueError, RuntimeError) as exc:
             raise LoraFileError(f"--lora {path}: could not load it onto {base}: {exc}") from None
-        layers = peft_layers.fuse(pipe.unet) + peft_layers.fuse(pipe.text_encoder)
+        layers = sum(peft_layers.fuse(module) for module in adaptable_modules(pipe).values())
         lines.append(f"fused {path} at {ratio:g} ({layers} layers, adapter {name})")
     if single_file:
-        from finetune.export.single_file import save_single_file
-
-        save_single_file(out, pipe.unet, pipe.vae, pipe.text_encoder, metadata=_merge_metadata(base, adapters),
-                         dtype=DTYPES[save_dtype])
+        family.save_single_file(parts, out, metadata=_merge_metadata(base, adapters), dtype=DTYPES[save_dtype])
     else:
         _save_folder(pipe, out, DTYPES[save_dtype], _merge_metadata(base, adapters))
     return lines

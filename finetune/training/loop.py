@@ -132,7 +132,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
                         dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config,
                         vae=recipe.model.vae)
-    for module in (parts.vae, parts.text_encoder, parts.unet):
+    for module in parts.modules.values():
         module.to(accelerator.device)
     parts.max_token_length = d.max_token_length
     strategy.check(family, parts)  # options that cannot fit this model fail before any long work
@@ -160,13 +160,13 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     offloaded = _offload_idle(encoder, parts, accelerator.device) if recipe.cache.offload else []
     torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
-    trained = [name for name in ("unet", "text_encoder") if _requires_grad(getattr(parts, name))]
+    trained = parts.trained()
     if t.gradient_checkpointing:
         _enable_gradient_checkpointing(parts, trained)
     if t.channels_last:
-        parts.unet.to(memory_format=torch.channels_last)
+        parts.denoiser.to(memory_format=torch.channels_last)
     if t.compile:
-        parts.unet.compile()  # in place: parameter names, and so saved files, stay as they are
+        parts.denoiser.compile()  # in place: parameter names, and so saved files, stay as they are
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     params = [p for group in groups for p in group["params"]]
     base_dtype = str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix("torch.")
@@ -180,8 +180,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                                 t.adam_epsilon)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
     for name in trained:
-        getattr(parts, name).train()
-        setattr(parts, name, accelerator.prepare(getattr(parts, name)))
+        parts.modules[name].train()
+        parts.modules[name] = accelerator.prepare(parts.modules[name])
     optimizer = accelerator.prepare(optimizer)
 
     step = first_step
@@ -213,14 +213,15 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     with interrupt.stop_on_signals() as stop, progress:  # the bar closes before any message that stops the run
         while step < t.max_steps:
             losses = []
-            # a strategy may stop training the text encoder part-way (DreamBooth's text_encoder_steps)
-            settings = dataclasses.replace(settings, text_encoder_trains=_requires_grad(parts.text_encoder))
+            # a strategy may stop training the text encoders part-way (DreamBooth's text_encoder_steps)
+            settings = dataclasses.replace(settings, text_encoder_trains=any(
+                _requires_grad(module) for module in parts.text_encoder_modules().values()))
             for micro in range(t.gradient_accumulation_steps):
                 batch = next(batches)
                 class_batch = next(class_batches) if class_batches is not None else None
                 seed = step_seed(t.seed, step, micro, accelerator.process_index)
                 torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
-                with accelerator.accumulate(*[getattr(parts, name) for name in trained]):
+                with accelerator.accumulate(*[parts.modules[name] for name in trained]):
                     loss = micro_step_loss(family, parts, strategy, batch, class_batch,
                                            torch.Generator().manual_seed(seed), settings, encoder)
                     accelerator.backward(loss)
@@ -266,10 +267,11 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
 
 
 def _offload_idle(encoder: BatchEncoder, parts: Components, device: torch.device) -> list[torch.nn.Module]:
-    """Once the caches hold everything, the VAE (latent cache) and text encoder (text cache) leave the
+    """Once the caches hold everything, the VAE (latent cache) and text encoders (text cache) leave the
     accelerator; they come back only for sample grids."""
-    idle = [m for m, cached in ((parts.vae, encoder.latent_store is not None), (parts.text_encoder,
-            encoder.text is not None)) if cached]
+    idle = [parts.vae] if encoder.latent_store is not None else []
+    if encoder.text is not None:
+        idle += list(parts.text_encoder_modules().values())
     for module in idle:
         offload(module, device)
     return idle
@@ -280,6 +282,6 @@ def _requires_grad(module: torch.nn.Module) -> bool:
 
 
 def _enable_gradient_checkpointing(parts: Components, trained: list[str]) -> None:
-    parts.unet.enable_gradient_checkpointing()
-    if "text_encoder" in trained:
-        parts.text_encoder.gradient_checkpointing_enable()
+    parts.denoiser.enable_gradient_checkpointing()
+    for name in set(trained) & set(parts.text_encoder_names):
+        parts.modules[name].gradient_checkpointing_enable()

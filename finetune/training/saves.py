@@ -8,6 +8,8 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from finetune.export.safetensors_io import training_metadata
 from finetune.models import Components, ModelFamily
 from finetune.recipe.load import recipe_to_dict
@@ -53,7 +55,7 @@ def save_samples(accelerator, family: ModelFamily, parts: Components, recipe: Re
     if accelerator.is_main_process:
         s = recipe.sample
         pipeline = family.pipeline(parts, unwrap=accelerator.unwrap_model)
-        modules = [pipeline.unet, pipeline.text_encoder]
+        modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()  # no dropout in samples
