@@ -538,6 +538,41 @@ def test_dataset_item_and_collate():
     assert batch["captions"] == ["a red square", "a blue square", "a red square"]
 
 
+def test_each_item_records_its_original_size_and_crop_corner_as_kohya_does():
+    """SDXL's micro-conditioning: (original height, width), the crop's top-left in the resized image (measured
+    from the other side after a mirror, kohya's get_crop_ltrb), and the target size; the same whether pixels or
+    cached latents are handed out, and matching where the pixels were really cut."""
+    import numpy as np
+
+    # 32x16 (already the cover size of a 16x16 target, so no resize): red channel = 8 x column
+    ramp = np.zeros((16, 32, 3), dtype=np.uint8)
+    ramp[:, :, 0] = (np.arange(32) * 8)[None, :]
+    wide = Example("ramp", "a ramp", lambda: Image.fromarray(ramp), size=(32, 16))
+    seen = set()
+    for crop in ("center", "random"):
+        dataset = ImageCaptionDataset([wide], [(16, 16)], crop, True, caption_dropout=0.0)
+        for seed in range(40):
+            item = dataset[(0, seed)]
+            assert item["original_size"] == (16, 32) and item["target_size"] == (16, 16)
+            top, left = item["crop_top_left"]
+            red = (item["pixel_values"][0] + 1) * 127.5  # back to 0..255
+            first_column = int(round(red[0, 0].item() / 8))
+            flipped = first_column > int(round(red[0, -1].item() / 8))
+            cut_left = first_column - 15 if flipped else first_column  # where the crop began in the image
+            assert top == 0 and left == (32 - (cut_left + 16) if flipped else cut_left)
+            seen.add((crop, flipped, left))
+    assert ("center", False, 8) in seen and ("center", True, 8) in seen
+    assert len({left for crop, _, left in seen if crop == "random"}) > 3  # the corner follows the random crop
+    cached = ImageCaptionDataset([wide], [(16, 16)], "center", True, 0.0, latent_keys={(0, False): "a", (0, True): "b"})
+    uncached = ImageCaptionDataset([wide], [(16, 16)], "center", True, 0.0)
+    for seed in range(10):
+        assert {k: v for k, v in cached[(0, seed)].items() if k not in ("latent_key", "pixel_values")} == \
+            {k: v for k, v in uncached[(0, seed)].items() if k not in ("latent_key", "pixel_values")}
+    batch = collate([uncached[(0, 1)], uncached[(0, 2)]])
+    assert batch["conditions"]["original_sizes"].tolist() == [[16, 32], [16, 32]]
+    assert batch["conditions"]["crop_top_lefts"].shape == (2, 2)
+
+
 def test_make_loader_follows_batch_order():
     examples = make_examples()
     dataset = ImageCaptionDataset(examples, [(8, 8)] * 2, "center", False, caption_dropout=0.0)

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from finetune import load_adapter, unload_adapter
 from finetune.export import hypernetwork as files
 from finetune.export.pickle_files import UnsafePickleError
+from finetune.models.base import pipeline_components
 from finetune.models.tiny import build_tiny_pipeline
 from finetune.networks import peft_layers
 from finetune.networks.hypernetwork import (HyperMLP, Hypernetwork, HypernetworkProcessor, Structure, attach,
@@ -219,7 +220,7 @@ def test_frozen_base_switches_the_network_off():
     pipe = build_tiny_pipeline(seed=0)
     before = _unet_output(pipe)
     strategy = Strategy(Options(kind="hypernetwork", zero_init_last=False, weight_init="xavier"))
-    parts = type("Parts", (), {"unet": pipe.unet, "text_encoder": pipe.text_encoder})()
+    parts = pipeline_components(pipe, "tiny", noise_scheduler=None)
     strategy.prepare(None, parts)
     strategy.network.eval()
     assert not torch.allclose(_unet_output(pipe), before, atol=1e-6)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 import finetune
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
+from finetune.data.dataset import uncropped_conditions
 from finetune.training import loop
 from finetune.training.step import per_sample_loss
 from tests.conftest import recipe_dict, train_keeping_parts
@@ -26,7 +27,8 @@ def fixed_loss(family, parts, pixels, captions) -> float:
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.tensor([100, 300, 500, 700] * (len(captions) // 4 or 1))[: len(captions)]
         noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = family.predict(parts, noisy, timesteps, cond)
+        prediction = family.predict(parts, noisy, timesteps, cond,
+                                    uncropped_conditions(len(captions), *pixels.shape[-2:]))
     return per_sample_loss(prediction, noise).mean().item()
 
 

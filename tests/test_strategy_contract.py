@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from finetune.data.dataset import uncropped_conditions
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
 from finetune.shapes.demo import tuned_pipeline
@@ -51,7 +52,8 @@ def _outputs(family, parts, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     latents = torch.randn(1, parts.unet.config.in_channels, 8, 8, generator=generator)
     with torch.no_grad():
         conditioning = family.encode_prompts(parts, [prompt])
-        return conditioning, family.predict(parts, latents, torch.tensor([500]), conditioning)
+        return conditioning, family.predict(parts, latents, torch.tensor([500]), conditioning,
+                                                 uncropped_conditions(1, 32, 32))
 
 
 @pytest.fixture(scope="module", params=list(CONTRACT))

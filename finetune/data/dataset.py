@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.data.images import transform
+from finetune.data.images import size_conditions, transform
 from finetune.data.sources import DataError, Example
 
 
@@ -41,21 +41,43 @@ class ImageCaptionDataset(Dataset):
         rng = random.Random(aug_seed)
         example = self.examples[index]
         flip = self.random_flip and rng.random() < 0.5
+        target = self.sizes[index]
         if self.latent_keys is not None:
+            # cached latents are centre crops; the image's size is known from reading it before training (class
+            # images, drawn at the training size, are that size)
             item = {"latent_key": self.latent_keys[(index, flip)]}
+            conditions = size_conditions(example.size or target, target, "center", flip)
         else:
-            item = {"pixel_values": transform(example.load(), self.sizes[index], self.crop, flip, rng)}
+            image = example.load()
+            # the crop's corner, drawn once, places both the pixels and the conditions
+            state = rng.getstate()
+            item = {"pixel_values": transform(image, target, self.crop, flip, rng)}
+            rng.setstate(state)
+            conditions = size_conditions(image.size, target, self.crop, flip, rng)
+        item["original_size"], item["crop_top_left"], item["target_size"] = conditions
         item["caption"] = "" if rng.random() < self.caption_dropout else example.caption
         return item
 
 
 def collate(items: list[dict]) -> dict:
-    batch = {"captions": [item["caption"] for item in items]}
+    """A batch: captions, latent keys or pixels, and `conditions`: what each image tells the model besides its
+    pixels, as [batch, 2] integer tensors (SDXL's `original_sizes`, `crop_top_lefts`, `target_sizes`, each
+    (height, width) or (top, left)); a family's `predict` takes what it uses."""
+    batch = {"captions": [item["caption"] for item in items],
+             "conditions": {f"{key}s": torch.tensor([item[key] for item in items], dtype=torch.long)
+                            for key in ("original_size", "crop_top_left", "target_size")}}
     if "latent_key" in items[0]:
         batch["latent_keys"] = [item["latent_key"] for item in items]
     else:
         batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
     return batch
+
+
+def uncropped_conditions(count: int, height: int, width: int) -> dict[str, torch.Tensor]:
+    """`conditions` for `count` images that were neither resized nor cropped, (height, width) pixels: what a
+    sampling pipeline assumes (SDXL's original size = target size, corner (0, 0))."""
+    size = torch.tensor([[height, width]] * count, dtype=torch.long)
+    return {"original_sizes": size, "crop_top_lefts": torch.zeros_like(size), "target_sizes": size.clone()}
 
 
 class BatchOrder:

@@ -53,19 +53,36 @@ def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, i
     return max(target[0], round(width * scale)), max(target[1], round(height * scale))
 
 
+def placement(size: tuple[int, int], target: tuple[int, int], crop: str,
+              rng: random.Random | None = None) -> tuple[tuple[int, int], int, int]:
+    """Where an image of `size` (width, height) lands: resized to cover `target` (width, height), then the crop's
+    top-left corner in it, centred or where `rng` says. Returns ((width, height) after resizing, left, top)."""
+    width, height = cover_size(*size, target)
+    if crop == "random":
+        return (width, height), rng.randint(0, width - target[0]), rng.randint(0, height - target[1])
+    return (width, height), (width - target[0]) // 2, (height - target[1]) // 2
+
+
+def size_conditions(size: tuple[int, int], target: tuple[int, int], crop: str, flip: bool,
+                    rng: random.Random | None = None) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """SDXL's micro-conditioning for one image: (original (height, width), crop top-left (top, left), target
+    (height, width)). The corner is in the resized image; after a mirror it is measured from the other side, as
+    kohya's BucketManager.get_crop_ltrb does (`left = resized width - crop right`). Draws from `rng` exactly as
+    `transform` does, so call one or the other with a given generator."""
+    resized, left, top = placement(size, target, crop, rng)
+    if flip:
+        left = resized[0] - (left + target[0])
+    return (size[1], size[0]), (top, left), (target[1], target[0])
+
+
 def transform(image: Image.Image, target: tuple[int, int], crop: str, flip: bool,
               rng: random.Random | None = None) -> torch.Tensor:
     """Resize to cover `target` (width, height), crop it (centred, or where `rng` says), maybe mirror;
     returns CHW float in [-1, 1]."""
-    size = cover_size(*image.size, target)
+    size, left, top = placement(image.size, target, crop, rng)
     if size != image.size:
         upscale = size[0] > image.size[0]
         image = image.resize(size, Image.Resampling.BICUBIC if upscale else Image.Resampling.LANCZOS)
-    width, height = image.size
-    if crop == "random":
-        left, top = rng.randint(0, width - target[0]), rng.randint(0, height - target[1])
-    else:
-        left, top = (width - target[0]) // 2, (height - target[1]) // 2
     image = image.crop((left, top, left + target[0], top + target[1]))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -3,8 +3,9 @@
 - diffusers: `learned_embeds.safetensors` = {token: tensor[num_vectors, dim]}, read by
   `pipe.load_textual_inversion` (which expands a multi-vector token to `<tok>`, `<tok>_1`, ...).
   A family with two text encoders (SDXL) gets {"clip_l": ..., "clip_g": ...} per token instead.
-- AUTOMATIC1111 / kohya `.safetensors`: {"emb_params": tensor[num_vectors, dim]}; the file name is the word
-  typed in prompts. One file per placeholder, in `a1111/`.
+- AUTOMATIC1111 / kohya `.safetensors`: {"emb_params": tensor[num_vectors, dim]} (SDXL: {"clip_l": ...,
+  "clip_g": ...}, kohya's sdxl_train_textual_inversion.py layout); the file name is the word typed in prompts.
+  One file per placeholder, in `a1111/`.
 - AUTOMATIC1111 `.pt` (on request): a pickle {"string_to_token": {"*": 265}, "string_to_param": {"*": tensor},
   "name", "step", "sd_checkpoint", "sd_checkpoint_name"}; plain containers only, so it loads with
   `torch.load(weights_only=True)`.
@@ -46,10 +47,11 @@ def save_all(output_dir: Path, learned: dict[str, dict[str, torch.Tensor]], meta
     """Write every format; return the diffusers file's path."""
     path = save_safetensors(diffusers_tensors(learned), output_dir / FILE_NAME, metadata)
     for token, per in learned.items():
-        if len(per) != 1:
-            continue  # AUTOMATIC1111's SD1 formats hold one encoder's vectors
-        vectors = next(iter(per.values()))
         stem = output_dir / A1111_DIR / a1111_name(token)
+        if len(per) != 1:  # SDXL: the same {"clip_l", "clip_g"} file, named for the prompt word
+            save_safetensors(dict(per), stem.with_suffix(".safetensors"), metadata)
+            continue
+        vectors = next(iter(per.values()))
         save_safetensors({A1111_KEY: vectors}, stem.with_suffix(".safetensors"), metadata)
         if pt:
             save_a1111_pt(vectors, stem.with_suffix(".pt"), token, int(metadata.get("finetune.steps", 0)),

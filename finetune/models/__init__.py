@@ -1,9 +1,13 @@
 """Model families. Each file holds one family; `family_for` picks one by name."""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 _FROM_BASE = ("Components", "ModelFamily", "ModelLoadError")
+# model.family -> (module, class): each family is one file here (imported on first use: torch and diffusers)
+FAMILIES = {"sd": ("finetune.models.stable_diffusion", "StableDiffusion"),
+            "sdxl": ("finetune.models.sdxl", "StableDiffusionXL")}
 
 
 def family_for(name: str, base: str | None = None) -> Any:
@@ -12,11 +16,13 @@ def family_for(name: str, base: str | None = None) -> Any:
     if name == "auto" and base is not None:
         from finetune.models.detect import family_of
 
-        name = family_of(base) or "sd"  # a hub id or .ckpt: Stable Diffusion 1.x/2.x, the one family so far
-    if name in ("auto", "sd"):
-        from finetune.models.stable_diffusion import StableDiffusion
-        return StableDiffusion()
-    raise ValueError(f"unknown model family {name!r}")
+        name = family_of(base) or "sd"  # a hub id or .ckpt that cannot be read before loading: model.family says
+    if name == "auto":
+        name = "sd"
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; one of {', '.join(FAMILIES)}")
+    module, class_name = FAMILIES[name]
+    return getattr(importlib.import_module(module), class_name)()
 
 
 def __getattr__(name: str) -> Any:

@@ -90,40 +90,73 @@ def denoiser_of(holder: Any) -> Any:
     return next(iter(adaptable_modules(holder).values()))
 
 
+def unwrapped(module: Any) -> Any:
+    """The module inside a distributed wrapper (DDP's `.module`), or the module itself."""
+    return getattr(module, "module", module)
+
+
 def _numbered(name: str) -> int:
     tail = name.rsplit("_", 1)[-1]
     return int(tail) if tail.isdigit() else 1
 
 
 class ModelFamily(Protocol):
-    name: str
-    lora_targets: tuple[str, ...]  # default LoRA target modules in the denoiser
+    """What a model family provides; the loop, strategies, tools and file formats ask nothing else. A family is
+    one file in this folder (stable_diffusion.py, sdxl.py) registered in `finetune.models.FAMILIES`, with a tiny
+    offline build in tiny.py and an entry in tests/test_family_contract.py and tests/test_strategy_contract.py."""
+
+    name: str  # model.family's value
+    lora_targets: tuple[str, ...]  # default LoRA target modules in the denoiser (peft name tails)
     conv_lora_targets: tuple[str, ...]  # the denoiser's convolutions that strategy.conv_layers adds
     text_encoder_lora_targets: tuple[str, ...]
+    # file naming: kohya's LoRA prefix per part ("unet" -> "lora_unet"), the embedding file's key per text
+    # encoder (SDXL: clip_l, clip_g; empty: one encoder, keyed by the token), and kohya's ss_base_model_version
+    # (None: told from the weights)
+    kohya_prefixes: dict[str, str]
+    embedding_keys: dict[str, str]
+    kohya_base_model_version: str | None
 
     def load(self, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
-             config: str | None, vae: str | None = None) -> Components: ...
+             config: str | None, vae: str | None = None) -> Components:
+        """The frozen base (every part requires_grad False, eval mode) from a hub id, a diffusers folder or a
+        single checkpoint (`config`: a folder with its configs); `vae` replaces its VAE. Raises ModelLoadError."""
 
     def objective(self, parts: Components, *, prediction_type: str | None, noise_offset: float,
                   min_snr_gamma: float | None) -> Any:
         """How latents are noised and what is regressed: `noise(latents, generator)` -> noisy input, timesteps
         and target; `weights(timesteps)` -> per-sample loss weights or None (finetune/models/ddpm.py)."""
 
-    def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]: ...
+    def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
+        """(part name, tokenizer, unwrapped text encoder) per text encoder, in the pipeline's order."""
 
-    def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+    def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents [batch, c, h, w] for pixels [batch, 3, H, W] in [-1, 1], scaled for the denoiser."""
 
-    def encode_image_moments(self, parts: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def encode_image_moments(self, parts: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution (mean, std): what the latent cache keeps."""
 
     def latents_from_moments(self, parts: Components, mean: torch.Tensor, std: torch.Tensor,
-                             generator: torch.Generator) -> torch.Tensor: ...
+                             generator: torch.Generator) -> torch.Tensor:
+        """One latent drawn from (mean, std) with `generator`, scaled (and shifted) for the denoiser."""
 
-    def encode_prompts(self, parts: Components, captions: list[str]) -> Any: ...
+    def encode_prompts(self, parts: Components, captions: list[str]) -> Any:
+        """The text conditioning for captions: a tensor, or a tuple of tensors (SDXL: hidden states, pooled), each
+        with the batch first; what the text cache keeps per caption."""
 
-    def caption_window(self, tokenizer: Any, max_token_length: int | None) -> int: ...
+    def caption_window(self, tokenizer: Any, max_token_length: int | None) -> int:
+        """Tokens of caption text that reach the text encoder."""
 
-    def tokenizer_of(self, base: str) -> Any | None: ...
+    def tokenizer_of(self, base: str) -> Any | None:
+        """The first tokenizer without loading the models (`finetune validate`); None when it cannot be read."""
 
-    def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor: ...
+    def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Any,
+                conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's output for `noisy` latents [batch, c, h, w] at `timesteps`, given the prompts'
+        `conditioning` and each image's `conditions` (the batch's, finetune/data/dataset.py: sizes, crop corners)."""
 
-    def pipeline(self, parts: Components, unwrap: Any = None) -> Any: ...
+    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
+        """A diffusers inference pipeline sharing the parts (`unwrap` strips distributed wrappers)."""
+
+    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
+                         dtype: torch.dtype | None = None) -> Any:
+        """One original-layout checkpoint (what AUTOMATIC1111 and ComfyUI load), written atomically."""

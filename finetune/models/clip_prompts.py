@@ -41,3 +41,26 @@ def encode(text_encoder: Any, ids: torch.Tensor, window_length: int) -> torch.Te
     chunks = length // window_length
     states = text_encoder(ids.reshape(batch * chunks, window_length))[0]
     return states.reshape(batch, chunks * window_length, states.shape[-1])
+
+
+def tokenize(tokenizer: Any, captions: list[str], max_token_length: int | None) -> torch.Tensor:
+    """[batch, chunks * model_max_length] ids: the plain padded encoding, or chunks for max_token_length."""
+    if max_token_length:  # kohya's / AUTOMATIC1111's long prompts: chunks of 75, each with its ends
+        return token_ids(tokenizer, captions, chunk_count(tokenizer, max_token_length))
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_penultimate(text_encoder: Any, ids: torch.Tensor, window_length: int
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDXL's way: hidden states of the second-to-last layer [batch, chunks * window_length, width], and the
+    projected pooled output [batch, projection] of the first chunk (None for an encoder without a projection),
+    as StableDiffusionXLPipeline.encode_prompt takes them (and kohya for long prompts)."""
+    batch, length = ids.shape
+    chunks = length // window_length
+    output = text_encoder(ids.reshape(batch * chunks, window_length), output_hidden_states=True)
+    states = output.hidden_states[-2]
+    pooled = output[0] if output[0].ndim == 2 else None  # CLIPTextModelWithProjection's text_embeds
+    if pooled is not None:
+        pooled = pooled.reshape(batch, chunks, -1)[:, 0]
+    return states.reshape(batch, chunks * window_length, states.shape[-1]), pooled

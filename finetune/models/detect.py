@@ -8,14 +8,13 @@ import os
 
 # diffusers pipeline classes -> the family that trains them
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
-            "StableDiffusionInpaintPipeline": "sd"}
+            "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+            "StableDiffusionXLImg2ImgPipeline": "sdxl"}
 # what people bring that finetune does not train yet, by pipeline class, and by a key only that family's
 # single-file checkpoints hold
-NOT_YET = {"StableDiffusionXLPipeline": "Stable Diffusion XL", "StableDiffusionXLImg2ImgPipeline": "Stable Diffusion XL",
-           "StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux.1", "SanaPipeline": "Sana",
+NOT_YET = {"StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux.1", "SanaPipeline": "Sana",
            "PixArtSigmaPipeline": "PixArt-Sigma", "ZImagePipeline": "Z-Image"}
-SINGLE_FILE_KEYS = (("conditioner.embedders.1.", "Stable Diffusion XL"),
-                    ("model.diffusion_model.joint_blocks.", "Stable Diffusion 3"),
+SINGLE_FILE_KEYS = (("model.diffusion_model.joint_blocks.", "Stable Diffusion 3"),
                     ("double_blocks.", "Flux.1"))
 
 
@@ -24,8 +23,8 @@ class UnsupportedFamily(ValueError):
 
 
 def family_of(base: str) -> str | None:
-    """"sd" for a base known to be Stable Diffusion 1.x/2.x, None when it cannot be told before loading (a hub id,
-    a .ckpt); raises UnsupportedFamily naming the family of a base finetune cannot train."""
+    """"sd" (Stable Diffusion 1.x/2.x) or "sdxl" for a base known to be one, None when it cannot be told before
+    loading (a hub id, a .ckpt); raises UnsupportedFamily naming the family of a base finetune cannot train."""
     path = os.path.expanduser(base)
     index = os.path.join(path, "model_index.json")
     if os.path.isfile(index):
@@ -45,11 +44,13 @@ def family_of(base: str) -> str | None:
         for prefix, family in SINGLE_FILE_KEYS:
             if any(k.startswith(prefix) for k in keys):
                 _refuse(base, f"a {family} checkpoint (its keys start {prefix}...)")
+        if any(k.startswith("conditioner.embedders.1.") for k in keys):  # SDXL's second text encoder
+            return "sdxl"
         return "sd" if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys) else None
     return None
 
 
 def _refuse(base: str, what: str) -> None:
     raise UnsupportedFamily(f"model.base: {base} is {what}; finetune trains Stable Diffusion 1.x and 2.x "
-                            "(model.family: sd) today, and SDXL, SD3.5, Flux.1 and Z-Image are being added. "
-                            "Point model.base at an SD 1.x/2.x model")
+                            "(model.family: sd) and SDXL (model.family: sdxl) today, and SD3.5, Flux.1 and Z-Image "
+                            "are being added. Point model.base at an SD 1.x/2.x or SDXL model")

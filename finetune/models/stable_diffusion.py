@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from finetune.models import clip_prompts
-from finetune.models.base import Components, ModelLoadError, pipeline_components
+from finetune.models.base import Components, unwrapped
+from finetune.models.loading import load_frozen
 from finetune.models.ddpm import DDPMObjective
 
 
@@ -19,38 +20,20 @@ class StableDiffusion:
     # latent-channel shapes the base fixes. peft matches these as name tails (e.g. `mid_block.resnets.1.conv2`).
     conv_lora_targets = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
     text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    embedding_keys: dict[str, str] = {}  # one text encoder: the embedding file is keyed by the token
+    kohya_base_model_version = None  # sd_v1 or sd_v2: told from the text encoder's width
 
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
              dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None) -> Components:
         """The frozen base from a hub id, a diffusers folder or a single checkpoint; `vae` replaces its VAE (a
         folder holding one, a pipeline folder, a single file, or a hub id), e.g. a fine-tuned or fp16-safe one."""
-        from diffusers import DDPMScheduler, StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline
 
-        path = os.path.expanduser(base)
-        try:
-            if os.path.isfile(path):
-                refuse_unsafe_pickle(path)
-                pipe = StableDiffusionPipeline.from_single_file(
-                    path, config=config, dtype=dtype, safety_checker=None, requires_safety_checker=False)
-            else:
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    path, revision=revision, variant=variant, dtype=dtype,
-                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        except ModelLoadError:
-            raise
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise ModelLoadError(_explain_load_failure(base, exc)) from exc
-        if vae is not None:
-            try:
-                pipe.vae = load_vae(vae, dtype)
-            except (OSError, ValueError, EnvironmentError) as exc:
-                raise ModelLoadError(_explain_load_failure(vae, exc, key="model.vae")) from exc
-        parts = pipeline_components(pipe, base, DDPMScheduler.from_config(pipe.scheduler.config),
-                                    {"sampling_scheduler": pipe.scheduler})
-        for module in parts.modules.values():
-            module.requires_grad_(False)
-            module.eval()
-        return parts
+        return load_frozen(StableDiffusionPipeline, base, revision=revision, variant=variant, dtype=dtype,
+                           config=config, vae=vae, extra_kwargs={
+                               "safety_checker": None, "requires_safety_checker": False,
+                               **({} if os.path.isfile(os.path.expanduser(base)) else {"feature_extractor": None})})
 
     def objective(self, parts: Components, *, prediction_type: str | None, noise_offset: float,
                   min_snr_gamma: float | None) -> DDPMObjective:
@@ -60,7 +43,7 @@ class StableDiffusion:
 
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
         """(name, tokenizer, text encoder) triples; SD has one."""
-        return [("text_encoder", parts.tokenizer, _unwrapped(parts.text_encoder))]
+        return [("text_encoder", parts.tokenizer, unwrapped(parts.text_encoder))]
 
     def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.latents_from_moments(parts, *self.encode_image_moments(parts, pixels), generator)
@@ -79,18 +62,10 @@ class StableDiffusion:
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * noise).float() * parts.vae.config.scaling_factor
 
-    def tokenize(self, parts: Components, captions: list[str]) -> torch.Tensor:
-        tokenizer = parts.tokenizer
-        if parts.max_token_length:  # kohya's / AUTOMATIC1111's long prompts: chunks of 75, each with its ends
-            return clip_prompts.token_ids(tokenizer, captions, clip_prompts.chunk_count(tokenizer,
-                                                                                         parts.max_token_length))
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-
     def encode_prompts(self, parts: Components, captions: list[str]) -> torch.Tensor:
         """[batch, 77 x chunks, width] hidden states of CLIP's last layer (one chunk unless max_token_length)."""
-        ids = self.tokenize(parts, captions)
-        device = next(_unwrapped(parts.text_encoder).parameters()).device
+        ids = clip_prompts.tokenize(parts.tokenizer, captions, parts.max_token_length)
+        device = next(unwrapped(parts.text_encoder).parameters()).device
         return clip_prompts.encode(parts.text_encoder, ids.to(device), parts.tokenizer.model_max_length)
 
     def caption_window(self, tokenizer: Any, max_token_length: int | None) -> int:
@@ -106,10 +81,12 @@ class StableDiffusion:
         return CLIPTokenizer.from_pretrained(folder) if os.path.isdir(folder) else None
 
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
-                conditioning: torch.Tensor) -> torch.Tensor:
+                conditioning: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The U-Net's output [batch, 4, h, w] for `noisy` latents at `timesteps` [batch], given the prompts'
+        `conditioning` (encode_prompts); SD uses none of the image `conditions`."""
         # a half-precision U-Net outside autocast (the frozen copy prior preservation keeps) needs its own dtype;
         # for the trained, autocast U-Net the cast is a no-op
-        dtype = _unwrapped(parts.unet).dtype
+        dtype = unwrapped(parts.unet).dtype
         return parts.unet(noisy.to(dtype), timesteps, conditioning.to(dtype)).sample
 
     def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
@@ -123,52 +100,8 @@ class StableDiffusion:
         """An inference pipeline sharing the (possibly adapted) modules; `unwrap` strips DDP wrappers."""
         from diffusers import StableDiffusionPipeline
 
-        unwrap = unwrap or _unwrapped
+        unwrap = unwrap or unwrapped
         return StableDiffusionPipeline(
             vae=parts.vae, text_encoder=unwrap(parts.text_encoder), tokenizer=parts.tokenizer,
             unet=unwrap(parts.unet), scheduler=parts.extra["sampling_scheduler"],
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def load_vae(source: str, dtype: torch.dtype) -> Any:
-    """An AutoencoderKL from a folder holding one (config.json), a pipeline folder (its vae/), a single file, or
-    a hub id."""
-    from diffusers import AutoencoderKL
-
-    path = os.path.expanduser(source)
-    if os.path.isfile(path):
-        refuse_unsafe_pickle(path)
-        return AutoencoderKL.from_single_file(path, torch_dtype=dtype)
-    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
-    return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
-
-
-def _unwrapped(module: Any) -> Any:
-    return getattr(module, "module", module)
-
-
-def refuse_unsafe_pickle(path: str) -> None:
-    """A .ckpt/.pt/.bin is a pickle that could run code; accept it only if it loads with weights_only=True."""
-    if path.lower().endswith(".safetensors"):
-        return
-    from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle
-
-    try:
-        load_plain_pickle(path, "checkpoint", mmap=True)  # mmap: a 4 GB checkpoint is not read into memory
-    except UnsafePickleError:
-        raise ModelLoadError(
-            f"model.base: {path} is a pickle that needs more than plain tensors to load (it could run code), "
-            "so it was not loaded. Convert it to .safetensors with a tool you trust, or use the model's "
-            "diffusers folder"
-        ) from None
-
-
-def _explain_load_failure(base: str, exc: Exception, key: str = "model.base") -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    text = f"could not load {key} {base!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    if not os.path.exists(os.path.expanduser(base)):
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub may be unreachable from this machine"
-        text += (f"\n  {base!r} is not a local path, so it was looked up on the Hugging Face hub and {why}. "
-                 f"Download it where there is network (`huggingface-cli download {base} --local-dir DIR`) "
-                 f"and set {key} to that folder.")
-    return text

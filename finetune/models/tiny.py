@@ -24,7 +24,8 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
-def build_tokenizer(max_length: int = 32):
+def build_tokenizer(max_length: int = 32, pad_token: str | None = None):
+    """`pad_token`: SDXL's second tokenizer pads with "!" in the released model, not with the end token."""
     from transformers import CLIPTokenizer
 
     alphabet = _byte_alphabet()
@@ -33,7 +34,7 @@ def build_tokenizer(max_length: int = 32):
         (Path(folder) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
         (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
         return CLIPTokenizer(str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"),
-                             model_max_length=max_length)
+                             model_max_length=max_length, **({"pad_token": pad_token} if pad_token else {}))
 
 
 def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32):
@@ -63,11 +64,50 @@ def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32):
                                    requires_safety_checker=False)
 
 
-def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
+def _clip(tokenizer, width: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, force_upcast: bool = True):
+    """A StableDiffusionXLPipeline of the same build as the released one, in miniature: CLIP-L 16 wide and CLIP-G
+    32 wide with a projection, a U-Net attending to both (48 wide) with SDXL's text_time embedding (6 size numbers
+    x 8 + the pooled 32), linear projections and two transformer layers in the inner block; 32 px images."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
+    text_encoder, text_encoder_2 = _clip(tokenizer, 16), _clip(tokenizer_2, 32, with_projection=True)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=16 + 32, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, force_upcast=force_upcast, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
+BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline}
+
+
+def save_tiny_pipeline(folder: str | Path, seed: int = 0, family: str = "sd") -> Path:
+    """Write a tiny pipeline of `family` ("sd" or "sdxl") as a diffusers folder."""
     from finetune.paths import give_umask_permissions
 
     folder = Path(folder)
-    build_tiny_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    BUILDERS[family](seed).save_pretrained(folder, safe_serialization=True)
     give_umask_permissions(folder)
     return folder
 
@@ -76,11 +116,12 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m finetune.models.tiny",
-                                     description="Write a tiny random Stable Diffusion pipeline (a test model).")
+                                     description="Write a tiny random Stable Diffusion (or SDXL) pipeline (a test model).")
     parser.add_argument("folder", nargs="?", default="outputs/tiny-sd", help="where to write it (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--family", choices=sorted(BUILDERS), default="sd", help="model family (default sd)")
     args = parser.parse_args()
     from finetune import console
 
     console.configure()  # the libraries' warnings that do not apply stay out of the way, as in the CLI
-    print(f"wrote {save_tiny_pipeline(args.folder, args.seed)}")
+    print(f"wrote {save_tiny_pipeline(args.folder, args.seed, args.family)}")

@@ -63,9 +63,14 @@ def _check_model(recipe: Recipe) -> list[str]:
             "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
     try:
-        family_of(m.base)  # an SDXL or Flux base is named here, not met as a TypeError inside diffusers
+        found = family_of(m.base)  # an SD3 or Flux base is named here, not met as a TypeError inside diffusers
     except UnsupportedFamily as exc:
         problems.append(str(exc))
+    else:
+        if found and m.family not in ("auto", found):
+            problems.append(f"model.family: {m.family}, but {m.base} is a {found} model (told from its "
+                            f"{'model_index.json' if os.path.isdir(os.path.expanduser(m.base)) else 'keys'}); "
+                            f"set model.family: {found} or auto")
     if m.vae and looks_like_local_path(m.vae) and not os.path.exists(os.path.expanduser(m.vae)):
         problems.append(f"model.vae: {m.vae} does not exist; give a folder holding a VAE (its config.json), a "
                         "pipeline folder, a single .safetensors file, or a hub id such as stabilityai/sd-vae-ft-mse")

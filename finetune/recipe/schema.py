@@ -27,7 +27,9 @@ class ModelOptions:
     variant: Optional[str] = None  # e.g. "fp16" for the fp16 weight files of a hub repository
     # dtype of the frozen base; "auto" follows train.mixed_precision
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    family: Literal["auto", "sd"] = "auto"
+    # which model family (finetune/models/): "auto" tells it from a diffusers folder's model_index.json or a
+    # single file's keys; a hub id or .ckpt that cannot be read before loading is taken as sd unless set here
+    family: Literal["auto", "sd", "sdxl"] = "auto"
     # None: take it from the base's scheduler config
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     # for a single-file checkpoint: a diffusers folder or hub id holding the matching configs

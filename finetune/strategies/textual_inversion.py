@@ -97,6 +97,7 @@ class Strategy(CommonDefaults):
     def __init__(self, options: Options):
         self.options = options
         self.encoders: dict[str, torch.nn.Module] = {}  # family's encoder name -> text encoder
+        self.file_keys: dict[str, str] = {}  # encoder name -> its key in the file (SDXL: clip_l, clip_g)
         self.rows: dict[str, torch.Tensor] = {}  # encoder name -> ids of the new rows, placeholder-major
         self.untouched: dict[str, torch.Tensor] = {}  # encoder name -> embedding matrix as it was
 
@@ -110,8 +111,17 @@ class Strategy(CommonDefaults):
         return words * len(self.placeholders) if len(words) == 1 else words
 
     def check(self, family: ModelFamily, parts: Components) -> None:
-        for _, tokenizer, _ in family.text_encoders(parts):
+        encoders = family.text_encoders(parts)
+        for _, tokenizer, _ in encoders:
             check_placeholders(tokenizer, self.placeholders, self.initializers)
+        if len(encoders) > 1 and len(self.placeholders) > 1:
+            raise StrategySetupError(
+                f"strategy.placeholder_token: {family.name} has {len(encoders)} text encoders, and its embedding "
+                "file (clip_l, clip_g) holds one placeholder; train one placeholder per run")
+        if len(encoders) > 1 and self.options.a1111_pt:
+            raise StrategySetupError(
+                f"strategy.a1111_pt: AUTOMATIC1111's .pt holds one text encoder's vectors; {family.name} embeddings "
+                "are written as .safetensors with clip_l and clip_g, which AUTOMATIC1111 reads; remove a1111_pt")
 
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         o = self.options
@@ -129,6 +139,7 @@ class Strategy(CommonDefaults):
                 embedding.weight[rows] = embedding.weight[seeds]
             embedding.weight.requires_grad_(True)
             self.encoders[name], self.rows[name] = encoder, rows
+            self.file_keys[name] = getattr(family, "embedding_keys", {}).get(name, name)
             self.untouched[name] = embedding.weight.detach().clone()
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
@@ -167,13 +178,13 @@ class Strategy(CommonDefaults):
                 weight[keep] = self.untouched[name][keep]
 
     def learned(self) -> dict[str, dict[str, torch.Tensor]]:
-        """placeholder -> encoder name -> tensor[num_vectors, dim]."""
+        """placeholder -> encoder's file key (its name; SDXL's clip_l, clip_g) -> tensor[num_vectors, dim]."""
         n = self.options.num_vectors
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name, encoder in self.encoders.items():
             weight = encoder.get_input_embeddings().weight.detach()
             for i, token in enumerate(self.placeholders):
-                out.setdefault(token, {})[name] = weight[self.rows[name][i * n:(i + 1) * n]].float().cpu().clone()
+                out.setdefault(token, {})[self.file_keys[name]] = weight[self.rows[name][i * n:(i + 1) * n]].float().cpu().clone()
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -185,7 +196,7 @@ class Strategy(CommonDefaults):
             for name, encoder in self.encoders.items():
                 weight = encoder.get_input_embeddings().weight
                 for i, token in enumerate(self.placeholders):
-                    weight[self.rows[name][i * n:(i + 1) * n]] = state[f"{name}.{token}"].to(weight)
+                    weight[self.rows[name][i * n:(i + 1) * n]] = state[f"{self.file_keys[name]}.{token}"].to(weight)
 
     def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
         meta = {**metadata, "finetune.num_vectors": str(self.options.num_vectors),

@@ -51,7 +51,8 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
         class_captions = [settings.class_prompts[i] for i in picks]
         with torch.no_grad(), strategy.frozen_base(parts) as base:
             conditioning = encoder.conditioning(base, class_captions, text_encoder_trains=False)
-            frozen_target = family.predict(base, cls.noisy, cls.timesteps, conditioning).float()
+            frozen_target = family.predict(base, cls.noisy, cls.timesteps, conditioning,
+                                           _on(batch["conditions"], cls.noisy.device)).float()
         halves.append(cls)
         captions += class_captions
 
@@ -59,7 +60,10 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
         conditioning = encoder.conditioning(parts, captions, settings.text_encoder_trains)
     noisy = torch.cat([h.noisy for h in halves])
     timesteps = torch.cat([h.timesteps for h in halves])
-    prediction = family.predict(parts, noisy, timesteps, conditioning)
+    # what each image tells the model besides its pixels (SDXL's sizes and crop corners), for both halves
+    image_conditions = [batch["conditions"]] + [(class_batch or batch)["conditions"]] * (len(halves) - 1)
+    conditions = {key: torch.cat([c[key] for c in image_conditions]) for key in batch["conditions"]}
+    prediction = family.predict(parts, noisy, timesteps, conditioning, _on(conditions, noisy.device))
     wanted = [h.target for h in halves]
     if frozen_target is not None:
         wanted[1] = frozen_target
@@ -72,3 +76,7 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
     if len(halves) == 2:
         loss = loss + settings.prior_weight * strategy.loss(per_sample[n:], class_batch or batch)
     return loss
+
+
+def _on(conditions: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in conditions.items()}

@@ -1,0 +1,81 @@
+"""Loading a frozen base the ways users point at one (a hub id, a diffusers folder, a single checkpoint), with
+errors that say what to do; shared by the families."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from finetune.models.base import Components, ModelLoadError, pipeline_components
+
+
+def load_frozen(pipeline_class: Any, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
+                config: str | None, vae: str | None, extra_kwargs: dict[str, Any]) -> Components:
+    """`pipeline_class` (a diffusers pipeline) from `base`, every part frozen and in eval mode; `vae` replaces
+    its VAE. Raises ModelLoadError naming the base (or model.vae) and the fix."""
+    from diffusers import DDPMScheduler
+
+    path = os.path.expanduser(base)
+    try:
+        if os.path.isfile(path):
+            refuse_unsafe_pickle(path)
+            pipe = pipeline_class.from_single_file(path, config=config, dtype=dtype, **extra_kwargs)
+        else:
+            pipe = pipeline_class.from_pretrained(path, revision=revision, variant=variant, dtype=dtype,
+                                                  **extra_kwargs)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(_explain_load_failure(base, exc)) from exc
+    if vae is not None:
+        try:
+            pipe.vae = load_vae(vae, dtype)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ModelLoadError(_explain_load_failure(vae, exc, key="model.vae")) from exc
+    parts = pipeline_components(pipe, base, DDPMScheduler.from_config(pipe.scheduler.config),
+                                {"sampling_scheduler": pipe.scheduler})
+    for module in parts.modules.values():
+        module.requires_grad_(False)
+        module.eval()
+    return parts
+
+
+def load_vae(source: str, dtype: torch.dtype) -> Any:
+    """An AutoencoderKL from a folder holding one (config.json), a pipeline folder (its vae/), a single file, or
+    a hub id."""
+    from diffusers import AutoencoderKL
+
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):
+        refuse_unsafe_pickle(path)
+        return AutoencoderKL.from_single_file(path, torch_dtype=dtype)
+    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
+    return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+
+
+def refuse_unsafe_pickle(path: str) -> None:
+    """A .ckpt/.pt/.bin is a pickle that could run code; accept it only if it loads with weights_only=True."""
+    if path.lower().endswith(".safetensors"):
+        return
+    from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle
+
+    try:
+        load_plain_pickle(path, "checkpoint", mmap=True)  # mmap: a 4 GB checkpoint is not read into memory
+    except UnsafePickleError:
+        raise ModelLoadError(
+            f"model.base: {path} is a pickle that needs more than plain tensors to load (it could run code), "
+            "so it was not loaded. Convert it to .safetensors with a tool you trust, or use the model's "
+            "diffusers folder"
+        ) from None
+
+
+def _explain_load_failure(base: str, exc: Exception, key: str = "model.base") -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    text = f"could not load {key} {base!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not os.path.exists(os.path.expanduser(base)):
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub may be unreachable from this machine"
+        text += (f"\n  {base!r} is not a local path, so it was looked up on the Hugging Face hub and {why}. "
+                 f"Download it where there is network (`huggingface-cli download {base} --local-dir DIR`) "
+                 f"and set {key} to that folder.")
+    return text

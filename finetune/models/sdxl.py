@@ -1,0 +1,111 @@
+"""Stable Diffusion XL: VAE + CLIP ViT-L (`text_encoder`) + OpenCLIP bigG with projection (`text_encoder_2`) +
+a UNet2DConditionModel with `addition_embed_type="text_time"`, as diffusers' StableDiffusionXLPipeline loads them.
+
+What differs from SD 1.x/2.x (diffusers' train_text_to_image_lora_sdxl.py and pipeline `encode_prompt`):
+- conditioning: both encoders' penultimate hidden states concatenated (768 + 1280 = 2048 wide), and the second
+  encoder's projected pooled output (1280);
+- micro-conditioning: per sample `time_ids` = original size (h, w) + crop top-left (top, left) + target size
+  (h, w), from what the data pipeline recorded for each image (finetune/data/images.py `size_conditions`);
+- the released VAE overflows in fp16 (`force_upcast: true` in its config): it stays in fp32 unless it says
+  it is safe (the fp16-fix VAE through `model.vae`).
+The objective is the same DDPM as SD's (epsilon by default).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from finetune.models import clip_prompts
+from finetune.models.base import Components, unwrapped
+from finetune.models.loading import load_frozen
+from finetune.models.stable_diffusion import StableDiffusion
+
+
+class StableDiffusionXL(StableDiffusion):
+    name = "sdxl"
+    # the text-encoder file keys AUTOMATIC1111, ComfyUI and kohya use for SDXL embeddings, per pipeline part
+    embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    # kohya's LoRA key prefixes for SDXL (its sdxl_train_network.py): lora_te1_ / lora_te2_
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    kohya_base_model_version = "sdxl_base_v1-0"
+
+    def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
+             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None) -> Components:
+        """As StableDiffusion.load; the VAE is kept in fp32 when its config says half precision is not safe
+        (`force_upcast`, the released SDXL VAE: NaN latents in fp16)."""
+        from diffusers import StableDiffusionXLPipeline
+
+        parts = load_frozen(StableDiffusionXLPipeline, base, revision=revision, variant=variant, dtype=dtype,
+                            config=config, vae=vae, extra_kwargs={})
+        if getattr(parts.vae.config, "force_upcast", False) and dtype != torch.float32:
+            parts.vae.to(torch.float32)
+        return parts
+
+    def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
+        """(name, tokenizer, text encoder) for CLIP-L and CLIP-G, in the pipeline's order."""
+        return [(name, tokenizer, unwrapped(parts.modules[name]))
+                for name, tokenizer in zip(parts.text_encoder_names, _tokenizers(parts))]
+
+    def encode_image_moments(self, parts: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As SD's, in the VAE's own dtype (fp32 for an upcast VAE); fp16 autocast would undo the upcast."""
+        device_type = parts.vae.device.type
+        with torch.autocast(device_type, enabled=False):
+            return super().encode_image_moments(parts, pixels)
+
+    def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states [batch, 77 x chunks, 2048]: both encoders' penultimate layers side by side, pooled
+        [batch, 1280]: CLIP-G's projection), as StableDiffusionXLPipeline.encode_prompt builds them."""
+        states, pooled = [], None
+        for (name, tokenizer, encoder) in self.text_encoders(parts):
+            ids = clip_prompts.tokenize(tokenizer, captions, parts.max_token_length)
+            device = next(encoder.parameters()).device
+            hidden, projected = clip_prompts.encode_penultimate(parts.modules[name], ids.to(device),
+                                                                tokenizer.model_max_length)
+            states.append(hidden)
+            pooled = projected if projected is not None else pooled  # the last encoder's, as the pipeline
+        return torch.cat(states, dim=-1), pooled
+
+    def tokenizer_of(self, base: str) -> Any | None:
+        from transformers import CLIPTokenizer
+
+        folder = os.path.join(os.path.expanduser(base), "tokenizer")
+        return CLIPTokenizer.from_pretrained(folder) if os.path.isdir(folder) else None
+
+    def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: tuple[torch.Tensor, torch.Tensor], conditions: dict[str, torch.Tensor]
+                ) -> torch.Tensor:
+        """The U-Net's output for `noisy` latents; `conditions` give each sample's `time_ids`."""
+        hidden, pooled = conditioning
+        dtype = unwrapped(parts.unet).dtype
+        added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids(conditions).to(noisy.device, dtype)}
+        return parts.unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample
+
+    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
+                         dtype: torch.dtype | None = None) -> Any:
+        from finetune.export.single_file_sdxl import save_single_file_sdxl
+
+        return save_single_file_sdxl(path, parts, metadata=metadata, dtype=dtype)
+
+    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
+        """An inference pipeline sharing the (possibly adapted) modules; `unwrap` strips DDP wrappers."""
+        from diffusers import StableDiffusionXLPipeline
+
+        unwrap = unwrap or unwrapped
+        tokenizer, tokenizer_2 = _tokenizers(parts)
+        return StableDiffusionXLPipeline(
+            vae=parts.vae, text_encoder=unwrap(parts.text_encoder), text_encoder_2=unwrap(parts.text_encoder_2),
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unwrap(parts.unet),
+            scheduler=parts.extra["sampling_scheduler"])
+
+
+def time_ids(conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[batch, 6]: original (h, w) + crop top-left (top, left) + target (h, w), the order of the pipeline's
+    `_get_add_time_ids` and the training scripts' `compute_time_ids`."""
+    return torch.cat([conditions["original_sizes"], conditions["crop_top_lefts"], conditions["target_sizes"]],
+                     dim=1).float()
+
+
+def _tokenizers(parts: Components) -> list[Any]:
+    return [parts.tokenizers[key] for key in sorted(parts.tokenizers, key=lambda k: (len(k), k))]
