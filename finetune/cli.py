@@ -185,7 +185,7 @@ def _sample(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        family = family_for("auto", args.base)
+        family = family_for("auto", args.base, hub=True)
         parts = family.load(args.base, dtype=torch.float16 if device == "cuda" else torch.float32)
         pipe = family.pipeline(parts).to(device)
         if args.adapter:

@@ -128,26 +128,30 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def train_keeping_parts(recipe):
-    """Train with the SD family, returning (artifact, the loaded components in eval mode) so a test can compare
-    the trained model with what a file loads back; accelerate's singletons are reset for module-scoped use."""
-    from finetune.models.stable_diffusion import StableDiffusion
+def train_keeping_parts(recipe, on_load=None):
+    """Train with the recipe's family, returning (artifact, the loaded components in eval mode) so a test can
+    compare the trained model with what a file loads back; `on_load(parts)` runs right after loading (e.g. to
+    hook a module). accelerate's singletons are reset for module-scoped use."""
+    from finetune.models import family_for
     from finetune.training import loop
 
     kept = {}
+    family = family_for(recipe.model.family, recipe.model.base)
 
-    class KeepParts(StableDiffusion):
+    class KeepParts(type(family)):
         def load(self, *args, **kwargs):
             kept["parts"] = super().load(*args, **kwargs)
+            if on_load is not None:
+                on_load(kept["parts"])
             return kept["parts"]
 
     original = loop.family_for
-    loop.family_for = lambda name, base=None: KeepParts()
+    loop.family_for = lambda name, base=None, hub=False: KeepParts()
     try:
         artifact = loop.train(recipe)
     finally:
         loop.family_for = original
         reset_accelerate()
-    for module in (kept["parts"].unet, kept["parts"].text_encoder):
+    for module in kept["parts"].modules.values():
         module.eval()
     return artifact, kept["parts"]

@@ -1,4 +1,5 @@
-"""What every strategy promises, checked the same way for each (adding one to CONTRACT covers it):
+"""What every strategy promises on every model family, checked the same way for each (adding a strategy to
+CONTRACT, or a family to finetune.models.FAMILIES, covers it):
 - right after `prepare` the model computes exactly what the base does;
 - training changes only the parameters the strategy hands the optimizer (and never the VAE);
 - the loss on fixed data falls;
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from finetune.data.dataset import uncropped_conditions
-from finetune.models.stable_diffusion import StableDiffusion
+from finetune.models import FAMILIES, family_for
+from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
 from finetune.shapes.demo import tuned_pipeline
 from finetune.strategies import KINDS
@@ -33,10 +35,11 @@ class Contract:
 CONTRACT = {
     "lora": Contract({"kind": "lora", "rank": 4, "text_encoder": True}, "a purple sks", 5e-3, "a purple sks"),
     "dreambooth": Contract({"kind": "dreambooth", "text_encoder": True}, "a purple sks", 1e-4, "a purple sks",
-                           ("unet.", "text_encoder.")),
+                           ("unet.", "text_encoder.", "text_encoder_2.")),
     "textual_inversion": Contract(
         {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x"}, "a purple <sks>",
-        5e-2, "a purple x", ("text_encoder.embeddings.token_embedding.weight",)),
+        5e-2, "a purple x", ("text_encoder.embeddings.token_embedding.weight",  # CLIP-L (transformers >= 5.6)
+                              "text_encoder_2.text_model.embeddings.token_embedding.weight")),  # SDXL's CLIP-G
     "hypernetwork": Contract({"kind": "hypernetwork", "layer_structure": [1, 2, 1]}, "a purple sks", 5e-3,
                              "a purple sks"),
 }
@@ -49,29 +52,37 @@ def test_every_strategy_is_under_contract():
 def _outputs(family, parts, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The text encoding of `prompt` and the denoiser's prediction for fixed latents and timesteps."""
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, parts.unet.config.in_channels, 8, 8, generator=generator)
+    latents = torch.randn(1, parts.denoiser.config.in_channels, 8, 8, generator=generator)
     with torch.no_grad():
         conditioning = family.encode_prompts(parts, [prompt])
         return conditioning, family.predict(parts, latents, torch.tensor([500]), conditioning,
                                                  uncropped_conditions(1, 32, 32))
 
 
-@pytest.fixture(scope="module", params=list(CONTRACT))
-def run(request, tiny_base, concept_dir, tmp_path_factory):
-    """One short run per strategy, keeping the base as loaded, the strategy, and the model as trained."""
+@pytest.fixture(scope="module")
+def tiny_bases(tiny_base, tmp_path_factory):
+    return {name: tiny_base if name == "sd" else save_tiny_pipeline(tmp_path_factory.mktemp(name) / "base",
+                                                                     family=name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="module", params=[(kind, family) for family in FAMILIES for kind in CONTRACT],
+                ids=lambda param: f"{param[0]}-{param[1]}")
+def run(request, tiny_bases, concept_dir, tmp_path_factory):
+    """One short run per strategy and family, keeping the base as loaded, the strategy, and the model as
+    trained."""
     from PIL import Image
 
-    contract = CONTRACT[request.param]
+    kind, family_name = request.param
+    tiny_base = tiny_bases[family_name]
+    contract = CONTRACT[kind]
     options, prompt, learning_rate, base_prompt = (contract.options, contract.prompt, contract.learning_rate,
                                                    contract.base_prompt)
     pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1)
                           .permute(2, 0, 1) for p in sorted(concept_dir.glob("*.png"))])
-    family = StableDiffusion()
+    family = family_for(family_name)
     kept: dict = {"reference": family.load(str(tiny_base))}
-    for module in (kept["reference"].unet, kept["reference"].text_encoder):
-        module.eval()
 
-    class Keeping(StableDiffusion):
+    class Keeping(type(family)):
         def load(self, *args, **kwargs):
             kept["parts"] = super().load(*args, **kwargs)
             return kept["parts"]
@@ -89,19 +100,19 @@ def run(request, tiny_base, concept_dir, tmp_path_factory):
         return kept["strategy"]
 
     real_create, real_family = loop.create_strategy, loop.family_for
-    loop.create_strategy, loop.family_for = create, (lambda name, base=None: Keeping())
+    loop.create_strategy, loop.family_for = create, (lambda name, base=None, hub=False: Keeping())
     try:
-        out = tmp_path_factory.mktemp(request.param) / "out"
+        out = tmp_path_factory.mktemp(f"{kind}-{family_name}") / "out"
         recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=options,
                                           train={"max_steps": 12, "learning_rate": learning_rate, "batch_size": 4}))
         kept["artifact"] = loop.train(recipe)
     finally:
         loop.create_strategy, loop.family_for = real_create, real_family
         reset_accelerate()
-    for module in (kept["parts"].unet, kept["parts"].text_encoder):
+    for module in kept["parts"].modules.values():
         module.eval()
     kept["loss_after"] = fixed_loss(family, kept["parts"], pixels, [prompt] * len(pixels))
-    kept.update(family=family, prompt=prompt, learning_rate=learning_rate, base=tiny_base, name=request.param)
+    kept.update(family=family, prompt=prompt, learning_rate=learning_rate, base=tiny_base, name=kind)
     return kept
 
 
@@ -114,9 +125,10 @@ def test_prepare_changes_nothing_the_model_computes(run):
 def test_only_what_the_strategy_trains_changes(run):
     allowed = CONTRACT[run["name"]].base_weights
     given = {id(p) for group in run["strategy"].parameter_groups(run["learning_rate"]) for p in group["params"]}
-    for component in ("vae", "unet", "text_encoder"):
-        reference = dict(getattr(run["reference"], component).named_parameters())
-        trained = getattr(run["parts"], component)
+    assert set(run["parts"].modules) == set(run["reference"].modules)
+    for component, module in run["reference"].modules.items():
+        reference = dict(module.named_parameters())
+        trained = run["parts"].modules[component]
         # peft keeps an adapted layer's own weight as `<layer>.base_layer.weight`: compared under its plain name
         changed = [name for name, p in trained.named_parameters()
                    if name.replace(".base_layer", "") in reference

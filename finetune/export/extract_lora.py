@@ -91,7 +91,7 @@ def extract_lora(tuned: str, base: str, rank: int, out: str | Path, device: str 
     if not (Path(tuned) / "model_index.json").is_file():
         raise ValueError(f"--tuned: {tuned} is not a diffusers pipeline folder (no model_index.json); "
                          "give the `pipeline` folder a DreamBooth run wrote")
-    family = family_for("auto", base)
+    family = family_for("auto", base, hub=True)
     tuned_parts, base_parts = family.load(tuned), family.load(base)
     results: dict[str, Extracted] = {}
     base_modules = adaptable_modules(base_parts)

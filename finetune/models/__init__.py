@@ -10,13 +10,15 @@ FAMILIES = {"sd": ("finetune.models.stable_diffusion", "StableDiffusion"),
             "sdxl": ("finetune.models.sdxl", "StableDiffusionXL")}
 
 
-def family_for(name: str, base: str | None = None) -> Any:
-    """The family called `name` ("auto": told from `base` where it can be, finetune/models/detect.py; raises
-    UnsupportedFamily, a ValueError naming it, for a base of a family not trained here)."""
+def family_for(name: str, base: str | None = None, hub: bool = False) -> Any:
+    """The family called `name` ("auto": told from `base` where it can be, finetune/models/detect.py; with `hub`,
+    a hub id's model_index.json is fetched to tell it, as loading would). Raises UnsupportedFamily, a ValueError
+    naming it, for a base of a family not trained here."""
     if name == "auto" and base is not None:
-        from finetune.models.detect import family_of
+        from finetune.models.detect import family_of, hub_family
 
-        name = family_of(base) or "sd"  # a hub id or .ckpt that cannot be read before loading: model.family says
+        # a .ckpt, or a hub id not looked up: Stable Diffusion 1.x/2.x unless model.family says otherwise
+        name = family_of(base) or (hub and hub_family(base)) or "sd"
     if name == "auto":
         name = "sd"
     if name not in FAMILIES:

@@ -28,14 +28,7 @@ def family_of(base: str) -> str | None:
     path = os.path.expanduser(base)
     index = os.path.join(path, "model_index.json")
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as handle:
-                name = json.load(handle).get("_class_name", "")
-        except (OSError, ValueError):
-            return None
-        if name in NOT_YET:
-            _refuse(base, f"a {NOT_YET[name]} pipeline ({name} in model_index.json)")
-        return FAMILIES.get(name)
+        return _family_in_index(base, index)
     if os.path.isfile(path) and path.endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -48,6 +41,31 @@ def family_of(base: str) -> str | None:
             return "sdxl"
         return "sd" if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys) else None
     return None
+
+
+def hub_family(base: str, revision: str | None = None) -> str | None:
+    """The family of a hub id from its model_index.json alone (a few hundred bytes, fetched as from_pretrained
+    would, or from the local hub cache); None when it cannot be fetched or the id is no pipeline repository."""
+    if os.path.exists(os.path.expanduser(base)) or base.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = hf_hub_download(base, "model_index.json", revision=revision)
+    except Exception:  # offline, unknown repository, no such file: loading will say what is wrong
+        return None
+    return _family_in_index(base, index)
+
+
+def _family_in_index(base: str, index: str) -> str | None:
+    try:
+        with open(index, encoding="utf-8") as handle:
+            name = json.load(handle).get("_class_name", "")
+    except (OSError, ValueError):
+        return None
+    if name in NOT_YET:
+        _refuse(base, f"a {NOT_YET[name]} pipeline ({name} in model_index.json)")
+    return FAMILIES.get(name)
 
 
 def _refuse(base: str, what: str) -> None:

@@ -34,9 +34,10 @@ def available_strategies() -> list[str]:
 
 
 def load_base_pipeline(base: str | Path):
-    from diffusers import StableDiffusionPipeline
+    """The pipeline class a folder's model_index.json names (SD, SDXL, ...)."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(base))
+    pipe = DiffusionPipeline.from_pretrained(str(base))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -23,7 +23,7 @@ def _module_names(base: str | None) -> dict[str, list[str]] | None:
     from finetune.export.kohya_lora import module_paths
     from finetune.models import family_for
 
-    return module_paths(family_for("auto", base).load(base))
+    return module_paths(family_for("auto", base, hub=True).load(base))
 
 
 def convert(source: str | Path, out: str | Path, to: str, base: str | None = None,

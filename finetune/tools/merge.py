@@ -47,7 +47,7 @@ def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dt
     for path, _ in adapters:
         if not Path(path).is_file():
             raise LoraFileError(f"--lora: {path}: no such file")
-    family = family_for("auto", base)
+    family = family_for("auto", base, hub=True)
     parts = family.load(base)
     pipe = family.pipeline(parts)
     lines = []

@@ -128,7 +128,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             remove_earlier_run(earlier_run)
     first_step = saved[0]["step"] if resume_from is not None else 0
 
-    family = family_for(recipe.model.family, recipe.model.base)
+    family = family_for(recipe.model.family, recipe.model.base, hub=True)
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
                         dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config,
                         vae=recipe.model.vae)

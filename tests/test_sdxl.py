@@ -1,0 +1,174 @@
+"""Stable Diffusion XL through the shared loop, on a tiny SDXL built from configs (finetune/models/tiny.py): what the
+loop conditions the U-Net with equals what the SDXL pipeline builds at inference, each strategy's SDXL files, the
+fp32 VAE, detection, recipes and sampling. What every family shares is in test_family_contract.py and
+test_strategy_contract.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from finetune.models import family_for
+from finetune.models.tiny import save_tiny_pipeline
+from finetune.recipe.load import parse_recipe
+from tests.conftest import draw_concept, recipe_dict, train_keeping_parts
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
+
+
+def sdxl_pipeline(path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images_of(pipe, prompt="a purple sks"):
+    generator = torch.Generator().manual_seed(0)
+    return pipe([prompt], num_inference_steps=2, guidance_scale=3.0, height=32, width=32, generator=generator,
+                output_type="np").images
+
+
+def test_the_loop_conditions_the_unet_as_the_sdxl_pipeline_does(sdxl_base, tmp_path):
+    """Training sees what inference sees: for a 48x32 image (centre-cropped to 32x32, so its corner is (0, 8)) and
+    its caption, the U-Net's first call gets the pipeline's encode_prompt hidden states and pooled embedding, and
+    its time-id helper's (original size, crop corner, target size)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (48, 32), "purple").save(folder / "wide.png")
+    (folder / "wide.txt").write_text("a purple sks")
+    calls = []
+
+    def record(parts):
+        parts.unet.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append((args[2].detach().clone(), {
+                k: v.detach().clone() for k, v in kwargs["added_cond_kwargs"].items()})), with_kwargs=True)
+
+    recipe = parse_recipe(recipe_dict(sdxl_base, folder, tmp_path / "out", train={"max_steps": 1, "batch_size": 1}))
+    train_keeping_parts(recipe, on_load=record)
+    hidden, added = calls[0]
+    pipe = sdxl_pipeline(sdxl_base)
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(["a purple sks"], do_classifier_free_guidance=False)
+    time_ids = pipe._get_add_time_ids((32, 48), (0, 8), (32, 32), dtype=torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    assert hidden.shape[-1] == 16 + 32  # CLIP-L and CLIP-G side by side
+    torch.testing.assert_close(hidden, prompt_embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(added["text_embeds"], pooled, rtol=0, atol=1e-6)
+    assert torch.equal(added["time_ids"], time_ids)
+
+
+@pytest.fixture(scope="module")
+def lora_run(sdxl_base, tmp_path_factory):
+    """LoRA on the U-Net and both text encoders, CLIP-G with its own rank and learning rate; a sample grid."""
+    tmp = tmp_path_factory.mktemp("sdxl-lora")
+    recipe = parse_recipe(recipe_dict(
+        sdxl_base, draw_concept(tmp / "images"), tmp / "out",
+        strategy={"kind": "lora", "rank": 4, "text_encoder": True, "text_encoder_2_rank": 2,
+                  "text_encoder_2_learning_rate": 3e-4, "formats": ["diffusers"]},
+        train={"max_steps": 6, "learning_rate": 5e-3, "batch_size": 2},
+        sample={"every": 6, "prompts": ["a purple sks"], "steps": 2}))
+    artifact, parts = train_keeping_parts(recipe)
+    return artifact, parts, tmp / "out"
+
+
+def test_lora_files_use_the_sdxl_prefixes_and_load_in_diffusers(lora_run, sdxl_base):
+    from safetensors import safe_open
+
+    artifact, parts, _ = lora_run
+    with safe_open(str(artifact), "pt") as handle:
+        keys = list(handle.keys())
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    # the text_model. level the files ComfyUI and kohya read have, for both CLIPs
+    assert all(k.startswith(("text_encoder.text_model.", "text_encoder_2.text_model."))
+               for k in keys if k.startswith("text_encoder"))
+    assert config["text_encoder.r"] == 4 and config["text_encoder_2.r"] == 2
+    trained = family_for("sdxl").pipeline(parts)
+    loaded = sdxl_pipeline(sdxl_base)
+    loaded.load_lora_weights(str(artifact))  # diffusers' own loader
+    base = images_of(sdxl_pipeline(sdxl_base))
+    assert np.abs(images_of(trained) - base).max() > 1e-3  # the LoRA does something
+    np.testing.assert_allclose(images_of(loaded), images_of(trained), atol=1e-5)
+
+
+def test_each_text_encoder_trains_at_its_own_learning_rate(sdxl_base, tmp_path):
+    from finetune.strategies.lora import Options, Strategy
+
+    parts = family_for("sdxl").load(str(sdxl_base))
+    strategy = Strategy(Options(kind="lora", rank=4, text_encoder=True, text_encoder_learning_rate=2e-4,
+                                text_encoder_2_learning_rate=3e-4))
+    strategy.prepare(family_for("sdxl"), parts)
+    rates = [group["lr"] for group in strategy.parameter_groups(1e-3)]
+    assert rates == [1e-3, 2e-4, 3e-4]  # U-Net, CLIP-L, CLIP-G
+    only_g = Strategy(Options(kind="lora", rank=4, text_encoder_2=True))
+    only_g.prepare(family_for("sdxl"), family_for("sdxl").load(str(sdxl_base)))
+    assert list(only_g.modules) == ["unet", "text_encoder_2"]
+
+
+def test_a_sample_grid_is_drawn_while_training_and_by_finetune_sample(lora_run, sdxl_base, tmp_path):
+    from finetune.cli import main
+
+    _, _, out = lora_run
+    assert (out / "samples" / "step-000006.png").is_file()
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--base", str(sdxl_base), "--prompt", "a purple sks", "--steps", "2",
+                 "--out", str(grid)]) == 0
+    assert Image.open(grid).size[0] >= 32
+
+
+def test_the_vae_stays_fp32_unless_it_says_half_precision_is_safe(sdxl_base, tmp_path):
+    """The released SDXL VAE makes NaNs in fp16 (force_upcast in its config); an fp16-safe one (the fp16-fix VAE,
+    given as model.vae) follows the base's dtype."""
+    from finetune.models.tiny import build_tiny_sdxl_pipeline
+
+    family = family_for("sdxl")
+    parts = family.load(str(sdxl_base), dtype=torch.bfloat16)
+    assert parts.vae.dtype == torch.float32 and parts.unet.dtype == torch.bfloat16
+    safe_vae = tmp_path / "safe-vae"
+    build_tiny_sdxl_pipeline(force_upcast=False).vae.save_pretrained(safe_vae)
+    parts = family.load(str(sdxl_base), dtype=torch.bfloat16, vae=str(safe_vae))
+    assert parts.vae.dtype == torch.bfloat16
+    with torch.no_grad():  # fp32 latents from an fp32 VAE under a bf16 run
+        mean, _ = family.encode_image_moments(family.load(str(sdxl_base), dtype=torch.bfloat16),
+                                              torch.zeros(1, 3, 32, 32))
+    assert mean.dtype == torch.float32
+
+
+def test_an_sdxl_base_is_told_from_its_folder_its_file_or_its_hub_id(sdxl_base, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from finetune.models.detect import family_of
+
+    assert family_of(str(sdxl_base)) == "sdxl"
+    single = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(single))
+    assert family_of(str(single)) == "sdxl"
+    import huggingface_hub
+
+    # a hub id: its model_index.json alone is fetched (here: from a stand-in for the hub cache)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name, revision=None: str(sdxl_base / "model_index.json"))
+    assert family_for("auto", "stabilityai/stable-diffusion-xl-base-1.0", hub=True).name == "sdxl"
+    assert family_for("auto", "stabilityai/stable-diffusion-xl-base-1.0").name == "sd"  # not looked up
+
+
+def test_validate_refuses_a_family_that_is_not_the_bases(sdxl_base, tmp_path, capsys):
+    from finetune.cli import main
+
+    recipe = recipe_dict(sdxl_base, draw_concept(tmp_path / "images", count=1), tmp_path / "out")
+    recipe["model"]["family"] = "sd"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    assert "model.family: sd, but" in capsys.readouterr().err
+    recipe["model"]["family"] = "sdxl"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
