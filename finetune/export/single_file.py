@@ -173,7 +173,9 @@ def vae_prefix_map(config: Any) -> PrefixMap:
 
 
 def _rename(state_dict: dict[str, torch.Tensor], prefixes: PrefixMap, target_prefix: str,
-            what: str) -> dict[str, torch.Tensor]:
+            what: str, layout: str = "SD1", family: str = "SD1/SD2") -> dict[str, torch.Tensor]:
+    """`state_dict` under `target_prefix` with every key renamed by `prefixes`; an error names any key it cannot
+    place (`layout` and `family` only word that error: single_file_sdxl.py reuses this for SDXL)."""
     renamed: dict[str, torch.Tensor] = {}
     unmapped = []
     for key, value in state_dict.items():
@@ -187,8 +189,8 @@ def _rename(state_dict: dict[str, torch.Tensor], prefixes: PrefixMap, target_pre
     if unmapped:
         shown = ", ".join(unmapped[:5]) + (f" (and {len(unmapped) - 5} more)" if len(unmapped) > 5 else "")
         raise SingleFileExportError(
-            f"{what}: {len(unmapped)} parameter(s) have no place in the SD1 original layout, so the checkpoint would "
-            f"lose them: {shown}. Is this an SD1/SD2 {what}?")
+            f"{what}: {len(unmapped)} parameter(s) have no place in the {layout} original layout, so the checkpoint "
+            f"would lose them: {shown}. Is this an {family} {what}?")
     return renamed
 
 
