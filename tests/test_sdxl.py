@@ -172,3 +172,87 @@ def test_validate_refuses_a_family_that_is_not_the_bases(sdxl_base, tmp_path, ca
     recipe["model"]["family"] = "sdxl"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+
+
+def test_a_hypernetwork_works_at_sdxl_widths_and_keys_a1111s_file_by_them(sdxl_base, tmp_path):
+    """AUTOMATIC1111 keys a hypernetwork's modules by the context width they rewrite: SDXL's is both CLIPs side
+    by side (2048 in the released model, 16 + 32 here); with self_attention also the U-Net's own widths."""
+    from finetune import load_adapter
+    from finetune.export import hypernetwork as files
+
+    recipe = parse_recipe(recipe_dict(
+        sdxl_base, draw_concept(tmp_path / "images"), tmp_path / "out",
+        strategy={"kind": "hypernetwork", "self_attention": True, "a1111_pt": True},
+        train={"max_steps": 6, "learning_rate": 5e-3, "batch_size": 2}))
+    artifact, parts = train_keeping_parts(recipe)
+    a1111 = files.read_a1111_pt(tmp_path / "out" / "a1111" / "hypernetwork.pt")
+    assert a1111.structure.widths == (16 + 32, 64)  # context; the attention blocks' own width (64 channels)
+    trained = images_of(family_for("sdxl").pipeline(parts))
+    for path in (artifact, tmp_path / "out" / "a1111" / "hypernetwork.pt"):
+        pipe = sdxl_pipeline(sdxl_base)
+        load_adapter(pipe, path)
+        np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
+
+
+def test_textual_inversion_writes_one_file_with_clip_l_and_clip_g(sdxl_base, tmp_path):
+    """The layout AUTOMATIC1111, ComfyUI and kohya read for SDXL; diffusers loads it with one
+    load_textual_inversion call per encoder (as the README shows), finetune.load_adapter with one."""
+    from safetensors.torch import load_file
+
+    from finetune import load_adapter
+
+    recipe = parse_recipe(recipe_dict(
+        sdxl_base, draw_concept(tmp_path / "images"), tmp_path / "out",
+        strategy={"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x",
+                  "num_vectors": 2},
+        train={"max_steps": 6, "learning_rate": 5e-2, "batch_size": 2}))
+    artifact, parts = train_keeping_parts(recipe)
+    state = load_file(str(artifact))
+    assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (2, 16), "clip_g": (2, 32)}
+    assert load_file(str(tmp_path / "out" / "a1111" / "sks.safetensors")).keys() == state.keys()
+    trained = images_of(family_for("sdxl").pipeline(parts), "a purple <sks>")
+    by_hand = sdxl_pipeline(sdxl_base)
+    by_hand.load_textual_inversion(state["clip_l"], token="<sks>", text_encoder=by_hand.text_encoder,
+                                   tokenizer=by_hand.tokenizer)
+    by_hand.load_textual_inversion(state["clip_g"], token="<sks>", text_encoder=by_hand.text_encoder_2,
+                                   tokenizer=by_hand.tokenizer_2)
+    ours = sdxl_pipeline(sdxl_base)
+    load_adapter(ours, artifact)
+    for pipe in (by_hand, ours):
+        np.testing.assert_allclose(images_of(pipe, "a purple <sks>"), trained, atol=1e-5)
+
+
+def test_dreambooth_writes_an_sdxl_pipeline_that_extract_lora_compacts(sdxl_base, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from finetune import load_adapter
+    from finetune.export.extract_lora import extract_lora
+
+    recipe = parse_recipe(recipe_dict(
+        sdxl_base, draw_concept(tmp_path / "images"), tmp_path / "out",
+        strategy={"kind": "dreambooth", "text_encoder": True},
+        train={"max_steps": 4, "learning_rate": 1e-3, "batch_size": 2}))
+    folder, parts = train_keeping_parts(recipe)
+    tuned = sdxl_pipeline(folder)
+    assert isinstance(tuned, StableDiffusionXLPipeline)
+    trained = images_of(tuned)
+    np.testing.assert_allclose(trained, images_of(family_for("sdxl").pipeline(parts)), atol=2e-3)
+    path, results = extract_lora(str(folder), str(sdxl_base), rank=64, out=tmp_path / "extracted.safetensors")
+    assert set(results) == {"unet", "text_encoder", "text_encoder_2"}
+    pipe = sdxl_pipeline(sdxl_base)
+    load_adapter(pipe, path)
+    # full rank on the tiny model's small layers: the LoRA carries the fine-tune (norms aside, reported)
+    assert np.abs(images_of(pipe) - trained).max() < np.abs(images_of(sdxl_pipeline(sdxl_base)) - trained).max()
+
+
+def test_merge_writes_an_sdxl_single_file_that_draws_what_base_and_lora_draw(lora_run, sdxl_base, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from finetune.tools.merge import merge
+
+    artifact, parts, _ = lora_run
+    out = tmp_path / "merged.safetensors"
+    merge(str(sdxl_base), [(str(artifact), 1.0)], out, save_dtype="fp32")
+    merged = StableDiffusionXLPipeline.from_single_file(str(out), config=str(sdxl_base))
+    merged.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(images_of(merged), images_of(family_for("sdxl").pipeline(parts)), atol=1e-4)
