@@ -10,11 +10,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.cli import main
-from finetune.data.latent_cache import LatentStore, fill, pixel_key, vae_identity
+from finetune.data.caches import LatentStore, TextCache, fill, pixel_key, plan_caches, vae_identity
 from finetune.data.sources import Example
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
-from finetune.training.caches import TextCache, plan_caches
 from finetune.training.loop import train
 from finetune.training.offload import offload, on_device
 from tests.conftest import recipe_dict

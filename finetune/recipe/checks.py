@@ -144,8 +144,8 @@ def _check_buckets(d) -> list[str]:
 
 def _check_cache(recipe: Recipe) -> list[str]:
     """Cache settings that would train on something other than what the recipe says are refused here; "auto"
-    turns such a cache off with a message instead (finetune/training/caches.py)."""
-    from finetune.training.caches import latent_cache_conflict
+    turns such a cache off with a message instead (finetune/data/caches.py)."""
+    from finetune.data.caches import latent_cache_conflict
 
     problems = []
     c = recipe.cache

@@ -25,13 +25,13 @@ from finetune.data.prepare import prepare_data, trained_examples
 from finetune.data.sources import data_name, tag_frequency
 from finetune.data.buckets import format_report, write_report
 from finetune.data.captions import caption_report
-from finetune.data.latent_cache import estimated_bytes
+from finetune.data.caches import estimated_bytes, plan_caches
 from finetune.models import Components, family_for
 from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, interrupt, prior, saves, trackers
-from finetune.training.caches import BatchEncoder, make_encoder, plan_caches
+from finetune.training.inputs import BatchEncoder, make_encoder
 from finetune.training.failures import check_finite_loss
 from finetune.training.offload import offload, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
@@ -143,7 +143,9 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         say(line)
     class_count = recipe.prior.num_class_images if recipe.prior.mode == "class_images" else 0
     plan = plan_caches(recipe.cache.latents, recipe.cache.text, d.crop, recipe.strategy.changes_text_encoding(),
-                       estimated_bytes(len(examples) + class_count, 2 if d.random_flip else 1, d.resolution))
+                       estimated_bytes(len(examples) + class_count, 2 if d.random_flip else 1, d.resolution,
+                                       parts.vae.config.latent_channels,
+                                       2 ** (len(parts.vae.config.block_out_channels) - 1)))
     for note in plan.notes:
         say(note)
     encoder = make_encoder(family, parts, plan, accelerator.device, recipe.cache.dir,

@@ -9,7 +9,7 @@ from finetune.data.class_images import (ClassImageSpec, base_identity, class_exa
                                         ensure_class_images)
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import ModelOptions, PriorOptions
-from finetune.training.caches import BatchEncoder
+from finetune.training.inputs import BatchEncoder
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from finetune.models.base import Components, ModelFamily
-from finetune.training.caches import BatchEncoder
+from finetune.training.inputs import BatchEncoder
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,34 @@
-"""Latent cache: the VAE's latent distribution of each training image, computed once instead of every step.
+"""What the loop computes once instead of every step, and where it keeps it: the caches and when they are on.
 
-An entry is keyed by a digest of the exact pixels the VAE would see (so by the image's content, size, crop and
-flip) and of the VAE's weights and dtype; an image edited, a recipe resized, or another VAE never reuses an entry.
-Entries hold the distribution (mean and std), not one sample of it: each step still draws its own latent from
-the step's generator, exactly as an uncached step does, so caching changes speed and nothing else.
-
-`memory` keeps entries in RAM; `disk` keeps one small safetensors file per entry (written to a temporary name
-and renamed), shared by later runs.
+Two caches, both on by default where they give the same training as without them:
+- latents: the VAE's latent distribution of every image variant. An entry is keyed by a digest of the exact
+  pixels the VAE would see (so by the image's content, size, crop and flip) and of the VAE's weights and dtype;
+  an image edited, a recipe resized, or another VAE never reuses an entry. Entries hold the distribution (mean
+  and std), not one sample of it: each step still draws its own latent from the step's generator, exactly as an
+  uncached step does, so caching changes speed and nothing else. `memory` keeps entries in RAM; `disk` keeps
+  one small safetensors file per entry (written to a temporary name and renamed), shared by later runs. Off
+  when crops are random (each step would need a new crop).
+- text: the text encoders' output per caption string (for SDXL both encodings and the pooled one), for the
+  instance captions, the empty caption (caption dropout) and the class prompts. Off when the strategy trains a
+  text encoder or rewrites captions.
+A step reads them through finetune/training/inputs.py; anything missing is encoded live, so a cache can only save
+time, never change a result.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from finetune.console import quiet
 from finetune.data.images import transform
 from finetune.data.sources import Example
-from finetune.console import quiet
 from finetune.paths import cache_home, give_umask_permissions
 
 # below this the dataset's entries stay in memory under cache.latents: auto
@@ -114,3 +121,68 @@ def fill(store: LatentStore, examples: list[Example], sizes: list[tuple[int, int
             keys[(index, flip)] = key
     return keys, encoded
 
+
+@dataclass
+class CachePlan:
+    latents: str  # "memory", "disk" or "off"
+    text: bool
+    notes: list[str] = field(default_factory=list)  # why a cache asked for with "auto" is off
+
+
+def latent_cache_conflict(crop: str) -> str | None:
+    if crop == "random":
+        return ("data.crop is random, so every step needs a new crop of the image and one cached encoding "
+                "per image would train on the same crop forever")
+    return None
+
+
+def plan_caches(latents: str, text: str, crop: str, text_change: str | None, estimated_bytes: int) -> CachePlan:
+    """Resolve "auto"; explicit settings that cannot be right were refused by `finetune validate` already."""
+    plan = CachePlan(latents="off", text=False)
+    conflict = latent_cache_conflict(crop)
+    if latents == "auto":
+        if conflict:
+            plan.notes.append(f"latent cache off: {conflict}; set data.crop: center to cache latents")
+        else:
+            plan.latents = "memory" if estimated_bytes <= AUTO_MEMORY_LIMIT_BYTES else "disk"
+    elif latents != "off" and not conflict:
+        plan.latents = latents
+    if text == "auto" and text_change:
+        plan.notes.append(f"text cache off: {text_change}")
+    plan.text = text == "on" or (text == "auto" and text_change is None)
+    return plan
+
+
+def _rows(conditioning: Any) -> list[Any]:
+    """Split a batch's conditioning (a tensor, or a tuple of tensors for families with pooled outputs) per caption."""
+    if isinstance(conditioning, torch.Tensor):
+        return [row.detach().cpu().clone() for row in conditioning]
+    return list(zip(*[_rows(part) for part in conditioning]))
+
+
+def _stack(rows: list[Any], device: torch.device) -> Any:
+    if isinstance(rows[0], torch.Tensor):
+        return torch.stack(rows).to(device)
+    return tuple(_stack(list(parts), device) for parts in zip(*rows))
+
+
+class TextCache:
+    """caption -> the frozen text encoder's output for it, kept on the CPU (a caption is encoded once)."""
+
+    def __init__(self, encode: Callable[[list[str]], Any], batch_size: int = 16):
+        self.encode = encode
+        self.batch_size = batch_size
+        self.entries: dict[str, Any] = {}
+
+    def fill(self, captions: list[str]) -> int:
+        """Encode the captions not cached yet; return how many that was."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self.entries))
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            with torch.no_grad():
+                self.entries.update(zip(chunk, _rows(self.encode(chunk))))
+        return len(missing)
+
+    def get(self, captions: list[str], device: torch.device) -> Any:
+        self.fill(captions)  # a caption no one foresaw is encoded now, not refused
+        return _stack([self.entries[c] for c in captions], device)
