@@ -130,11 +130,18 @@ def _resume_another_recipe(ws: Workspace) -> list[str]:
     return ws.train("--resume", "latest", strategy={"kind": "lora", "rank": 8}, checkpoint={"every": 1})
 
 
-def _sdxl_base(ws: Workspace) -> list[str]:
+def _sd3_base(ws: Workspace) -> list[str]:
+    folder = ws.tmp / "sd3"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    return ws.train(model={"base": str(folder)})
+
+
+def _sdxl_base_as_sd(ws: Workspace) -> list[str]:
     folder = ws.tmp / "sdxl"
     folder.mkdir()
     (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    return ws.train(model={"base": str(folder)})
+    return ws.train(model={"base": str(folder), "family": "sd"})
 
 
 def _placeholder_past_the_window(ws: Workspace) -> list[str]:
@@ -228,9 +235,12 @@ CATALOGUE = [
     BadInput("not-a-pipeline", "`model.base` is a folder but not a diffusers pipeline",
              "Says model_index.json is missing and what to point at instead",
              lambda ws: ws.train(model={"base": str(ws.images)}), ("not a diffusers pipeline", "save_pretrained")),
-    BadInput("family-not-trained-here", "`model.base` is an SDXL, SD3 or Flux model",
+    BadInput("family-not-trained-here", "`model.base` is an SD3 or Flux model",
              "Names the family (from model_index.json or the file's keys) and what is trained today",
-             _sdxl_base, ("Stable Diffusion XL pipeline", "finetune trains Stable Diffusion 1.x and 2.x")),
+             _sd3_base, ("Stable Diffusion 3 pipeline", "finetune trains Stable Diffusion 1.x and 2.x", "SDXL")),
+    BadInput("family-mismatch", "`model.family` says one family and the base is another (e.g. `sd` on an SDXL folder)",
+             "Names both and what to set (the family, or auto)",
+             _sdxl_base_as_sd, ("model.family: sd, but", "is a Stable Diffusion XL model", "set model.family: sdxl or auto")),
     BadInput("pickled-checkpoint", "A `.ckpt` base that is a pickle which would run code",
              "Refused without running it (`weights_only=True`); convert it to .safetensors",
              _pickled_base, ("is a pickle", "could run code", "Convert it to .safetensors"), loads_model=True, then=_no_code_ran),

@@ -10,6 +10,8 @@ import os
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
             "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
             "StableDiffusionXLImg2ImgPipeline": "sdxl"}
+# how messages name the families trained here
+NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
 # what people bring that finetune does not train yet, by pipeline class, and by a key only that family's
 # single-file checkpoints hold
 NOT_YET = {"StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux.1", "SanaPipeline": "Sana",

@@ -8,7 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from finetune.models.detect import UnsupportedFamily, family_of
+from finetune.models.detect import NAMES, UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
 from finetune.recipe.schema import Recipe
 
@@ -68,7 +68,7 @@ def _check_model(recipe: Recipe) -> list[str]:
         problems.append(str(exc))
     else:
         if found and m.family not in ("auto", found):
-            problems.append(f"model.family: {m.family}, but {m.base} is a {found} model (told from its "
+            problems.append(f"model.family: {m.family}, but {m.base} is a {NAMES[found]} model (told from its "
                             f"{'model_index.json' if os.path.isdir(os.path.expanduser(m.base)) else 'keys'}); "
                             f"set model.family: {found} or auto")
     if m.vae and looks_like_local_path(m.vae) and not os.path.exists(os.path.expanduser(m.vae)):
