@@ -101,3 +101,18 @@ def test_a_family_not_trained_here_is_named_before_any_model_loads(tmp_path, cap
             err = capsys.readouterr().err
             assert name in err and "finetune trains Stable Diffusion 1.x and 2.x" in err and "SDXL" in err
             assert "Traceback" not in err
+
+
+def test_options_of_another_objective_are_refused_by_name(monkeypatch):
+    """validate checks a recipe's objective options against the family's objective: every family here trains with
+    DDPM today, so they are all accepted; a family with another objective refuses them, naming each."""
+    from finetune import models
+
+    ddpm_options = {"model.prediction_type": "v_prediction", "train.min_snr_gamma": 5.0, "train.noise_offset": 0.05}
+    for family in FAMILIES:
+        assert models.FAMILIES[family][2] in models.OBJECTIVE_OPTIONS
+        assert models.objective_problems(family, ddpm_options) == []
+    monkeypatch.setitem(models.FAMILIES, "flow", ("finetune.models.sdxl", "StableDiffusionXL", "flow_matching"))
+    problems = models.objective_problems("flow", ddpm_options)
+    assert len(problems) == 3 and all("only the ddpm objective reads it" in p for p in problems)
+    assert models.objective_problems("flow", {"train.noise_offset": 0.0}) == []  # left at its default

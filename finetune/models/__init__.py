@@ -5,9 +5,20 @@ import importlib
 from typing import Any
 
 _FROM_BASE = ("Components", "ModelFamily", "ModelLoadError")
-# model.family -> (module, class): each family is one file here (imported on first use: torch and diffusers)
-FAMILIES = {"sd": ("finetune.models.stable_diffusion", "StableDiffusion"),
-            "sdxl": ("finetune.models.sdxl", "StableDiffusionXL")}
+# model.family -> (module, class, objective): each family is one file here (imported on first use: torch and
+# diffusers); the objective's name says which recipe options it reads (OBJECTIVE_OPTIONS), checked before loading
+FAMILIES = {"sd": ("finetune.models.stable_diffusion", "StableDiffusion", "ddpm"),
+            "sdxl": ("finetune.models.sdxl", "StableDiffusionXL", "ddpm")}
+# recipe options only one objective reads, with their "not set" values (finetune/models/ddpm.py)
+OBJECTIVE_OPTIONS = {"ddpm": {"model.prediction_type": None, "train.min_snr_gamma": None, "train.noise_offset": 0.0}}
+
+
+def objective_problems(family: str, values: dict[str, object]) -> list[str]:
+    """Problems for options (dotted recipe keys -> values) set for an objective `family` does not train with."""
+    objective = FAMILIES[family][2]
+    return [f"{key}: only the {other} objective reads it, and {family} trains with {objective}; remove it"
+            for other, options in OBJECTIVE_OPTIONS.items() if other != objective
+            for key, unset in options.items() if values.get(key, unset) != unset]
 
 
 def family_for(name: str, base: str | None = None, hub: bool = False) -> Any:
@@ -23,7 +34,7 @@ def family_for(name: str, base: str | None = None, hub: bool = False) -> Any:
         name = "sd"
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; one of {', '.join(FAMILIES)}")
-    module, class_name = FAMILIES[name]
+    module, class_name, _ = FAMILIES[name]
     return getattr(importlib.import_module(module), class_name)()
 
 

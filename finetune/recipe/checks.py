@@ -8,6 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from finetune.models import objective_problems
 from finetune.models.detect import NAMES, UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
 from finetune.recipe.schema import Recipe
@@ -67,6 +68,10 @@ def _check_model(recipe: Recipe) -> list[str]:
     except UnsupportedFamily as exc:
         problems.append(str(exc))
     else:
+        # options of another objective than the family's (e.g. min-SNR on a flow-matching model)
+        values = {"model.prediction_type": m.prediction_type, "train.min_snr_gamma": recipe.train.min_snr_gamma,
+                  "train.noise_offset": recipe.train.noise_offset}
+        problems += objective_problems(m.family if m.family != "auto" else found or "sd", values)
         if found and m.family not in ("auto", found):
             problems.append(f"model.family: {m.family}, but {m.base} is a {NAMES[found]} model (told from its "
                             f"{'model_index.json' if os.path.isdir(os.path.expanduser(m.base)) else 'keys'}); "
