@@ -538,9 +538,9 @@ def test_dataset_item_and_collate():
     assert batch["captions"] == ["a red square", "a blue square", "a red square"]
 
 
-def test_each_item_records_its_original_size_and_crop_corner_as_kohya_does():
+def test_each_item_records_its_original_size_and_where_it_was_cropped():
     """SDXL's micro-conditioning: (original height, width), the crop's top-left in the resized image (measured
-    from the other side after a mirror, kohya's get_crop_ltrb), and the target size; the same whether pixels or
+    from the other side after a mirror, as kohya mirrors it), and the target size; the same whether pixels or
     cached latents are handed out, and matching where the pixels were really cut."""
     import numpy as np
 

@@ -66,9 +66,11 @@ def placement(size: tuple[int, int], target: tuple[int, int], crop: str,
 def size_conditions(size: tuple[int, int], target: tuple[int, int], crop: str, flip: bool,
                     rng: random.Random | None = None) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """SDXL's micro-conditioning for one image: (original (height, width), crop top-left (top, left), target
-    (height, width)). The corner is in the resized image; after a mirror it is measured from the other side, as
-    kohya's BucketManager.get_crop_ltrb does (`left = resized width - crop right`). Draws from `rng` exactly as
-    `transform` does, so call one or the other with a given generator."""
+    (height, width)), the target being the bucket's size with buckets. The corner is where the crop really begins
+    in the resized image, as Stability's SGM data pipeline and diffusers' SDXL scripts record it; after a mirror
+    it is measured from the other side (`left = resized width - crop right`), as kohya mirrors it. (kohya's
+    get_crop_ltrb reports instead the margin a fit-inside resize would leave, which does not describe a crop.)
+    Draws from `rng` exactly as `transform` does, so call one or the other with a given generator."""
     resized, left, top = placement(size, target, crop, rng)
     if flip:
         left = resized[0] - (left + target[0])
