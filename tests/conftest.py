@@ -99,7 +99,7 @@ def lora_file(tiny_base, tmp_path_factory):
     from peft import LoraConfig
     import torch
 
-    from finetune.export import diffusers_lora
+    from finetune.export.lora import diffusers as diffusers_lora
     from finetune.networks import peft_layers
 
     pipe = pipeline(tiny_base)

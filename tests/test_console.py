@@ -52,7 +52,7 @@ def test_warnings_that_do_not_apply_are_dropped_unless_verbose(item):
 def test_a_unet_only_lora_loads_without_diffusers_text_encoder_warning(tiny_base, tmp_path):
     from peft import LoraConfig
 
-    from finetune.export import diffusers_lora
+    from finetune.export.lora import diffusers as diffusers_lora
 
     pipe = pipeline(tiny_base)
     config = LoraConfig(r=2, target_modules=["to_q"])

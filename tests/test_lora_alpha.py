@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import finetune
 from finetune.cli import main
-from finetune.export.lora_layers import read_lora
+from finetune.export.lora.files import read_lora
 from tests.conftest import pipeline
 
 

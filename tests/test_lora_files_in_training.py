@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.cli import main
-from finetune.export import lora_layers
+from finetune.export.lora import files as lora_layers  # read_lora, read_tensors
 from finetune.recipe.load import RecipeError, parse_recipe
 from finetune.strategies.base import StrategySetupError
 from finetune.training import loop

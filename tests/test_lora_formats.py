@@ -10,8 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.cli import main
-from finetune.export import kohya_lora, lora_layers
-from finetune.export.lora_layers import LoraFileError
+from finetune.export.lora import files as lora_layers  # read_lora, read_tensors
+from finetune.export.lora import kohya as kohya_lora
+from finetune.export.lora.layers import LoraFileError
 from tests.conftest import images as _images, pipeline as _pipe
 
 def _loaded(tiny_base, path):

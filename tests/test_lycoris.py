@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import finetune
 from finetune.cli import main
-from finetune.export.diffusers_lora import unpack as by_stem  # `stem.role` keys split at the first dot
+from finetune.export.lora.diffusers import unpack as by_stem  # `stem.role` keys split at the first dot
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
 from tests.conftest import images, pipeline, recipe_dict

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.export import diffusers_lora
+from finetune.export.lora import diffusers as diffusers_lora
 from finetune.export.safetensors_io import training_metadata
 
 @dataclass

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from finetune.export.safetensors_io import atomic_path, replace_atomically
+
 
 class UnsafePickleError(ValueError):
     """A .pt that only loads by running arbitrary code."""
@@ -30,8 +32,6 @@ def load_plain_pickle(path: str | os.PathLike, what: str, mmap: bool = False) ->
 
 def write_pickle_atomically(data: Any, path: Path) -> Path:
     """torch.save to a temporary name, then rename: readers see the old file or the whole new one."""
-    from finetune.export.safetensors_io import atomic_path, replace_atomically
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     try:

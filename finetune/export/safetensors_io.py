@@ -1,9 +1,10 @@
-"""Write safetensors files atomically, with string metadata in the header; read that metadata back."""
+"""Write safetensors files atomically, with string metadata in the header; read that header back."""
 from __future__ import annotations
 
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,6 +65,36 @@ def sort_metadata(path: Path) -> None:
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
+
+
+@dataclass
+class Header:
+    """What a .safetensors file says before its tensor data: its metadata, and each tensor's shape and dtype (in
+    the file's order). Enough to tell which format the file is (finetune/export/formats.py) and describe it."""
+
+    path: str
+    metadata: dict[str, str]
+    shapes: dict[str, list[int]]
+    dtypes: dict[str, str]
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """The file's Header; no tensor data is read."""
+    with safe_open(str(path), framework="pt") as handle:
+        slices = {key: handle.get_slice(key) for key in handle.keys()}
+        return Header(str(path), dict(handle.metadata() or {}),
+                      {key: list(piece.get_shape()) for key, piece in slices.items()},
+                      {key: str(piece.get_dtype()) for key, piece in slices.items()})
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the file, and its header metadata."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
 
 
 def training_metadata(*, base_model: str, strategy: str, steps: int, recipe: dict,

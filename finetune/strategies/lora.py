@@ -10,7 +10,10 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from finetune.export import diffusers_lora, kohya_lora, lora_layers, lycoris, peft_adapter
+from finetune.export.lora import diffusers as diffusers_lora
+from finetune.export.lora import layers as lora_layers
+from finetune.export.lora.files import read_lora, write_lora_files
+from finetune.export.lora.kohya import module_paths
 from finetune.models.base import Components, ModelFamily
 from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
@@ -200,30 +203,14 @@ class Strategy(CommonDefaults):
 
     def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
         o = self.options
-        meta = {**metadata, peft_adapter.VARIANT_KEY: o.variant, "finetune.rank": str(o.rank),
+        meta = {**metadata, lora_layers.VARIANT_KEY: o.variant, "finetune.rank": str(o.rank),
                 "finetune.use_dora": str(o.use_dora).lower()}
         if o.variant != "oft":
             meta["finetune.alpha"] = str(o.alpha or o.rank)
         configs = {name: config.to_dict() for name, config in self.configs.items()}
         components = diffusers_lora.unpack(self.state_dict())
-        path = Path(output_dir) / self.artifact_name
-        kohya_path = Path(output_dir) / KOHYA_DIR / f"{Path(output_dir).name}.safetensors"
-        if o.variant in peft_adapter.PEFT_ONLY_VARIANTS:
-            # diffusers has no loader for these: the same layout, with the peft configs to rebuild them exactly
-            saved = peft_adapter.save_peft_adapter(path, components, configs, meta)
-            if "kohya" in o.formats:  # LoHa / LoKr in the LyCORIS layout AUTOMATIC1111 and ComfyUI read
-                lycoris.write_lycoris(o.variant, components, configs, kohya_path, meta)
-            return saved
-        diffusers_lora.save_lora(path, components, configs, meta)
-        if "kohya" in o.formats:
-            # the same tensors and configs the diffusers file holds, viewed as layers (no reading it back)
-            header = {**meta, diffusers_lora.ADAPTER_METADATA_KEY: diffusers_lora.adapter_metadata(configs)}
-            layers = lora_layers.from_diffusers(diffusers_lora.pack(components), header, str(path))
-            kohya_lora.write_kohya(layers, kohya_path)
-        return path
-
-
-KOHYA_DIR = "kohya"
+        # which files strategy.formats means for this variant, and their layouts, are the export code's
+        return write_lora_files(output_dir, components, configs, meta, o.variant, o.formats)
 
 
 def initial_layers(path: str, parts: Components, text_encoders: set[str]) -> lora_layers.LoraWeights:
@@ -232,7 +219,7 @@ def initial_layers(path: str, parts: Components, text_encoders: set[str]) -> lor
     from finetune.strategies.base import StrategySetupError
 
     try:
-        start = lora_layers.read_lora(path, kohya_lora.module_paths(parts))
+        start = read_lora(path, module_paths(parts))
     except lora_layers.LoraFileError as exc:
         raise StrategySetupError(f"strategy.initial_weights: {exc}") from None
     if start.uses_dora:

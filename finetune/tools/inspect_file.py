@@ -1,6 +1,7 @@
 """`finetune inspect FILE`: what a model or adapter file is, for which base, what its header says, its shapes.
 
-Reads headers and tensor shapes only (safetensors), or a pickle only if it is plain data; never runs code.
+Reads headers and tensor shapes only (safetensors), or a pickle only if it is plain data; never runs code. What a
+.safetensors file is, and what its format adds to the description, is the format registry's (export/formats.py).
 """
 from __future__ import annotations
 
@@ -10,37 +11,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from finetune.export import formats
+from finetune.export.safetensors_io import read_header
 
 # cross-attention width -> the base family a file's layers fit
 FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
 _CHECKPOINT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-
-
-def _kind(keys: list[str], metadata: dict[str, str]) -> str:
-    from finetune.export import hypernetwork as hypernetwork_files
-    from finetune.export.textual_inversion import A1111_KEY
-
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "single-file checkpoint (original Stable Diffusion layout)"
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        if any(".hada_" in k or ".lokr_" in k for k in keys):
-            return "LyCORIS LoHa/LoKr (kohya layout)"
-        return "LoRA (kohya format: AUTOMATIC1111, ComfyUI)"
-    if any(".lora_A." in k or ".lora.down." in k for k in keys):
-        return "LoRA (diffusers/peft format)" + (" with DoRA" if any("magnitude" in k for k in keys) else "")
-    variant = metadata.get("finetune.variant")
-    if variant and variant != "lora":
-        return f"{variant} adapter (finetune/peft format)"
-    if hypernetwork_files.is_hypernetwork_file(metadata, keys):
-        return "hypernetwork (finetune format)"
-    if keys == [A1111_KEY]:
-        return "textual-inversion embedding (AUTOMATIC1111/kohya format; the file name is the prompt word)"
-    if set(keys) == {"clip_l", "clip_g"}:
-        return "textual-inversion embedding (SDXL)"
-    if keys and not any("." in k for k in keys):
-        return "textual-inversion embedding (diffusers format)"
-    return "safetensors weights of an unknown kind"
 
 
 # what reads each kind of file (by the start of its kind), for `inspect` and the end-of-run list
@@ -85,18 +61,6 @@ def _cross_attention_width(shapes: dict[str, list[int]]) -> int | None:
     return None
 
 
-def _lora_summary(shapes: dict[str, list[int]]) -> dict[str, Any]:
-    per_component: dict[str, Counter] = {}
-    for key, shape in shapes.items():
-        if key.endswith((".lora_A.weight", ".lora.down.weight", ".lora_down.weight")):
-            component = key.split(".")[0]
-            if key.startswith("lora_"):  # kohya: lora_unet_..., lora_te_...
-                component = {"unet": "unet", "te": "text_encoder"}.get(key.split("_")[1], key.split("_")[1])
-            per_component.setdefault(component, Counter())[shape[0]] += 1
-    return {c: {"modules": sum(ranks.values()), "ranks": dict(sorted(ranks.items()))}
-            for c, ranks in per_component.items()}
-
-
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What the file or pipeline folder at `path` is: {"kind", "read_by", "base_model", shapes, metadata, ...}."""
     info = _describe(Path(path))
@@ -111,19 +75,16 @@ def _describe(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.suffix != ".safetensors":
         return _describe_pickle(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        keys = list(handle.keys())
-        shapes = {k: list(handle.get_slice(k).get_shape()) for k in keys}
-        dtypes = Counter(str(handle.get_slice(k).get_dtype()) for k in keys)
-    info: dict[str, Any] = {"file": str(path), "kind": _kind(keys, metadata), "bytes": path.stat().st_size,
-                            "tensors": len(keys), "parameters": sum(_numel(s) for s in shapes.values()),
-                            "dtypes": dict(dtypes)}
+    header = read_header(path)
+    metadata, shapes = header.metadata, header.shapes
+    described = formats.describe(header)
+    info: dict[str, Any] = {"file": str(path), "kind": described.pop("kind"), "bytes": path.stat().st_size,
+                            "tensors": len(shapes), "parameters": sum(_numel(s) for s in shapes.values()),
+                            "dtypes": dict(Counter(header.dtypes.values()))}
     info["base_model"] = metadata.get("finetune.base_model") or metadata.get("ss_sd_model_name")
     info["base_family"] = (_family_from_width(_cross_attention_width(shapes))
                            or metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture"))
-    if "LoRA" in info["kind"]:
-        info["lora"] = _lora_summary(shapes)
+    info.update(described)  # what the format adds: a LoRA's modules and ranks per component
     info["metadata"] = metadata
     info["shapes"] = shapes
     return info

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.export.lora_layers import LoraFileError
+from finetune.export.lora.layers import LoraFileError
 from finetune.networks import peft_layers
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

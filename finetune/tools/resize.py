@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.export.lora_layers import LoraFileError, LoraLayer, LoraWeights, read_lora
+from finetune.export.lora.files import read_lora
+from finetune.export.lora.layers import LoraFileError, LoraLayer, LoraWeights
 
 
 @dataclass
@@ -89,7 +90,8 @@ def summary(reports: list[LayerReport]) -> list[str]:
 def resize_file(source: str | Path, out: str | Path, rank: int | None, energy: float | None
                 ) -> tuple[Path, list[LayerReport]]:
     """Resize `source` into `out`, in the same format (kohya stays kohya)."""
-    from finetune.export import kohya_lora, lora_layers
+    from finetune.export.lora import diffusers as diffusers_lora
+    from finetune.export.lora import kohya as kohya_lora
 
     weights = read_lora(source)
     resized, reports = resize(weights, rank, energy)
@@ -97,5 +99,5 @@ def resize_file(source: str | Path, out: str | Path, rank: int | None, energy: f
     if weights.format == "kohya":
         path = kohya_lora.write_kohya(resized, Path(out))
     else:
-        path = lora_layers.write_diffusers(resized, Path(out))
+        path = diffusers_lora.write_diffusers(resized, Path(out))
     return path, reports

@@ -7,17 +7,17 @@ and holds each component's peft config as JSON (`finetune.peft_config`), so the 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.export import diffusers_lora
-from finetune.export.safetensors_io import read_metadata, save_safetensors
+from finetune.export.lora.diffusers import pack, unpack
+from finetune.export.lora.layers import PEFT_CONFIG_KEY, VARIANT_KEY, AdapterFile, training_header
+from finetune.export.safetensors_io import read_metadata, read_safetensors, save_safetensors
 from finetune.networks import peft_layers
 
-VARIANT_KEY = "finetune.variant"
-PEFT_CONFIG_KEY = "finetune.peft_config"
 PEFT_ONLY_VARIANTS = ("loha", "lokr", "oft")
 
 
@@ -30,17 +30,35 @@ def config_json(configs: dict[str, dict]) -> str:
 
 def save_peft_adapter(path: Path, components: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict],
                       metadata: dict[str, str]) -> Path:
+    """The file from peft's per-component state dicts and configs as dicts; `metadata` names the variant."""
     if metadata.get(VARIANT_KEY) not in PEFT_ONLY_VARIANTS:
         raise ValueError(f"{VARIANT_KEY} must be one of {PEFT_ONLY_VARIANTS}, got {metadata.get(VARIANT_KEY)!r}")
     header = {"format": "pt", PEFT_CONFIG_KEY: config_json(configs), **metadata}
-    return save_safetensors(diffusers_lora.pack(components), path, header)
+    return save_safetensors(pack(components), path, header)
 
 
 def is_peft_adapter(metadata: dict[str, str], keys: list[str]) -> bool:
+    """Whether the header names a LoHa, LoKr or OFT adapter in this layout."""
     return metadata.get(VARIANT_KEY) in PEFT_ONLY_VARIANTS
 
 
+def read_peft_adapter_file(path: str | os.PathLike, module_names: dict[str, list[str]] | None = None
+                           ) -> AdapterFile:
+    """The file as peft's layers (its module paths are the model's own, so `module_names` is not needed)."""
+    tensors, metadata = read_safetensors(path)
+    configs = configs_from_metadata(metadata, str(path))
+    return AdapterFile(metadata[VARIANT_KEY], unpack(tensors), {c: config.to_dict() for c, config in configs.items()},
+                       training_header(metadata))
+
+
+def write_peft_adapter_file(adapter: AdapterFile, path: str | os.PathLike) -> Path:
+    """`adapter` in this layout, its variant and peft configs in the header."""
+    return save_peft_adapter(Path(path), adapter.states, adapter.configs,
+                             {**adapter.metadata, VARIANT_KEY: adapter.variant})
+
+
 def configs_from_metadata(metadata: dict[str, str], source: str) -> dict[str, Any]:
+    """Each component's peft config, from the header's JSON."""
     from peft import PeftConfig
 
     try:
@@ -60,7 +78,7 @@ def load_peft_adapter(pipe: Any, path: str, scale: float, name: str) -> str:
     if variant == "oft" and scale != 1:
         raise ValueError(f"{path}: an OFT adapter has no strength to scale (it rotates each layer's input by a "
                          f"learned orthogonal matrix); load it with scale 1, not {scale}")
-    return load_components(pipe, configs_from_metadata(metadata, path), diffusers_lora.unpack(load_file(path)),
+    return load_components(pipe, configs_from_metadata(metadata, path), unpack(load_file(path)),
                            name, None if variant == "oft" else scale, path)
 
 

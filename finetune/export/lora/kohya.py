@@ -9,6 +9,8 @@ the module path as the CLIP of transformers 4 (and the original checkpoints) nam
 Going back from underscores to module paths is ambiguous (`attn1_to_q` is `attn1.to_q`), so names are matched
 against the model's own module paths when a model is at hand, and otherwise parsed with the vocabulary of path
 segments the Stable Diffusion U-Net and CLIP text encoder use.
+
+The prefix tables below are the one place that maps kohya's prefixes to the pipeline's component names.
 """
 from __future__ import annotations
 
@@ -18,13 +20,28 @@ from pathlib import Path
 
 import torch
 
-from finetune.export.lora_layers import LoraFileError, LoraLayer, LoraWeights
+from finetune.export.lora.kohya_metadata import kohya_metadata
+from finetune.export.lora.layers import LoraFileError, LoraLayer, LoraWeights
 from finetune.export.safetensors_io import save_safetensors
+from finetune.models.base import adaptable_modules
 
+# component -> the prefix written; prefix -> component, read (SDXL's kohya files call the first text encoder te1)
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
-# SDXL's kohya files call the first text encoder te1
-_READ_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                  "lora_te2": "text_encoder_2"}
+READ_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                 "lora_te2": "text_encoder_2"}
+
+
+def is_kohya(keys: list[str]) -> bool:
+    """Whether any key starts with a kohya component prefix (`lora_unet_`, `lora_te_`, ...)."""
+    prefixes = tuple(f"{prefix}_" for prefix in READ_PREFIXES)
+    return any(k.startswith(prefixes) for k in keys)
+
+
+def split_name(stem: str) -> tuple[str, str] | None:
+    """(component, underscored module name) of a kohya key's stem, e.g. `lora_te1_text_model_...` ->
+    ("text_encoder", "text_model_..."); None without a kohya prefix."""
+    prefix = next((p for p in sorted(READ_PREFIXES, key=len, reverse=True) if stem.startswith(p + "_")), None)
+    return None if prefix is None else (READ_PREFIXES[prefix], stem[len(prefix) + 1:])
 
 
 def kohya_module(component: str, module: str) -> str:
@@ -35,6 +52,7 @@ def kohya_module(component: str, module: str) -> str:
 
 
 def to_kohya(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    """kohya's tensors for these layers (a 0-d alpha each); DoRA and bias changes have no kohya form."""
     if weights.uses_dora:
         raise LoraFileError("DoRA layers have no kohya form that diffusers reads back (it drops `dora_scale`); "
                             "keep DoRA LoRAs in the diffusers format")
@@ -89,8 +107,6 @@ def parse_module_path(underscored: str) -> str:
 def module_paths(holder) -> dict[str, list[str]]:
     """The Linear and Conv2d module paths of the denoiser and each text encoder of `holder` (a pipeline or
     Components): what kohya's underscored names are matched against."""
-    from finetune.models.base import adaptable_modules
-
     layers = (torch.nn.Linear, torch.nn.Conv2d)
     return {name: [n for n, m in getattr(module, "module", module).named_modules() if isinstance(m, layers)]
             for name, module in adaptable_modules(holder).items()}
@@ -128,16 +144,18 @@ def _reference_has_text_model() -> bool:
 
 def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str,
                module_names: dict[str, list[str]] | None = None) -> LoraWeights:
+    """A kohya file's tensors and header as layers; `module_names` (component -> the model's module paths)
+    resolves the underscored names exactly, without it they are parsed."""
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         stem, _, role = key.partition(".")
-        prefix = next((p for p in sorted(_READ_PREFIXES, key=len, reverse=True) if stem.startswith(p + "_")), None)
-        if prefix is None:
+        named = split_name(stem)
+        if named is None:
             raise LoraFileError(f"{source}: key {key!r} has no kohya prefix (lora_unet_, lora_te_, ...)")
         if role not in ("lora_down.weight", "lora_up.weight", "alpha"):
             raise LoraFileError(f"{source}: key {key!r} is not a plain LoRA weight (LyCORIS LoHa/LoKr and DoRA "
                                 "kohya files cannot be converted yet)")
-        grouped.setdefault((_READ_PREFIXES[prefix], stem[len(prefix) + 1:]), {})[role] = value
+        grouped.setdefault(named, {})[role] = value
     layers: dict[str, dict[str, LoraLayer]] = {}
     resolvers = {}
     for (component, underscored), found in sorted(grouped.items()):
@@ -170,8 +188,6 @@ def write_kohya(weights: LoraWeights, path: Path, output_name: str | None = None
                 dtype: torch.dtype | None = None) -> Path:
     """The kohya file, with the `ss_*` figures and hashes; `output_name` (default: the file's stem) is the name
     the UIs show and AUTOMATIC1111's `<lora:NAME:1>` uses."""
-    from finetune.export.kohya_metadata import kohya_metadata
-
     path = Path(path)
     tensors = to_kohya(weights)
     if dtype is not None:

@@ -14,20 +14,23 @@ Refused, since those readers cannot apply them alike: Tucker factors (`hada_t1`,
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.export.kohya_lora import PREFIXES, kohya_module, name_resolver
-from finetune.export.lora_layers import LoraFileError, per_module
+from finetune.export.lora.kohya import kohya_module, name_resolver, split_name
+from finetune.export.lora.layers import AdapterFile, LoraFileError, per_module, training_header
+from finetune.export.safetensors_io import read_safetensors, save_safetensors
 
 ROLES = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
          "lokr": ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
 UNSUPPORTED = ("hada_t1", "hada_t2", "lokr_t2", "lokr_w1_a", "lokr_w1_b")
-_READ_PREFIXES = {prefix: component for component, prefix in PREFIXES.items()}
 
 
 def is_lycoris(keys: list[str]) -> bool:
+    """Whether the keys are LyCORIS's LoHa / LoKr tensors under kohya names."""
     return any(k.startswith("lora_") and (".hada_" in k or ".lokr_" in k) for k in keys)
 
 
@@ -83,10 +86,11 @@ def from_lycoris(tensors: dict[str, torch.Tensor], source: str,
     grouped: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
         stem, _, role = key.partition(".")
-        prefix = next((p for p in sorted(_READ_PREFIXES, key=len, reverse=True) if stem.startswith(p + "_")), None)
-        if prefix is None:
+        named = split_name(stem)
+        if named is None:
             raise LoraFileError(f"{source}: key {key!r} has no kohya prefix (lora_unet_, lora_te_, ...)")
-        grouped.setdefault(_READ_PREFIXES[prefix], {}).setdefault(stem[len(prefix) + 1:], {})[role] = value
+        component, underscored = named
+        grouped.setdefault(component, {}).setdefault(underscored, {})[role] = value
     states: dict[str, dict[str, torch.Tensor]] = {}
     configs: dict[str, Any] = {}
     for component, modules in grouped.items():
@@ -129,9 +133,21 @@ def _rank_and_alpha(variant: str, found: dict[str, torch.Tensor], alpha: torch.T
 
 
 def write_lycoris(variant: str, components: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict],
-                  path, metadata: dict[str, str]):
+                  path, metadata: dict[str, str]) -> Path:
     """The LyCORIS file for AUTOMATIC1111 / ComfyUI (models/Lora), atomically."""
-    from finetune.export.safetensors_io import save_safetensors
-
     tensors = to_lycoris(variant, components, configs)
     return save_safetensors(tensors, path, lycoris_metadata(variant, tensors, metadata))
+
+
+def read_lycoris_file(path: str | os.PathLike, module_names: dict[str, list[str]] | None = None) -> AdapterFile:
+    """A LyCORIS file as peft's layers; `module_names` (component -> the model's module paths) resolves kohya's
+    names exactly, without it they are parsed."""
+    tensors, metadata = read_safetensors(path)
+    variant, states, configs = from_lycoris(tensors, str(path), module_names)
+    return AdapterFile(variant, states, {c: config.to_dict() for c, config in configs.items()},
+                       training_header(metadata))
+
+
+def write_lycoris_file(adapter: AdapterFile, path: str | os.PathLike) -> Path:
+    """`adapter` (LoHa or LoKr) as a LyCORIS file; its header gets kohya's network keys."""
+    return write_lycoris(adapter.variant, adapter.states, adapter.configs, path, adapter.metadata)

@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from finetune.export.lora_layers import LoraWeights
+from finetune.export.lora.layers import LoraWeights
 
 # cross-attention width (what the text encoder hands the U-Net) -> kohya's name for the base family
 _VERSIONS = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}

@@ -1,0 +1,8 @@
+"""LoRA and its variants' file layouts, one module each, imported in one direction only:
+
+    layers (what a file means) <- diffusers, kohya_metadata <- kohya <- lycoris;  diffusers <- peft_adapter
+    all of them <- files (whole files: which layout, reading, what inspect says, what training writes)
+    files <- loading (into a diffusers pipeline)
+
+The format registry, finetune/export/formats.py, sits on top of them; nothing here imports it.
+"""

@@ -1,0 +1,102 @@
+"""The LoRA file `StableDiffusionPipeline.load_lora_weights` reads: peft keys prefixed by component.
+
+Keys look like `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`; the header's
+`lora_adapter_metadata` holds each component's LoraConfig (rank, alpha, targets, DoRA) as diffusers expects,
+since without it diffusers would take alpha equal to rank. Files of the older layout (`lora.down` / `lora.up`)
+are read too.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from finetune.export.lora.layers import LoraFileError, LoraLayer, LoraWeights, peft_config, peft_state_dict, per_module
+from finetune.export.safetensors_io import save_safetensors
+
+FILE_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
+def pack(components: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{"unet": sd, "text_encoder": sd} -> one flat dict with component prefixes."""
+    return {f"{prefix}.{key}": value for prefix, state in components.items() for key, value in state.items()}
+
+
+def unpack(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """One flat dict with component prefixes -> {"unet": sd, ...} (the inverse of `pack`)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        prefix, _, rest = key.partition(".")
+        out.setdefault(prefix, {})[rest] = value
+    return out
+
+
+def adapter_metadata(configs: dict[str, dict]) -> str:
+    """Flatten {"unet": LoraConfig.to_dict(), ...} the way diffusers writes it: "unet.r", "unet.lora_alpha", ..."""
+    flat = {}
+    for prefix, config in configs.items():
+        for key, value in config.items():
+            flat[f"{prefix}.{key}"] = sorted(value) if isinstance(value, set) else value
+    return json.dumps(flat, indent=2, sort_keys=True, default=str)
+
+
+def adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    """{"unet": {"r": 4, "lora_alpha": 4, ...}, ...} from diffusers' flattened `lora_adapter_metadata`."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    configs: dict[str, dict] = {}
+    for key, value in (json.loads(raw) if raw else {}).items():
+        component, _, name = key.partition(".")
+        configs.setdefault(component, {})[name] = value
+    return configs
+
+
+def save_lora(path: Path, components: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict],
+              metadata: dict[str, str]) -> Path:
+    """The file from peft's per-component state dicts and their configs as dicts, atomically."""
+    header = {"format": "pt", ADAPTER_METADATA_KEY: adapter_metadata(configs), **metadata}
+    return save_safetensors(pack(components), path, header)
+
+
+# key tails of the two diffusers layouts: peft's (lora_A/lora_B) and the older one (lora.down/lora.up)
+_DOWN, _UP = (".lora_A.weight", ".lora.down.weight"), (".lora_B.weight", ".lora.up.weight")
+
+
+def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoraWeights:
+    """The file's tensors and header as layers (alpha from the header's configs; the rank where it says none)."""
+    configs = adapter_configs(metadata)
+    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        for role, tails in (("down", _DOWN), ("up", _UP), ("bias", (".lora_B.bias",)),
+                            ("magnitude", (".lora_magnitude_vector", ".lora_magnitude_vector.weight"))):
+            tail = next((t for t in tails if rest.endswith(t)), None)
+            if tail:
+                parts.setdefault(component, {}).setdefault(rest[: -len(tail)], {})[role] = value
+                break
+        else:
+            raise LoraFileError(f"{source}: key {key!r} is not a LoRA weight (expected ...lora_A.weight / "
+                                "lora_B.weight); LoHa, LoKr and OFT files cannot be converted or resized yet")
+    layers: dict[str, dict[str, LoraLayer]] = {}
+    for component, modules in parts.items():
+        config = configs.get(component, {})
+        for module, found in modules.items():
+            if "down" not in found or "up" not in found:
+                raise LoraFileError(f"{source}: {component}.{module} has only one of its two LoRA factors")
+            rank = found["down"].shape[0]
+            # diffusers takes alpha equal to the rank when the file does not say (scale 1)
+            alpha = per_module(config, "lora_alpha", "alpha_pattern", module, float(rank))
+            layers.setdefault(component, {})[module] = LoraLayer(found["down"], found["up"], alpha,
+                                                                 found.get("magnitude"), found.get("bias"))
+    return LoraWeights(layers, dict(metadata))
+
+
+def write_diffusers(weights: LoraWeights, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """The diffusers file of these layers; the header keeps `metadata` (default: the layers' own)."""
+    components = {c: peft_state_dict(layers) for c, layers in weights.layers.items()}
+    configs = {c: peft_config(layers, weights.uses_dora) for c, layers in weights.layers.items()}
+    # the old header's config would describe the old layers; everything else (training figures) carries over
+    header = {k: v for k, v in (metadata if metadata is not None else weights.metadata).items()
+              if k != ADAPTER_METADATA_KEY and k != "format"}
+    return save_lora(Path(path), components, configs, header)
