@@ -22,10 +22,10 @@ def _capture_unet(monkeypatch) -> dict:
     seen = {}
     original = StableDiffusion.predict
 
-    def predict(self, parts, noisy, timesteps, conditioning):
+    def predict(self, parts, noisy, timesteps, conditioning, conditions):
         seen.setdefault("unet", parts.unet)
         seen.setdefault("noisy", noisy)
-        return original(self, parts, noisy, timesteps, conditioning)
+        return original(self, parts, noisy, timesteps, conditioning, conditions)
 
     monkeypatch.setattr(StableDiffusion, "predict", predict)
     return seen
