@@ -54,6 +54,8 @@ MAKERS = {
     ("peft_adapter", "diffusers"): lambda path: formats.writer("lora_variant", "diffusers").write(_loha(), path),
     ("textual_inversion", "diffusers"): lambda path: formats.writer("embedding", "diffusers").write(
         _embedding("<sks>"), path),
+    ("sdxl_embedding", None): lambda path: save_file(
+        {"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 16)}, str(path)),
     ("a1111_embedding", "kohya"): lambda path: formats.writer("embedding", "kohya").write(_embedding("sks"), path),
     ("hypernetwork", None): lambda path: save_file(
         {"8.k.linear.0.weight": torch.zeros(16, 8), "8.v.linear.0.weight": torch.zeros(16, 8)}, str(path)),
@@ -74,8 +76,8 @@ def test_every_registered_format_has_a_file_here():
 
 def test_the_detection_order():
     # adapters.py's order from before the registry; the checkpoint, no adapter, is tried last
-    assert formats.names() == ["lora", "lycoris", "peft_adapter", "textual_inversion", "a1111_embedding",
-                               "hypernetwork", "single_file"]
+    assert formats.names() == ["lora", "lycoris", "peft_adapter", "sdxl_embedding", "textual_inversion",
+                               "a1111_embedding", "hypernetwork", "single_file"]
     assert formats.names(loadable=True) == formats.names()[:-1]
 
 
@@ -140,7 +142,7 @@ def test_an_unknown_file_is_refused_clearly_everywhere(tmp_path, capsys):
     with pytest.raises(formats.UnknownFormatError, match="not a file format finetune knows .formats: lora, "):
         formats.detect(path)
     with pytest.raises(ValueError, match="not an adapter format finetune knows .formats: lora, lycoris, "
-                                         "peft_adapter, textual_inversion, a1111_embedding, hypernetwork.$"):
+                                         "peft_adapter, sdxl_embedding, textual_inversion, a1111_embedding, hypernetwork.$"):
         adapters.detect_format(path)
     assert describe(path)["kind"] == "safetensors weights of an unknown kind"
     assert main(["convert", str(path), str(tmp_path / "out.safetensors"), "--to", "kohya"]) == 2

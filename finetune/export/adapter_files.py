@@ -15,7 +15,8 @@ from finetune.export import hypernetwork as hypernetwork_files
 from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import Header, read_safetensors, save_safetensors
 from finetune.export.textual_inversion import A1111_KEY, embedding_from_a1111
-from finetune.models.base import denoiser_of
+from finetune.models.base import denoiser_of, tokenizer_name
+from finetune.models.sdxl import StableDiffusionXL
 from finetune.networks import hypernetwork as hypernetworks
 
 
@@ -61,9 +62,29 @@ def write_a1111_embedding(embeddings: Embeddings, path: str | os.PathLike) -> Pa
 
 
 def describe_diffusers_embedding(header: Header) -> dict[str, Any]:
-    if set(header.keys) == {"clip_l", "clip_g"}:
-        return {"kind": "textual-inversion embedding (SDXL)"}
     return {"kind": "textual-inversion embedding (diffusers format)"}
+
+
+def is_per_encoder_embedding(metadata: dict[str, str], keys: list[str]) -> bool:
+    """SDXL's one-file layout (kohya's sdxl_train_textual_inversion.py, AUTOMATIC1111, ComfyUI): one tensor per
+    text encoder, keyed by the family's embedding keys (clip_l, clip_g)."""
+    return bool(keys) and set(keys) == set(StableDiffusionXL.embedding_keys.values())
+
+
+def describe_per_encoder_embedding(header: Header) -> dict[str, Any]:
+    return {"kind": "textual-inversion embedding (SDXL: clip_l and clip_g; the file name is the prompt word)"}
+
+
+def load_per_encoder_embedding(pipe: Any, path: str, scale: float, name: str) -> str:
+    """Each encoder's vectors into its own text encoder and tokenizer, under one token: the placeholder the
+    header names (a file finetune wrote), else the file's name (AUTOMATIC1111's convention)."""
+    tensors, metadata = read_safetensors(path)
+    placeholders = [t for t in metadata.get("finetune.placeholder_token", "").split(",") if t]
+    token = placeholders[0] if len(placeholders) == 1 else Path(path).stem
+    for encoder_name, key in StableDiffusionXL.embedding_keys.items():
+        pipe.load_textual_inversion(tensors[key], token=token, text_encoder=getattr(pipe, encoder_name),
+                                    tokenizer=getattr(pipe, tokenizer_name(encoder_name)))
+    return token
 
 
 def describe_a1111_embedding(header: Header) -> dict[str, Any]:

@@ -115,6 +115,9 @@ register(FileFormat("lycoris", "lora_variant", lambda metadata, keys: lycoris.is
 register(FileFormat("peft_adapter", "lora_variant", peft_adapter.is_peft_adapter, lora_files.describe_peft_adapter,
                     layout="diffusers", read=peft_adapter.read_peft_adapter_file,
                     write=peft_adapter.write_peft_adapter_file, load=peft_adapter.load_peft_adapter))
+# before the diffusers one, whose {token: tensor} keys it would pass for
+register(FileFormat("sdxl_embedding", "embedding", adapter_files.is_per_encoder_embedding,
+                    adapter_files.describe_per_encoder_embedding, load=adapter_files.load_per_encoder_embedding))
 register(FileFormat("textual_inversion", "embedding", adapter_files.is_diffusers_embedding,
                     adapter_files.describe_diffusers_embedding, layout="diffusers",
                     read=adapter_files.read_diffusers_embedding, write=adapter_files.write_diffusers_embedding,

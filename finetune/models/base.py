@@ -90,6 +90,11 @@ def denoiser_of(holder: Any) -> Any:
     return next(iter(adaptable_modules(holder).values()))
 
 
+def tokenizer_name(text_encoder_name: str) -> str:
+    """A pipeline's tokenizer for a text encoder: `text_encoder` -> `tokenizer`, `text_encoder_2` -> `tokenizer_2`."""
+    return "tokenizer" + text_encoder_name.removeprefix("text_encoder")
+
+
 def unwrapped(module: Any) -> Any:
     """The module inside a distributed wrapper (DDP's `.module`), or the module itself."""
     return getattr(module, "module", module)

@@ -32,6 +32,8 @@ READ_BY = {
     "textual-inversion embedding (AUTOMATIC1111": "AUTOMATIC1111 (embeddings/), ComfyUI, kohya; "
                                                   "finetune.load_adapter",
     "textual-inversion embedding (diffusers format)": "diffusers' pipe.load_textual_inversion, finetune.load_adapter",
+    "textual-inversion embedding (SDXL": "AUTOMATIC1111 (embeddings/), ComfyUI, kohya; diffusers' "
+                                         "pipe.load_textual_inversion once per text encoder; finetune.load_adapter",
     "diffusers pipeline": "diffusers' DiffusionPipeline.from_pretrained; finetune merge / extract-lora",
     "single-file checkpoint": "AUTOMATIC1111, ComfyUI, diffusers' from_single_file",
 }
