@@ -7,6 +7,7 @@ TFLOP/s and MFU, the share of the GPU's peak dense bf16 rate (`--peak-tflops`, o
 
     python benchmarks/flops.py --model sd15
     python benchmarks/flops.py --model sd15 --batch-size 8 --json flops.json     # on a GPU: MFU too
+    python benchmarks/flops.py --model sdxl                                      # counted in bf16 on a CPU
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100"
 
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny or sd15")
+    parser.add_argument("--model", default="tiny", help="tiny, sd15 or sdxl")
     parser.add_argument("--strategy", default="lora", choices=("lora", "dreambooth"))
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15, 32 for tiny")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15 and sdxl, 32 for tiny")
     parser.add_argument("--batch-size", type=int, default=1, help="for the GPU timing")
     parser.add_argument("--steps", type=int, default=10, help="timed GPU steps (after 3 untimed)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for the GPU timing")
@@ -54,20 +55,29 @@ def _count(fn) -> int:
     return counter.get_total_flops()
 
 
-def _unet_step(unet, latents, states, timesteps):
+def _unet_step(unet, latents, states, timesteps, added):
     def run():
-        unet(latents, timesteps, states).sample.float().pow(2).mean().backward()
+        unet(latents, timesteps, states, **_extra(added)).sample.float().pow(2).mean().backward()
     return run
 
 
+def _extra(added) -> dict:
+    return {} if added is None else {"added_cond_kwargs": added}
+
+
 def main() -> None:
-    from benchmarks.models import DEFAULT_RESOLUTION, model_folder
-    from finetune.models.stable_diffusion import StableDiffusion
+    from benchmarks.models import DEFAULT_MIXED_PRECISION, DEFAULT_RESOLUTION, model_folder
+    from benchmarks.step_time import floor_conditioning
+    from finetune.models import family_for
+    from finetune.training.loop import DTYPES
 
     args = _arguments()
     resolution = args.resolution or DEFAULT_RESOLUTION[args.model]
-    family = StableDiffusion()
-    parts = family.load(str(model_folder(args.model)))
+    folder = str(model_folder(args.model))
+    family = family_for("auto", folder)
+    # counts do not depend on the dtype; SDXL in fp32 (14 GB) would not fit a small machine
+    dtype = DTYPES.get(DEFAULT_MIXED_PRECISION.get(args.model, "fp32"))
+    parts = family.load(folder, dtype=dtype)
     unet = parts.unet
     if args.strategy == "lora":
         from peft import LoraConfig
@@ -79,13 +89,16 @@ def main() -> None:
     else:
         unet.requires_grad_(True)
     side = resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    length = parts.tokenizer.model_max_length
-    latents = torch.randn(1, unet.config.in_channels, side, side)
-    states = torch.randn(1, length, unet.config.cross_attention_dim)
+    latents = torch.randn(1, unet.config.in_channels, side, side).to(dtype)
+    # the U-Net's conditioning as the step-time floor gives it (SDXL: also the pooled embedding and size numbers)
+    states, added = floor_conditioning(unet.config, parts.text_encoder.config.to_dict(), 1, resolution,
+                                       torch.Generator().manual_seed(0))
+    states = states.to(dtype)
+    added = None if added is None else {key: value.to(dtype) for key, value in added.items()}
     timesteps = torch.tensor([500])
     pixels = torch.rand(1, 3, resolution, resolution) * 2 - 1
 
-    unet_flops = _count(_unet_step(unet, latents, states, timesteps))
+    unet_flops = _count(_unet_step(unet, latents, states, timesteps, added))
     with torch.no_grad():
         vae_flops = _count(lambda: family.encode_image_moments(parts, pixels))
         text_flops = _count(lambda: family.encode_prompts(parts, ["a photo of a blue ball"]))
@@ -102,7 +115,7 @@ def main() -> None:
     print(f"  a step without caches costs {figures['uncached_extra_share']:.0%} more than with them")
 
     if torch.cuda.is_available():
-        figures.update(_gpu_utilisation(unet, latents, states, timesteps, unet_flops, args))
+        figures.update(_gpu_utilisation(unet, latents, states, timesteps, added, unet_flops, args))
         mfu = f"{figures['mfu']:.1%}" if figures["mfu"] else "unknown (give --peak-tflops)"
         print(f"  GPU {figures['device']}, bf16, batch {args.batch_size}: {figures['gpu_s_per_step']:.4f} s/step, "
               f"{figures['samples_per_s']:.1f} samples/s, {figures['achieved_tflops']:.1f} TFLOP/s, "
@@ -111,7 +124,7 @@ def main() -> None:
         print(f"wrote {write_text_atomically(args.json, json.dumps(figures, indent=2))}")
 
 
-def _gpu_utilisation(unet, latents, states, timesteps, flops_per_sample: int, args) -> dict:
+def _gpu_utilisation(unet, latents, states, timesteps, added, flops_per_sample: int, args) -> dict:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -127,13 +140,14 @@ def _gpu_utilisation(unet, latents, states, timesteps, flops_per_sample: int, ar
     batch = args.batch_size
     inputs = (latents.repeat(batch, 1, 1, 1).to(device), timesteps.repeat(batch).to(device),
               states.repeat(batch, 1, 1).to(device))
+    added = None if added is None else {key: value.repeat(batch, 1).to(device) for key, value in added.items()}
     torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(3 + args.steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = unet(inputs[0], inputs[1], inputs[2]).sample
+            out = unet(inputs[0], inputs[1], inputs[2], **_extra(added)).sample
         out.float().pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

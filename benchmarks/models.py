@@ -1,6 +1,7 @@
-"""Model and data the benchmarks run on: the tiny test pipeline, or the SD1.5 architecture with random weights.
+"""Model and data the benchmarks run on: the tiny test pipeline, or the SD1.5 or SDXL 1.0 architecture with
+random weights.
 
-Both are written once as ordinary diffusers folders (under $FINETUNE_CACHE/benchmarks, or
+Each is written once as an ordinary diffusers folder (under $FINETUNE_CACHE/benchmarks, or
 ~/.cache/finetune/benchmarks) and then loaded exactly as a user's model would be.
 """
 from __future__ import annotations
@@ -12,8 +13,11 @@ import torch
 from PIL import Image, ImageDraw
 
 CONFIGS = Path(__file__).parent / "configs"
-MODELS = ("tiny", "sd15")
-DEFAULT_RESOLUTION = {"tiny": 32, "sd15": 512}
+MODELS = ("tiny", "sd15", "sdxl")
+# sdxl: the largest side at which floor and finetune, running side by side, fit a 24 GB CPU machine in bf16
+DEFAULT_RESOLUTION = {"tiny": 32, "sd15": 512, "sdxl": 512}
+# what the default recipe trains in, where fp32 would not fit the machines the figures come from
+DEFAULT_MIXED_PRECISION = {"sdxl": "bf16"}
 
 
 def cache_root() -> Path:
@@ -43,6 +47,40 @@ def build_sd15(seed: int = 0):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def build_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A StableDiffusionXLPipeline with SDXL 1.0 base's shapes and random weights: CLIP ViT-L and OpenCLIP bigG
+    (with its projection), a 2.567 B-parameter U-Net. `dtype`: of the U-Net and text encoders; the VAE stays fp32,
+    as the released one runs (`force_upcast`)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from finetune.models.tiny import build_tokenizer
+
+    def config(name: str) -> dict:
+        return json.loads((CONFIGS / "sdxl" / f"{name}.json").read_text())
+
+    def clip(kind, name: str, tokenizer):
+        return kind(CLIPTextConfig(**config(name), bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+    torch.manual_seed(seed)
+    # the released second tokenizer pads with "!", the first with its end token
+    tokenizer, tokenizer_2 = build_tokenizer(max_length=77), build_tokenizer(max_length=77, pad_token="!")
+    vae = AutoencoderKL(**config("vae"))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in `dtype` at once: no full-precision copy of 3.4 B weights on the way
+    try:
+        text_encoder = clip(CLIPTextModel, "text_encoder", tokenizer)
+        text_encoder_2 = clip(CLIPTextModelWithProjection, "text_encoder_2", tokenizer_2)
+        unet = UNet2DConditionModel(**config("unet"))
+    finally:
+        torch.set_default_dtype(default)
+    with torch.device("cpu"):  # the schedule's tables, also when the networks are built on the meta device
+        scheduler = EulerDiscreteScheduler(**config("scheduler"))
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
 def model_folder(model: str) -> Path:
     """The model's diffusers folder, built on first use."""
     folder = cache_root() / model
@@ -55,6 +93,10 @@ def model_folder(model: str) -> Path:
     elif model == "sd15":
         print("building the SD1.5 architecture with random weights (once) ...", flush=True)
         pipe = build_sd15()
+    elif model == "sdxl":
+        # written in bf16 (14 GB in fp32): each benchmark process then loads it without a full-precision copy
+        print("building the SDXL 1.0 architecture with random weights, bf16 (once, ~7 GB) ...", flush=True)
+        pipe = build_sdxl(dtype=torch.bfloat16)
     else:
         raise SystemExit(f"--model: {model!r} is not one of {', '.join(MODELS)}")
     partial = folder.with_name(f".{model}.partial")

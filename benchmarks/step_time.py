@@ -1,13 +1,15 @@
 """Step time and peak memory of a training recipe against the floor, measured in one run.
 
 The floor is the bare loop a hand-written script cannot beat: the U-Net's forward and backward and AdamW on
-inputs computed beforehand, with the same trainable weights (LoRA of the recipe's rank on the same layers, or the
-whole U-Net for DreamBooth), precision, batch and resolution. "Ours" is `finetune train` on the recipe as a user
+inputs computed beforehand (latents, text states, and for SDXL the pooled text embedding and size numbers), with
+the same trainable weights (LoRA of the recipe's rank on the same layers, or the whole U-Net for DreamBooth),
+precision, batch and resolution. "Ours" is `finetune train` on the recipe as a user
 runs it, with its defaults (caches, SDPA, offloading). Each runs in its own process, so each peak is its own,
 and the two take turns step by step, so a machine whose speed drifts (a shared CPU does) cannot favour either.
 
     python benchmarks/step_time.py --model sd15 --steps 5 --json step_time.json
     python benchmarks/step_time.py --model tiny --recipe my_recipe.yaml
+    python benchmarks/step_time.py --model sdxl --steps 9    # bf16 at 512 px unless told otherwise
 
 Peak memory is the process's peak RSS on a CPU and torch's peak allocated memory on a GPU.
 """
@@ -33,12 +35,15 @@ DEFAULT_RECIPE = {"strategy": {"kind": "lora", "rank": 4}, "train": {"learning_r
 
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny or sd15 (the SD1.5 architecture, random weights)")
+    parser.add_argument("--model", default="tiny",
+                        help="tiny, sd15 or sdxl (the SD1.5 or SDXL 1.0 base architecture, random weights)")
     parser.add_argument("--recipe", help="a recipe to time (its model and data are replaced); default LoRA rank 4")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (a CPU needs a few to settle)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (1)")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15, 32 for tiny")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15 and sdxl, 32 for tiny")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                        help="default: the recipe's; without --recipe, bf16 for sdxl (fp32 does not fit 24 GB twice)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--child", choices=("floor", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--child-recipe", help=argparse.SUPPRESS)
@@ -53,6 +58,24 @@ def _peak_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def floor_conditioning(unet_config, text_config: dict, batch: int, resolution: int, generator):
+    """What the U-Net is conditioned on, drawn once: hidden states [batch, tokens, cross_attention_dim], and for
+    SDXL (`addition_embed_type: text_time`) the `added_cond_kwargs` its family's predict passes: the pooled text
+    embedding [batch, 1280] and each sample's six size numbers (original size, crop corner, target size), here
+    those of a square image trained whole. Returns (states, added or None), in fp32 on the CPU."""
+    import torch
+
+    states = torch.randn(batch, text_config["max_position_embeddings"], unet_config.cross_attention_dim,
+                         generator=generator)
+    if unet_config.addition_embed_type != "text_time":
+        return states, None
+    sizes = 6  # time_ids: (h, w) + (top, left) + (h, w), each number embedded addition_time_embed_dim wide
+    pooled = unet_config.projection_class_embeddings_input_dim - sizes * unet_config.addition_time_embed_dim
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+    return states, {"text_embeds": torch.randn(batch, pooled, generator=generator),
+                    "time_ids": time_ids.repeat(batch, 1)}
 
 
 def _floor(recipe) -> tuple[list[float], float]:
@@ -95,8 +118,10 @@ def _floor(recipe) -> tuple[list[float], float]:
     side = d.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(t.batch_size, unet.config.in_channels, side, side, generator=generator).to(device)
-    states = torch.randn(t.batch_size, text["max_position_embeddings"], unet.config.cross_attention_dim,
-                         generator=generator).to(device)
+    states, added = floor_conditioning(unet.config, text, t.batch_size, d.resolution, generator)
+    states = states.to(device)
+    extra = {} if added is None else {
+        "added_cond_kwargs": {key: value.to(device, unet.dtype) for key, value in added.items()}}
     autocast = torch.autocast(device.type, dtype=DTYPES.get(t.mixed_precision, torch.float32),
                               enabled=t.mixed_precision != "no")
     times = []
@@ -108,7 +133,7 @@ def _floor(recipe) -> tuple[list[float], float]:
         steps = torch.randint(0, scheduler.config.num_train_timesteps, (t.batch_size,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, steps).to(device)
         with autocast:
-            prediction = unet(noisy.to(unet.dtype), steps.to(device), states.to(unet.dtype)).sample
+            prediction = unet(noisy.to(unet.dtype), steps.to(device), states.to(unet.dtype), **extra).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         loss.backward()
         optimizer.step()
@@ -197,7 +222,7 @@ def _take_turns(recipe_path: Path, steps: int) -> dict:
 def _recipe(args, work: Path) -> Path:
     import yaml
 
-    from benchmarks.models import DEFAULT_RESOLUTION, data_folder, model_folder
+    from benchmarks.models import DEFAULT_MIXED_PRECISION, DEFAULT_RESOLUTION, data_folder, model_folder
 
     data = yaml.safe_load(Path(args.recipe).read_text()) if args.recipe else json.loads(json.dumps(DEFAULT_RECIPE))
     resolution = args.resolution or DEFAULT_RESOLUTION[args.model]
@@ -207,6 +232,9 @@ def _recipe(args, work: Path) -> Path:
     data["train"] = {**data.get("train", {}), "max_steps": 1 + args.warmup + args.steps}
     if args.batch_size:
         data["train"]["batch_size"] = args.batch_size
+    precision = args.mixed_precision or (None if args.recipe else DEFAULT_MIXED_PRECISION.get(args.model))
+    if precision:
+        data["train"]["mixed_precision"] = precision
     data["output_dir"] = str(work / "out")
     data["checkpoint"] = {"every": 0}
     data["sample"] = {"every": 0}
