@@ -43,7 +43,7 @@ def mixed_alpha(lora_file, tmp_path_factory) -> dict:
 def kohya_stem(component: str, module: str) -> str:
     # kohya's own naming, written out independently of finetune's reader
     prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
-    return prefix + module.replace(".", "_")
+    return prefix + module.removeprefix("text_model.").replace(".", "_")  # diffusers files keep CLIP's text_model.
 
 
 def applied_changes(pipe, name: str) -> dict[str, torch.Tensor]:

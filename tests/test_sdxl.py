@@ -72,7 +72,7 @@ def lora_run(sdxl_base, tmp_path_factory):
     recipe = parse_recipe(recipe_dict(
         sdxl_base, draw_concept(tmp / "images"), tmp / "out",
         strategy={"kind": "lora", "rank": 4, "text_encoder": True, "text_encoder_2_rank": 2,
-                  "text_encoder_2_learning_rate": 3e-4, "formats": ["diffusers"]},
+                  "text_encoder_2_learning_rate": 3e-4, "formats": ["diffusers", "kohya"]},
         train={"max_steps": 6, "learning_rate": 5e-3, "batch_size": 2},
         sample={"every": 6, "prompts": ["a purple sks"], "steps": 2}))
     artifact, parts = train_keeping_parts(recipe)
@@ -97,6 +97,43 @@ def test_lora_files_use_the_sdxl_prefixes_and_load_in_diffusers(lora_run, sdxl_b
     base = images_of(sdxl_pipeline(sdxl_base))
     assert np.abs(images_of(trained) - base).max() > 1e-3  # the LoRA does something
     np.testing.assert_allclose(images_of(loaded), images_of(trained), atol=1e-5)
+
+
+def test_the_kohya_file_uses_kohyas_sdxl_names_and_reads_back(lora_run, sdxl_base, tmp_path):
+    """lora_unet_ + the original (SGM) module names kohya's SDXL U-Net has, lora_te1_ / lora_te2_ for CLIP-L and
+    CLIP-G, kohya's SDXL version tag; read back by load_adapter, convert and resize to what was trained."""
+    from safetensors import safe_open
+
+    from finetune import load_adapter
+    from finetune.tools.convert import convert
+    from finetune.tools.resize import resize_file
+
+    artifact, parts, out = lora_run
+    kohya_file = out / "kohya" / "out.safetensors"
+    with safe_open(str(kohya_file), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    stems = {k.split(".")[0] for k in keys}
+    assert {s.split("_")[1] for s in stems} == {"unet", "te1", "te2"}
+    # the tiny U-Net has one layer per block: its attention block is input_blocks.3 (conv_in, resnet, downsampler)
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q" in stems
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k" in stems
+    assert not any(s.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for s in stems)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in stems
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    trained = images_of(family_for("sdxl").pipeline(parts))
+    for load in (lambda pipe: load_adapter(pipe, kohya_file),
+                 lambda pipe: pipe.load_lora_weights(str(kohya_file))):  # diffusers' own SGM-name mapping agrees
+        pipe = sdxl_pipeline(sdxl_base)
+        load(pipe)
+        np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
+    back = tmp_path / "back.safetensors"
+    convert(kohya_file, back, "diffusers", base=str(sdxl_base))
+    pipe = sdxl_pipeline(sdxl_base)
+    pipe.load_lora_weights(str(back))
+    np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
+    resize_file(kohya_file, tmp_path / "small.safetensors", rank=2, energy=None, base=str(sdxl_base))
+    with safe_open(str(tmp_path / "small.safetensors"), "pt") as handle:
+        assert set(handle.keys()) == set(keys)  # same names, lower rank
 
 
 def test_each_text_encoder_trains_at_its_own_learning_rate(sdxl_base, tmp_path):

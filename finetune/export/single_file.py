@@ -179,7 +179,7 @@ def _rename(state_dict: dict[str, torch.Tensor], prefixes: PrefixMap, target_pre
     renamed: dict[str, torch.Tensor] = {}
     unmapped = []
     for key, value in state_dict.items():
-        new_key = _rename_key(key, prefixes)
+        new_key = rename_key(key, prefixes)
         if new_key is None:
             unmapped.append(key)
             continue
@@ -194,7 +194,8 @@ def _rename(state_dict: dict[str, torch.Tensor], prefixes: PrefixMap, target_pre
     return renamed
 
 
-def _rename_key(key: str, prefixes: PrefixMap) -> str | None:
+def rename_key(key: str, prefixes: PrefixMap) -> str | None:
+    """A diffusers key (or module path + ".weight") in the original layout by `prefixes`; None: it has no place."""
     # walk from the longest candidate prefix so `...resnets.1` never matches inside `...resnets.10`
     parts = key.split(".")
     for cut in range(len(parts) - 1, 0, -1):

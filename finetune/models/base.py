@@ -114,10 +114,11 @@ class ModelFamily(Protocol):
     lora_targets: tuple[str, ...]  # default LoRA target modules in the denoiser (peft name tails)
     conv_lora_targets: tuple[str, ...]  # the denoiser's convolutions that strategy.conv_layers adds
     text_encoder_lora_targets: tuple[str, ...]
-    # file naming: kohya's LoRA prefix per part ("unet" -> "lora_unet"), the embedding file's key per text
-    # encoder (SDXL: clip_l, clip_g; empty: one encoder, keyed by the token), and kohya's ss_base_model_version
-    # (None: told from the weights)
+    # file naming: kohya's LoRA prefix per part ("unet" -> "lora_unet") and U-Net module names, the embedding
+    # file's key per text encoder (SDXL: clip_l, clip_g; empty: one encoder, keyed by the token), and kohya's
+    # ss_base_model_version (None: told from the weights)
     kohya_prefixes: dict[str, str]
+    kohya_unet_layout: str  # "diffusers" (module paths as diffusers names them) or "sgm" (the original code's)
     embedding_keys: dict[str, str]
     kohya_base_model_version: str | None
 

@@ -23,12 +23,24 @@ from finetune.models.loading import load_frozen
 from finetune.models.stable_diffusion import StableDiffusion
 
 
+# the released SDXL 1.0 base U-Net's layout (its unet/config.json, the parts that shape module names), for reading
+# kohya files without the base at hand
+RELEASED_UNET_CONFIG = {
+    "block_out_channels": (320, 640, 1280), "layers_per_block": 2, "cross_attention_dim": 2048,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816}
+
+
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     # the text-encoder file keys AUTOMATIC1111, ComfyUI and kohya use for SDXL embeddings, per pipeline part
     embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
     # kohya's LoRA key prefixes for SDXL (its sdxl_train_network.py): lora_te1_ / lora_te2_
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    kohya_unet_layout = "sgm"  # kohya's SDXL U-Net is Stability's code: its files use the original module names
     kohya_base_model_version = "sdxl_base_v1-0"
 
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,

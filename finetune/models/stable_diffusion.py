@@ -21,6 +21,7 @@ class StableDiffusion:
     conv_lora_targets = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
     text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    kohya_unet_layout = "diffusers"  # kohya's SD 1.x/2.x files name U-Net modules as diffusers does
     embedding_keys: dict[str, str] = {}  # one text encoder: the embedding file is keyed by the token
     kohya_base_model_version = None  # sd_v1 or sd_v2: told from the text encoder's width
 

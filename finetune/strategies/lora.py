@@ -14,7 +14,8 @@ from finetune.export.lora import diffusers as diffusers_lora
 from finetune.export.lora import layers as lora_layers
 from finetune.export.lora.files import read_lora, write_lora_files
 from finetune.export.lora.kohya import module_paths
-from finetune.models.base import Components, ModelFamily
+from finetune.export.lora.kohya_names import naming_for
+from finetune.models.base import Components, ModelFamily, unwrapped
 from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies import lora_variants
@@ -140,6 +141,7 @@ class Strategy(CommonDefaults):
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         # keep_frozen_base needs nothing: switching the adapters off gives the base back
         o = self.options
+        self.kohya_naming = naming_for(family, unwrapped(parts.denoiser).config)  # the family's names in kohya files
         self.configs[parts.denoiser_name] = lora_variants.peft_config(
             o.variant, rank=o.rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
             targets=o.target_modules or family.lora_targets,
@@ -210,7 +212,7 @@ class Strategy(CommonDefaults):
         configs = {name: config.to_dict() for name, config in self.configs.items()}
         components = diffusers_lora.unpack(self.state_dict())
         # which files strategy.formats means for this variant, and their layouts, are the export code's
-        return write_lora_files(output_dir, components, configs, meta, o.variant, o.formats)
+        return write_lora_files(output_dir, components, configs, meta, o.variant, o.formats, self.kohya_naming)
 
 
 def initial_layers(path: str, parts: Components, text_encoders: set[str]) -> lora_layers.LoraWeights:

@@ -29,6 +29,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     resize.add_argument("--rank", type=int, help="rank to keep per layer (at most)")
     resize.add_argument("--energy", type=float, help="fraction of each layer's energy to keep, e.g. 0.9")
     resize.add_argument("--json", help="also write the per-layer ranks and energy kept to this JSON file")
+    resize.add_argument("--base", help="the base model, to match a kohya file's names against its modules "
+                                       "(default: parse them; SDXL names follow the released SDXL)")
 
     inspect = commands.add_parser("inspect", help="what a model or adapter file is, its base, metadata and shapes")
     inspect.add_argument("file", help="a .safetensors / .pt / .ckpt file or a diffusers pipeline folder")
@@ -59,7 +61,7 @@ def run_resize(args) -> int:
 
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"{args.out}: the output should end in .safetensors")
-    path, reports = resize_file(args.source, args.out, args.rank, args.energy)
+    path, reports = resize_file(args.source, args.out, args.rank, args.energy, args.base)
     print("\n".join(summary(reports) + [f"wrote {path}"]))
     if args.json:
         write_text_atomically(args.json, json.dumps([asdict(r) for r in reports], indent=2))

@@ -87,13 +87,19 @@ def summary(reports: list[LayerReport]) -> list[str]:
     return lines
 
 
-def resize_file(source: str | Path, out: str | Path, rank: int | None, energy: float | None
-                ) -> tuple[Path, list[LayerReport]]:
-    """Resize `source` into `out`, in the same format (kohya stays kohya)."""
+def resize_file(source: str | Path, out: str | Path, rank: int | None, energy: float | None,
+                base: str | None = None) -> tuple[Path, list[LayerReport]]:
+    """Resize `source` into `out`, in the same format (kohya stays kohya); `base` resolves kohya's names against
+    the model's modules (needed for an SDXL-layout file of another U-Net shape than the released one)."""
     from finetune.export.lora import diffusers as diffusers_lora
     from finetune.export.lora import kohya as kohya_lora
 
-    weights = read_lora(source)
+    module_names = None
+    if base is not None:
+        from finetune.models import family_for
+
+        module_names = kohya_lora.module_paths(family_for("auto", base, hub=True).load(base))
+    weights = read_lora(source, module_names)
     resized, reports = resize(weights, rank, energy)
     resized.metadata["finetune.resized_from"] = Path(source).name
     if weights.format == "kohya":

@@ -54,9 +54,36 @@ def adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
 
 def save_lora(path: Path, components: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict],
               metadata: dict[str, str]) -> Path:
-    """The file from peft's per-component state dicts and their configs as dicts, atomically."""
+    """The file from peft's per-component state dicts and their configs as dicts, atomically. Text-encoder keys
+    keep CLIP's `text_model.` level, which transformers >= 5.6 dropped from CLIPTextModel: ComfyUI's key map and
+    the files other tools share expect it, and diffusers' loader reads both."""
+    # the configs' module paths lose the level instead: peft matches them as path tails, so they fit a CLIP with
+    # or without it, while a path with it fails on one without
+    configs = {name: _without_text_model(config) if name.startswith("text_encoder") else config
+               for name, config in configs.items()}
     header = {"format": "pt", ADAPTER_METADATA_KEY: adapter_metadata(configs), **metadata}
-    return save_safetensors(pack(components), path, header)
+    with_level = {name: {with_text_model(name, key): value for key, value in state.items()}
+                  for name, state in components.items()}
+    return save_safetensors(pack(with_level), path, header)
+
+
+def _without_text_model(config: dict) -> dict:
+    def short(name: str) -> str:
+        return name.removeprefix("text_model.")
+    config = dict(config)
+    if isinstance(config.get("target_modules"), (list, tuple, set)):
+        config["target_modules"] = sorted({short(m) for m in config["target_modules"]})
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            config[key] = {short(m): v for m, v in config[key].items()}
+    return config
+
+
+def with_text_model(component: str, module: str) -> str:
+    """A text encoder's module path (or key) with CLIP's `text_model.` level, whichever transformers made it."""
+    if component.startswith("text_encoder") and not module.startswith("text_model."):
+        return f"text_model.{module}"
+    return module
 
 
 # key tails of the two diffusers layouts: peft's (lora_A/lora_B) and the older one (lora.down/lora.up)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from finetune.export.lora import diffusers, kohya, lycoris, peft_adapter
+from finetune.export.lora.kohya_names import SD_NAMING, KohyaNaming
 from finetune.export.lora.layers import VARIANT_KEY, LoraFileError, LoraWeights
 from finetune.export.safetensors_io import Header, read_safetensors
 
@@ -93,23 +94,25 @@ def describe_peft_adapter(header: Header) -> dict[str, Any]:
 
 
 def write_lora_files(output_dir: str | os.PathLike, components: dict[str, dict[str, torch.Tensor]],
-                     configs: dict[str, dict], metadata: dict[str, str], variant: str, formats: list[str]) -> Path:
+                     configs: dict[str, dict], metadata: dict[str, str], variant: str, formats: list[str],
+                     naming: KohyaNaming = SD_NAMING) -> Path:
     """A trained adapter's files for `formats` (strategy.formats), from peft's per-component state dicts and
     configs as dicts: the diffusers-layout file always (diffusers' LoRA file; finetune's peft-adapter file for
     LoHa, LoKr and OFT, which diffusers has no loader for), and for "kohya" the kohya file (LyCORIS's layout for
-    LoHa and LoKr) at output_dir/kohya/<output_dir name>.safetensors. Returns the first file's path."""
+    LoHa and LoKr) at output_dir/kohya/<output_dir name>.safetensors, named as `naming` (the model family's kohya
+    names) says. Returns the first file's path."""
     output_dir = Path(output_dir)
     path = output_dir / diffusers.FILE_NAME
     kohya_path = output_dir / KOHYA_DIR / f"{output_dir.name}.safetensors"
     if variant in peft_adapter.PEFT_ONLY_VARIANTS:
         saved = peft_adapter.save_peft_adapter(path, components, configs, metadata)
         if "kohya" in formats:
-            lycoris.write_lycoris(variant, components, configs, kohya_path, metadata)
+            lycoris.write_lycoris(variant, components, configs, kohya_path, metadata, naming)
         return saved
     saved = diffusers.save_lora(path, components, configs, metadata)
     if "kohya" in formats:
         # the same tensors and configs the diffusers file holds, viewed as layers (no reading it back)
         header = {**metadata, diffusers.ADAPTER_METADATA_KEY: diffusers.adapter_metadata(configs)}
         layers = diffusers.from_diffusers(diffusers.pack(components), header, str(path))
-        kohya.write_kohya(layers, kohya_path)
+        kohya.write_kohya(layers, kohya_path, naming=naming)
     return saved

@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 
 from finetune.export.lora.kohya_metadata import kohya_metadata
+from finetune.export.lora.kohya_names import (READ_PREFIXES, SD_NAMING, SGM_BLOCKS, KohyaNaming, naming_of,
+                                              sdxl_reference_aliases, sgm_aliases)
+from finetune.export.lora.diffusers import with_text_model
 from finetune.export.lora.layers import LoraFileError, LoraLayer, LoraWeights
 from finetune.export.safetensors_io import save_safetensors
 from finetune.models.base import adaptable_modules
 
-# component -> the prefix written; prefix -> component, read (SDXL's kohya files call the first text encoder te1)
-PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
-READ_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                 "lora_te2": "text_encoder_2"}
 
 
 def is_kohya(keys: list[str]) -> bool:
@@ -44,26 +43,28 @@ def split_name(stem: str) -> tuple[str, str] | None:
     return None if prefix is None else (READ_PREFIXES[prefix], stem[len(prefix) + 1:])
 
 
-def kohya_module(component: str, module: str) -> str:
-    """`lora_unet_down_blocks_0_..._to_q` for unet module `down_blocks.0....to_q` (kohya's module names)."""
-    if component.startswith("text_encoder") and not module.startswith("text_model."):
-        module = f"text_model.{module}"  # transformers 5's CLIPTextModel dropped that level; kohya keeps it
-    return f"{PREFIXES[component]}_{module.replace('.', '_')}"
+def kohya_module(component: str, module: str, naming: KohyaNaming = SD_NAMING) -> str:
+    """`lora_unet_down_blocks_0_..._to_q` for unet module `down_blocks.0....to_q` (kohya's module names; an SDXL
+    naming gives `lora_unet_input_blocks_...` and `lora_te1_...`, kohya_names.py)."""
+    if component not in naming.prefixes:
+        raise LoraFileError(f"kohya's format has no prefix for component {component!r}")
+    module = with_text_model(component, naming.module_name(component, module))  # kohya keeps CLIP's text_model.
+    return f"{naming.prefixes[component]}_{module.replace('.', '_')}"
 
 
-def to_kohya(weights: LoraWeights) -> dict[str, torch.Tensor]:
-    """kohya's tensors for these layers (a 0-d alpha each); DoRA and bias changes have no kohya form."""
+def to_kohya(weights: LoraWeights, naming: KohyaNaming | None = None) -> dict[str, torch.Tensor]:
+    """kohya's tensors for these layers (a 0-d alpha each), named as `naming` says (None: as the layers and header
+    tell, kohya_names.naming_of); DoRA and bias changes have no kohya form."""
+    naming = naming or naming_of(weights)
     if weights.uses_dora:
         raise LoraFileError("DoRA layers have no kohya form that diffusers reads back (it drops `dora_scale`); "
                             "keep DoRA LoRAs in the diffusers format")
     tensors: dict[str, torch.Tensor] = {}
     for component, module, layer in weights.modules():
-        if component not in PREFIXES:
-            raise LoraFileError(f"kohya's format has no prefix for component {component!r}")
         if layer.bias is not None:
             raise LoraFileError(f"{component}.{module} carries a bias change (peft lora_bias), which kohya's "
                                 "format cannot hold; keep this file in the diffusers format")
-        stem = kohya_module(component, module)
+        stem = kohya_module(component, module, naming)
         tensors[f"{stem}.lora_down.weight"] = layer.down
         tensors[f"{stem}.lora_up.weight"] = layer.up
         tensors[f"{stem}.alpha"] = torch.tensor(float(layer.alpha))
@@ -116,11 +117,18 @@ def name_resolver(component: str, names: list[str] | None):
     """underscored kohya name -> module path: looked up among `names` (the model's), or parsed without them."""
     if names is None:
         def parse(underscored: str) -> str:
+            if component == "unet" and underscored.startswith(SGM_BLOCKS):  # kohya's SDXL names
+                aliases = sdxl_reference_aliases()
+                if underscored not in aliases:
+                    raise LoraFileError(f"{underscored!r} is no module of the SDXL U-Net; give the base model "
+                                        "(--base) so names are matched against its modules")
+                return aliases[underscored]
             path = parse_module_path(underscored)
             return path.removeprefix("text_model.") if component.startswith("text_encoder") and \
                 not _reference_has_text_model() else path
         return parse
-    table = {}
+    # a U-Net's original (SGM) names too: kohya's SDXL files use them
+    table = sgm_aliases(names) if component == "unet" else {}
     for name in names:
         table[name.replace(".", "_")] = name
         if component.startswith("text_encoder") and not name.startswith("text_model."):
@@ -185,14 +193,15 @@ def data_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
 
 
 def write_kohya(weights: LoraWeights, path: Path, output_name: str | None = None,
-                dtype: torch.dtype | None = None) -> Path:
+                dtype: torch.dtype | None = None, naming: KohyaNaming | None = None) -> Path:
     """The kohya file, with the `ss_*` figures and hashes; `output_name` (default: the file's stem) is the name
-    the UIs show and AUTOMATIC1111's `<lora:NAME:1>` uses."""
+    the UIs show and AUTOMATIC1111's `<lora:NAME:1>` uses; `naming`: the family's (kohya_names.naming_for)."""
     path = Path(path)
-    tensors = to_kohya(weights)
+    naming = naming or naming_of(weights)
+    tensors = to_kohya(weights, naming)
     if dtype is not None:
         # alphas stay exact in fp32 whatever the weights' dtype
         tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in tensors.items()}
-    metadata = kohya_metadata(weights, output_name or path.stem)
+    metadata = kohya_metadata(weights, output_name or path.stem, naming.version)
     metadata.update(data_hashes(tensors, metadata))
     return save_safetensors(tensors, path, metadata)

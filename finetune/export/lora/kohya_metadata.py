@@ -45,12 +45,13 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def kohya_metadata(weights: LoraWeights, output_name: str) -> dict[str, str]:
-    """Header for the kohya file: finetune's own keys kept, `ss_*` and `modelspec.*` derived from them."""
+def kohya_metadata(weights: LoraWeights, output_name: str, version: str | None = None) -> dict[str, str]:
+    """Header for the kohya file: finetune's own keys kept, `ss_*` and `modelspec.*` derived from them;
+    `version`: the family's ss_base_model_version (None: told from the layers' widths)."""
     source = weights.metadata
     recipe: dict[str, Any] = json.loads(source.get("finetune.recipe") or "{}")
     train, data, strategy, model = (recipe.get(k, {}) for k in ("train", "data", "strategy", "model"))
-    version = base_model_version(weights, model.get("prediction_type"))
+    version = version or base_model_version(weights, model.get("prediction_type"))
     layers = [layer for _, _, layer in weights.modules()]
     is_conv = [layer.down.ndim == 4 and layer.down.shape[-1] > 1 for layer in layers]
     conv = [layer for layer, flag in zip(layers, is_conv) if flag]

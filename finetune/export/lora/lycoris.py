@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from finetune.export.lora.kohya import kohya_module, name_resolver, split_name
+from finetune.export.lora.kohya_names import SD_NAMING, KohyaNaming
 from finetune.export.lora.layers import AdapterFile, LoraFileError, per_module, training_header
 from finetune.export.safetensors_io import read_safetensors, save_safetensors
 
@@ -46,7 +47,7 @@ def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[st
 
 
 def to_lycoris(variant: str, components: dict[str, dict[str, torch.Tensor]],
-               configs: dict[str, dict]) -> dict[str, torch.Tensor]:
+               configs: dict[str, dict], naming: KohyaNaming = SD_NAMING) -> dict[str, torch.Tensor]:
     """LyCORIS tensors from peft's per-component state dicts ({"unet": {"<module>.hada_w1_a": ...}}) and their
     peft configs as dicts (r, alpha, rank_pattern, alpha_pattern)."""
     if variant not in ROLES:
@@ -61,7 +62,7 @@ def to_lycoris(variant: str, components: dict[str, dict[str, torch.Tensor]],
                 # both factors whole: the readers apply strength 1, so peft's alpha / r moves into the weights
                 found = {**found, "lokr_w2": found["lokr_w2"] * (alpha / rank)}
                 alpha = rank
-            stem = kohya_module(component, module)
+            stem = kohya_module(component, module, naming)
             for role, value in found.items():
                 tensors[f"{stem}.{role}"] = value.detach().contiguous()
             tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
@@ -133,9 +134,9 @@ def _rank_and_alpha(variant: str, found: dict[str, torch.Tensor], alpha: torch.T
 
 
 def write_lycoris(variant: str, components: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict],
-                  path, metadata: dict[str, str]) -> Path:
-    """The LyCORIS file for AUTOMATIC1111 / ComfyUI (models/Lora), atomically."""
-    tensors = to_lycoris(variant, components, configs)
+                  path, metadata: dict[str, str], naming: KohyaNaming = SD_NAMING) -> Path:
+    """The LyCORIS file for AUTOMATIC1111 / ComfyUI (models/Lora), atomically; `naming`: the family's kohya names."""
+    tensors = to_lycoris(variant, components, configs, naming)
     return save_safetensors(tensors, path, lycoris_metadata(variant, tensors, metadata))
 
 
