@@ -312,3 +312,29 @@ def test_each_sdxl_recipe_validates_and_trains_on_a_tiny_sdxl(name, sdxl_base, t
     assert main(["validate", str(recipe), *overrides]) == 0
     assert main(["train", str(recipe), *overrides]) == 0
     assert any((tmp_path / "out").iterdir())
+
+
+def test_kohyas_sdxl_names_are_read_without_the_base_as_the_released_sdxl_has_them():
+    """SGM names resolve against the released SDXL U-Net (built on the meta device), as diffusers' own mapping and
+    kohya's sdxl_original_unet place them."""
+    from finetune.export.lora.kohya import name_resolver
+
+    resolve = name_resolver("unet", None)
+    assert resolve("input_blocks_4_1_transformer_blocks_0_attn1_to_q") == \
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert resolve("input_blocks_8_1_transformer_blocks_9_attn2_to_k") == \
+        "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"
+    assert resolve("middle_block_1_proj_in") == "mid_block.attentions.0.proj_in"
+    assert resolve("output_blocks_2_2_conv") == "up_blocks.0.upsamplers.0.conv"
+    assert resolve("output_blocks_0_0_in_layers_2") == "up_blocks.0.resnets.0.conv1"
+
+
+def test_training_can_start_from_a_kohya_sdxl_file(lora_run, sdxl_base, tmp_path):
+    artifact, parts, out = lora_run
+    trained = images_of(family_for("sdxl").pipeline(parts))
+    recipe = parse_recipe(recipe_dict(
+        sdxl_base, draw_concept(tmp_path / "images"), tmp_path / "again",
+        strategy={"kind": "lora", "initial_weights": str(out / "kohya" / "out.safetensors"), "text_encoder": True},
+        train={"max_steps": 1, "learning_rate": 1e-12, "batch_size": 2}))
+    _, again = train_keeping_parts(recipe)
+    np.testing.assert_allclose(images_of(family_for("sdxl").pipeline(again)), trained, atol=1e-4)
