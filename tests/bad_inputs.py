@@ -130,10 +130,10 @@ def _resume_another_recipe(ws: Workspace) -> list[str]:
     return ws.train("--resume", "latest", strategy={"kind": "lora", "rank": 8}, checkpoint={"every": 1})
 
 
-def _sd3_base(ws: Workspace) -> list[str]:
-    folder = ws.tmp / "sd3"
+def _sana_base(ws: Workspace) -> list[str]:
+    folder = ws.tmp / "sana"
     folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    (folder / "model_index.json").write_text('{"_class_name": "SanaPipeline"}')
     return ws.train(model={"base": str(folder)})
 
 
@@ -235,9 +235,9 @@ CATALOGUE = [
     BadInput("not-a-pipeline", "`model.base` is a folder but not a diffusers pipeline",
              "Says model_index.json is missing and what to point at instead",
              lambda ws: ws.train(model={"base": str(ws.images)}), ("not a diffusers pipeline", "save_pretrained")),
-    BadInput("family-not-trained-here", "`model.base` is an SD3 or Flux model",
+    BadInput("family-not-trained-here", "`model.base` is a model of a family not trained here (Sana, PixArt, ...)",
              "Names the family (from model_index.json or the file's keys) and what is trained today",
-             _sd3_base, ("Stable Diffusion 3 pipeline", "finetune trains Stable Diffusion 1.x and 2.x", "SDXL")),
+             _sana_base, ("Sana pipeline", "finetune trains Stable Diffusion 1.x and 2.x", "SDXL", "SD3")),
     BadInput("family-mismatch", "`model.family` says one family and the base is another (e.g. `sd` on an SDXL folder)",
              "Names both and what to set (the family, or auto)",
              _sdxl_base_as_sd, ("model.family: sd, but", "is a Stable Diffusion XL model", "set model.family: sdxl or auto")),

@@ -19,17 +19,24 @@ from tests.conftest import recipe_dict, train_keeping_parts
 
 
 def fixed_loss(family, parts, pixels, captions) -> float:
-    """Loss on fixed noise and timesteps: comparable before and after training."""
+    """Loss on fixed noise and timesteps (the family's objective with its defaults, drawn from a fixed seed):
+    comparable before and after training."""
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         latents = family.encode_images(parts, pixels, generator)
         cond = family.encode_prompts(parts, captions)
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.tensor([100, 300, 500, 700] * (len(captions) // 4 or 1))[: len(captions)]
-        noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = family.predict(parts, noisy, timesteps, cond,
+        noised = default_objective(family, parts).noise(latents, generator)
+        prediction = family.predict(parts, noised.noisy, noised.timesteps, cond,
                                     uncropped_conditions(len(captions), *pixels.shape[-2:]))
-    return per_sample_loss(prediction, noise).mean().item()
+    return per_sample_loss(prediction, noised.target).mean().item()
+
+
+def default_objective(family, parts):
+    """The family's objective as a recipe that sets none of its options gives it."""
+    from finetune.models import FAMILIES, OBJECTIVE_OPTIONS, objective_values
+
+    unset = OBJECTIVE_OPTIONS[FAMILIES[family.name][2]]
+    return family.objective(parts, **objective_values(family.name, unset.get))
 
 
 def unet_output(pipe, seed=0) -> np.ndarray:

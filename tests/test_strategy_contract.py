@@ -35,7 +35,7 @@ class Contract:
 CONTRACT = {
     "lora": Contract({"kind": "lora", "rank": 4, "text_encoder": True}, "a purple sks", 5e-3, "a purple sks"),
     "dreambooth": Contract({"kind": "dreambooth", "text_encoder": True}, "a purple sks", 1e-4, "a purple sks",
-                           ("unet.", "text_encoder.", "text_encoder_2.")),
+                           ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")),
     "textual_inversion": Contract(
         {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x"}, "a purple <sks>",
         5e-2, "a purple x", ("text_encoder.embeddings.token_embedding.weight",  # CLIP-L (transformers >= 5.6)
@@ -45,8 +45,25 @@ CONTRACT = {
 }
 
 
+# (strategy, family) pairs not written yet: the strategy refuses them by name before any long work
+NOT_YET = {("hypernetwork", "sd3"): "hypernetworks on a transformer's text stream are not written yet",
+           ("textual_inversion", "sd3"): "textual inversion on sd3 is not written yet"}
+
+
 def test_every_strategy_is_under_contract():
     assert set(CONTRACT) == set(KINDS)
+
+
+@pytest.mark.parametrize("kind, family_name", sorted(NOT_YET))
+def test_a_pair_not_written_yet_is_refused_by_name(kind, family_name, tiny_bases):
+    from finetune.strategies import create_strategy
+    from finetune.strategies.base import StrategySetupError
+
+    family = family_for(family_name)
+    strategy = create_strategy(parse_recipe(recipe_dict(tiny_bases[family_name], ".", "out",
+                                                        strategy=CONTRACT[kind].options)).strategy)
+    with pytest.raises(StrategySetupError, match=NOT_YET[(kind, family_name)]):
+        strategy.check(family, family.load(str(tiny_bases[family_name])))
 
 
 def _outputs(family, parts, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +82,8 @@ def tiny_bases(tiny_base, tmp_path_factory):
                                                                      family=name) for name in FAMILIES}
 
 
-@pytest.fixture(scope="module", params=[(kind, family) for family in FAMILIES for kind in CONTRACT],
+@pytest.fixture(scope="module", params=[(kind, family) for family in FAMILIES for kind in CONTRACT
+                                        if (kind, family) not in NOT_YET],
                 ids=lambda param: f"{param[0]}-{param[1]}")
 def run(request, tiny_bases, concept_dir, tmp_path_factory):
     """One short run per strategy and family, keeping the base as loaded, the strategy, and the model as

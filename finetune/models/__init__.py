@@ -8,9 +8,22 @@ _FROM_BASE = ("Components", "ModelFamily", "ModelLoadError")
 # model.family -> (module, class, objective): each family is one file here (imported on first use: torch and
 # diffusers); the objective's name says which recipe options it reads (OBJECTIVE_OPTIONS), checked before loading
 FAMILIES = {"sd": ("finetune.models.stable_diffusion", "StableDiffusion", "ddpm"),
-            "sdxl": ("finetune.models.sdxl", "StableDiffusionXL", "ddpm")}
-# recipe options only one objective reads, with their "not set" values (finetune/models/ddpm.py)
-OBJECTIVE_OPTIONS = {"ddpm": {"model.prediction_type": None, "train.min_snr_gamma": None, "train.noise_offset": 0.0}}
+            "sdxl": ("finetune.models.sdxl", "StableDiffusionXL", "ddpm"),
+            "sd3": ("finetune.models.sd3", "StableDiffusion3", "flow_matching")}
+# recipe options only one objective reads, with their "not set" values (finetune/models/ddpm.py, flow_matching.py);
+# a family's `objective` takes its objective's as keywords named by the key's last part
+OBJECTIVE_OPTIONS = {
+    "ddpm": {"model.prediction_type": None, "train.min_snr_gamma": None, "train.noise_offset": 0.0},
+    "flow_matching": {"flow.sigma_sampling": "auto", "flow.logit_mean": 0.0, "flow.logit_std": 1.0,
+                      "flow.mode_scale": 1.29, "flow.sigmoid_scale": 1.0, "flow.shift": None,
+                      "flow.resolution_shift": None, "flow.weighting": "none"},
+}
+
+
+def objective_values(family: str, value_of: Any) -> dict[str, object]:
+    """The keywords `family.objective` takes, {"min_snr_gamma": 5.0, ...}, with `value_of(dotted key)` reading
+    the recipe."""
+    return {key.rsplit(".", 1)[1]: value_of(key) for key in OBJECTIVE_OPTIONS[FAMILIES[family][2]]}
 
 
 def objective_problems(family: str, values: dict[str, object]) -> list[str]:

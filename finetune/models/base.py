@@ -90,6 +90,12 @@ def denoiser_of(holder: Any) -> Any:
     return next(iter(adaptable_modules(holder).values()))
 
 
+def adaptable_text_encoders(family: Any, parts: Components) -> tuple[str, ...]:
+    """The text encoders a strategy may train or extend, in the pipeline's order (the family's `text_encoders`:
+    SD3's CLIPs, not its T5)."""
+    return tuple(name for name, _, _ in family.text_encoders(parts))
+
+
 def tokenizer_name(text_encoder_name: str) -> str:
     """A pipeline's tokenizer for a text encoder: `text_encoder` -> `tokenizer`, `text_encoder_2` -> `tokenizer_2`."""
     return "tokenizer" + text_encoder_name.removeprefix("text_encoder")
@@ -123,14 +129,15 @@ class ModelFamily(Protocol):
     kohya_base_model_version: str | None
 
     def load(self, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
-             config: str | None, vae: str | None = None) -> Components:
+             config: str | None, vae: str | None = None, without: tuple[str, ...] = ()) -> Components:
         """The frozen base (every part requires_grad False, eval mode) from a hub id, a diffusers folder or a
-        single checkpoint (`config`: a folder with its configs); `vae` replaces its VAE. Raises ModelLoadError."""
+        single checkpoint (`config`: a folder with its configs); `vae` replaces its VAE; `without`: optional parts
+        left out (SD3's text_encoder_3). Raises ModelLoadError."""
 
-    def objective(self, parts: Components, *, prediction_type: str | None, noise_offset: float,
-                  min_snr_gamma: float | None) -> Any:
+    def objective(self, parts: Components, **options: Any) -> Any:
         """How latents are noised and what is regressed: `noise(latents, generator)` -> noisy input, timesteps
-        and target; `weights(timesteps)` -> per-sample loss weights or None (finetune/models/ddpm.py)."""
+        and target; `weights(timesteps)` -> per-sample loss weights or None (finetune/models/ddpm.py,
+        flow_matching.py). `options`: the recipe values of the family's objective (models.OBJECTIVE_OPTIONS)."""
 
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
         """(part name, tokenizer, unwrapped text encoder) per text encoder, in the pipeline's order."""

@@ -9,15 +9,14 @@ import os
 # diffusers pipeline classes -> the family that trains them
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
             "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-            "StableDiffusionXLImg2ImgPipeline": "sdxl"}
+            "StableDiffusionXLImg2ImgPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 # how messages name the families trained here
-NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3"}
 # what people bring that finetune does not train yet, by pipeline class, and by a key only that family's
 # single-file checkpoints hold
-NOT_YET = {"StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux.1", "SanaPipeline": "Sana",
+NOT_YET = {"FluxPipeline": "Flux.1", "SanaPipeline": "Sana",
            "PixArtSigmaPipeline": "PixArt-Sigma", "ZImagePipeline": "Z-Image"}
-SINGLE_FILE_KEYS = (("model.diffusion_model.joint_blocks.", "Stable Diffusion 3"),
-                    ("double_blocks.", "Flux.1"))
+SINGLE_FILE_KEYS = (("double_blocks.", "Flux.1"),)
 
 
 class UnsupportedFamily(ValueError):
@@ -41,6 +40,8 @@ def family_of(base: str) -> str | None:
                 _refuse(base, f"a {family} checkpoint (its keys start {prefix}...)")
         if any(k.startswith("conditioner.embedders.1.") for k in keys):  # SDXL's second text encoder
             return "sdxl"
+        if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):  # SD3's MMDiT
+            return "sd3"
         return "sd" if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys) else None
     return None
 
@@ -72,5 +73,5 @@ def _family_in_index(base: str, index: str) -> str | None:
 
 def _refuse(base: str, what: str) -> None:
     raise UnsupportedFamily(f"model.base: {base} is {what}; finetune trains Stable Diffusion 1.x and 2.x "
-                            "(model.family: sd) and SDXL (model.family: sdxl) today, and SD3.5, Flux.1 and Z-Image "
-                            "are being added. Point model.base at an SD 1.x/2.x or SDXL model")
+                            "(model.family: sd), SDXL (sdxl) and SD3/3.5 (sd3) today, and Flux.1 and Z-Image "
+                            "are being added. Point model.base at a model of one of those families")

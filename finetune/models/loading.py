@@ -11,9 +11,11 @@ from finetune.models.base import Components, ModelLoadError, pipeline_components
 
 
 def load_frozen(pipeline_class: Any, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
-                config: str | None, vae: str | None, extra_kwargs: dict[str, Any]) -> Components:
+                config: str | None, vae: str | None, extra_kwargs: dict[str, Any], ddpm: bool = True) -> Components:
     """`pipeline_class` (a diffusers pipeline) from `base`, every part frozen and in eval mode; `vae` replaces
-    its VAE. Raises ModelLoadError naming the base (or model.vae) and the fix."""
+    its VAE; `extra_kwargs` go to the loader (a part given as None is not loaded); `ddpm`: keep a DDPM training
+    scheduler with the base's noise schedule (the flow-matching objective needs none). Raises ModelLoadError
+    naming the base (or model.vae) and the fix."""
     from diffusers import DDPMScheduler
 
     path = os.path.expanduser(base)
@@ -33,7 +35,7 @@ def load_frozen(pipeline_class: Any, base: str, *, revision: str | None, variant
             pipe.vae = load_vae(vae, dtype)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelLoadError(_explain_load_failure(vae, exc, key="model.vae")) from exc
-    parts = pipeline_components(pipe, base, DDPMScheduler.from_config(pipe.scheduler.config),
+    parts = pipeline_components(pipe, base, DDPMScheduler.from_config(pipe.scheduler.config) if ddpm else None,
                                 {"sampling_scheduler": pipe.scheduler})
     for module in parts.modules.values():
         module.requires_grad_(False)

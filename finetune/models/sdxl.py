@@ -44,7 +44,8 @@ class StableDiffusionXL(StableDiffusion):
     kohya_base_model_version = "sdxl_base_v1-0"
 
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
-             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None) -> Components:
+             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,
+             without: tuple[str, ...] = ()) -> Components:
         """As StableDiffusion.load; the VAE is kept in fp32 when its config says half precision is not safe
         (`force_upcast`, the released SDXL VAE: NaN latents in fp16)."""
         from diffusers import StableDiffusionXLPipeline

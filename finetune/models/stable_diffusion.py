@@ -26,9 +26,11 @@ class StableDiffusion:
     kohya_base_model_version = None  # sd_v1 or sd_v2: told from the text encoder's width
 
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
-             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None) -> Components:
+             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,
+             without: tuple[str, ...] = ()) -> Components:
         """The frozen base from a hub id, a diffusers folder or a single checkpoint; `vae` replaces its VAE (a
-        folder holding one, a pipeline folder, a single file, or a hub id), e.g. a fine-tuned or fp16-safe one."""
+        folder holding one, a pipeline folder, a single file, or a hub id), e.g. a fine-tuned or fp16-safe one.
+        `without`: parts to leave out (none here; validate refuses asking)."""
         from diffusers import StableDiffusionPipeline
 
         return load_frozen(StableDiffusionPipeline, base, revision=revision, variant=variant, dtype=dtype,

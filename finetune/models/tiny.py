@@ -99,11 +99,17 @@ def build_tiny_sdxl_pipeline(seed: int = 0, force_upcast: bool = True):
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
 
 
-BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline}
+def _sd3(seed: int = 0):
+    from finetune.models.tiny_transformers import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(seed)
+
+
+BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline, "sd3": _sd3}
 
 
 def save_tiny_pipeline(folder: str | Path, seed: int = 0, family: str = "sd") -> Path:
-    """Write a tiny pipeline of `family` ("sd" or "sdxl") as a diffusers folder."""
+    """Write a tiny pipeline of `family` (a BUILDERS key: "sd", "sdxl", "sd3") as a diffusers folder."""
     from finetune.paths import give_umask_permissions
 
     folder = Path(folder)
@@ -116,7 +122,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m finetune.models.tiny",
-                                     description="Write a tiny random Stable Diffusion (or SDXL) pipeline (a test model).")
+                                     description="Write a tiny random pipeline of a model family (a test model).")
     parser.add_argument("folder", nargs="?", default="outputs/tiny-sd", help="where to write it (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--family", choices=sorted(BUILDERS), default="sd", help="model family (default sd)")

@@ -8,7 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from finetune.models import objective_problems
+from finetune.models import FAMILIES, OBJECTIVE_OPTIONS, objective_problems
 from finetune.models.detect import NAMES, UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
 from finetune.recipe.schema import Recipe
@@ -16,6 +16,12 @@ from finetune.recipe.schema import Recipe
 # "owner/name" or "name" as the Hugging Face hub spells repository ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def recipe_value(recipe: Recipe, dotted: str) -> object:
+    """A recipe value by its dotted key, e.g. "train.min_snr_gamma"."""
+    section, key = dotted.split(".")
+    return getattr(getattr(recipe, section), key)
 
 
 def looks_like_local_path(value: str) -> bool:
@@ -69,9 +75,15 @@ def _check_model(recipe: Recipe) -> list[str]:
         problems.append(str(exc))
     else:
         # options of another objective than the family's (e.g. min-SNR on a flow-matching model)
-        values = {"model.prediction_type": m.prediction_type, "train.min_snr_gamma": recipe.train.min_snr_gamma,
-                  "train.noise_offset": recipe.train.noise_offset}
-        problems += objective_problems(m.family if m.family != "auto" else found or "sd", values)
+        values = {key: recipe_value(recipe, key) for options in OBJECTIVE_OPTIONS.values() for key in options}
+        chosen = m.family if m.family != "auto" else found or "sd"
+        problems += objective_problems(chosen, values)
+        if m.text_encoder_3 == "none" and chosen != "sd3":
+            problems.append(f"model.text_encoder_3: none leaves out SD3's T5; a {NAMES[chosen]} model has no third "
+                            "text encoder; remove it")
+        if recipe.data.max_token_length and FAMILIES[chosen][2] != "ddpm":
+            problems.append(f"data.max_token_length: long-prompt chunking is SD 1.x/2.x's and SDXL's; {NAMES[chosen]} "
+                            "reads longer captions through its T5 encoder; remove it")
         if found and m.family not in ("auto", found):
             problems.append(f"model.family: {m.family}, but {m.base} is a {NAMES[found]} model (told from its "
                             f"{'model_index.json' if os.path.isdir(os.path.expanduser(m.base)) else 'keys'}); "

@@ -29,7 +29,9 @@ class ModelOptions:
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # which model family (finetune/models/): "auto" tells it from a diffusers folder's model_index.json or a
     # single file's keys; a hub id or .ckpt that cannot be read before loading is taken as sd unless set here
-    family: Literal["auto", "sd", "sdxl"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "sd3"] = "auto"
+    # SD3: "none" trains and samples without T5 (the pipeline gives zeros in its place), to save its memory
+    text_encoder_3: Literal["auto", "none"] = "auto"
     # None: take it from the base's scheduler config
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     # for a single-file checkpoint: a diffusers folder or hub id holding the matching configs
@@ -92,6 +94,21 @@ class TrainOptions:
     channels_last: bool = False  # denoiser weights and inputs in NHWC, faster convolutions on many GPUs
     min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023); None: plain MSE
     noise_offset: float = 0.0
+
+
+@dataclass
+class FlowOptions:
+    """How the flow-matching objective draws sigma and weights the loss (SD3.5, Flux.1, Z-Image;
+    finetune/models/flow_matching.py); "auto" and None take the family's defaults (README, "Flow-matching
+    families"). A DDPM family (sd, sdxl) refuses them, and these families refuse the DDPM options."""
+    sigma_sampling: Literal["auto", "uniform", "logit_normal", "mode", "sigmoid"] = "auto"
+    logit_mean: float = 0.0  # logit_normal: u = sigmoid(N(mean, std))
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode: the SD3 paper's mode sampling
+    sigmoid_scale: float = 1.0  # sigmoid: u = sigmoid(scale N(0, 1))
+    shift: Optional[float] = None  # static shift s: sigma = s u / (1 + (s - 1) u); None: the family's
+    resolution_shift: Optional[bool] = None  # shift by the image's token count, as Flux samples; None: the family's
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # per-sample loss weights (the SD3 script's)
 
 
 @dataclass
@@ -182,6 +199,7 @@ class Recipe:
     data: DataOptions
     output_dir: str = required()
     train: TrainOptions = field(default_factory=TrainOptions)
+    flow: FlowOptions = field(default_factory=FlowOptions)
     prior: PriorOptions = field(default_factory=PriorOptions)
     cache: CacheOptions = field(default_factory=CacheOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)

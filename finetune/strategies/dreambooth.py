@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from finetune.models.base import Components, ModelFamily
+from finetune.models.base import Components, ModelFamily, adaptable_text_encoders
 from finetune.paths import give_umask_permissions
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies.base import CommonDefaults
@@ -70,8 +70,8 @@ class Strategy(CommonDefaults):
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         self.family, self.parts = family, parts
         self.modules[parts.denoiser_name] = parts.denoiser
-        if self.options.text_encoder:  # every text encoder the family has (SDXL: both)
-            self.modules.update(parts.text_encoder_modules())
+        if self.options.text_encoder:  # every text encoder the family trains (SDXL: both; SD3: the CLIPs, not T5)
+            self.modules.update({name: parts.modules[name] for name in adaptable_text_encoders(family, parts)})
         if keep_frozen_base:
             # the base's own prediction needs the base as it was; an in-place trained U-Net cannot give it back
             for name, module in self.modules.items():

@@ -73,6 +73,15 @@ class Strategy(CommonDefaults):
         self.options = options
         self.network: Hypernetwork | None = None
 
+    def check(self, family: ModelFamily, parts: Components) -> None:
+        from finetune.strategies.base import StrategySetupError
+
+        if not widths_of(parts.denoiser, False):
+            raise StrategySetupError(
+                f"strategy.kind: hypernetwork rewrites the context before cross-attention's keys and values; "
+                f"{family.name}'s {parts.denoiser_name} has none (its attention is joint), and hypernetworks on a "
+                "transformer's text stream are not written yet; use lora")
+
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         # keep_frozen_base needs nothing: switching the network off gives the base back
         o = self.options

@@ -15,7 +15,7 @@ from finetune.export.lora import layers as lora_layers
 from finetune.export.lora.files import read_lora, write_lora_files
 from finetune.export.lora.kohya import module_paths
 from finetune.export.lora.kohya_names import naming_for
-from finetune.models.base import Components, ModelFamily, unwrapped
+from finetune.models.base import Components, ModelFamily, adaptable_text_encoders, unwrapped
 from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies import lora_variants
@@ -84,7 +84,7 @@ class Options(StrategyOptions):
 
     def text_encoder_settings(self, names: tuple[str, ...]) -> dict[str, tuple[int, Optional[float]]]:
         """{text encoder name: (rank, learning rate or None for the U-Net's)} for the encoders that get LoRA, of
-        a family's `names` (in the pipeline's order)."""
+        a family's adaptable `names` (in the pipeline's order: CLIP-L, then CLIP-G where there is one)."""
         first = (self.text_encoder_rank or self.rank, self.text_encoder_learning_rate)
         chosen = {}
         for position, name in enumerate(names):
@@ -128,6 +128,9 @@ class Strategy(CommonDefaults):
     def check(self, family: ModelFamily, parts: Components) -> None:
         from finetune.strategies.base import StrategySetupError
 
+        if "kohya" in self.options.formats and getattr(family, "kohya_unet_layout", "diffusers") == "none":
+            raise StrategySetupError(f"strategy.formats: kohya's layout is not written for {family.name} here; "
+                                     "remove kohya (the diffusers-layout file loads in diffusers and ComfyUI)")
         if self.options.text_encoder_2 and len(parts.text_encoder_names) < 2:
             raise StrategySetupError(f"strategy.text_encoder_2: this model has one text encoder "
                                      f"({family.name}); remove text_encoder_2 (text_encoder: true adapts it)")
@@ -135,7 +138,7 @@ class Strategy(CommonDefaults):
             lora_variants.refuse_oft_on_convolutions(self.options.target_modules or family.lora_targets,
                                                      parts.denoiser)
         if self.options.initial_weights:
-            adapted = set(self.options.text_encoder_settings(parts.text_encoder_names))
+            adapted = set(self.options.text_encoder_settings(adaptable_text_encoders(family, parts)))
             self.start = initial_layers(self.options.initial_weights, parts, adapted)
 
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
@@ -148,7 +151,7 @@ class Strategy(CommonDefaults):
             conv_targets=family.conv_lora_targets if o.conv_layers else (), conv_rank=o.conv_rank,
             conv_alpha=o.conv_alpha)
         self.modules[parts.denoiser_name] = parts.denoiser
-        for name, (rank, learning_rate) in o.text_encoder_settings(parts.text_encoder_names).items():
+        for name, (rank, learning_rate) in o.text_encoder_settings(adaptable_text_encoders(family, parts)).items():
             self.configs[name] = lora_variants.peft_config(
                 o.variant, rank=rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
                 targets=o.text_encoder_target_modules or family.text_encoder_lora_targets)

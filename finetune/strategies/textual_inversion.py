@@ -112,6 +112,10 @@ class Strategy(CommonDefaults):
 
     def check(self, family: ModelFamily, parts: Components) -> None:
         encoders = family.text_encoders(parts)
+        if len(encoders) < len(parts.text_encoder_names):
+            raise StrategySetupError(
+                f"strategy.kind: textual inversion on {family.name} is not written yet (its T5 encoder would read "
+                "the placeholder's letters, and diffusers has no embedding loader for it); use lora")
         for _, tokenizer, _ in encoders:
             check_placeholders(tokenizer, self.placeholders, self.initializers)
         if len(encoders) > 1 and len(self.placeholders) > 1:

@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +27,8 @@ from finetune.data.sources import data_name, tag_frequency
 from finetune.data.buckets import format_report, write_report
 from finetune.data.captions import caption_report
 from finetune.data.caches import estimated_bytes, plan_caches
-from finetune.models import Components, family_for
+from finetune.models import Components, family_for, objective_values
+from finetune.recipe.checks import recipe_value
 from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
@@ -131,7 +133,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     family = family_for(recipe.model.family, recipe.model.base, hub=True)
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
                         dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config,
-                        vae=recipe.model.vae)
+                        vae=recipe.model.vae, without=("text_encoder_3",) if recipe.model.text_encoder_3 == "none" else ())
     for module in parts.modules.values():
         module.to(accelerator.device)
     parts.max_token_length = d.max_token_length
@@ -204,8 +206,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                        str(output_dir / "logs"))
 
     settings = LossSettings(
-        objective=family.objective(parts, prediction_type=recipe.model.prediction_type,
-                                   noise_offset=t.noise_offset, min_snr_gamma=t.min_snr_gamma),
+        objective=family.objective(parts, **objective_values(family.name, partial(recipe_value, recipe))),
         text_encoder_trains=False,
         prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
         class_prompts=tuple(recipe.prior.class_prompt))

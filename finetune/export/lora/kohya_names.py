@@ -52,6 +52,9 @@ def naming_for(family: Any, unet_config: Any) -> KohyaNaming:
     prefixes, version = dict(family.kohya_prefixes), family.kohya_base_model_version
     if family.kohya_unet_layout == "diffusers":
         return KohyaNaming(prefixes, version=version)
+    if family.kohya_unet_layout == "none":  # no kohya layout written for this family's denoiser
+        return KohyaNaming({name: prefix for name, prefix in prefixes.items() if name.startswith("text_encoder")},
+                           version=version)
     return KohyaNaming(prefixes, _to_sgm(dict(unet_config)), version)
 
 

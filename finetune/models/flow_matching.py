@@ -1,0 +1,111 @@
+"""The flow-matching (rectified flow) objective of the transformer families (SD3.5, Flux.1, Z-Image): what their
+`objective` returns, and all the training loop knows of sigmas, targets and loss weights.
+
+Latents are noised along a straight line, `x_t = (1 - sigma) x0 + sigma noise`, and the target is the velocity
+`noise - x0` (Esser et al. 2024, "Scaling Rectified Flow Transformers"; diffusers' train_dreambooth_lora_sd3.py
+and _flux.py). sigma is drawn from a density, as the anchors offer (recipe section `flow`):
+- `uniform`: u ~ U(0, 1);
+- `logit_normal`: u = sigmoid(N(logit_mean, logit_std)) (SD3's paper and script default, mean 0, std 1);
+- `mode`: u ~ U(0, 1) bent by `mode_scale` (1 - u - s (cos^2(pi u / 2) - 1 + u), the SD3 paper's mode sampling);
+- `sigmoid`: u = sigmoid(sigmoid_scale N(0, 1)) (kohya's and ai-toolkit's Flux default);
+then shifted: statically, sigma = s u / (1 + (s - 1) u) (SD3's scheduler, shift 3), or by the image's token count,
+sigma = e^mu / (e^mu + 1/u - 1) with mu linear in the count (FluxPipeline's `calculate_shift`, as Flux samples).
+Optional per-sample loss weights: `sigma_sqrt` (sigma^-2) or `cosmap` (2 / (pi (1 - 2 sigma + 2 sigma^2))),
+diffusers' compute_loss_weighting_for_sd3. Draws come in a fixed order (noise, then u) from the step's generator.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from finetune.models.ddpm import Noised
+
+SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+@dataclass(frozen=True)
+class ResolutionShift:
+    """mu = base_shift at `base_tokens` image tokens, max_shift at `max_tokens`, linear between (Flux.1's scheduler
+    config: 0.5 at 256, 1.15 at 4096); the latent side is divided by `patch` to count tokens."""
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_tokens: int = 256
+    max_tokens: int = 4096
+    patch: int = 2
+
+    def mu(self, height: int, width: int) -> float:
+        tokens = (height // self.patch) * (width // self.patch)
+        slope = (self.max_shift - self.base_shift) / (self.max_tokens - self.base_tokens)
+        return self.base_shift + slope * (tokens - self.base_tokens)
+
+
+@dataclass(frozen=True)
+class FlowMatchingObjective:
+    sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    shift: Optional[float] = None  # static shift; None: none (or the resolution's)
+    resolution_shift: Optional[ResolutionShift] = None
+    weighting: str = "none"
+
+    def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """u in (0, 1) for `batch` samples, from the chosen density (before any shift)."""
+        if self.sampling == "logit_normal":
+            return torch.sigmoid(torch.normal(self.logit_mean, self.logit_std, (batch,), generator=generator))
+        if self.sampling == "sigmoid":
+            return torch.sigmoid(self.sigmoid_scale * torch.randn(batch, generator=generator))
+        u = torch.rand(batch, generator=generator)
+        if self.sampling == "mode":
+            return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        if self.sampling != "uniform":
+            raise ValueError(f"unknown sigma sampling {self.sampling!r}; one of {', '.join(SAMPLINGS)}")
+        return u
+
+    def shifted(self, u: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """sigma for u, for latents of `height` x `width`."""
+        if self.resolution_shift is not None:
+            mu = self.resolution_shift.mu(height, width)
+            return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        if self.shift is not None:
+            return self.shift * u / (1 + (self.shift - 1) * u)
+        return u
+
+    def noise(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
+        """Noise for `latents` [batch, channels, h, w], drawn on the CPU from `generator`, then sigma; the
+        `timesteps` of the result are the sigmas [batch] in (0, 1) (a family's predict scales them as its
+        denoiser takes them)."""
+        shape, device = latents.shape, latents.device
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        sigmas = self.shifted(self.draw(shape[0], generator), shape[-2], shape[-1]).float()
+        noise, sigmas = noise.to(device), sigmas.to(device)
+        s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
+        return Noised(latents, (1 - s) * latents + s * noise, sigmas, noise - latents)
+
+    def weights(self, sigmas: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights, or None for plain MSE."""
+        if self.weighting == "sigma_sqrt":
+            return sigmas.float() ** -2.0
+        if self.weighting == "cosmap":
+            return 2 / (math.pi * (1 - 2 * sigmas.float() + 2 * sigmas.float() ** 2))
+        if self.weighting != "none":
+            raise ValueError(f"unknown loss weighting {self.weighting!r}; one of {', '.join(WEIGHTINGS)}")
+        return None
+
+
+def from_recipe(flow: dict[str, Any], defaults: dict[str, Any], scheduler_config: Any) -> FlowMatchingObjective:
+    """The objective from the recipe's `flow` values (sigma_sampling, shift, ...), a family's `defaults` filling
+    what says auto / None; a resolution shift takes its constants from the sampling scheduler's config
+    (base_shift, max_shift, base_image_seq_len, max_image_seq_len), as the pipeline samples."""
+    chosen = {key: (defaults.get(key) if value in ("auto", None) else value) for key, value in flow.items()}
+    resolution = None
+    if chosen.pop("resolution_shift"):
+        get = scheduler_config.get
+        resolution = ResolutionShift(get("base_shift", 0.5), get("max_shift", 1.15), get("base_image_seq_len", 256),
+                                     get("max_image_seq_len", 4096))
+    return FlowMatchingObjective(sampling=chosen.pop("sigma_sampling"), resolution_shift=resolution, **chosen)

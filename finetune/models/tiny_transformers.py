@@ -1,0 +1,57 @@
+"""Tiny flow-matching transformer pipelines built from configs (no downloads), for tests and quick tries: the
+same diffusers and transformers classes as the released models, a few hundred thousand random weights.
+`python -m finetune.models.tiny DIR --family sd3` writes one."""
+from __future__ import annotations
+
+import torch
+
+from finetune.models.tiny import _clip, build_tokenizer
+
+
+def build_t5_tokenizer(max_length: int = 32):
+    """A character-level T5 tokenizer (Unigram, built in memory): <pad>=0, </s>=1, <unk>=2 as T5 has them."""
+    from transformers import T5Tokenizer
+
+    chars = [chr(c) for c in range(ord(" ") + 1, ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def _t5(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    # dropout 0: T5's default 0.1 would make "frozen" encodings random in train mode
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+                                   num_heads=2, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                   decoder_start_token_id=0, dropout_rate=0.0))
+
+
+def _vae(shift_factor: float, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=shift_factor, scaling_factor=scaling_factor)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline in miniature: CLIP-L and CLIP-G 16 wide with projections, T5 32 wide, an
+    MMDiT of two joint blocks (the CLIPs' 16 + 16 are zero-padded to T5's 32, as the pipeline does); 32 px."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2, tokenizer_3 = build_tokenizer(), build_tokenizer(pad_token="!"), build_t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=_clip(tokenizer, 16, with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=_clip(tokenizer_2, 16, with_projection=True), tokenizer_2=tokenizer_2,
+        text_encoder_3=_t5(tokenizer_3, 32), tokenizer_3=tokenizer_3)
