@@ -1,0 +1,179 @@
+"""The flow-matching objective against diffusers' training formulas, and Stable Diffusion 3 through the shared loop
+on a tiny SD3 built from configs (finetune/models/tiny_transformers.py). What every family shares is in
+test_family_contract.py and test_strategy_contract.py."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from finetune.models import family_for
+from finetune.models.flow_matching import FlowMatchingObjective, ResolutionShift
+from finetune.models.tiny import save_tiny_pipeline
+from finetune.recipe.load import parse_recipe
+from tests.conftest import draw_concept, recipe_dict, train_keeping_parts
+
+
+@pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
+def test_noisy_input_target_and_weights_are_the_sd3_scripts(weighting):
+    """For fixed latents, noise and sigma: x_t = (1 - s) x0 + s noise, target noise - x0, and the weights of
+    diffusers' compute_loss_weighting_for_sd3 (train_dreambooth_lora_sd3.py's formulas)."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 8, 8, generator=generator)
+    objective = FlowMatchingObjective(sampling="uniform", weighting=weighting)
+    noised = objective.noise(latents, torch.Generator().manual_seed(1))
+    # the same draws by hand: noise first, then u
+    again = torch.Generator().manual_seed(1)
+    noise = torch.randn(latents.shape, generator=again)
+    sigmas = torch.rand(3, generator=again)
+    s = sigmas.view(3, 1, 1, 1)
+    torch.testing.assert_close(noised.timesteps, sigmas)
+    torch.testing.assert_close(noised.noisy, (1.0 - s) * latents + s * noise)
+    torch.testing.assert_close(noised.target, noise - latents)
+    expected = compute_loss_weighting_for_sd3(weighting, sigmas)
+    weights = objective.weights(noised.timesteps)
+    torch.testing.assert_close(weights if weights is not None else torch.ones(3), expected)
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "mode"])
+def test_sigmas_are_drawn_from_the_sd3_scripts_densities(sampling):
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    ours = FlowMatchingObjective(sampling=sampling, logit_mean=0.3, logit_std=0.8, mode_scale=1.29)
+    expected = compute_density_for_timestep_sampling(sampling if sampling != "uniform" else "none", 64,
+                                                     logit_mean=0.3, logit_std=0.8, mode_scale=1.29,
+                                                     generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours.draw(64, torch.Generator().manual_seed(5)), expected)
+    sigmoid = FlowMatchingObjective(sampling="sigmoid", sigmoid_scale=1.5).draw(64, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(sigmoid, torch.sigmoid(1.5 * torch.randn(64, generator=torch.Generator().manual_seed(5))))
+
+
+def test_shifts_are_the_schedulers():
+    """A static shift is SD3's scheduler's (shift 3: its training sigmas); the resolution shift is FluxPipeline's
+    calculate_shift followed by the scheduler's exponential time shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    static = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    plain = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    u = plain.sigmas[:-1]
+    torch.testing.assert_close(FlowMatchingObjective(shift=3.0).shifted(u, 64, 64), static.sigmas[:-1])
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                              base_image_seq_len=256, max_image_seq_len=4096)
+    mu = calculate_shift(32 * 32, 256, 4096, 0.5, 1.15)  # a 64x64 latent in 2x2 patches: 1024 tokens
+    shifted = FlowMatchingObjective(resolution_shift=ResolutionShift()).shifted(u, 64, 64)
+    torch.testing.assert_close(shifted, dynamic.time_shift(mu, 1.0, u))
+    assert math.isclose(ResolutionShift().mu(64, 64), mu)
+
+
+@pytest.fixture(scope="module")
+def sd3_base(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", family="sd3")
+
+
+def sd3_pipeline(path):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images_of(pipe, prompt="a purple sks"):
+    generator = torch.Generator().manual_seed(0)
+    return pipe([prompt], num_inference_steps=2, guidance_scale=3.0, height=32, width=32, generator=generator,
+                output_type="np").images
+
+
+def test_a_lora_loads_with_the_sd3_pipelines_own_loader(sd3_base, tmp_path):
+    """The file keeps peft's transformer keys (converting them would make diffusers skip layers silently) and the
+    CLIPs' `text_model.` level; StableDiffusion3Pipeline.load_lora_weights reproduces what was trained."""
+    from safetensors import safe_open
+
+    recipe = parse_recipe(recipe_dict(sd3_base, draw_concept(tmp_path / "images"), tmp_path / "out",
+                                      strategy={"kind": "lora", "rank": 4, "text_encoder": True},
+                                      train={"max_steps": 6, "learning_rate": 5e-3, "batch_size": 2}))
+    artifact, parts = train_keeping_parts(recipe)
+    with safe_open(str(artifact), "pt") as handle:
+        keys = list(handle.keys())
+    assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert any(".attn.add_q_proj.lora_A." in k for k in keys)  # the text stream's projections too
+    trained = images_of(family_for("sd3").pipeline(parts))
+    assert np.abs(trained - images_of(sd3_pipeline(sd3_base))).max() > 1e-3
+    pipe = sd3_pipeline(sd3_base)
+    pipe.load_lora_weights(str(artifact))
+    np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
+
+
+def test_without_t5_it_trains_and_samples_as_the_pipeline_allows(sd3_base, tmp_path):
+    from finetune.cli import main
+
+    recipe = recipe_dict(sd3_base, draw_concept(tmp_path / "images"), tmp_path / "out",
+                         train={"max_steps": 2, "batch_size": 2}, sample={"every": 2, "prompts": ["a"], "steps": 2})
+    recipe["model"]["text_encoder_3"] = "none"
+    _, parts = train_keeping_parts(parse_recipe(recipe))
+    assert "text_encoder_3" not in parts.modules and parts.text_encoder_names == ("text_encoder", "text_encoder_2")
+    assert (tmp_path / "out" / "samples" / "step-000002.png").is_file()
+    assert main(["sample", "--base", str(sd3_base), "--prompt", "a purple sks", "--steps", "2",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+
+
+def test_validate_refuses_the_other_objectives_options_on_sd3(sd3_base, tmp_path, capsys):
+    from finetune.cli import main
+
+    recipe = recipe_dict(sd3_base, draw_concept(tmp_path / "images", count=1), tmp_path / "out",
+                         train={"min_snr_gamma": 5.0})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "train.min_snr_gamma: only the ddpm objective reads it, and sd3 trains with flow_matching" in err
+    recipe["train"] = {"max_steps": 4}
+    recipe["flow"] = {"sigma_sampling": "mode", "shift": 2.0, "weighting": "cosmap"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+
+
+def test_a_resumed_run_writes_what_the_uninterrupted_one_does(sd3_base, tmp_path):
+    """Flow matching draws its noise and sigmas from the step's generator too, so resuming is exact."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from finetune.training import loop
+    from finetune.training.checkpoint import checkpoints_dir
+    from tests.conftest import reset_accelerate
+
+    images = draw_concept(tmp_path / "images")
+    whole = parse_recipe(recipe_dict(sd3_base, images, tmp_path / "whole", checkpoint={"every": 2},
+                                     strategy={"kind": "lora", "rank": 4, "text_encoder": True},
+                                     train={"max_steps": 4, "batch_size": 2, "learning_rate": 5e-3}))
+    artifact = loop.train(whole)
+    reset_accelerate()
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    (tmp_path / "resumed" / artifact.name).unlink()
+    resumed = parse_recipe(recipe_dict(sd3_base, images, tmp_path / "resumed", checkpoint={"every": 2},
+                                       strategy={"kind": "lora", "rank": 4, "text_encoder": True},
+                                       train={"max_steps": 4, "batch_size": 2, "learning_rate": 5e-3}))
+    again = loop.train(resumed, resume=str(checkpoints_dir(tmp_path / "resumed") / "step-000002"))
+    reset_accelerate()
+    first, second = load_file(str(artifact)), load_file(str(again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_sd35_recipe_validates_and_trains_on_a_tiny_sd3(sd3_base, tmp_path):
+    from pathlib import Path
+
+    from finetune.cli import main
+
+    recipe = Path(__file__).parents[1] / "recipes" / "sd35_lora.yaml"
+    overrides = [f"model.base={sd3_base}", "data.resolution=32", "train.max_steps=2", "train.mixed_precision=no",
+                 "train.gradient_checkpointing=false", "train.lr_warmup_steps=0", "sample.every=0",
+                 "checkpoint.every=0", "log.to=[]", f"output_dir={tmp_path / 'out'}"]
+    assert main(["validate", str(recipe), *overrides]) == 0
+    assert main(["train", str(recipe), *overrides]) == 0
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
