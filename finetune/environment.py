@@ -20,10 +20,12 @@ from pathlib import Path
 
 # the packages a bug report names, in this order; those marked optional only when installed
 REPORTED = ("torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors",
-            "huggingface-hub", "tokenizers", "torchvision", "bitsandbytes", "xformers")
+            "huggingface-hub", "tokenizers", "torchvision", "bitsandbytes", "xformers", "torchao")
 # imported by diffusers or transformers when present although nothing requires them: a mismatched one breaks
 # their import ("operator torchvision::nms does not exist")
 IMPORTED_WHEN_PRESENT = ("torchvision", "xformers", "bitsandbytes")
+# reported only when installed: those, and optional extras (torchao: model.quantize)
+OPTIONAL = (*IMPORTED_WHEN_PRESENT, "torchao")
 
 
 class IncompatiblePackages(Exception):
@@ -187,7 +189,7 @@ def report() -> list[tuple[str, str]]:
     rows += [("accelerator", line) for line in _accelerators()]
     for name in REPORTED[1:]:
         version = installed_version(name)
-        if version or name not in IMPORTED_WHEN_PRESENT:
+        if version or name not in OPTIONAL:
             rows.append((name, version or "not installed"))
     problems = conflict_problems() + declared_problems()
     rows += [("problem", problem) for problem in problems] or [("problems", "none found")]

@@ -47,6 +47,11 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 
 
 def extract_component(tuned: torch.nn.Module, base: torch.nn.Module, rank: int) -> Extracted:
+    """The LoRA of `tuned` - `base` (one component) at `rank`; raises ValueError for quantised weights."""
+    from finetune.models.quantize import refuse_quantized
+
+    for module in (tuned, base):
+        refuse_quantized(module, "extracting a LoRA")
     result = Extracted()
     base_modules = dict(base.named_modules())
     carried: set[str] = set()

@@ -95,9 +95,12 @@ def fuse(module: torch.nn.Module) -> int:
     module needs no peft at all; returns how many layers were fused."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from finetune.models.quantize import refuse_quantized
+
     fused = 0
     for name, layer in list(module.named_modules()):
         if isinstance(layer, BaseTunerLayer):
+            refuse_quantized(layer.get_base_layer(), "merging an adapter")
             layer.merge(adapter_names=list(layer.active_adapters))
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
