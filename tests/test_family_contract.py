@@ -15,7 +15,7 @@ from finetune.models.tiny import save_tiny_pipeline
 from tests.test_lora import default_objective
 
 # every family in the registry, each written as a tiny pipeline folder offline (finetune/models/tiny.py)
-assert set(FAMILIES) == {"sd", "sdxl", "sd3"}, "a new family: add its tiny build to models/tiny.py BUILDERS"
+assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux"}, "a new family: add its tiny build to models/tiny.py BUILDERS"
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -80,7 +80,7 @@ def test_the_inference_pipeline_shares_the_parts(family_and_parts):
 
 
 def test_a_family_not_trained_here_is_named_before_any_model_loads(tmp_path, capsys):
-    """A Sana folder (or a Flux single file) is told from its model_index.json or its keys; an SDXL folder once
+    """A Sana folder (or a Sana single file) is told from its model_index.json or its keys; an SDXL folder once
     passed validate and train died inside diffusers with a TypeError."""
     import json
 
@@ -93,10 +93,10 @@ def test_a_family_not_trained_here_is_named_before_any_model_loads(tmp_path, cap
     sana = tmp_path / "sana"
     sana.mkdir()
     (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))
-    flux = tmp_path / "flux.safetensors"
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(flux))
+    single = tmp_path / "sana.safetensors"  # the original Sana (and PixArt) layout, as diffusers tells it
+    save_file({"blocks.0.cross_attn.q_linear.weight": torch.zeros(1)}, str(single))
     images = draw_concept(tmp_path / "images", count=1)
-    for base, name in ((sana, "Sana pipeline (SanaPipeline"), (flux, "Flux.1 checkpoint")):
+    for base, name in ((sana, "Sana pipeline (SanaPipeline"), (single, "Sana or PixArt checkpoint")):
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text(yaml.safe_dump(recipe_dict(base, images, tmp_path / "out")))
         for argv in (["validate", str(recipe)], ["train", str(recipe)],

@@ -9,14 +9,19 @@ import os
 # diffusers pipeline classes -> the family that trains them
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
             "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-            "StableDiffusionXLImg2ImgPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+            "StableDiffusionXLImg2ImgPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
+            "FluxPipeline": "flux", "ZImagePipeline": "zimage"}
 # how messages name the families trained here
-NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3"}
+NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3",
+         "flux": "Flux.1", "zimage": "Z-Image"}
 # what people bring that finetune does not train yet, by pipeline class, and by a key only that family's
-# single-file checkpoints hold
-NOT_YET = {"FluxPipeline": "Flux.1", "SanaPipeline": "Sana",
-           "PixArtSigmaPipeline": "PixArt-Sigma", "ZImagePipeline": "Z-Image"}
-SINGLE_FILE_KEYS = (("double_blocks.", "Flux.1"),)
+# single-file checkpoints hold (diffusers' single_file_utils.CHECKPOINT_KEY_NAMES; matched with or without
+# ComfyUI's `model.diffusion_model.`). Flux.2 and Chroma files also hold Flux.1's double_blocks: they come first
+NOT_YET = {"SanaPipeline": "Sana", "PixArtSigmaPipeline": "PixArt-Sigma",
+           "Flux2Pipeline": "Flux.2", "ChromaPipeline": "Chroma"}
+SINGLE_FILE_KEYS = (("single_stream_modulation.", "Flux.2"), ("distilled_guidance_layer.", "Chroma"),
+                    ("blocks.0.cross_attn.q_linear.", "Sana or PixArt"))
+_COMFY = "model.diffusion_model."
 
 
 class UnsupportedFamily(ValueError):
@@ -24,7 +29,7 @@ class UnsupportedFamily(ValueError):
 
 
 def family_of(base: str) -> str | None:
-    """"sd" (Stable Diffusion 1.x/2.x) or "sdxl" for a base known to be one, None when it cannot be told before
+    """The family ("sd", "sdxl", "sd3", "flux") of a base known to be one, None when it cannot be told before
     loading (a hub id, a .ckpt); raises UnsupportedFamily naming the family of a base finetune cannot train."""
     path = os.path.expanduser(base)
     index = os.path.join(path, "model_index.json")
@@ -35,9 +40,12 @@ def family_of(base: str) -> str | None:
 
         with safe_open(path, framework="pt") as handle:
             keys = list(handle.keys())
+        keys += [k.removeprefix(_COMFY) for k in keys if k.startswith(_COMFY)]
         for prefix, family in SINGLE_FILE_KEYS:
             if any(k.startswith(prefix) for k in keys):
                 _refuse(base, f"a {family} checkpoint (its keys start {prefix}...)")
+        if any(k.startswith("double_blocks.") for k in keys):  # Flux.1's double-stream blocks (BFL's names)
+            return "flux"
         if any(k.startswith("conditioner.embedders.1.") for k in keys):  # SDXL's second text encoder
             return "sdxl"
         if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):  # SD3's MMDiT
@@ -73,5 +81,5 @@ def _family_in_index(base: str, index: str) -> str | None:
 
 def _refuse(base: str, what: str) -> None:
     raise UnsupportedFamily(f"model.base: {base} is {what}; finetune trains Stable Diffusion 1.x and 2.x "
-                            "(model.family: sd), SDXL (sdxl) and SD3/3.5 (sd3) today, and Flux.1 and Z-Image "
-                            "are being added. Point model.base at a model of one of those families")
+                            "(model.family: sd), SDXL (sdxl), SD3/3.5 (sd3), Flux.1 dev/schnell (flux) and "
+                            "Z-Image (zimage) today. Point model.base at a model of one of those families")

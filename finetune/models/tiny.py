@@ -105,11 +105,17 @@ def _sd3(seed: int = 0):
     return build_tiny_sd3_pipeline(seed)
 
 
-BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline, "sd3": _sd3}
+def _flux(seed: int = 0):
+    from finetune.models.tiny_transformers import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(seed)
+
+
+BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline, "sd3": _sd3, "flux": _flux}
 
 
 def save_tiny_pipeline(folder: str | Path, seed: int = 0, family: str = "sd") -> Path:
-    """Write a tiny pipeline of `family` (a BUILDERS key: "sd", "sdxl", "sd3") as a diffusers folder."""
+    """Write a tiny pipeline of `family` (a BUILDERS key: "sd", "sdxl", "sd3", "flux") as a diffusers folder."""
     from finetune.paths import give_umask_permissions
 
     folder = Path(folder)

@@ -55,3 +55,24 @@ def build_tiny_sd3_pipeline(seed: int = 0):
         text_encoder=_clip(tokenizer, 16, with_projection=True), tokenizer=tokenizer,
         text_encoder_2=_clip(tokenizer_2, 16, with_projection=True), tokenizer_2=tokenizer_2,
         text_encoder_3=_t5(tokenizer_3, 32), tokenizer_3=tokenizer_3)
+
+
+def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A FluxPipeline in miniature: CLIP-L 32 wide (its pooled output; 77 tokens, as the pipeline tokenizes), T5
+    32 wide, one double- and one single-stream block (2 heads of 16, RoPE axes 4 + 4 + 8) on 4-channel latents
+    packed 2x2 into 16 per token; `guidance_embeds`: dev's guidance input (False: schnell's build); 32 px."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizer(max_length=77), build_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=[4, 4, 8])
+    # Flux.1's scheduler config: shifted by the image's token count at sampling time
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=_clip(tokenizer, 32), tokenizer=tokenizer, text_encoder_2=_t5(tokenizer_2, 32),
+        tokenizer_2=tokenizer_2)

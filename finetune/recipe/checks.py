@@ -78,9 +78,21 @@ def _check_model(recipe: Recipe) -> list[str]:
         values = {key: recipe_value(recipe, key) for options in OBJECTIVE_OPTIONS.values() for key in options}
         chosen = m.family if m.family != "auto" else found or "sd"
         problems += objective_problems(chosen, values)
+        if m.quantize != "none" and recipe.strategy.kind == "dreambooth":
+            problems.append(f"model.quantize: {m.quantize} keeps the denoiser's weights in 8 bits, and DreamBooth "
+                            "trains those weights; set model.quantize: none, or train a LoRA")
+        if m.quantize != "none" and importlib.util.find_spec("torchao") is None:
+            problems.append(f"model.quantize: {m.quantize} needs torchao: pip install torchao "
+                            "(or pip install 'finetune[quantize]')")
         if m.text_encoder_3 == "none" and chosen != "sd3":
             problems.append(f"model.text_encoder_3: none leaves out SD3's T5; a {NAMES[chosen]} model has no third "
                             "text encoder; remove it")
+        if m.guidance is not None and chosen != "flux":
+            problems.append(f"model.guidance: the guidance embedding is Flux.1-dev's; a {NAMES[chosen]} model has "
+                            "none; remove it (sample.guidance_scale sets classifier-free guidance for samples)")
+        elif m.guidance is not None and _flux_without_guidance(m.base):
+            problems.append(f"model.guidance: {m.base} has no guidance embedding (its transformer config says "
+                            "guidance_embeds: false, as Flux.1-schnell's); remove it")
         if recipe.data.max_token_length and FAMILIES[chosen][2] != "ddpm":
             problems.append(f"data.max_token_length: long-prompt chunking is SD 1.x/2.x's and SDXL's; {NAMES[chosen]} "
                             "reads longer captions through its T5 encoder; remove it")
@@ -100,6 +112,17 @@ def _check_model(recipe: Recipe) -> list[str]:
             "set both, or leave model.dtype at auto"
         )
     return problems
+
+
+def _flux_without_guidance(base: str) -> bool:
+    """Whether a local Flux pipeline folder's transformer has no guidance input (schnell); False when unknown."""
+    import json
+
+    try:
+        with open(os.path.join(os.path.expanduser(base), "transformer", "config.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("guidance_embeds") is False
+    except (OSError, ValueError):
+        return False
 
 
 def _check_data(recipe: Recipe) -> list[str]:

@@ -29,9 +29,15 @@ class ModelOptions:
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # which model family (finetune/models/): "auto" tells it from a diffusers folder's model_index.json or a
     # single file's keys; a hub id or .ckpt that cannot be read before loading is taken as sd unless set here
-    family: Literal["auto", "sd", "sdxl", "sd3"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = "auto"
+    # the frozen denoiser's Linear weights in 8 bits (torchao, weight-only; adapters stay full precision), for
+    # LoRA-type strategies on large transformers (finetune/models/quantize.py); "none": as loaded
+    quantize: Literal["none", "int8", "fp8"] = "none"
     # SD3: "none" trains and samples without T5 (the pipeline gives zeros in its place), to save its memory
     text_encoder_3: Literal["auto", "none"] = "auto"
+    # Flux.1-dev: the value its guidance embedding is given in training; None: the family's (1.0, as kohya's and
+    # SimpleTuner's docs recommend for LoRA; finetune/models/flux.py). Sampling uses sample.guidance_scale
+    guidance: Optional[float] = None
     # None: take it from the base's scheduler config
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     # for a single-file checkpoint: a diffusers folder or hub id holding the matching configs

@@ -28,12 +28,14 @@ from finetune.data.buckets import format_report, write_report
 from finetune.data.captions import caption_report
 from finetune.data.caches import estimated_bytes, plan_caches
 from finetune.models import Components, family_for, objective_values
+from finetune.models.quantize import quantize_weights
 from finetune.recipe.checks import recipe_value
 from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, interrupt, prior, saves, trackers
 from finetune.training.inputs import BatchEncoder, make_encoder
+from finetune.training.engine import engine_report, requested_engine
 from finetune.training.failures import check_finite_loss
 from finetune.training.offload import offload, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
@@ -94,6 +96,11 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
 
     t, d = recipe.train, recipe.data
     started_at = time.time() - 1  # file times may be rounded down to the second
+    engine, mismatch = engine_report(accelerator.distributed_type.name, accelerator.num_processes,
+                                     requested_engine())
+    say(engine)
+    if mismatch and accelerator.is_main_process:
+        log.warning(mismatch)
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
         raise RecipeError(recipe.source, ["train.mixed_precision: fp16 needs a GPU; on a CPU use bf16 or no"])
@@ -137,6 +144,10 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     for module in parts.modules.values():
         module.to(accelerator.device)
     parts.max_token_length = d.max_token_length
+    if recipe.model.quantize != "none":
+        count = quantize_weights(parts.denoiser, recipe.model.quantize)
+        say(f"model.quantize: {count} Linear weights of the {parts.denoiser_name} in {recipe.model.quantize}")
+    parts.extra["guidance"] = recipe.model.guidance  # Flux.1-dev's guidance embedding (None: the family's)
     strategy.check(family, parts)  # options that cannot fit this model fail before any long work
     tokenizer = family.text_encoders(parts)[0][1]
     for line in caption_report(tokenizer, strategy.prompts([e.caption for e in examples], torch.Generator()),

@@ -1,0 +1,141 @@
+"""Flux.1 dev / schnell: a double- and single-stream transformer (`FluxTransformer2DModel`) on 16-channel latents
+packed into 2x2 patches, conditioned by T5-XXL's last hidden states (`text_encoder_2`, the sequence) and CLIP-L's
+pooled output (`text_encoder`, one vector), trained with flow matching (finetune/models/flow_matching.py).
+
+What differs from SD3 (diffusers' FluxPipeline and train_dreambooth_lora_flux.py):
+- conditioning is the pipeline's own `encode_prompt` (T5 states [batch, 512, 4096] at the pipeline's default
+  `max_sequence_length`, CLIP-L pooled [batch, 768]); its `text_ids` are zeros [512, 3], rebuilt in `predict`;
+- the transformer reads tokens: latents [B, 16, h, w] are packed 2x2 into [B, h/2 * w/2, 64] with position ids
+  (0, row, col) per token (`img_ids`), and its output unpacked back, so the loss stays in latent shape (h and w
+  must be even: image sides a multiple of 16 px);
+- `timestep = sigma` (the model multiplies by 1000 inside; the script's `timesteps / 1000`);
+- dev's guidance embedding (`guidance_embeds`) takes one scalar per sample: `model.guidance`, default 1.0 for
+  training (kohya's docs/flux_train_network.md recommend `--guidance_scale 1.0` for LoRA; SimpleTuner's
+  `--flux_guidance_value` defaults to 1.0; diffusers' script uses 3.5, the sampling value); schnell has none.
+Latents are `(z - shift_factor) x scaling_factor` (Flux's VAE: 0.1159, 0.3611), as SD3's.
+
+Sigma defaults: `sigmoid` sampling (u = sigmoid(N(0, 1)), ai-toolkit's default and SimpleTuner's) shifted by the
+image's token count as FluxPipeline samples (mu from 0.5 at 256 tokens to 1.15 at 4096: kohya's
+`--timestep_sampling flux_shift`). At 1024 px (4096 tokens) that is a shift of e^1.15 = 3.158, the static
+`--discrete_flow_shift 3.1582` kohya's docs recommend, and smaller images get the smaller shift they are sampled
+with. (diffusers' script draws u uniformly and leaves it unshifted, since Flux's scheduler shifts dynamically.) A
+recipe's `flow.shift` without `flow.resolution_shift` replaces the resolution shift by that static one.
+LoRA targets: the diffusers Flux script's default (both streams' attention and MLPs in the double blocks, and
+q/k/v in the single blocks).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.models.base import Components, unwrapped
+from finetune.models.flow_matching import FlowMatchingObjective, from_recipe
+from finetune.models.loading import load_frozen
+from finetune.models.sd3 import StableDiffusion3
+
+# T5 tokens per caption in training and in sample grids: FluxPipeline's default max_sequence_length (dev's 512;
+# schnell was distilled at 256 but its pipeline call pads to the same default)
+T5_TOKENS = 512
+# the guidance embedding's value in training when model.guidance is not set (see the module docstring)
+DEFAULT_GUIDANCE = 1.0
+
+
+class Flux(StableDiffusion3):
+    name = "flux"
+    lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+                    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+    conv_lora_targets = ()
+    # kohya's Flux files name BFL's modules (fused qkv, linear1/linear2): not written here yet; the
+    # diffusers-layout `transformer.` file is what diffusers, ComfyUI and ai-toolkit load
+    kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
+    kohya_unet_layout = "none"
+    embedding_keys = {"text_encoder": "clip_l"}  # CLIP-L only: T5 is never adapted here
+    kohya_base_model_version = "flux1"  # kohya's flux_utils.MODEL_VERSION_FLUX_V1
+    default_flow = {"sigma_sampling": "sigmoid", "shift": None, "resolution_shift": True}
+
+    def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
+             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,
+             without: tuple[str, ...] = ()) -> Components:
+        """The frozen FluxPipeline parts from a hub id, a diffusers folder or a single checkpoint (`config`: a
+        folder or hub id with the other parts). `without`: none here (validate refuses asking)."""
+        from diffusers import FluxPipeline
+
+        return load_frozen(FluxPipeline, base, revision=revision, variant=variant, dtype=dtype, config=config,
+                           vae=vae, extra_kwargs={}, ddpm=False)
+
+    def objective(self, parts: Components, **flow: Any) -> FlowMatchingObjective:
+        """Flow matching with the recipe's `flow` choices, the family's defaults where they say auto / None; a
+        static `flow.shift` alone turns the resolution shift off (one shift, the one asked for)."""
+        defaults = dict(self.default_flow)
+        if flow.get("shift") is not None and flow.get("resolution_shift") is None:
+            defaults["resolution_shift"] = False
+        return from_recipe(flow, defaults, parts.extra["sampling_scheduler"].config)
+
+    def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 states [batch, T5_TOKENS, T5 width], CLIP-L pooled [batch, CLIP width]) from the pipeline's
+        encode_prompt; its text_ids (zeros) are rebuilt by predict, so the cache keeps batch-first tensors only."""
+        embeds, pooled, _ = self.pipeline(parts).encode_prompt(captions, None, max_sequence_length=T5_TOKENS)
+        return embeds, pooled
+
+    def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: tuple[torch.Tensor, torch.Tensor], conditions: dict[str, torch.Tensor]
+                ) -> torch.Tensor:
+        """The velocity [B, C, h, w] for `noisy` latents [B, C, h, w] at sigmas `timesteps` [B] in (0, 1): packed
+        into tokens, run with the ids and guidance FluxPipeline gives, unpacked."""
+        from diffusers import FluxPipeline
+
+        embeds, pooled = conditioning
+        transformer = parts.transformer
+        config = unwrapped(transformer).config
+        dtype = unwrapped(transformer).dtype
+        batch, _, height, width = noisy.shape
+        if height % 2 or width % 2:
+            raise ValueError(f"Flux packs latents in 2x2 patches; a {height}x{width} latent cannot be packed: "
+                             "use image sides (and bucket sides) that are multiples of 16 px")
+        value, guidance = parts.extra.get("guidance"), None
+        if value is not None and not config.guidance_embeds:
+            raise ValueError(f"model.guidance: {parts.source} has no guidance embedding (guidance_embeds: false, "
+                             "as Flux.1-schnell's); remove it")
+        if config.guidance_embeds:  # dev; schnell has no guidance input
+            guidance = torch.full((batch,), DEFAULT_GUIDANCE if value is None else value, device=noisy.device,
+                                  dtype=torch.float32)
+        tokens = transformer(
+            hidden_states=pack(noisy.to(dtype)), timestep=timesteps.to(dtype), guidance=guidance,
+            pooled_projections=pooled.to(dtype), encoder_hidden_states=embeds.to(dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, dtype),
+            return_dict=False)[0]
+        return unpack(tokens, height, width)
+
+    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
+                         dtype: torch.dtype | None = None) -> Any:
+        raise ValueError("finetune writes no single-file Flux.1 checkpoint yet; give --out a folder (a diffusers "
+                         "pipeline folder, which diffusers and ComfyUI load)")
+
+    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
+        from diffusers import FluxPipeline
+
+        unwrap = unwrap or unwrapped
+        modules = {name: unwrap(module) for name, module in parts.modules.items()}
+        return FluxPipeline(
+            transformer=modules["transformer"], vae=modules["vae"], scheduler=parts.extra["sampling_scheduler"],
+            text_encoder=modules["text_encoder"], tokenizer=parts.tokenizers["tokenizer"],
+            text_encoder_2=modules["text_encoder_2"], tokenizer_2=parts.tokenizers["tokenizer_2"])
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, h/2 * w/2, 4C]: each 2x2 patch one token, row-major (FluxPipeline._pack_latents)."""
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = latents.shape
+    return FluxPipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, h/2 * w/2, 4C] -> [B, C, h, w], the inverse of `pack` (FluxPipeline._unpack_latents, given latent
+    sides with a scale factor of 1)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._unpack_latents(tokens, height, width, 1)
