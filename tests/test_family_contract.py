@@ -15,7 +15,7 @@ from finetune.models.tiny import save_tiny_pipeline
 from tests.test_lora import default_objective
 
 # every family in the registry, each written as a tiny pipeline folder offline (finetune/models/tiny.py)
-assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux"}, "a new family: add its tiny build to models/tiny.py BUILDERS"
+assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux", "zimage"}, "a new family: add its tiny build to models/tiny.py BUILDERS"
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -48,7 +48,8 @@ def test_prompts_encode_to_what_the_denoiser_attends_to(family_and_parts):
     conditioning = family.encode_prompts(parts, ["a red circle", "a much longer caption about a blue star"])
     states = conditioning[0] if isinstance(conditioning, tuple) else conditioning
     config = parts.denoiser.config
-    assert states.shape[0] == 2 and states.shape[-1] == (config.get("cross_attention_dim") or config.joint_attention_dim)
+    width = config.get("cross_attention_dim") or config.get("joint_attention_dim") or config.cap_feat_dim  # Z-Image's
+    assert states.shape[0] == 2 and states.shape[-1] == width
     tokenizer = family.tokenizer_of(str(folder))  # validate's way, without the models
     assert tokenizer("a red circle").input_ids == encoders[0][1]("a red circle").input_ids
     assert family.caption_window(tokenizer, None) > 0

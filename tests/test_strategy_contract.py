@@ -49,7 +49,10 @@ CONTRACT = {
 NOT_YET = {("hypernetwork", "sd3"): "hypernetworks on a transformer's text stream are not written yet",
            ("textual_inversion", "sd3"): "textual inversion on sd3 is not written yet",
            ("hypernetwork", "flux"): "hypernetworks on a transformer's text stream are not written yet",
-           ("textual_inversion", "flux"): "textual inversion on flux is not written yet"}
+           ("textual_inversion", "flux"): "textual inversion on flux is not written yet",
+           ("hypernetwork", "zimage"): "hypernetworks on a transformer's text stream are not written yet",
+           # ZImagePipeline has no load_textual_inversion: the strategy's check must refuse it (not yet: it trains)
+           ("textual_inversion", "zimage"): "textual inversion on zimage is not written yet"}
 
 
 def test_every_strategy_is_under_contract():

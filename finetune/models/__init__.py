@@ -10,7 +10,8 @@ _FROM_BASE = ("Components", "ModelFamily", "ModelLoadError")
 FAMILIES = {"sd": ("finetune.models.stable_diffusion", "StableDiffusion", "ddpm"),
             "sdxl": ("finetune.models.sdxl", "StableDiffusionXL", "ddpm"),
             "sd3": ("finetune.models.sd3", "StableDiffusion3", "flow_matching"),
-            "flux": ("finetune.models.flux", "Flux", "flow_matching")}
+            "flux": ("finetune.models.flux", "Flux", "flow_matching"),
+            "zimage": ("finetune.models.zimage", "ZImage", "flow_matching")}
 # recipe options only one objective reads, with their "not set" values (finetune/models/ddpm.py, flow_matching.py);
 # a family's `objective` takes its objective's as keywords named by the key's last part
 OBJECTIVE_OPTIONS = {

@@ -111,7 +111,14 @@ def _flux(seed: int = 0):
     return build_tiny_flux_pipeline(seed)
 
 
-BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline, "sd3": _sd3, "flux": _flux}
+def _zimage(seed: int = 0):
+    from finetune.models.tiny_transformers import build_tiny_zimage_pipeline
+
+    return build_tiny_zimage_pipeline(seed)
+
+
+BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline, "sd3": _sd3, "flux": _flux,
+            "zimage": _zimage}
 
 
 def save_tiny_pipeline(folder: str | Path, seed: int = 0, family: str = "sd") -> Path:

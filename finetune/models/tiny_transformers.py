@@ -76,3 +76,54 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
         transformer=transformer, scheduler=scheduler, vae=_vae(shift_factor=0.1159, scaling_factor=0.3611),
         text_encoder=_clip(tokenizer, 32), tokenizer=tokenizer, text_encoder_2=_t5(tokenizer_2, 32),
         tokenizer_2=tokenizer_2)
+
+
+# Qwen3's chat template as ZImagePipeline.encode_prompt applies it (add_generation_prompt, enable_thinking=True):
+# "<|im_start|>user\n{caption}<|im_end|>\n<|im_start|>assistant\n"
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def build_qwen_tokenizer(max_length: int = 512):
+    """A character-level BPE tokenizer (built with `tokenizers`, no merges) with Qwen's special tokens, padding
+    (<|endoftext|>, on the right) and chat template, as a transformers fast tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    core = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(chars)}, merges=[], unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")  # one token per character
+    core.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                        model_max_length=max_length, padding_side="right")
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_zimage_pipeline(seed: int = 0):
+    """A ZImagePipeline in miniature: a Qwen3 of two layers 32 wide (the pipeline reads its second-to-last hidden
+    states, so cap_feat_dim 32), a single-stream transformer 32 wide (2 heads of 16, RoPE axes 4 + 6 + 6; one
+    noise- and one context-refiner layer, one main layer) on 4-channel latents in 2x2 patches, and the Flux-type
+    VAE Z-Image uses (shift 0.1159, scale 0.3611); Z-Image-Turbo's scheduler config (shift 3.0, static); 32 px."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, attention_dropout=0.0))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=_vae(shift_factor=0.1159, scaling_factor=0.3611), text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=transformer)
+    for part in (text_encoder, transformer, pipe.vae):
+        part.eval()
+    return pipe

@@ -29,7 +29,7 @@ class ModelOptions:
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # which model family (finetune/models/): "auto" tells it from a diffusers folder's model_index.json or a
     # single file's keys; a hub id or .ckpt that cannot be read before loading is taken as sd unless set here
-    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux", "zimage"] = "auto"
     # the frozen denoiser's Linear weights in 8 bits (torchao, weight-only; adapters stay full precision), for
     # LoRA-type strategies on large transformers (finetune/models/quantize.py); "none": as loaded
     quantize: Literal["none", "int8", "fp8"] = "none"

@@ -1,0 +1,126 @@
+"""Z-Image (Turbo and base): a single-stream DiT (`ZImageTransformer2DModel`) on 16-channel latents in 2x2 patches,
+conditioned by Qwen3 (`text_encoder`), trained with flow matching (finetune/models/flow_matching.py).
+
+What differs from SD3 (diffusers' ZImagePipeline and train_dreambooth_lora_z_image.py):
+- conditioning is the pipeline's own `encode_prompt`: the caption in Qwen3's chat template, tokenized to 512
+  tokens, the second-to-last hidden states, and of those only the caption's own tokens (a list of tensors of
+  different lengths). The text cache keeps batch-first tensors of one length, so `encode_prompts` pads them back
+  to the 512 the encoder read, with a mask, and `predict` hands the transformer each caption's masked tokens:
+  the list encode_prompt returned, whatever batch or cache they came through;
+- the transformer takes a list of latents [C, 1, h, w] (one frame each) and `t = (1000 - sigma x 1000) / 1000`,
+  i.e. 1 - sigma (t_scale 1000 inside), and returns the list of its outputs, which the pipeline negates before
+  the scheduler's Euler step: it predicts `x0 - noise`. `predict` negates it likewise, so the loop regresses
+  the velocity `noise - x0` it regresses for every flow family, and sampling uses exactly what was trained.
+Latents are `(z - shift_factor) x scaling_factor` (Flux's VAE: 0.1159, 0.3611), as SD3's.
+
+Sigma defaults follow how the base's scheduler samples: diffusers' script draws u uniformly (its default
+`--weighting_scheme none`) and indexes the scheduler's training sigmas, which its config shifts statically
+(Z-Image-Turbo: `shift: 3.0`, `use_dynamic_shifting: false`); the shift is read from the base's config, so another
+base gets its own, and a config with dynamic shifting gets the resolution shift the pipeline samples with. No loss
+weighting. LoRA targets: the script's default, the attention's to_q, to_k, to_v and to_out.0 (every block:
+refiners and main layers).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from finetune.models.base import Components, unwrapped
+from finetune.models.flow_matching import FlowMatchingObjective, from_recipe
+from finetune.models.loading import load_frozen
+from finetune.models.sd3 import StableDiffusion3
+
+# Qwen3 tokens per caption (chat template included), in training and in sample grids: ZImagePipeline's default
+# max_sequence_length, and the script's
+MAX_SEQUENCE_LENGTH = 512
+
+
+class ZImage(StableDiffusion3):
+    name = "zimage"
+    lora_targets = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
+    conv_lora_targets = ()
+    text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # Qwen3's attention
+    # kohya-style Z-Image files (lora_unet_layers_0_attention_to_q) are read by diffusers' converter but not
+    # written here: the diffusers-layout `transformer.` file is what ZImagePipeline.load_lora_weights and ComfyUI load
+    kohya_prefixes = {"transformer": "lora_unet"}
+    kohya_unet_layout = "none"
+    embedding_keys: dict[str, str] = {}
+    kohya_base_model_version = "zimage"
+
+    def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
+             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,
+             without: tuple[str, ...] = ()) -> Components:
+        """The frozen ZImagePipeline parts from a hub id, a diffusers folder or a single checkpoint (`config`: a
+        folder or hub id with the other parts). `without`: none here (validate refuses asking)."""
+        from diffusers import ZImagePipeline
+
+        return load_frozen(ZImagePipeline, base, revision=revision, variant=variant, dtype=dtype, config=config,
+                           vae=vae, extra_kwargs={}, ddpm=False)
+
+    def objective(self, parts: Components, **flow: Any) -> FlowMatchingObjective:
+        """Flow matching with the recipe's `flow` choices; where they say auto / None, uniform sigma shifted as
+        the base's scheduler config shifts (see the module docstring)."""
+        config = parts.extra["sampling_scheduler"].config
+        dynamic = bool(config.get("use_dynamic_shifting", False))
+        defaults = {"sigma_sampling": "uniform", "shift": None if dynamic else config.get("shift", 1.0),
+                    "resolution_shift": dynamic and flow.get("shift") is None}
+        return from_recipe(flow, defaults, config)
+
+    def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
+        """Qwen3, the one text encoder."""
+        return [("text_encoder", parts.tokenizer, unwrapped(parts.text_encoder))]
+
+    def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states [batch, MAX_SEQUENCE_LENGTH, Qwen3 width], mask [batch, MAX_SEQUENCE_LENGTH]): the pipeline's
+        encode_prompt, each caption's tokens padded back with zeros to the length the encoder read."""
+        device = next(unwrapped(parts.text_encoder).parameters()).device
+        # a copy: encode_prompt writes the templated prompts into the list it is given
+        states, _ = self.pipeline(parts).encode_prompt(list(captions), device, do_classifier_free_guidance=False,
+                                                       max_sequence_length=MAX_SEQUENCE_LENGTH)
+        lengths = torch.tensor([len(s) for s in states], device=device)
+        padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+        padded = torch.nn.functional.pad(padded, (0, 0, 0, MAX_SEQUENCE_LENGTH - padded.shape[1]))
+        return padded, torch.arange(MAX_SEQUENCE_LENGTH, device=device)[None] < lengths[:, None]
+
+    def caption_window(self, tokenizer: Any, max_token_length: int | None) -> int:
+        """The caption tokens that fit in MAX_SEQUENCE_LENGTH beside the chat template's own."""
+        template = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=True)
+        return MAX_SEQUENCE_LENGTH - len(tokenizer(template).input_ids)
+
+    def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: tuple[torch.Tensor, torch.Tensor], conditions: dict[str, torch.Tensor]
+                ) -> torch.Tensor:
+        """The velocity `noise - x0` [batch, c, h, w] for `noisy` latents at sigmas `timesteps` [batch] in (0, 1):
+        the transformer called as ZImagePipeline's denoising loop calls it, its output negated as the loop
+        negates it."""
+        states, mask = conditioning
+        transformer = parts.transformer
+        dtype = unwrapped(transformer).dtype
+        captions = [row[keep].to(dtype) for row, keep in zip(states, mask.bool())]
+        latents = list(noisy.to(dtype).unsqueeze(2).unbind(dim=0))
+        t = (1000 - timesteps * 1000) / 1000  # the pipeline's (1000 - scheduler timestep) / 1000
+        out = transformer(latents, t, captions, return_dict=False)[0]
+        return -torch.stack(out, dim=0).squeeze(2)
+
+    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
+                         dtype: torch.dtype | None = None) -> Any:
+        raise ValueError("finetune writes no single-file Z-Image checkpoint yet; give --out a folder (a diffusers "
+                         "pipeline folder, which diffusers loads)")
+
+    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
+        from diffusers import ZImagePipeline
+
+        unwrap = unwrap or unwrapped
+        modules = {name: unwrap(module) for name, module in parts.modules.items()}
+        return ZImagePipeline(scheduler=parts.extra["sampling_scheduler"], vae=modules["vae"],
+                              text_encoder=modules["text_encoder"], tokenizer=parts.tokenizers["tokenizer"],
+                              transformer=modules["transformer"])
+
+    def tokenizer_of(self, base: str) -> Any | None:
+        from transformers import AutoTokenizer
+
+        folder = os.path.join(os.path.expanduser(base), "tokenizer")
+        return AutoTokenizer.from_pretrained(folder) if os.path.isdir(folder) else None
