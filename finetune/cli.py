@@ -194,9 +194,9 @@ def _sample(args) -> int:
                                                            if args.adapter else None)
     except (*_known_errors(), ValueError) as exc:
         raise KnownProblem(str(exc)) from None
-    from finetune.models.base import denoiser_of
+    from finetune.models.base import default_resolution
 
-    resolution = args.resolution or denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
+    resolution = args.resolution or default_resolution(pipe)
     grid = sample_grid(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                        guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.num,
                        resolution=resolution,

@@ -195,3 +195,18 @@ def test_the_zimage_recipe_validates_and_trains_on_a_tiny_zimage(zimage_base, tm
     assert main(["validate", str(recipe), *overrides]) == 0
     assert main(["train", str(recipe), *overrides]) == 0
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_text_encoder_lora_warns_that_the_pipelines_own_loader_drops_it(zimage_base, caplog):
+    """ZImagePipeline.load_lora_weights reads transformer layers only; the file's Qwen3 layers load with
+    finetune.load_adapter, and the run says so before training."""
+    from finetune.strategies.lora import Options, Strategy
+
+    family = family_for("zimage")
+    parts = family.load(str(zimage_base))
+    with caplog.at_level("WARNING"):
+        Strategy(Options(kind="lora", text_encoder=True)).check(family, parts)
+        Strategy(Options(kind="lora")).check(family, parts)
+    warnings = [r.getMessage() for r in caplog.records if "would drop" in r.getMessage()]
+    assert warnings == ["strategy.text_encoder: zimage's own load_lora_weights reads only transformer, so it would "
+                        "drop the text_encoder layers of this file (finetune.load_adapter reads them)"]

@@ -96,6 +96,13 @@ def adaptable_text_encoders(family: Any, parts: Components) -> tuple[str, ...]:
     return tuple(name for name, _, _ in family.text_encoders(parts))
 
 
+def default_resolution(pipe: Any) -> int:
+    """A pipeline's own image side in pixels: its denoiser's sample size (a U-Net's, SD3's) or the pipeline's
+    default (Flux's) times the VAE's downsampling; 1024 when it says neither (Z-Image's pipeline default)."""
+    size = getattr(denoiser_of(pipe).config, "sample_size", None) or getattr(pipe, "default_sample_size", None)
+    return size * pipe.vae_scale_factor if size else 1024
+
+
 def tokenizer_name(text_encoder_name: str) -> str:
     """A pipeline's tokenizer for a text encoder: `text_encoder` -> `tokenizer`, `text_encoder_2` -> `tokenizer_2`."""
     return "tokenizer" + text_encoder_name.removeprefix("text_encoder")

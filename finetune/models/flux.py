@@ -76,7 +76,10 @@ class Flux(StableDiffusion3):
     def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 states [batch, T5_TOKENS, T5 width], CLIP-L pooled [batch, CLIP width]) from the pipeline's
         encode_prompt; its text_ids (zeros) are rebuilt by predict, so the cache keeps batch-first tensors only."""
-        embeds, pooled, _ = self.pipeline(parts).encode_prompt(captions, None, max_sequence_length=T5_TOKENS)
+        # the text encoders' device: the transformer may not be on it yet (the loop moves it after the caches)
+        device = next(unwrapped(parts.text_encoder).parameters()).device
+        embeds, pooled, _ = self.pipeline(parts).encode_prompt(captions, None, device=device,
+                                                               max_sequence_length=T5_TOKENS)
         return embeds, pooled
 
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,

@@ -73,8 +73,10 @@ class StableDiffusion3(StableDiffusion):
     def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence [batch, 77 + T5 tokens, joint width], pooled [batch, CLIP-L + CLIP-G projections]) from the
         pipeline's encode_prompt."""
+        # the text encoders' device: the transformer may not be on it yet (the loop moves it after the caches)
+        device = next(unwrapped(parts.text_encoder).parameters()).device
         embeds, _, pooled, _ = self.pipeline(parts).encode_prompt(
-            captions, None, None, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS)
+            captions, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS)
         return embeds, pooled
 
     def caption_window(self, tokenizer: Any, max_token_length: int | None) -> int:

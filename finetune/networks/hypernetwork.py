@@ -154,6 +154,11 @@ def _attention_layers(unet: nn.Module) -> list[tuple[str, Any]]:
     return [(name, m) for name, m in unet.named_modules() if hasattr(m, "set_processor") and hasattr(m, "to_k")]
 
 
+def _is_cross_attention(attn: Any) -> bool:
+    # a transformer's joint attention (SD3, Flux) has no such flag: it attends to both streams at once
+    return bool(getattr(attn, "is_cross_attention", False))
+
+
 def _input_width(attn: Any) -> int:
     # to_k may be a peft layer around the Linear; both expose in_features
     return int(attn.to_k.in_features)
@@ -161,7 +166,7 @@ def _input_width(attn: Any) -> int:
 
 def widths_of(unet: nn.Module, self_attention: bool) -> tuple[int, ...]:
     """The widths a new hypernetwork needs: cross-attention context widths, plus self-attention widths."""
-    found = {_input_width(a) for _, a in _attention_layers(unet) if a.is_cross_attention or self_attention}
+    found = {_input_width(a) for _, a in _attention_layers(unet) if _is_cross_attention(a) or self_attention}
     return tuple(sorted(found))
 
 
@@ -199,7 +204,7 @@ def attach(unet: nn.Module, network: Hypernetwork, name: str) -> int:
     holder.add(name, network.to(param.device))
     count = 0
     for _, attn in _attention_layers(unet):
-        if not attn.is_cross_attention and not network.structure.self_attention:
+        if not _is_cross_attention(attn) and not network.structure.self_attention:
             continue
         pair = network.pair(_input_width(attn))
         if pair is not None:

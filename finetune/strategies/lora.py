@@ -3,6 +3,7 @@ in the denoiser's attention, optionally its convolutions (LoCon) and the text en
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies import lora_variants
 from finetune.strategies.base import CommonDefaults
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,6 +137,12 @@ class Strategy(CommonDefaults):
         if self.options.text_encoder_2 and len(parts.text_encoder_names) < 2:
             raise StrategySetupError(f"strategy.text_encoder_2: this model has one text encoder "
                                      f"({family.name}); remove text_encoder_2 (text_encoder: true adapts it)")
+        adapted = set(self.options.text_encoder_settings(adaptable_text_encoders(family, parts)))
+        loadable = getattr(family.pipeline(parts), "_lora_loadable_modules", None)
+        if loadable is not None and adapted - set(loadable):
+            log.warning("strategy.text_encoder: %s's own load_lora_weights reads only %s, so it would drop the %s "
+                        "layers of this file (finetune.load_adapter reads them)", family.name, ", ".join(loadable),
+                        ", ".join(sorted(adapted - set(loadable))))
         if self.options.variant == "oft":
             lora_variants.refuse_oft_on_convolutions(self.options.target_modules or family.lora_targets,
                                                      parts.denoiser)

@@ -112,10 +112,14 @@ class Strategy(CommonDefaults):
 
     def check(self, family: ModelFamily, parts: Components) -> None:
         encoders = family.text_encoders(parts)
+        reason = None
         if len(encoders) < len(parts.text_encoder_names):
-            raise StrategySetupError(
-                f"strategy.kind: textual inversion on {family.name} is not written yet (its T5 encoder would read "
-                "the placeholder's letters, and diffusers has no embedding loader for it); use lora")
+            reason = "its T5 encoder would read the placeholder's letters"
+        elif not hasattr(family.pipeline(parts), "load_textual_inversion"):
+            reason = "its diffusers pipeline has no embedding loader"
+        if reason:
+            raise StrategySetupError(f"strategy.kind: textual inversion on {family.name} is not written yet ({reason}); "
+                                     "use lora")
         for _, tokenizer, _ in encoders:
             check_placeholders(tokenizer, self.placeholders, self.initializers)
         if len(encoders) > 1 and len(self.placeholders) > 1:

@@ -141,8 +141,11 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
                         dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config,
                         vae=recipe.model.vae, without=("text_encoder_3",) if recipe.model.text_encoder_3 == "none" else ())
-    for module in parts.modules.values():
-        module.to(accelerator.device)
+    # the denoiser joins the device once the caches are filled and the encoders have left it: a Flux transformer
+    # (24 GB in bf16) and its T5 (9.5 GB) are never there together; class images need it before
+    for name, module in parts.modules.items():
+        if name != parts.denoiser_name:
+            module.to(accelerator.device)
     parts.max_token_length = d.max_token_length
     if recipe.model.quantize != "none":
         count = quantize_weights(parts.denoiser, recipe.model.quantize)
@@ -165,6 +168,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                            show_progress=accelerator.is_local_main_process)
     class_batches = None
     if recipe.prior.mode == "class_images":
+        parts.denoiser.to(accelerator.device)
         # drawn by the base as it is now, before the strategy changes anything
         class_batches = prior.class_image_stream(
             accelerator, family, parts, recipe.prior, recipe.model, d.resolution, t.batch_size, t.seed,
@@ -173,6 +177,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     encoder.cache_text([e.caption for e in examples] + [""] * (d.caption_dropout > 0)
                        + list(recipe.prior.class_prompt))
     offloaded = _offload_idle(encoder, parts, accelerator.device) if recipe.cache.offload else []
+    parts.denoiser.to(accelerator.device)
     torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
     trained = parts.trained()
