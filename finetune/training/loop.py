@@ -34,10 +34,10 @@ from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, interrupt, prior, saves, trackers
-from finetune.training.inputs import BatchEncoder, make_encoder
+from finetune.training.inputs import make_encoder
 from finetune.training.engine import engine_report, requested_engine
 from finetune.training.failures import check_finite_loss
-from finetune.training.offload import offload, on_device
+from finetune.training.offload import offload_idle, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.resume import check_output_dir, check_resumable, remove_earlier_run, resume_command
 from finetune.training.step import LossSettings, micro_step_loss
@@ -176,7 +176,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     latent_keys = encoder.cache_latents(examples, sizes, d.random_flip, "training images")
     encoder.cache_text([e.caption for e in examples] + [""] * (d.caption_dropout > 0)
                        + list(recipe.prior.class_prompt))
-    offloaded = _offload_idle(encoder, parts, accelerator.device) if recipe.cache.offload else []
+    offloaded = offload_idle(parts, encoder.latent_store is not None, encoder.text is not None,
+                             accelerator.device) if recipe.cache.offload else []
     parts.denoiser.to(accelerator.device)
     torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
@@ -283,17 +284,6 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     if accelerator.is_main_process:
         say("wrote:\n" + "\n".join(written_lines(output_dir, started_at)))
     return artifact
-
-
-def _offload_idle(encoder: BatchEncoder, parts: Components, device: torch.device) -> list[torch.nn.Module]:
-    """Once the caches hold everything, the VAE (latent cache) and text encoders (text cache) leave the
-    accelerator; they come back only for sample grids."""
-    idle = [parts.vae] if encoder.latent_store is not None else []
-    if encoder.text is not None:
-        idle += list(parts.text_encoder_modules().values())
-    for module in idle:
-        offload(module, device)
-    return idle
 
 
 def _requires_grad(module: torch.nn.Module) -> bool:

@@ -47,3 +47,14 @@ def on_device(modules: list[torch.nn.Module], device: torch.device):
     finally:
         for module in moved:
             module.to("cpu")
+
+
+def offload_idle(parts, latents_cached: bool, text_cached: bool, device: torch.device) -> list[torch.nn.Module]:
+    """Once the caches hold everything, the VAE (latents cached) and the text encoders (text cached) of `parts`
+    (Components) leave the accelerator; they come back only for sample grids (`on_device`). Returns them."""
+    idle = [parts.vae] if latents_cached else []
+    if text_cached:
+        idle += list(parts.text_encoder_modules().values())
+    for module in idle:
+        offload(module, device)
+    return idle
