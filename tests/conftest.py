@@ -155,3 +155,36 @@ def train_keeping_parts(recipe, on_load=None):
     for module in kept["parts"].modules.values():
         module.eval()
     return artifact, kept["parts"]
+
+
+def saved_pipeline(path):
+    """A pipeline folder as diffusers loads it (the class its model_index.json names), progress bars off."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images_of(pipe, prompt: str = "a purple sks", guidance_scale: float = 3.0):
+    """One 32 px image for `prompt` from a fixed seed in two steps: what round-trip tests compare."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return pipe([prompt], num_inference_steps=2, guidance_scale=guidance_scale, height=32, width=32,
+                generator=generator, output_type="np").images
+
+
+def train_shipped_recipe(name: str, base: Path, tmp_path: Path, extra: tuple[str, ...] = ()) -> Path:
+    """`finetune validate` then `train` of recipes/<name>.yaml as shipped, on a tiny `base` at 32 px for two steps
+    (the real base needs the hub); returns the output folder. `extra`: overrides the tiny model needs."""
+    from finetune.cli import main
+
+    recipe = Path(__file__).parents[1] / "recipes" / f"{name}.yaml"
+    overrides = [f"model.base={base}", "data.resolution=32", "train.max_steps=2", "train.mixed_precision=no",
+                 "train.gradient_checkpointing=false", "train.lr_warmup_steps=0", "sample.every=0",
+                 "checkpoint.every=0", "log.to=[]", f"output_dir={tmp_path / 'out'}",
+                 "prior.num_class_images=2", "prior.steps=2", f"prior.class_data_dir={tmp_path / 'class'}", *extra]
+    assert main(["validate", str(recipe), *overrides]) == 0
+    assert main(["train", str(recipe), *overrides]) == 0
+    return tmp_path / "out"

@@ -4,7 +4,6 @@ back, the guidance embedding, detection, validate, sampling and the shipped reci
 test_family_contract.py and test_strategy_contract.py."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ from finetune.models import family_for
 from finetune.models.flux import pack, unpack
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import draw_concept, recipe_dict, train_keeping_parts
+from tests.conftest import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
+                            train_shipped_recipe)
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +33,8 @@ def schnell_base(tmp_path_factory):
     return folder
 
 
-def flux_pipeline(path):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def images_of(pipe, prompt="a purple sks"):
-    generator = torch.Generator().manual_seed(0)
-    return pipe([prompt], num_inference_steps=2, guidance_scale=3.5, height=32, width=32, generator=generator,
-                output_type="np").images
+def flux_images(pipe, prompt="a purple sks"):
+    return images_of(pipe, prompt, guidance_scale=3.5)  # Flux-dev's usual guidance
 
 
 def recording(calls):
@@ -88,7 +78,7 @@ def test_the_loop_feeds_the_transformer_what_flux_pipeline_feeds_it(flux_base, t
     sigma = float(ours["timestep"][0])
     assert 0 < sigma < 1 and ours["hidden_states"].shape == (1, 4 * 4, 16)  # 8x8 latents: 16 tokens of 2x2x4
 
-    pipe = flux_pipeline(flux_base)
+    pipe = saved_pipeline(flux_base)
     # a scheduler that leaves sigmas as given, so the pipeline's one step is at the loop's sigma
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False,
                                                                  shift=1.0)
@@ -156,11 +146,11 @@ def test_a_lora_loads_with_flux_pipelines_own_loader(lora_run, flux_base):
         assert any(f"transformer.transformer_blocks.0.{part}.lora_A." in k for k in keys), part
     assert any(k.startswith("transformer.single_transformer_blocks.0.attn.to_q.") for k in keys)
     assert all(k.startswith("text_encoder.text_model.") for k in keys if k.startswith("text_encoder"))
-    trained = images_of(family_for("flux").pipeline(parts))
-    assert np.abs(trained - images_of(flux_pipeline(flux_base))).max() > 1e-3  # the LoRA does something
-    pipe = flux_pipeline(flux_base)
+    trained = flux_images(family_for("flux").pipeline(parts))
+    assert np.abs(trained - flux_images(saved_pipeline(flux_base))).max() > 1e-3  # the LoRA does something
+    pipe = saved_pipeline(flux_base)
     pipe.load_lora_weights(str(artifact))  # diffusers' own loader
-    np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
+    np.testing.assert_allclose(flux_images(pipe), trained, atol=1e-5)
     assert (out / "samples" / "step-000006.png").is_file()
 
 
@@ -236,13 +226,5 @@ def test_a_single_file_checkpoint_is_refused_clearly(lora_run, tmp_path):
 
 
 def test_the_flux_recipe_validates_and_trains_on_a_tiny_flux(flux_base, tmp_path):
-    """The shipped recipe as it stands, on the tiny Flux at 32 px for two steps (the real base needs the hub)."""
-    from finetune.cli import main
-
-    recipe = Path(__file__).parents[1] / "recipes" / "flux_lora.yaml"
-    overrides = [f"model.base={flux_base}", "data.resolution=32", "train.max_steps=2", "train.mixed_precision=no",
-                 "train.gradient_checkpointing=false", "train.lr_warmup_steps=0", "sample.every=0",
-                 "checkpoint.every=0", "log.to=[]", f"output_dir={tmp_path / 'out'}"]
-    assert main(["validate", str(recipe), *overrides]) == 0
-    assert main(["train", str(recipe), *overrides]) == 0
-    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    out = train_shipped_recipe("flux_lora", flux_base, tmp_path)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

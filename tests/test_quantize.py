@@ -11,8 +11,7 @@ from finetune.models import family_for
 from finetune.models.quantize import is_quantized, quantize_weights
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import draw_concept, recipe_dict, train_keeping_parts
-from tests.test_sd3 import images_of, sd3_pipeline
+from tests.conftest import draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts
 
 pytest.importorskip("torchao")
 
@@ -35,8 +34,8 @@ def test_a_lora_trained_on_a_quantised_base_applies_to_the_full_precision_one(ki
     assert base_layers and all(type(m.weight.data).__module__.startswith("torchao") for m in base_layers)  # 8 bits
     assert adapters and all(type(m.weight.data) is torch.Tensor for m in adapters)  # the LoRA in full precision
     trained = images_of(family_for("sd3").pipeline(parts))
-    base = images_of(sd3_pipeline(sd3_base))
-    loaded = sd3_pipeline(sd3_base)
+    base = images_of(saved_pipeline(sd3_base))
+    loaded = saved_pipeline(sd3_base)
     loaded.load_lora_weights(str(artifact))
     full = images_of(loaded)
     effect = np.abs(full - base).max()

@@ -14,7 +14,8 @@ from finetune.models import family_for
 from finetune.models.flow_matching import FlowMatchingObjective, ResolutionShift
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import draw_concept, recipe_dict, train_keeping_parts
+from tests.conftest import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
+                            train_shipped_recipe)
 
 
 @pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
@@ -76,20 +77,6 @@ def sd3_base(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", family="sd3")
 
 
-def sd3_pipeline(path):
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def images_of(pipe, prompt="a purple sks"):
-    generator = torch.Generator().manual_seed(0)
-    return pipe([prompt], num_inference_steps=2, guidance_scale=3.0, height=32, width=32, generator=generator,
-                output_type="np").images
-
-
 def test_a_lora_loads_with_the_sd3_pipelines_own_loader(sd3_base, tmp_path):
     """The file keeps peft's transformer keys (converting them would make diffusers skip layers silently) and the
     CLIPs' `text_model.` level; StableDiffusion3Pipeline.load_lora_weights reproduces what was trained."""
@@ -104,8 +91,8 @@ def test_a_lora_loads_with_the_sd3_pipelines_own_loader(sd3_base, tmp_path):
     assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder", "text_encoder_2"}
     assert any(".attn.add_q_proj.lora_A." in k for k in keys)  # the text stream's projections too
     trained = images_of(family_for("sd3").pipeline(parts))
-    assert np.abs(trained - images_of(sd3_pipeline(sd3_base))).max() > 1e-3
-    pipe = sd3_pipeline(sd3_base)
+    assert np.abs(trained - images_of(saved_pipeline(sd3_base))).max() > 1e-3
+    pipe = saved_pipeline(sd3_base)
     pipe.load_lora_weights(str(artifact))
     np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
 
@@ -166,14 +153,5 @@ def test_a_resumed_run_writes_what_the_uninterrupted_one_does(sd3_base, tmp_path
 
 
 def test_the_sd35_recipe_validates_and_trains_on_a_tiny_sd3(sd3_base, tmp_path):
-    from pathlib import Path
-
-    from finetune.cli import main
-
-    recipe = Path(__file__).parents[1] / "recipes" / "sd35_lora.yaml"
-    overrides = [f"model.base={sd3_base}", "data.resolution=32", "train.max_steps=2", "train.mixed_precision=no",
-                 "train.gradient_checkpointing=false", "train.lr_warmup_steps=0", "sample.every=0",
-                 "checkpoint.every=0", "log.to=[]", f"output_dir={tmp_path / 'out'}"]
-    assert main(["validate", str(recipe), *overrides]) == 0
-    assert main(["train", str(recipe), *overrides]) == 0
-    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    out = train_shipped_recipe("sd35_lora", sd3_base, tmp_path)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

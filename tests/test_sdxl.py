@@ -15,26 +15,13 @@ from PIL import Image
 from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import draw_concept, recipe_dict, train_keeping_parts
+from tests.conftest import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
+                            train_shipped_recipe)
 
 
 @pytest.fixture(scope="module")
 def sdxl_base(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
-
-
-def sdxl_pipeline(path):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def images_of(pipe, prompt="a purple sks"):
-    generator = torch.Generator().manual_seed(0)
-    return pipe([prompt], num_inference_steps=2, guidance_scale=3.0, height=32, width=32, generator=generator,
-                output_type="np").images
 
 
 def test_the_loop_conditions_the_unet_as_the_sdxl_pipeline_does(sdxl_base, tmp_path):
@@ -55,7 +42,7 @@ def test_the_loop_conditions_the_unet_as_the_sdxl_pipeline_does(sdxl_base, tmp_p
     recipe = parse_recipe(recipe_dict(sdxl_base, folder, tmp_path / "out", train={"max_steps": 1, "batch_size": 1}))
     train_keeping_parts(recipe, on_load=record)
     hidden, added = calls[0]
-    pipe = sdxl_pipeline(sdxl_base)
+    pipe = saved_pipeline(sdxl_base)
     prompt_embeds, _, pooled, _ = pipe.encode_prompt(["a purple sks"], do_classifier_free_guidance=False)
     time_ids = pipe._get_add_time_ids((32, 48), (0, 8), (32, 32), dtype=torch.float32,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
@@ -92,9 +79,9 @@ def test_lora_files_use_the_sdxl_prefixes_and_load_in_diffusers(lora_run, sdxl_b
                for k in keys if k.startswith("text_encoder"))
     assert config["text_encoder.r"] == 4 and config["text_encoder_2.r"] == 2
     trained = family_for("sdxl").pipeline(parts)
-    loaded = sdxl_pipeline(sdxl_base)
+    loaded = saved_pipeline(sdxl_base)
     loaded.load_lora_weights(str(artifact))  # diffusers' own loader
-    base = images_of(sdxl_pipeline(sdxl_base))
+    base = images_of(saved_pipeline(sdxl_base))
     assert np.abs(images_of(trained) - base).max() > 1e-3  # the LoRA does something
     np.testing.assert_allclose(images_of(loaded), images_of(trained), atol=1e-5)
 
@@ -123,12 +110,12 @@ def test_the_kohya_file_uses_kohyas_sdxl_names_and_reads_back(lora_run, sdxl_bas
     trained = images_of(family_for("sdxl").pipeline(parts))
     for load in (lambda pipe: load_adapter(pipe, kohya_file),
                  lambda pipe: pipe.load_lora_weights(str(kohya_file))):  # diffusers' own SGM-name mapping agrees
-        pipe = sdxl_pipeline(sdxl_base)
+        pipe = saved_pipeline(sdxl_base)
         load(pipe)
         np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
     back = tmp_path / "back.safetensors"
     convert(kohya_file, back, "diffusers", base=str(sdxl_base))
-    pipe = sdxl_pipeline(sdxl_base)
+    pipe = saved_pipeline(sdxl_base)
     pipe.load_lora_weights(str(back))
     np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
     resize_file(kohya_file, tmp_path / "small.safetensors", rank=2, energy=None, base=str(sdxl_base))
@@ -226,7 +213,7 @@ def test_a_hypernetwork_works_at_sdxl_widths_and_keys_a1111s_file_by_them(sdxl_b
     assert a1111.structure.widths == (16 + 32, 64)  # context; the attention blocks' own width (64 channels)
     trained = images_of(family_for("sdxl").pipeline(parts))
     for path in (artifact, tmp_path / "out" / "a1111" / "hypernetwork.pt"):
-        pipe = sdxl_pipeline(sdxl_base)
+        pipe = saved_pipeline(sdxl_base)
         load_adapter(pipe, path)
         np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
 
@@ -248,12 +235,12 @@ def test_textual_inversion_writes_one_file_with_clip_l_and_clip_g(sdxl_base, tmp
     assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (2, 16), "clip_g": (2, 32)}
     assert load_file(str(tmp_path / "out" / "a1111" / "sks.safetensors")).keys() == state.keys()
     trained = images_of(family_for("sdxl").pipeline(parts), "a purple <sks>")
-    by_hand = sdxl_pipeline(sdxl_base)
+    by_hand = saved_pipeline(sdxl_base)
     by_hand.load_textual_inversion(state["clip_l"], token="<sks>", text_encoder=by_hand.text_encoder,
                                    tokenizer=by_hand.tokenizer)
     by_hand.load_textual_inversion(state["clip_g"], token="<sks>", text_encoder=by_hand.text_encoder_2,
                                    tokenizer=by_hand.tokenizer_2)
-    ours = sdxl_pipeline(sdxl_base)
+    ours = saved_pipeline(sdxl_base)
     load_adapter(ours, artifact)
     for pipe in (by_hand, ours):
         np.testing.assert_allclose(images_of(pipe, "a purple <sks>"), trained, atol=1e-5)
@@ -270,16 +257,16 @@ def test_dreambooth_writes_an_sdxl_pipeline_that_extract_lora_compacts(sdxl_base
         strategy={"kind": "dreambooth", "text_encoder": True},
         train={"max_steps": 4, "learning_rate": 1e-3, "batch_size": 2}))
     folder, parts = train_keeping_parts(recipe)
-    tuned = sdxl_pipeline(folder)
+    tuned = saved_pipeline(folder)
     assert isinstance(tuned, StableDiffusionXLPipeline)
     trained = images_of(tuned)
     np.testing.assert_allclose(trained, images_of(family_for("sdxl").pipeline(parts)), atol=2e-3)
     path, results = extract_lora(str(folder), str(sdxl_base), rank=64, out=tmp_path / "extracted.safetensors")
     assert set(results) == {"unet", "text_encoder", "text_encoder_2"}
-    pipe = sdxl_pipeline(sdxl_base)
+    pipe = saved_pipeline(sdxl_base)
     load_adapter(pipe, path)
     # full rank on the tiny model's small layers: the LoRA carries the fine-tune (norms aside, reported)
-    assert np.abs(images_of(pipe) - trained).max() < np.abs(images_of(sdxl_pipeline(sdxl_base)) - trained).max()
+    assert np.abs(images_of(pipe) - trained).max() < np.abs(images_of(saved_pipeline(sdxl_base)) - trained).max()
 
 
 def test_merge_writes_an_sdxl_single_file_that_draws_what_base_and_lora_draw(lora_run, sdxl_base, tmp_path):
@@ -298,20 +285,9 @@ def test_merge_writes_an_sdxl_single_file_that_draws_what_base_and_lora_draw(lor
 @pytest.mark.parametrize("name", ["sdxl_lora", "sdxl_textual_inversion", "sdxl_dreambooth"])
 def test_each_sdxl_recipe_validates_and_trains_on_a_tiny_sdxl(name, sdxl_base, tmp_path):
     """The shipped recipe as it stands, on the tiny SDXL at 32 px for two steps (the real base needs the hub)."""
-    from pathlib import Path
-
-    from finetune.cli import main
-
-    recipe = Path(__file__).parents[1] / "recipes" / f"{name}.yaml"
-    overrides = [f"model.base={sdxl_base}", "data.resolution=32", "train.max_steps=2", "train.mixed_precision=no",
-                 "train.gradient_checkpointing=false", "sample.every=0", "checkpoint.every=0",
-                 "prior.num_class_images=2", "prior.steps=2", "log.to=[]", f"output_dir={tmp_path / 'out'}",
-                 f"prior.class_data_dir={tmp_path / 'class'}"]
-    overrides += {"sdxl_lora": ["train.lr_warmup_steps=0"],
-                  "sdxl_textual_inversion": ["strategy.initializer_token=x"]}.get(name, [])  # tiny tokenizer
-    assert main(["validate", str(recipe), *overrides]) == 0
-    assert main(["train", str(recipe), *overrides]) == 0
-    assert any((tmp_path / "out").iterdir())
+    tiny_tokenizer = {"sdxl_textual_inversion": ("strategy.initializer_token=x",)}  # "star" is 4 tokens there
+    out = train_shipped_recipe(name, sdxl_base, tmp_path, tiny_tokenizer.get(name, ()))
+    assert any(out.iterdir())
 
 
 def test_kohyas_sdxl_names_are_read_without_the_base_as_the_released_sdxl_has_them():

@@ -4,7 +4,6 @@ with the pipeline's own loader. What every family shares is in test_family_contr
 test_strategy_contract.py."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import draw_concept, recipe_dict, train_keeping_parts
+from tests.conftest import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
+                            train_shipped_recipe)
 
 PROMPT = "a purple sks"
 
@@ -23,20 +23,6 @@ PROMPT = "a purple sks"
 @pytest.fixture(scope="module")
 def zimage_base(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-zimage", family="zimage")
-
-
-def zimage_pipeline(path):
-    from diffusers import ZImagePipeline
-
-    pipe = ZImagePipeline.from_pretrained(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def images_of(pipe, prompt=PROMPT):
-    generator = torch.Generator().manual_seed(0)
-    return pipe([prompt], num_inference_steps=2, guidance_scale=3.0, height=32, width=32, generator=generator,
-                output_type="np").images
 
 
 def recording(transformer, calls):
@@ -153,8 +139,8 @@ def test_a_lora_loads_with_the_zimage_pipelines_own_loader(zimage_base, tmp_path
     assert len(projections) == 4 * 3  # one noise refiner, one context refiner and one main layer
     assert {k.split(".lora_")[0] for k in keys} == {f"transformer.{name}" for name in projections}
     trained = images_of(family_for("zimage").pipeline(parts))
-    assert np.abs(trained - images_of(zimage_pipeline(zimage_base))).max() > 1e-3
-    pipe = zimage_pipeline(zimage_base)
+    assert np.abs(trained - images_of(saved_pipeline(zimage_base))).max() > 1e-3
+    pipe = saved_pipeline(zimage_base)
     pipe.load_lora_weights(str(artifact))
     loaded = {name.rsplit(".lora_A", 1)[0] for name, _ in pipe.transformer.named_modules() if name.endswith(".lora_A")}
     assert loaded == projections  # none skipped
@@ -186,15 +172,8 @@ def test_sample_draws_from_a_zimage_base(zimage_base, tmp_path):
 
 
 def test_the_zimage_recipe_validates_and_trains_on_a_tiny_zimage(zimage_base, tmp_path):
-    from finetune.cli import main
-
-    recipe = Path(__file__).parents[1] / "recipes" / "zimage_lora.yaml"
-    overrides = [f"model.base={zimage_base}", "data.resolution=32", "train.max_steps=2", "train.mixed_precision=no",
-                 "train.gradient_checkpointing=false", "train.lr_warmup_steps=0", "sample.every=0",
-                 "checkpoint.every=0", "log.to=[]", f"output_dir={tmp_path / 'out'}"]
-    assert main(["validate", str(recipe), *overrides]) == 0
-    assert main(["train", str(recipe), *overrides]) == 0
-    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    out = train_shipped_recipe("zimage_lora", zimage_base, tmp_path)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_a_text_encoder_lora_warns_that_the_pipelines_own_loader_drops_it(zimage_base, caplog):
