@@ -39,7 +39,8 @@ CONTRACT = {
     "textual_inversion": Contract(
         {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x"}, "a purple <sks>",
         5e-2, "a purple x", ("text_encoder.embeddings.token_embedding.weight",  # CLIP-L (transformers >= 5.6)
-                              "text_encoder_2.text_model.embeddings.token_embedding.weight")),  # SDXL's CLIP-G
+                              "text_encoder.text_model.embeddings.token_embedding.weight",  # SD3's CLIP-L
+                              "text_encoder_2.text_model.embeddings.token_embedding.weight")),  # CLIP-G
     "hypernetwork": Contract({"kind": "hypernetwork", "layer_structure": [1, 2, 1]}, "a purple sks", 5e-3,
                              "a purple sks"),
 }
@@ -47,11 +48,9 @@ CONTRACT = {
 
 # (strategy, family) pairs not written yet: the strategy refuses them by name before any long work
 NOT_YET = {("hypernetwork", "sd3"): "hypernetworks on a transformer's text stream are not written yet",
-           ("textual_inversion", "sd3"): "textual inversion on sd3 is not written yet",
            ("hypernetwork", "flux"): "hypernetworks on a transformer's text stream are not written yet",
-           ("textual_inversion", "flux"): "textual inversion on flux is not written yet",
            ("hypernetwork", "zimage"): "hypernetworks on a transformer's text stream are not written yet",
-           # ZImagePipeline has no load_textual_inversion: the strategy's check must refuse it (not yet: it trains)
+           # ZImagePipeline has no embedding loader, and no file layout is defined for Qwen3's words
            ("textual_inversion", "zimage"): "textual inversion on zimage is not written yet"}
 
 
@@ -105,6 +104,13 @@ def run(request, tiny_bases, concept_dir, tmp_path_factory):
                           .permute(2, 0, 1) for p in sorted(concept_dir.glob("*.png"))])
     family = family_for(family_name)
     kept: dict = {"reference": family.load(str(tiny_base))}
+    if kind == "textual_inversion" and len(family.text_encoders(kept["reference"])) < len(
+            kept["reference"].text_encoder_names):
+        # T5 reads the placeholder's letters, not the initializer word: the placeholder cannot compute like the
+        # initializer (tests/test_textual_inversion_t5.py checks the CLIP side); a prompt without it must not move
+        base_prompt = prepared_prompt = "a purple x"
+    else:
+        prepared_prompt = prompt
 
     class Keeping(type(family)):
         def load(self, *args, **kwargs):
@@ -118,7 +124,7 @@ def run(request, tiny_bases, concept_dir, tmp_path_factory):
         def prepare(fam, parts, keep_frozen_base=False):
             before = _outputs(fam, parts, base_prompt)
             real_prepare(fam, parts, keep_frozen_base)
-            kept["prepared"] = (before, _outputs(fam, parts, prompt))
+            kept["prepared"] = (before, _outputs(fam, parts, prepared_prompt))
             kept["loss_before"] = fixed_loss(fam, parts, pixels, [prompt] * len(pixels))
         kept["strategy"].prepare = prepare
         return kept["strategy"]

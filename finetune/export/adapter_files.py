@@ -66,13 +66,13 @@ def describe_diffusers_embedding(header: Header) -> dict[str, Any]:
 
 
 def is_per_encoder_embedding(metadata: dict[str, str], keys: list[str]) -> bool:
-    """SDXL's one-file layout (kohya's sdxl_train_textual_inversion.py, AUTOMATIC1111, ComfyUI): one tensor per
-    text encoder, keyed by the family's embedding keys (clip_l, clip_g)."""
+    """SDXL's one-file layout (kohya's sdxl_train_textual_inversion.py, AUTOMATIC1111, ComfyUI), which SD3's two
+    CLIPs use too: one tensor per text encoder, keyed by the family's embedding keys (clip_l, clip_g)."""
     return bool(keys) and set(keys) == set(StableDiffusionXL.embedding_keys.values())
 
 
 def describe_per_encoder_embedding(header: Header) -> dict[str, Any]:
-    return {"kind": "textual-inversion embedding (SDXL: clip_l and clip_g; the file name is the prompt word)"}
+    return {"kind": "textual-inversion embedding (SDXL/SD3: clip_l and clip_g; the file name is the prompt word)"}
 
 
 def load_per_encoder_embedding(pipe: Any, path: str, scale: float, name: str) -> str:
@@ -82,9 +82,34 @@ def load_per_encoder_embedding(pipe: Any, path: str, scale: float, name: str) ->
     placeholders = [t for t in metadata.get("finetune.placeholder_token", "").split(",") if t]
     token = placeholders[0] if len(placeholders) == 1 else Path(path).stem
     for encoder_name, key in StableDiffusionXL.embedding_keys.items():
-        pipe.load_textual_inversion(tensors[key], token=token, text_encoder=getattr(pipe, encoder_name),
-                                    tokenizer=getattr(pipe, tokenizer_name(encoder_name)))
+        encoder, tokenizer = getattr(pipe, encoder_name), getattr(pipe, tokenizer_name(encoder_name))
+        if hasattr(pipe, "load_textual_inversion"):
+            pipe.load_textual_inversion(tensors[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
+        else:  # StableDiffusion3Pipeline has no embedding loader
+            add_embedding(tokenizer, encoder, token, tensors[key])
     return token
+
+
+def add_embedding(tokenizer: Any, text_encoder: Any, token: str, vectors: torch.Tensor) -> list[str]:
+    """Add `token` with `vectors` [num_vectors, dim] to a tokenizer and its text encoder, as diffusers'
+    `load_textual_inversion` does for pipelines that have it: one vector per token, named `<tok>`, `<tok>_1`, ...
+    Raises ValueError when the token is already a word of the vocabulary or the width is not the encoder's."""
+    vectors = vectors.reshape(-1, vectors.shape[-1])
+    embedding = text_encoder.get_input_embeddings()
+    if vectors.shape[-1] != embedding.weight.shape[1]:
+        raise ValueError(f"the embedding for {token!r} is {vectors.shape[-1]} wide and this text encoder's words "
+                         f"are {embedding.weight.shape[1]}: it was trained for another base")
+    tokens = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
+    taken = [t for t in tokens if t in tokenizer.get_vocab()]
+    if taken:
+        raise ValueError(f"{', '.join(taken)} is already in the tokenizer's vocabulary (loaded before, or a word "
+                         "of the base); load it into a fresh pipeline, or rename the file's placeholder")
+    tokenizer.add_tokens(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    embedding = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        embedding.weight[tokenizer.convert_tokens_to_ids(tokens)] = vectors.to(embedding.weight)
+    return tokens
 
 
 def describe_a1111_embedding(header: Header) -> dict[str, Any]:

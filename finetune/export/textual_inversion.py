@@ -2,7 +2,8 @@
 
 - diffusers: `learned_embeds.safetensors` = {token: tensor[num_vectors, dim]}, read by
   `pipe.load_textual_inversion` (which expands a multi-vector token to `<tok>`, `<tok>_1`, ...).
-  A family with two text encoders (SDXL) gets {"clip_l": ..., "clip_g": ...} per token instead.
+  A family with two CLIP encoders (SDXL, SD3) gets {"clip_l": ..., "clip_g": ...} per token instead; Flux's
+  one CLIP-L gets the plain layout, which FluxPipeline.load_textual_inversion reads.
 - AUTOMATIC1111 / kohya `.safetensors`: {"emb_params": tensor[num_vectors, dim]} (SDXL: {"clip_l": ...,
   "clip_g": ...}, kohya's sdxl_train_textual_inversion.py layout); the file name is the word typed in prompts.
   One file per placeholder, in `a1111/`.

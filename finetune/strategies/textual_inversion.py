@@ -3,8 +3,10 @@
 Each placeholder becomes `num_vectors` tokens named as diffusers' loader names them (`<tok>`, `<tok>_1`, ...),
 so prompts expand the same way in training and in `pipe.load_textual_inversion`. After every optimizer step
 all embedding rows but the new ones are copied back from the untouched matrix, so they stay bit-identical
-whatever the optimizer (weight decay included) did to them. Every text encoder the family has (one for SD,
-clip_l and clip_g for SDXL) gets the tokens.
+whatever the optimizer (weight decay included) did to them. Every CLIP text encoder the family has (one for SD
+and Flux, clip_l and clip_g for SDXL and SD3) gets the tokens. A T5 encoder (SD3, Flux) is left alone: it reads
+the placeholder as the letters typed, in training as in the pipeline at inference, so the CLIP vectors learn
+the concept beside what T5 makes of those letters.
 """
 from __future__ import annotations
 
@@ -112,14 +114,17 @@ class Strategy(CommonDefaults):
 
     def check(self, family: ModelFamily, parts: Components) -> None:
         encoders = family.text_encoders(parts)
-        reason = None
-        if len(encoders) < len(parts.text_encoder_names):
-            reason = "its T5 encoder would read the placeholder's letters"
-        elif not hasattr(family.pipeline(parts), "load_textual_inversion"):
-            reason = "its diffusers pipeline has no embedding loader"
-        if reason:
-            raise StrategySetupError(f"strategy.kind: textual inversion on {family.name} is not written yet ({reason}); "
-                                     "use lora")
+        # an embedding file needs a loader: the pipeline's own, or finetune's for the per-encoder layout
+        if not hasattr(family.pipeline(parts), "load_textual_inversion") and not family.embedding_keys:
+            raise StrategySetupError(
+                f"strategy.kind: textual inversion on {family.name} is not written yet (its diffusers pipeline has "
+                "no embedding loader and no embedding file layout is defined for its text encoder); use lora")
+        if len(encoders) < len(parts.text_encoder_names) and self.options.num_vectors > 1:
+            # T5 reads the prompt as typed: the pipelines expand `<tok>` to `<tok> <tok>_1 ...` for CLIP only
+            # (FluxPipeline) or not at all (SD3), so training could not show T5 what sampling shows it
+            raise StrategySetupError(
+                f"strategy.num_vectors: {family.name}'s T5 encoder reads the placeholder as typed, and the "
+                "pipeline expands a multi-vector placeholder for CLIP only; use num_vectors: 1")
         for _, tokenizer, _ in encoders:
             check_placeholders(tokenizer, self.placeholders, self.initializers)
         if len(encoders) > 1 and len(self.placeholders) > 1:

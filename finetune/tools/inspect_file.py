@@ -33,7 +33,8 @@ READ_BY = {
                                                   "finetune.load_adapter",
     "textual-inversion embedding (diffusers format)": "diffusers' pipe.load_textual_inversion, finetune.load_adapter",
     "textual-inversion embedding (SDXL": "AUTOMATIC1111 (embeddings/), ComfyUI, kohya; diffusers' "
-                                         "pipe.load_textual_inversion once per text encoder; finetune.load_adapter",
+                                         "pipe.load_textual_inversion once per text encoder (SDXL; SD3's pipeline "
+                                         "has none); finetune.load_adapter",
     "diffusers pipeline": "diffusers' DiffusionPipeline.from_pretrained; finetune merge / extract-lora",
     "single-file checkpoint": "AUTOMATIC1111, ComfyUI, diffusers' from_single_file",
 }
