@@ -3,12 +3,16 @@
 - `hypernetwork.safetensors`: tensors `<width>.<k|v>.linear.<i>.<weight|bias>` (the MLPs' own state-dict keys,
   numbered as AUTOMATIC1111 numbers them) and the structure as JSON under the header key
   `finetune.hypernetwork` (layer_structure, activation, layer_norm, dropout_structure, activate_output,
-  self_attention, widths), so the file alone rebuilds the network.
+  self_attention, widths, text_stream), so the file alone rebuilds the network. `text_stream` is null for a
+  U-Net's cross-attention, else the transformer's stream it rewrites: {"layers": "transformer_blocks.",
+  "keys": "add_k_proj", "values": "add_v_proj", "model": "SD3Transformer2DModel"}
+  (finetune/networks/hypernetwork_points.py).
 - AUTOMATIC1111 `.pt`: `{width: (state_dict_k, state_dict_v), "layer_structure": [...], "activation_func",
   "is_layer_norm", "weight_initialization", "use_dropout", "dropout_structure", "last_layer_dropout",
   "activate_output", "step", "name", "sd_checkpoint", "sd_checkpoint_name"}`: plain containers only, read
   with `torch.load(weights_only=True)`. A1111 applies a width's pair wherever an attention layer's key/value
-  input has that width, so an imported file gets `self_attention: true`.
+  input has that width, so an imported file gets `self_attention: true`. A1111 knows U-Net cross-attention
+  only: a text-stream network has no .pt.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 from finetune.export.pickle_files import load_plain_pickle, write_pickle_atomically
 from finetune.export.safetensors_io import read_metadata, save_safetensors
 from finetune.networks.hypernetwork import ACTIVATIONS, WEIGHT_INITS, Hypernetwork, Structure, dropout_structure
+from finetune.networks.hypernetwork_points import TextStream
 
 FILE_NAME = "hypernetwork.safetensors"
 HEADER_KEY = "finetune.hypernetwork"
@@ -38,7 +43,9 @@ def structure_header(structure: Structure) -> str:
 
 def structure_from_header(text: str) -> Structure:
     raw = json.loads(text)
-    return Structure(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    stream = raw.pop("text_stream", None)  # absent in files written before transformers had hypernetworks
+    return Structure(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()},
+                     text_stream=TextStream(**stream) if stream else None)
 
 
 def is_hypernetwork_file(metadata: dict[str, str], keys: list[str]) -> bool:
@@ -82,6 +89,9 @@ def _load(network: Hypernetwork, tensors: dict[str, torch.Tensor], path: object)
 
 def to_a1111(network: Hypernetwork, *, name: str, weight_init: str, step: int, base_model: str) -> dict:
     s = network.structure
+    if s.text_stream is not None:
+        raise ValueError(f"AUTOMATIC1111's hypernetwork .pt applies to a U-Net's cross-attention only; this "
+                         f"network rewrites {s.text_stream.describe()} (write hypernetwork.safetensors alone)")
     data: dict = {}
     for width in s.widths:
         k, v = network.pair(width)

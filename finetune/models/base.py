@@ -134,6 +134,10 @@ class ModelFamily(Protocol):
     kohya_unet_layout: str  # "diffusers" (module paths as diffusers names them) or "sgm" (the original code's)
     embedding_keys: dict[str, str]
     kohya_base_model_version: str | None
+    # where a hypernetwork acts (finetune/networks/hypernetwork_points.py): None, a U-Net's cross-attention context
+    # (A1111's design); or a TextStream naming the attention layers (module-path prefix in the denoiser) and their
+    # projections that compute keys and values from the text tokens alone (SD3: add_k_proj / add_v_proj)
+    hypernetwork_text_stream: Any
 
     def load(self, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
              config: str | None, vae: str | None = None, without: tuple[str, ...] = ()) -> Components:

@@ -20,6 +20,7 @@ from finetune.models.base import Components, unwrapped
 from finetune.models.flow_matching import FlowMatchingObjective, from_recipe
 from finetune.models.loading import load_frozen
 from finetune.models.stable_diffusion import StableDiffusion
+from finetune.networks.hypernetwork_points import TextStream
 
 # T5 tokens per caption in training and in sample grids (the pipeline's default; the script's is 77)
 T5_TOKENS = 256
@@ -39,6 +40,9 @@ class StableDiffusion3(StableDiffusion):
     embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
     kohya_base_model_version = "sd3"
     default_flow = {"sigma_sampling": "logit_normal", "shift": 3.0, "resolution_shift": False}
+    # JointTransformerBlock.attn computes the text tokens' keys and values with add_k_proj / add_v_proj from the
+    # context alone (JointAttnProcessor2_0); attn2 (SD3.5's dual attention) reads image tokens only
+    hypernetwork_text_stream = TextStream(layers="transformer_blocks.", keys="add_k_proj", values="add_v_proj")
 
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
              dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,

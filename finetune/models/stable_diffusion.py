@@ -24,6 +24,7 @@ class StableDiffusion:
     kohya_unet_layout = "diffusers"  # kohya's SD 1.x/2.x files name U-Net modules as diffusers does
     embedding_keys: dict[str, str] = {}  # one text encoder: the embedding file is keyed by the token
     kohya_base_model_version = None  # sd_v1 or sd_v2: told from the text encoder's width
+    hypernetwork_text_stream = None  # hypernetworks rewrite the U-Net's cross-attention context (A1111's design)
 
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
              dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,

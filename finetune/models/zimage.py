@@ -31,6 +31,7 @@ from finetune.models.base import Components, unwrapped
 from finetune.models.flow_matching import FlowMatchingObjective, from_recipe
 from finetune.models.loading import load_frozen
 from finetune.models.sd3 import StableDiffusion3
+from finetune.networks.hypernetwork_points import TextStream
 
 # Qwen3 tokens per caption (chat template included), in training and in sample grids: ZImagePipeline's default
 # max_sequence_length, and the script's
@@ -48,6 +49,9 @@ class ZImage(StableDiffusion3):
     kohya_unet_layout = "none"
     embedding_keys: dict[str, str] = {}
     kohya_base_model_version = "zimage"
+    # the caption tokens are refined alone (context_refiner, ZSingleStreamAttnProcessor's to_k / to_v) before
+    # they join the image tokens; the main layers' projections read both, the noise_refiner's the image only
+    hypernetwork_text_stream = TextStream(layers="context_refiner.", keys="to_k", values="to_v")
 
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
              dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,

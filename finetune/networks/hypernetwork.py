@@ -1,23 +1,31 @@
-"""Hypernetworks in AUTOMATIC1111's design, applied to a diffusers U-Net.
+"""Hypernetworks in AUTOMATIC1111's design, applied to a diffusers U-Net or a transformer's text stream.
 
 For each width d a pair of residual MLPs (H_k, H_v) rewrites what an attention layer's keys and values are
 computed from: `k = to_k(H_k(c))`, `v = to_v(H_v(c))`, with `H(x) = x + mlp(x) * strength`; queries are
 untouched. Cross-attention layers use the pair for their context width (768 on SD1); self-attention layers
-use the pair for their own width (320/640/1280 on SD1) when the network has one.
+use the pair for their own width (320/640/1280 on SD1) when the network has one. On a transformer the pair
+rewrites the text stream's key/value projections instead (SD3, Flux: `add_k_proj` / `add_v_proj`; which layers
+and projections is the family's declaration, finetune/networks/hypernetwork_points.py).
 
 How it attaches: an attention processor that wraps whatever processor the layer already has (SDPA, xformers,
-another hypernetwork's). It hands the inner processor a stand-in for the layer whose `to_k` / `to_v` first
-apply the MLPs, so diffusers' attention code runs unchanged and a peft LoRA on `to_k` sees the rewritten
-input too. Unloading puts the layer's previous processor back. The MLPs live in `unet.finetune_hypernetworks`
-so they follow the U-Net across devices and, in training, through accelerate's wrapping.
+another hypernetwork's). It hands the inner processor a stand-in for the layer whose `to_k` / `to_v` (or the
+text stream's projections) first apply the MLPs, so diffusers' attention code runs unchanged and a peft LoRA on
+the projection sees the rewritten input too. Unloading puts the layer's previous processor back. The MLPs live
+in `<denoiser>.finetune_hypernetworks` so they follow it across devices and, in training, through accelerate's
+wrapping.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from finetune.networks.hypernetwork_points import (TextStream, attention_layers, points, refuse_another_kind,
+                                                   widths_of)
 
 MODULE_NAME = "finetune_hypernetworks"
 
@@ -42,6 +50,7 @@ class Structure:
     activate_output: bool = False
     self_attention: bool = False  # also the U-Net's own widths
     widths: tuple[int, ...] = field(default=())
+    text_stream: TextStream | None = None  # None: a U-Net's cross-attention (A1111's); else the transformer's
 
 
 def dropout_structure(layer_structure: tuple[float, ...], p: float) -> tuple[float, ...]:
@@ -112,8 +121,10 @@ class Hypernetwork(nn.Module):
                 mlp.strength = float(strength)
 
     def pair(self, width: int) -> tuple[HyperMLP, HyperMLP] | None:
-        pair = self.pairs[str(width)] if str(width) in self.pairs else None
-        return (pair["k"], pair["v"]) if pair is not None else None
+        if str(width) not in self.pairs:  # a ModuleDict has no .get
+            return None
+        pair = self.pairs[str(width)]
+        return pair["k"], pair["v"]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"{key[len('pairs.'):]}": value for key, value in self.state_dict().items()}
@@ -123,51 +134,52 @@ class Hypernetwork(nn.Module):
 
 
 class _RewrittenKeysValues:
-    """Stands in for an Attention layer inside the wrapped processor: `to_k` / `to_v` first apply the MLPs,
-    every other attribute is the layer's own."""
+    """Stands in for an Attention layer inside the wrapped processor: the key and value projections (`to_k` /
+    `to_v`, or the text stream's `add_k_proj` / `add_v_proj`) first apply the MLPs, every other attribute is the
+    layer's own. The projections are looked up per call, so a peft layer put there later is found."""
 
-    __slots__ = ("_attn", "to_k", "to_v")
+    __slots__ = ("_attn", "_rewritten")
 
-    def __init__(self, attn: Any, pair: tuple[HyperMLP, HyperMLP]):
+    def __init__(self, attn: Any, pair: tuple[HyperMLP, HyperMLP], keys: str, values: str):
         object.__setattr__(self, "_attn", attn)
-        to_k, to_v = attn.to_k, attn.to_v
-        object.__setattr__(self, "to_k", lambda x, *a, **kw: to_k(pair[0](x), *a, **kw))
-        object.__setattr__(self, "to_v", lambda x, *a, **kw: to_v(pair[1](x), *a, **kw))
+        project_k, project_v = getattr(attn, keys), getattr(attn, values)
+        object.__setattr__(self, "_rewritten", {
+            keys: lambda x, *a, **kw: project_k(pair[0](x), *a, **kw),
+            values: lambda x, *a, **kw: project_v(pair[1](x), *a, **kw)})
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._attn, name)
+        rewritten = object.__getattribute__(self, "_rewritten")
+        return rewritten[name] if name in rewritten else getattr(self._attn, name)
 
 
 class HypernetworkProcessor:
-    """Wraps a layer's processor; `inner` is what unloading puts back."""
+    """Wraps a layer's processor; `inner` is what unloading puts back. `keys` / `values`: the projections whose
+    input the pair rewrites."""
 
-    def __init__(self, inner: Any, network: Hypernetwork, pair: tuple[HyperMLP, HyperMLP], name: str):
-        self.inner, self.network, self.pair, self.name = inner, network, pair, name
+    def __init__(self, inner: Any, network: Hypernetwork, pair: tuple[HyperMLP, HyperMLP], name: str,
+                 keys: str = "to_k", values: str = "to_v"):
+        self.network, self.pair, self.name, self.keys, self.values = network, pair, name, keys, values
+        self.inner = inner
+
+    @property
+    def inner(self) -> Any:
+        return self._inner
+
+    @inner.setter
+    def inner(self, processor: Any) -> None:
+        self._inner = processor
+        # diffusers' attention layers hand a processor only the keywords its __call__ names (Attention.forward
+        # reads inspect.signature(processor.__call__): Z-Image's freqs_cis would be dropped); this wrapper names
+        # what the processor it wraps names. Calls still go through the class's __call__
+        call = functools.partial(type(self).__call__, self)
+        call.__signature__ = inspect.signature(processor.__call__)
+        self.__dict__["__call__"] = call
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.network.enabled:
             return self.inner(attn, hidden_states, *args, **kwargs)
-        return self.inner(_RewrittenKeysValues(attn, self.pair), hidden_states, *args, **kwargs)
-
-
-def _attention_layers(unet: nn.Module) -> list[tuple[str, Any]]:
-    return [(name, m) for name, m in unet.named_modules() if hasattr(m, "set_processor") and hasattr(m, "to_k")]
-
-
-def _is_cross_attention(attn: Any) -> bool:
-    # a transformer's joint attention (SD3, Flux) has no such flag: it attends to both streams at once
-    return bool(getattr(attn, "is_cross_attention", False))
-
-
-def _input_width(attn: Any) -> int:
-    # to_k may be a peft layer around the Linear; both expose in_features
-    return int(attn.to_k.in_features)
-
-
-def widths_of(unet: nn.Module, self_attention: bool) -> tuple[int, ...]:
-    """The widths a new hypernetwork needs: cross-attention context widths, plus self-attention widths."""
-    found = {_input_width(a) for _, a in _attention_layers(unet) if _is_cross_attention(a) or self_attention}
-    return tuple(sorted(found))
+        stand_in = _RewrittenKeysValues(attn, self.pair, self.keys, self.values)
+        return self.inner(stand_in, hidden_states, *args, **kwargs)
 
 
 class _Loaded(nn.Module):
@@ -193,7 +205,10 @@ class _Loaded(nn.Module):
 
 
 def attach(unet: nn.Module, network: Hypernetwork, name: str) -> int:
-    """Wrap the processor of every attention layer the network has a width for; returns how many."""
+    """Wrap the processor of every attention layer the network acts on (hypernetwork_points.py) and has a width
+    for; returns how many. ValueError: another kind of model than the network's, or no layer of its widths."""
+    stream = network.structure.text_stream
+    refuse_another_kind(unet, stream)
     holder = getattr(unet, MODULE_NAME, None)
     if holder is None:
         holder = _Loaded()
@@ -203,17 +218,18 @@ def attach(unet: nn.Module, network: Hypernetwork, name: str) -> int:
     param = next(unet.parameters())
     holder.add(name, network.to(param.device))
     count = 0
-    for _, attn in _attention_layers(unet):
-        if not _is_cross_attention(attn) and not network.structure.self_attention:
-            continue
-        pair = network.pair(_input_width(attn))
+    for point in points(unet, stream, network.structure.self_attention):
+        pair = network.pair(point.width)
         if pair is not None:
-            attn.set_processor(HypernetworkProcessor(attn.processor, network, pair, name))
+            processor = HypernetworkProcessor(point.attn.processor, network, pair, name, point.keys, point.values)
+            point.attn.set_processor(processor)
             count += 1
     if count == 0:
         detach(unet, name)
+        where = (f"this U-Net (its context width is {widths_of(unet, False)})" if stream is None else
+                 f"{stream.describe()} (its widths are {widths_of(unet, False, stream)})")
         raise ValueError(f"the hypernetwork's widths {list(network.structure.widths)} match no attention layer of "
-                         f"this U-Net (its context width is {widths_of(unet, False)}); it was made for another base")
+                         f"{where}; it was made for another base")
     return count
 
 
@@ -223,7 +239,7 @@ def detach(unet: nn.Module, name: str | None = None) -> list[str]:
     if name is not None and name not in names:
         raise ValueError(f"no hypernetwork named {name!r} is loaded (loaded: {names or 'none'})")
     removing = set(names if name is None else [name])
-    for _, attn in _attention_layers(unet):
+    for _, attn in attention_layers(unet):
         attn.set_processor(_without(attn.processor, removing))
     holder = getattr(unet, MODULE_NAME, None)
     for gone in removing:

@@ -1,6 +1,8 @@
 """Hypernetwork (AUTOMATIC1111's design): small residual MLPs rewrite the inputs of attention keys and values.
 
-The U-Net and text encoder stay frozen; only the MLPs train (finetune/networks/hypernetwork.py). Because they
+The U-Net and text encoder stay frozen; only the MLPs train (finetune/networks/hypernetwork.py). On a transformer
+(SD3, Flux, Z-Image) they rewrite the text stream its family declares (`hypernetwork_text_stream`) instead of
+cross-attention's context; A1111's .pt and `self_attention` are U-Net only there. Because they
 act on every prompt, not only the concept's, prior preservation (section `prior`) matters more here than for
 LoRA: `base_prediction` switches the MLPs off to get the base's own prediction, at no extra memory.
 """
@@ -16,7 +18,7 @@ import torch
 
 from finetune.export import hypernetwork as files
 from finetune.models.base import Components, ModelFamily
-from finetune.networks.hypernetwork import (ACTIVATIONS, HyperMLP, Hypernetwork, Structure, attach,
+from finetune.networks.hypernetwork import (ACTIVATIONS, HyperMLP, Hypernetwork, Structure, TextStream, attach,
                                             dropout_structure, widths_of)
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies.base import CommonDefaults
@@ -56,14 +58,55 @@ class Options(StrategyOptions):
             problems.append(f"strategy.strength: must be a finite number, got {self.strength}")
         if not self.name.strip() or any(c in self.name for c in '/\\:*?"<>|'):
             problems.append(f"strategy.name: {self.name!r} must be a plain file name without / \\ : * ? \" < > |")
+        family = _family_told(recipe)
+        if family is not None:
+            problems += self.stream_problems(family.name, text_stream_of(family))
+        return problems
+
+    def stream_problems(self, family_name: str, stream: TextStream | None) -> list[str]:
+        """What a family whose hypernetwork rewrites a transformer's text stream cannot take: A1111's .pt and
+        self_attention are U-Net cross-attention's design."""
+        if stream is None:
+            return []
+        problems = []
+        if self.a1111_pt:
+            problems.append(f"strategy.a1111_pt: AUTOMATIC1111's hypernetwork .pt applies to a U-Net's "
+                            f"cross-attention only, and on {family_name} the network rewrites the transformer's "
+                            f"text stream ({stream.keys}, {stream.values}); remove a1111_pt "
+                            "(hypernetwork.safetensors loads with finetune.load_adapter)")
+        if self.self_attention:
+            problems.append(f"strategy.self_attention: on {family_name} the network rewrites only the text "
+                            f"stream's keys and values ({stream.keys}, {stream.values}); a U-Net's self-attention "
+                            "has no counterpart here (the image tokens' projections are left alone); remove it")
         return problems
 
 
-def structure_for(options: Options, widths: tuple[int, ...]) -> Structure:
+def text_stream_of(family: ModelFamily | None) -> TextStream | None:
+    """The family's declared text stream (None: a U-Net's cross-attention, as SD 1.x/2.x and SDXL have)."""
+    return getattr(family, "hypernetwork_text_stream", None)
+
+
+def _family_told(recipe: Any) -> ModelFamily | None:
+    """The recipe's family where it is told without loading (model.family, the base's files); else None."""
+    from finetune.models import family_for
+    from finetune.models.detect import family_of
+
+    model = getattr(recipe, "model", None)
+    if model is None:
+        return None
+    try:
+        name = model.family if model.family != "auto" else family_of(model.base)
+    except ValueError:  # a base of a family not trained here: the model checks report it
+        return None
+    return family_for(name) if name else None
+
+
+def structure_for(options: Options, widths: tuple[int, ...], text_stream: TextStream | None = None) -> Structure:
     layers = tuple(float(x) for x in options.layer_structure)
     return Structure(layer_structure=layers, activation=options.activation, layer_norm=options.layer_norm,
                      dropout_structure=dropout_structure(layers, options.dropout),
-                     activate_output=options.activate_output, self_attention=options.self_attention, widths=widths)
+                     activate_output=options.activate_output, self_attention=options.self_attention, widths=widths,
+                     text_stream=text_stream)
 
 
 class Strategy(CommonDefaults):
@@ -76,18 +119,27 @@ class Strategy(CommonDefaults):
     def check(self, family: ModelFamily, parts: Components) -> None:
         from finetune.strategies.base import StrategySetupError
 
-        if not widths_of(parts.denoiser, False):
+        stream = text_stream_of(family)
+        if stream is None and not widths_of(parts.denoiser, False):
             raise StrategySetupError(
                 f"strategy.kind: hypernetwork rewrites the context before cross-attention's keys and values; "
-                f"{family.name}'s {parts.denoiser_name} has none (its attention is joint), and hypernetworks on a "
-                "transformer's text stream are not written yet; use lora")
+                f"{family.name}'s {parts.denoiser_name} has none, and the family declares no text stream "
+                "(hypernetwork_text_stream) to rewrite instead; use lora")
+        if stream is not None and not widths_of(parts.denoiser, False, stream):
+            raise StrategySetupError(f"strategy.kind: {family.name} declares its hypernetwork text stream as "
+                                     f"{stream.describe()}, and this {parts.denoiser_name} has no such layer")
+        problems = self.options.stream_problems(family.name, stream)
+        if problems:
+            raise StrategySetupError("; ".join(problems))
 
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         # keep_frozen_base needs nothing: switching the network off gives the base back
         o = self.options
         for module in parts.modules.values():
             module.requires_grad_(False)
-        network = Hypernetwork(structure_for(o, widths_of(parts.denoiser, o.self_attention)))
+        stream = text_stream_of(family)
+        stream = stream.for_model(parts.denoiser) if stream is not None else None  # the file records the class
+        network = Hypernetwork(structure_for(o, widths_of(parts.denoiser, o.self_attention, stream), stream))
         for mlp in network.modules():
             if isinstance(mlp, HyperMLP):
                 mlp.initialise(o.weight_init, o.zero_init_last, o.activation)
