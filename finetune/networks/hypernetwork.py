@@ -226,8 +226,9 @@ def attach(unet: nn.Module, network: Hypernetwork, name: str) -> int:
             count += 1
     if count == 0:
         detach(unet, name)
-        where = (f"this U-Net (its context width is {widths_of(unet, False)})" if stream is None else
-                 f"{stream.describe()} (its widths are {widths_of(unet, False, stream)})")
+        widths = list(widths_of(unet, False, stream))
+        where = (f"this U-Net (its context width is {widths})" if stream is None else
+                 f"{stream.describe()} ({f'its widths are {widths}' if widths else 'this model has no such layer'})")
         raise ValueError(f"the hypernetwork's widths {list(network.structure.widths)} match no attention layer of "
                          f"{where}; it was made for another base")
     return count
