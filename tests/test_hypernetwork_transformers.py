@@ -170,3 +170,14 @@ def test_unet_only_options_are_refused(run, concept_dir, tmp_path, option, messa
         strategy.check(run["family"], run["family"].load(str(run["base"])))
     with pytest.raises(ValueError, match="applies to a U-Net's cross-attention only"):  # no .pt writer either
         files.to_a1111(files.read(run["artifact"]), name="x", weight_init="normal", step=0, base_model="")
+
+
+def test_a_header_without_a_text_stream_is_a_unet_network():
+    """Files written before transformers had hypernetworks carry no `text_stream`: cross-attention, as then."""
+    old = ('{"activate_output": false, "activation": "linear", "dropout_structure": [0.0, 0.0, 0.0], '
+           '"layer_norm": false, "layer_structure": [1.0, 2.0, 1.0], "self_attention": false, "widths": [32]}')
+    structure = files.structure_from_header(old)
+    assert structure.text_stream is None and structure.widths == (32,)
+    stream = TextStream("transformer_blocks.", "add_k_proj", "add_v_proj", "SD3Transformer2DModel")
+    assert files.structure_from_header(files.structure_header(Structure(widths=(16,), text_stream=stream))) == \
+        Structure(widths=(16,), text_stream=stream)
