@@ -8,7 +8,8 @@ the module path as the CLIP of transformers 4 (and the original checkpoints) nam
 
 Going back from underscores to module paths is ambiguous (`attn1_to_q` is `attn1.to_q`), so names are matched
 against the model's own module paths when a model is at hand, and otherwise parsed with the vocabulary of path
-segments the Stable Diffusion U-Net and CLIP text encoder use.
+segments the Stable Diffusion U-Net and CLIP text encoder use. Flux files (`lora_unet_double_blocks_...`) name
+Black Forest Labs' modules with q/k/v fused; kohya_flux.py fuses and splits them.
 
 The prefix tables below are the one place that maps kohya's prefixes to the pipeline's component names.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.export.lora import kohya_flux
 from finetune.export.lora.kohya_metadata import kohya_metadata
 from finetune.export.lora.kohya_names import (READ_PREFIXES, SD_NAMING, SGM_BLOCKS, KohyaNaming, naming_of,
                                               sdxl_reference_aliases, sgm_aliases)
@@ -64,10 +66,13 @@ def to_kohya(weights: LoraWeights, naming: KohyaNaming | None = None) -> dict[st
         if layer.bias is not None:
             raise LoraFileError(f"{component}.{module} carries a bias change (peft lora_bias), which kohya's "
                                 "format cannot hold; keep this file in the diffusers format")
-        stem = kohya_module(component, module, naming)
-        tensors[f"{stem}.lora_down.weight"] = layer.down
-        tensors[f"{stem}.lora_up.weight"] = layer.up
-        tensors[f"{stem}.alpha"] = torch.tensor(float(layer.alpha))
+    for component, per_module in weights.layers.items():
+        # Flux's denoiser: fused into BFL's modules (kohya_flux.py); the others one to one
+        for module, layer in sorted(naming.denoiser_layers(component, per_module).items()):
+            stem = kohya_module(component, module, naming)
+            tensors[f"{stem}.lora_down.weight"] = layer.down
+            tensors[f"{stem}.lora_up.weight"] = layer.up
+            tensors[f"{stem}.alpha"] = torch.tensor(float(layer.alpha))
     return tensors
 
 
@@ -166,18 +171,37 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
         grouped.setdefault(named, {})[role] = value
     layers: dict[str, dict[str, LoraLayer]] = {}
     resolvers = {}
+    flux = kohya_flux.is_flux_kohya([name for component, name in grouped if component == "unet"])
+    bfl: dict[str, LoraLayer] = {}  # a Flux file's transformer layers under BFL's names, split below
     for (component, underscored), found in sorted(grouped.items()):
         if "lora_down.weight" not in found or "lora_up.weight" not in found:
             raise LoraFileError(f"{source}: {underscored} has only one of its two LoRA factors")
+        down = found["lora_down.weight"]
+        # kohya: no alpha means scale 1, i.e. alpha equal to the rank
+        layer = LoraLayer(down, found["lora_up.weight"], float(found["alpha"]) if "alpha" in found
+                          else float(down.shape[0]))
+        if flux and component == "unet":
+            bfl[underscored] = layer
+            continue
         if component not in resolvers:
             names = None if module_names is None else module_names.get(component, [])
             resolvers[component] = name_resolver(component, names)
-        down = found["lora_down.weight"]
-        # kohya: no alpha means scale 1, i.e. alpha equal to the rank
-        alpha = float(found["alpha"]) if "alpha" in found else float(down.shape[0])
-        layers.setdefault(component, {})[resolvers[component](underscored)] = LoraLayer(
-            down, found["lora_up.weight"], alpha)
+        layers.setdefault(component, {})[resolvers[component](underscored)] = layer
+    if bfl:
+        layers["transformer"] = _flux_transformer(bfl, source, module_names)
     return LoraWeights(layers, dict(metadata), format="kohya")
+
+
+def _flux_transformer(bfl: dict[str, LoraLayer], source: str,
+                      module_names: dict[str, list[str]] | None) -> dict[str, LoraLayer]:
+    """A kohya Flux file's U-Net layers as the diffusers transformer's, checked against the model's modules."""
+    layers = kohya_flux.from_bfl(bfl, source)
+    if module_names is not None:
+        missing = sorted(set(layers) - set(module_names.get("transformer", [])))
+        if missing:
+            raise LoraFileError(f"{source}: the model has no transformer module {missing[0]!r}: this kohya Flux "
+                                "LoRA was made for another base model (or architecture)")
+    return layers
 
 
 def data_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:

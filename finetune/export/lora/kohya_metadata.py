@@ -15,7 +15,11 @@ from finetune.export.lora.layers import LoraWeights
 # cross-attention width (what the text encoder hands the U-Net) -> kohya's name for the base family
 _VERSIONS = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
 _ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-                  "sd_v2_768_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+                  "sd_v2_768_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
+                  "flux1": "flux-1-dev"}
+# what kohya's Flux trainer writes instead of the SD defaults (sd-scripts' lora_flux.py, sai_model_spec.py)
+_NETWORK_MODULES = {"flux1": "networks.lora_flux"}
+_IMPLEMENTATIONS = {"flux1": "https://github.com/black-forest-labs/flux"}
 
 
 def cross_attention_width(weights: LoraWeights) -> int | None:
@@ -67,16 +71,20 @@ def kohya_metadata(weights: LoraWeights, output_name: str, version: str | None =
     meta = {k: v for k, v in source.items() if not k.startswith("sshs_")}
     meta.pop("lora_adapter_metadata", None)
     meta.pop("format", None)
+    base_name = source.get("finetune.base_model") or model.get("base")
+    architecture = _ARCHITECTURES[version]
+    if version == "flux1" and "schnell" in str(base_name).lower():
+        architecture = "flux-1-schnell"  # kohya tells dev from schnell by the model; the name is all a file has
     figures = {
         "ss_output_name": output_name,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": _NETWORK_MODULES.get(version, "networks.lora"),
         "ss_network_dim": _number(_most_common([layer.rank for layer in linear_like or layers])),
         "ss_network_alpha": _number(_most_common([layer.alpha for layer in linear_like or layers])),
         "ss_network_args": json.dumps(network_args) if network_args else None,
         "ss_network_dropout": strategy.get("dropout"),
         "ss_base_model_version": version,
         "ss_v2": str(version.startswith("sd_v2")),
-        "ss_sd_model_name": source.get("finetune.base_model") or model.get("base"),
+        "ss_sd_model_name": base_name,
         "ss_learning_rate": learning_rate,
         "ss_unet_lr": unet_lr,
         "ss_text_encoder_lr": (strategy.get("text_encoder_learning_rate") or unet_lr)
@@ -102,8 +110,8 @@ def kohya_metadata(weights: LoraWeights, output_name: str, version: str | None =
         "ss_training_comment": f"trained with finetune {source.get('finetune.version', '')}".strip()
         if "finetune.version" in source else None,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{_ARCHITECTURES[version]}/lora",
-        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": _IMPLEMENTATIONS.get(version, "https://github.com/huggingface/diffusers"),
         "modelspec.title": output_name,
         "modelspec.resolution": f"{resolution}x{resolution}" if resolution else None,
     }

@@ -6,6 +6,8 @@ names are used.
   (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), and the text encoders are `lora_te1_` (CLIP-L)
   and `lora_te2_` (CLIP-G, in transformers' names). AUTOMATIC1111 and ComfyUI map SGM names to their models
   directly; diffusers' loader maps them back (`_maybe_map_sgm_blocks_to_diffusers`).
+- Flux.1: `lora_unet_` + Black Forest Labs' module names (`double_blocks_0_img_attn_qkv`), q/k/v fused as BFL's
+  model fuses them, and `lora_te1_` (CLIP-L); kohya_flux.py.
 The SGM name of a diffusers module comes from the same prefix map the single-file checkpoint writer uses
 (finetune/export/single_file.py), so the LoRA names and the checkpoint names cannot disagree.
 """
@@ -16,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from finetune.export.lora import kohya_flux
 from finetune.export.lora.layers import LoraFileError
 from finetune.export.single_file import SingleFileExportError, rename_key, unet_prefix_map
 
@@ -24,17 +27,24 @@ PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "l
 READ_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
                  "lora_te2": "text_encoder_2"}
 SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")
+DENOISERS = ("unet", "transformer")
 
 
 @dataclass(frozen=True)
 class KohyaNaming:
     """A family's kohya names: `prefixes` per component, `denoiser_original` turning a denoiser module path
-    into the path kohya names (None: the diffusers path as it is), and the `ss_base_model_version` it writes
-    (None: told from the layers' widths, kohya_metadata.py)."""
+    into the path kohya names (None: the diffusers path as it is), `regroup` turning the denoiser's layers (module
+    path -> layer) into kohya's modules where kohya's model fuses some (Flux's q/k/v; None: one to one), and the
+    `ss_base_model_version` it writes (None: told from the layers' widths, kohya_metadata.py)."""
 
     prefixes: dict[str, str] = field(default_factory=lambda: dict(PREFIXES))
     denoiser_original: Optional[Callable[[str], str]] = None
     version: Optional[str] = None
+    regroup: Optional[Callable[[dict], dict]] = None
+
+    def denoiser_layers(self, component: str, layers: dict) -> dict:
+        """A component's layers as kohya's modules hold them (the denoiser's regrouped, others as they are)."""
+        return self.regroup(layers) if self.regroup is not None and component in DENOISERS else layers
 
     def module_name(self, component: str, module: str) -> str:
         """The module part of a kohya key (dots as in the path; the caller underscores it)."""
@@ -48,10 +58,13 @@ SD_NAMING = KohyaNaming()
 
 def naming_for(family: Any, unet_config: Any) -> KohyaNaming:
     """A family's naming (its `kohya_prefixes`, `kohya_unet_layout`: "diffusers" or "sgm", and
-    `kohya_base_model_version`) for a U-Net of `unet_config` (layers_per_block, block types)."""
+    `kohya_base_model_version`) for a U-Net of `unet_config` (layers_per_block, block types); "flux": BFL's names,
+    q/k/v fused (kohya_flux.py)."""
     prefixes, version = dict(family.kohya_prefixes), family.kohya_base_model_version
     if family.kohya_unet_layout == "diffusers":
         return KohyaNaming(prefixes, version=version)
+    if family.kohya_unet_layout == "flux":
+        return KohyaNaming(prefixes, version=version, regroup=kohya_flux.to_bfl)
     if family.kohya_unet_layout == "none":  # no kohya layout written for this family's denoiser
         return KohyaNaming({name: prefix for name, prefix in prefixes.items() if name.startswith("text_encoder")},
                            version=version)
@@ -66,6 +79,13 @@ def naming_of(weights: Any) -> KohyaNaming:
     from finetune.models.sdxl import RELEASED_UNET_CONFIG, StableDiffusionXL
 
     recipe_family = re.search(r'"family": "(\w+)"', weights.metadata.get("finetune.recipe", ""))
+    if "transformer" in weights.layers and (
+            kohya_flux.is_flux_diffusers(list(weights.layers["transformer"]))
+            or weights.metadata.get("ss_base_model_version") == "flux1"
+            or (recipe_family is not None and recipe_family.group(1) == "flux")):
+        from finetune.models.flux import Flux
+
+        return naming_for(Flux, None)
     widths = {int(layer.down.shape[1]) for component, module, layer in weights.modules()
               if component == "unet" and module.endswith("attn2.to_k")}
     sdxl = ("text_encoder_2" in weights.layers or 2048 in widths
