@@ -21,7 +21,7 @@ image's token count as FluxPipeline samples (mu from 0.5 at 256 tokens to 1.15 a
 with. (diffusers' script draws u uniformly and leaves it unshifted, since Flux's scheduler shifts dynamically.) A
 recipe's `flow.shift` without `flow.resolution_shift` replaces the resolution shift by that static one.
 LoRA targets: the diffusers Flux script's default (both streams' attention and MLPs in the double blocks, and
-q/k/v in the single blocks).
+q/k/v in the single blocks); `strategy.target_preset` names the other anchors' sets (`lora_target_presets`).
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ from finetune.networks.hypernetwork_points import TextStream
 T5_TOKENS = 512
 # the guidance embedding's value in training when model.guidance is not set (see the module docstring)
 DEFAULT_GUIDANCE = 1.0
+# both block kinds' attention projections, as a module path (single blocks have q/k/v only)
+ATTENTION = (r"(single_)?transformer_blocks\.\d+\.attn\."
+             r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
 
 
 class Flux(StableDiffusion3):
@@ -47,11 +50,25 @@ class Flux(StableDiffusion3):
     lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+    # strategy.target_preset: the anchors' target sets by name, as module-path patterns (both block kinds; the
+    # unset default is lora_targets above, diffusers' script default)
+    lora_target_presets = {
+        # SimpleTuner's --flux_lora_target default "all": both streams' attention projections (single blocks:
+        # q/k/v; their output projection is proj_out, shared with the MLP)
+        "attention": (ATTENTION,),
+        # SimpleTuner's "all+ffs": attention, both streams' MLPs, the single blocks' proj_mlp and proj_out (only
+        # theirs: its bare "proj_out" also catches the final layer)
+        "attention_mlp": (ATTENTION, r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
+                          r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"),
+        # kohya's networks/lora_flux.py default: every Linear of the double and single blocks, the modulations
+        # (norm1.linear, norm1_context.linear, norm.linear) included; ai-toolkit adds the embedders and final layer
+        "all_linear": (r"(single_)?transformer_blocks\.\d+\..+",),
+    }
     conv_lora_targets = ()
-    # kohya's Flux files name BFL's modules (fused qkv, linear1/linear2): not written here yet; the
+    # kohya's Flux files name BFL's modules, q/k/v fused (finetune/export/lora/kohya_flux.py); the
     # diffusers-layout `transformer.` file is what diffusers, ComfyUI and ai-toolkit load
     kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
-    kohya_unet_layout = "none"
+    kohya_unet_layout = "flux"
     embedding_keys = {"text_encoder": "clip_l"}  # CLIP-L only: T5 is never adapted here
     kohya_base_model_version = "flux1"  # kohya's flux_utils.MODEL_VERSION_FLUX_V1
     default_flow = {"sigma_sampling": "sigmoid", "shift": None, "resolution_shift": True}

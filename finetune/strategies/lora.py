@@ -19,7 +19,7 @@ from finetune.export.lora.kohya_names import naming_for
 from finetune.models.base import Components, ModelFamily, adaptable_text_encoders, unwrapped
 from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
-from finetune.strategies import lora_variants
+from finetune.strategies import lora_presets, lora_variants
 from finetune.strategies.base import CommonDefaults
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ class Options(StrategyOptions):
     alpha: Optional[float] = None  # None: equal to rank (scale 1); oft has none
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)  # empty: the family's attention projections
+    # a named set of targets instead (the family's lora_target_presets, lora_presets.py; Flux: attention,
+    # attention_mlp, all_linear); None: target_modules, or the family's default
+    target_preset: Optional[str] = None
     use_dora: bool = False  # variant lora only
     conv_layers: bool = False  # also the U-Net's ResNet and resampler convolutions (the family's conv_lora_targets)
     conv_rank: Optional[int] = None  # None: rank
@@ -80,6 +83,7 @@ class Options(StrategyOptions):
         if not self.adapts_text_encoder_2() and (self.text_encoder_2_rank or self.text_encoder_2_learning_rate):
             problems.append("strategy.text_encoder_2_*: set, but the second text encoder gets no LoRA; set "
                             "strategy.text_encoder_2: true (or text_encoder: true) or remove them")
+        problems += lora_presets.preset_problems(self.target_preset, self.target_modules, recipe)
         return problems + lora_variants.problems(self) + self._file_problems()
 
     def adapts_text_encoder_2(self) -> bool:
@@ -109,9 +113,9 @@ class Options(StrategyOptions):
             if self.variant != "lora" or self.use_dora:
                 problems.append("strategy.initial_weights: starting from a file works for plain LoRA only; remove "
                                 "it, or set variant: lora without use_dora")
-            if self.target_modules or self.conv_layers:
+            if self.target_modules or self.conv_layers or self.target_preset:
                 problems.append("strategy.initial_weights: the file decides which layers train; remove "
-                                "strategy.target_modules / conv_layers")
+                                "strategy.target_modules / target_preset / conv_layers")
             if not self.initial_weights.endswith(".safetensors") or not os.path.isfile(self.initial_weights):
                 problems.append(f"strategy.initial_weights: {self.initial_weights} is not a .safetensors file; give "
                                 "the path of a LoRA file (diffusers or kohya format)")
@@ -134,6 +138,8 @@ class Strategy(CommonDefaults):
         if "kohya" in self.options.formats and getattr(family, "kohya_unet_layout", "diffusers") == "none":
             raise StrategySetupError(f"strategy.formats: kohya's layout is not written for {family.name} here; "
                                      "remove kohya (the diffusers-layout file loads in diffusers and ComfyUI)")
+        if self.options.target_preset and lora_presets.refusal(family, self.options.target_preset):
+            raise StrategySetupError(lora_presets.refusal(family, self.options.target_preset)[0])
         if self.options.text_encoder_2 and len(parts.text_encoder_names) < 2:
             raise StrategySetupError(f"strategy.text_encoder_2: this model has one text encoder "
                                      f"({family.name}); remove text_encoder_2 (text_encoder: true adapts it)")
@@ -156,7 +162,7 @@ class Strategy(CommonDefaults):
         self.kohya_naming = naming_for(family, unwrapped(parts.denoiser).config)  # the family's names in kohya files
         self.configs[parts.denoiser_name] = lora_variants.peft_config(
             o.variant, rank=o.rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
-            targets=o.target_modules or family.lora_targets,
+            targets=o.target_modules or lora_presets.targets(family, o.target_preset, unwrapped(parts.denoiser)),
             conv_targets=family.conv_lora_targets if o.conv_layers else (), conv_rank=o.conv_rank,
             conv_alpha=o.conv_alpha)
         self.modules[parts.denoiser_name] = parts.denoiser
