@@ -123,6 +123,11 @@ def test_load_adapter_of_the_kohya_file_reproduces_the_trained_model(runs, flux_
     run = runs[preset]
     assert (run["prediction"] - prediction(saved_pipeline(flux_base).transformer)).abs().max() > 1e-3
     torch.testing.assert_close(loaded(flux_base, run["kohya"]), run["prediction"], atol=1e-5, rtol=0)
+    if preset == "all_linear":  # CLIP-L's lora_te1_ layers too: the images as trained
+        pipe = saved_pipeline(flux_base)
+        finetune.load_adapter(pipe, str(run["kohya"]))
+        trained = images_of(family_for("flux").pipeline(run["parts"]), guidance_scale=3.5)
+        np.testing.assert_allclose(images_of(pipe, guidance_scale=3.5), trained, atol=1e-5)
 
 
 def test_a_fused_module_left_out_changes_the_output(runs, flux_base, tmp_path):
@@ -230,7 +235,26 @@ def test_validate_refuses_an_unknown_preset_a_preset_with_target_modules_and_one
     assert code == 2 and "strategy.target_preset: set together with strategy.target_modules" in err
     code, err = validate(tiny_base, target_preset="attention")
     assert code == 2 and "strategy.target_preset: sd has no target presets; remove it" in err
+    start = tmp_path / "start.safetensors"
+    save_file({"lora_unet_img_in.lora_down.weight": torch.zeros(1, 16)}, str(start))
+    code, err = validate(flux_base, target_preset="attention", initial_weights=str(start))
+    assert code == 2 and "the file decides which layers train; remove strategy.target_modules / target_preset" in err
     assert validate(flux_base, target_preset="all_linear")[0] == 0
+
+
+@pytest.mark.parametrize("family_name, strategy, message", [
+    ("sd", {"target_preset": "attention"}, "strategy.target_preset: sd has no target presets"),
+    ("flux", {"variant": "loha", "formats": ["diffusers", "kohya"]}, "kohya's Flux layout fuses q/k/v, and a loha"),
+])
+def test_check_refuses_what_it_cannot_do_before_training(family_name, strategy, message, flux_base, tiny_base):
+    from finetune.strategies import create_strategy
+    from finetune.strategies.base import StrategySetupError
+
+    # the recipe passes validate on Flux; check meets the model loaded (validate cannot tell a hub id's family)
+    options = parse_recipe(recipe_dict(flux_base, ".", "out", strategy={"kind": "lora", **strategy})).strategy
+    family = family_for(family_name)
+    with pytest.raises(StrategySetupError, match=message):
+        create_strategy(options).check(family, family.load(str(flux_base if family_name == "flux" else tiny_base)))
 
 
 def test_every_linear_of_the_transformer_has_a_kohya_name(flux_base, tmp_path):

@@ -138,6 +138,11 @@ class Strategy(CommonDefaults):
         if "kohya" in self.options.formats and getattr(family, "kohya_unet_layout", "diffusers") == "none":
             raise StrategySetupError(f"strategy.formats: kohya's layout is not written for {family.name} here; "
                                      "remove kohya (the diffusers-layout file loads in diffusers and ComfyUI)")
+        if "kohya" in self.options.formats and self.options.variant != "lora" and \
+                getattr(family, "kohya_unet_layout", "") == "flux":  # LyCORIS's names are BFL's fused modules
+            raise StrategySetupError(f"strategy.formats: kohya's Flux layout fuses q/k/v, and a {self.options.variant} "
+                                     "of each does not fuse into one; remove kohya (finetune.load_adapter reads the "
+                                     "peft-adapter file)")
         if self.options.target_preset and lora_presets.refusal(family, self.options.target_preset):
             raise StrategySetupError(lora_presets.refusal(family, self.options.target_preset)[0])
         if self.options.text_encoder_2 and len(parts.text_encoder_names) < 2:
