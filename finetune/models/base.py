@@ -50,6 +50,13 @@ class Components:
         return [name for name, module in self.modules.items()
                 if any(p.requires_grad for p in module.parameters())]
 
+    def enable_gradient_checkpointing(self, names: list[str]) -> None:
+        """Recompute activations in backward for the denoiser (diffusers' switch) and for those of `names` that
+        are text encoders (transformers' switch)."""
+        self.denoiser.enable_gradient_checkpointing()
+        for name in set(names) & set(self.text_encoder_names):
+            self.modules[name].gradient_checkpointing_enable()
+
     def with_modules(self, modules: dict[str, Any]) -> "Components":
         """A copy whose named modules are replaced (e.g. by frozen copies); the rest are shared."""
         return dataclasses.replace(self, modules={**self.modules, **modules})

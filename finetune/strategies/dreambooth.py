@@ -2,7 +2,8 @@
 
 Prior preservation is the loop's (recipe section `prior`), shared with every strategy; this strategy only
 decides what trains and writes a whole diffusers pipeline folder. `finetune extract-lora` turns that folder
-into a compact LoRA file.
+into a compact LoRA file. Launched with an FSDP accelerate config (recipes/accelerate/fsdp.yaml), the denoiser is
+sharded over the GPUs; its weights are gathered whole for checkpoints and the saved pipeline.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from finetune.models.base import Components, ModelFamily, adaptable_text_encoder
 from finetune.paths import give_umask_permissions
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies.base import CommonDefaults
+from finetune.training.sharded_state import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
 
 log = logging.getLogger(__name__)
 PIPELINE_DIR = "pipeline"
@@ -66,6 +68,7 @@ class Strategy(CommonDefaults):
         self.parts: Components | None = None
         self.modules: dict[str, torch.nn.Module] = {}  # what trains, unwrapped
         self.frozen: dict[str, torch.nn.Module] = {}  # untouched copies, only for base_prediction prior
+        self.gathered: dict[str, dict[str, torch.Tensor]] = {}  # whole weights of sharded modules (FSDP)
 
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         self.family, self.parts = family, parts
@@ -104,13 +107,16 @@ class Strategy(CommonDefaults):
                 self.modules[name].requires_grad_(False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{key}": value for name, module in self.modules.items()
-                for key, value in module.state_dict().items()}
+        """Every trained weight whole. When FSDP has sharded a module, every process must call this (gathering is
+        collective), and the gathered weights are what `save` then writes."""
+        gathered = {name: full_state_dict(module) for name, module in self.modules.items()}
+        self.gathered = {name: state for name, state in gathered.items() if is_sharded(self.modules[name])}
+        return {f"{name}.{key}": value for name, state in gathered.items() for key, value in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, module in self.modules.items():
             prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            load_full_state_dict(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
         """A diffusers pipeline folder, written beside its final name and renamed into place."""
@@ -118,7 +124,10 @@ class Strategy(CommonDefaults):
         final, tmp, old = (output_dir / PIPELINE_DIR, output_dir / f".{PIPELINE_DIR}.tmp",
                            output_dir / f".{PIPELINE_DIR}.old")
         shutil.rmtree(tmp, ignore_errors=True)
-        pipeline = self.family.pipeline(self.parts.with_modules(self.modules))
+        # a sharded module is written from the weights state_dict() gathered on every process just before
+        modules = {name: unsharded_copy(module, self.gathered[name]) if name in self.gathered else module
+                   for name, module in self.modules.items()}
+        pipeline = self.family.pipeline(self.parts.with_modules(modules))
         # training is over: casting in place spares a second copy of the weights in memory
         pipeline.to(dtype=SAVE_DTYPES[self.options.save_dtype])
         try:

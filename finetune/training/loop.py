@@ -27,7 +27,7 @@ from finetune.data.sources import data_name, tag_frequency
 from finetune.data.buckets import format_report, write_report
 from finetune.data.captions import caption_report
 from finetune.data.caches import estimated_bytes, plan_caches
-from finetune.models import Components, family_for, objective_values
+from finetune.models import family_for, objective_values
 from finetune.models.quantize import quantize_weights
 from finetune.recipe.checks import recipe_value
 from finetune.recipe.load import RecipeError, recipe_to_dict
@@ -35,10 +35,12 @@ from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, interrupt, prior, saves, trackers
 from finetune.training.inputs import make_encoder
-from finetune.training.engine import engine_report, requested_engine
+from finetune.training.engine import (engine_report, prepare_for_training, refuse_unsharded_work,
+                                      requested_engine, sharding_report)
 from finetune.training.failures import check_finite_loss
 from finetune.training.offload import offload_idle, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
+from finetune.training.sharded_state import load_optimizer_state_dict, local_fraction
 from finetune.training.resume import check_output_dir, check_resumable, remove_earlier_run, resume_command
 from finetune.training.step import LossSettings, micro_step_loss
 from finetune.training.summary import Plan, images_per_folder, plan_lines, written_lines
@@ -90,8 +92,8 @@ def _has_accelerator() -> bool:
 
 def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
            on_step: Callable[[int], None] | None, overwrite: bool) -> Path:
-    def say(text: str) -> None:  # the main process speaks for all
-        if accelerator.is_main_process:
+    def say(text: str | None) -> None:  # the main process speaks for all
+        if accelerator.is_main_process and text:
             log.info(text)
 
     t, d = recipe.train, recipe.data
@@ -101,9 +103,13 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     say(engine)
     if mismatch and accelerator.is_main_process:
         log.warning(mismatch)
+    problems = refuse_unsharded_work(accelerator.distributed_type.name, recipe.strategy.kind,
+                                     bool(getattr(recipe.strategy, "text_encoder", False)), recipe.sample.every)
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
-        raise RecipeError(recipe.source, ["train.mixed_precision: fp16 needs a GPU; on a CPU use bf16 or no"])
+        problems.append("train.mixed_precision: fp16 needs a GPU; on a CPU use bf16 or no")
+    if problems:
+        raise RecipeError(recipe.source, problems)
     # everything that can fail cheaply fails before the model loads; first, that nothing finished gets lost
     strategy = create_strategy(recipe.strategy)
     command = resume_command(recipe.source, recipe.overrides)
@@ -183,13 +189,12 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
     trained = parts.trained()
     if t.gradient_checkpointing:
-        _enable_gradient_checkpointing(parts, trained)
+        parts.enable_gradient_checkpointing(trained)
     if t.channels_last:
         parts.denoiser.to(memory_format=torch.channels_last)
     if t.compile:
         parts.denoiser.compile()  # in place: parameter names, and so saved files, stay as they are
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
-    params = [p for group in groups for p in group["params"]]
     base_dtype = str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix("torch.")
     say("\n".join(plan_lines(Plan(
         images_per_folder=images_per_folder(trained_examples(prepared), d.repeats), max_steps=t.max_steps,
@@ -200,16 +205,23 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
-    for name in trained:
-        parts.modules[name].train()
-        parts.modules[name] = accelerator.prepare(parts.modules[name])
-    optimizer = accelerator.prepare(optimizer)
+    prepared_modules, optimizer, params = prepare_for_training(accelerator, {n: parts.modules[n] for n in trained},
+                                                               optimizer)
+    parts.modules.update(prepared_modules)
+    trained_modules = [accelerator.unwrap_model(m) for m in prepared_modules.values()]
+    shards, not_sharded = sharding_report(accelerator.distributed_type.name, accelerator.num_processes,
+                                          {n: local_fraction(m) for n, m in zip(trained, trained_modules)})
+    say(shards)
+    if not_sharded and accelerator.is_main_process:
+        log.warning(not_sharded)
+    save_checkpoint = partial(saves.save_checkpoint, accelerator, output_dir, strategy=strategy, optimizer=optimizer,
+                              lr_scheduler=lr_scheduler, recipe=recipe, models=trained_modules)
 
     step = first_step
     if resume_from is not None:
         _, trainable, training_state = saved
         strategy.load_state_dict(trainable)
-        optimizer.load_state_dict(training_state["optimizer"])
+        load_optimizer_state_dict(optimizer, trained_modules, training_state["optimizer"])
         lr_scheduler.load_state_dict(training_state["lr_scheduler"])
         if accelerator.scaler is not None and "scaler" in training_state:
             accelerator.scaler.load_state_dict(training_state["scaler"])
@@ -235,7 +247,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             losses = []
             # a strategy may stop training the text encoders part-way (DreamBooth's text_encoder_steps)
             settings = dataclasses.replace(settings, text_encoder_trains=any(
-                _requires_grad(module) for module in parts.text_encoder_modules().values()))
+                p.requires_grad for module in parts.text_encoder_modules().values() for p in module.parameters()))
             for micro in range(t.gradient_accumulation_steps):
                 batch = next(batches)
                 class_batch = next(class_batches) if class_batches is not None else None
@@ -264,7 +276,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                 accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
             if saved:
-                saves.save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, recipe)
+                save_checkpoint(step=step)
             snapshot_every = recipe.checkpoint.snapshot_every
             if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
                 saves.save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}",
@@ -274,7 +286,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                     saves.save_samples(accelerator, family, parts, recipe, output_dir, step)
             if step < t.max_steps and stop.requested_anywhere(accelerator):
                 if not saved:
-                    saves.save_checkpoint(accelerator, output_dir, step, strategy, optimizer, lr_scheduler, recipe)
+                    save_checkpoint(step=step)
                 raise interrupt.Interrupted(
                     f"stopped on {signal.Signals(stop.signum or signal.SIGINT).name} after step {step} of "
                     f"{t.max_steps}; the checkpoint is in {checkpoint.checkpoints_dir(output_dir)}. Continue with:\n"
@@ -285,12 +297,3 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         say("wrote:\n" + "\n".join(written_lines(output_dir, started_at)))
     return artifact
 
-
-def _requires_grad(module: torch.nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
-
-
-def _enable_gradient_checkpointing(parts: Components, trained: list[str]) -> None:
-    parts.denoiser.enable_gradient_checkpointing()
-    for name in set(trained) & set(parts.text_encoder_names):
-        parts.modules[name].gradient_checkpointing_enable()

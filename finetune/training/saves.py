@@ -17,15 +17,19 @@ from finetune.recipe.schema import Recipe
 from finetune.training import checkpoint, trackers
 from finetune.training.failures import check_finite_weights, saving
 from finetune.training.resume import resume_command
+from finetune.training.sharded_state import optimizer_state_dict
 from finetune.training.sampling import sample_grid, save_png
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimizer, lr_scheduler,
-                    recipe: Recipe) -> None:
+                    recipe: Recipe, models: list[torch.nn.Module]) -> None:
+    """`models`: the trained modules (the optimizer's state is gathered from a sharded one)."""
+    # on every process: gathering sharded weights is collective, and a non-finite weight stops all together
     trainable = strategy.state_dict()
-    check_finite_weights(trainable, step, output_dir)  # on every process: all stop together
+    check_finite_weights(trainable, step, output_dir)
+    optimizer_state = optimizer_state_dict(optimizer, models)
     if accelerator.is_main_process:
-        training_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+        training_state = {"optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict()}
         if accelerator.scaler is not None:
             training_state["scaler"] = accelerator.scaler.state_dict()
         with saving("a checkpoint", step, resume_command(recipe.source, recipe.overrides), output_dir):
@@ -38,6 +42,7 @@ def save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step:
                   data_figures: dict[str, object], checkpoints_in: Path) -> Path:
     """`output_dir` is where the artifact goes (the run's folder, or a snapshot's); `checkpoints_in` is the
     run's folder, named in messages."""
+    # on every process: a sharded strategy gathers its weights here, which its save (main process) writes
     check_finite_weights(strategy.state_dict(), step, checkpoints_in)
     artifact = output_dir / strategy.artifact_name
     if accelerator.is_main_process:
