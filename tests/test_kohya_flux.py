@@ -201,6 +201,16 @@ def test_a_kohya_trained_fused_file_loads_as_its_math_says(flux_base, tmp_path):
     torch.testing.assert_close(loaded(flux_base, path), prediction(expected), atol=1e-5, rtol=0)
 
 
+def test_a_t5_layer_is_refused_by_name(runs, tmp_path):
+    from finetune.export.lora.layers import LoraFileError
+
+    tensors, _ = read_tensors(runs["attention"]["kohya"])
+    tensors["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = torch.zeros(2, 32)
+    save_file(tensors, str(tmp_path / "t5.safetensors"))
+    with pytest.raises(LoraFileError, match="adapts T5-XXL"):
+        read_lora(tmp_path / "t5.safetensors")
+
+
 def test_diffusers_own_loader_reads_our_kohya_file(runs, flux_base, tmp_path):
     """FluxPipeline.load_lora_weights (diffusers' kohya converter) gives what finetune.load_adapter gives, for
     what the converter can place on a tiny Flux: it splits single blocks' linear1 at Flux.1's hard-coded widths

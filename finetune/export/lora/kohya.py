@@ -163,6 +163,9 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
     for key, value in tensors.items():
         stem, _, role = key.partition(".")
         named = split_name(stem)
+        if named is None and stem.startswith("lora_te3_"):  # kohya's Flux/SD3 T5 layers (train_t5xxl)
+            raise LoraFileError(f"{source}: {key!r} adapts T5-XXL (kohya's lora_te3_), which finetune never "
+                                "adapts or loads (nor does diffusers' converter); remove the lora_te3_ keys")
         if named is None:
             raise LoraFileError(f"{source}: key {key!r} has no kohya prefix (lora_unet_, lora_te_, ...)")
         if role not in ("lora_down.weight", "lora_up.weight", "alpha"):
