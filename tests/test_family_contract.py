@@ -127,3 +127,55 @@ def test_options_of_another_objective_are_refused_by_name():
                 assert all(f"only the {other} objective reads it, and {family} trains with {own}" in p for p in problems)
         defaults = {key: value for options in models.OBJECTIVE_OPTIONS.values() for key, value in options.items()}
         assert models.objective_problems(family, defaults) == []
+
+
+@pytest.fixture(scope="module")
+def family_folder(family_and_parts):
+    return family_and_parts[0].name, family_and_parts[2]
+
+
+def test_a_resumed_run_writes_what_the_uninterrupted_one_does(family_folder, tmp_path):
+    """Noise, timesteps (or sigmas) and dropout come from each step's own generator, so resuming from a checkpoint
+    repeats the uninterrupted run bit for bit, whatever the objective."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from finetune.recipe.load import parse_recipe
+    from finetune.training import loop
+    from finetune.training.checkpoint import checkpoints_dir
+    from tests.conftest import draw_concept, recipe_dict, reset_accelerate
+
+    name, folder = family_folder
+    images = draw_concept(tmp_path / "images")
+
+    def recipe(out):
+        return parse_recipe(recipe_dict(folder, images, out, checkpoint={"every": 2},
+                                        strategy={"kind": "lora", "rank": 4, "text_encoder": True},
+                                        train={"max_steps": 4, "batch_size": 2, "learning_rate": 5e-3}))
+
+    artifact = loop.train(recipe(tmp_path / "whole"))
+    reset_accelerate()
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    (tmp_path / "resumed" / artifact.name).unlink()
+    again = loop.train(recipe(tmp_path / "resumed"), resume=str(checkpoints_dir(tmp_path / "resumed") / "step-000002"))
+    reset_accelerate()
+    first, second = load_file(str(artifact)), load_file(str(again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name
+
+
+def test_finetune_sample_draws_from_the_base_at_its_own_size(family_folder, tmp_path):
+    """`finetune sample` draws a grid from every family's base; with no --resolution it draws at the model's own
+    size (default_resolution, checked directly: two steps at 1024 px are too slow here)."""
+    from PIL import Image
+
+    from finetune.cli import main
+    from finetune.models.base import default_resolution
+    from tests.conftest import saved_pipeline
+
+    name, folder = family_folder
+    assert default_resolution(saved_pipeline(folder)) >= 32, name
+    assert main(["sample", "--base", str(folder), "--prompt", "a purple sks", "--steps", "2", "--num", "2",
+                 "--resolution", "32", "--out", str(tmp_path / "grid.png")]) == 0
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size[0] >= 64 and len(set(grid.convert("L").getdata())) > 1, name  # two drawn images, not blank

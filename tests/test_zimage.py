@@ -162,15 +162,6 @@ def test_validate_refuses_ddpm_options_on_zimage(zimage_base, tmp_path, capsys):
     assert main(["validate", str(tmp_path / "r.yaml")]) == 0
 
 
-def test_sample_draws_from_a_zimage_base(zimage_base, tmp_path):
-    from finetune.cli import main
-
-    # --resolution: the CLI's default reads the denoiser's config.sample_size, which ZImageTransformer2DModel lacks
-    assert main(["sample", "--base", str(zimage_base), "--prompt", PROMPT, "--steps", "2", "--num", "1",
-                 "--resolution", "32", "--out", str(tmp_path / "grid.png")]) == 0
-    assert (tmp_path / "grid.png").is_file()
-
-
 def test_the_zimage_recipe_validates_and_trains_on_a_tiny_zimage(zimage_base, tmp_path):
     out = train_shipped_recipe("zimage_lora", zimage_base, tmp_path)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
