@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="PNG file to write")
     sample.add_argument("--negative-prompt", default="")
     sample.add_argument("--steps", type=int, default=25)
-    sample.add_argument("--guidance", type=float, default=7.5)
+    sample.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance (Flux.1-dev: its embedded guidance); default: the pipeline's "
+                             "own (SD 7.5, SDXL 5, SD3 7, Flux.1-dev 3.5)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--num", type=int, default=4, help="images per prompt")
     sample.add_argument("--resolution", type=int, default=None, help="default: the model's own")
@@ -194,11 +196,12 @@ def _sample(args) -> int:
                                                            if args.adapter else None)
     except (*_known_errors(), ValueError) as exc:
         raise KnownProblem(str(exc)) from None
-    from finetune.models.base import default_resolution
+    from finetune.models.base import default_guidance, default_resolution
 
     resolution = args.resolution or default_resolution(pipe)
+    guidance = args.guidance if args.guidance is not None else default_guidance(pipe)
     grid = sample_grid(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                       guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.num,
+                       guidance_scale=guidance, seed=args.seed, images_per_prompt=args.num,
                        resolution=resolution,
                        encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
     print(f"wrote {save_png(grid, Path(args.out))}")

@@ -170,11 +170,14 @@ def test_finetune_sample_draws_from_the_base_at_its_own_size(family_folder, tmp_
     from PIL import Image
 
     from finetune.cli import main
-    from finetune.models.base import default_resolution
+    from finetune.models.base import default_guidance, default_resolution
     from tests.conftest import saved_pipeline
 
     name, folder = family_folder
-    assert default_resolution(saved_pipeline(folder)) >= 32, name
+    pipe = saved_pipeline(folder)
+    assert default_resolution(pipe) >= 32, name
+    # with no --guidance, the pipeline's own default (Flux.1-dev's embedded guidance is 3.5, not SD's 7.5)
+    assert default_guidance(pipe) == {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "zimage": 5.0}[name]
     assert main(["sample", "--base", str(folder), "--prompt", "a purple sks", "--steps", "2", "--num", "2",
                  "--resolution", "32", "--out", str(tmp_path / "grid.png")]) == 0
     grid = Image.open(tmp_path / "grid.png")

@@ -110,6 +110,16 @@ def default_resolution(pipe: Any) -> int:
     return size * pipe.vae_scale_factor if size else 1024
 
 
+def default_guidance(pipe: Any) -> float:
+    """The guidance scale a pipeline uses when given none: its `__call__` default (SD 7.5, SDXL 5.0, SD3 7.0,
+    Flux.1-dev 3.5, its embedded guidance; Z-Image 5.0); 7.5 if it declares none."""
+    import inspect
+
+    parameter = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    default = parameter.default if parameter is not None else inspect.Parameter.empty
+    return float(default) if isinstance(default, (int, float)) else 7.5
+
+
 def tokenizer_name(text_encoder_name: str) -> str:
     """A pipeline's tokenizer for a text encoder: `text_encoder` -> `tokenizer`, `text_encoder_2` -> `tokenizer_2`."""
     return "tokenizer" + text_encoder_name.removeprefix("text_encoder")
