@@ -142,13 +142,18 @@ class ModelFamily(Protocol):
 
     name: str  # model.family's value
     lora_targets: tuple[str, ...]  # default LoRA target modules in the denoiser (peft name tails)
+    # optional: strategy.target_preset's named sets, preset -> module-path patterns matched whole
+    # (finetune/strategies/lora_presets.py; Flux's); a family without it refuses target_preset
+    lora_target_presets: dict[str, tuple[str, ...]]
     conv_lora_targets: tuple[str, ...]  # the denoiser's convolutions that strategy.conv_layers adds
     text_encoder_lora_targets: tuple[str, ...]
     # file naming: kohya's LoRA prefix per part ("unet" -> "lora_unet") and U-Net module names, the embedding
     # file's key per text encoder (SDXL: clip_l, clip_g; empty: one encoder, keyed by the token), and kohya's
     # ss_base_model_version (None: told from the weights)
     kohya_prefixes: dict[str, str]
-    kohya_unet_layout: str  # "diffusers" (module paths as diffusers names them) or "sgm" (the original code's)
+    # "diffusers" (module paths as diffusers names them), "sgm" (the original code's), "flux" (BFL's names, q/k/v
+    # fused: export/lora/kohya_flux.py) or "none" (no kohya file written)
+    kohya_unet_layout: str
     embedding_keys: dict[str, str]
     kohya_base_model_version: str | None
     # where a hypernetwork acts (finetune/networks/hypernetwork_points.py): None, a U-Net's cross-attention context
