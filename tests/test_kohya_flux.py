@@ -252,6 +252,21 @@ def test_validate_refuses_an_unknown_preset_a_preset_with_target_modules_and_one
     assert validate(flux_base, target_preset="all_linear")[0] == 0
 
 
+def test_validate_leaves_a_hub_ids_preset_to_check():
+    """A hub id's family is told when it loads (check refuses a preset it lacks, below); validate does not guess
+    Stable Diffusion for it, and model.family, when set, is enough."""
+    from types import SimpleNamespace
+
+    from finetune.strategies.lora_presets import preset_problems
+
+    def recipe(family):
+        return SimpleNamespace(model=SimpleNamespace(family=family, base="some-user/some-model"))
+
+    assert preset_problems("attention", [], recipe("auto")) == []
+    assert preset_problems("attention", [], recipe("flux")) == []
+    assert "sdxl has no target presets" in preset_problems("attention", [], recipe("sdxl"))[0]
+
+
 @pytest.mark.parametrize("family_name, strategy, message", [
     ("sd", {"target_preset": "attention"}, "strategy.target_preset: sd has no target presets"),
     ("flux", {"variant": "loha", "formats": ["diffusers", "kohya"]}, "kohya's Flux layout fuses q/k/v, and a loha"),

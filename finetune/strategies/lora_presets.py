@@ -18,11 +18,14 @@ def presets_of(family: Any) -> dict[str, tuple[str, ...]]:
 
 
 def _family_of(recipe: Any) -> Any | None:
-    """The recipe's model family, told as loading would tell it (None when the base cannot say)."""
+    """The recipe's model family: model.family, or told from a local base; None when the base cannot say before
+    loading (a hub id: the strategy's check refuses the preset then)."""
     from finetune.models import family_for
+    from finetune.models.detect import family_of
 
     try:
-        return family_for(recipe.model.family, recipe.model.base)
+        name = recipe.model.family if recipe.model.family != "auto" else family_of(recipe.model.base or "")
+        return family_for(name) if name else None
     except (ValueError, OSError):
         return None  # an unknown base or family is reported by the model checks
 
