@@ -20,6 +20,14 @@ def requested_engine(environ: Mapping[str, str] = os.environ) -> str | None:
                 None)
 
 
+def has_accelerator() -> bool:
+    """A CUDA, MPS or XPU device is there (accelerate is told cpu=True otherwise)."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 def engine_report(got: str, processes: int, asked: str | None) -> tuple[str, str | None]:
     """(the line saying what the run got, a warning when it is not what was asked for, else None); `got` is
     `accelerator.distributed_type.name`."""

@@ -32,11 +32,12 @@ from finetune.models.quantize import quantize_weights
 from finetune.recipe.checks import recipe_value
 from finetune.recipe.load import RecipeError, recipe_to_dict
 from finetune.recipe.schema import Recipe
+from finetune.report.live import LiveReport
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, interrupt, prior, saves, trackers
 from finetune.training.inputs import make_encoder
-from finetune.training.engine import (engine_report, prepare_for_training, refuse_unsharded_work,
-                                      requested_engine, sharding_report)
+from finetune.training.engine import (engine_report, has_accelerator, prepare_for_training,
+                                      refuse_unsharded_work, requested_engine, sharding_report)
 from finetune.training.failures import check_finite_loss
 from finetune.training.offload import offload_idle, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
@@ -72,7 +73,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     t = recipe.train
     output_dir = Path(recipe.output_dir).expanduser()
     accelerator = Accelerator(
-        cpu=not _has_accelerator(),  # accelerate only runs multi-process CPU jobs (torchrun) when told cpu=True
+        cpu=not has_accelerator(),  # accelerate only runs multi-process CPU jobs (torchrun) when told cpu=True
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=recipe.log.to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
@@ -83,11 +84,6 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         # without this a multi-process CPU run aborts at interpreter exit
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _has_accelerator() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
@@ -159,10 +155,10 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     parts.extra["guidance"] = recipe.model.guidance  # Flux.1-dev's guidance embedding (None: the family's)
     strategy.check(family, parts)  # options that cannot fit this model fail before any long work
     tokenizer = family.text_encoders(parts)[0][1]
-    for line in caption_report(tokenizer, strategy.prompts([e.caption for e in examples], torch.Generator()),
-                               [e.name for e in examples], family.caption_window(tokenizer, d.max_token_length),
-                               strategy.kept_words()):
-        say(line)
+    caption_notes = caption_report(tokenizer, strategy.prompts([e.caption for e in examples], torch.Generator()),
+                                   [e.name for e in examples], family.caption_window(tokenizer, d.max_token_length),
+                                   strategy.kept_words())
+    say("\n".join(caption_notes))
     class_count = recipe.prior.num_class_images if recipe.prior.mode == "class_images" else 0
     plan = plan_caches(recipe.cache.latents, recipe.cache.text, d.crop, recipe.strategy.changes_text_encoding(),
                        estimated_bytes(len(examples) + class_count, 2 if d.random_flip else 1, d.resolution,
@@ -196,12 +192,13 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         parts.denoiser.compile()  # in place: parameter names, and so saved files, stay as they are
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     base_dtype = str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix("torch.")
-    say("\n".join(plan_lines(Plan(
+    summary = plan_lines(Plan(
         images_per_folder=images_per_folder(trained_examples(prepared), d.repeats), max_steps=t.max_steps,
         batch_size=t.batch_size, processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
         batches_per_epoch=order.batches_per_epoch, trainable=strategy.state_dict(), device=str(accelerator.device),
         precision=f"mixed precision {t.mixed_precision}, frozen base in {base_dtype}", base=recipe.model.base,
-        output_dir=output_dir))))
+        output_dir=output_dir))
+    say("\n".join(summary))
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
@@ -239,11 +236,13 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         text_encoder_trains=False,
         prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
         class_prompts=tuple(recipe.prior.class_prompt))
+    live = LiveReport(accelerator, recipe, output_dir, step, summary, caption_notes)  # history.jsonl, report.html
     progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process or quiet())
     batches = iter(loader)
-    with interrupt.stop_on_signals() as stop, progress:  # the bar closes before any message that stops the run
+    with interrupt.stop_on_signals() as stop, progress, live:  # the bar closes before any message that stops the run
         while step < t.max_steps:
+            live.start_step()
             losses = []
             # a strategy may stop training the text encoders part-way (DreamBooth's text_encoder_steps)
             settings = dataclasses.replace(settings, text_encoder_trains=any(
@@ -272,6 +271,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                 on_step(step)
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            live.record(step, mean_loss, lr_scheduler.get_last_lr()[0])
             if step % recipe.log.every == 0:
                 accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
@@ -284,6 +284,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             if recipe.sample.every and step % recipe.sample.every == 0:
                 with on_device(offloaded, accelerator.device):
                     saves.save_samples(accelerator, family, parts, recipe, output_dir, step)
+                live.sampled(step)
             if step < t.max_steps and stop.requested_anywhere(accelerator):
                 if not saved:
                     save_checkpoint(step=step)
@@ -293,6 +294,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                     f"  {command}", stop.signum or signal.SIGINT)
 
     artifact = saves.save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures, output_dir)
+    live.finish()  # the page's last version, before the list of what was written (which names it)
     if accelerator.is_main_process:
         say("wrote:\n" + "\n".join(written_lines(output_dir, started_at)))
     return artifact

@@ -13,6 +13,16 @@ RUN_FOLDERS = {
     "samples": "sample grids (PNG)",
     "snapshots": "loadable copies of the artifact made during training",
     "logs": "TensorBoard events / W&B run files",
+    "eval": "evaluation figures (JSON, one file per `finetune eval` or demo judgement); read by `finetune report`",
+}
+# files every run writes for its report page
+RUN_FILES = {
+    "history.jsonl": "training history, one JSON line per step (loss, lr, throughput, memory); read by "
+                     "`finetune report` and any JSON-lines reader",
+    "run.json": "the run's notes for its report (recipe, plan, data, sample labels, state); read by `finetune report`",
+    "report.html": "the run's report page (curves, sample grids, data, files); read by a web browser, "
+                   "rebuilt by `finetune report`",
+    "buckets.json": "aspect-ratio bucket report (JSON); read by `finetune report` and any JSON reader",
 }
 
 
@@ -74,10 +84,15 @@ def plan_lines(plan: Plan) -> list[str]:
 def written_lines(output_dir: Path, since: float) -> list[str]:
     """Every file or folder in output_dir written at or after `since` (time.time()), with absolute paths and what
     each is, and which loader or program reads it (as `finetune inspect` says)."""
+    return [f"  {path}{'/' if path.is_dir() else ''}: {what}" for path, what in written_entries(output_dir, since)]
+
+
+def written_entries(output_dir: Path, since: float) -> list[tuple[Path, str]]:
+    """(absolute path, what it is and what reads it) for what written_lines lists; since=0: everything."""
     from finetune.tools.inspect_file import describe
 
     output_dir = output_dir.resolve()
-    lines = []
+    entries = []
     for path in sorted(output_dir.rglob("*")):
         relative = path.relative_to(output_dir).parts
         if path.name.startswith(".") or (relative[0] in RUN_FOLDERS and len(relative) > 1):
@@ -85,14 +100,15 @@ def written_lines(output_dir: Path, since: float) -> list[str]:
         if not _written_since(path, since):
             continue
         if relative[0] in RUN_FOLDERS:
-            lines.append(f"  {path}/: {RUN_FOLDERS[relative[0]]}")
+            entries.append((path, RUN_FOLDERS[relative[0]]))
             continue
         if path.is_dir() and not (path / "model_index.json").is_file():
             continue  # a plain folder (kohya/, a1111/): its files are listed
         if any((output_dir.joinpath(*relative[:i]) / "model_index.json").is_file() for i in range(1, len(relative))):
             continue  # inside a pipeline folder, which was listed whole
-        lines.append(f"  {path}{'/' if path.is_dir() else ''}: {_what(path, describe)}")
-    return lines
+        entries.append((path, RUN_FILES.get(path.name) if len(relative) == 1 and path.name in RUN_FILES
+                        else _what(path, describe)))
+    return entries
 
 
 def _written_since(path: Path, since: float) -> bool:
