@@ -54,7 +54,7 @@ def screenshot(browser: str, page: Path, out: Path, width: int, height: int, tim
                    "--proxy-server=127.0.0.1:9",  # nothing may be fetched: a request would fail, visibly
                    f"--user-data-dir={profile}", f"--window-size={width},{height}", "--virtual-time-budget=3000",
                    f"--screenshot={out.resolve()}", page.resolve().as_uri()]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     if not out.is_file():
         raise RuntimeError(f"{browser} wrote no screenshot (exit {result.returncode}):\n{result.stderr[-2000:]}")
 

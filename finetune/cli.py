@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, default=None,
                       help="override every run's train.max_steps (a quick look; the targets need the defaults)")
 
+    report = commands.add_parser("report", help="rebuild a run's report.html (or a demo's demo_report.html) from "
+                                                "what its folder holds")
+    report.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir, or a demo's --out folder")
+
     extract = commands.add_parser("extract-lora",
                                   help="turn a DreamBooth pipeline folder into a LoRA file (SVD of tuned - base)")
     extract.add_argument("--tuned", required=True, help="the tuned pipeline folder (output_dir/pipeline)")
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         # before any model loads: packages known not to work together stop here, not in a traceback later
         check_packages()
         commands = {"train": _train, "validate": _validate, "sample": _sample, "eval": _eval, "demo": _demo,
-                    "extract-lora": _extract_lora}
+                    "extract-lora": _extract_lora, "report": _report}
         if args.command in commands:
             return commands[args.command](args)
         return _file_tool(args)
@@ -222,6 +226,32 @@ def _eval(args) -> int:
         print(f"{key}: {value}")
     if args.json:
         write_text_atomically(args.json, json.dumps(numbers, indent=2))
+    if args.adapter:
+        from finetune.report.evaluations import save_evaluation
+
+        saved = save_evaluation(args.adapter, args.concept, numbers, by="finetune eval")
+        print(f"figures: {saved[0]} (shown in {saved[1]})" if saved else
+              f"figures: not kept beside the adapter ({args.adapter} is in no run's output_dir)")
+    return 0
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from finetune.report.sources import NotARunFolder
+
+    folder = Path(args.output_dir)
+    try:
+        if (folder / "demo_report.json").is_file():
+            from finetune.report.demo_page import write_demo_page
+
+            print(f"wrote {write_demo_page(folder)}")
+        else:
+            from finetune.report.page import write_report
+
+            print(f"wrote {write_report(folder)}")
+    except NotARunFolder as exc:
+        raise KnownProblem(str(exc)) from None
     return 0
 
 
@@ -233,7 +263,7 @@ def _demo(args) -> int:
         report = run_demo(args.out, strategies, max_steps=args.max_steps, quick=args.quick)
     except (ValueError, FileNotFoundError, *_known_errors()) as exc:
         raise KnownProblem(str(exc)) from None
-    print(f"wrote {args.out}/demo_report.md and demo_report.json ({len(report['runs'])} runs)")
+    print(f"wrote {args.out}/demo_report.md, demo_report.json and demo_report.html ({len(report['runs'])} runs)")
     return 0
 
 

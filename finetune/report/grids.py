@@ -39,10 +39,10 @@ def shown_cell(pixels: int) -> int:
 
 
 def labelled_grid(path: Path, prompts: Sequence[str], row_notes: Sequence[str], columns: Sequence[str],
-                  caption: str) -> str:
-    """HTML of the grid at `path`: one row per prompt (with its note, e.g. the seed) and one column per label.
-    When the image's shape does not fit the labels (a grid drawn with other settings) it is shown unlabelled,
-    with a note saying so."""
+                  caption: str, cell: int | None = None, label_column: str = "minmax(8em,16em)") -> str:
+    """HTML of the grid at `path`: one row per prompt (with its note, e.g. the seed) and one column per label,
+    each image shown `cell` pixels wide (default: shown_cell). When the image's shape does not fit the labels (a
+    grid drawn with other settings) it is shown unlabelled, with a note saying so."""
     rows, count = len(prompts), len(columns)
     uri, (width, height) = data_uri(path, max(count, 1), max(rows, 1))
     fits = rows > 0 and count > 0 and width % count == 0 and height % rows == 0 and width // count == height // rows
@@ -52,9 +52,9 @@ def labelled_grid(path: Path, prompts: Sequence[str], row_notes: Sequence[str], 
                 f'style="width:{width * scale}px"><figcaption>{escape(caption)} (unlabelled: the prompts that drew '
                 f'it are not known)</figcaption></figure>')
     pixels = width // count
-    cell = shown_cell(pixels)
+    cell = cell or shown_cell(pixels)
     smooth = "" if cell > pixels else ' style="image-rendering:auto"'
-    parts = [(f'<figure class="grid"><div class="cells" style="grid-template-columns:minmax(8em,16em) '
+    parts = [(f'<figure class="grid"><div class="cells" style="grid-template-columns:{label_column} '
              f'repeat({count},{cell}px);grid-template-rows:auto repeat({rows},{cell}px)">'), "<div></div>"]
     parts += [f'<div class="col">{escape(label)}</div>' for label in columns]
     for row, (prompt, note) in enumerate(zip(prompts, row_notes)):

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 from finetune.console import quiet
 from finetune.paths import write_text_atomically
 from finetune.recipe.load import load_recipe
+from finetune.report.demo_page import write_demo_page
+from finetune.report.evaluations import save_evaluation
 from finetune.shapes import metrics
 from finetune.shapes.concepts import CONCEPTS
 from finetune.shapes.evaluator import Evaluator
@@ -22,6 +24,7 @@ from finetune.shapes.scorecard import score
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
 GRID_IMAGES = 4  # per prompt in the before/after grids
+GRID_SEED = 7  # of the noise the before and after grids both start from
 # extra runs: a demo recipe with one thing changed, to show what that thing does
 # (label, strategy kind, concept, overrides)
 VARIANTS = [("dreambooth_no_prior", "dreambooth", "new_object", ["prior.mode=none"])]
@@ -99,24 +102,33 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
         numbers = score(pipe, evaluator, concept, bare_accuracy, label=f"evaluating {strategy}/{concept_name}")
         seconds = time.perf_counter() - started
         grids = _before_after(bare, pipe, concept, out_dir / f"{strategy}-{concept_name}")
+        # the run's own page shows its figures too (output_dir/eval/, as `finetune eval --adapter` writes them)
+        save_evaluation(artifact, concept_name, {"base_accuracy": bare_accuracy, "concept": concept.concept_prompt(),
+                                                 "concept_kind": concept.kind, **numbers}, by="finetune demo")
         report["runs"].append({
             "strategy": strategy, "concept_kind": concept.kind, "concept": concept.concept_prompt(),
             "concept_fidelity": numbers["concept_fidelity"], "prompt_fidelity": numbers["prompt_fidelity"],
             "prior_drop": numbers["prior_drop"], "seconds": round(seconds, 1), "artifact": str(artifact),
             "prior_preservation": recipe.prior.mode != "none", "steps": recipe.train.max_steps,
             "base_accuracy_after": numbers["base_accuracy_after"], "grids": [str(g) for g in grids],
+            "grid_prompts": grid_prompts(concept), "grid_images": GRID_IMAGES, "grid_seed": GRID_SEED,
         })
         _write(out_dir, report)
     return report
 
 
+def grid_prompts(concept) -> list[str]:
+    """The rows of the before/after grids: the concept prompt, three composed prompts, and one the base knew."""
+    return [concept.concept_prompt()] + [p for p, _ in concept.composed_prompts()][:3] + ["a red circle"]
+
+
 def _before_after(bare, tuned, concept, stem: Path) -> list[Path]:
     from finetune.training.sampling import image_grid, save_png
 
-    prompts = [concept.concept_prompt()] + [p for p, _ in concept.composed_prompts()][:3] + ["a red circle"]
+    prompts = grid_prompts(concept)
     paths = []
     for label, pipe in (("before", bare), ("after", tuned)):
-        images = metrics.sample(pipe, prompts, GRID_IMAGES, seed=7)
+        images = metrics.sample(pipe, prompts, GRID_IMAGES, seed=GRID_SEED)
         paths.append(save_png(image_grid(images, columns=GRID_IMAGES), stem.with_name(f"{stem.name}-{label}.png")))
     return paths
 
@@ -124,3 +136,4 @@ def _before_after(bare, tuned, concept, stem: Path) -> list[Path]:
 def _write(out_dir: Path, report: dict) -> None:
     write_text_atomically(out_dir / "demo_report.json", json.dumps(report, indent=2))
     write_markdown(out_dir / "demo_report.md", report)
+    write_demo_page(out_dir)

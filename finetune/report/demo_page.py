@@ -1,0 +1,80 @@
+"""demo_report.html: every demo run's before/after grids side by side, labelled, with its figures under them,
+built from demo_report.json and the grids beside it (so `finetune report DEMO_OUT` rebuilds it)."""
+from __future__ import annotations
+
+import json
+import os
+from html import escape
+from pathlib import Path
+
+from finetune.paths import write_text_atomically
+from finetune.report.grids import labelled_grid
+from finetune.report.page import shell
+from finetune.report.sources import NotARunFolder
+
+DEMO_PAGE = "demo_report.html"
+FIGURES = ("concept_fidelity", "prompt_fidelity", "prior_drop", "base_accuracy_after", "steps", "seconds")
+
+
+def write_demo_page(out_dir: str | Path) -> Path:
+    """Build out_dir/demo_report.html from out_dir/demo_report.json (NotARunFolder without it)."""
+    out_dir = Path(out_dir)
+    try:
+        report = json.loads((out_dir / "demo_report.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise NotARunFolder(f"{out_dir}: no readable demo_report.json ({exc}); give the --out folder of "
+                            "`finetune demo`") from None
+    return write_text_atomically(out_dir / DEMO_PAGE, build_demo_page(out_dir, report))
+
+
+def build_demo_page(out_dir: Path, report: dict) -> str:
+    from finetune.shapes.report import BASE_TARGET, verdicts
+
+    shortened, base = report.get("max_steps_override"), report["base_accuracy"]
+    body = ["<h1>finetune demo: the shapes world</h1>"]
+    if shortened:
+        body.append(f'<p class="state stopped">Shortened run (--max-steps {shortened}): the numbers show the '
+                    "machinery working, not what the methods reach; the targets are not judged.</p>")
+    if report.get("quick"):
+        body.append('<p class="state running">Quick look (--quick): LoRA on new_object only.</p>')
+    body.append(f"<p>Base model's accuracy on its own 36 prompts: <b>{base:.3f}</b> (target &ge; {BASE_TARGET:.2f})."
+                "</p>")
+    for run in report["runs"]:
+        body += _run(out_dir, run, verdicts(run), bool(shortened))
+    return shell("finetune demo report", body, refresh=False)
+
+
+def _run(out_dir: Path, run: dict, checks: dict[str, bool], shortened: bool) -> list[str]:
+    title = f"{run['strategy']} on {run['concept_kind']}"
+    out = [f"<h2>{escape(title)}: <code>{escape(run['concept'])}</code></h2>"]
+    prompts = run.get("grid_prompts") or []
+    count, seed = int(run.get("grid_images") or 0), run.get("grid_seed")
+    grids = [Path(g) if Path(g).is_absolute() else out_dir / g for g in run.get("grids", [])]
+    shown = []
+    for label, grid in zip(("before (the base)", "after (tuned)"), grids):
+        if grid.is_file():
+            shown.append(labelled_grid(grid, prompts, [""] * len(prompts),
+                                       [f"image {i + 1}" for i in range(count)], f"{label}: {grid.name}",
+                                       cell=96, label_column="max-content"))
+        else:
+            shown.append(f'<p class="note">{escape(label)}: {escape(str(grid))} is missing.</p>')
+    out.append('<div class="pair">' + "".join(shown) + "</div>")
+    if seed is not None:
+        out.append(f'<p class="note">Every cell starts from the same noise before and after (one tensor drawn from '
+                   f"seed {seed}, cell by cell), so the two grids differ only by the training.</p>")
+    head = "".join(f"<th>{escape(k)}</th>" for k in ("prior preservation", *FIGURES, "targets"))
+    targets = (f"not judged: shortened to {run.get('steps')} steps" if shortened and checks else
+               ", ".join(f"{m} {'ok' if ok else 'MISSED'}" for m, ok in checks.items()) or "none set")
+    cells = [("yes" if run.get("prior_preservation") else "no")] + [
+        f"{run['seconds']:.0f}" if k == "seconds" and run.get(k) is not None else _number(run.get(k)) for k in FIGURES]
+    out.append(f"<table><tr>{head}</tr><tr>" + "".join(f'<td class="n">{escape(c)}</td>' for c in cells)
+               + f"<td>{escape(targets)}</td></tr></table>")
+    page = Path(run.get("artifact", "")).parent / "report.html"  # the artifact (file or pipeline folder)'s run
+    if run.get("artifact") and page.is_file():
+        link = Path(os.path.relpath(page.resolve(), out_dir.resolve())).as_posix()
+        out.append(f'<p><a href="{escape(link)}">this run\'s report</a>: curves, sample grids, data, files</p>')
+    return out
+
+
+def _number(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
