@@ -1,5 +1,5 @@
-"""Model and data the benchmarks run on: the tiny test pipeline, or the SD1.5 or SDXL 1.0 architecture with
-random weights.
+"""Model and data the benchmarks run on: the tiny test pipeline, or the SD1.5 or SDXL 1.0 architecture, or
+Flux.1-dev's transformer width with fewer blocks (benchmarks/flux.py), with random weights.
 
 Each is written once as an ordinary diffusers folder (under $FINETUNE_CACHE/benchmarks, or
 ~/.cache/finetune/benchmarks) and then loaded exactly as a user's model would be.
@@ -13,11 +13,12 @@ import torch
 from PIL import Image, ImageDraw
 
 CONFIGS = Path(__file__).parent / "configs"
-MODELS = ("tiny", "sd15", "sdxl")
+MODELS = ("tiny", "sd15", "sdxl", "flux")
 # sdxl: the largest side at which floor and finetune, running side by side, fit a 24 GB CPU machine in bf16
-DEFAULT_RESOLUTION = {"tiny": 32, "sd15": 512, "sdxl": 512}
+# flux: 1024 image tokens beside T5's 512, a step of seconds on this machine
+DEFAULT_RESOLUTION = {"tiny": 32, "sd15": 512, "sdxl": 512, "flux": 512}
 # what the default recipe trains in, where fp32 would not fit the machines the figures come from
-DEFAULT_MIXED_PRECISION = {"sdxl": "bf16"}
+DEFAULT_MIXED_PRECISION = {"sdxl": "bf16", "flux": "bf16"}
 
 
 def cache_root() -> Path:
@@ -97,6 +98,11 @@ def model_folder(model: str) -> Path:
         # written in bf16 (14 GB in fp32): each benchmark process then loads it without a full-precision copy
         print("building the SDXL 1.0 architecture with random weights, bf16 (once, ~7 GB) ...", flush=True)
         pipe = build_sdxl(dtype=torch.bfloat16)
+    elif model == "flux":
+        from benchmarks.flux import BLOCKS, build_flux
+
+        print(f"building Flux.1-dev's transformer with {BLOCKS} blocks, random weights, bf16 (once) ...", flush=True)
+        pipe = build_flux(dtype=torch.bfloat16)
     else:
         raise SystemExit(f"--model: {model!r} is not one of {', '.join(MODELS)}")
     partial = folder.with_name(f".{model}.partial")

@@ -1,17 +1,20 @@
 """Step time and peak memory of a training recipe against the floor, measured in one run.
 
-The floor is the bare loop a hand-written script cannot beat: the U-Net's forward and backward and AdamW on
-inputs computed beforehand (latents, text states, and for SDXL the pooled text embedding and size numbers), with
-the same trainable weights (LoRA of the recipe's rank on the same layers, or the whole U-Net for DreamBooth),
-precision, batch and resolution. "Ours" is `finetune train` on the recipe as a user
-runs it, with its defaults (caches, SDPA, offloading). Each runs in its own process, so each peak is its own,
-and the two take turns step by step, so a machine whose speed drifts (a shared CPU does) cannot favour either.
+The floor is the bare loop a hand-written script cannot beat (benchmarks/floors.py): the denoiser's forward and
+backward and AdamW on inputs computed beforehand (latents, text states, and for SDXL the pooled text embedding and
+size numbers, for Flux the pooled CLIP-L vector, position ids and guidance), with the same trainable weights (LoRA
+of the recipe's rank on the same layers, or the whole denoiser for DreamBooth), precision, batch and resolution.
+"Ours" is `finetune train` on the recipe as a user runs it, with its defaults (caches, SDPA, offloading). Each
+runs in its own process, so each peak is its own, and the two take turns step by step, so a machine whose speed
+drifts (a shared CPU does) cannot favour either.
 
     python benchmarks/step_time.py --model sd15 --steps 5 --json step_time.json
     python benchmarks/step_time.py --model tiny --recipe my_recipe.yaml
     python benchmarks/step_time.py --model sdxl --steps 9    # bf16 at 512 px unless told otherwise
+    python benchmarks/step_time.py --model flux --steps 5    # Flux.1-dev's width, fewer blocks (benchmarks/flux.py)
 
-Peak memory is the process's peak RSS on a CPU and torch's peak allocated memory on a GPU.
+Peak memory is the process's peak RSS on a CPU and torch's peak allocated memory on a GPU. CPU s/step is the
+process's CPU time per step, all threads: the work done, less disturbed than the wall clock by other jobs.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.floors import floor_conditioning, transformer_floor, unet_floor  # noqa: E402,F401
 from finetune.paths import write_text_atomically  # noqa: E402
 
 DEFAULT_RECIPE = {"strategy": {"kind": "lora", "rank": 4}, "train": {"learning_rate": 1e-4}}
@@ -36,14 +40,17 @@ DEFAULT_RECIPE = {"strategy": {"kind": "lora", "rank": 4}, "train": {"learning_r
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny",
-                        help="tiny, sd15 or sdxl (the SD1.5 or SDXL 1.0 base architecture, random weights)")
+                        help="tiny, sd15, sdxl or flux (SD1.5, SDXL 1.0 base, Flux.1-dev's width with fewer blocks; "
+                             "random weights)")
     parser.add_argument("--recipe", help="a recipe to time (its model and data are replaced); default LoRA rank 4")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (a CPU needs a few to settle)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (1)")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15 and sdxl, 32 for tiny")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="default: 512 for sd15, sdxl and flux, 32 for tiny")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
-                        help="default: the recipe's; without --recipe, bf16 for sdxl (fp32 does not fit 24 GB twice)")
+                        help="default: the recipe's; without --recipe, bf16 for sdxl and flux (fp32 does not fit "
+                             "24 GB twice)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--child", choices=("floor", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--child-recipe", help=argparse.SUPPRESS)
@@ -60,88 +67,56 @@ def _peak_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
-def floor_conditioning(unet_config, text_config: dict, batch: int, resolution: int, generator):
-    """What the U-Net is conditioned on, drawn once: hidden states [batch, tokens, cross_attention_dim], and for
-    SDXL (`addition_embed_type: text_time`) the `added_cond_kwargs` its family's predict passes: the pooled text
-    embedding [batch, 1280] and each sample's six size numbers (original size, crop corner, target size), here
-    those of a square image trained whole. Returns (states, added or None), in fp32 on the CPU."""
-    import torch
-
-    states = torch.randn(batch, text_config["max_position_embeddings"], unet_config.cross_attention_dim,
-                         generator=generator)
-    if unet_config.addition_embed_type != "text_time":
-        return states, None
-    sizes = 6  # time_ids: (h, w) + (top, left) + (h, w), each number embedded addition_time_embed_dim wide
-    pooled = unet_config.projection_class_embeddings_input_dim - sizes * unet_config.addition_time_embed_dim
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
-    return states, {"text_embeds": torch.randn(batch, pooled, generator=generator),
-                    "time_ids": time_ids.repeat(batch, 1)}
-
-
 def _floor(recipe) -> tuple[list[float], float]:
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
 
-    from finetune.training.loop import DTYPES, weight_dtype
+    from finetune.models import family_for
+    from finetune.networks import peft_layers
+    from finetune.training.loop import DTYPES
 
-    t, d = recipe.train, recipe.data
+    t = recipe.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = recipe.model.base
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
-                                                dtype=weight_dtype(recipe.model.dtype, t.mixed_precision))
-    unet.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    # the denoiser and a closure giving one step's loss on inputs drawn once: a U-Net (sd, sdxl) or Flux's transformer
+    model, loss_of = (transformer_floor if (Path(recipe.model.base) / "transformer").is_dir() else unet_floor)(
+        recipe, device, generator)
+    model.requires_grad_(False)
     if recipe.strategy.kind == "lora":
-        from peft import LoraConfig
-
-        from finetune.networks import peft_layers
-
         o = recipe.strategy
-        peft_layers.inject(unet, LoraConfig(r=o.rank, lora_alpha=o.alpha or o.rank, init_lora_weights="gaussian",
-                                            target_modules=list(o.target_modules or ("to_q", "to_k", "to_v",
-                                                                                     "to_out.0"))))
-        params = [p for p in unet.parameters() if p.requires_grad]
+        targets = o.target_modules or family_for("auto", recipe.model.base).lora_targets  # the same layers as ours
+        peft_layers.inject(model, LoraConfig(r=o.rank, lora_alpha=o.alpha or o.rank, init_lora_weights="gaussian",
+                                             target_modules=list(targets)))
+        params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()
     elif recipe.strategy.kind == "dreambooth":
-        unet.float().requires_grad_(True)
-        params = list(unet.parameters())
+        model.float().requires_grad_(True)
+        params = list(model.parameters())
     else:
         raise SystemExit(f"no floor defined for strategy {recipe.strategy.kind!r} (lora and dreambooth have one)")
     if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.to(device).train()
+        model.enable_gradient_checkpointing()
+    model.to(device).train()
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    text = json.loads((Path(base) / "text_encoder" / "config.json").read_text())
-    vae = json.loads((Path(base) / "vae" / "config.json").read_text())
-    side = d.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(t.batch_size, unet.config.in_channels, side, side, generator=generator).to(device)
-    states, added = floor_conditioning(unet.config, text, t.batch_size, d.resolution, generator)
-    states = states.to(device)
-    extra = {} if added is None else {
-        "added_cond_kwargs": {key: value.to(device, unet.dtype) for key, value in added.items()}}
     autocast = torch.autocast(device.type, dtype=DTYPES.get(t.mixed_precision, torch.float32),
                               enabled=t.mixed_precision != "no")
-    times = []
+    times, cpu = [], []
     _ready()
     for _ in range(t.max_steps - 1):  # the toolkit's first step runs untimed, during its set-up
         _wait_for_turn()
-        start = time.perf_counter()
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        steps = torch.randint(0, scheduler.config.num_train_timesteps, (t.batch_size,), generator=generator)
-        noisy = scheduler.add_noise(latents, noise, steps).to(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
         with autocast:
-            prediction = unet(noisy.to(unet.dtype), steps.to(device), states.to(unet.dtype), **extra).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise)
+            loss = loss_of()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # waits for the device, as the toolkit's loop does when it logs the loss
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         _report(times[-1])
-    return times, _peak_gb(device)
+    return times, cpu, _peak_gb(device)
 
 
 def _ours(recipe) -> tuple[list[float], float]:
@@ -149,21 +124,22 @@ def _ours(recipe) -> tuple[list[float], float]:
 
     from finetune.training.loop import train
 
-    times, started = [], []
+    times, cpu, started = [], [], []
 
     def on_step(step: int) -> None:
         if step == 1:
             _ready()  # set-up and the first step are done
         else:
-            times.append(time.perf_counter() - started[-1])
+            times.append(time.perf_counter() - started[-1][0])
+            cpu.append(time.process_time() - started[-1][1])
             _report(times[-1])
         if step < recipe.train.max_steps:
             _wait_for_turn()
-            started.append(time.perf_counter())
+            started.append((time.perf_counter(), time.process_time()))
 
     train(recipe, on_step=on_step)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return times, _peak_gb(device)
+    return times, cpu, _peak_gb(device)
 
 
 # The two runs live in two processes (so each peak is its own) and take turns, one step at a time, under the
@@ -185,8 +161,8 @@ def _child(kind: str, recipe_path: str) -> None:
     from finetune.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path, [])
-    times, peak = (_floor if kind == "floor" else _ours)(recipe)
-    print("RESULT " + json.dumps({"times": times, "peak_gb": peak}), flush=True)
+    times, cpu, peak = (_floor if kind == "floor" else _ours)(recipe)
+    print("RESULT " + json.dumps({"times": times, "cpu_times": cpu, "peak_gb": peak}), flush=True)
 
 
 def _start_child(kind: str, recipe_path: Path) -> subprocess.Popen:
@@ -269,15 +245,19 @@ def main() -> None:
         figures[f"{kind}_samples_per_s"] = batch / figures[f"{kind}_s_per_step"]
         figures[f"{kind}_peak_gb"] = run["peak_gb"]
         figures[f"{kind}_step_times"] = timed
+        # the process's CPU seconds per step (all its threads): the work done, which other jobs on a shared machine
+        # slow down less than the wall clock
+        figures[f"{kind}_cpu_s_per_step"] = statistics.median(run["cpu_times"][-args.steps:])
     figures["ratio"] = figures["ours_s_per_step"] / figures["floor_s_per_step"]
+    figures["cpu_ratio"] = figures["ours_cpu_s_per_step"] / figures["floor_cpu_s_per_step"]
     figures["memory_ratio"] = figures["ours_peak_gb"] / figures["floor_peak_gb"]
     print(f"\n{args.model}, {figures['strategy']}, {figures['resolution']} px, batch {batch}, "
           f"{figures['mixed_precision']}, {figures['device']}, median of {args.steps} steps")
-    print(f"{'':10} {'s/step':>9} {'samples/s':>10} {'peak GB':>9}")
+    print(f"{'':10} {'s/step':>9} {'samples/s':>10} {'peak GB':>9} {'CPU s/step':>11}")
     for kind, label in (("floor", "floor"), ("ours", "finetune")):
         print(f"{label:10} {figures[f'{kind}_s_per_step']:9.3f} {figures[f'{kind}_samples_per_s']:10.3f} "
-              f"{figures[f'{kind}_peak_gb']:9.2f}")
-    print(f"{'ratio':10} {figures['ratio']:9.3f} {'':10} {figures['memory_ratio']:9.3f}")
+              f"{figures[f'{kind}_peak_gb']:9.2f} {figures[f'{kind}_cpu_s_per_step']:11.3f}")
+    print(f"{'ratio':10} {figures['ratio']:9.3f} {'':10} {figures['memory_ratio']:9.3f} {figures['cpu_ratio']:11.3f}")
     if args.json:
         print(f"wrote {write_text_atomically(args.json, json.dumps(figures, indent=2))}")
 
