@@ -1,13 +1,15 @@
 """FLOPs of one training step, counted by torch.utils.flop_counter, and model-FLOPs utilisation on a GPU.
 
-Counts, per sample: the U-Net's forward and backward with the recipe's trainable weights (LoRA or the whole
-U-Net), one VAE encode, one text encode; so what a step costs with the caches (the U-Net alone) and without
-them. On a GPU it then times the U-Net's forward and backward in bf16 at the batch size and reports achieved
+Counts, per sample: the denoiser's forward and backward with the recipe's trainable weights (LoRA or the whole
+denoiser), one VAE encode, one text encode; so what a step costs with the caches (the denoiser alone) and without
+them (for flux, the released T5-XXL and CLIP-L counted on the meta device: the benchmark's are stand-ins). On a GPU
+it then times the denoiser's forward and backward in bf16 at the batch size and reports achieved
 TFLOP/s and MFU, the share of the GPU's peak dense bf16 rate (`--peak-tflops`, or a table of known GPUs).
 
     python benchmarks/flops.py --model sd15
     python benchmarks/flops.py --model sd15 --batch-size 8 --json flops.json     # on a GPU: MFU too
     python benchmarks/flops.py --model sdxl                                      # counted in bf16 on a CPU
+    python benchmarks/flops.py --model flux                                      # Flux.1-dev's width, fewer blocks
 """
 from __future__ import annotations
 
@@ -34,10 +36,11 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100"
 
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny, sd15 or sdxl")
+    parser.add_argument("--model", default="tiny", help="tiny, sd15, sdxl or flux")
     parser.add_argument("--strategy", default="lora", choices=("lora", "dreambooth"))
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15 and sdxl, 32 for tiny")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="default: 512 for sd15, sdxl and flux, 32 for tiny")
     parser.add_argument("--batch-size", type=int, default=1, help="for the GPU timing")
     parser.add_argument("--steps", type=int, default=10, help="timed GPU steps (after 3 untimed)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for the GPU timing")
@@ -55,19 +58,12 @@ def _count(fn) -> int:
     return counter.get_total_flops()
 
 
-def _unet_step(unet, latents, states, timesteps, added):
-    def run():
-        unet(latents, timesteps, states, **_extra(added)).sample.float().pow(2).mean().backward()
-    return run
-
-
 def _extra(added) -> dict:
     return {} if added is None else {"added_cond_kwargs": added}
 
 
 def main() -> None:
     from benchmarks.models import DEFAULT_MIXED_PRECISION, DEFAULT_RESOLUTION, model_folder
-    from benchmarks.step_time import floor_conditioning
     from finetune.models import family_for
     from finetune.training.loop import DTYPES
 
@@ -78,30 +74,27 @@ def main() -> None:
     # counts do not depend on the dtype; SDXL in fp32 (14 GB) would not fit a small machine
     dtype = DTYPES.get(DEFAULT_MIXED_PRECISION.get(args.model, "fp32"))
     parts = family.load(folder, dtype=dtype)
-    unet = parts.unet
+    model = parts.denoiser
     if args.strategy == "lora":
         from peft import LoraConfig
 
         from finetune.networks import peft_layers
 
-        peft_layers.inject(unet, LoraConfig(r=args.rank, lora_alpha=args.rank,
-                                            target_modules=list(family.lora_targets)))
+        peft_layers.inject(model, LoraConfig(r=args.rank, lora_alpha=args.rank,
+                                             target_modules=list(family.lora_targets)))
     else:
-        unet.requires_grad_(True)
-    side = resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    latents = torch.randn(1, unet.config.in_channels, side, side).to(dtype)
-    # the U-Net's conditioning as the step-time floor gives it (SDXL: also the pooled embedding and size numbers)
-    states, added = floor_conditioning(unet.config, parts.text_encoder.config.to_dict(), 1, resolution,
-                                       torch.Generator().manual_seed(0))
-    states = states.to(dtype)
-    added = None if added is None else {key: value.to(dtype) for key, value in added.items()}
-    timesteps = torch.tensor([500])
+        model.requires_grad_(True)
+    # the denoiser's loss as the step-time floor computes it, for a batch on a device
+    loss_of = (_transformer_loss if args.model == "flux" else _unet_loss)(model, parts, resolution, dtype)
     pixels = torch.rand(1, 3, resolution, resolution) * 2 - 1
 
-    unet_flops = _count(_unet_step(unet, latents, states, timesteps, added))
+    unet_flops = _count(lambda: loss_of(1, torch.device("cpu")).backward())
     with torch.no_grad():
         vae_flops = _count(lambda: family.encode_image_moments(parts, pixels))
-        text_flops = _count(lambda: family.encode_prompts(parts, ["a photo of a blue ball"]))
+        # the flux benchmark's text encoders are one-layer stand-ins: count the released T5-XXL and CLIP-L
+        text_flops = _count(_released_flux_text_encoders() if args.model == "flux" else
+                            lambda: family.encode_prompts(parts, ["a photo of a blue ball"]))
+    name = "transformer" if args.model == "flux" else "U-Net"
     figures = {"model": args.model, "strategy": args.strategy, "resolution": resolution,
                "unet_fwd_bwd_tflop_per_sample": unet_flops / 1e12, "vae_encode_tflop_per_sample": vae_flops / 1e12,
                "text_encode_tflop_per_sample": text_flops / 1e12,
@@ -109,13 +102,13 @@ def main() -> None:
                "step_tflop_per_sample_uncached": (unet_flops + vae_flops + text_flops) / 1e12}
     figures["uncached_extra_share"] = (vae_flops + text_flops) / unet_flops
     print(f"{args.model}, {args.strategy}, {resolution} px, per sample:")
-    print(f"  U-Net forward+backward  {figures['unet_fwd_bwd_tflop_per_sample']:.4f} TFLOP")
-    print(f"  VAE encode              {figures['vae_encode_tflop_per_sample']:.4f} TFLOP")
-    print(f"  text encode             {figures['text_encode_tflop_per_sample']:.4f} TFLOP")
+    for label, key in ((f"{name} forward+backward", "unet_fwd_bwd"), ("VAE encode", "vae_encode"),
+                       ("text encode", "text_encode")):
+        print(f"  {label:30}{figures[key + '_tflop_per_sample']:.4f} TFLOP")
     print(f"  a step without caches costs {figures['uncached_extra_share']:.0%} more than with them")
 
     if torch.cuda.is_available():
-        figures.update(_gpu_utilisation(unet, latents, states, timesteps, added, unet_flops, args))
+        figures.update(_gpu_utilisation(model, loss_of, unet_flops, args))
         mfu = f"{figures['mfu']:.1%}" if figures["mfu"] else "unknown (give --peak-tflops)"
         print(f"  GPU {figures['device']}, bf16, batch {args.batch_size}: {figures['gpu_s_per_step']:.4f} s/step, "
               f"{figures['samples_per_s']:.1f} samples/s, {figures['achieved_tflops']:.1f} TFLOP/s, "
@@ -124,31 +117,72 @@ def main() -> None:
         print(f"wrote {write_text_atomically(args.json, json.dumps(figures, indent=2))}")
 
 
-def _gpu_utilisation(unet, latents, states, timesteps, added, flops_per_sample: int, args) -> dict:
+def _unet_loss(unet, parts, resolution: int, dtype):
+    from benchmarks.floors import floor_conditioning
+
+    side = resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    latents = torch.randn(1, unet.config.in_channels, side, side)
+    # the U-Net's conditioning as the step-time floor gives it (SDXL: also the pooled embedding and size numbers)
+    states, added = floor_conditioning(unet.config, parts.text_encoder.config.to_dict(), 1, resolution,
+                                       torch.Generator().manual_seed(0))
+
+    def loss_of(batch: int, device):
+        extra = _extra(None if added is None else {
+            key: value.repeat(batch, 1).to(device, unet.dtype) for key, value in added.items()})
+        out = unet(latents.repeat(batch, 1, 1, 1).to(device, unet.dtype), torch.tensor([500] * batch).to(device),
+                   states.repeat(batch, 1, 1).to(device, unet.dtype), **extra).sample
+        return out.float().pow(2).mean()
+    return loss_of
+
+
+def _transformer_loss(transformer, parts, resolution: int, dtype):
+    from benchmarks import flux
+
+    def loss_of(batch: int, device):
+        inputs = flux.floor_inputs(transformer.config, batch, resolution, torch.Generator().manual_seed(0))
+        return flux.floor_loss(transformer, inputs, torch.Generator().manual_seed(0), device)
+    return loss_of
+
+
+def _released_flux_text_encoders():
+    """Encoding one caption with Flux.1-dev's T5-XXL (512 tokens) and CLIP-L (77), built on the meta device."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from benchmarks.flux import config
+
+    with torch.device("meta"):
+        t5, clip = T5EncoderModel(T5Config(**config("text_encoder_2"))), CLIPTextModel(
+            CLIPTextConfig(**config("text_encoder")))
+
+    def run():
+        with torch.device("meta"):
+            t5(input_ids=torch.zeros(1, 512, dtype=torch.long))
+            clip(input_ids=torch.zeros(1, 77, dtype=torch.long))
+    return run
+
+
+def _gpu_utilisation(model, loss_of, flops_per_sample: int, args) -> dict:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    unet.to(device, dtype=torch.bfloat16)
-    for p in unet.parameters():
+    model.to(device, dtype=torch.bfloat16)
+    for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable weights fp32, as the toolkit keeps them
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
+        model.enable_gradient_checkpointing()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     batch = args.batch_size
-    inputs = (latents.repeat(batch, 1, 1, 1).to(device), timesteps.repeat(batch).to(device),
-              states.repeat(batch, 1, 1).to(device))
-    added = None if added is None else {key: value.repeat(batch, 1).to(device) for key, value in added.items()}
     torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(3 + args.steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = unet(inputs[0], inputs[1], inputs[2], **_extra(added)).sample
-        out.float().pow(2).mean().backward()
+            loss = loss_of(batch, device)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
