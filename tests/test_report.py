@@ -128,7 +128,8 @@ def test_the_page_reloads_itself_while_the_run_goes_on(sampled_run):
     out, _ = sampled_run
     running = (out.parent / "running.html").read_text()  # written at the sample step 2, read in step 3
     assert '<meta http-equiv="refresh" content="30">' in running
-    assert "Running: step 2 of 4" in running and running.count("data:image/png") == 1
+    assert "Running: step 2 of 4, about" in running and "to go" in running and "<th>ETA</th>" in running
+    assert running.count("data:image/png") == 1
 
 
 def test_finetune_report_rebuilds_the_same_page_from_the_folder_alone(sampled_run, capsys):
@@ -206,3 +207,13 @@ def test_the_page_renders_in_a_headless_browser(sampled_run, tmp_path):
     with Image.open(shot) as image:
         assert image.size == (1280, 1600)
         assert max(ImageStat.Stat(image.convert("L")).stddev) > 10  # something is drawn, not a blank page
+
+
+def test_a_run_that_starts_anew_drops_the_figures_of_the_artifact_it_replaces(tiny_base, concept_dir, tmp_path):
+    from finetune.report.evaluations import save_evaluation
+
+    recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out", train={"max_steps": 1}))
+    save_evaluation(train(recipe), "new_object", FIGURES, by="finetune eval")
+    assert "<h2>Evaluation</h2>" in _page(tmp_path / "out")
+    train(recipe, overwrite=True)
+    assert not (tmp_path / "out" / "eval").exists() and "<h2>Evaluation</h2>" not in _page(tmp_path / "out")

@@ -3,12 +3,14 @@ run.json, and report.html rewritten at the start, at every sample step and at th
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from finetune.report.history import History, read_run_info, write_run_info
+from finetune.report.sources import EVAL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class LiveReport:
         if not self.enabled:
             return
         self.history = History(output_dir, keep_through=first_step)
+        if first_step == 0:  # figures of an artifact this run replaces (--overwrite) would be shown as its own
+            shutil.rmtree(output_dir / EVAL_DIR, ignore_errors=True)
         earlier = read_run_info(output_dir) if first_step else {}
         self._elapsed_before = float((self.history.last or {}).get("elapsed") or 0.0)
         self._session = time.time()
