@@ -228,3 +228,9 @@ def test_a_single_file_checkpoint_is_refused_clearly(lora_run, tmp_path):
 def test_the_flux_recipe_validates_and_trains_on_a_tiny_flux(flux_base, tmp_path):
     out = train_shipped_recipe("flux_lora", flux_base, tmp_path)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_16gb_flux_recipe_validates_and_trains_on_a_tiny_flux(flux_base, tmp_path):
+    # its int8 base, caches and offloading as shipped (benchmarks/memory.py estimates its peak)
+    out = train_shipped_recipe("flux_lora_16gb", flux_base, tmp_path)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
