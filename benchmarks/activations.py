@@ -1,0 +1,116 @@
+"""Activation memory of a transformer block per token, measured on this CPU on a narrow copy of the real block.
+
+What backward keeps: every tensor autograd saves while the denoiser runs forward (counted once per storage through
+`torch.autograd.graph.saved_tensors_hooks`; the weights themselves left out), attributed to the block that was
+running. The model is the family's diffusers class with the real head size (128 for Flux, 64 for SD3) but 2
+heads, a rank-1 LoRA on the family's targets, bf16 weights under bf16 autocast as the loop trains, and attention
+through SDPA's flash kernel (the one a GPU takes; it keeps q, k, v, the output and a log-sum-exp, nothing
+quadratic in tokens). Every tensor a block saves is [tokens, k x width] (the attention's log-sum-exp, [heads,
+tokens], is rounding), so bytes / (tokens x width) is a constant of the block's design: `bytes_per_token_width`.
+A full-size block then keeps that x tokens x width x batch bytes; with gradient checkpointing it keeps only its
+inputs (the hidden states, `KEPT_PER_TOKEN_WIDTH` bytes per token and width in bf16), and the one block being
+recomputed holds its full share again during backward.
+"""
+from __future__ import annotations
+
+import torch
+
+KEPT_PER_TOKEN_WIDTH = 2  # a checkpointed block keeps its input hidden states: one bf16 value per token and width
+
+
+def _small_flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=128, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+
+
+def _flux_inputs(model, image_tokens: int, text_tokens: int) -> dict:
+    from diffusers import FluxPipeline
+
+    side = int(image_tokens ** 0.5)
+    return {"hidden_states": torch.randn(1, side * side, 64), "encoder_hidden_states": torch.randn(1, text_tokens, 32),
+            "pooled_projections": torch.randn(1, 16), "timestep": torch.tensor([0.5]),
+            "guidance": torch.tensor([1.0]), "txt_ids": torch.zeros(text_tokens, 3),
+            "img_ids": FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32)}
+
+
+def _small_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    # a block with SD3.5 Medium's second image attention, a plain one, and the last (context_pre_only) one
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
+                                 attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32,
+                                 caption_projection_dim=128, pooled_projection_dim=16, pos_embed_max_size=16,
+                                 qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def block_kinds(model) -> list[tuple[str, torch.nn.Module]]:
+    """(kind, block) for every block of a Flux or SD3 transformer in the order they run: Flux "double" and
+    "single"; SD3 "dual" (SD3.5 Medium's first 13), "joint", and "last" (its context stream ends there)."""
+    if hasattr(model, "single_transformer_blocks"):
+        return ([("double", b) for b in model.transformer_blocks]
+                + [("single", b) for b in model.single_transformer_blocks])
+    dual = set(model.config.dual_attention_layers or ())
+    blocks = model.transformer_blocks
+    return [("last" if i == len(blocks) - 1 else "dual" if i in dual else "joint", b) for i, b in enumerate(blocks)]
+
+
+def _sd3_inputs(model, image_tokens: int, text_tokens: int) -> dict:
+    side = 2 * int(image_tokens ** 0.5)  # 2x2 patches
+    return {"hidden_states": torch.randn(1, 16, side, side), "encoder_hidden_states": torch.randn(1, text_tokens, 32),
+            "pooled_projections": torch.randn(1, 16), "timestep": torch.tensor([500.0])}
+
+
+# family -> (small model, its inputs, {block kind: the ModuleList holding them}, LoRA targets)
+FLUX_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2")
+SD3_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+               "attn.add_v_proj", "attn.to_add_out")
+
+
+def measure(family: str, image_tokens: int = 64, text_tokens: int = 32) -> dict[str, float]:
+    """{block kind (`block_kinds`): saved bytes per token per unit of width}, tokens of both streams, for a
+    "flux" or "sd3" transformer, plus "rest": what the embedders and output layers save, in bytes per image token
+    per unit of width."""
+    from peft import LoraConfig
+
+    from finetune.networks import peft_layers
+
+    torch.manual_seed(0)
+    model, inputs, targets = ((_small_flux(), _flux_inputs, FLUX_TARGETS) if family == "flux"
+                              else (_small_sd3(), _sd3_inputs, SD3_TARGETS))
+    model.requires_grad_(False)
+    peft_layers.inject(model, LoraConfig(r=1, lora_alpha=1, target_modules=list(targets)))
+    model.to(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    weights = {p.data_ptr() for p in model.parameters()}
+    current, saved, seen = ["rest"], {}, set()
+
+    def pack(tensor):
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if key[0] not in weights and key not in seen:
+            seen.add(key)
+            saved[current[0]] = saved.get(current[0], 0) + key[1]
+        return tensor
+
+    blocks = block_kinds(model)
+    for kind, block in blocks:
+        block.register_forward_pre_hook(lambda *_, k=kind: current.__setitem__(0, k))
+        block.register_forward_hook(lambda *_: current.__setitem__(0, "rest"))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    args = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "guidance" else v
+            for k, v in inputs(model, image_tokens, text_tokens).items()}
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**args, return_dict=False)[0].float().pow(2).mean()
+    tokens = image_tokens + text_tokens
+    result = {kind: saved[kind] / (tokens * width) / sum(k == kind for k, _ in blocks) for kind, _ in blocks}
+    result["rest"] = saved.get("rest", 0) / (image_tokens * width)
+    return result

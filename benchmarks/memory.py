@@ -1,0 +1,259 @@
+"""Estimated peak GPU memory of each shipped recipe at the real model sizes. Estimates, not measured on a GPU.
+
+    python benchmarks/memory.py                  # the table
+    python benchmarks/memory.py --fsdp 1 2 4 8 --json memory.json
+
+Models: the real transformers, text encoders and VAEs built on the meta device (no weights, nothing downloaded)
+from the published config.json values in benchmarks/configs/: black-forest-labs/FLUX.1-dev (flux/),
+stabilityai/stable-diffusion-3.5-large and stabilityai/stable-diffusion-3.5-medium (sd35/; CLIP-L, CLIP-G and
+T5-XXL as in flux/ and sdxl/). A recipe's peak is the largest of three phases, as training/loop.py runs them:
+- caching: the text encoders (base dtype) and the VAE (fp32 where `force_upcast`) encode the captions and images;
+  the denoiser joins the GPU only afterwards;
+- training: the denoiser's frozen weights (base dtype, or one byte per Linear weight with `model.quantize`), the
+  trained weights in fp32 with their fp32 gradients and the optimizer's state (AdamW 8 bytes a weight,
+  adamw8bit 2, Adafactor its row and column factors), the activations, and the encoders or VAE still there
+  (a cache off, or `cache.offload: false`);
+- sampling (`sample.every` > 0): encoders and VAE come back beside the denoiser and the optimizer state;
+- class images (`prior.mode: class_images`): the frozen base draws them, encoders and VAE beside it;
+- preparing (DreamBooth): the whole denoiser made fp32 on each GPU before FSDP shards it.
+Activations: what backward keeps per block, in bytes per token per unit of width, measured on this CPU on a
+narrow copy of each block (benchmarks/activations.py), times the real width, tokens (both streams: (side/16)^2
+image tokens, plus Flux's 512 or SD3's 77 + 256 text tokens) and batch (doubled by prior preservation). With
+gradient checkpointing each block keeps its inputs and one block at a time holds its full share again.
+FSDP (`--fsdp`): whole-model weights, gradients and optimizer state divided by N, plus two gathered blocks.
+Each phase adds CUDA_CONTEXT_GB (context and cuBLAS workspace; the allocator's fragmentation, often 5-15%, is
+not in it).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks import activations  # noqa: E402
+
+CONFIGS = ROOT / "benchmarks" / "configs"
+RECIPES = ("flux_lora", "flux_lora_16gb", "sd35_lora", "flux_dreambooth_fsdp")
+GB = 1e9
+CUDA_CONTEXT_GB = 0.6
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+VAE_WORK_MAPS = 3  # full-resolution 128-channel fp32 feature maps alive at once in the VAE's first stage
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    family: str  # flux or sd3
+    hub: str
+    transformer: str
+    text_tokens: int
+    encoders: tuple[tuple[str, str], ...]  # (class, config) per text encoder
+
+
+MODELS = {
+    "flux-dev": Model("Flux.1-dev", "flux", "black-forest-labs/FLUX.1-dev", "flux/transformer", 512,
+                      (("clip", "flux/text_encoder"), ("t5", "flux/text_encoder_2"))),
+    "sd35-large": Model("SD3.5 Large", "sd3", "stabilityai/stable-diffusion-3.5-large", "sd35/transformer_large",
+                        77 + 256, (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"),
+                                   ("t5", "flux/text_encoder_2"))),
+    "sd35-medium": Model("SD3.5 Medium", "sd3", "stabilityai/stable-diffusion-3.5-medium",
+                         "sd35/transformer_medium", 77 + 256,
+                         (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"),
+                          ("t5", "flux/text_encoder_2"))),
+}
+
+
+def _config(name: str) -> dict:
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def _build(model: Model):
+    """(transformer, [text encoders], vae) on the meta device, built once per model."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    kinds = {"clip": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
+             "clip+": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)),
+             "t5": lambda c: T5EncoderModel(T5Config(**c))}
+    with torch.device("meta"):
+        denoiser = (FluxTransformer2DModel if model.family == "flux" else SD3Transformer2DModel)(
+            **_config(model.transformer))
+        encoders = [kinds[kind](_config(config)) for kind, config in model.encoders]
+        vae = AutoencoderKL(**_config("flux/vae" if model.family == "flux" else "sd35/vae"))
+    return denoiser, encoders, vae
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _lora_shapes(denoiser: torch.nn.Module, targets, rank: int) -> list[tuple[int, int]]:
+    """The A [rank, in] and B [out, rank] matrices peft adds to each Linear whose name ends in a target."""
+    shapes = []
+    for name, module in denoiser.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            shapes += [(rank, module.in_features), (module.out_features, rank)]
+    return shapes
+
+
+def _optimizer_bytes(shapes: list[tuple[int, ...]], kind: str) -> float:
+    if kind == "adafactor":  # factored second moment: a row and a column vector per matrix, fp32
+        return sum(4 * (sum(s) if len(s) == 2 else s[0]) for s in shapes)
+    return {"adamw": 8, "adamw8bit": 2}[kind] * sum(_count(s) for s in shapes)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for side in shape:
+        n *= side
+    return n
+
+
+_RATIOS: dict[str, dict[str, float]] = {}
+
+
+def ratios(family: str) -> dict[str, float]:
+    """Measured once per process: bytes per token per unit of width of each block kind (and "rest")."""
+    if family not in _RATIOS:
+        _RATIOS[family] = activations.measure(family)
+    return _RATIOS[family]
+
+
+def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
+    """For `recipe` (a loaded Recipe) on `model`: {"gb": the peak, "phase": where it is, "phases": {phase: GB},
+    "parts": {what the training phase holds: GB}}; `fsdp`: GPUs a whole-model strategy is sharded over."""
+    from finetune.data.caches import plan_caches
+
+    denoiser, encoders, vae = _build(model)
+    t, strategy = recipe.train, recipe.strategy
+    base = recipe.model.dtype if recipe.model.dtype != "auto" else {"no": "fp32"}.get(t.mixed_precision,
+                                                                                        t.mixed_precision)
+    wbytes = BYTES[base]
+    if recipe.model.text_encoder_3 == "none":
+        encoders = [e for e in encoders if "T5" not in type(e).__name__]  # SD3 without T5
+    encoder_gb = sum(_numel(e) for e in encoders) * wbytes / GB
+    vae_gb = _numel(vae) * (4 if vae.config.force_upcast else wbytes) / GB
+    side = recipe.data.resolution
+    vae_work_gb = VAE_WORK_MAPS * 128 * side * side * 4 * t.batch_size / GB
+    plan = plan_caches(recipe.cache.latents, recipe.cache.text, recipe.data.crop,
+                       strategy.changes_text_encoding(), 0)
+    if strategy.kind not in ("lora", "dreambooth"):
+        raise ValueError(f"no estimate for strategy {strategy.kind!r} yet (lora and dreambooth have one)")
+    parts: dict[str, float] = {}
+    if strategy.kind == "dreambooth":  # the whole denoiser trains, in fp32
+        shapes = [tuple(p.shape) for p in denoiser.parameters()]
+        whole = _numel(denoiser) * 8 + _optimizer_bytes(shapes, t.optimizer)
+        gathered = 2 * max(_numel(b) for _, b in activations.block_kinds(denoiser)) * 4 if fsdp > 1 else 0
+        parts["weights+grads+optimizer"] = (whole / fsdp + gathered) / GB
+    else:
+        linear = sum(m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
+        per_linear = 1 if recipe.model.quantize != "none" else wbytes
+        parts["weights"] = (linear * per_linear + (_numel(denoiser) - linear) * wbytes) / GB
+        shapes = _lora_shapes(denoiser, strategy.target_modules or _family_targets(model.family), strategy.rank)
+        parts["lora+grads+optimizer"] = (sum(map(_count, shapes)) * 8 + _optimizer_bytes(shapes, t.optimizer)) / GB
+    parts["activations"] = _activations_gb(recipe, model, denoiser)
+    if not (plan.text and recipe.cache.offload):
+        parts["text encoders"] = encoder_gb
+    if not (plan.latents != "off" and recipe.cache.offload):
+        parts["vae"] = vae_gb + vae_work_gb
+    parts["cuda context"] = CUDA_CONTEXT_GB
+    frozen_gb = _numel(denoiser) * wbytes / GB
+    phases = {"training": sum(parts.values()),
+              "caching": encoder_gb + vae_gb + vae_work_gb / t.batch_size + CUDA_CONTEXT_GB}
+    if recipe.prior.mode == "class_images":  # the base draws the class images before the caches fill
+        phases["class images"] = frozen_gb + phases["caching"]
+    if strategy.kind == "dreambooth":  # made fp32 on the GPU whole, before FSDP shards it
+        phases["preparing"] = _numel(denoiser) * 4 / GB + CUDA_CONTEXT_GB
+    if recipe.sample.every:  # encoders and VAE back beside the denoiser, its adapters and the optimizer state
+        held = sum(v for k, v in parts.items() if k not in ("activations", "text encoders", "vae"))
+        phases["sampling"] = held + encoder_gb + vae_gb + vae_work_gb / t.batch_size
+    phase = max(phases, key=phases.get)
+    return {"gb": phases[phase], "phase": phase, "phases": phases, "parts": parts}
+
+
+def _family_targets(family: str) -> tuple[str, ...]:
+    from finetune.models import family_for
+
+    return family_for(family).lora_targets
+
+
+def _activations_gb(recipe, model: Model, denoiser) -> float:
+    t = recipe.train
+    batch = t.batch_size * (2 if recipe.prior.mode != "none" else 1)
+    image_tokens = (recipe.data.resolution // 16) ** 2
+    tokens = image_tokens + model.text_tokens
+    width = denoiser.config.num_attention_heads * denoiser.config.attention_head_dim
+    measured = ratios(model.family)
+    full = [measured[kind] * tokens * width * batch for kind, _ in activations.block_kinds(denoiser)]
+    if t.gradient_checkpointing:
+        kept = activations.KEPT_PER_TOKEN_WIDTH * tokens * width * batch * len(full) + max(full)
+    else:
+        kept = sum(full)
+    return (kept + measured["rest"] * image_tokens * width * batch) / GB
+
+
+def _model_for(base: str) -> str | None:
+    lowered = base.lower()
+    if "flux.1" in lowered:
+        return "flux-dev"
+    return next((key for key in ("sd35-large", "sd35-medium") if key.split("-")[1] in lowered and "3.5" in lowered),
+                None)
+
+
+def rows(fsdp: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
+    """One row per (shipped recipe, model[, FSDP GPUs]); a recipe not in recipes/ is left out."""
+    from finetune.recipe.load import load_recipe
+
+    out = []
+    for name in RECIPES:
+        path = ROOT / "recipes" / f"{name}.yaml"
+        if not path.is_file():
+            print(f"({path.name} is not in recipes/ yet: left out)", file=sys.stderr)
+            continue
+        recipe = load_recipe(path, [])
+        key = _model_for(recipe.model.base)
+        keys = [key] + (["sd35-large"] if key == "sd35-medium" else [])  # the SD3.5 recipe on Large too
+        counts = fsdp if recipe.strategy.kind == "dreambooth" else (1,)
+        for key in keys:
+            for n in counts:
+                result = estimate(recipe, MODELS[key], fsdp=n)
+                out.append({"recipe": name, "model": MODELS[key].name, "hub": MODELS[key].hub, "gpus": n,
+                            "resolution": recipe.data.resolution, "batch_size": recipe.train.batch_size,
+                            "quantize": recipe.model.quantize, "optimizer": recipe.train.optimizer,
+                            "gradient_checkpointing": recipe.train.gradient_checkpointing, **result})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fsdp", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="GPU counts for whole-model (DreamBooth) recipes under FSDP")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    table = rows(tuple(args.fsdp))
+    print("Estimated peak GPU memory (estimates, not measured on a GPU; benchmarks/memory.py)\n")
+    print(f"{'recipe':22} {'model':13} {'GPUs':>4} {'px':>5} {'GB':>6}  {'peak in':12} training (GB); other phases")
+    for row in table:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in row["parts"].items())
+        others = ", ".join(f"{k} {v:.1f}" for k, v in row["phases"].items() if k != "training")
+        print(f"{row['recipe']:22} {row['model']:13} {row['gpus']:>4} {row['resolution']:>5} {row['gb']:6.1f}  "
+              f"{row['phase']:12} {parts}; {others}")
+    if args.json:
+        from finetune.paths import write_text_atomically
+
+        print(f"wrote {write_text_atomically(args.json, json.dumps(table, indent=2))}")
+
+
+if __name__ == "__main__":
+    main()
