@@ -52,6 +52,23 @@ def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
     assert report["max_steps_override"] == 2 and all(run["steps"] == 2 for run in report["runs"])
     assert markdown.splitlines()[2].startswith("**Shortened run** (`--max-steps 2`)")
     assert "MISSED" not in markdown and markdown.count("not judged: shortened to 2 steps") == 3
+    # demo_report.html: every run's before/after grids side by side, rows labelled, its figures under them
+    import base64
+    import re
+
+    page = (tmp_path / "demo_report.html").read_text()
+    inlined = [base64.b64decode(d) for d in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    assert inlined == [Path(g).read_bytes() for run in report["runs"] for g in run["grids"]]
+    assert page.count('<div class="pair">') == len(report["runs"])
+    assert page.count('<span class="prompt">a red circle</span>') == 2 * len(report["runs"])
+    for run in report["runs"]:
+        assert run["grid_prompts"][0] == run["concept"] and run["grid_images"] == 4
+        assert f"<td class=\"n\">{run['concept_fidelity']:.3f}</td>" in page
+        # each run's own folder keeps its figures, and its report.html shows them
+        run_dir = Path(run["artifact"]).parent
+        figures = json.loads((run_dir / "eval" / f"{run['concept_kind']}.json").read_text())
+        assert figures["concept_fidelity"] == run["concept_fidelity"] and figures["by"] == "finetune demo"
+        assert "<h2>Evaluation</h2>" in (run_dir / "report.html").read_text()
 
 
 def test_quick_demo_runs_the_headline_alone(tmp_path):
