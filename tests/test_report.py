@@ -217,3 +217,13 @@ def test_a_run_that_starts_anew_drops_the_figures_of_the_artifact_it_replaces(ti
     assert "<h2>Evaluation</h2>" in _page(tmp_path / "out")
     train(recipe, overwrite=True)
     assert not (tmp_path / "out" / "eval").exists() and "<h2>Evaluation</h2>" not in _page(tmp_path / "out")
+
+
+def test_peak_memory_is_what_the_device_reports(monkeypatch):
+    import torch
+
+    from finetune.report.live import peak_memory
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    assert peak_memory(torch.device("cuda", 0)) == 3 * 2**30
+    assert peak_memory(torch.device("cpu")) is None

@@ -54,7 +54,7 @@ def labelled_grid(path: Path, prompts: Sequence[str], row_notes: Sequence[str], 
     pixels = width // count
     cell = cell or shown_cell(pixels)
     smooth = "" if cell > pixels else ' style="image-rendering:auto"'
-    parts = [(f'<figure class="grid"><div class="cells" style="grid-template-columns:{label_column} '
+    parts = [(f'<figure class="grid"><figcaption>{escape(caption)}</figcaption><div class="cells" style="grid-template-columns:{label_column} '
              f'repeat({count},{cell}px);grid-template-rows:auto repeat({rows},{cell}px)">'), "<div></div>"]
     parts += [f'<div class="col">{escape(label)}</div>' for label in columns]
     for row, (prompt, note) in enumerate(zip(prompts, row_notes)):
@@ -62,5 +62,5 @@ def labelled_grid(path: Path, prompts: Sequence[str], row_notes: Sequence[str], 
                      f'</span><span class="note">{escape(note)}</span></div>')
     parts.append(f'<img class="px"{smooth} alt="{escape(caption)}" src="{uri}" style="grid-column:2/span {count};'
                  f'grid-row:2/span {rows};width:{cell * count}px;height:{cell * rows}px">')
-    parts.append(f"</div><figcaption>{escape(caption)}</figcaption></figure>")
+    parts.append("</div></figure>")
     return "".join(parts)

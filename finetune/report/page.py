@@ -25,7 +25,7 @@ table{border-collapse:collapse;margin:4px 0}td,th{border:1px solid #ddd;padding:
  vertical-align:top}th{background:#f6f6f6}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 pre{background:#f7f7f7;padding:8px 10px;overflow-x:auto;font-size:12px;white-space:pre-wrap}
 .charts{display:flex;flex-wrap:wrap;gap:8px}.charts svg{width:100%;max-width:580px;height:auto}
-.note{color:#666;font-size:12px}figure.grid{margin:10px 0 18px}figcaption{color:#444;font-size:13px;margin-top:4px}
+.note{color:#666;font-size:12px}figure.grid{margin:10px 0 18px}figcaption{color:#333;font-size:13px;font-weight:600;margin:4px 0}
 .cells{display:grid;gap:0;align-items:center}.col{text-align:center;font-size:12px;color:#555;padding-bottom:2px}
 .row{padding-right:8px;font-size:12px;display:flex;flex-direction:column;justify-content:center;height:100%}
 .row .prompt{font-family:ui-monospace,Menlo,monospace;word-break:break-word}
