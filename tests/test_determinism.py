@@ -3,7 +3,8 @@
 Each recipe trains twice into the same output_dir (the artifact's metadata holds the recipe, output_dir
 included, so a second directory would differ for that reason alone); the first run's output is moved aside
 before the second starts. Then every file either run wrote is compared byte for byte: weights, headers,
-AUTOMATIC1111 pickles, kohya files, DreamBooth's whole pipeline folder, the checkpoint.
+AUTOMATIC1111 pickles, kohya files, DreamBooth's whole pipeline folder, the checkpoint; the report's files record
+times, so their history's steps, losses and learning rates are compared instead.
 """
 from __future__ import annotations
 
@@ -31,12 +32,23 @@ STRATEGIES = {
 TRAIN = {"max_steps": 3, "batch_size": 2, "seed": 0}
 
 
+# the run's report records wall-clock times and durations, which no two runs share; its history's steps, losses
+# and learning rates are compared instead (_history)
+REPORT_FILES = {"history.jsonl", "run.json", "report.html"}
+
+
 def _files(root: Path) -> dict[str, bytes]:
-    """Every file under root, by path relative to it. Nothing is excluded: with the default recipe (no
-    trackers, so no logs folder; no sample grids) a run writes only what it was asked to, and all of it
-    should repeat."""
+    """Every file under root, by path relative to it, but the report's. Nothing else is excluded: with the
+    default recipe (no trackers, so no logs folder; no sample grids) a run writes only what it was asked to, and
+    all of it should repeat."""
     return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*"))
-            if path.is_file()}
+            if path.is_file() and path.relative_to(root).as_posix() not in REPORT_FILES}
+
+
+def _history(root: Path) -> list[tuple]:
+    from finetune.report.history import read_history
+
+    return [(r["step"], r["loss"], r["lr"]) for r in read_history(root)]
 
 
 def _train(tiny_base, concept_dir, out: Path, strategy: dict) -> Path:
@@ -62,6 +74,7 @@ def test_same_recipe_and_seed_write_bit_identical_files(tiny_base, concept_dir, 
     assert sorted(second) == sorted(first), "the two runs wrote different sets of files"
     differing = [name for name in first if first[name] != second[name]]
     assert not differing, f"these files differ between two runs of the same recipe: {differing}"
+    assert len(_history(out)) == TRAIN["max_steps"] and _history(out) == _history(tmp_path / "first")
 
 
 class _Crash(Exception):
@@ -90,3 +103,4 @@ def test_a_run_resumed_from_its_checkpoint_writes_the_same_files(tiny_base, conc
     assert artifacts, sorted(uninterrupted)
     differing = [name for name in artifacts if resumed.get(name) != uninterrupted[name]]
     assert not differing, f"these files differ between the resumed and the uninterrupted run: {differing}"
+    assert _history(out) == _history(tmp_path / "uninterrupted") and len(_history(out)) == 4

@@ -1,6 +1,7 @@
 """The same `finetune train` under the command line, `accelerate launch` and `torchrun` (2 CPU processes)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -75,6 +76,9 @@ def test_torchrun_two_cpu_processes_give_one_artifact(tiny_base, concept_dir, tm
     assert "effective batch 2 = 1 per process x 2 process(es) x 1 accumulation" in output
     assert "Traceback" not in output and "abort" not in output.lower()
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "history.jsonl", "pytorch_lora_weights.safetensors",
+                                                     "report.html", "run.json"]
+    # the main process alone writes the history: each step once
+    assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
     assert steps_in(out / "pytorch_lora_weights.safetensors") == 4  # optimizer steps, not steps x processes

@@ -7,11 +7,23 @@ constant, so the same history always gives the same SVG.
 from __future__ import annotations
 
 import io
+import logging
 import math
+import os
 from collections.abc import Sequence
 
 SMOOTHING = 0.9  # weight of the past in the smoothed loss (an exponential moving average, as TensorBoard's)
 MAX_POINTS = 2000  # points drawn per series; longer histories are thinned evenly
+
+
+def quiet_matplotlib() -> None:
+    """matplotlib's one-time notices (building its font cache, a temporary config folder) are not the run's
+    warnings: its logger keeps only errors unless someone set its level already (`finetune -v` shows them)."""
+    logger = logging.getLogger("matplotlib")
+    from finetune.console import VERBOSE
+
+    if logger.level == logging.NOTSET and os.environ.get("FINETUNE_VERBOSITY") != str(VERBOSE):
+        logger.setLevel(logging.ERROR)
 
 
 def smoothed(values: Sequence[float], weight: float = SMOOTHING) -> list[float]:
@@ -32,6 +44,7 @@ def line_chart(series: list[tuple[str, Sequence[float], Sequence[float], dict]],
                log_y: bool = False, from_zero: bool = False) -> str:
     """An SVG document (text, no XML prolog) of lines over steps. `series`: (label, steps, values, matplotlib
     line options) each; non-finite values are left out."""
+    quiet_matplotlib()
     import matplotlib
     from matplotlib.figure import Figure
 
