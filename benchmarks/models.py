@@ -85,6 +85,10 @@ def build_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
 def model_folder(model: str) -> Path:
     """The model's diffusers folder, built on first use."""
     folder = cache_root() / model
+    if model == "flux":  # named by its blocks, so that changing benchmarks/flux.py's BLOCKS builds anew
+        from benchmarks.flux import BLOCKS
+
+        folder = cache_root() / f"flux-{BLOCKS['num_layers']}-{BLOCKS['num_single_layers']}"
     if (folder / "model_index.json").is_file():
         return folder
     if model == "tiny":
@@ -105,7 +109,7 @@ def model_folder(model: str) -> Path:
         pipe = build_flux(dtype=torch.bfloat16)
     else:
         raise SystemExit(f"--model: {model!r} is not one of {', '.join(MODELS)}")
-    partial = folder.with_name(f".{model}.partial")
+    partial = folder.with_name(f".{folder.name}.partial")
     pipe.save_pretrained(partial, safe_serialization=True)
     partial.replace(folder)  # a present folder is always complete
     return folder
