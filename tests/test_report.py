@@ -227,3 +227,30 @@ def test_peak_memory_is_what_the_device_reports(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
     assert peak_memory(torch.device("cuda", 0)) == 3 * 2**30
     assert peak_memory(torch.device("cpu")) is None
+
+
+def test_finetune_report_rebuilds_a_demo_page_from_its_folder(tmp_path):
+    from PIL import Image
+
+    from finetune.cli import main
+
+    prompts = ["a sks", "a red sks", "a red circle"]
+    grids = []
+    for label, colour in (("before", "white"), ("after", "red")):
+        grids.append(tmp_path / f"lora-new_object-{label}.png")
+        Image.new("RGB", (4 * 32, 3 * 32), colour).save(grids[-1])
+    run = {"strategy": "lora", "concept_kind": "new_object", "concept": "a sks", "concept_fidelity": 0.5,
+           "prompt_fidelity": 0.25, "prior_drop": 2.0, "seconds": 12.3, "steps": 2, "prior_preservation": True,
+           "artifact": str(tmp_path / "runs" / "x" / "pytorch_lora_weights.safetensors"),
+           "grids": [str(g) for g in grids], "grid_prompts": prompts, "grid_images": 4, "grid_seed": 7}
+    (tmp_path / "demo_report.json").write_text(json.dumps(
+        {"base_accuracy": 0.98, "max_steps_override": 2, "quick": False, "runs": [run]}))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "demo_report.html").read_text()
+    inlined = [base64.b64decode(d) for d in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    assert inlined == [g.read_bytes() for g in grids]  # before, then after, side by side
+    assert page.index("before (the base)") < page.index("after (tuned)") and '<div class="pair">' in page
+    assert page.count('<span class="prompt">a red circle</span>') == 2 and "repeat(4,96px)" in page
+    assert '<td class="n">0.500</td>' in page and "not judged: shortened to 2 steps" in page
+    assert "Shortened run (--max-steps 2)" in page and "http-equiv" not in page
+    assert page.index("<img") < page.index("concept_fidelity")  # the figures under the grids

@@ -38,7 +38,12 @@ class LiveReport:
         self._started_step, self._failed = time.perf_counter(), set()
         if not self.enabled:
             return
-        self.history = History(output_dir, keep_through=first_step)
+        try:
+            self.history = History(output_dir, keep_through=first_step)
+        except OSError as exc:  # the run's own saves say more about an unwritable folder; training goes on
+            log.warning(f"could not write {output_dir / 'history.jsonl'} ({exc}); no report for this run")
+            self.enabled = False
+            return
         if first_step == 0:  # figures of an artifact this run replaces (--overwrite) would be shown as its own
             shutil.rmtree(output_dir / EVAL_DIR, ignore_errors=True)
         earlier = read_run_info(output_dir) if first_step else {}
