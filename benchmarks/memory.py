@@ -6,7 +6,7 @@
 Models: the real transformers, text encoders and VAEs built on the meta device (no weights, nothing downloaded)
 from the published config.json values in benchmarks/configs/: black-forest-labs/FLUX.1-dev (flux/),
 stabilityai/stable-diffusion-3.5-large and stabilityai/stable-diffusion-3.5-medium (sd35/; CLIP-L, CLIP-G and
-T5-XXL as in flux/ and sdxl/). A recipe's peak is the largest of three phases, as training/loop.py runs them:
+T5-XXL as in flux/ and sdxl/). A recipe's peak is the largest of its phases, as training/loop.py runs them:
 - caching: the text encoders (base dtype) and the VAE (fp32 where `force_upcast`) encode the captions and images;
   the denoiser joins the GPU only afterwards;
 - training: the denoiser's frozen weights (base dtype, or one byte per Linear weight with `model.quantize`), the
@@ -19,7 +19,8 @@ T5-XXL as in flux/ and sdxl/). A recipe's peak is the largest of three phases, a
 Activations: what backward keeps per block, in bytes per token per unit of width, measured on this CPU on a
 narrow copy of each block (benchmarks/activations.py), times the real width, tokens (both streams: (side/16)^2
 image tokens, plus Flux's 512 or SD3's 77 + 256 text tokens) and batch (doubled by prior preservation). With
-gradient checkpointing each block keeps its inputs and one block at a time holds its full share again.
+gradient checkpointing each block keeps its inputs and one block at a time holds its full share again. Side: the
+recipe's `data.resolution` (buckets keep about its area). Text encoders are never trained by these recipes.
 FSDP (`--fsdp`): whole-model weights, gradients and optimizer state divided by N, plus two gathered blocks.
 Each phase adds CUDA_CONTEXT_GB (context and cuBLAS workspace; the allocator's fragmentation, often 5-15%, is
 not in it).
