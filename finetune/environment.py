@@ -20,7 +20,7 @@ from pathlib import Path
 
 # the packages a bug report names, in this order; those marked optional only when installed
 REPORTED = ("torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors",
-            "huggingface-hub", "tokenizers", "torchvision", "bitsandbytes", "xformers", "torchao")
+            "huggingface-hub", "tokenizers", "matplotlib", "torchvision", "bitsandbytes", "xformers", "torchao")
 # imported by diffusers or transformers when present although nothing requires them: a mismatched one breaks
 # their import ("operator torchvision::nms does not exist")
 IMPORTED_WHEN_PRESENT = ("torchvision", "xformers", "bitsandbytes")
