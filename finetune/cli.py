@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="a quick look (about 3 minutes on a 2-core CPU): LoRA teaching the star only")
     demo.add_argument("--max-steps", type=int, default=None,
                       help="override every run's train.max_steps (a quick look; the targets need the defaults)")
+    demo.add_argument("--seeds", type=int, default=1,
+                      help="run every recipe with train.seed 0..N-1; report mean and minimum, judge the targets on "
+                           "the worst seed (default 1)")
 
     report = commands.add_parser("report", help="rebuild a run's report.html (or a demo's demo_report.html) from "
                                                 "what its folder holds")
@@ -260,7 +263,7 @@ def _demo(args) -> int:
 
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
     try:
-        report = run_demo(args.out, strategies, max_steps=args.max_steps, quick=args.quick)
+        report = run_demo(args.out, strategies, max_steps=args.max_steps, quick=args.quick, seeds=args.seeds)
     except (ValueError, FileNotFoundError, *_known_errors()) as exc:
         raise KnownProblem(str(exc)) from None
     print(f"wrote {args.out}/demo_report.md, demo_report.json and demo_report.html ({len(report['runs'])} runs)")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from finetune.shapes.demo import available_strategies
 
@@ -93,3 +94,90 @@ def test_every_strategy_so_far_has_demo_recipes():
     from finetune.strategies import KINDS
 
     assert set(available_strategies()) == set(KINDS)  # every strategy is in the demo, on both concepts
+
+
+def test_demo_seeds_runs_each_recipe_with_every_seed_and_judges_the_worst(tmp_path, monkeypatch):
+    from finetune.cli import main
+    from finetune.shapes import demo
+
+    # real training (one step a seed); the evaluation is replaced by figures that differ from seed to seed, so the
+    # aggregates are checked against distinct values (and the test skips the slow sampling)
+    figures = iter([(1.0, 0.9, 1.4), (0.75, 0.95, 4.2)])
+
+    def fake_score(pipe, evaluator, concept, bare_accuracy, label=""):
+        concept_fidelity, prompt_fidelity, drop = next(figures)
+        return {"concept_fidelity": concept_fidelity, "prompt_fidelity": prompt_fidelity, "prior_drop": drop,
+                "base_accuracy_after": bare_accuracy - drop / 100}
+
+    monkeypatch.setattr(demo, "score", fake_score)
+    monkeypatch.setattr(demo.metrics, "base_vocabulary_accuracy", lambda pipe, evaluator: 0.97)
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1", "--seeds", "2"]) == 0
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert report["seeds"] == 2
+    runs = report["runs"]
+    assert [(r["strategy"], r["concept_kind"], r["seed"], r["base"]) for r in runs] == [
+        ("lora", "new_object", 0, "unet"), ("lora", "new_object", 1, "unet")]
+    # each seed trained its own run (the recipe each ran records its seed; the LoRA files differ)
+    assert [json.loads((Path(r["artifact"]).parent / "run.json").read_text())["recipe"]["train"]["seed"]
+            for r in runs] == [0, 1]
+    assert Path(runs[0]["artifact"]).read_bytes() != Path(runs[1]["artifact"]).read_bytes()
+    assert len({g for r in runs for g in r["grids"]}) == 4  # each seed's grids, none overwritten
+    assert Path(runs[0]["grids"][0]).read_bytes() == Path(runs[1]["grids"][0]).read_bytes()  # the same base
+    [entry] = report["aggregates"]
+    assert (entry["strategy"], entry["concept_kind"], entry["base"], entry["seeds"]) == ("lora", "new_object",
+                                                                                           "unet", [0, 1])
+    assert [r["concept_fidelity"] for r in runs] == [1.0, 0.75]
+    for figure, worst in (("concept_fidelity", min), ("prompt_fidelity", min), ("prior_drop", max)):
+        values = [r[figure] for r in runs]
+        assert entry[figure]["mean"] == pytest.approx(sum(values) / 2)
+        assert (entry[figure]["min"], entry[figure]["max"]) == (min(values), max(values))
+        assert entry[figure]["worst"] == worst(values)
+    markdown = (tmp_path / "demo_report.md").read_text()
+    assert "judged on the worst seed" in markdown
+    assert "| lora | new_object | 2 | 0.875 / 0.750 | 0.925 / 0.900 | 2.8 / 4.2 | not judged: shortened" in markdown
+    page = (tmp_path / "demo_report.html").read_text()
+    assert "<h2>Over 2 seeds</h2>" in page and page.count('<div class="pair">') == 2
+    assert "lora on new_object, seed 1" in page
+
+
+def test_one_seed_is_seed_zero_in_the_folders_of_a_demo_without_seeds(tmp_path):
+    from finetune.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1", "--seeds", "0"]) == 2
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1"]) == 0
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    [run] = report["runs"]
+    assert (run["seed"], run["base"], report["seeds"]) == (0, "unet", 1)
+    assert Path(run["artifact"]).parent == tmp_path / "runs" / "lora-new_object"
+    assert [Path(g).name for g in run["grids"]] == ["lora-new_object-before.png", "lora-new_object-after.png"]
+    assert "<h2>Over" not in (tmp_path / "demo_report.html").read_text()
+    assert "judged on the worst seed" not in (tmp_path / "demo_report.md").read_text()
+
+
+def _run(seed: int, concept: float, prompt: float, drop: float) -> dict:
+    return {"strategy": "lora", "concept_kind": "new_object", "concept": "a sks", "base": "unet", "seed": seed,
+            "concept_fidelity": concept, "prompt_fidelity": prompt, "prior_drop": drop, "seconds": 1.0,
+            "steps": 300, "prior_preservation": True, "artifact": "", "grids": ["before.png", "after.png"]}
+
+
+def test_targets_are_judged_on_the_worst_seed(tmp_path):
+    from finetune.report.demo_page import build_demo_page
+    from finetune.shapes.report import aggregate, write_markdown
+
+    # seed 0 meets every target; seed 1 misses concept fidelity, seed 2 the drop; the means would all pass
+    runs = [_run(0, 1.0, 1.0, 0.0), _run(1, 0.78, 0.96, 2.8), _run(2, 1.0, 0.9, 5.6)]
+    [entry] = aggregate(runs)
+    assert entry["concept_fidelity"] == pytest.approx({"mean": 2.78 / 3, "min": 0.78, "max": 1.0, "worst": 0.78})
+    assert entry["prompt_fidelity"]["worst"] == 0.9 and entry["prior_drop"]["worst"] == 5.6
+    assert entry["prior_drop"]["mean"] == pytest.approx(8.4 / 3) and entry["prior_drop"]["min"] == 0.0
+    assert entry["targets"] == {"concept_fidelity": False, "prompt_fidelity": True, "prior_drop": False}
+    assert all(aggregate(runs[:1])[0]["targets"].values())
+    report = {"base_accuracy": 0.97, "seeds": 3, "runs": runs, "aggregates": [entry]}
+    write_markdown(tmp_path / "demo_report.md", report)
+    row = next(line for line in (tmp_path / "demo_report.md").read_text().splitlines()
+               if line.startswith("| lora | new_object | 3 |"))
+    assert row == ("| lora | new_object | 3 | 0.927 / 0.780 | 0.953 / 0.900 | 2.8 / 5.6 | concept_fidelity MISSED, "
+                   "prompt_fidelity ok, prior_drop MISSED |")
+    page = build_demo_page(tmp_path, report)
+    assert "<td>0.927 / 0.780</td>" in page and "<td>2.800 / 5.600</td>" in page
+    assert "concept_fidelity MISSED, prompt_fidelity ok, prior_drop MISSED" in page

@@ -29,6 +29,31 @@ def verdicts(run: dict) -> dict[str, bool]:
             for metric, rule in TARGETS.get((run["strategy"], run["concept_kind"]), {}).items()}
 
 
+FIGURES = ("concept_fidelity", "prompt_fidelity", "prior_drop")
+WORST = {"concept_fidelity": "min", "prompt_fidelity": "min", "prior_drop": "max"}  # lowest fidelity, highest drop
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One entry per (base, strategy, concept) over its seeds: mean, min and max of each figure, its worst value
+    (min for a fidelity, max for the drop), and the targets judged on that worst value, so a recipe meets a
+    target only when it does with every seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run.get("base"), run["strategy"], run["concept_kind"]), []).append(run)
+    out = []
+    for (base, strategy, kind), group in groups.items():
+        entry = {"base": base, "strategy": strategy, "concept_kind": kind, "concept": group[0]["concept"],
+                 "seeds": [run.get("seed") for run in group]}
+        worst = {}
+        for figure in FIGURES:
+            values = [run[figure] for run in group]
+            entry[figure] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+            worst[figure] = entry[figure]["worst"] = entry[figure][WORST[figure]]
+        entry["targets"] = verdicts({"strategy": strategy, "concept_kind": kind, **worst})
+        out.append(entry)
+    return out
+
+
 def write_markdown(path: Path, report: dict) -> Path:
     base = report["base_accuracy"]
     shortened = report.get("max_steps_override")
@@ -44,9 +69,10 @@ def write_markdown(path: Path, report: dict) -> Path:
         f"Base model's accuracy on its own 36 prompts: **{base:.3f}** (target >= {BASE_TARGET:.2f}: "
         f"{'met' if base >= BASE_TARGET else 'NOT met'}).",
         "",
-        "| strategy | concept | prompt | prior preservation | steps | concept_fidelity | prompt_fidelity "
+        *_over_seeds(report, shortened),
+        "| strategy | concept | prompt | prior preservation | steps | seed | concept_fidelity | prompt_fidelity "
         "| prior_drop (points) | seconds | targets |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in report["runs"]:
         checks = verdicts(run)
@@ -55,17 +81,40 @@ def write_markdown(path: Path, report: dict) -> Path:
             target_text = f"not judged: shortened to {shortened} steps"
         prior = "yes" if run.get("prior_preservation") else "no"
         lines.append(f"| {run['strategy']} | {run['concept_kind']} | `{run['concept']}` | {prior} | "
-                     f"{run.get('steps', '')} | "
+                     f"{run.get('steps', '')} | {run.get('seed', '')} | "
                      f"{run['concept_fidelity']:.3f} | {run['prompt_fidelity']:.3f} | {run['prior_drop']:.1f} | {run['seconds']:.0f} | "
                      f"{target_text} |")
     lines += ["", "Before/after sample grids (rows: the concept prompt, composed prompts, `a red circle`; "
               "left to right: seeds):", ""]
     for run in report["runs"]:
         before, after = (Path(g).name for g in run["grids"])
-        lines.append(f"- {run['strategy']} / {run['concept_kind']}: before `{before}`, after `{after}`; "
+        seed = f" (seed {run['seed']})" if report.get("seeds", 1) > 1 else ""
+        lines.append(f"- {run['strategy']} / {run['concept_kind']}{seed}: before `{before}`, after `{after}`; "
                      f"artifact `{run['artifact']}`")
     lines += ["", "Targets: " + "; ".join(
         f"{s} on {k}: " + ", ".join(f"{m} {op} {b:g}" for m, (op, b) in rules.items())
         for (s, k), rules in TARGETS.items()
         if any((run["strategy"], run["concept_kind"]) == (s, k) for run in report["runs"])), ""]
     return write_text_atomically(path, "\n".join(lines))
+
+
+def _over_seeds(report: dict, shortened) -> list[str]:
+    """The table judged against the targets when every recipe ran with several seeds (`--seeds N`)."""
+    seeds = report.get("seeds", 1)
+    if seeds < 2:
+        return []
+    lines = [(f"Each recipe ran with train.seed 0 to {seeds - 1}; the targets are judged on the worst seed (the "
+              "lowest fidelity, the highest drop), so a recipe meets a target only when it does with every seed."),
+             "",
+             ("| strategy | concept | seeds | concept_fidelity mean / min | prompt_fidelity mean / min "
+              "| prior_drop mean / max | targets (worst seed) |"),
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for entry in report.get("aggregates", []):
+        checks = entry["targets"]
+        text = ", ".join(f"{m} {'ok' if ok else 'MISSED'}" for m, ok in checks.items()) or "none set"
+        if shortened and checks:
+            text = f"not judged: shortened to {shortened} steps"
+        cells = [f"{entry[f]['mean']:.{d}f} / {entry[f]['worst']:.{d}f}" for f, d in zip(FIGURES, (3, 3, 1))]
+        lines.append(f"| {entry['strategy']} | {entry['concept_kind']} | {len(entry['seeds'])} | "
+                     + " | ".join(cells) + f" | {text} |")
+    return [*lines, "", "Every run:", ""]
