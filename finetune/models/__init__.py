@@ -53,6 +53,19 @@ def family_for(name: str, base: str | None = None, hub: bool = False) -> Any:
     return getattr(importlib.import_module(module), class_name)()
 
 
+def family_told(name: str, base: str | None) -> Any | None:
+    """The family `name` names or, for "auto", the one a local base tells before any weights load; None when
+    nothing tells it yet (a hub id: loading will) or the base is of a family not trained here (the recipe's model
+    checks report that). For recipe checks that depend on the family."""
+    from finetune.models.detect import family_of
+
+    try:
+        name = name if name != "auto" else family_of(base or "")
+        return family_for(name) if name else None
+    except (ValueError, OSError):
+        return None
+
+
 def __getattr__(name: str) -> Any:
     # loaded on first use, so that recipe checks can read model folders (pipeline_folder.py) without torch
     if name in _FROM_BASE:
@@ -62,4 +75,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'finetune.models' has no attribute {name!r}")
 
 
-__all__ = [*_FROM_BASE, "family_for"]
+__all__ = [*_FROM_BASE, "family_for", "family_told"]

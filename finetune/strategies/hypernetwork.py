@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from finetune.export import hypernetwork as files
+from finetune.models import family_told
 from finetune.models.base import Components, ModelFamily
 from finetune.networks.hypernetwork import (ACTIVATIONS, HyperMLP, Hypernetwork, Structure, TextStream, attach,
                                             dropout_structure, widths_of)
@@ -58,7 +59,8 @@ class Options(StrategyOptions):
             problems.append(f"strategy.strength: must be a finite number, got {self.strength}")
         if not self.name.strip() or any(c in self.name for c in '/\\:*?"<>|'):
             problems.append(f"strategy.name: {self.name!r} must be a plain file name without / \\ : * ? \" < > |")
-        family = _family_told(recipe)
+        model = getattr(recipe, "model", None)
+        family = family_told(model.family, model.base) if model is not None else None
         if family is not None:
             problems += self.stream_problems(family.name, text_stream_of(family))
         return problems
@@ -84,21 +86,6 @@ class Options(StrategyOptions):
 def text_stream_of(family: ModelFamily | None) -> TextStream | None:
     """The family's declared text stream (None: a U-Net's cross-attention, as SD 1.x/2.x and SDXL have)."""
     return getattr(family, "hypernetwork_text_stream", None)
-
-
-def _family_told(recipe: Any) -> ModelFamily | None:
-    """The recipe's family where it is told without loading (model.family, the base's files); else None."""
-    from finetune.models import family_for
-    from finetune.models.detect import family_of
-
-    model = getattr(recipe, "model", None)
-    if model is None:
-        return None
-    try:
-        name = model.family if model.family != "auto" else family_of(model.base)
-    except ValueError:  # a base of a family not trained here: the model checks report it
-        return None
-    return family_for(name) if name else None
 
 
 def structure_for(options: Options, widths: tuple[int, ...], text_stream: TextStream | None = None) -> Structure:

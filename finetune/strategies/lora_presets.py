@@ -17,19 +17,6 @@ def presets_of(family: Any) -> dict[str, tuple[str, ...]]:
     return dict(getattr(family, "lora_target_presets", None) or {})
 
 
-def _family_of(recipe: Any) -> Any | None:
-    """The recipe's model family: model.family, or told from a local base; None when the base cannot say before
-    loading (a hub id: the strategy's check refuses the preset then)."""
-    from finetune.models import family_for
-    from finetune.models.detect import family_of
-
-    try:
-        name = recipe.model.family if recipe.model.family != "auto" else family_of(recipe.model.base or "")
-        return family_for(name) if name else None
-    except (ValueError, OSError):
-        return None  # an unknown base or family is reported by the model checks
-
-
 def preset_problems(preset: str | None, target_modules: list[str], recipe: Any) -> list[str]:
     """What is wrong with `strategy.target_preset` in this recipe: a preset together with target_modules, a
     family without presets, or a name the family does not have."""
@@ -38,7 +25,10 @@ def preset_problems(preset: str | None, target_modules: list[str], recipe: Any) 
     if target_modules:
         return [("strategy.target_preset: set together with strategy.target_modules; keep one (the preset names "
                  "a set of modules, target_modules lists them)")]
-    family = _family_of(recipe)
+    from finetune.models import family_told
+
+    # a hub id's family is not told before loading: the strategy's check refuses the preset then
+    family = family_told(recipe.model.family, recipe.model.base)
     if family is None:
         return []
     return refusal(family, preset)
