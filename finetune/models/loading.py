@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from finetune.models.base import Components, ModelLoadError, pipeline_components
+from finetune.models.pipeline_folder import parts_stored_as_none
 
 
 def load_frozen(pipeline_class: Any, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
@@ -24,8 +25,9 @@ def load_frozen(pipeline_class: Any, base: str, *, revision: str | None, variant
             refuse_unsafe_pickle(path)
             pipe = pipeline_class.from_single_file(path, config=config, dtype=dtype, **extra_kwargs)
         else:
+            # a folder saved without a part (SD3 without T5) loads without it, as it was saved
             pipe = pipeline_class.from_pretrained(path, revision=revision, variant=variant, dtype=dtype,
-                                                  **extra_kwargs)
+                                                  **{**parts_stored_as_none(path), **extra_kwargs})
     except ModelLoadError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:

@@ -19,3 +19,18 @@ def vae_downsampling(base: str | None) -> int | None:
     except (OSError, ValueError):
         return None
     return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+
+
+def parts_stored_as_none(base: str | None) -> dict[str, None]:
+    """The parts a local pipeline folder's model_index.json lists as `[null, null]` (saved without them, e.g. an
+    SD3 folder without T5), as `{name: None}` keyword arguments: diffusers' from_pretrained refuses such a folder
+    unless each is passed as None. Empty for a hub id, a single file or a folder without model_index.json."""
+    if not base:
+        return {}
+    try:
+        with open(os.path.join(os.path.expanduser(base), "model_index.json"), encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return {name: None for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value == [None, None]}

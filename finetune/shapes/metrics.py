@@ -1,7 +1,9 @@
 """Shapes-world metrics: sample a pipeline, let the evaluator name what it drew, count what is right.
 
-Sampling is fixed so that numbers are comparable across methods and runs: DDIM, 20 steps, guidance 4, 32x32,
-and starting noise drawn for all images up front from one seed (so batching does not change any image).
+Sampling is fixed so that numbers are comparable across methods and runs: 20 steps, guidance 4, 32x32, and
+starting noise drawn for all images up front from one seed (so batching does not change any image). The sampler
+is DDIM for a DDPM-trained base (the U-Net) and the flow-matching Euler sampler for a flow-matching one (the
+transformer), each built from the pipeline's own scheduler config, whatever scheduler an artifact brings.
 
 Default counts, chosen so one adapter's full report takes well under a minute on a 2-core CPU:
 - base_vocabulary_accuracy: 36 base prompts x 2 images = 72 samples (one sample moves it by 1.4 points);
@@ -28,15 +30,12 @@ BASE_SEED, CONCEPT_SEED, COMPOSED_SEED = 0, 1, 2
 @torch.no_grad()
 def sample(pipe, prompts: Sequence[str], images_per_prompt: int, seed: int = 0) -> list[Image.Image]:
     """`images_per_prompt` images for each prompt, prompt-major, with the fixed sampling settings."""
-    from diffusers import DDIMScheduler
-
     height = denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
     shape = (len(prompts) * images_per_prompt, denoiser_of(pipe).config.in_channels,
              height // pipe.vae_scale_factor, height // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    # whatever scheduler the pipeline carries, judge with DDIM so every method is sampled the same way
     kept_scheduler = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(kept_scheduler.config)
+    pipe.scheduler = judging_scheduler(kept_scheduler)
     pipe.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
     try:
@@ -50,6 +49,16 @@ def sample(pipe, prompts: Sequence[str], images_per_prompt: int, seed: int = 0) 
     finally:
         pipe.scheduler = kept_scheduler
     return images
+
+
+def judging_scheduler(scheduler):
+    """The fixed sampler for a pipeline whose scheduler is `scheduler`: flow-matching Euler for a flow-matching
+    base (a DDPM sampler cannot integrate a velocity field), DDIM otherwise; both from its own config."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    return DDIMScheduler.from_config(scheduler.config)
 
 
 def _share_matching(pipe, evaluator: Evaluator, prompts: Sequence[str], expectations: Sequence[Expectation],
