@@ -1,6 +1,6 @@
 """Measure the shipped (or any) shapes-world base and evaluator against the world's targets.
 
-    python data_examples/shapes/measure_base.py [--base data_examples/shapes/base]
+    python data_examples/shapes/measure_base.py [--base unet|transformer|FOLDER]   # default: unet
 
 Prints: the evaluator's ground-truth accuracy (fresh images, all 8 shapes); the base's accuracy on its 36
 prompts; the bare base's concept and prompt fidelity for both concepts (should be ~0: nothing is taught yet);
@@ -23,7 +23,7 @@ import torch
 from finetune.shapes import metrics
 from finetune.shapes.concepts import CONCEPTS
 from finetune.shapes.evaluator import HEADS, Evaluator, ground_truth_accuracy, images_to_pixels
-from finetune.shapes.paths import default_base_path
+from finetune.shapes.paths import base_path
 from finetune.shapes.world import BASE_SHAPES, HELD_OUT_SHAPES, sample_dataset
 
 
@@ -44,17 +44,17 @@ def autoencoder_round_trip(pipe, evaluator: Evaluator, shapes, n: int = 400, see
 
 
 def main(argv: list[str] | None = None) -> None:
-    from diffusers import StableDiffusionPipeline
+    from finetune.shapes.demo import load_base_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=Path, default=None)
+    parser.add_argument("--base", default=None, help="unet (default), transformer, or a pipeline folder")
     parser.add_argument("--evaluator", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     evaluator = Evaluator.load(args.evaluator)
     timed("evaluator ground truth (4000 fresh images, all 8 shapes)",
           lambda: ground_truth_accuracy(evaluator, n=4000, seed=424242))
-    pipe = StableDiffusionPipeline.from_pretrained(args.base or default_base_path(), dtype=torch.float32)
+    pipe = load_base_pipeline(base_path(args.base))
     timed("base_vocabulary_accuracy (36 prompts x 2)", lambda: metrics.base_vocabulary_accuracy(pipe, evaluator))
     for concept in CONCEPTS.values():
         timed(f"bare base {concept.name} concept_fidelity ({concept.concept_prompt()!r} x 32)",
