@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="encode long prompts in 75-token chunks as training did (default: what the adapter "
                              "was trained with, from its header)")
     evaluate = commands.add_parser("eval", help="shapes world: judge a base (and an adapter) on a concept")
-    evaluate.add_argument("--base", default=None, help="default: the shipped shapes-world base")
+    evaluate.add_argument("--base", default=None, help="a shipped shapes-world base (unet, transformer) or a "
+                          "pipeline folder; default: unet")
     evaluate.add_argument("--adapter", help="adapter file, or tuned pipeline folder (DreamBooth), to judge; "
                           "without it the bare base is judged")
     evaluate.add_argument("--concept", required=True, help="new_object or known_look")
@@ -70,7 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_output", help="folder for the report, grids and runs")
     demo.add_argument("--strategies", default=None, help="comma-separated, e.g. lora (default: all)")
     demo.add_argument("--quick", action="store_true",
-                      help="a quick look (about 3 minutes on a 2-core CPU): LoRA teaching the star only")
+                      help="a quick look: LoRA teaching the star only, on each chosen base")
+    demo.add_argument("--base", default="all", choices=("unet", "transformer", "all"),
+                      help="the shipped base(s) to teach: the U-Net (tiny SD 1.x) or the transformer (tiny SD3, flow "
+                           "matching); default all")
     demo.add_argument("--max-steps", type=int, default=None,
                       help="override every run's train.max_steps (a quick look; the targets need the defaults)")
     demo.add_argument("--seeds", type=int, default=1,
@@ -263,7 +267,11 @@ def _demo(args) -> int:
 
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
     try:
-        report = run_demo(args.out, strategies, max_steps=args.max_steps, quick=args.quick, seeds=args.seeds)
+        from finetune.shapes.demo import BASES
+
+        bases = BASES if args.base == "all" else (args.base,)
+        report = run_demo(args.out, strategies, max_steps=args.max_steps, quick=args.quick, seeds=args.seeds,
+                          bases=bases)
     except (ValueError, FileNotFoundError, *_known_errors()) as exc:
         raise KnownProblem(str(exc)) from None
     print(f"wrote {args.out}/demo_report.md, demo_report.json and demo_report.html ({len(report['runs'])} runs)")

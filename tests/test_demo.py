@@ -31,7 +31,8 @@ def test_eval_names_an_unknown_concept():
 def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
     from finetune.cli import main
 
-    assert main(["demo", "--out", str(tmp_path), "--strategies", "lora,dreambooth", "--max-steps", "2"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--strategies", "lora,dreambooth", "--max-steps", "2",
+                 "--base", "unet"]) == 0
     report = json.loads((tmp_path / "demo_report.json").read_text())
     assert isinstance(report["base_accuracy"], float)
     assert [(r["strategy"], r["concept_kind"], r["prior_preservation"]) for r in report["runs"]] == [
@@ -46,8 +47,8 @@ def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
     assert Path(report["runs"][0]["artifact"]).is_file()  # a LoRA file
     assert (Path(report["runs"][2]["artifact"]) / "model_index.json").is_file()  # a DreamBooth pipeline
     markdown = (tmp_path / "demo_report.md").read_text()
-    for row in ("| lora | new_object |", "| lora | known_look |", "| dreambooth | new_object |",
-                "| dreambooth_no_prior | new_object |"):
+    for row in ("| unet | lora | new_object |", "| unet | lora | known_look |", "| unet | dreambooth | new_object |",
+                "| unet | dreambooth_no_prior | new_object |"):
         assert row in markdown
     # shortened: said at the top and in every judged row, never reported as a miss
     assert report["max_steps_override"] == 2 and all(run["steps"] == 2 for run in report["runs"])
@@ -72,28 +73,53 @@ def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
         assert "<h2>Evaluation</h2>" in (run_dir / "report.html").read_text()
 
 
-def test_quick_demo_runs_the_headline_alone(tmp_path):
+def test_quick_demo_runs_the_headline_alone_on_both_bases(tmp_path):
     from finetune.cli import main
 
+    # the default is every base: the U-Net's recipe, then the transformer's (a tiny SD3 trained by flow matching)
     assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1"]) == 0
     report = json.loads((tmp_path / "demo_report.json").read_text())
     assert report["quick"] is True
-    assert [(r["strategy"], r["concept_kind"]) for r in report["runs"]] == [("lora", "new_object")]
-    assert "Quick look (`--quick`)" in (tmp_path / "demo_report.md").read_text()
+    assert [(r["strategy"], r["concept_kind"], r["base"]) for r in report["runs"]] == [
+        ("lora", "new_object", "unet"), ("lora", "new_object", "transformer")]
+    bases = report["bases"]
+    assert set(bases) == {"unet", "transformer"} and report["base_accuracy"] == bases["unet"]["base_accuracy"]
+    assert Path(bases["transformer"]["model"]).name == "transformer_base"
+    assert bases["transformer"]["base_accuracy"] >= 0.95  # the shipped transformer base draws its 36 prompts
+    unet_run, transformer_run = report["runs"]
+    assert Path(transformer_run["artifact"]).parent == tmp_path / "runs" / "transformer-lora-new_object"
+    # the transformer run trained the sd3 family's LoRA: a file SD3's own loader reads
+    header = json.loads((Path(transformer_run["artifact"]).parent / "run.json").read_text())
+    assert header["recipe"]["model"]["family"] == "sd3"
+    markdown = (tmp_path / "demo_report.md").read_text()
+    assert "Quick look (`--quick`)" in markdown
+    assert "Transformer base's accuracy on its own 36 prompts" in markdown
+    assert "| transformer | lora | new_object |" in markdown
+    assert "lora on new_object, transformer base" in (tmp_path / "demo_report.html").read_text()
     assert main(["demo", "--out", str(tmp_path), "--quick", "--strategies", "dreambooth"]) == 2
 
 
-def test_demo_refuses_an_unknown_strategy(tmp_path):
+def test_demo_refuses_an_unknown_strategy_or_base(tmp_path):
     from finetune.cli import main
+    from finetune.shapes.demo import run_demo
 
     assert main(["demo", "--out", str(tmp_path), "--strategies", "lora,dreambooth-typo"]) == 2
+    with pytest.raises(ValueError, match="--base: vit; one of unet, transformer"):
+        run_demo(tmp_path, bases=("vit",))
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path), "--base", "vit"])
     assert not (tmp_path / "demo_report.json").exists()
 
 
-def test_every_strategy_so_far_has_demo_recipes():
+@pytest.mark.parametrize("base", ["unet", "transformer"])
+def test_every_strategy_has_demo_recipes_on_every_base(base):
+    from finetune.recipe.load import load_recipe
+    from finetune.shapes.demo import BASE_RECIPES
     from finetune.strategies import KINDS
 
-    assert set(available_strategies()) == set(KINDS)  # every strategy is in the demo, on both concepts
+    assert set(available_strategies(base)) == set(KINDS)  # every strategy is in the demo, on both concepts
+    families = {load_recipe(path).model.family for path in BASE_RECIPES[base].glob("*.yaml")}
+    assert families == {"auto" if base == "unet" else "sd3"}
 
 
 def test_demo_seeds_runs_each_recipe_with_every_seed_and_judges_the_worst(tmp_path, monkeypatch):
@@ -111,7 +137,7 @@ def test_demo_seeds_runs_each_recipe_with_every_seed_and_judges_the_worst(tmp_pa
 
     monkeypatch.setattr(demo, "score", fake_score)
     monkeypatch.setattr(demo.metrics, "base_vocabulary_accuracy", lambda pipe, evaluator: 0.97)
-    assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1", "--seeds", "2"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1", "--seeds", "2", "--base", "unet"]) == 0
     report = json.loads((tmp_path / "demo_report.json").read_text())
     assert report["seeds"] == 2
     runs = report["runs"]
@@ -137,14 +163,14 @@ def test_demo_seeds_runs_each_recipe_with_every_seed_and_judges_the_worst(tmp_pa
     assert "| lora | new_object | 2 | 0.875 / 0.750 | 0.925 / 0.900 | 2.8 / 4.2 | not judged: shortened" in markdown
     page = (tmp_path / "demo_report.html").read_text()
     assert "<h2>Over 2 seeds</h2>" in page and page.count('<div class="pair">') == 2
-    assert "lora on new_object, seed 1" in page
+    assert "lora on new_object, unet base, seed 1" in page
 
 
 def test_one_seed_is_seed_zero_in_the_folders_of_a_demo_without_seeds(tmp_path):
     from finetune.cli import main
 
     assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1", "--seeds", "0"]) == 2
-    assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--max-steps", "1", "--base", "unet"]) == 0
     report = json.loads((tmp_path / "demo_report.json").read_text())
     [run] = report["runs"]
     assert (run["seed"], run["base"], report["seeds"]) == (0, "unet", 1)
@@ -175,8 +201,8 @@ def test_targets_are_judged_on_the_worst_seed(tmp_path):
     report = {"base_accuracy": 0.97, "seeds": 3, "runs": runs, "aggregates": [entry]}
     write_markdown(tmp_path / "demo_report.md", report)
     row = next(line for line in (tmp_path / "demo_report.md").read_text().splitlines()
-               if line.startswith("| lora | new_object | 3 |"))
-    assert row == ("| lora | new_object | 3 | 0.927 / 0.780 | 0.953 / 0.900 | 2.8 / 5.6 | concept_fidelity MISSED, "
+               if line.startswith("| unet | lora | new_object | 3 |"))
+    assert row == ("| unet | lora | new_object | 3 | 0.927 / 0.780 | 0.953 / 0.900 | 2.8 / 5.6 | concept_fidelity MISSED, "
                    "prompt_fidelity ok, prior_drop MISSED |")
     page = build_demo_page(tmp_path, report)
     assert "<td>0.927 / 0.780</td>" in page and "<td>2.800 / 5.600</td>" in page

@@ -140,3 +140,74 @@ def test_shipped_evaluator_recognises_fresh_ground_truth(evaluator):
     assert (SHAPES_DATA / "evaluator.sha256").read_text().split()[0] == sha256_of(shipped)
     accuracy = ground_truth_accuracy(evaluator, n=480, seed=20_240_611, shapes=ALL_SHAPES)
     assert accuracy["shape"] >= 0.95 and accuracy["colour"] >= 0.95 and accuracy["size"] >= 0.95, accuracy
+
+
+def test_shipped_transformer_base_is_a_small_sd3_that_loads_as_users_load_it():
+    import json
+
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from finetune.models import detect
+    from finetune.shapes.metrics import judging_scheduler
+
+    folder = SHAPES_DATA / "transformer_base"
+    assert mismatches(folder, SHAPES_DATA / "transformer_base.sha256") == []
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 20e6  # the limit
+    # saved without T5: diffusers loads it when told so, as the model card says; finetune reads model_index.json
+    assert json.loads((folder / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None,
+                                                    dtype=torch.float32)
+    assert detect.family_of(str(folder)) == "sd3"
+    assert type(pipe.transformer).__name__ == "SD3Transformer2DModel" and pipe.transformer.config.qk_norm == "rms_norm"
+    for word in WORDS:
+        assert len(pipe.tokenizer.tokenize(word)) == 1 and len(pipe.tokenizer_2.tokenize(word)) == 1
+    # judged with its own flow-matching sampler (DDIM cannot integrate a velocity), the U-Net base with DDIM
+    assert type(judging_scheduler(pipe.scheduler)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    from diffusers import DDPMScheduler
+
+    assert type(judging_scheduler(DDPMScheduler())).__name__ == "DDIMScheduler"
+
+
+def test_parts_stored_as_none_are_what_model_index_lists_as_null(tmp_path):
+    import json
+
+    from finetune.models.pipeline_folder import parts_stored_as_none
+
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+         "vae": ["diffusers", "AutoencoderKL"]}))
+    assert parts_stored_as_none(str(tmp_path)) == {"text_encoder_3": None, "tokenizer_3": None}
+    assert parts_stored_as_none("stabilityai/stable-diffusion-3.5-medium") == {}
+    assert parts_stored_as_none(None) == {}
+
+
+def test_transformer_base_script_builds_the_shipped_architecture(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    # two steps on 64 images: the architecture, tokenizers, scheduler and latent normalisation the full run ships
+    script = SHAPES_DATA / "train_transformer_base.py"
+    out = tmp_path / "transformer_base"
+    result = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "2", "--every", "2",
+                             "--images", "64"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shipped = SHAPES_DATA / "transformer_base"
+    for part in ("transformer", "text_encoder", "text_encoder_2", "scheduler"):
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        made, kept = (json.loads((folder / part / name).read_text()) for folder in (out, shipped))
+        for config in (made, kept):
+            config.pop("_diffusers_version", None), config.pop("transformers_version", None)
+        assert made == kept, part
+    for name in ("tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/vocab.json", "model_index.json"):
+        assert (out / name).read_text() == (shipped / name).read_text(), name
+    # the autoencoder's weights are the U-Net base's; its SD3 shift and scale come from 64 images here
+    vae = json.loads((out / "vae" / "config.json").read_text())
+    assert abs(vae["shift_factor"] - json.loads((shipped / "vae" / "config.json").read_text())["shift_factor"]) < 0.1
+    from safetensors.torch import load_file
+
+    made, unet_base = (load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+                       for folder in (out, SHAPES_DATA / "base"))
+    assert made.keys() == unet_base.keys() and all((made[k] == unet_base[k]).all() for k in made)
+    assert mismatches(out, tmp_path / "transformer_base.sha256") == []

@@ -29,17 +29,18 @@ def write_demo_page(out_dir: str | Path) -> Path:
 
 
 def build_demo_page(out_dir: Path, report: dict) -> str:
-    from finetune.shapes.report import BASE_TARGET, verdicts
+    from finetune.shapes.report import BASE_TARGET, base_accuracies, verdicts
 
-    shortened, base = report.get("max_steps_override"), report["base_accuracy"]
+    shortened = report.get("max_steps_override")
     body = ["<h1>finetune demo: the shapes world</h1>"]
     if shortened:
         body.append(f'<p class="state stopped">Shortened run (--max-steps {shortened}): the numbers show the '
                     "machinery working, not what the methods reach; the targets are not judged.</p>")
     if report.get("quick"):
         body.append('<p class="state running">Quick look (--quick): LoRA on new_object only.</p>')
-    body.append(f"<p>Base model's accuracy on its own 36 prompts: <b>{base:.3f}</b> (target &ge; {BASE_TARGET:.2f})."
-                "</p>")
+    for name, value in base_accuracies(report).items():
+        body.append(f"<p>{escape(name.capitalize())} base's accuracy on its own 36 prompts: <b>{value:.3f}</b> "
+                    f"(target &ge; {BASE_TARGET:.2f}).</p>")
     seeded = report.get("seeds", 1) > 1
     if seeded:
         body += _over_seeds(report, bool(shortened))
@@ -54,21 +55,21 @@ def _over_seeds(report: dict, shortened: bool) -> list[str]:
            (f"<p>Each recipe ran with train.seed 0 to {report['seeds'] - 1}; the targets are judged on the worst "
             "seed (the lowest fidelity, the highest drop). Every run's grids follow.</p>")]
     head = "".join(f"<th>{escape(h)}</th>" for h in (
-        "strategy", "concept", "seeds", *(f"{f} mean / {'max' if f == 'prior_drop' else 'min'}" for f in SEEDED),
+        "base", "strategy", "concept", "seeds", *(f"{f} mean / {'max' if f == 'prior_drop' else 'min'}" for f in SEEDED),
         "targets (worst seed)"))
     rows = []
     for entry in report.get("aggregates", []):
         checks = entry.get("targets", {})
         targets = ("not judged: shortened" if shortened and checks else
                    ", ".join(f"{m} {'ok' if ok else 'MISSED'}" for m, ok in checks.items()) or "none set")
-        cells = [entry["strategy"], entry["concept_kind"], str(len(entry["seeds"]))] + [
+        cells = [entry.get("base") or "unet", entry["strategy"], entry["concept_kind"], str(len(entry["seeds"]))] + [
             f"{_number(entry[f]['mean'])} / {_number(entry[f]['worst'])}" for f in SEEDED]
         rows.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + f"<td>{escape(targets)}</td></tr>")
     return out + [f"<table><tr>{head}</tr>" + "".join(rows) + "</table>"]
 
 
 def _run(out_dir: Path, run: dict, checks: dict[str, bool], shortened: bool, seeded: bool = False) -> list[str]:
-    title = f"{run['strategy']} on {run['concept_kind']}" + (f", seed {run.get('seed')}" if seeded else "")
+    title = f"{run['strategy']} on {run['concept_kind']}, {run.get('base', 'unet')} base" + (f", seed {run.get('seed')}" if seeded else "")
     out = [f"<h2>{escape(title)}: <code>{escape(run['concept'])}</code></h2>"]
     prompts = run.get("grid_prompts") or []
     count, seed = int(run.get("grid_images") or 0), run.get("grid_seed")

@@ -23,24 +23,34 @@ from finetune.shapes.report import aggregate, write_markdown
 from finetune.shapes.scorecard import score
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
+# the demo recipes of each shipped base: the U-Net's (a tiny SD 1.x) beside the README's examples, the transformer's
+# (a tiny SD3, flow matching) in their own folder; each names its base in model.base
+BASE_RECIPES = {"unet": RECIPES, "transformer": RECIPES / "transformer"}
+BASES = tuple(BASE_RECIPES)
 GRID_IMAGES = 4  # per prompt in the before/after grids
 GRID_SEED = 7  # of the noise the before and after grids both start from
-# extra runs: a demo recipe with one thing changed, to show what that thing does
-# (label, strategy kind, concept, overrides)
+# extra runs: a demo recipe with one thing changed, to show what that thing does; on the U-Net base only (one base
+# shows it, and the default demo's time is spent on the targets): (label, strategy kind, concept, overrides)
 VARIANTS = [("dreambooth_no_prior", "dreambooth", "new_object", ["prior.mode=none"])]
+VARIANT_BASE = "unet"
 
 
-def available_strategies() -> list[str]:
+def available_strategies(base: str = "unet") -> list[str]:
+    """The strategies with a demo recipe for both concepts on `base` (unet or transformer)."""
     from finetune.strategies import KINDS
 
-    return [kind for kind in KINDS if all((RECIPES / f"{kind}_{c}.yaml").is_file() for c in CONCEPTS)]
+    folder = BASE_RECIPES[base]
+    return [kind for kind in KINDS if all((folder / f"{kind}_{c}.yaml").is_file() for c in CONCEPTS)]
 
 
 def load_base_pipeline(base: str | Path):
-    """The pipeline class a folder's model_index.json names (SD, SDXL, ...)."""
+    """The pipeline class a folder's model_index.json names (SD, SD3, ...), without the parts it was saved
+    without (the transformer base has no T5)."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(base))
+    from finetune.models.pipeline_folder import parts_stored_as_none
+
+    pipe = DiffusionPipeline.from_pretrained(str(base), **parts_stored_as_none(base))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -60,70 +70,82 @@ def tuned_pipeline(base: str | Path, artifact: str | Path):
 QUICK = ("lora", "new_object")  # --quick: the headline alone, LoRA teaching the star the base never drew
 
 
-BASE = "unet"  # the shipped base every run trains on (a second base would add its own runs)
-
-
 def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps: int | None = None,
-             quick: bool = False, seeds: int = 1) -> dict:
-    """Train, judge and report; `max_steps` shortens every run (the report says the targets were not judged);
-    `quick` runs only LoRA on new_object, at its recipe's full length; `seeds` runs every recipe with
-    train.seed 0..seeds-1, and the targets are judged on the worst of them."""
+             quick: bool = False, seeds: int = 1, bases: tuple[str, ...] = BASES) -> dict:
+    """Train, judge and report on each of `bases` (unet, transformer); `max_steps` shortens every run (the report
+    says the targets were not judged); `quick` runs only LoRA on new_object, at its recipe's full length; `seeds`
+    runs every recipe with train.seed 0..seeds-1, and the targets are judged on the worst of them.
+    Raises ValueError on an unknown base or strategy, or --quick with --strategies, before any work."""
     from finetune.training.loop import train
 
     if seeds < 1:
         raise ValueError(f"--seeds: at least 1, got {seeds}")
     if quick and strategies:
         raise ValueError("--quick runs LoRA on new_object alone; leave out --strategies, or drop --quick")
+    unknown_bases = [b for b in bases if b not in BASE_RECIPES]
+    if unknown_bases or not bases:
+        raise ValueError(f"--base: {', '.join(unknown_bases) or 'none given'}; one of {', '.join(BASES)} or all")
     out_dir = Path(out_dir)
-    strategies = [QUICK[0]] if quick else strategies or available_strategies()
-    unknown = [s for s in strategies if s not in available_strategies()]
+    chosen = [QUICK[0]] if quick else strategies
+    offered = {s for b in bases for s in available_strategies(b)}
+    unknown = [s for s in chosen or [] if s not in offered]
     if unknown:
-        raise ValueError(f"--strategies: no demo recipes for {', '.join(unknown)} in {RECIPES} "
-                         f"(available: {', '.join(available_strategies())})")
-    def plan(label: str, strategy: str, concept: str, changes: list[str]) -> list[tuple]:
+        raise ValueError(f"--strategies: no demo recipes for {', '.join(unknown)} on the {'/'.join(bases)} base "
+                         f"(available: {', '.join(sorted(offered))})")
+
+    def plan(base: str, label: str, strategy: str, concept: str, changes: list[str]) -> list[tuple]:
         steps = [f"train.max_steps={max_steps}"] if max_steps else []
         plans = []
         for seed in range(seeds):
-            # one seed keeps the folder names of a demo without --seeds
-            name = f"{label}-{concept}" + (f"-seed{seed}" if seeds > 1 else "")
-            recipe = load_recipe(RECIPES / f"{strategy}_{concept}.yaml",
+            # the U-Net base's runs keep the folder names of a demo before there were two bases; one seed keeps
+            # those of a demo without --seeds
+            name = ("" if base == "unet" else f"{base}-") + f"{label}-{concept}" + (f"-seed{seed}" if seeds > 1 else "")
+            recipe = load_recipe(BASE_RECIPES[base] / f"{strategy}_{concept}.yaml",
                                  [f"output_dir={out_dir / 'runs' / name}", *steps, *changes, f"train.seed={seed}"])
-            plans.append((label, concept, recipe, name))
+            plans.append((base, label, concept, recipe, name))
         return plans
 
     # every recipe is checked before any work starts; a recipe's seeds run one after another
     plans = []
-    for strategy in strategies:
-        for concept in CONCEPTS:
-            if not quick or concept == QUICK[1]:
-                plans += plan(strategy, strategy, concept, [])
-        for variant in VARIANTS:
-            if variant[1] == strategy and not quick:
-                plans += plan(*variant)
+    for base in bases:
+        for strategy in [s for s in chosen or available_strategies(base) if s in available_strategies(base)]:
+            for concept in CONCEPTS:
+                if not quick or concept == QUICK[1]:
+                    plans += plan(base, strategy, strategy, concept, [])
+            for variant in VARIANTS:
+                if variant[1] == strategy and base == VARIANT_BASE and not quick:
+                    plans += plan(base, *variant)
     evaluator = Evaluator.load()
-    base = plans[0][2].model.base
-    bare = load_base_pipeline(base)
-    with tqdm(total=1, desc="base accuracy", unit="eval", disable=quiet()) as bar:
-        bare_accuracy = metrics.base_vocabulary_accuracy(bare, evaluator)
-        bar.update(1)
-    # shortened runs are reported, and not judged against targets that need the recipes' own lengths
-    report = {"base_accuracy": bare_accuracy, "max_steps_override": max_steps, "quick": quick, "seeds": seeds,
+    bare: dict[str, object] = {}  # each base's pipeline, loaded once
+    accuracy: dict[str, float] = {}
+    for base in dict.fromkeys(p[0] for p in plans):
+        bare[base] = load_base_pipeline(next(p[3].model.base for p in plans if p[0] == base))
+        with tqdm(total=1, desc=f"{base} base accuracy", unit="eval", disable=quiet()) as bar:
+            accuracy[base] = metrics.base_vocabulary_accuracy(bare[base], evaluator)
+            bar.update(1)
+    # shortened runs are reported, and not judged against targets that need the recipes' own lengths;
+    # base_accuracy is the first base's (the report's shape before there were two), `bases` has each one's
+    report = {"base_accuracy": next(iter(accuracy.values())), "max_steps_override": max_steps, "quick": quick,
+              "seeds": seeds, "bases": {b: {"model": str(next(p[3].model.base for p in plans if p[0] == b)),
+                                            "base_accuracy": accuracy[b]} for b in accuracy},
               "runs": [], "aggregates": []}
-    befores: dict[str, Path] = {}  # the base's grid of each concept: the same for every seed and strategy
-    for strategy, concept_name, recipe, name in plans:
+    befores: dict[tuple[str, str], Path] = {}  # each base's grid of each concept: the same for every seed/strategy
+    for base, strategy, concept_name, recipe, name in plans:
         concept = CONCEPTS[concept_name]
-        tqdm.write(f"== {strategy} on {concept_name} ({concept.concept_prompt()!r}), seed {recipe.train.seed} ==")
+        tqdm.write(f"== {strategy} on {concept_name} ({concept.concept_prompt()!r}), {base} base, "
+                   f"seed {recipe.train.seed} ==")
         started = time.perf_counter()
         artifact = train(recipe, overwrite=True)  # the demo owns its runs: running it again replaces them
-        pipe = tuned_pipeline(base, artifact)
-        numbers = score(pipe, evaluator, concept, bare_accuracy, label=f"evaluating {strategy}/{concept_name}")
+        pipe = tuned_pipeline(recipe.model.base, artifact)
+        numbers = score(pipe, evaluator, concept, accuracy[base], label=f"evaluating {strategy}/{concept_name}")
         seconds = time.perf_counter() - started
-        grids = _before_after(bare, pipe, concept, out_dir / name, befores)
+        grids = _before_after(bare[base], pipe, concept, out_dir / name, befores, base)
         # the run's own page shows its figures too (output_dir/eval/, as `finetune eval --adapter` writes them)
-        save_evaluation(artifact, concept_name, {"base_accuracy": bare_accuracy, "concept": concept.concept_prompt(),
-                                                 "concept_kind": concept.kind, **numbers}, by="finetune demo")
+        save_evaluation(artifact, concept_name, {"base_accuracy": accuracy[base],
+                                                 "concept": concept.concept_prompt(), "concept_kind": concept.kind,
+                                                 **numbers}, by="finetune demo")
         report["runs"].append({
-            "strategy": strategy, "base": BASE, "seed": recipe.train.seed, "concept_kind": concept.kind,
+            "strategy": strategy, "base": base, "seed": recipe.train.seed, "concept_kind": concept.kind,
             "concept": concept.concept_prompt(),
             "concept_fidelity": numbers["concept_fidelity"], "prompt_fidelity": numbers["prompt_fidelity"],
             "prior_drop": numbers["prior_drop"], "seconds": round(seconds, 1), "artifact": str(artifact),
@@ -141,22 +163,22 @@ def grid_prompts(concept) -> list[str]:
     return [concept.concept_prompt()] + [p for p, _ in concept.composed_prompts()][:3] + ["a red circle"]
 
 
-def _before_after(bare, tuned, concept, stem: Path, befores: dict[str, Path]) -> list[Path]:
-    """The base's and the tuned pipeline's grids; the base's is drawn once per concept and reused (it is the same
-    noise through the same frozen base for every seed and strategy)."""
+def _before_after(bare, tuned, concept, stem: Path, befores: dict[tuple[str, str], Path], base: str) -> list[Path]:
+    """The base's and the tuned pipeline's grids; the base's is drawn once per (base, concept) and reused (it is
+    the same noise through the same frozen base for every seed and strategy)."""
     from finetune.training.sampling import image_grid, save_png
 
     prompts = grid_prompts(concept)
     paths = []
     for label, pipe in (("before", bare), ("after", tuned)):
         path = stem.with_name(f"{stem.name}-{label}.png")
-        if label == "before" and concept.name in befores:
-            path.write_bytes(befores[concept.name].read_bytes())
+        if label == "before" and (base, concept.name) in befores:
+            path.write_bytes(befores[base, concept.name].read_bytes())
         else:
             images = metrics.sample(pipe, prompts, GRID_IMAGES, seed=GRID_SEED)
             save_png(image_grid(images, columns=GRID_IMAGES), path)
             if label == "before":
-                befores[concept.name] = path
+                befores[base, concept.name] = path
         paths.append(path)
     return paths
 

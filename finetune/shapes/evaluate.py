@@ -6,18 +6,21 @@ from pathlib import Path
 from finetune.shapes import metrics
 from finetune.shapes.concepts import get_concept
 from finetune.shapes.evaluator import Evaluator
-from finetune.shapes.paths import default_base_path
+from finetune.shapes.paths import base_path
 from finetune.shapes.scorecard import score
 
 
 def evaluate(base: str | Path | None, adapter: str | Path | None, concept_name: str) -> dict:
+    """The metrics of `base` (a shipped base's name, unet or transformer, or a folder; None: unet), with `adapter`
+    (a file or a tuned pipeline folder) on it when given. Raises KeyError on an unknown concept, FileNotFoundError
+    on a missing adapter or base."""
     from finetune.shapes.demo import load_base_pipeline, tuned_pipeline
 
     concept = get_concept(concept_name)  # a typo fails before anything loads
     if adapter is not None and not Path(adapter).exists():
         raise FileNotFoundError(f"--adapter: {adapter} not found")
     evaluator = Evaluator.load()
-    base = base or default_base_path()
+    base = base_path(base)  # a shipped base's name, or a folder
     pipe = load_base_pipeline(base)
     bare_accuracy = metrics.base_vocabulary_accuracy(pipe, evaluator)
     if adapter is not None:

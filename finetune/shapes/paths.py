@@ -32,5 +32,17 @@ def default_base_path() -> Path:
     return _existing(shapes_data_dir() / "base", "base model")
 
 
+# the shipped bases by name: the U-Net (a tiny SD 1.x) and the transformer (a tiny SD3, flow matching)
+SHIPPED_BASES = {"unet": "base", "transformer": "transformer_base"}
+
+
+def base_path(name_or_path: str | Path | None) -> Path:
+    """A shipped base by name (unet, transformer; None: unet), or any other folder as given."""
+    if name_or_path is None or str(name_or_path) in SHIPPED_BASES:
+        folder = SHIPPED_BASES[str(name_or_path or "unet")]
+        return _existing(shapes_data_dir() / folder, f"{name_or_path or 'unet'} base model")
+    return Path(name_or_path)
+
+
 def default_evaluator_path() -> Path:
     return _existing(shapes_data_dir() / "evaluator.safetensors", "evaluator")

@@ -16,7 +16,7 @@ TARGETS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
     # the issue asks for >= 0.80 with a drift <= 10 on at least one kind; known_look is the one it reaches
     ("hypernetwork", "known_look"): {"concept_fidelity": (">=", 0.80), "prior_drop": ("<=", 10.0)},
 }
-BASE_TARGET = 0.90
+BASE_TARGET = 0.95  # each shipped base on its own 36 prompts (the transformer base's issue asks 0.95)
 
 
 def meets(value: float, rule: tuple[str, float]) -> bool:
@@ -54,8 +54,13 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
+def base_accuracies(report: dict) -> dict[str, float]:
+    """Each base's accuracy on its 36 prompts; a report from before there were two bases has the U-Net's alone."""
+    bases = report.get("bases") or {"unet": {"base_accuracy": report["base_accuracy"]}}
+    return {name: entry["base_accuracy"] for name, entry in bases.items()}
+
+
 def write_markdown(path: Path, report: dict) -> Path:
-    base = report["base_accuracy"]
     shortened = report.get("max_steps_override")
     lines = [
         "# finetune demo: the shapes world",
@@ -66,13 +71,14 @@ def write_markdown(path: Path, report: dict) -> Path:
           if shortened else []),
         *(["Quick look (`--quick`): LoRA on new_object only, at its recipe's full length; `finetune demo` runs "
            "every strategy on both concepts.", ""] if report.get("quick") else []),
-        f"Base model's accuracy on its own 36 prompts: **{base:.3f}** (target >= {BASE_TARGET:.2f}: "
-        f"{'met' if base >= BASE_TARGET else 'NOT met'}).",
+        *[f"{name.capitalize()} base's accuracy on its own 36 prompts: **{value:.3f}** (target >= "
+          f"{BASE_TARGET:.2f}: {'met' if value >= BASE_TARGET else 'NOT met'})." for name, value
+          in base_accuracies(report).items()],
         "",
         *_over_seeds(report, shortened),
-        "| strategy | concept | prompt | prior preservation | steps | seed | concept_fidelity | prompt_fidelity "
-        "| prior_drop (points) | seconds | targets |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| base | strategy | concept | prompt | prior preservation | steps | seed | concept_fidelity "
+        "| prompt_fidelity | prior_drop (points) | seconds | targets |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in report["runs"]:
         checks = verdicts(run)
@@ -80,7 +86,7 @@ def write_markdown(path: Path, report: dict) -> Path:
         if shortened and checks:
             target_text = f"not judged: shortened to {shortened} steps"
         prior = "yes" if run.get("prior_preservation") else "no"
-        lines.append(f"| {run['strategy']} | {run['concept_kind']} | `{run['concept']}` | {prior} | "
+        lines.append(f"| {run.get('base', 'unet')} | {run['strategy']} | {run['concept_kind']} | `{run['concept']}` | {prior} | "
                      f"{run.get('steps', '')} | {run.get('seed', '')} | "
                      f"{run['concept_fidelity']:.3f} | {run['prompt_fidelity']:.3f} | {run['prior_drop']:.1f} | {run['seconds']:.0f} | "
                      f"{target_text} |")
@@ -89,7 +95,7 @@ def write_markdown(path: Path, report: dict) -> Path:
     for run in report["runs"]:
         before, after = (Path(g).name for g in run["grids"])
         seed = f" (seed {run['seed']})" if report.get("seeds", 1) > 1 else ""
-        lines.append(f"- {run['strategy']} / {run['concept_kind']}{seed}: before `{before}`, after `{after}`; "
+        lines.append(f"- {run.get('base', 'unet')} / {run['strategy']} / {run['concept_kind']}{seed}: before `{before}`, after `{after}`; "
                      f"artifact `{run['artifact']}`")
     lines += ["", "Targets: " + "; ".join(
         f"{s} on {k}: " + ", ".join(f"{m} {op} {b:g}" for m, (op, b) in rules.items())
@@ -106,15 +112,16 @@ def _over_seeds(report: dict, shortened) -> list[str]:
     lines = [(f"Each recipe ran with train.seed 0 to {seeds - 1}; the targets are judged on the worst seed (the "
               "lowest fidelity, the highest drop), so a recipe meets a target only when it does with every seed."),
              "",
-             ("| strategy | concept | seeds | concept_fidelity mean / min | prompt_fidelity mean / min "
+             ("| base | strategy | concept | seeds | concept_fidelity mean / min | prompt_fidelity mean / min "
               "| prior_drop mean / max | targets (worst seed) |"),
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in report.get("aggregates", []):
         checks = entry["targets"]
         text = ", ".join(f"{m} {'ok' if ok else 'MISSED'}" for m, ok in checks.items()) or "none set"
         if shortened and checks:
             text = f"not judged: shortened to {shortened} steps"
         cells = [f"{entry[f]['mean']:.{d}f} / {entry[f]['worst']:.{d}f}" for f, d in zip(FIGURES, (3, 3, 1))]
-        lines.append(f"| {entry['strategy']} | {entry['concept_kind']} | {len(entry['seeds'])} | "
+        lines.append(f"| {entry.get('base') or 'unet'} | {entry['strategy']} | {entry['concept_kind']} | "
+                     f"{len(entry['seeds'])} | "
                      + " | ".join(cells) + f" | {text} |")
     return [*lines, "", "Every run:", ""]
