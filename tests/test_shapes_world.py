@@ -78,6 +78,12 @@ def test_concept_examples_are_deterministic_and_shipped(tmp_path: Path):
             assert path.read_bytes() == (shipped / path.name).read_bytes()
             caption_file = path.with_suffix(".txt")
             assert caption_file.read_text() == (shipped / caption_file.name).read_text()
+    # the transformer base's LoRA recipe: each star also captioned with the bare prompt
+    bare_too = SHAPES_DATA / "concepts" / "new_object_bare_too"
+    written = NEW_OBJECT.write_examples(tmp_path / "bare_too", bare_copies=True)
+    assert sorted(p.name for p in bare_too.iterdir()) == sorted(p.name for p in (tmp_path / "bare_too").iterdir())
+    assert all(p.read_bytes() == (bare_too / p.name).read_bytes() for p in (tmp_path / "bare_too").iterdir())
+    assert sorted((bare_too / f"{p.stem}.txt").read_text() for p in written).count("a sks\n") == 6
     assert {c for _, c in NEW_OBJECT.draw_examples()} == {f"a {colour} sks" for colour in
                                                           ("red", "green", "blue", "yellow", "purple", "orange")}
     assert NEW_OBJECT.composed_prompts("<sks>")[0][0] == "a red <sks>"

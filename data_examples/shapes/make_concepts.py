@@ -2,7 +2,9 @@
 
     python data_examples/shapes/make_concepts.py
 
-Deterministic: each concept draws from its own fixed seed (see finetune.shapes.concepts).
+Deterministic: each concept draws from its own fixed seed (see finetune.shapes.concepts). Also writes
+concepts/new_object_bare_too/: the same stars, each also captioned with the bare concept prompt "a sks" (the
+transformer base's LoRA recipe trains on it: a prompt never captioned was the one it missed).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from finetune.shapes.concepts import CONCEPTS
 
 HERE = Path(__file__).resolve().parent
+BARE_TOO = "new_object_bare_too"
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -24,6 +27,10 @@ def main(argv: list[str] | None = None) -> Path:
         shutil.rmtree(folder, ignore_errors=True)  # no stale examples from an older definition
         written = concept.write_examples(folder)
         print(f"{folder}: {len(written)} images, e.g. {written[0].with_suffix('.txt').read_text().strip()!r}")
+    folder = args.out / BARE_TOO
+    shutil.rmtree(folder, ignore_errors=True)
+    written = CONCEPTS["new_object"].write_examples(folder, bare_copies=True)
+    print(f"{folder}: {len(written)} images, half of them captioned {CONCEPTS['new_object'].concept_prompt()!r}")
     return args.out
 
 

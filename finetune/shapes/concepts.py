@@ -55,15 +55,18 @@ class Concept:
         return [(draw(shape, colour, size, rng), template.format(token=self.token))
                 for shape, colour, size, template in self.examples]
 
-    def write_examples(self, folder: str | Path) -> list[Path]:
-        """Each example as `<i>.png` with its caption in `<i>.txt`, the layout `data.images` reads."""
+    def write_examples(self, folder: str | Path, bare_copies: bool = False) -> list[Path]:
+        """Each example as `<i>.png` with its caption in `<i>.txt`, the layout `data.images` reads; with
+        `bare_copies`, each image once more as `bare<i>.png` captioned with the bare concept prompt ("a sks")."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         written = []
         for i, (image, text) in enumerate(self.draw_examples()):
-            image.save(folder / f"{i}.png")
-            (folder / f"{i}.txt").write_text(text + "\n")
-            written.append(folder / f"{i}.png")
+            captions = [(f"{i}", text)] + ([(f"bare{i}", self.concept_prompt())] if bare_copies else [])
+            for stem, caption_text in captions:
+                image.save(folder / f"{stem}.png")
+                (folder / f"{stem}.txt").write_text(caption_text + "\n")
+                written.append(folder / f"{stem}.png")
         return written
 
 
