@@ -42,10 +42,11 @@ from finetune.shapes.world import BASE_SHAPES, HELD_OUT_SHAPES, sample_dataset, 
 
 CLIP_WIDTH = 64  # each CLIP; side by side they are the transformer's 128-wide context (joint_attention_dim)
 T5_TOKENS = 256  # the zero tokens StableDiffusion3Pipeline puts in T5's place (its default max_sequence_length)
-# Share of captions that leave the colour out ("a circle", "a big circle"). Measured on this transformer trained on
-# coloured captions only: a prompt without a colour word fell into one mode ("a diamond" drew mostly small orange
-# circles; after LoRA on the stars, "a sks" drew 16 of 16 big purple squares while "a red sks" drew red stars),
-# and the demo's concept prompts ("a sks", "a ohwx") name no colour. The U-Net base did not need it.
+# Share of captions that leave the colour out ("a circle", "a big circle"). Measured on this transformer trained
+# on coloured captions only (step 1,000): a prompt without a colour word drew the wrong shape ("a diamond": 8
+# circles and 4 diamonds in 16 samples; after LoRA on the stars, "a sks" drew 16 of 16 big purple squares while
+# "a red sks" drew red stars), and the demo's concept prompts ("a sks", "a ohwx") name no colour. The U-Net base
+# did not need it.
 COLOURLESS_SHARE = 0.2
 _STARTED = time.time()
 
