@@ -180,6 +180,14 @@ def save_base(folder: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+def write_checksums(out: Path, log) -> Path:
+    """`<out>.sha256` beside a saved base folder (sha256sum format), its size logged; returns `out`."""
+    manifest = write_manifest(out, out.parent / f"{out.name}.sha256")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"saved {out} ({size / 1e6:.1f} MB); checksums in {manifest}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "base")
@@ -230,10 +238,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_base(args.out, vae, text_encoder, tokenizer, unet)
-    manifest = write_manifest(args.out, args.out.parent / f"{args.out.name}.sha256")
-    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
-    log(f"saved {args.out} ({size / 1e6:.1f} MB); checksums in {manifest}")
-    return args.out
+    return write_checksums(args.out, log)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from train_base import encode_latents, to_pixels  # noqa: E402  (the U-Net base's script, beside this one)
+from train_base import encode_latents, to_pixels, write_checksums  # noqa: E402  (the U-Net base's script)
 
-from finetune.shapes.checksums import write_manifest  # noqa: E402
 from finetune.shapes.tokenizer import build_shapes_tokenizer  # noqa: E402
 from finetune.shapes.world import BASE_SHAPES, HELD_OUT_SHAPES, sample_dataset, to_array  # noqa: E402
 
@@ -191,10 +190,7 @@ def main(argv: list[str] | None = None) -> Path:
         log(f"step {step}: base accuracy {accuracy:.3f} (36 prompts x 2); saved {folder}")
 
     train(vae, latents, tokens(captions), tokens([""])[0], tokenizer, args, checkpoint)
-    manifest = write_manifest(args.out, args.out.parent / f"{args.out.name}.sha256")
-    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
-    log(f"saved {args.out} ({size / 1e6:.1f} MB); checksums in {manifest}")
-    return args.out
+    return write_checksums(args.out, log)
 
 
 if __name__ == "__main__":
