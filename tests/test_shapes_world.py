@@ -220,3 +220,11 @@ def test_transformer_base_script_builds_the_shipped_architecture(tmp_path):
                        for folder in (out, SHAPES_DATA / "base"))
     assert made.keys() == unet_base.keys() and all((made[k] == unet_base[k]).all() for k in made)
     assert mismatches(out, tmp_path / "transformer_base.sha256") == []
+
+
+def test_shipped_bases_by_name():
+    from finetune.shapes.paths import base_path
+
+    assert base_path(None) == base_path("unet") == SHAPES_DATA / "base"
+    assert base_path("transformer") == SHAPES_DATA / "transformer_base"
+    assert base_path("/some/folder") == Path("/some/folder")  # any other folder as given

@@ -55,21 +55,24 @@ def _over_seeds(report: dict, shortened: bool) -> list[str]:
            (f"<p>Each recipe ran with train.seed 0 to {report['seeds'] - 1}; the targets are judged on the worst "
             "seed (the lowest fidelity, the highest drop). Every run's grids follow.</p>")]
     head = "".join(f"<th>{escape(h)}</th>" for h in (
-        "base", "strategy", "concept", "seeds", *(f"{f} mean / {'max' if f == 'prior_drop' else 'min'}" for f in SEEDED),
+        "base", "strategy", "concept", "seeds",
+        *(f"{f} mean / {'max' if f == 'prior_drop' else 'min'}" for f in SEEDED),
         "targets (worst seed)"))
     rows = []
     for entry in report.get("aggregates", []):
         checks = entry.get("targets", {})
         targets = ("not judged: shortened" if shortened and checks else
                    ", ".join(f"{m} {'ok' if ok else 'MISSED'}" for m, ok in checks.items()) or "none set")
-        cells = [entry.get("base") or "unet", entry["strategy"], entry["concept_kind"], str(len(entry["seeds"]))] + [
+        cells = [entry.get("base") or "unet", entry["strategy"], entry["concept_kind"],
+                 str(len(entry["seeds"]))] + [
             f"{_number(entry[f]['mean'])} / {_number(entry[f]['worst'])}" for f in SEEDED]
         rows.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + f"<td>{escape(targets)}</td></tr>")
     return out + [f"<table><tr>{head}</tr>" + "".join(rows) + "</table>"]
 
 
 def _run(out_dir: Path, run: dict, checks: dict[str, bool], shortened: bool, seeded: bool = False) -> list[str]:
-    title = f"{run['strategy']} on {run['concept_kind']}, {run.get('base', 'unet')} base" + (f", seed {run.get('seed')}" if seeded else "")
+    title = (f"{run['strategy']} on {run['concept_kind']}, {run.get('base', 'unet')} base"
+             + (f", seed {run.get('seed')}" if seeded else ""))
     out = [f"<h2>{escape(title)}: <code>{escape(run['concept'])}</code></h2>"]
     prompts = run.get("grid_prompts") or []
     count, seed = int(run.get("grid_images") or 0), run.get("grid_seed")

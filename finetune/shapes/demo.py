@@ -99,7 +99,8 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
         for seed in range(seeds):
             # the U-Net base's runs keep the folder names of a demo before there were two bases; one seed keeps
             # those of a demo without --seeds
-            name = ("" if base == "unet" else f"{base}-") + f"{label}-{concept}" + (f"-seed{seed}" if seeds > 1 else "")
+            name = (("" if base == "unet" else f"{base}-") + f"{label}-{concept}"
+                    + (f"-seed{seed}" if seeds > 1 else ""))
             recipe = load_recipe(BASE_RECIPES[base] / f"{strategy}_{concept}.yaml",
                                  [f"output_dir={out_dir / 'runs' / name}", *steps, *changes, f"train.seed={seed}"])
             plans.append((base, label, concept, recipe, name))
