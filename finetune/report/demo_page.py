@@ -29,7 +29,7 @@ def write_demo_page(out_dir: str | Path) -> Path:
 
 
 def build_demo_page(out_dir: Path, report: dict) -> str:
-    from finetune.shapes.report import BASE_TARGET, base_accuracies, verdicts
+    from finetune.shapes.report import BASE_NAMES, BASE_TARGET, base_accuracies, verdicts
 
     shortened = report.get("max_steps_override")
     body = ["<h1>finetune demo: the shapes world</h1>"]
@@ -39,7 +39,7 @@ def build_demo_page(out_dir: Path, report: dict) -> str:
     if report.get("quick"):
         body.append('<p class="state running">Quick look (--quick): LoRA on new_object only.</p>')
     for name, value in base_accuracies(report).items():
-        body.append(f"<p>{escape(name.capitalize())} base's accuracy on its own 36 prompts: <b>{value:.3f}</b> "
+        body.append(f"<p>{escape(BASE_NAMES.get(name, name))} base's accuracy on its own 36 prompts: <b>{value:.3f}</b> "
                     f"(target &ge; {BASE_TARGET:.2f}).</p>")
     seeded = report.get("seeds", 1) > 1
     if seeded:
