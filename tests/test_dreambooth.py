@@ -130,3 +130,23 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_base, concept_dir, tmp_pat
 def test_bad_dreambooth_settings_are_named(tiny_base, concept_dir, tmp_path, strategy, problem):
     with pytest.raises(RecipeError, match=problem):
         parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out", strategy=strategy))
+
+
+def test_trainable_modules_train_those_layers_and_leave_the_rest(tiny_base, concept_dir, tmp_path, base_states):
+    from diffusers import DiffusionPipeline
+
+    strategy = {"kind": "dreambooth", "trainable_modules": ["attn2.to_k", "attn2.to_v"]}
+    pipe = DiffusionPipeline.from_pretrained(_run(tiny_base, concept_dir, tmp_path / "out", strategy=strategy))
+    changed = _changed(base_states["unet"], _state(pipe.unet))
+    assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed), sorted(changed)
+    wanted = {k for k in base_states["unet"] if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    assert changed == wanted  # every weight of every named layer trained, and nothing else
+
+
+def test_trainable_modules_naming_no_layer_fail_before_training(tiny_base, concept_dir, tmp_path):
+    from finetune.strategies.base import StrategySetupError
+
+    strategy = {"kind": "dreambooth", "trainable_modules": ["attn2.to_k", "attn.to_kk"]}
+    with pytest.raises(StrategySetupError, match=r"trainable_modules: attn\.to_kk names no layer of the unet"):
+        _run(tiny_base, concept_dir, tmp_path / "out", strategy=strategy)
+    assert not (tmp_path / "out" / "pipeline").exists()

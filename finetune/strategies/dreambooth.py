@@ -1,4 +1,5 @@
-"""DreamBooth (Ruiz et al. 2023): the whole denoiser trains, optionally the text encoder for the first steps.
+"""DreamBooth (Ruiz et al. 2023): the whole denoiser trains (or the layers strategy.trainable_modules names),
+optionally the text encoder for the first steps.
 
 Prior preservation is the loop's (recipe section `prior`), shared with every strategy; this strategy only
 decides what trains and writes a whole diffusers pipeline folder. `finetune extract-lora` turns that folder
@@ -12,7 +13,7 @@ import copy
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -21,7 +22,7 @@ import torch
 from finetune.models.base import Components, ModelFamily, adaptable_text_encoders
 from finetune.paths import give_umask_permissions
 from finetune.recipe.schema import StrategyOptions
-from finetune.strategies.base import CommonDefaults
+from finetune.strategies.base import CommonDefaults, StrategySetupError
 from finetune.training.sharded_state import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class Options(StrategyOptions):
     # the text encoder trains for the first this-many steps, then stays as it is (None: to the end)
     text_encoder_steps: Optional[int] = None
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the saved pipeline's weights
+    # empty: the whole denoiser trains; else only its layers whose names end with one of these (matched as LoRA's
+    # target_modules are, e.g. attn.to_q), all their weights, and the rest stay the base's
+    trainable_modules: list[str] = field(default_factory=list)
 
     def changes_text_encoding(self) -> Optional[str]:
         return "strategy.text_encoder is true, so the text encoder trains" if self.text_encoder else None
@@ -55,6 +59,13 @@ class Options(StrategyOptions):
         return problems
 
 
+def named_matches(module: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Names of `module`'s submodules equal to a pattern or ending with "." + pattern (peft's target_modules
+    rule for a list of names)."""
+    return [name for name, _ in module.named_modules()
+            if any(name == p or name.endswith(f".{p}") for p in patterns)]
+
+
 def _size_gib(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
 
@@ -69,6 +80,16 @@ class Strategy(CommonDefaults):
         self.modules: dict[str, torch.nn.Module] = {}  # what trains, unwrapped
         self.frozen: dict[str, torch.nn.Module] = {}  # untouched copies, only for base_prediction prior
         self.gathered: dict[str, dict[str, torch.Tensor]] = {}  # whole weights of sharded modules (FSDP)
+
+    def check(self, family: ModelFamily, parts: Components) -> None:
+        patterns = self.options.trainable_modules
+        found = named_matches(parts.denoiser, patterns)
+        missing = [p for p in patterns if not any(n == p or n.endswith(f".{p}") for n in found)]
+        if missing:
+            raise StrategySetupError(
+                f"strategy.trainable_modules: {', '.join(missing)} names no layer of the "
+                f"{parts.denoiser_name} ({type(parts.denoiser).__name__}); name layers as they appear in its "
+                f"named_modules(), e.g. attn.to_q, or leave the list empty to train the whole {parts.denoiser_name}")
 
     def prepare(self, family: ModelFamily, parts: Components, keep_frozen_base: bool = False) -> None:
         self.family, self.parts = family, parts
@@ -86,10 +107,15 @@ class Strategy(CommonDefaults):
         for module in self.modules.values():
             # trainable weights are fp32 whatever the frozen base's dtype; mixed precision casts per operation
             module.float().requires_grad_(True)
+        if self.options.trainable_modules:
+            parts.denoiser.requires_grad_(False)
+            layers = dict(parts.denoiser.named_modules())
+            for name in named_matches(parts.denoiser, self.options.trainable_modules):
+                layers[name].requires_grad_(True)
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         denoiser = self.parts.denoiser_name
-        return [{"params": list(module.parameters()),
+        return [{"params": [p for p in module.parameters() if p.requires_grad],
                  "lr": learning_rate if name == denoiser else self.options.text_encoder_learning_rate or learning_rate}
                 for name, module in self.modules.items()]
 
