@@ -67,11 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--concept", required=True, help="new_object or known_look")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
 
-    demo = commands.add_parser("demo", help="shapes world: teach both concepts with every strategy, on a CPU")
+    demo = commands.add_parser("demo", help="shapes world: teach each strategy its concept, on a CPU")
     demo.add_argument("--out", default="demo_output", help="folder for the report, grids and runs")
     demo.add_argument("--strategies", default=None, help="comma-separated, e.g. lora (default: all)")
     demo.add_argument("--quick", action="store_true",
                       help="a quick look: LoRA teaching the star only, on each chosen base")
+    demo.add_argument("--full", action="store_true", help="every strategy on both concepts, and DreamBooth without "
+                      "the prior (default: each strategy on the concept its targets judge)")
     demo.add_argument("--base", default="all", choices=("unet", "transformer", "all"),
                       help="the shipped base(s) to teach: the U-Net (tiny SD 1.x) or the transformer (tiny SD3, flow "
                            "matching); default all")
@@ -271,7 +273,7 @@ def _demo(args) -> int:
 
         bases = BASES if args.base == "all" else (args.base,)
         report = run_demo(args.out, strategies, max_steps=args.max_steps, quick=args.quick, seeds=args.seeds,
-                          bases=bases)
+                          bases=bases, full=args.full)
     except (ValueError, FileNotFoundError, *_known_errors()) as exc:
         raise KnownProblem(str(exc)) from None
     print(f"wrote {args.out}/demo_report.md, demo_report.json and demo_report.html ({len(report['runs'])} runs)")

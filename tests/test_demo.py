@@ -32,9 +32,9 @@ def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
     from finetune.cli import main
 
     assert main(["demo", "--out", str(tmp_path), "--strategies", "lora,dreambooth", "--max-steps", "2",
-                 "--base", "unet"]) == 0
+                 "--base", "unet", "--full"]) == 0
     report = json.loads((tmp_path / "demo_report.json").read_text())
-    assert isinstance(report["base_accuracy"], float)
+    assert isinstance(report["base_accuracy"], float) and report["full"] is True
     assert [(r["strategy"], r["concept_kind"], r["prior_preservation"]) for r in report["runs"]] == [
         ("lora", "new_object", True), ("lora", "known_look", True),
         ("dreambooth", "new_object", True), ("dreambooth", "known_look", True),
@@ -97,6 +97,24 @@ def test_quick_demo_runs_the_headline_alone_on_both_bases(tmp_path):
     assert "| transformer | lora | new_object |" in markdown
     assert "lora on new_object, transformer base" in (tmp_path / "demo_report.html").read_text()
     assert main(["demo", "--out", str(tmp_path), "--quick", "--strategies", "dreambooth"]) == 2
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--full"]) == 2
+
+
+def test_the_default_demo_runs_each_strategy_on_the_concept_its_targets_judge():
+    from finetune.shapes.demo import BASES, VARIANTS, demo_pairs
+    from finetune.shapes.report import TARGETS
+    from finetune.strategies import KINDS
+
+    default = demo_pairs(BASES)
+    assert [(base, strategy) for base, _, strategy, _, _ in default] == [(b, s) for b in BASES for s in KINDS]
+    for base, label, strategy, concept, changes in default:
+        assert label == strategy and not changes and (strategy, concept) in TARGETS  # a judged pair, no variant
+    assert {(s, c) for _, _, s, c, _ in default} == {("lora", "new_object"), ("dreambooth", "new_object"),
+                                                     ("textual_inversion", "known_look"),
+                                                     ("hypernetwork", "known_look")}
+    full = demo_pairs(BASES, full=True)
+    assert len(full) == 2 * len(default) + len(VARIANTS)  # both concepts on each base, the variant on one
+    assert demo_pairs(("transformer",), ["lora"], quick=False) == [("transformer", "lora", "lora", "new_object", [])]
 
 
 def test_demo_refuses_an_unknown_strategy_or_base(tmp_path):
@@ -198,8 +216,9 @@ def test_targets_are_judged_on_the_worst_seed(tmp_path):
     assert entry["prior_drop"]["mean"] == pytest.approx(8.4 / 3) and entry["prior_drop"]["min"] == 0.0
     assert entry["targets"] == {"concept_fidelity": False, "prompt_fidelity": True, "prior_drop": False}
     assert all(aggregate(runs[:1])[0]["targets"].values())
-    report = {"base_accuracy": 0.97, "seeds": 3, "runs": runs, "aggregates": [entry]}
+    report = {"base_accuracy": 0.97, "seeds": 3, "runs": runs, "aggregates": [entry], "full": False}
     write_markdown(tmp_path / "demo_report.md", report)
+    assert "`finetune demo --full` also runs the other concept" in (tmp_path / "demo_report.md").read_text()
     row = next(line for line in (tmp_path / "demo_report.md").read_text().splitlines()
                if line.startswith("| unet | lora | new_object | 3 |"))
     assert row == ("| unet | lora | new_object | 3 | 0.927 / 0.780 | 0.953 / 0.900 | 2.8 / 5.6 | concept_fidelity MISSED, "

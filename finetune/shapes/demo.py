@@ -1,4 +1,4 @@
-"""`finetune demo`: teach both shapes-world concepts with every strategy, measure, and write a report.
+"""`finetune demo`: teach each strategy its shapes-world concept (both concepts with --full), measure, report.
 
 Each run is an ordinary recipe in recipes/shapes/ (`<strategy>_<concept>.yaml`), trained by the one loop,
 then judged by the shipped evaluator against the shipped base.
@@ -68,27 +68,51 @@ def tuned_pipeline(base: str | Path, artifact: str | Path):
 
 
 QUICK = ("lora", "new_object")  # --quick: the headline alone, LoRA teaching the star the base never drew
+# the default demo runs each strategy on the concept its targets are judged on (report.TARGETS), which keeps both
+# bases within 25 minutes on a 2-core CPU; --full adds the other concept and the VARIANTS
+TARGET_CONCEPT = {"lora": "new_object", "dreambooth": "new_object", "textual_inversion": "known_look",
+                  "hypernetwork": "known_look"}
+
+
+def demo_pairs(bases: tuple[str, ...], strategies: list[str] | None = None, quick: bool = False,
+               full: bool = False) -> list[tuple[str, str, str, str, list[str]]]:
+    """What the demo runs, in order: (base, label, strategy, concept, recipe overrides). `strategies` None: every
+    strategy with demo recipes on that base. A strategy without a TARGET_CONCEPT runs both concepts."""
+    pairs = []
+    for base in bases:
+        offered = available_strategies(base)
+        for strategy in [s for s in ([QUICK[0]] if quick else strategies or offered) if s in offered]:
+            if quick:
+                concepts = [QUICK[1]]
+            elif full or strategy not in TARGET_CONCEPT:
+                concepts = list(CONCEPTS)
+            else:
+                concepts = [TARGET_CONCEPT[strategy]]
+            pairs += [(base, strategy, strategy, concept, []) for concept in concepts]
+            if full:
+                pairs += [(base, *variant) for variant in VARIANTS if variant[1] == strategy and base == VARIANT_BASE]
+    return pairs
 
 
 def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps: int | None = None,
-             quick: bool = False, seeds: int = 1, bases: tuple[str, ...] = BASES) -> dict:
-    """Train, judge and report on each of `bases` (unet, transformer); `max_steps` shortens every run (the report
-    says the targets were not judged); `quick` runs only LoRA on new_object, at its recipe's full length; `seeds`
-    runs every recipe with train.seed 0..seeds-1, and the targets are judged on the worst of them.
-    Raises ValueError on an unknown base or strategy, or --quick with --strategies, before any work."""
+             quick: bool = False, seeds: int = 1, bases: tuple[str, ...] = BASES, full: bool = False) -> dict:
+    """Train, judge and report on each of `bases` (unet, transformer): each strategy on the concept its targets
+    judge, or with `full` on both concepts and the VARIANTS too; `max_steps` shortens every run (the report says
+    the targets were not judged); `quick` runs only LoRA on new_object, at its recipe's full length; `seeds` runs
+    every recipe with train.seed 0..seeds-1, and the targets are judged on the worst of them.
+    Raises ValueError on an unknown base or strategy, or --quick with --strategies or --full, before any work."""
     from finetune.training.loop import train
 
     if seeds < 1:
         raise ValueError(f"--seeds: at least 1, got {seeds}")
-    if quick and strategies:
-        raise ValueError("--quick runs LoRA on new_object alone; leave out --strategies, or drop --quick")
+    if quick and (strategies or full):
+        raise ValueError("--quick runs LoRA on new_object alone; leave out --strategies and --full, or drop --quick")
     unknown_bases = [b for b in bases if b not in BASE_RECIPES]
     if unknown_bases or not bases:
         raise ValueError(f"--base: {', '.join(unknown_bases) or 'none given'}; one of {', '.join(BASES)} or all")
     out_dir = Path(out_dir)
-    chosen = [QUICK[0]] if quick else strategies
     offered = {s for b in bases for s in available_strategies(b)}
-    unknown = [s for s in chosen or [] if s not in offered]
+    unknown = [s for s in strategies or [] if s not in offered]
     if unknown:
         raise ValueError(f"--strategies: no demo recipes for {', '.join(unknown)} on the {'/'.join(bases)} base "
                          f"(available: {', '.join(sorted(offered))})")
@@ -107,15 +131,7 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
         return plans
 
     # every recipe is checked before any work starts; a recipe's seeds run one after another
-    plans = []
-    for base in bases:
-        for strategy in [s for s in chosen or available_strategies(base) if s in available_strategies(base)]:
-            for concept in CONCEPTS:
-                if not quick or concept == QUICK[1]:
-                    plans += plan(base, strategy, strategy, concept, [])
-            for variant in VARIANTS:
-                if variant[1] == strategy and base == VARIANT_BASE and not quick:
-                    plans += plan(base, *variant)
+    plans = [run for pair in demo_pairs(bases, strategies, quick, full) for run in plan(*pair)]
     evaluator = Evaluator.load()
     bare: dict[str, object] = {}  # each base's pipeline, loaded once
     accuracy: dict[str, float] = {}
@@ -127,7 +143,7 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
     # shortened runs are reported, and not judged against targets that need the recipes' own lengths;
     # base_accuracy is the first base's (the report's shape before there were two), `bases` has each one's
     report = {"base_accuracy": next(iter(accuracy.values())), "max_steps_override": max_steps, "quick": quick,
-              "seeds": seeds, "bases": {b: {"model": str(next(p[3].model.base for p in plans if p[0] == b)),
+              "full": full, "seeds": seeds, "bases": {b: {"model": str(next(p[3].model.base for p in plans if p[0] == b)),
                                             "base_accuracy": accuracy[b]} for b in accuracy},
               "runs": [], "aggregates": []}
     befores: dict[tuple[str, str], Path] = {}  # each base's grid of each concept: the same for every seed/strategy

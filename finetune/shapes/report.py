@@ -71,7 +71,9 @@ def write_markdown(path: Path, report: dict) -> Path:
            "the targets are not judged. Run `finetune demo` without it for the real figures.", ""]
           if shortened else []),
         *(["Quick look (`--quick`): LoRA on new_object only, at its recipe's full length; `finetune demo` runs "
-           "every strategy on both concepts.", ""] if report.get("quick") else []),
+           "every strategy.", ""] if report.get("quick") else []),
+        *(["Each strategy on the concept its targets judge; `finetune demo --full` also runs the other concept and "
+           "DreamBooth without the prior.", ""] if not report.get("quick") and report.get("full") is False else []),
         *[line for name, value in base_accuracies(report).items() for line in (
             f"{BASE_NAMES.get(name, name)} base's accuracy on its own 36 prompts: **{value:.3f}** (target >= "
             f"{BASE_TARGET:.2f}: {'met' if value >= BASE_TARGET else 'NOT met'}).", "")],
