@@ -142,9 +142,10 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
             bar.update(1)
     # shortened runs are reported, and not judged against targets that need the recipes' own lengths;
     # base_accuracy is the first base's (the report's shape before there were two), `bases` has each one's
+    models = {b: str(next(p[3].model.base for p in plans if p[0] == b)) for b in accuracy}
     report = {"base_accuracy": next(iter(accuracy.values())), "max_steps_override": max_steps, "quick": quick,
-              "full": full, "seeds": seeds, "bases": {b: {"model": str(next(p[3].model.base for p in plans if p[0] == b)),
-                                            "base_accuracy": accuracy[b]} for b in accuracy},
+              "full": full, "seeds": seeds,
+              "bases": {b: {"model": models[b], "base_accuracy": accuracy[b]} for b in accuracy},
               "runs": [], "aggregates": []}
     befores: dict[tuple[str, str], Path] = {}  # each base's grid of each concept: the same for every seed/strategy
     for base, strategy, concept_name, recipe, name in plans:

@@ -82,9 +82,7 @@ class Strategy(CommonDefaults):
         self.gathered: dict[str, dict[str, torch.Tensor]] = {}  # whole weights of sharded modules (FSDP)
 
     def check(self, family: ModelFamily, parts: Components) -> None:
-        patterns = self.options.trainable_modules
-        found = named_matches(parts.denoiser, patterns)
-        missing = [p for p in patterns if not any(n == p or n.endswith(f".{p}") for n in found)]
+        missing = [p for p in self.options.trainable_modules if not named_matches(parts.denoiser, [p])]
         if missing:
             raise StrategySetupError(
                 f"strategy.trainable_modules: {', '.join(missing)} names no layer of the "
