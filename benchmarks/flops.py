@@ -165,6 +165,7 @@ def _gpu_utilisation(model, loss_of, flops_per_sample: int, args) -> dict:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    model.zero_grad(set_to_none=True)  # the CPU count's backward left gradients, which .to() would cast to bf16
     model.to(device, dtype=torch.bfloat16)
     for p in model.parameters():
         if p.requires_grad:

@@ -72,6 +72,18 @@ def sharding_report(got: str, processes: int, fractions: dict[str, float]) -> tu
     return line, None
 
 
+def enable_gradient_checkpointing(accelerator: Any, parts: Any, trained: list) -> None:
+    """Recompute the trained modules' activations in the backward pass (`train.gradient_checkpointing`). Under
+    FSDP accelerate wraps each block it shards in a checkpoint before sharding it (its `activation_checkpointing`):
+    with the model's own checkpointing (diffusers') the checkpoint would sit outside the sharded blocks, and FSDP2
+    does not cast a block's inputs to bf16 when the backward pass recomputes it, so the recomputed tensors differ in
+    dtype from the saved ones and the backward fails (seen with Flux on an H200, bf16). Call before preparing."""
+    if accelerator.distributed_type.name == "FSDP":
+        accelerator.state.fsdp_plugin.activation_checkpointing = True
+        return
+    parts.enable_gradient_checkpointing(trained)
+
+
 def prepare_for_training(accelerator: Any, modules: dict[str, Any], optimizer: Any) -> tuple[dict, Any, list]:
     """accelerate's `prepare` of the trained modules and the optimizer in one call, as FSDP2 requires; returns
     (the prepared modules by name, the optimizer, its parameters: FSDP2 swaps them for sharded ones, so the

@@ -36,8 +36,9 @@ from finetune.report.live import LiveReport
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, interrupt, prior, saves, trackers
 from finetune.training.inputs import make_encoder
-from finetune.training.engine import (engine_report, has_accelerator, prepare_for_training,
-                                      refuse_unsharded_work, requested_engine, sharding_report)
+from finetune.training.engine import (enable_gradient_checkpointing, engine_report, has_accelerator,
+                                      prepare_for_training, refuse_unsharded_work, requested_engine,
+                                      sharding_report)
 from finetune.training.failures import check_finite_loss
 from finetune.training.offload import offload_idle, on_device
 from finetune.training.optim import build_optimizer, build_scheduler
@@ -185,7 +186,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
     trained = parts.trained()
     if t.gradient_checkpointing:
-        parts.enable_gradient_checkpointing(trained)
+        enable_gradient_checkpointing(accelerator, parts, trained)
     if t.channels_last:
         parts.denoiser.to(memory_format=torch.channels_last)
     if t.compile:
