@@ -9,7 +9,9 @@
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh [OUT_DIR]     (from the repository root; OUT_DIR default $OUT or gpu-figures)
 #
 # Needs torch with CUDA and this project's dependencies importable; the device machine's image lacks diffusers
-# and datasets, which travel as wheels (/work/.library/device/README.md). Figures go to OUT_DIR as JSON and logs;
+# and datasets, which travel as wheels (/work/.library/device/README.md), and torchao for memory.py (flux_lora.yaml
+# quantizes). With torch 2.11 on an H200, cuDNN attention failed in Flux's backward pass: run the Flux steps with
+# torch.backends.cuda.enable_cudnn_sdp(False) there (README, "Measured on one H200"). Figures go to OUT_DIR as JSON and logs;
 # each step has its own time limit, and a failed step does not stop the others. PEAK_TFLOPS: the GPU's dense bf16
 # peak for MFU (default 989, H100/H200 SXM; what matrix products reach in practice is nearer 790).
 set -u
@@ -31,7 +33,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, say ho
 
 step env 60 "$PY" -m finetune env
 step flops_sd15 90 "$PY" benchmarks/flops.py --model sd15 --batch-size 8 --peak-tflops "$PEAK" --json "$OUT_DIR/flops_sd15.json"
-step flops_sdxl 120 "$PY" benchmarks/flops.py --model sdxl --resolution 1024 --batch-size 4 --peak-tflops "$PEAK" \
+step flops_sdxl 240 "$PY" benchmarks/flops.py --model sdxl --resolution 1024 --batch-size 4 --peak-tflops "$PEAK" \
   --json "$OUT_DIR/flops_sdxl.json"
 step flops_flux 120 "$PY" benchmarks/flops.py --model flux --resolution 1024 --batch-size 2 --peak-tflops "$PEAK" \
   --json "$OUT_DIR/flops_flux.json"
