@@ -28,17 +28,18 @@ def test_kohya_keys_alpha_and_header(lora_file, tmp_path):
     stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     assert tensors[f"{stem}.lora_down.weight"].shape == (4, 32)
     assert tensors[f"{stem}.lora_up.weight"].shape == (32, 4)
-    assert tensors[f"{stem}.alpha"].item() == 2.0 and tensors[f"{stem}.alpha"].ndim == 0
+    # the diffusers file holds alpha / rank (2 / 4) folded into its weights, so its kohya twin's alpha is the rank
+    assert tensors[f"{stem}.alpha"].item() == 4.0 and tensors[f"{stem}.alpha"].ndim == 0
     assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (4, 32, 3, 3)
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in tensors
     assert not any(".lora_A." in k for k in tensors)
     with safe_open(str(out), framework="pt") as handle:
         header = handle.metadata()
     assert header["ss_network_module"] == "networks.lora"
-    assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "2"
+    assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "4"
     assert header["ss_output_name"] == "my_style" and header["ss_base_model_version"] == "sd_v1"
     assert header["ss_learning_rate"] == "0.0001" and header["ss_seed"] == "5" and header["ss_steps"] == "7"
-    assert json.loads(header["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2"}
+    assert json.loads(header["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4"}
     assert header["finetune.base_model"]  # our own metadata travels too
     # the hash the UIs check: SHA-256 of the tensor bytes after the header
     raw = out.read_bytes()

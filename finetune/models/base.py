@@ -152,7 +152,8 @@ class ModelFamily(Protocol):
     # ss_base_model_version (None: told from the weights)
     kohya_prefixes: dict[str, str]
     # "diffusers" (module paths as diffusers names them), "sgm" (the original code's), "flux" (BFL's names, q/k/v
-    # fused: export/lora/kohya_flux.py) or "none" (no kohya file written)
+    # fused: export/lora/kohya_flux.py), "sd3" (Stability AI's MMDiT names, q/k/v fused: export/lora/kohya_sd3.py)
+    # or "none" (no kohya file written)
     kohya_unet_layout: str
     embedding_keys: dict[str, str]
     kohya_base_model_version: str | None

@@ -32,11 +32,11 @@ class StableDiffusion3(StableDiffusion):
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     conv_lora_targets = ()  # no convolutions past the patch embedding
     text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
-    # kohya's sd3 files name the MMDiT in its original (joint_blocks) layout, which is not written here: the
-    # diffusers-layout file is what ComfyUI and diffusers load
+    # kohya's SD3 files name the MMDiT in its original (joint_blocks) layout, q/k/v fused: the one ComfyUI and
+    # Forge both apply (Forge ignores diffusers' transformer. names for SD3; finetune/export/lora/kohya_sd3.py)
     kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
                       "text_encoder_3": "lora_te3"}
-    kohya_unet_layout = "none"
+    kohya_unet_layout = "sd3"
     embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
     kohya_base_model_version = "sd3"
     default_flow = {"sigma_sampling": "logit_normal", "shift": 3.0, "resolution_shift": False}

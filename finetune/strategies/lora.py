@@ -139,8 +139,10 @@ class Strategy(CommonDefaults):
             raise StrategySetupError(f"strategy.formats: kohya's layout is not written for {family.name} here; "
                                      "remove kohya (the diffusers-layout file loads in diffusers and ComfyUI)")
         if "kohya" in self.options.formats and self.options.variant != "lora" and \
-                getattr(family, "kohya_unet_layout", "") == "flux":  # LyCORIS's names are BFL's fused modules
-            raise StrategySetupError(f"strategy.formats: kohya's Flux layout fuses q/k/v, and a {self.options.variant} "
+                getattr(family, "kohya_unet_layout", "") in ("flux", "sd3"):  # LyCORIS's names: fused modules
+            layout = {"flux": "Flux", "sd3": "SD3"}[family.kohya_unet_layout]
+            raise StrategySetupError(f"strategy.formats: kohya's {layout} layout fuses q/k/v, and a "
+                                     f"{self.options.variant} "
                                      "of each does not fuse into one; remove kohya (finetune.load_adapter reads the "
                                      "peft-adapter file)")
         if self.options.target_preset and lora_presets.refusal(family, self.options.target_preset):

@@ -27,6 +27,7 @@ from finetune.data.sources import data_name, tag_frequency
 from finetune.data.buckets import format_report, write_report
 from finetune.data.captions import caption_report
 from finetune.data.caches import estimated_bytes, plan_caches
+from finetune.export.family_header import family_fields, family_version
 from finetune.models import family_for, objective_values
 from finetune.models.quantize import quantize_weights
 from finetune.recipe.checks import recipe_value
@@ -155,6 +156,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         say(f"model.quantize: {count} Linear weights of the {parts.denoiser_name} in {recipe.model.quantize}")
     parts.extra["guidance"] = recipe.model.guidance  # Flux.1-dev's guidance embedding (None: the family's)
     strategy.check(family, parts)  # options that cannot fit this model fail before any long work
+    # the header keys AUTOMATIC1111 and Forge tell the base family by, in every artifact's header
+    family_header = family_fields(family_version(family, parts), recipe.strategy.kind, recipe.model.base)
     tokenizer = family.text_encoders(parts)[0][1]
     caption_notes = caption_report(tokenizer, strategy.prompts([e.caption for e in examples], torch.Generator()),
                                    [e.name for e in examples], family.caption_window(tokenizer, d.max_token_length),
@@ -281,7 +284,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             snapshot_every = recipe.checkpoint.snapshot_every
             if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
                 saves.save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}",
-                                    step, data_figures, output_dir)
+                                    step, data_figures, output_dir, family_header)
             if recipe.sample.every and step % recipe.sample.every == 0:
                 with on_device(offloaded, accelerator.device):
                     saves.save_samples(accelerator, family, parts, recipe, output_dir, step)
@@ -294,7 +297,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                     f"{t.max_steps}; the checkpoint is in {checkpoint.checkpoints_dir(output_dir)}. Continue with:\n"
                     f"  {command}", stop.signum or signal.SIGINT)
 
-    artifact = saves.save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures, output_dir)
+    artifact = saves.save_artifact(accelerator, strategy, recipe, output_dir, step, data_figures, output_dir,
+                                   family_header)
     live.finish()  # the page's last version, before the list of what was written (which names it)
     if accelerator.is_main_process:
         say("wrote:\n" + "\n".join(written_lines(output_dir, started_at)))

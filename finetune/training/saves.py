@@ -39,15 +39,17 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimize
 
 
 def save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int,
-                  data_figures: dict[str, object], checkpoints_in: Path) -> Path:
+                  data_figures: dict[str, object], checkpoints_in: Path, family_header: dict[str, str]) -> Path:
     """`output_dir` is where the artifact goes (the run's folder, or a snapshot's); `checkpoints_in` is the
-    run's folder, named in messages."""
+    run's folder, named in messages; `family_header`: the keys other programs tell the base family by
+    (finetune/export/family_header.py)."""
     # on every process: a sharded strategy gathers its weights here, which its save (main process) writes
     check_finite_weights(strategy.state_dict(), step, checkpoints_in)
     artifact = output_dir / strategy.artifact_name
     if accelerator.is_main_process:
         metadata = training_metadata(base_model=recipe.model.base, strategy=recipe.strategy.kind, steps=step,
                                      recipe=recipe_to_dict(recipe), extra=data_figures)
+        metadata.update(family_header)
         with saving(f"the artifact in {output_dir}", step, resume_command(recipe.source, recipe.overrides),
                     checkpoints_in):
             artifact = strategy.save(output_dir, metadata)

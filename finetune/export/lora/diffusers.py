@@ -4,6 +4,13 @@ Keys look like `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.
 `lora_adapter_metadata` holds each component's LoraConfig (rank, alpha, targets, DoRA) as diffusers expects,
 since without it diffusers would take alpha equal to rank. Files of the older layout (`lora.down` / `lora.up`)
 are read too.
+
+Written files carry every module's alpha / rank folded into its `lora_B` (and `lora_B.bias`), with alpha written
+equal to the rank: other programs read this layout without the header. ComfyUI (comfy/lora.py `load_lora`,
+comfy/weight_adapter/lora.py `LoRAAdapter.calculate_weight`) and Forge (packages_3rdparty/comfyui_lora_collection/
+lora.py `load_lora`) scale a module by `<key>.alpha` / rank when that tensor exists and by 1 otherwise, and
+diffusers' SD3 loader (`SD3LoraLoaderMixin.load_lora_weights`) refuses any key without "lora" in it, so `.alpha`
+tensors are no option: folded, the file is applied at its trained strength by every one of them.
 """
 from __future__ import annotations
 
@@ -61,10 +68,41 @@ def save_lora(path: Path, components: dict[str, dict[str, torch.Tensor]], config
     # or without it, while a path with it fails on one without
     configs = {name: _without_text_model(config) if name.startswith("text_encoder") else config
                for name, config in configs.items()}
+    folded = {name: fold_alpha(state, configs.get(name, {})) for name, state in components.items()}
+    configs = {name: alpha_equal_to_rank(config) for name, config in configs.items()}
     header = {"format": "pt", ADAPTER_METADATA_KEY: adapter_metadata(configs), **metadata}
     with_level = {name: {with_text_model(name, key): value for key, value in state.items()}
-                  for name, state in components.items()}
+                  for name, state in folded.items()}
     return save_safetensors(pack(with_level), path, header)
+
+
+def fold_alpha(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A component's peft state dict with each module's alpha / rank (from `config`, peft's LoraConfig as a dict;
+    the rank from `lora_A`'s rows) multiplied into its `lora_B.weight` and `lora_B.bias`: the same change,
+    `B @ A * alpha / rank`, at a scale of 1. Modules already at scale 1 keep their tensors bit for bit."""
+    out = dict(state)
+    for key, down in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        rank = down.shape[0]
+        scale = per_module(config, "lora_alpha", "alpha_pattern", module, float(rank)) / rank
+        if scale == 1.0:
+            continue
+        for tail in (".lora_B.weight", ".lora_B.bias"):
+            if module + tail in state:
+                value = state[module + tail]
+                out[module + tail] = (value.float() * scale).to(value.dtype)
+    return out
+
+
+def alpha_equal_to_rank(config: dict) -> dict:
+    """A LoraConfig dict whose alpha is each module's rank (scale 1), for weights `fold_alpha` has scaled."""
+    config = dict(config)
+    if "r" in config:
+        config["lora_alpha"] = config["r"]
+        config["alpha_pattern"] = dict(config.get("rank_pattern") or {})
+    return config
 
 
 def _without_text_model(config: dict) -> dict:

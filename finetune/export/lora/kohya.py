@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.export.lora import kohya_flux
+from finetune.export.lora import kohya_flux, kohya_sd3
 from finetune.export.lora.kohya_metadata import kohya_metadata
 from finetune.export.lora.kohya_names import (READ_PREFIXES, SD_NAMING, SGM_BLOCKS, KohyaNaming, naming_of,
                                               sdxl_reference_aliases, sgm_aliases)
@@ -174,8 +174,10 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
         grouped.setdefault(named, {})[role] = value
     layers: dict[str, dict[str, LoraLayer]] = {}
     resolvers = {}
-    flux = kohya_flux.is_flux_kohya([name for component, name in grouped if component == "unet"])
-    bfl: dict[str, LoraLayer] = {}  # a Flux file's transformer layers under BFL's names, split below
+    unet_names = [name for component, name in grouped if component == "unet"]
+    flux = kohya_flux.is_flux_kohya(unet_names)
+    sd3 = not flux and kohya_sd3.is_sd3_kohya(unet_names)
+    bfl: dict[str, LoraLayer] = {}  # a Flux (or SD3) file's transformer layers under BFL's (SAI's) names
     for (component, underscored), found in sorted(grouped.items()):
         if "lora_down.weight" not in found or "lora_up.weight" not in found:
             raise LoraFileError(f"{source}: {underscored} has only one of its two LoRA factors")
@@ -183,7 +185,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
         # kohya: no alpha means scale 1, i.e. alpha equal to the rank
         layer = LoraLayer(down, found["lora_up.weight"], float(found["alpha"]) if "alpha" in found
                           else float(down.shape[0]))
-        if flux and component == "unet":
+        if (flux or sd3) and component == "unet":
             bfl[underscored] = layer
             continue
         if component not in resolvers:
@@ -191,18 +193,20 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
             resolvers[component] = name_resolver(component, names)
         layers.setdefault(component, {})[resolvers[component](underscored)] = layer
     if bfl:
-        layers["transformer"] = _flux_transformer(bfl, source, module_names)
+        layers["transformer"] = _transformer(bfl, source, module_names, kohya_sd3.from_sai if sd3 else
+                                             kohya_flux.from_bfl)
     return LoraWeights(layers, dict(metadata), format="kohya")
 
 
-def _flux_transformer(bfl: dict[str, LoraLayer], source: str,
-                      module_names: dict[str, list[str]] | None) -> dict[str, LoraLayer]:
-    """A kohya Flux file's U-Net layers as the diffusers transformer's, checked against the model's modules."""
-    layers = kohya_flux.from_bfl(bfl, source)
+def _transformer(original: dict[str, LoraLayer], source: str, module_names: dict[str, list[str]] | None,
+                 to_diffusers) -> dict[str, LoraLayer]:
+    """A kohya Flux or SD3 file's U-Net layers (the original model's names) as the diffusers transformer's, by
+    `to_diffusers` (kohya_flux.from_bfl, kohya_sd3.from_sai), checked against the model's modules."""
+    layers = to_diffusers(original, source)
     if module_names is not None:
         missing = sorted(set(layers) - set(module_names.get("transformer", [])))
         if missing:
-            raise LoraFileError(f"{source}: the model has no transformer module {missing[0]!r}: this kohya Flux "
+            raise LoraFileError(f"{source}: the model has no transformer module {missing[0]!r}: this kohya "
                                 "LoRA was made for another base model (or architecture)")
     return layers
 

@@ -1,7 +1,7 @@
 """The `ss_*` and `modelspec.*` header keys kohya-ss writes and the UIs read, from finetune's own metadata.
 
-AUTOMATIC1111 reads `ss_base_model_version` / `ss_v2` to tell SD1 from SD2/SDXL networks and `ss_output_name`
-for the name; its metadata panel, ComfyUI and civitai show the training figures. Values are strings, as kohya
+AUTOMATIC1111 and Forge read `ss_base_model_version`, `ss_v2` and `modelspec.*` to tell the family
+(family_header.py) and `ss_output_name` for the name; its metadata panel, ComfyUI and civitai show the training figures. Values are strings, as kohya
 writes them. No timestamps: the same run must give the same file (issue: bit-identical artifacts).
 """
 from __future__ import annotations
@@ -10,16 +10,11 @@ import json
 from collections import Counter
 from typing import Any
 
+from finetune.export.family_header import family_fields, version_from_width
 from finetune.export.lora.layers import LoraWeights
 
-# cross-attention width (what the text encoder hands the U-Net) -> kohya's name for the base family
-_VERSIONS = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
-_ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-                  "sd_v2_768_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
-                  "flux1": "flux-1-dev"}
-# what kohya's Flux trainer writes instead of the SD defaults (sd-scripts' lora_flux.py, sai_model_spec.py)
-_NETWORK_MODULES = {"flux1": "networks.lora_flux"}
-_IMPLEMENTATIONS = {"flux1": "https://github.com/black-forest-labs/flux"}
+# what kohya's Flux trainer writes instead of the SD default (sd-scripts' lora_flux.py)
+_NETWORK_MODULES = {"flux1": "networks.lora_flux", "sd3": "networks.lora_sd3"}
 
 
 def cross_attention_width(weights: LoraWeights) -> int | None:
@@ -34,11 +29,8 @@ def cross_attention_width(weights: LoraWeights) -> int | None:
 
 
 def base_model_version(weights: LoraWeights, prediction_type: str | None) -> str:
-    # a width the table lacks (the shapes world's tiny base) is an SD1-layout model
-    version = _VERSIONS.get(cross_attention_width(weights) or 768, "sd_v1")
-    if version == "sd_v2" and prediction_type == "v_prediction":
-        version = "sd_v2_768_v"
-    return version
+    """kohya's ss_base_model_version for SD 1.x/2.x/XL layers, told from their widths (family_header.py)."""
+    return version_from_width(cross_attention_width(weights), prediction_type)
 
 
 def _most_common(values: list[float]) -> float:
@@ -55,7 +47,9 @@ def kohya_metadata(weights: LoraWeights, output_name: str, version: str | None =
     source = weights.metadata
     recipe: dict[str, Any] = json.loads(source.get("finetune.recipe") or "{}")
     train, data, strategy, model = (recipe.get(k, {}) for k in ("train", "data", "strategy", "model"))
-    version = version or base_model_version(weights, model.get("prediction_type"))
+    # the family's, else what the training header says (family_header.py), else the widths'
+    version = version or source.get("ss_base_model_version") or base_model_version(weights,
+                                                                                   model.get("prediction_type"))
     layers = [layer for _, _, layer in weights.modules()]
     is_conv = [layer.down.ndim == 4 and layer.down.shape[-1] > 1 for layer in layers]
     conv = [layer for layer, flag in zip(layers, is_conv) if flag]
@@ -72,9 +66,6 @@ def kohya_metadata(weights: LoraWeights, output_name: str, version: str | None =
     meta.pop("lora_adapter_metadata", None)
     meta.pop("format", None)
     base_name = source.get("finetune.base_model") or model.get("base")
-    architecture = _ARCHITECTURES[version]
-    if version == "flux1" and "schnell" in str(base_name).lower():
-        architecture = "flux-1-schnell"  # kohya tells dev from schnell by the model; the name is all a file has
     figures = {
         "ss_output_name": output_name,
         "ss_network_module": _NETWORK_MODULES.get(version, "networks.lora"),
@@ -82,8 +73,6 @@ def kohya_metadata(weights: LoraWeights, output_name: str, version: str | None =
         "ss_network_alpha": _number(_most_common([layer.alpha for layer in linear_like or layers])),
         "ss_network_args": json.dumps(network_args) if network_args else None,
         "ss_network_dropout": strategy.get("dropout"),
-        "ss_base_model_version": version,
-        "ss_v2": str(version.startswith("sd_v2")),
         "ss_sd_model_name": base_name,
         "ss_learning_rate": learning_rate,
         "ss_unet_lr": unet_lr,
@@ -109,9 +98,7 @@ def kohya_metadata(weights: LoraWeights, output_name: str, version: str | None =
         "ss_tag_frequency": source.get("finetune.tag_frequency"),
         "ss_training_comment": f"trained with finetune {source.get('finetune.version', '')}".strip()
         if "finetune.version" in source else None,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": _IMPLEMENTATIONS.get(version, "https://github.com/huggingface/diffusers"),
+        **family_fields(version, "lora", str(base_name or "")),
         "modelspec.title": output_name,
         "modelspec.resolution": f"{resolution}x{resolution}" if resolution else None,
     }

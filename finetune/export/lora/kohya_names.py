@@ -8,6 +8,8 @@ names are used.
   directly; diffusers' loader maps them back (`_maybe_map_sgm_blocks_to_diffusers`).
 - Flux.1: `lora_unet_` + Black Forest Labs' module names (`double_blocks_0_img_attn_qkv`), q/k/v fused as BFL's
   model fuses them, and `lora_te1_` (CLIP-L); kohya_flux.py.
+- SD3/3.5: `lora_unet_` + Stability AI's MMDiT names (`joint_blocks_0_x_block_attn_qkv`), q/k/v fused, and
+  `lora_te1_` / `lora_te2_` (CLIP-L, CLIP-G); kohya_sd3.py.
 The SGM name of a diffusers module comes from the same prefix map the single-file checkpoint writer uses
 (finetune/export/single_file.py), so the LoRA names and the checkpoint names cannot disagree.
 """
@@ -18,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from finetune.export.lora import kohya_flux
+from finetune.export.lora import kohya_flux, kohya_sd3
 from finetune.export.lora.layers import LoraFileError
 from finetune.export.single_file import SingleFileExportError, rename_key, unet_prefix_map
 
@@ -59,12 +61,14 @@ SD_NAMING = KohyaNaming()
 def naming_for(family: Any, unet_config: Any) -> KohyaNaming:
     """A family's naming (its `kohya_prefixes`, `kohya_unet_layout`: "diffusers" or "sgm", and
     `kohya_base_model_version`) for a U-Net of `unet_config` (layers_per_block, block types); "flux": BFL's names,
-    q/k/v fused (kohya_flux.py)."""
+    q/k/v fused (kohya_flux.py); "sd3": Stability AI's MMDiT names, q/k/v fused (kohya_sd3.py)."""
     prefixes, version = dict(family.kohya_prefixes), family.kohya_base_model_version
     if family.kohya_unet_layout == "diffusers":
         return KohyaNaming(prefixes, version=version)
     if family.kohya_unet_layout == "flux":
         return KohyaNaming(prefixes, version=version, regroup=kohya_flux.to_bfl)
+    if family.kohya_unet_layout == "sd3":
+        return KohyaNaming(prefixes, version=version, regroup=kohya_sd3.to_sai)
     if family.kohya_unet_layout == "none":  # no kohya layout written for this family's denoiser
         return KohyaNaming({name: prefix for name, prefix in prefixes.items() if name.startswith("text_encoder")},
                            version=version)
@@ -86,6 +90,11 @@ def naming_of(weights: Any) -> KohyaNaming:
         from finetune.models.flux import Flux
 
         return naming_for(Flux, None)
+    if "transformer" in weights.layers and (weights.metadata.get("ss_base_model_version") == "sd3" or (
+            recipe_family is not None and recipe_family.group(1) == "sd3")):
+        from finetune.models.sd3 import StableDiffusion3
+
+        return naming_for(StableDiffusion3, None)
     widths = {int(layer.down.shape[1]) for component, module, layer in weights.modules()
               if component == "unet" and module.endswith("attn2.to_k")}
     sdxl = ("text_encoder_2" in weights.layers or 2048 in widths

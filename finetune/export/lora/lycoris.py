@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from finetune.export.family_header import family_fields, version_from_width
 from finetune.export.lora.kohya import kohya_module, name_resolver, split_name
 from finetune.export.lora.kohya_names import SD_NAMING, KohyaNaming
 from finetune.export.lora.layers import AdapterFile, LoraFileError, per_module, training_header
@@ -69,12 +70,32 @@ def to_lycoris(variant: str, components: dict[str, dict[str, torch.Tensor]],
     return tensors
 
 
-def lycoris_metadata(variant: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
-    """kohya's header keys UIs show for a LyCORIS network, beside the training metadata."""
+def lycoris_metadata(variant: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     version: str | None = None) -> dict[str, str]:
+    """kohya's header keys UIs show for a LyCORIS network, beside the training metadata, and the ones they tell
+    the family by (family_header.py): `version` (kohya's ss_base_model_version; None: the header's, else told
+    from the cross-attention width). Without them AUTOMATIC1111 takes an SDXL file for an SD1 one."""
     alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
     ranks = [v.shape[0] for k, v in tensors.items() if k.endswith((".hada_w1_b", ".lokr_w2_b"))]
-    return {**metadata, "ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": variant}),
+    version = version or metadata.get("ss_base_model_version") or version_from_width(_context_width(tensors), None)
+    return {**metadata, **family_fields(version, "lora", metadata.get("finetune.base_model", "")),
+            "ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": variant}),
             "ss_network_dim": str(max(ranks, default=0)), "ss_network_alpha": str(max(alphas, default=0.0))}
+
+
+def _context_width(tensors: dict[str, torch.Tensor]) -> int | None:
+    """The input width of a cross-attention key projection (the text encoder's output width), from its LoHa or
+    LoKr factors; None when no such module is adapted."""
+    for key, value in tensors.items():
+        if "_attn2_to_k." not in key:
+            continue
+        if key.endswith(".hada_w1_b"):
+            return int(value.shape[1])
+        if key.endswith(".lokr_w1"):
+            stem = key.rsplit(".", 1)[0]
+            second = tensors.get(f"{stem}.lokr_w2", tensors.get(f"{stem}.lokr_w2_b"))
+            return int(value.shape[1] * second.shape[1]) if second is not None else None
+    return None
 
 
 def from_lycoris(tensors: dict[str, torch.Tensor], source: str,
@@ -137,7 +158,7 @@ def write_lycoris(variant: str, components: dict[str, dict[str, torch.Tensor]], 
                   path, metadata: dict[str, str], naming: KohyaNaming = SD_NAMING) -> Path:
     """The LyCORIS file for AUTOMATIC1111 / ComfyUI (models/Lora), atomically; `naming`: the family's kohya names."""
     tensors = to_lycoris(variant, components, configs, naming)
-    return save_safetensors(tensors, path, lycoris_metadata(variant, tensors, metadata))
+    return save_safetensors(tensors, path, lycoris_metadata(variant, tensors, metadata, naming.version))
 
 
 def read_lycoris_file(path: str | os.PathLike, module_names: dict[str, list[str]] | None = None) -> AdapterFile:
