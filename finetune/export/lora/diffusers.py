@@ -96,11 +96,12 @@ def fold_alpha(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
     return out
 
 
-def alpha_equal_to_rank(config: dict) -> dict:
-    """A LoraConfig dict whose alpha is each module's rank (scale 1), for weights `fold_alpha` has scaled."""
+def alpha_equal_to_rank(config: dict, alpha_key: str = "lora_alpha") -> dict:
+    """A peft config dict whose alpha (`alpha_key`: LoraConfig's lora_alpha, LoHa's and LoKr's alpha) is each
+    module's rank (scale 1), for weights whose alpha / rank is folded in."""
     config = dict(config)
     if "r" in config:
-        config["lora_alpha"] = config["r"]
+        config[alpha_key] = config["r"]
         config["alpha_pattern"] = dict(config.get("rank_pattern") or {})
     return config
 

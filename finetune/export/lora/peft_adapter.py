@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from finetune.export.lora.diffusers import pack, unpack
-from finetune.export.lora.layers import PEFT_CONFIG_KEY, VARIANT_KEY, AdapterFile, training_header
+from finetune.export.lora.diffusers import alpha_equal_to_rank, pack, unpack
+from finetune.export.lora.layers import PEFT_CONFIG_KEY, VARIANT_KEY, AdapterFile, per_module, training_header
 from finetune.export.safetensors_io import read_metadata, read_safetensors, save_safetensors
 from finetune.networks import peft_layers
 
@@ -33,8 +33,32 @@ def save_peft_adapter(path: Path, components: dict[str, dict[str, torch.Tensor]]
     """The file from peft's per-component state dicts and configs as dicts; `metadata` names the variant."""
     if metadata.get(VARIANT_KEY) not in PEFT_ONLY_VARIANTS:
         raise ValueError(f"{VARIANT_KEY} must be one of {PEFT_ONLY_VARIANTS}, got {metadata.get(VARIANT_KEY)!r}")
+    if metadata[VARIANT_KEY] in FOLDED:
+        components = {name: fold_strength(state, configs.get(name, {}), metadata[VARIANT_KEY])
+                      for name, state in components.items()}
+        configs = {name: alpha_equal_to_rank(config, "alpha") for name, config in configs.items()}
     header = {"format": "pt", PEFT_CONFIG_KEY: config_json(configs), **metadata}
     return save_safetensors(pack(components), path, header)
+
+
+# LoHa's and LoKr's first factor, which peft's strength alpha / r multiplies (its delta is linear in it)
+FOLDED = {"loha": ("hada_w1_a",), "lokr": ("lokr_w1", "lokr_w1_a")}
+
+
+def fold_strength(state: dict[str, torch.Tensor], config: dict, variant: str) -> dict[str, torch.Tensor]:
+    """A LoHa/LoKr state dict with each module's alpha / r multiplied into its first factor, for alpha written
+    equal to r: ComfyUI and Forge apply `transformer.` LoHa/LoKr keys of this layout (Flux, SD3) at alpha / r only
+    with a `.alpha` tensor (comfy/weight_adapter/loha.py, lokr.py), at 1 without, and the header is peft's alone."""
+    out = dict(state)
+    for key, value in state.items():
+        module, _, role = key.rpartition(".")
+        if role not in FOLDED[variant]:
+            continue
+        rank = per_module(config, "r", "rank_pattern", module, float(config.get("r", 1)))
+        scale = per_module(config, "alpha", "alpha_pattern", module, rank) / rank
+        if scale != 1.0:
+            out[key] = (value.float() * scale).to(value.dtype)
+    return out
 
 
 def is_peft_adapter(metadata: dict[str, str], keys: list[str]) -> bool:
