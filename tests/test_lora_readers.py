@@ -150,3 +150,106 @@ def test_the_sd3_kohya_file_loads_back_to_the_trained_model(runs):
     finetune.load_adapter(pipe, str(run["kohya"]))
     torch.testing.assert_close(sd3_prediction(pipe.transformer), sd3_prediction(unwrapped(run["parts"].transformer)),
                                rtol=1e-4, atol=1e-5)
+
+
+# every Linear of an SD3.5 joint block (dual attention, as SD3.5 Medium's first blocks) and of the top level,
+# by its original name: diffusers' converter read backwards (see the module docstring)
+SAI_BLOCK = {"x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+             "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+             "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+             "x_block_attn_proj": ("attn.to_out.0",), "context_block_attn_proj": ("attn.to_add_out",),
+             "x_block_attn2_proj": ("attn2.to_out.0",), "x_block_mlp_fc1": ("ff.net.0.proj",),
+             "x_block_mlp_fc2": ("ff.net.2",), "context_block_mlp_fc1": ("ff_context.net.0.proj",),
+             "context_block_mlp_fc2": ("ff_context.net.2",), "x_block_adaLN_modulation_1": ("norm1.linear",)}
+SAI_TOP = {"context_embedder": "context_embedder", "t_embedder_mlp_0": "time_text_embed.timestep_embedder.linear_1",
+           "t_embedder_mlp_2": "time_text_embed.timestep_embedder.linear_2",
+           "y_embedder_mlp_0": "time_text_embed.text_embedder.linear_1",
+           "y_embedder_mlp_2": "time_text_embed.text_embedder.linear_2", "final_layer_linear": "proj_out"}
+
+
+@pytest.fixture(scope="module")
+def sd35_lora(tmp_path_factory):
+    """A tiny SD3.5-shaped transformer (dual attention in block 0, RMS q/k norms) with a LoRA (rank 2, alpha 3) on
+    every Linear kohya's SD3 layout names, random ups, saved as a diffusers-layout file of an SD3 run."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    from finetune.export.lora import diffusers as diffusers_lora
+    from finetune.networks import peft_layers
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    skipped = ("norm1_context.linear", "norm_out.linear")  # their weights are reordered by diffusers: refused
+    linear = sorted(n for n, m in transformer.named_modules()
+                    if isinstance(m, torch.nn.Linear) and not n.endswith(skipped))
+    config = LoraConfig(r=2, lora_alpha=3, target_modules=linear)
+    peft_layers.inject(transformer, config)
+    for name, parameter in transformer.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.2)
+    deltas = {n: m.get_delta_weight(next(iter(m.scaling))).float() for n, m in transformer.named_modules()
+              if hasattr(m, "lora_A") and m.scaling}
+    folder = tmp_path_factory.mktemp("sd35")
+    path = diffusers_lora.save_lora(folder / "sd35.safetensors", {"transformer": peft_layers.state_dict(transformer)},
+                                    {"transformer": config.to_dict()}, {"ss_base_model_version": "sd3"})
+    return {"path": path, "deltas": deltas, "folder": folder, "linear": linear}
+
+
+def test_every_sd35_module_converts_to_what_comfyui_and_forge_apply(sd35_lora):
+    from finetune.cli import main
+    from finetune.export.lora.files import read_lora
+
+    kohya = sd35_lora["folder"] / "kohya.safetensors"
+    assert main(["convert", str(sd35_lora["path"]), str(kohya), "--to", "kohya"]) == 0
+    tensors, deltas = load_file(kohya), sd35_lora["deltas"]
+    covered = set()
+    for stem in {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}:
+        tail = stem.removeprefix("lora_unet_")
+        if tail in SAI_TOP:
+            members = [SAI_TOP[tail]]
+        else:
+            index, sai = tail.removeprefix("joint_blocks_").split("_", 1)
+            members = [f"transformer_blocks.{index}.{m}" for m in SAI_BLOCK[sai]]
+        expected = torch.cat([deltas[m] for m in members])
+        torch.testing.assert_close(comfy_change(tensors, stem, ".lora_up.weight", ".lora_down.weight"), expected,
+                                   rtol=1e-5, atol=1e-6, msg=stem)
+        covered.update(members)
+    assert covered == set(deltas) and any("attn2" in m for m in covered)
+    back = read_lora(kohya).layers["transformer"]  # and the file reads back into the same changes
+    assert set(back) == set(deltas)
+    for module, layer in back.items():
+        torch.testing.assert_close(layer.delta(), deltas[module], rtol=1e-5, atol=1e-6, msg=module)
+
+
+def test_an_sd3_module_the_layout_cannot_hold_is_refused_by_name(sd35_lora, tmp_path, capsys):
+    from finetune.cli import main
+
+    tensors = load_file(sd35_lora["path"])
+    tensors["transformer.norm_out.linear.lora_A.weight"] = torch.zeros(2, 16)
+    tensors["transformer.norm_out.linear.lora_B.weight"] = torch.zeros(32, 2)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(sd35_lora["path"]), framework="pt") as handle:
+        header = handle.metadata()
+    source = tmp_path / "with_norm_out.safetensors"
+    save_file(tensors, str(source), metadata=header)
+    assert main(["convert", str(source), str(tmp_path / "out.safetensors"), "--to", "kohya"]) == 2
+    assert "transformer.norm_out.linear has no place in kohya's SD3 layout" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_lycoris_on_sd3_with_kohya_is_refused_before_training(runs):
+    from finetune.models import family_for
+    from finetune.strategies import create_strategy
+    from finetune.strategies.base import StrategySetupError
+
+    base = runs["sd3"]["base"]
+    options = parse_recipe(recipe_dict(base, ".", "out", strategy={
+        "kind": "lora", "variant": "loha", "formats": ["diffusers", "kohya"]})).strategy
+    family = family_for("sd3")
+    with pytest.raises(StrategySetupError, match="kohya's SD3 layout fuses q/k/v, and a loha"):
+        create_strategy(options).check(family, family.load(str(base)))

@@ -88,6 +88,7 @@ def extract_component(tuned: torch.nn.Module, base: torch.nn.Module, rank: int) 
 
 def extract_lora(tuned: str, base: str, rank: int, out: str | Path, device: str = "cpu",
                  save_dtype: torch.dtype = torch.float32) -> tuple[Path, dict[str, Extracted]]:
+    from finetune.export.family_header import family_fields, family_version
     from finetune.models import family_for
     from finetune.models.base import adaptable_modules
 
@@ -114,6 +115,8 @@ def extract_lora(tuned: str, base: str, rank: int, out: str | Path, device: str 
                                  steps=int(source.get("finetune.steps", 0)),
                                  recipe=json.loads(source.get("finetune.recipe", "{}")),
                                  extra={"rank": rank, "alpha": rank, "extracted_from": str(tuned)})
+    # the keys AUTOMATIC1111 and Forge tell the family by, as a training run's files carry them
+    metadata.update(family_fields(family_version(family, base_parts), "lora", metadata["finetune.base_model"]))
     path = diffusers_lora.save_lora(Path(out), components, configs, metadata)
     return path, results
 
