@@ -1,8 +1,9 @@
 """The `ss_*` and `modelspec.*` header keys kohya-ss writes and the UIs read, from finetune's own metadata.
 
 AUTOMATIC1111 and Forge read `ss_base_model_version`, `ss_v2` and `modelspec.*` to tell the family
-(family_header.py) and `ss_output_name` for the name; its metadata panel, ComfyUI and civitai show the training figures. Values are strings, as kohya
-writes them. No timestamps: the same run must give the same file (issue: bit-identical artifacts).
+(family_header.py) and `ss_output_name` for the name; their metadata panels, ComfyUI and civitai show the training
+figures. Values are strings, as kohya writes them. No timestamps: the same run must give the same file (issue:
+bit-identical artifacts).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any
 from finetune.export.family_header import family_fields, version_from_width
 from finetune.export.lora.layers import LoraWeights
 
-# what kohya's Flux trainer writes instead of the SD default (sd-scripts' lora_flux.py)
+# what kohya's Flux and SD3 trainers write instead of the SD default (sd-scripts' networks/lora_flux.py,
+# networks/lora_sd3.py)
 _NETWORK_MODULES = {"flux1": "networks.lora_flux", "sd3": "networks.lora_sd3"}
 
 
