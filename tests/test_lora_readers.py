@@ -107,14 +107,18 @@ def sd3_prediction(transformer) -> torch.Tensor:
                            timestep=torch.tensor([500.0]), return_dict=False)[0]
 
 
-def test_diffusers_loader_on_the_sd3_file_reproduces_the_trained_model(runs):
-    run = runs["sd3"]
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_diffusers_loader_reproduces_the_trained_model(runs, family):
+    from tests.test_kohya_flux import prediction as flux_prediction
+
+    predict = sd3_prediction if family == "sd3" else flux_prediction
+    run = runs[family]
     pipe = saved_pipeline(run["base"])
-    before = sd3_prediction(pipe.transformer)
+    before = predict(pipe.transformer)
     pipe.load_lora_weights(str(run["diffusers"]))  # diffusers' own loader, as its users load it
-    expected = sd3_prediction(unwrapped(run["parts"].transformer))
+    expected = predict(unwrapped(run["parts"].transformer))
     assert not torch.allclose(before, expected, atol=1e-4)  # training changed something worth checking
-    torch.testing.assert_close(sd3_prediction(pipe.transformer), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(predict(pipe.transformer), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_sd3_kohya_file_is_what_comfyui_and_forge_apply(runs):
