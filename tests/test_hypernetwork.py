@@ -252,9 +252,16 @@ def test_base_prediction_prior_reaches_the_hypernetwork(tiny_base, concept_dir, 
     plain = run("plain")
     prior = {"mode": "base_prediction", "class_prompt": "a red circle"}
     zero = run("zero", prior={**prior, "loss_weight": 0.0})
-    assert all(torch.allclose(plain[k], zero[k], atol=1e-6, rtol=0) for k in plain)
     weighted = run("one", prior={**prior, "loss_weight": 1.0})
-    assert any(not torch.allclose(plain[k], weighted[k], atol=1e-6) for k in plain)
+
+    def largest_change(other):
+        return max((plain[k] - other[k]).abs().max().item() for k in plain)
+
+    # weight 0 follows the plain run up to float noise: its batch holds the prior half too, so the matmuls sum in
+    # another order, and Adam's first steps (about lr x sign(gradient)) enlarge that noise on near-zero gradients
+    # to ~1e-4 on some CPUs; the weighted prior moves the weights ~100 times further
+    assert largest_change(zero) < 0.1 * largest_change(weighted)
+    assert largest_change(weighted) > 1e-3
 
 
 def test_a_lora_on_the_same_layers_combines_in_either_load_order():
