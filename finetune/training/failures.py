@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import yaml
 
 from finetune.data.sources import some
 
@@ -42,8 +41,10 @@ def _kept(checkpoint: Path | None) -> str:
 
 
 def _yaml_number(value: float) -> str:
-    # three significant digits, written so that YAML reads a float back (it reads "1e-05" as text)
-    return yaml.safe_dump(float(f"{value:.3g}")).splitlines()[0]
+    """Three significant digits, written so that YAML reads a float back: it reads "1e-05" as text, "1.0e-05" as
+    a number."""
+    mantissa, e, exponent = f"{value:.3g}".partition("e")
+    return (mantissa if "." in mantissa else f"{mantissa}.0") + e + exponent
 
 
 @dataclass(frozen=True)
