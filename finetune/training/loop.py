@@ -248,7 +248,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         while step < t.max_steps:
             live.start_step()
             losses = []
-            lr = float(optimizer.param_groups[0]["lr"])  # the rate this step's optimizer.step() uses, logged as its
+            lr = float(optimizer.param_groups[0]["lr"])  # what this step's optimizer.step() uses: logged for it
             # a strategy may stop training the text encoders part-way (DreamBooth's text_encoder_steps)
             settings = dataclasses.replace(settings, text_encoder_trains=any(
                 p.requires_grad for module in parts.text_encoder_modules().values() for p in module.parameters()))
