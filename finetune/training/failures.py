@@ -1,7 +1,9 @@
 """What can go wrong in the middle of a run, said plainly: a loss or weights that stop being finite, a full disk.
 
 Either way the run stops with its last good checkpoint kept: a checkpoint is written only from finite weights,
-and a save that fails leaves no half-written file behind.
+and a save that fails leaves no half-written file behind. Every command a message prints runs as printed: after a
+NaN, the run's own command at a tenth of the rate, with `--resume latest` (which accepts that change) and with
+`--overwrite` (tests/test_failures.py runs both).
 """
 from __future__ import annotations
 
