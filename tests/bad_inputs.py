@@ -316,9 +316,11 @@ CATALOGUE = [
              lambda ws: ws.train("--resume", str(ws.tmp)), ("not a checkpoint folder", "latest")),
     # during the run
     BadInput("loss-not-finite", "The loss becomes NaN or infinite (here: `learning_rate: 1e10`)",
-             "Stops at once, names the step, keeps the last good checkpoint; lower the learning rate",
+             "Stops at once, names the step, keeps the last good checkpoint; prints the commands that go on from it "
+             "(a resume accepts a new learning rate) or start again, at a tenth of the learning rate",
              lambda ws: ws.train(train={"learning_rate": 1e10}, checkpoint={"every": 1}),
-             ("the loss became nan at step 2", "step-000001", "Lower train.learning_rate"),
+             ("the loss became nan at step 2", "step-000001", "a tenth of the learning rate",
+              "train.learning_rate=1.0e+09", "--resume latest", "--overwrite"),
              loads_model=True, then=_checkpoint_kept_and_resumable),
     BadInput("disk-full-at-checkpoint", "The disk fills up while a checkpoint is written",
              "Removes the half-written files, keeps the last good checkpoint, says how to resume",

@@ -91,10 +91,10 @@ def test_resume_says_what_changed_and_refuses_what_cannot_change(tiny_base, conc
     train(_recipe(tiny_base, concept_dir, tmp_path / "out", **sections))
     (tmp_path / "out" / ARTIFACT).unlink()
 
-    other_rate = _recipe(tiny_base, concept_dir, tmp_path / "out", train={**sections["train"], "learning_rate": 5e-3},
+    other_seed = _recipe(tiny_base, concept_dir, tmp_path / "out", train={**sections["train"], "seed": 7},
                          checkpoint={"every": 1})
-    with pytest.raises(CheckpointError, match=r"train\.learning_rate: 0\.001 in the checkpoint's run, 0\.005 now"):
-        train(other_rate, resume="latest")
+    with pytest.raises(CheckpointError, match=r"train\.seed: 0 in the checkpoint's run, 7 now"):
+        train(other_seed, resume="latest")
 
     longer = _recipe(tiny_base, concept_dir, tmp_path / "out", train={**sections["train"], "max_steps": 5},
                      checkpoint={"every": 1})

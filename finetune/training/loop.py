@@ -40,9 +40,9 @@ from finetune.training.inputs import make_encoder
 from finetune.training.engine import (enable_gradient_checkpointing, engine_report, has_accelerator,
                                       prepare_for_training, refuse_unsharded_work, requested_engine,
                                       sharding_report)
-from finetune.training.failures import check_finite_loss
+from finetune.training.failures import check_finite_loss, divergence_advice
 from finetune.training.offload import offload_idle, on_device
-from finetune.training.optim import build_optimizer, build_scheduler
+from finetune.training.optim import build_optimizer, build_scheduler, set_base_rates
 from finetune.training.sharded_state import load_optimizer_state_dict, local_fraction
 from finetune.training.resume import check_output_dir, check_resumable, remove_earlier_run, resume_command
 from finetune.training.step import LossSettings, micro_step_loss
@@ -206,6 +206,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
+    recipe_rates = list(lr_scheduler.base_lrs)  # this recipe's, which a resume keeps over the checkpoint's
     prepared_modules, optimizer, params = prepare_for_training(accelerator, {n: parts.modules[n] for n in trained},
                                                                optimizer)
     parts.modules.update(prepared_modules)
@@ -227,7 +228,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         if accelerator.scaler is not None and "scaler" in training_state:
             accelerator.scaler.load_state_dict(training_state["scaler"])
         strategy.on_step_end(step)  # a strategy whose setup changes with the step catches up
-        say(f"resumed from {resume_from} at step {step}")
+        rates = set_base_rates(lr_scheduler, recipe_rates)  # the optimizer state restored the checkpoint's rates
+        say(f"resumed from {resume_from} at step {step}; step {step + 1} trains at learning rate {rates[0]:g}")
     order.start = step * t.gradient_accumulation_steps
     loader = make_loader(ImageCaptionDataset(examples, sizes, d.crop, d.random_flip, d.caption_dropout,
                                              latent_keys), order, d.num_workers)
@@ -244,10 +246,12 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process or quiet())
     batches = iter(loader)
+    recovery = divergence_advice(recipe)  # what a NaN loss tells the user to run
     with interrupt.stop_on_signals() as stop, progress, live:  # the bar closes before any message that stops the run
         while step < t.max_steps:
             live.start_step()
             losses = []
+            lr = float(optimizer.param_groups[0]["lr"])  # what this step's optimizer.step() uses: logged for it
             # a strategy may stop training the text encoders part-way (DreamBooth's text_encoder_steps)
             settings = dataclasses.replace(settings, text_encoder_trains=any(
                 p.requires_grad for module in parts.text_encoder_modules().values() for p in module.parameters()))
@@ -270,14 +274,14 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             step += 1
             mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
             # the same reduced value on every process, so all of them stop together
-            check_finite_loss(mean_loss, step, t.learning_rate, output_dir)
+            check_finite_loss(mean_loss, step, output_dir, recovery)
             if on_step is not None:
                 on_step(step)
             progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            live.record(step, mean_loss, lr_scheduler.get_last_lr()[0])
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            live.record(step, mean_loss, lr)
             if step % recipe.log.every == 0:
-                accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+                accelerator.log({"loss": mean_loss, "lr": lr}, step=step)
             saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
             if saved:
                 save_checkpoint(step=step)

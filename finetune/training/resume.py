@@ -16,8 +16,13 @@ from typing import Any, Iterable
 
 from finetune.training.checkpoint import CheckpointError, checkpoints_dir, find_checkpoint
 
+_NEW_RATE = ("the optimizer's param groups and the schedule's base rates take {new} from the resumed step on "
+             "(the Adam moments are kept)")
+_NEW_SCHEDULE = ("the rate of each step from the resumed one on is the new schedule's at that step, as if the run "
+                 "had used it from the start")
+
 # what may differ on resume, with what the change does; everything else would make the resumed run another run
-# (its data order, learning rates, what trains, the numbers it computes) and is refused
+# (its data order, what trains, the numbers it computes) and is refused
 MAY_CHANGE = {
     "train.max_steps": "training goes on to step {new} instead of {old}; a schedule that depends on the length "
                        "(linear, cosine, ...) follows the new length from here",
@@ -30,6 +35,15 @@ MAY_CHANGE = {
     "train.gradient_checkpointing": "changes memory and speed only",
     "train.compile": "changes speed only",
     "train.channels_last": "changes speed only",
+    # the way out of a NaN loss (training/failures.py suggests it): the rate and its schedule only set how far
+    # each step moves (not the data order, what trains or how the loss is computed): the run goes on as itself
+    "train.learning_rate": _NEW_RATE,
+    "strategy.learning_rate": _NEW_RATE,
+    "strategy.text_encoder_learning_rate": _NEW_RATE,
+    "strategy.text_encoder_2_learning_rate": _NEW_RATE,
+    "train.lr_scheduler": _NEW_SCHEDULE,
+    "train.lr_warmup_steps": _NEW_SCHEDULE,
+    "train.max_grad_norm": "gradients are clipped at the new norm (0: not at all) from the resumed step on",
 }
 
 

@@ -15,7 +15,7 @@ from finetune.models import Components, ModelFamily
 from finetune.recipe.load import recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.training import checkpoint, trackers
-from finetune.training.failures import check_finite_weights, saving
+from finetune.training.failures import check_finite_weights, divergence_advice, saving
 from finetune.training.resume import resume_command
 from finetune.training.sharded_state import optimizer_state_dict
 from finetune.training.sampling import sample_grid, save_png
@@ -26,7 +26,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimize
     """`models`: the trained modules (the optimizer's state is gathered from a sharded one)."""
     # on every process: gathering sharded weights is collective, and a non-finite weight stops all together
     trainable = strategy.state_dict()
-    check_finite_weights(trainable, step, output_dir)
+    check_finite_weights(trainable, step, output_dir, divergence_advice(recipe))
     optimizer_state = optimizer_state_dict(optimizer, models)
     if accelerator.is_main_process:
         training_state = {"optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict()}
@@ -44,7 +44,7 @@ def save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step:
     run's folder, named in messages; `family_header`: the keys other programs tell the base family by
     (finetune/export/family_header.py)."""
     # on every process: a sharded strategy gathers its weights here, which its save (main process) writes
-    check_finite_weights(strategy.state_dict(), step, checkpoints_in)
+    check_finite_weights(strategy.state_dict(), step, checkpoints_in, divergence_advice(recipe))
     artifact = output_dir / strategy.artifact_name
     if accelerator.is_main_process:
         metadata = training_metadata(base_model=recipe.model.base, strategy=recipe.strategy.kind, steps=step,
