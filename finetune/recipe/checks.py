@@ -12,6 +12,7 @@ from finetune.models import FAMILIES, OBJECTIVE_OPTIONS, objective_problems
 from finetune.models.detect import NAMES, UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
 from finetune.recipe.schema import Recipe
+from finetune.recipe.writable import cache_folder_problems
 
 # "owner/name" or "name" as the Hugging Face hub spells repository ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -40,6 +41,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_train(recipe)
     problems += _check_prior(recipe)
     problems += _check_cache(recipe)
+    problems += cache_folder_problems(recipe)
     problems += _check_outputs(recipe)
     validate = getattr(recipe.strategy, "validate", None)
     if validate is not None:
