@@ -45,7 +45,7 @@ def error_number(exc: BaseException) -> int | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno is not None:
+        if isinstance(exc, (OSError, FileProblem)) and exc.errno is not None:
             return exc.errno
         if isinstance(exc, SafetensorError):
             found = _RUST_ERRNO.search(str(exc))
@@ -71,10 +71,11 @@ def write_problem(exc: BaseException, path: str | os.PathLike, what: str) -> Fil
 
 @contextmanager
 def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
-    """Within: a failed write for want of room or permission raises FileProblem naming `path` and `what`."""
+    """Within: a failed write for want of room or permission raises FileProblem naming `path` and `what` (also
+    over an inner writer's FileProblem: a checkpoint is named by its folder, not by its temporary file)."""
     try:
         yield
-    except (OSError, RuntimeError, SafetensorError) as exc:
+    except (OSError, RuntimeError, SafetensorError, FileProblem) as exc:
         problem = write_problem(exc, path, what)
         if problem is None:
             raise

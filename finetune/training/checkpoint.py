@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle, save_pickle
 from finetune.export.safetensors_io import load_tensors, save_safetensors
-from finetune.file_errors import CUT_SHORT, FileProblem, reading
+from finetune.file_errors import CUT_SHORT, FileProblem, reading, writing
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
@@ -49,14 +49,15 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, trainable: dict[st
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        save_safetensors(trainable, tmp / "trainable.safetensors")
-        save_pickle(training_state, tmp / "training_state.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "recipe": recipe}, indent=2, sort_keys=True))
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
+        with writing(final, "a checkpoint"):  # named by its final folder: the temporary one is gone
+            tmp.mkdir(parents=True)
+            save_safetensors(trainable, tmp / "trainable.safetensors")
+            save_pickle(training_state, tmp / "training_state.pt")
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "recipe": recipe}, indent=2, sort_keys=True))
+            for name in os.listdir(tmp):
+                with open(tmp / name, "rb") as handle:
+                    os.fsync(handle.fileno())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save (full disk, Ctrl-C) leaves nothing half-written
         raise
