@@ -132,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         # still buffered goes nowhere, so Python's own flush at exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except Exception as exc:  # a full or read-only disk met by a write no writer above named: still no traceback
+        from finetune.file_errors import unnamed_write_problem
+
+        problem = unnamed_write_problem(exc)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 class KnownProblem(Exception):

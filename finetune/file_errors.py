@@ -69,6 +69,17 @@ def write_problem(exc: BaseException, path: str | os.PathLike, what: str) -> Fil
     return None
 
 
+def unnamed_write_problem(exc: BaseException) -> str | None:
+    """The message for a full or read-only disk met where no writer named what it wrote (the command line's
+    last resort); None for anything else. EACCES is left alone here: it may have been a read."""
+    number = error_number(exc)
+    if number not in NO_ROOM | {errno.EROFS}:
+        return None
+    path = getattr(exc, "filename", None)
+    return (f"{os.strerror(number)} while writing {path or 'a file'}. Free some space or choose a disk you "
+            "can write to (output_dir=PATH, $FINETUNE_CACHE), then run the command again")
+
+
 @contextmanager
 def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Within: a failed write for want of room or permission raises FileProblem naming `path` and `what` (also

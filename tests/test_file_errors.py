@@ -258,3 +258,33 @@ def test_inspect_into_a_closed_pipe_stops_quietly(half_lora, tmp_path):
                           stderr=subprocess.PIPE, text=True, env=env)
     os.close(write_end)
     assert done.returncode == 141 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_a_write_no_writer_named_still_ends_in_one_message(half_lora, tmp_path, capsys):
+    """`finetune report` rewrites report.html in a run folder on a disk that became read-only."""
+    import shutil
+
+    disk = _mount(tmp_path / "disk", "size=1m")
+    try:
+        shutil.copytree(tmp_path / "lora-run", disk / "run")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert main(["report", str(disk / "run")]) == 2
+        err = capsys.readouterr().err
+        assert "error: Read-only file system while writing" in err and "Traceback" not in err
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_a_single_file_base_cut_short_is_refused_with_the_recipe(tiny_base, concept_dir, tmp_path):
+    import yaml
+
+    from finetune.recipe.load import RecipeError, load_recipe
+    from tests.conftest import recipe_dict
+
+    base = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(64, 64)}, str(base))
+    _cut_in_half(base)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(base, concept_dir, tmp_path / "out")))
+    with pytest.raises(RecipeError, match=f"model.base: model.base file {base} is cut short or damaged"):
+        load_recipe(str(path), [])
