@@ -366,7 +366,8 @@ CATALOGUE = [
     BadInput("finetune-cache-not-writable", "`$FINETUNE_CACHE` cannot be written (permissions, read-only disk)",
              "Says so before any model loads, for each cache that would write there; another `$FINETUNE_CACHE`, or "
              "that cache off", lambda ws: ws.monkeypatch.setenv("FINETUNE_CACHE", str(_unwritable(ws)))
-             or ws.train(cache={"latents": "disk"}), ("finetune-cache/latents", "cannot be written", "$FINETUNE_CACHE")),
+             or ws.train(cache={"latents": "disk"}),
+             ("finetune-cache/latents", "cannot be written", "$FINETUNE_CACHE")),
     BadInput("output-dir-holds-a-run", "A new run in an `output_dir` that holds a finished artifact or checkpoints",
              "Refuses before any model loads, changing nothing; offers a new `output_dir`, `--overwrite`, and "
              "`--resume latest` for a run that has not finished", _second_run_in_a_finished_output_dir,

@@ -81,8 +81,9 @@ def test_torch_save_reports_a_full_disk_only_through_a_file_object(small_disk):
     with pytest.raises(RuntimeError) as by_name:
         torch.save(BIG, small_disk / "by-name.pt")
     assert error_number(by_name.value) is None
-    with open(small_disk / "by-object.pt", "wb", buffering=0) as handle, pytest.raises((OSError, RuntimeError)) as by_object:
-        torch.save(BIG, handle)
+    with open(small_disk / "by-object.pt", "wb", buffering=0) as handle:
+        with pytest.raises((OSError, RuntimeError)) as by_object:
+            torch.save(BIG, handle)
     assert error_number(by_object.value) == errno.ENOSPC
 
 
