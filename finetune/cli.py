@@ -112,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --quiet and --verbose contradict each other; give one", file=sys.stderr)
         return EXIT_BAD_INPUT
     console.configure(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)
-    if args.command == "env":
-        return _env()
     from finetune.file_errors import FileProblem
 
     try:
+        if args.command == "env":  # no package check first: it reports the packages that do not fit
+            code = _env()
+            sys.stdout.flush()
+            return code
         # before any model loads: packages known not to work together stop here, not in a traceback later
         check_packages()
         commands = {"train": _train, "validate": _validate, "sample": _sample, "eval": _eval, "demo": _demo,
