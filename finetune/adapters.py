@@ -9,6 +9,7 @@ from typing import Any
 from finetune.export import formats
 from finetune.export.adapter_files import load_a1111_pt
 from finetune.export.mismatch import another_base_error
+from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import read_metadata
 from finetune.models.base import adaptable_modules, denoiser_of
 from finetune.networks import hypernetwork as hypernetworks
@@ -27,6 +28,16 @@ def _adapter_format(path: str | os.PathLike) -> formats.FileFormat:
                          "hypernetwork)")
     # only the formats that load into a pipeline: a single-file checkpoint is a file finetune knows, no adapter
     return formats.detect(path, loadable=True)
+
+
+def check_adapter_file(path: str | os.PathLike) -> None:
+    """Before any model loads: raise FileProblem when the adapter file is missing, cut short or damaged, and
+    ValueError when it is of no format that loads into a pipeline. Reads a .safetensors header only (safetensors
+    checks it against the file's size); an AUTOMATIC1111 .pt (small) is read whole."""
+    if str(path).endswith(".pt"):
+        load_plain_pickle(path, "adapter file")
+    else:
+        _adapter_format(path)
 
 
 def trained_max_token_length(path: str | os.PathLike) -> int | None:

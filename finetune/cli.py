@@ -10,6 +10,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXIT_BAD_INPUT = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool that SIGPIPE stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,18 +112,35 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --quiet and --verbose contradict each other; give one", file=sys.stderr)
         return EXIT_BAD_INPUT
     console.configure(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)
-    if args.command == "env":
-        return _env()
+    from finetune.file_errors import FileProblem
+
     try:
+        if args.command == "env":  # no package check first: it reports the packages that do not fit
+            code = _env()
+            sys.stdout.flush()
+            return code
         # before any model loads: packages known not to work together stop here, not in a traceback later
         check_packages()
         commands = {"train": _train, "validate": _validate, "sample": _sample, "eval": _eval, "demo": _demo,
                     "extract-lora": _extract_lora, "report": _report}
-        if args.command in commands:
-            return commands[args.command](args)
-        return _file_tool(args)
-    except KnownProblem as exc:
+        code = commands[args.command](args) if args.command in commands else _file_tool(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush after main returns
+        return code
+    except (KnownProblem, FileProblem) as exc:  # FileProblem: a file any command failed to read or write
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # the reader stopped early (`finetune inspect FILE | head`): stop quietly, as Unix tools do; what is
+        # still buffered goes nowhere, so Python's own flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except Exception as exc:  # a full or read-only disk met by a write no writer above named: still no traceback
+        from finetune.file_errors import unnamed_write_problem
+
+        problem = unnamed_write_problem(exc)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
@@ -156,10 +174,11 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from finetune.recipe.load import RecipeError
     from finetune.strategies.base import StrategySetupError
     from finetune.training.checkpoint import CheckpointError
+    from finetune.file_errors import FileProblem
     from finetune.training.failures import SaveFailed, TrainingDiverged
 
     return (RecipeError, DataError, ModelLoadError, CheckpointError, StrategySetupError, TrainingDiverged, SaveFailed,
-            UnsupportedFamily)
+            UnsupportedFamily, FileProblem)
 
 
 def _validate(args) -> int:
@@ -192,7 +211,7 @@ def _train(args) -> int:
 def _sample(args) -> int:
     import torch
 
-    from finetune.adapters import load_adapter, trained_max_token_length
+    from finetune.adapters import check_adapter_file, load_adapter, trained_max_token_length
     from finetune.models import family_for
     from finetune.training.sampling import sample_grid, save_png
     from functools import partial
@@ -200,6 +219,8 @@ def _sample(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        if args.adapter:
+            check_adapter_file(args.adapter)  # a file cut short fails here, before the base loads
         family = family_for("auto", args.base, hub=True)
         parts = family.load(args.base, dtype=torch.float16 if device == "cuda" else torch.float32)
         pipe = family.pipeline(parts).to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -51,7 +52,10 @@ class Workspace:
 
     def fail_writes(self, after: int) -> None:
         """Simulate a full disk: the safetensors write after the first `after` ones writes half a file, then
-        fails with ENOSPC, as a real full disk does."""
+        fails as safetensors (0.8) does on a full disk: SafetensorError, the OS error only in its text (the same
+        on a real small tmpfs: tests/test_file_errors.py)."""
+        from safetensors import SafetensorError
+
         from finetune.export import safetensors_io
 
         calls = []
@@ -62,7 +66,8 @@ class Workspace:
             if len(calls) <= after:
                 return real(tensors, filename, metadata=metadata)
             Path(filename).write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device", filename)
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} "
+                                  f"(os error {errno.ENOSPC})")
 
         self.monkeypatch.setattr(safetensors_io, "save_file", save_file_on_a_full_disk)
 
@@ -175,6 +180,56 @@ def _resumes_once_there_is_room(ws: Workspace) -> None:
     reset_accelerate()
     ws.run(ws.train("--resume", "latest", checkpoint={"every": 1}))
     assert (ws.out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _cut_in_half(path: Path) -> Path:
+    """Keep the first half of a real file, as an interrupted download or copy leaves it."""
+    os.truncate(path, path.stat().st_size // 2)
+    return path
+
+
+def _half_lora(ws: Workspace) -> Path:
+    """A LoRA file the tiny base trained, cut in half."""
+    ws.run(ws.train(train={"max_steps": 1}, output_dir=ws.tmp / "lora-run"))
+    half = ws.tmp / "half.safetensors"
+    shutil.copy(ws.tmp / "lora-run" / "pytorch_lora_weights.safetensors", half)
+    return _cut_in_half(half)
+
+
+def _unwritable(ws: Workspace) -> Path:
+    """A folder that cannot be made: under a read-only mount for root (permission bits do not stop root), in a
+    folder without write permission otherwise."""
+    if os.geteuid() == 0:
+        return Path("/sys/finetune-cache")
+    locked = ws.tmp / "locked"
+    locked.mkdir(exist_ok=True)
+    locked.chmod(0o500)
+    return locked / "finetune-cache"
+
+
+DAMAGED_RUN = dict(train={"max_steps": 3}, checkpoint={"every": 1})
+
+
+def _damaged_checkpoint(ws: Workspace, damage: Callable[[Path], object]) -> list[str]:
+    """A run of 3 steps (its own output_dir, so the catalogue's whole-files check meets nothing it damaged)
+    whose newest checkpoint is then damaged; resumed with --resume latest."""
+    out = ws.tmp / "run"
+    ws.run(ws.train(output_dir=out, **DAMAGED_RUN))
+    shutil.copy(out / "pytorch_lora_weights.safetensors", ws.tmp / "uninterrupted.safetensors")
+    damage(out / "checkpoints" / "step-000002")  # the newest: the last step writes the artifact instead
+    return ws.train("--resume", "latest", output_dir=out, **DAMAGED_RUN)
+
+
+def _resumes_exactly_from_the_good_one(ws: Workspace) -> None:
+    """The offered command (--resume the step-1 checkpoint) trains steps 2 and 3 again, to the very same
+    weights."""
+    from safetensors.torch import load_file
+
+    out = ws.tmp / "run"
+    ws.run(ws.train("--resume", str(out / "checkpoints" / "step-000001"), output_dir=out, **DAMAGED_RUN))
+    again, before = (load_file(str(p)) for p in (out / "pytorch_lora_weights.safetensors",
+                                                  ws.tmp / "uninterrupted.safetensors"))
+    assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in again)
 
 
 def _no_code_ran(ws: Workspace) -> None:
@@ -304,6 +359,15 @@ CATALOGUE = [
     BadInput("resume-another-recipe", "`--resume` with a checkpoint made by a different recipe",
              "Names each setting that differs, with both values", _resume_another_recipe,
              ("different recipe", "strategy.rank: 4 in the checkpoint's run, 8 now", "start a new output_dir")),
+    BadInput("cache-dir-not-writable", "`cache.dir` (the disk latent cache) cannot be written (permissions, "
+             "read-only disk)", "Says so before any model loads; another `cache.dir`, or `cache.latents: memory`",
+             lambda ws: ws.train(cache={"latents": "disk", "dir": str(_unwritable(ws))}),
+             ("cache.latents: disk keeps its entries in", "cannot be written", "cache.latents: memory")),
+    BadInput("finetune-cache-not-writable", "`$FINETUNE_CACHE` cannot be written (permissions, read-only disk)",
+             "Says so before any model loads, for each cache that would write there; another `$FINETUNE_CACHE`, or "
+             "that cache off", lambda ws: ws.monkeypatch.setenv("FINETUNE_CACHE", str(_unwritable(ws)))
+             or ws.train(cache={"latents": "disk"}),
+             ("finetune-cache/latents", "cannot be written", "$FINETUNE_CACHE")),
     BadInput("output-dir-holds-a-run", "A new run in an `output_dir` that holds a finished artifact or checkpoints",
              "Refuses before any model loads, changing nothing; offers a new `output_dir`, `--overwrite`, and "
              "`--resume latest` for a run that has not finished", _second_run_in_a_finished_output_dir,
@@ -314,6 +378,27 @@ CATALOGUE = [
     BadInput("resume-not-a-checkpoint", "`--resume PATH` that is not a checkpoint folder",
              "Shows what a checkpoint folder looks like, or `latest`",
              lambda ws: ws.train("--resume", str(ws.tmp)), ("not a checkpoint folder", "latest")),
+    BadInput("checkpoint-cut-short", "`--resume latest` meets a checkpoint cut short or damaged since it was "
+             "written (a copy, a sync client)", "Names the damaged file; offers the newest good checkpoint with the "
+             "exact command, which resumes exactly",
+             lambda ws: _damaged_checkpoint(ws, lambda folder: _cut_in_half(folder / "trainable.safetensors")),
+             ("step-000002", "trainable.safetensors is cut short or damaged", "--resume", "step-000001"),
+             then=_resumes_exactly_from_the_good_one),
+    BadInput("checkpoint-without-state", "`--resume latest` meets a checkpoint folder without its `state.json`",
+             "Names it instead of going back to an older checkpoint in silence; offers the newest good one",
+             lambda ws: _damaged_checkpoint(ws, lambda folder: (folder / "state.json").unlink()),
+             ("step-000002 is damaged: it has no state.json", "--resume", "step-000001")),
+    # files given to the tools
+    BadInput("adapter-file-cut-short", "A LoRA, embedding or hypernetwork file cut short (an interrupted download "
+             "or copy) given to `sample`, `inspect`, `convert` or `merge`",
+             "Names the file before any model loads: download or copy it again",
+             lambda ws: ["sample", "--base", str(ws.base), "--adapter", str(_half_lora(ws)), "--prompt", "x",
+                         "--out", str(ws.tmp / "grid.png"), "--steps", "1", "--num", "1"],
+             ("half.safetensors is cut short or damaged", "download or copy it again")),
+    BadInput("initial-weights-cut-short", "`strategy.initial_weights` (a LoRA to train on from) cut short",
+             "Names the file before any model loads: download or copy it again",
+             lambda ws: ws.train(strategy={"kind": "lora", "initial_weights": str(_half_lora(ws))}),
+             ("strategy.initial_weights", "half.safetensors is cut short or damaged", "download or copy it again")),
     # during the run
     BadInput("loss-not-finite", "The loss becomes NaN or infinite (here: `learning_rate: 1e10`)",
              "Stops at once, names the step, keeps the last good checkpoint; prints the commands that go on from it "

@@ -63,9 +63,10 @@ def assert_nothing_half_written(out: Path, artifacts_before: set[str]) -> None:
 
 
 # what `finetune train` refuses only once the run starts: the device it gets, what output_dir holds, checkpoints,
-# and what happens mid-run; everything else `validate` must refuse alike
+# and what happens mid-run; and the other commands' inputs. Everything else `validate` must refuse alike
 RUN_TIME = {"fp16-on-cpu", "output-dir-holds-a-run", "resume-a-finished-run", "resume-another-recipe",
-            "resume-not-a-checkpoint", "loss-not-finite", "disk-full-at-checkpoint", "disk-full-at-final-save"}
+            "resume-not-a-checkpoint", "loss-not-finite", "disk-full-at-checkpoint", "disk-full-at-final-save",
+            "checkpoint-cut-short", "checkpoint-without-state", "adapter-file-cut-short"}
 VALIDATE_CASES = [case for case in CATALOGUE if not case.loads_model and case.name not in RUN_TIME]
 
 

@@ -72,13 +72,18 @@ def test_resume_latest_without_a_checkpoint_starts_at_step_0(tiny_base, concept_
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
 
 
-def test_an_unfinished_checkpoint_is_never_latest(tmp_path):
+def test_an_unfinished_checkpoint_is_never_latest_and_a_damaged_one_is_named(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-000002").mkdir(parents=True)
     (root / "step-000002" / "state.json").write_text("{}")
     (root / ".tmp-step-000004").mkdir()  # a save that died midway
-    (root / "step-000006").mkdir()  # no state.json: not complete
     assert checkpoint.find_checkpoint(tmp_path, "latest").name == "step-000002"
+    # a save renames only whole folders, so a step folder without state.json was damaged since: resuming
+    # names it (tests/test_file_errors.py) instead of going back to step 2 without a word
+    (root / "step-000006").mkdir()
+    assert checkpoint.find_checkpoint(tmp_path, "latest").name == "step-000006"
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="step-000006 is damaged: it has no state.json"):
+        checkpoint.load_checkpoint(root / "step-000006")
 
 
 def test_samples_and_tensorboard_and_wandb_offline(tiny_base, concept_dir, tmp_path, monkeypatch):

@@ -6,8 +6,9 @@ Two caches, both on by default where they give the same training as without them
   an image edited, a recipe resized, or another VAE never reuses an entry. Entries hold the distribution (mean
   and std), not one sample of it: each step still draws its own latent from the step's generator, exactly as an
   uncached step does, so caching changes speed and nothing else. `memory` keeps entries in RAM; `disk` keeps
-  one small safetensors file per entry (written to a temporary name and renamed), shared by later runs. Off
-  when crops are random (each step would need a new crop).
+  one small safetensors file per entry (written to a temporary name and renamed), shared by later runs; an
+  entry found cut short or damaged (a copy of the cache, a sync client) is encoded again with a warning naming
+  it, since it can always be rebuilt. Off when crops are random (each step would need a new crop).
 - text: the text encoders' output per caption string (for SDXL both encodings and the pooled one), for the
   instance captions, the empty caption (caption dropout) and the class prompts. Off when the strategy trains a
   text encoder or rewrites captions.
@@ -17,19 +18,25 @@ time, never change a result.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from finetune.console import quiet
 from finetune.data.images import transform
 from finetune.data.sources import Example
+from finetune.export.safetensors_io import load_tensors
+from finetune.file_errors import FileProblem, reading, writing
 from finetune.paths import cache_home, give_umask_permissions
+
+log = logging.getLogger(__name__)
 
 # below this the dataset's entries stay in memory under cache.latents: auto
 AUTO_MEMORY_LIMIT_BYTES = 2 * 1024**3
@@ -66,26 +73,45 @@ class LatentStore:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def __contains__(self, key: str) -> bool:
-        return key in self.entries if self.folder is None else self._path(key).is_file()
+        """Whether a whole entry is there. A disk entry cut short or damaged is not: a warning names it, and
+        `fill` encodes it again over it."""
+        if self.folder is None:
+            return key in self.entries
+        path = self._path(key)
+        if not path.is_file():
+            return False
+        try:  # opening checks the header against the file's size; no tensor data is read
+            with reading(path, "latent cache entry", "encoding it again"), safe_open(str(path), framework="pt"):
+                return True
+        except FileProblem as exc:
+            log.warning("%s", exc)
+            return False
 
     def put(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Keep an entry; FileProblem when the disk cache's folder cannot be written or is full."""
         mean, std = mean.detach().cpu().contiguous(), std.detach().cpu().contiguous()
         if self.folder is None:
             self.entries[key] = (mean, std)
             return
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"mean": mean, "std": std}, str(tmp))
-        give_umask_permissions(tmp)  # a shared cache stays readable by the other users the umask allows
-        tmp.replace(path)  # a present entry is always whole
+        with writing(path, "a latent cache entry"):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"mean": mean, "std": std}, str(tmp))
+                give_umask_permissions(tmp)  # a shared cache stays readable by the other users the umask allows
+                tmp.replace(path)  # a present entry is always whole
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def get(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The entries for a batch, stacked."""
+        """The entries for a batch, stacked. FileProblem for a disk entry damaged since `fill` looked at it."""
         if self.folder is None:
             pairs = [self.entries[key] for key in keys]
         else:
-            pairs = [(tensors["mean"], tensors["std"]) for tensors in (load_file(str(self._path(k))) for k in keys)]
+            fix = "delete it (the next run encodes it again)"
+            pairs = [(tensors["mean"], tensors["std"]) for tensors in
+                     (load_tensors(self._path(k), "latent cache entry", fix) for k in keys)]
         return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
 
 

@@ -64,14 +64,14 @@ def save(output_dir: Path, network: Hypernetwork, metadata: dict[str, str], *, a
 
 
 def read(path: str | os.PathLike) -> Hypernetwork:
-    from safetensors.torch import load_file
+    from finetune.export.safetensors_io import load_tensors
 
     metadata = read_metadata(path)
     if HEADER_KEY not in metadata:
         raise ValueError(f"{path}: a hypernetwork file needs its structure in the header key {HEADER_KEY!r}; "
                          "this one has none (was it written by finetune?)")
     network = Hypernetwork(structure_from_header(metadata[HEADER_KEY]))
-    _load(network, load_file(str(path)), path)
+    _load(network, load_tensors(path), path)
     return network
 
 

@@ -1,4 +1,7 @@
-"""Write safetensors files atomically, with string metadata in the header; read that header back."""
+"""Write safetensors files atomically, with string metadata in the header; read that header back.
+
+Every read and write goes through finetune/file_errors.py: a truncated file, a full disk or a read-only folder
+ends in one message naming the file, not in a traceback."""
 from __future__ import annotations
 
 import json
@@ -11,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from finetune.file_errors import reading, writing
 from finetune.paths import give_umask_permissions
 
 
@@ -31,18 +35,21 @@ def replace_atomically(tmp: Path, path: Path) -> None:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> Path:
+                     metadata: dict[str, str] | None = None, what: str = "the file") -> Path:
+    """Write `path` whole or not at all. Raises FileProblem (naming `what` and `path`) on a full disk or a
+    folder that cannot be written; no temporary file is left either way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    try:
-        save_file(plain, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        sort_metadata(tmp)
-        give_umask_permissions(tmp)
-        replace_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(path, what):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(plain, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+            sort_metadata(tmp)
+            give_umask_permissions(tmp)
+            replace_atomically(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -62,8 +69,9 @@ def sort_metadata(path: Path) -> None:
             handle.write(text.ljust(size, b" "))  # safetensors pads its header with spaces too
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as handle:
+def read_metadata(path: str | os.PathLike, what: str = "file") -> dict[str, str]:
+    """The header's metadata; FileProblem (naming `what` and `path`) when the file is missing or damaged."""
+    with reading(path, what), safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
 
@@ -82,19 +90,28 @@ class Header:
         return list(self.shapes)
 
 
-def read_header(path: str | os.PathLike) -> Header:
-    """The file's Header; no tensor data is read."""
-    with safe_open(str(path), framework="pt") as handle:
+def read_header(path: str | os.PathLike, what: str = "file") -> Header:
+    """The file's Header; no tensor data is read. FileProblem when the file is missing or damaged (a file cut
+    short fails here already: safetensors checks that the header's offsets cover the file exactly)."""
+    with reading(path, what), safe_open(str(path), framework="pt") as handle:
         slices = {key: handle.get_slice(key) for key in handle.keys()}
         return Header(str(path), dict(handle.metadata() or {}),
                       {key: list(piece.get_shape()) for key, piece in slices.items()},
                       {key: str(piece.get_dtype()) for key, piece in slices.items()})
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of the file, and its header metadata."""
-    with safe_open(str(path), framework="pt") as handle:
+def read_safetensors(path: str | os.PathLike, what: str = "file",
+                     fix: str = "download or copy it again") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the file, and its header metadata. FileProblem (naming `what` and `path`, saying `fix`)
+    when the file is missing or damaged."""
+    with reading(path, what, fix), safe_open(str(path), framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file", fix: str = "download or copy it again"
+                 ) -> dict[str, torch.Tensor]:
+    """Every tensor of the file (safetensors' load_file), with read_safetensors' errors."""
+    return read_safetensors(path, what, fix)[0]
 
 
 def training_metadata(*, base_model: str, strategy: str, steps: int, recipe: dict,

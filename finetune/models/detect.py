@@ -36,10 +36,9 @@ def family_of(base: str) -> str | None:
     if os.path.isfile(index):
         return _family_in_index(base, index)
     if os.path.isfile(path) and path.endswith(".safetensors"):
-        from safetensors import safe_open
+        from finetune.export.safetensors_io import read_header
 
-        with safe_open(path, framework="pt") as handle:
-            keys = list(handle.keys())
+        keys = read_header(path, "model.base file").keys  # FileProblem when cut short or damaged
         keys += [k.removeprefix(_COMFY) for k in keys if k.startswith(_COMFY)]
         for prefix, family in SINGLE_FILE_KEYS:
             if any(k.startswith(prefix) for k in keys):

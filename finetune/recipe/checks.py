@@ -11,7 +11,9 @@ from pathlib import Path
 from finetune.models import FAMILIES, OBJECTIVE_OPTIONS, objective_problems
 from finetune.models.detect import NAMES, UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
+from finetune.file_errors import FileProblem
 from finetune.recipe.schema import Recipe
+from finetune.recipe.writable import cache_folder_problems
 
 # "owner/name" or "name" as the Hugging Face hub spells repository ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -40,6 +42,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_train(recipe)
     problems += _check_prior(recipe)
     problems += _check_cache(recipe)
+    problems += cache_folder_problems(recipe)
     problems += _check_outputs(recipe)
     validate = getattr(recipe.strategy, "validate", None)
     if validate is not None:
@@ -73,6 +76,8 @@ def _check_model(recipe: Recipe) -> list[str]:
         found = family_of(m.base)  # an SD3 or Flux base is named here, not met as a TypeError inside diffusers
     except UnsupportedFamily as exc:
         problems.append(str(exc))
+    except FileProblem as exc:  # a single-file base cut short: its header says so
+        problems.append(f"model.base: {exc}")
     else:
         # options of another objective than the family's (e.g. min-SNR on a flow-matching model)
         values = {key: recipe_value(recipe, key) for options in OBJECTIVE_OPTIONS.values() for key in options}

@@ -119,7 +119,21 @@ class Options(StrategyOptions):
             if not self.initial_weights.endswith(".safetensors") or not os.path.isfile(self.initial_weights):
                 problems.append(f"strategy.initial_weights: {self.initial_weights} is not a .safetensors file; give "
                                 "the path of a LoRA file (diffusers or kohya format)")
+            else:
+                problems += _damaged(self.initial_weights)
         return problems
+
+
+def _damaged(path: str) -> list[str]:
+    """strategy.initial_weights cut short or damaged, found from its header before any model loads."""
+    from finetune.export.safetensors_io import read_header
+    from finetune.file_errors import FileProblem
+
+    try:
+        read_header(path, "file")
+    except FileProblem as exc:
+        return [f"strategy.initial_weights: {exc}"]
+    return []
 
 
 class Strategy(CommonDefaults):

@@ -32,7 +32,7 @@ def parse_adapter_argument(text: str) -> tuple[str, float]:
 
 def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dtype: str = "fp16") -> list[str]:
     """Returns one line per fused adapter."""
-    from finetune.adapters import load_adapter
+    from finetune.adapters import check_adapter_file, load_adapter
     from finetune.models import family_for
     from finetune.models.base import adaptable_modules
 
@@ -47,6 +47,7 @@ def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dt
     for path, _ in adapters:
         if not Path(path).is_file():
             raise LoraFileError(f"--lora: {path}: no such file")
+        check_adapter_file(path)  # a file cut short fails here, before the base loads
     family = family_for("auto", base, hub=True)
     parts = family.load(base)
     pipe = family.pipeline(parts)

@@ -1,5 +1,8 @@
 """Checkpoints: trainable weights, optimizer, LR schedule and step, written to a temporary folder and renamed,
 so a folder named `step-N` is always complete. RNG state needs no saving: the loop reseeds from (seed, step).
+A folder damaged since (a sync client, a copy cut short, a file removed by hand) is named when a resume meets
+it, never skipped in silence: `checkpoint_problem` says what is wrong with it, and resume.py offers the newest
+good one.
 """
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
-from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle
-from finetune.export.safetensors_io import save_safetensors
+from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle, save_pickle
+from finetune.export.safetensors_io import load_tensors, save_safetensors
+from finetune.file_errors import CUT_SHORT, FileProblem, reading, writing
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
@@ -22,6 +26,15 @@ STATE_FILE = "state.json"
 
 class CheckpointError(ValueError):
     pass
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A `step-N` folder that lacks a file or holds one cut short; `path` is the folder, `problem` what is
+    wrong with it."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"checkpoint {path} is damaged: {problem}")
+        self.path, self.problem = path, problem
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
@@ -36,14 +49,15 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, trainable: dict[st
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        save_safetensors(trainable, tmp / "trainable.safetensors")
-        torch.save(training_state, tmp / "training_state.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "recipe": recipe}, indent=2, sort_keys=True))
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
+        with writing(final, "a checkpoint"):  # named by its final folder: the temporary one is gone
+            tmp.mkdir(parents=True)
+            save_safetensors(trainable, tmp / "trainable.safetensors")
+            save_pickle(training_state, tmp / "training_state.pt")
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "recipe": recipe}, indent=2, sort_keys=True))
+            for name in os.listdir(tmp):
+                with open(tmp / name, "rb") as handle:
+                    os.fsync(handle.fileno())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save (full disk, Ctrl-C) leaves nothing half-written
         raise
@@ -74,18 +88,68 @@ def _completed(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
+    """Every `step-N` folder, complete or not, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), entry) for entry in root.iterdir() if (m := _NAME.match(entry.name)))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint folder `path` (a file missing, or cut short), or None when it looks
+    whole. Cheap: safetensors checks its header against the file's size, and a .pt (a zip) whose end is missing
+    has no central directory; no tensor data is read."""
+    import zipfile
+
+    missing = [name for name in (STATE_FILE, "trainable.safetensors", "training_state.pt")
+               if not (path / name).is_file()]
+    if missing:
+        return f"it has no {' and no '.join(missing)}"
+    try:
+        json.loads((path / STATE_FILE).read_text())
+        with reading(*_its("trainable.safetensors", path)), safe_open(str(path / "trainable.safetensors"), "pt"):
+            pass
+        with reading(*_its("training_state.pt", path)), zipfile.ZipFile(path / "training_state.pt"):
+            pass
+    except FileProblem as exc:
+        return str(exc)
+    except json.JSONDecodeError as exc:
+        return f"its {STATE_FILE} {CUT_SHORT} ({exc})"
+    return None
+
+
+def _its(name: str, folder: Path) -> tuple[Path, str, str]:
+    """reading()'s arguments for a file of a checkpoint folder."""
+    return folder / name, "its file", "no run can continue from it"
+
+
+def good_checkpoints(root: Path, before: int | None = None) -> list[Path]:
+    """The checkpoint folders in `root` (output_dir/checkpoints) that look whole (checkpoint_problem), newest
+    first; only those older than step `before` when given."""
+    folders = _step_folders(root)
+    return [path for step, path in reversed(folders)
+            if (before is None or step < before) and checkpoint_problem(path) is None]
+
+
+def step_of(path: Path) -> int | None:
+    """N of a `step-N` folder; None for any other name."""
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
 def _prune(root: Path, keep: int) -> None:
     for _, path in _completed(root)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path | None:
-    """`latest` -> the newest complete checkpoint in output_dir, or None when there is none yet (a run killed
+    """`latest` -> the newest checkpoint folder in output_dir, or None when there is none yet (a run killed
     before its first checkpoint starts again from step 0, so one command always finishes it); otherwise a
-    checkpoint folder path."""
+    checkpoint folder path. The newest folder is returned even when damaged since it was written (no
+    state.json, say): load_checkpoint then names it, rather than a resume falling back steps without a word."""
     if which == "latest":
-        completed = _completed(checkpoints_dir(output_dir))
-        return completed[-1][1] if completed else None
+        folders = _step_folders(checkpoints_dir(output_dir))
+        return folders[-1][1] if folders else None
     path = Path(which)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"--resume {which}: not a checkpoint folder (no {STATE_FILE}); "
@@ -94,13 +158,19 @@ def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """Returns (state.json contents, trainable tensors, training_state). Only plain tensors are unpickled."""
-    state = json.loads((path / STATE_FILE).read_text())
-    trainable = load_file(str(path / "trainable.safetensors"))
+    """Returns (state.json contents, trainable tensors, training_state). Only plain tensors are unpickled.
+    Raises DamagedCheckpoint when a file is missing, cut short or damaged."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise DamagedCheckpoint(path, problem)
     try:
-        training_state = load_plain_pickle(path / "training_state.pt", "checkpoint's training state")
+        state = json.loads((path / STATE_FILE).read_text())
+        trainable = load_tensors(*_its("trainable.safetensors", path))
+        training_state = load_plain_pickle(*_its("training_state.pt", path)[:2], fix=_its("", path)[2])
     except UnsafePickleError as exc:
         raise CheckpointError(f"--resume {path}: {exc}") from None
+    except FileProblem as exc:  # damaged in a way the cheap look could not see
+        raise DamagedCheckpoint(path, str(exc)) from None
     return state, trainable, training_state
 
 

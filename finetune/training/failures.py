@@ -7,19 +7,18 @@ NaN, the run's own command at a tenth of the rate, with `--resume latest` (which
 """
 from __future__ import annotations
 
-import errno
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from finetune.data.sources import some
-
-# a write that fails for want of room: a full disk, or a full quota
-_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+from finetune.file_errors import NO_ROOM, NOT_WRITABLE, FileProblem, error_number
 
 
 class TrainingDiverged(ValueError):
@@ -27,7 +26,7 @@ class TrainingDiverged(ValueError):
 
 
 class SaveFailed(ValueError):
-    """A checkpoint or artifact could not be written for want of room."""
+    """A checkpoint, artifact or sample grid could not be written for want of room or of permission."""
 
 
 def _last_good(output_dir: Path) -> Path | None:
@@ -111,16 +110,22 @@ def check_finite_weights(tensors: dict[str, torch.Tensor], step: int, output_dir
 
 @contextmanager
 def saving(what: str, step: int, resume_with: str, output_dir: Path) -> Iterator[None]:
-    """Turn "no space left" while writing `what` into a message that says what was kept and how to go on
-    (`resume_with`: the command that continues the run).
-    The writers themselves remove their temporary files when they fail."""
+    """Turn "no space left" (or a folder that turned read-only) while writing `what` into a message that says
+    what was kept and how to go on (`resume_with`: the command that continues the run). The error is recognised
+    however the library reports it (finetune/file_errors.py: OSError, safetensors' SafetensorError, torch.save's
+    RuntimeError). The writers themselves remove their temporary files when they fail."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in _NO_ROOM:
+    except (OSError, RuntimeError, SafetensorError, FileProblem) as exc:
+        number = exc.errno if isinstance(exc, FileProblem) else error_number(exc)
+        if number not in NO_ROOM | NOT_WRITABLE:
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
+        path = exc.path if isinstance(exc, FileProblem) else getattr(exc, "filename", None)
+        where = f" ({path})" if path else ""
+        problem = "no room left on the disk" if number in NO_ROOM else "the disk refused the write"
+        fix = ("Free some space (or point output_dir at a disk with room)" if number in NO_ROOM else
+               "Make output_dir writable again (or point output_dir at a folder you can write to)")
         raise SaveFailed(
-            f"no room left on the disk while writing {what} at step {step}{where}: {exc.strerror or exc}. Nothing "
-            f"half-written was left behind. {_kept(_last_good(output_dir))}. Free some space (or point output_dir "
-            f"at a disk with room), then continue with: {resume_with}") from None
+            f"{problem} while writing {what} at step {step}{where}: {os.strerror(number)}. Nothing "
+            f"half-written was left behind. {_kept(_last_good(output_dir))}. {fix}, then continue with: {resume_with}"
+        ) from None

@@ -12,6 +12,7 @@ import torch
 
 from finetune.data.caches import CachePlan, LatentStore, TextCache, default_latent_dir, fill, vae_identity
 from finetune.data.sources import Example
+from finetune.file_errors import FileProblem, unwritable_folder
 from finetune.models.base import Components, ModelFamily
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,12 @@ def make_encoder(family: ModelFamily, parts: Components, plan: CachePlan, device
     if plan.latents == "memory":
         store = LatentStore()
     elif plan.latents == "disk":
-        store = LatentStore(Path(os.path.expanduser(latent_dir)) if latent_dir else default_latent_dir())
+        folder = Path(os.path.expanduser(latent_dir)) if latent_dir else default_latent_dir()
+        blocked = unwritable_folder(folder)
+        if blocked is not None:  # cache.latents: auto chose the disk (a large dataset); recipe checks saw "auto"
+            raise FileProblem(f"the latent cache (cache.latents: auto, on disk for this dataset) keeps its entries "
+                              f"in {folder}, but {blocked} cannot be written (a read-only disk, or no permission). "
+                              "Set cache.dir (or $FINETUNE_CACHE) to a folder you can write to", blocked)
+        store = LatentStore(folder)
     text = TextCache(partial(family.encode_prompts, parts)) if plan.text else None
     return BatchEncoder(family, parts, device, store, text, show_progress)

@@ -44,7 +44,8 @@ from finetune.training.failures import check_finite_loss, divergence_advice
 from finetune.training.offload import offload_idle, on_device
 from finetune.training.optim import build_optimizer, build_scheduler, set_base_rates
 from finetune.training.sharded_state import load_optimizer_state_dict, local_fraction
-from finetune.training.resume import check_output_dir, check_resumable, remove_earlier_run, resume_command
+from finetune.training.resume import (check_output_dir, check_resumable, load_for_resume, remove_earlier_run,
+                                      resume_command)
 from finetune.training.step import LossSettings, micro_step_loss
 from finetune.training.summary import Plan, images_per_folder, plan_lines, written_lines
 
@@ -131,7 +132,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     if resume and resume_from is None:
         say(f"--resume latest: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet; starting at step 0")
     if resume_from is not None:
-        saved = checkpoint.load_checkpoint(resume_from)
+        saved = load_for_resume(resume_from, recipe.source, recipe.overrides)
         for note in check_resumable(saved[0], recipe_to_dict(recipe), resume_from):
             say(f"resume: {note}")
     if earlier_run:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.export.pickle_files import save_pickle
+from finetune.file_errors import writing
 from finetune.paths import cache_home
 
 
@@ -25,14 +27,15 @@ def offload(module: torch.nn.Module, device: torch.device) -> None:
         module.to("cpu")
         return
     folder = scratch_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=folder, suffix=".pt")
-    os.close(handle)
-    try:
-        torch.save(module.state_dict(), name)
-        mapped = torch.load(name, mmap=True, weights_only=True, map_location="cpu")
-    finally:
-        os.unlink(name)  # the mapping stays valid; the file disappears with the process
+    with writing(folder, "the offload scratch file (set $FINETUNE_CACHE elsewhere, or cache.offload: false)"):
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=folder, suffix=".pt")
+        os.close(handle)
+        try:
+            save_pickle(module.state_dict(), name)
+            mapped = torch.load(name, mmap=True, weights_only=True, map_location="cpu")
+        finally:
+            os.unlink(name)  # the mapping stays valid; the file disappears with the process
     module.load_state_dict(mapped, assign=True)
 
 

@@ -4,6 +4,7 @@
   checkpoints (before any model loads), unless told `--resume` or `--overwrite`.
 - `resume_command`: the exact command that continues this run, command-line overrides included and
   shell-quoted, for every message that says how to go on (Ctrl-C, a full disk).
+- `load_for_resume`: a damaged checkpoint is named, with the newest good one and the command that resumes it.
 - `recipe_changes`: what differs between the recipe a checkpoint was made with and the one resuming it; what may
   change mid-run is said with its effect, what may not is refused.
 """
@@ -14,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from finetune.training.checkpoint import CheckpointError, checkpoints_dir, find_checkpoint
+from finetune.training.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoints_dir, find_checkpoint,
+                                         good_checkpoints, load_checkpoint, step_of)
 
 _NEW_RATE = ("the optimizer's param groups and the schedule's base rates take {new} from the resumed step on "
              "(the Adam moments are kept)")
@@ -51,10 +53,27 @@ class OutputDirInUse(CheckpointError):
     """output_dir holds a finished artifact or checkpoints, and neither --resume nor --overwrite was given."""
 
 
-def resume_command(source: str, overrides: Iterable[str] = ()) -> str:
-    """`finetune train RECIPE OVERRIDES... --resume latest`, each word shell-quoted, so pasting it resumes this
-    run (same output_dir, same settings)."""
-    return "finetune train " + shlex.join([source, *overrides]) + " --resume latest"
+def resume_command(source: str, overrides: Iterable[str] = (), which: str = "latest") -> str:
+    """`finetune train RECIPE OVERRIDES... --resume latest` (or `which`, a checkpoint folder), each word
+    shell-quoted, so pasting it resumes this run (same output_dir, same settings)."""
+    return "finetune train " + shlex.join([source, *overrides, "--resume", which])
+
+
+def load_for_resume(path: Path, source: str, overrides: Iterable[str] = ()) -> tuple[dict, dict, dict]:
+    """checkpoint.load_checkpoint(path); a damaged checkpoint raises CheckpointError naming it, what is wrong,
+    and the newest good checkpoint before it with the exact command that resumes from there."""
+    try:
+        return load_checkpoint(path)
+    except DamagedCheckpoint as exc:
+        step = step_of(path)
+        good = good_checkpoints(path.parent, before=step) if step is not None else []
+        if good:
+            way = (f"Resume from the newest good one, {good[0]} (the steps after it are trained again, as they "
+                   f"were): {resume_command(source, overrides, str(good[0]))}")
+        else:
+            way = ("No good checkpoint is left before it: train again from the start with --overwrite: "
+                   f"finetune train {shlex.join([source, *overrides])} --overwrite")
+        raise CheckpointError(f"{exc}. {way}") from None
 
 
 def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overwrite: bool,

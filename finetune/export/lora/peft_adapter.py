@@ -95,14 +95,14 @@ def configs_from_metadata(metadata: dict[str, str], source: str) -> dict[str, An
 
 def load_peft_adapter(pipe: Any, path: str, scale: float, name: str) -> str:
     """Rebuild the file's adapter layers in `pipe` under `name`, active alone, at strength `scale`."""
-    from safetensors.torch import load_file
+    from finetune.export.safetensors_io import load_tensors
 
     metadata = read_metadata(path)
     variant = metadata[VARIANT_KEY]
     if variant == "oft" and scale != 1:
         raise ValueError(f"{path}: an OFT adapter has no strength to scale (it rotates each layer's input by a "
                          f"learned orthogonal matrix); load it with scale 1, not {scale}")
-    return load_components(pipe, configs_from_metadata(metadata, path), unpack(load_file(path)),
+    return load_components(pipe, configs_from_metadata(metadata, path), unpack(load_tensors(path)),
                            name, None if variant == "oft" else scale, path)
 
 
