@@ -30,6 +30,11 @@ MAY_CHANGE = {
     "train.gradient_checkpointing": "changes memory and speed only",
     "train.compile": "changes speed only",
     "train.channels_last": "changes speed only",
+    # the way out of a crash or overflow of one precision (trained weights and optimizer state are fp32 in any)
+    "train.mixed_precision": "computes in {new} instead of {old} from this step on (with model.dtype auto the "
+                             "frozen base loads in it too); the trained weights and the optimizer's state are fp32 "
+                             "either way, so they carry on, but the result is not bit-identical to an "
+                             "uninterrupted run in either precision",
 }
 
 
