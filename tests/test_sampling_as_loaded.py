@@ -74,6 +74,22 @@ def _base_grid(base, dtype: torch.dtype) -> Image.Image:
     return sample_grid(pipe, **settings, images_per_prompt=1, resolution=32)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "sd"])
+def test_on_every_family_the_bf16_grid_is_what_finetunes_loading_draws(family, tiny_bases, concept_dir, tmp_path):
+    """The base loaded as `finetune sample` loads it (the family's loader: SDXL's VAE stays fp32, its config's
+    force_upcast, and decodes latents of the U-Net's dtype), in bf16, with the LoRA loaded onto it."""
+    import finetune
+    from finetune.models import family_for
+
+    artifact, _ = _train(tiny_bases[family], concept_dir, tmp_path / "out", "lora", "bf16")
+    loader = family_for(family)
+    pipe = loader.pipeline(loader.load(str(tiny_bases[family]), dtype=torch.bfloat16))
+    finetune.load_adapter(pipe, artifact)
+    settings = {k: v for k, v in SAMPLE.items() if k != "every"}
+    users = np.asarray(sample_grid(pipe, **settings, images_per_prompt=1, resolution=32))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "samples" / "step-000002.png")), users)
+
+
 @pytest.mark.parametrize("kind, family", [(k, f) for f in FAMILIES for k in sorted(CONTRACT) if (k, f) not in NOT_YET],
                          ids=lambda value: value)
 def test_bf16_training_draws_its_grids_on_every_family_and_strategy(kind, family, tiny_bases, concept_dir,
