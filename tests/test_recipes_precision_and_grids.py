@@ -6,6 +6,7 @@ sampling step; what only makes it big or long is made small. A recipe added unde
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,21 +46,20 @@ def tiny_models(tmp_path_factory):
 def overrides_for(path: Path, tiny_models, tmp_path: Path) -> tuple[list[str], int]:
     """(command-line overrides that run `path` small with a grid at step 1, the number of prompts it draws)."""
     model = yaml.safe_load(path.read_text())["model"]
-    base = path.parent / Path(model["base"]).expanduser()
-    overrides = []
-    if not base.exists():  # a hub id, or a folder the user makes first: a tiny pipeline of the family in its place
-        overrides.append(f"model.base={tiny_models(model.get('family', 'auto').replace('auto', 'sd'))}")
-    # (the shapes recipes' own bases are in the repository, and tiny already)
+    # the shapes recipes' own bases are in the repository, and tiny already; a hub id, or a folder the user makes
+    # first (tiny_cpu_lora.yaml), gets a tiny pipeline of the recipe's family in its place
+    replaced = not (path.parent / Path(model["base"]).expanduser()).exists()
+    family = model.get("family", "auto")
+    overrides = [f"model.base={tiny_models('sd' if family == 'auto' else family)}"] if replaced else []
     recipe = load_recipe(path, overrides)
-    if not base.exists():
-        if recipe.strategy.kind == "textual_inversion":
-            overrides.append("strategy.initializer_token=x")  # the tiny byte tokenizer splits real words
+    if replaced and recipe.strategy.kind == "textual_inversion":
+        overrides.append("strategy.initializer_token=x")  # the tiny byte tokenizer splits real words
     if recipe.data.dataset and not Path(recipe.data.dataset).expanduser().exists():  # a hub dataset: local images
         overrides += ["data.dataset=null", f"data.images={STAR_IMAGES}"]
     precision = ON_A_CPU.get(recipe.train.mixed_precision, recipe.train.mixed_precision)
     prompts = list(recipe.sample.prompts) or [FALLBACK_PROMPT]
     overrides += [
-        f"train.mixed_precision={precision}", "sample.every=1", "sample.steps=1", f"sample.prompts={prompts!r}",
+        f"train.mixed_precision={precision}", "sample.every=1", "sample.steps=1", f"sample.prompts={json.dumps(prompts)}",
         "data.resolution=32", "train.max_steps=1", "train.batch_size=1", "train.gradient_accumulation_steps=1",
         "train.lr_warmup_steps=0", "checkpoint.every=0", "log.to=[]", f"output_dir={tmp_path / 'out'}",
         "prior.num_class_images=1", "prior.steps=1", f"prior.class_data_dir={tmp_path / 'class'}"]

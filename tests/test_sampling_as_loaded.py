@@ -28,26 +28,28 @@ def tiny_bases(tiny_base, tmp_path_factory):
                                                                      family=name) for name in FAMILIES}
 
 
-def _train(base, images, out, kind: str, precision: str, steps: int = 2, learning_rate: float | None = None):
+def _train(base, images, out, kind: str, precision: str, steps: int = 2):
+    """`steps` steps of the strategy's contract settings, a grid drawn at the last one; returns the artifact."""
     contract = CONTRACT[kind]
-    recipe = parse_recipe(recipe_dict(base, images, out, strategy=contract.options,
-                                      train={"max_steps": steps, "mixed_precision": precision,
-                                             "learning_rate": learning_rate or contract.learning_rate},
-                                      sample={**SAMPLE, "every": steps}))
-    return train(recipe), recipe
+    return train(parse_recipe(recipe_dict(base, images, out, strategy=contract.options,
+                                          train={"max_steps": steps, "mixed_precision": precision,
+                                                 "learning_rate": contract.learning_rate},
+                                          sample={**SAMPLE, "every": steps})))
 
 
 def _users_grid(base, artifact, dtype: torch.dtype) -> Image.Image:
-    """diffusers' own pipeline, loaded in `dtype`, with the artifact as the README says to load it."""
+    """diffusers' own pipeline, loaded in `dtype`, with the artifact loaded as the README says (None: the base
+    alone)."""
     from diffusers import StableDiffusionPipeline
 
     import finetune
 
-    if (artifact / "model_index.json").is_file():  # DreamBooth: the saved pipeline itself
+    if artifact is not None and (artifact / "model_index.json").is_file():  # DreamBooth: the saved pipeline
         pipe = StableDiffusionPipeline.from_pretrained(str(artifact), dtype=dtype)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype)
-        finetune.load_adapter(pipe, artifact)
+        if artifact is not None:
+            finetune.load_adapter(pipe, artifact)
     settings = {k: v for k, v in SAMPLE.items() if k != "every"}
     return sample_grid(pipe, **settings, images_per_prompt=1, resolution=32)
 
@@ -56,22 +58,14 @@ def _users_grid(base, artifact, dtype: torch.dtype) -> Image.Image:
 @pytest.mark.parametrize("kind", sorted(CONTRACT))
 def test_the_grid_drawn_while_training_is_what_the_users_pipeline_draws(kind, precision, tiny_base, concept_dir,
                                                                           tmp_path):
-    artifact, _ = _train(tiny_base, concept_dir, tmp_path / "out", kind, precision)
+    artifact = _train(tiny_base, concept_dir, tmp_path / "out", kind, precision)
     drawn = np.asarray(Image.open(tmp_path / "out" / "samples" / "step-000002.png"))
     users = np.asarray(_users_grid(tiny_base, artifact, DTYPES[precision]))
     assert drawn.shape == users.shape == (64, 32, 3)  # one row per prompt
     np.testing.assert_array_equal(drawn, users)
     # and the training shows in it: the base alone draws another grid
-    base = np.asarray(_base_grid(tiny_base, DTYPES[precision]))
+    base = np.asarray(_users_grid(tiny_base, None, DTYPES[precision]))
     assert not np.array_equal(drawn, base), "the trained weights did not reach the grid"
-
-
-def _base_grid(base, dtype: torch.dtype) -> Image.Image:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype)
-    settings = {k: v for k, v in SAMPLE.items() if k != "every"}
-    return sample_grid(pipe, **settings, images_per_prompt=1, resolution=32)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "sd"])
@@ -81,7 +75,7 @@ def test_on_every_family_the_bf16_grid_is_what_finetunes_loading_draws(family, t
     import finetune
     from finetune.models import family_for
 
-    artifact, _ = _train(tiny_bases[family], concept_dir, tmp_path / "out", "lora", "bf16")
+    artifact = _train(tiny_bases[family], concept_dir, tmp_path / "out", "lora", "bf16")
     loader = family_for(family)
     pipe = loader.pipeline(loader.load(str(tiny_bases[family]), dtype=torch.bfloat16))
     finetune.load_adapter(pipe, artifact)
@@ -96,7 +90,7 @@ def test_bf16_training_draws_its_grids_on_every_family_and_strategy(kind, family
                                                                    tmp_path):
     """One step in bf16 on the CPU with a grid at that step (textual inversion trains in bf16 there too: its fp32
     vectors once met a bf16 layer norm, "mixed dtype (CPU)")."""
-    artifact, _ = _train(tiny_bases[family], concept_dir, tmp_path / "out", kind, "bf16", steps=1)
+    artifact = _train(tiny_bases[family], concept_dir, tmp_path / "out", kind, "bf16", steps=1)
     assert artifact.exists()
     grid = Image.open(tmp_path / "out" / "samples" / "step-000001.png")
     assert grid.size == (32, 64)
