@@ -177,6 +177,8 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
     if strategy.kind == "dreambooth":  # made fp32 on the GPU whole, before FSDP shards it
         phases["preparing"] = _numel(denoiser) * 4 / GB + CUDA_CONTEXT_GB
     if recipe.sample.every:  # encoders and VAE back beside the denoiser, its adapters and the optimizer state
+        # the gradients counted in `parts` are freed by then (zero_grad(set_to_none)); they stand for the copy of
+        # the trained weights in the base dtype that grids draw with (strategy.as_loaded), which is no bigger
         held = sum(v for k, v in parts.items() if k not in ("activations", "text encoders", "vae"))
         phases["sampling"] = held + encoder_gb + vae_gb + vae_work_gb / t.batch_size
     phase = max(phases, key=phases.get)

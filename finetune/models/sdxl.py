@@ -54,6 +54,10 @@ class StableDiffusionXL(StableDiffusion):
                             config=config, vae=vae, extra_kwargs={})
         if getattr(parts.vae.config, "force_upcast", False) and dtype != torch.float32:
             parts.vae.to(torch.float32)
+            # the pipeline hands the decoder latents in the U-Net's dtype (it casts them only for a VAE it upcasts
+            # itself, one still in fp16): the upcast VAE takes them in its own
+            first = parts.vae.post_quant_conv if parts.vae.post_quant_conv is not None else parts.vae.decoder
+            first.register_forward_pre_hook(_in_own_dtype)
         return parts
 
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
@@ -122,3 +126,8 @@ def time_ids(conditions: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _tokenizers(parts: Components) -> list[Any]:
     return [parts.tokenizers[key] for key in sorted(parts.tokenizers, key=lambda k: (len(k), k))]
+
+
+def _in_own_dtype(module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the first input in the module's own dtype."""
+    return (args[0].to(next(module.parameters()).dtype), *args[1:])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 
@@ -49,6 +49,12 @@ class Strategy(Protocol):
     def frozen_base(self, parts: Components) -> AbstractContextManager[Components]:
         """Within the context, components that predict as the untouched base (prior preservation's
         base_prediction target): adapters switched off, or a frozen copy kept aside."""
+
+    def as_loaded(self, dtype: torch.dtype) -> AbstractContextManager[None]:
+        """Within the context, the trained weights are held in the dtype a pipeline whose base is in `dtype` holds
+        them after loading the saved artifact (LoRA, embeddings, DreamBooth's weights: `dtype`; a hypernetwork:
+        fp32), so that sample grids drawn during training are what the user's pipeline draws. The fp32 weights
+        the optimizer steps are put back, unchanged, on leaving."""
 
     def on_step_end(self, step: int) -> None:
         """After each optimizer step (`step` steps done), and once on resume: e.g. textual inversion restores
@@ -95,3 +101,21 @@ class CommonDefaults:
 def unchanged_base(parts: Components):
     """frozen_base for a strategy whose changes never touch what class prompts use."""
     yield parts
+
+
+@contextmanager
+def held_in(modules: Iterable[torch.nn.Module], dtype: torch.dtype, keep: Any = lambda name: True):
+    """Within the context, the floating-point parameters and buffers of `modules` whose name `keep(name)` accepts
+    are copies in `dtype`; on leaving, the very tensors they held come back (the optimizer's parameters and their
+    state are never touched). Costs one copy of those weights in `dtype` while inside."""
+    swapped = []
+    for module in modules:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and tensor.dtype != dtype and keep(name):
+                swapped.append((tensor, tensor.data))
+                tensor.data = tensor.data.to(dtype)
+    try:
+        yield
+    finally:
+        for tensor, data in swapped:
+            tensor.data = data

@@ -22,7 +22,7 @@ import torch
 from finetune.models.base import Components, ModelFamily, adaptable_text_encoders
 from finetune.paths import give_umask_permissions
 from finetune.recipe.schema import StrategyOptions
-from finetune.strategies.base import CommonDefaults, StrategySetupError
+from finetune.strategies.base import CommonDefaults, StrategySetupError, held_in
 from finetune.training.sharded_state import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,11 @@ class Strategy(CommonDefaults):
         if not self.frozen:
             raise RuntimeError("DreamBooth was prepared without keep_frozen_base; the base is no longer there")
         yield parts.with_modules(self.frozen)
+
+    def as_loaded(self, dtype: torch.dtype):
+        # the saved pipeline loaded in `dtype` holds every weight in it; while the grid is drawn the optimizer's
+        # gradients are freed (zero_grad set_to_none), so the copy in `dtype` stays below training's peak
+        return held_in(self.modules.values(), dtype)
 
     def on_step_end(self, step: int) -> None:
         stop = self.options.text_encoder_steps

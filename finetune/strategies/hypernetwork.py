@@ -9,7 +9,7 @@ LoRA: `base_prediction` switches the MLPs off to get the base's own prediction, 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -145,6 +145,11 @@ class Strategy(CommonDefaults):
             yield parts
         finally:
             self.network.enabled = True
+
+    def as_loaded(self, dtype: torch.dtype):
+        # its loader (networks/hypernetwork.attach) builds the MLPs in fp32 whatever the pipeline's dtype, as they
+        # train; they cast their input to fp32 and their output back
+        return nullcontext()
 
     def on_step_end(self, step: int) -> None:
         return None

@@ -20,7 +20,7 @@ from finetune.models.base import Components, ModelFamily, adaptable_text_encoder
 from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies import lora_presets, lora_variants
-from finetune.strategies.base import CommonDefaults
+from finetune.strategies.base import CommonDefaults, held_in
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,11 @@ class Strategy(CommonDefaults):
         finally:
             for module in self.modules.values():
                 peft_layers.enable(module, True)
+
+    def as_loaded(self, dtype: torch.dtype):
+        # peft builds a loaded adapter's layers in their base layer's dtype (finetune.load_adapter, and diffusers'
+        # load_lora_weights, inject through peft.functional, which casts no adapter up to fp32)
+        return held_in(self.modules.values(), dtype, keep=lora_variants.is_adapter_parameter)
 
     def on_step_end(self, step: int) -> None:
         pass

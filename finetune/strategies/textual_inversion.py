@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -20,7 +21,7 @@ import torch
 from finetune.export import textual_inversion as ti_files
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions, required
-from finetune.strategies.base import CommonDefaults, StrategySetupError, unchanged_base
+from finetune.strategies.base import CommonDefaults, StrategySetupError, held_in, unchanged_base
 
 # prompts for `prompts: object` / `style` (the concept shown as a thing, or as a way of drawing)
 OBJECT_TEMPLATES = ("a photo of a {}", "a picture of a {}", "a rendering of a {}", "a close-up photo of a {}",
@@ -145,6 +146,10 @@ class Strategy(CommonDefaults):
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             encoder.requires_grad_(False)
             embedding = encoder.get_input_embeddings()
+            if embedding.weight.dtype != torch.float32:
+                # the encoder's other layers get its vectors in their own dtype, as from a pipeline that loaded the
+                # embedding (without: fp32 meets a bf16 layer norm, which a CPU refuses, "mixed dtype (CPU)")
+                embedding.register_forward_hook(partial(_in_dtype, embedding.weight.dtype))
             embedding.float()  # the trained rows are fp32 whatever the base's dtype
             rows = torch.tensor(tokenizer.convert_tokens_to_ids(new_tokens), device=embedding.weight.device)
             with torch.no_grad():
@@ -182,6 +187,10 @@ class Strategy(CommonDefaults):
 
     frozen_base = staticmethod(unchanged_base)  # the base's own prompts never reach the new rows
 
+    def as_loaded(self, dtype: torch.dtype):
+        # diffusers' load_textual_inversion and finetune.load_adapter put the vectors in the encoder's dtype
+        return held_in([encoder.get_input_embeddings() for encoder in self.encoders.values()], dtype)
+
     def on_step_end(self, step: int) -> None:
         with torch.no_grad():
             for name, encoder in self.encoders.items():
@@ -215,3 +224,8 @@ class Strategy(CommonDefaults):
         meta = {**metadata, "finetune.num_vectors": str(self.options.num_vectors),
                 "finetune.placeholder_token": ",".join(self.placeholders)}
         return ti_files.save_all(Path(output_dir), self.learned(), meta, pt=self.options.a1111_pt)
+
+
+def _in_dtype(dtype: torch.dtype, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the embedding's output in `dtype` (the gradient flows back through the cast)."""
+    return output.to(dtype)

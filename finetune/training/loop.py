@@ -292,7 +292,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                                     step, data_figures, output_dir, family_header)
             if recipe.sample.every and step % recipe.sample.every == 0:
                 with on_device(offloaded, accelerator.device):
-                    saves.save_samples(accelerator, family, parts, recipe, output_dir, step)
+                    saves.save_samples(accelerator, family, parts, recipe, output_dir, step, strategy,
+                                       weight_dtype(recipe.model.dtype, t.mixed_precision))
                 live.sampled(step)
             if step < t.max_steps and stop.requested_anywhere(accelerator):
                 if not saved:

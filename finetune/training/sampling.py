@@ -1,8 +1,9 @@
 """Sample grids during training: one row per prompt, seeded so that grids from different steps compare."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from PIL import Image
@@ -35,6 +36,24 @@ def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: in
                           height=resolution, width=resolution, generator=generator)
         images.extend(result.images)
     return image_grid(images, columns=images_per_prompt)
+
+
+@contextmanager
+def plain_forward(modules: Iterable[torch.nn.Module]):
+    """Within the context, each module that accelerate prepared for mixed precision runs its own forward, without
+    the wrapper `prepare` put around it (autocast, and outputs cast to fp32: a pipeline would pass those fp32
+    outputs to a VAE in bf16, "Input type (float) and bias type (c10::BFloat16)"); the wrapper is back on leaving.
+    A user's pipeline has no such wrapper. accelerate keeps the plain forward in `_original_forward` (what its
+    `unwrap_model(keep_fp32_wrapper=False)` restores, for good)."""
+    wrapped = [(m, m.__dict__["forward"]) for m in modules
+               if "_original_forward" in m.__dict__ and "forward" in m.__dict__]
+    for module, _ in wrapped:
+        module.forward = module.__dict__["_original_forward"]
+    try:
+        yield
+    finally:
+        for module, forward in wrapped:
+            module.forward = forward
 
 
 def save_png(image: Image.Image, path: Path) -> Path:

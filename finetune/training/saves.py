@@ -18,7 +18,7 @@ from finetune.training import checkpoint, trackers
 from finetune.training.failures import check_finite_weights, divergence_advice, saving
 from finetune.training.resume import resume_command
 from finetune.training.sharded_state import optimizer_state_dict
-from finetune.training.sampling import sample_grid, save_png
+from finetune.training.sampling import plain_forward, sample_grid, save_png
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimizer, lr_scheduler,
@@ -58,7 +58,10 @@ def save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step:
 
 
 def save_samples(accelerator, family: ModelFamily, parts: Components, recipe: Recipe, output_dir: Path,
-                 step: int) -> None:
+                 step: int, strategy, dtype: torch.dtype) -> None:
+    """A sample grid drawn as a user's pipeline draws it after loading the artifact onto the base in `dtype` (the
+    frozen base's dtype): no autocast, the trained weights in the dtype that loading gives them
+    (`strategy.as_loaded`), every module in eval mode."""
     if accelerator.is_main_process:
         s = recipe.sample
         pipeline = family.pipeline(parts, unwrap=accelerator.unwrap_model)
@@ -66,10 +69,11 @@ def save_samples(accelerator, family: ModelFamily, parts: Components, recipe: Re
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()  # no dropout in samples
-        grid = sample_grid(pipeline, s.prompts, negative_prompt=s.negative_prompt, steps=s.steps,
-                           guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt,
-                           resolution=recipe.data.resolution,
-                           encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
+        with plain_forward(modules), strategy.as_loaded(dtype):
+            grid = sample_grid(pipeline, s.prompts, negative_prompt=s.negative_prompt, steps=s.steps,
+                               guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt,
+                               resolution=recipe.data.resolution,
+                               encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
         for m, mode in zip(modules, modes):
             m.train(mode)
         with saving("a sample grid", step, resume_command(recipe.source, recipe.overrides), output_dir):
