@@ -272,10 +272,10 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                 on_step(step)
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            live.record(step, mean_loss, lr_scheduler.get_last_lr()[0])
+            saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
+            live.record(step, mean_loss, lr_scheduler.get_last_lr()[0], checkpoint=bool(saved))
             if step % recipe.log.every == 0:
                 accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-            saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
             if saved:
                 save_checkpoint(step=step)
             snapshot_every = recipe.checkpoint.snapshot_every
