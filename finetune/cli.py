@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                              "own (SD 7.5, SDXL 5, SD3 7, Flux.1-dev 3.5)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--num", type=int, default=4, help="images per prompt")
-    sample.add_argument("--resolution", type=int, default=None, help="default: the model's own")
+    sample.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the "
+                        "resolution the adapter was trained at, from its header; else the model's own)")
     sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     sample.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=None,
                         help="encode long prompts in 75-token chunks as training did (default: what the adapter "
@@ -192,7 +193,7 @@ def _train(args) -> int:
 def _sample(args) -> int:
     import torch
 
-    from finetune.adapters import load_adapter, trained_max_token_length
+    from finetune.adapters import load_adapter, trained_max_token_length, trained_resolution
     from finetune.models import family_for
     from finetune.training.sampling import sample_grid, save_png
     from functools import partial
@@ -211,7 +212,11 @@ def _sample(args) -> int:
         raise KnownProblem(str(exc)) from None
     from finetune.models.base import default_guidance, default_resolution
 
-    resolution = args.resolution or default_resolution(pipe)
+    # an adapter draws best at the size it learned; --resolution wins, the model's own size where the file is silent
+    trained = trained_resolution(args.adapter) if args.adapter and not args.resolution else None
+    if trained:
+        print(f"drawing at {trained} px, the resolution the adapter was trained at (--resolution to change)")
+    resolution = args.resolution or trained or default_resolution(pipe)
     guidance = args.guidance if args.guidance is not None else default_guidance(pipe)
     grid = sample_grid(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                        guidance_scale=guidance, seed=args.seed, images_per_prompt=args.num,
