@@ -2,6 +2,7 @@
 and the resumed run ends with the same artifact as an uninterrupted one (issue 9)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +45,24 @@ def test_signal_checkpoints_at_the_step_boundary_and_resume_is_exact(signum, tin
     assert resumed.keys() == uninterrupted.keys()
     for key in uninterrupted:
         assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_a_stop_draws_no_grid_and_saves_no_snapshot_at_its_step(tiny_base, concept_dir, tmp_path):
+    # a sample grid can take longer than the step itself: asked to stop, the run writes its checkpoint and goes
+    out = tmp_path / "out"
+    recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, train=RUN,
+                                      checkpoint={"every": 0, "snapshot_every": 2},
+                                      sample={"every": 2, "prompts": ["a purple sks"], "steps": 2}))
+
+    def signal_at_step_2(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(recipe, on_step=signal_at_step_2)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (out / "samples").exists() and not (out / "snapshots").exists()
+    assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_ctrl_c_on_the_command_line(tiny_base, concept_dir, tmp_path):

@@ -278,15 +278,17 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                 accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             if saved:
                 save_checkpoint(step=step)
+            # asked to stop: no snapshot and no sample grid at this step (a grid can take longer than the step)
+            stopping = stop.requested_anywhere(accelerator)
             snapshot_every = recipe.checkpoint.snapshot_every
-            if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
+            if snapshot_every and step % snapshot_every == 0 and step < t.max_steps and not stopping:
                 saves.save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}",
                                     step, data_figures, output_dir)
-            if recipe.sample.every and step % recipe.sample.every == 0:
+            if recipe.sample.every and step % recipe.sample.every == 0 and not stopping:
                 with on_device(offloaded, accelerator.device):
                     saves.save_samples(accelerator, family, parts, recipe, output_dir, step)
                 live.sampled(step)
-            if step < t.max_steps and stop.requested_anywhere(accelerator):
+            if step < t.max_steps and stopping:
                 if not saved:
                     save_checkpoint(step=step)
                 raise interrupt.Interrupted(
