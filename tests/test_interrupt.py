@@ -19,6 +19,8 @@ from finetune.training.interrupt import Interrupted
 from finetune.training.loop import train
 from tests.conftest import recipe_dict
 
+# the progress line of every step (without a terminal a bar writes one every 30 s): the tests watch it
+PER_STEP = {"FINETUNE_PROGRESS_SECONDS": "0"}
 RUN = {"max_steps": 5, "learning_rate": 1e-3, "batch_size": 2, "lr_scheduler": "linear"}
 
 
@@ -70,14 +72,14 @@ def test_ctrl_c_on_the_command_line(tiny_base, concept_dir, tmp_path):
                          checkpoint={"every": 0})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **PER_STEP}
     process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path)], stderr=subprocess.PIPE,
                                text=True, env=env)
     lines: list[str] = []
     started = threading.Event()
 
     def read() -> None:
-        for chunk in iter(lambda: process.stderr.read(64), ""):  # tqdm redraws with \r, not newlines
+        for chunk in iter(lambda: process.stderr.read(64), ""):
             lines.append(chunk)
             if " 1/100000" in "".join(lines):  # tqdm shows the first finished step
                 started.set()
@@ -95,7 +97,7 @@ def test_ctrl_c_on_the_command_line(tiny_base, concept_dir, tmp_path):
 
 
 def _start(path, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **PER_STEP}
     return subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path), *extra], stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True, env=env)
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from finetune.console import ensure_configured, quiet
+from finetune.console import ensure_configured, progress_bar
 from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
 from finetune.data.prepare import prepare_data, trained_examples
 from finetune.data.sources import data_name, tag_frequency
@@ -238,8 +237,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
         class_prompts=tuple(recipe.prior.class_prompt))
     live = LiveReport(accelerator, recipe, output_dir, step, summary, caption_notes)  # history.jsonl, report.html
-    progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
-                    disable=not accelerator.is_local_main_process or quiet())
+    progress = progress_bar(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                            disable=not accelerator.is_local_main_process)
     batches = iter(loader)
     with interrupt.stop_on_signals() as stop, progress, live:  # the bar closes before any message that stops the run
         while step < t.max_steps:
@@ -270,8 +269,9 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             check_finite_loss(mean_loss, step, t.learning_rate, output_dir)
             if on_step is not None:
                 on_step(step)
+            # drawn by update, which keeps to the bar's pace (without a terminal, a line every 30 s)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", refresh=False)
             progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
             saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
             live.record(step, mean_loss, lr_scheduler.get_last_lr()[0], checkpoint=bool(saved))
             if step % recipe.log.every == 0:
