@@ -100,7 +100,9 @@ def test_same_image_from_the_same_seed(trained_folder, reloaded):
     expected = original(generator=torch.Generator().manual_seed(0), **IMAGE).images
     image = reloaded(generator=torch.Generator().manual_seed(0), **IMAGE).images
     assert expected.std() > 0
-    assert np.array_equal(image, expected)
+    # the weights are bit-equal (test above); the two pipelines' kernels may still sum in another order on some
+    # CPUs (seen: 1e-7 apart), far below one level of an 8-bit pixel (3.9e-3)
+    assert np.abs(image - expected).max() < 1e-5
 
 
 def test_detected_as_sdxl(checkpoint):
