@@ -228,7 +228,7 @@ def _check_train(recipe: Recipe) -> list[str]:
         problems.append(f"train.noise_offset: must be 0 or more (0.05-0.1 is usual), got {t.noise_offset}")
     if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), "
-                        "or use optimizer: adamw")
+                        "or set train.optimizer: adamw")
     return problems
 
 
