@@ -67,16 +67,17 @@ def settings_in(text: str) -> list[tuple[str, str, bool]]:
 
 
 def commands_in(text: str, printed_alone: bool = True) -> list[str]:
-    """Each command as printed: inside backticks, up to the closing one; otherwise (with `printed_alone`) a
-    `finetune` command that starts a line or follows ": " and runs to the line's end (as the resume and overwrite
-    commands are printed), and the other commands up to the sentence's next bracket, comma or semicolon. A
-    `finetune` word in prose ("finetune writes no ...", a page title) is no command."""
+    """Each command as printed: inside backticks, up to the closing one; otherwise a `finetune` command that
+    starts a line or follows ": " and runs to the line's end (as the resume and overwrite commands are printed;
+    only with `printed_alone`, as a message prints it: a source string is a fragment), and the other commands up
+    to the sentence's next bracket, comma or semicolon. A `finetune` word in prose ("finetune writes no ...", a
+    page title) is no command."""
     commands = []
     finetune = re.compile(r"(?<![\w/.-])finetune ([a-z][\w-]*)(?=[\s`]|$)")
     for pattern in (finetune, OTHER_COMMANDS):
         for match in pattern.finditer(text):
             quoted = text[:match.start()].count("`") % 2 == 1
-            if not quoted and (not printed_alone or pattern is finetune and match[1] not in _subcommands()):
+            if not quoted and pattern is finetune and (not printed_alone or match[1] not in _subcommands()):
                 continue  # in backticks any `finetune WORD` is a command; in prose only a real command's name
             alone = re.search(r"(?:^|\n)\s*$|: $", text[:match.start()]) is not None
             if not quoted and pattern is finetune and not alone:

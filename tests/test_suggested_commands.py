@@ -14,7 +14,7 @@ import pytest
 
 from finetune.cli import main
 from tests import suggestions
-from tests.bad_inputs import Workspace
+from tests.bad_inputs import CATALOGUE, Workspace
 from tests.conftest import reset_accelerate
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
@@ -120,6 +120,7 @@ def test_ctrl_c_stop_message_resumes_as_printed(tiny_base, tmp_path, monkeypatch
     code, err = _run(_as_printed(command), capsys)
     assert code == 0 and "step-000001 at step 1; step 2 trains" in caplog.text, err
     assert (ws.out / ARTIFACT).is_file()
+    assert "wrote:" in caplog.text and suggestions.problems(caplog.text) == []  # the run's log and its file list
 
 
 def test_output_dir_in_use_offers_three_commands_that_work_as_printed(tiny_base, tmp_path, monkeypatch, capsys,
@@ -178,3 +179,23 @@ def test_full_disk_message_resumes_as_printed(tiny_base, tmp_path, monkeypatch, 
     monkeypatch.undo()  # space freed
     code, err = _run(_as_printed(command), capsys)
     assert code == 0 and "step-000001 at step 1; step 2 trains" in caplog.text and (ws.out / ARTIFACT).is_file()
+
+
+FIXED_BY_A_SETTING = {case.name: case for case in CATALOGUE if case.name in (
+    "truncated-image", "not-an-image", "small-image", "fp16-on-cpu", "placeholder-past-the-window",
+    "cache-dir-not-writable")}
+
+
+@pytest.mark.parametrize("name", FIXED_BY_A_SETTING)
+def test_a_suggested_setting_does_what_the_message_says(name, tiny_base, tmp_path, monkeypatch, capsys):
+    """The settings a refusal suggests, each added to the refused command as `key=value`, let the run through."""
+    ws = Workspace(tmp_path, tiny_base, monkeypatch)
+    argv = FIXED_BY_A_SETTING[name].make(ws)
+    code, err = _run(argv, capsys)
+    assert code == 2
+    message = err[err.rindex("error: "):]
+    settings = [(key, value) for key, value, suggested in suggestions.settings_in(message) if suggested]
+    assert settings and suggestions.problems(message) == [], message
+    for index, (key, value) in enumerate(settings):
+        code, err = _run([*argv, f"{key}={value}", *(["--overwrite"] if index else [])], capsys)
+        assert code == 0, f"{key}={value}: {err[-2000:]}"
