@@ -160,6 +160,32 @@ def test_nothing_to_resume_offers_commands_that_work_as_printed(tiny_base, tmp_p
     assert code == 0 and (ws.out / ARTIFACT).is_file(), err
 
 
+def test_a_refused_resume_offers_new_runs_that_work_as_printed(tiny_base, tmp_path, monkeypatch, capsys):
+    """--resume latest with settings that cannot change mid-run (catalogue row resume-another-recipe)."""
+    ws = Workspace(tmp_path, tiny_base, monkeypatch)
+    code, err = _run(next(c for c in CATALOGUE if c.name == "resume-another-recipe").make(ws), capsys)
+    assert code == 2 and "different recipe" in err
+    anew, replace = _suggested(err)
+    assert "--resume" not in anew + replace
+    code, err = _run(_as_printed(anew, tmp_path / "new"), capsys)
+    assert code == 0 and (tmp_path / "new" / ARTIFACT).is_file(), err
+    code, err = _run(_as_printed(replace), capsys)
+    assert code == 0, err
+
+
+def test_a_damaged_only_checkpoint_offers_a_new_run_that_works_as_printed(tiny_base, tmp_path, monkeypatch,
+                                                                           capsys):
+    ws = Workspace(tmp_path, tiny_base, monkeypatch)
+    argv = ws.train("train.max_steps=2", checkpoint={"every": 1})
+    ws.run(argv)
+    (ws.out / "checkpoints" / "step-000001" / "state.json").unlink()
+    code, err = _run([*argv, "--resume", "latest"], capsys)
+    assert code == 2 and "No good checkpoint is left" in err
+    [replace] = _suggested(err)
+    code, err = _run(_as_printed(replace), capsys)
+    assert code == 0 and (ws.out / "checkpoints" / "step-000001" / "state.json").is_file(), err
+
+
 def test_validate_notes_the_same_working_commands(tiny_base, tmp_path, monkeypatch, capsys):
     ws = Workspace(tmp_path, tiny_base, monkeypatch)
     ws.run(ws.train("train.max_steps=1"))

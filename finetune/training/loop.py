@@ -134,7 +134,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         say(f"--resume latest: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet; starting at step 0")
     if resume_from is not None:
         saved = load_for_resume(resume_from, recipe.source, recipe.overrides)
-        for note in check_resumable(saved[0], recipe_to_dict(recipe), resume_from):
+        for note in check_resumable(saved[0], recipe_to_dict(recipe), resume_from, recipe.source,
+                                    recipe.overrides):
             say(f"resume: {note}")
     if earlier_run:
         accelerator.wait_for_everyone()  # every process has looked before the main one removes

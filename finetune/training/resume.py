@@ -158,15 +158,19 @@ def recipe_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return notes, refusals
 
 
-def check_resumable(saved_state: dict, current: dict, path: Path) -> list[str]:
+def check_resumable(saved_state: dict, current: dict, path: Path, source: str = "<recipe>",
+                    overrides: Iterable[str] = ()) -> list[str]:
     """Compare the checkpoint at `path` (its state.json, `saved_state`) with the resuming recipe (`current`, as
-    recipe_to_dict gives it); return the notes to print, or raise CheckpointError naming every setting that
-    cannot change mid-run. A checkpoint from before whole recipes were kept is compared on model and strategy."""
+    recipe_to_dict gives it; `source` and `overrides`, its command); return the notes to print, or raise
+    CheckpointError naming every setting that cannot change mid-run, with the commands of a new run. A
+    checkpoint from before whole recipes were kept is compared on model and strategy."""
     saved = saved_state.get("recipe") or {k: saved_state[k] for k in ("model", "strategy") if k in saved_state}
     notes, refusals = recipe_changes(saved, {k: current[k] for k in saved if k in current})
     if refusals:
         raise CheckpointError(
             f"checkpoint {path} was made by a different recipe, with settings that cannot change mid-run:\n  - "
             + "\n  - ".join(refusals) + f"\nSet them back (the checkpoint's whole recipe is in {path}/state.json), "
-            "or start a new output_dir (or --overwrite) for a new run")
+            "or start a new output_dir (PATH) or train over this one (--overwrite) for a new run:\n  "
+            + train_command(source, overrides, "output_dir=PATH") + "\n  "
+            + train_command(source, overrides, "--overwrite"))
     return notes
