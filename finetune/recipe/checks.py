@@ -180,7 +180,7 @@ def _check_buckets(d) -> list[str]:
             problems.append(
                 f"data.bucket_min_side: {min_side} leaves no bucket: a side of at least {min_side} needs an area "
                 f"of {min_side * min_side}, more than data.resolution {d.resolution} squared allows; lower "
-                f"bucket_min_side to {d.resolution // step * step} or less (or leave it unset to follow the "
+                f"data.bucket_min_side to {d.resolution // step * step} or less (or leave it unset to follow the "
                 "resolution), or raise data.resolution")
     if not 0.0 <= d.bucket_max_crop < 1.0:
         problems.append(f"data.bucket_max_crop: a share of the image in [0, 1), got {d.bucket_max_crop}")
