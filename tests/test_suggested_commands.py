@@ -52,6 +52,12 @@ def test_no_string_in_the_source_names_a_setting_or_command_that_does_not_work(p
     assert found == []
 
 
+@pytest.mark.parametrize("case", CATALOGUE, ids=lambda case: case.name)
+def test_readme_troubleshooting_answers_suggest_what_works(case):
+    """README's table (its answer column; the problem column shows the user's mistakes) is the catalogue's."""
+    assert suggestions.problems(case.answer, in_source=True) == []
+
+
 @pytest.mark.parametrize("message", [
     "set data.on_bad_imag: skip to train without them",  # a misspelled key
     "or set data.on_bad_image: skipp",  # a value that is not one of the choices
@@ -171,6 +177,17 @@ def test_a_refused_resume_offers_new_runs_that_work_as_printed(tiny_base, tmp_pa
     assert code == 0 and (tmp_path / "new" / ARTIFACT).is_file(), err
     code, err = _run(_as_printed(replace), capsys)
     assert code == 0, err
+
+
+def test_a_damaged_checkpoint_offers_the_good_one_as_printed(tiny_base, tmp_path, monkeypatch, capsys, caplog):
+    """Catalogue row checkpoint-without-state: the printed command resumes from the newest good checkpoint."""
+    ws = Workspace(tmp_path, tiny_base, monkeypatch)
+    code, err = _run(next(c for c in CATALOGUE if c.name == "checkpoint-without-state").make(ws), capsys)
+    assert code == 2 and "is damaged" in err
+    [resume] = _suggested(err)
+    assert resume.endswith("step-000001")
+    code, err = _run(_as_printed(resume), capsys)
+    assert code == 0 and "step-000001 at step 1; step 2 trains" in caplog.text, err
 
 
 def test_a_damaged_only_checkpoint_offers_a_new_run_that_works_as_printed(tiny_base, tmp_path, monkeypatch,
