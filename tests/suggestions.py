@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [f.name for f in dataclasses.fields(Recipe) if not f.metadata.get("internal")]
 FILE_SUFFIXES = {"safetensors", "json", "jsonl", "txt", "png", "jpg", "yaml", "yml", "py", "pt", "ckpt", "bin",
                  "html", "md"}
-# `section.key: value`, `section.key=value` or `output_dir=value`; not inside a path or a longer dotted name
-SETTING = re.compile(r"(?<![\w./$-])((?:%s)(?:\.\w+)+|output_dir)(=|: |:$)([^\s,;()`'\"]*)"
+# `section.key: value`, `section.key=value` or `output_dir=value`; not inside a path or a longer dotted name, nor
+# quoted (a message quotes what the user wrote: "override 'train.max_step=10': ...")
+SETTING = re.compile(r"(?<![\w./$'\"-])((?:%s)(?:\.\w+)+|output_dir)(=|: |:$)([^\s,;()`'\"]*)"
                      % "|".join(SECTIONS), re.M)
 # where a problem is located rather than a setting suggested: the start of a message, line or listed problem
 LOCATION = re.compile(r"(?:^|error: |note: |- |\n\s*)$")

@@ -78,6 +78,7 @@ def test_the_checker_refuses_a_suggestion_that_would_not_work(message):
 @pytest.mark.parametrize("message", [
     "error: recipe.yaml: 1 problem in the recipe:\n  - data.repeats: must be at least 1, got 0",
     "strategy.rnak: unknown key; did you mean 'strategy.rank'? (valid keys: ...)",  # the user's key, not ours
+    "override 'train.max_step=10': value is not valid YAML",
     "set data.on_bad_image: skip to train without them; or model.family: sdxl or auto",
     "a new output_dir:\n  finetune train 'my recipe.yaml' train.learning_rate=1e-05 output_dir=PATH",
     "Download it (`hf download a/b --local-dir DIR`)",
