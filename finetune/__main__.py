@@ -1,4 +1,4 @@
-from finetune.cli import main
+from finetune.cli import command_line, main  # noqa: F401 (main: what this module offered before)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    command_line()

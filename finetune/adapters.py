@@ -40,9 +40,9 @@ def check_adapter_file(path: str | os.PathLike) -> None:
         _adapter_format(path)
 
 
-def trained_max_token_length(path: str | os.PathLike) -> int | None:
-    """The data.max_token_length an artifact was trained with, from the recipe in its header (None: the plain
-    window, or a file that does not say)."""
+def trained_recipe(path: str | os.PathLike) -> dict:
+    """The recipe an artifact was trained with, from its header's finetune.recipe (a DreamBooth pipeline
+    folder's finetune.json); {} for a file that does not say (another tool's, an A1111 .pt)."""
     import json
 
     folder = Path(path)
@@ -52,10 +52,24 @@ def trained_max_token_length(path: str | os.PathLike) -> int | None:
         elif str(path).endswith(".safetensors"):
             metadata = read_metadata(path)
         else:
-            return None
-        return json.loads(metadata["finetune.recipe"])["data"].get("max_token_length")
+            return {}
+        recipe = json.loads(metadata["finetune.recipe"])
     except (OSError, KeyError, TypeError, ValueError):
-        return None
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def trained_max_token_length(path: str | os.PathLike) -> int | None:
+    """The data.max_token_length an artifact was trained with (None: the plain window, or a file that does not
+    say)."""
+    return (trained_recipe(path).get("data") or {}).get("max_token_length")
+
+
+def trained_resolution(path: str | os.PathLike) -> int | None:
+    """The data.resolution (pixels, the side of a square) an artifact was trained at; None where it does not
+    say."""
+    value = (trained_recipe(path).get("data") or {}).get("resolution")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:

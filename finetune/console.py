@@ -3,7 +3,8 @@ kept out of the way, and `--quiet` / `--verbose`.
 
 Style: information as plain lines on stdout; `warning: ...` and `error: ...` on stderr. `--quiet` keeps only
 warnings and errors (no progress bars); `--verbose` shows everything, the libraries' INFO lines and the
-warnings filtered below included.
+warnings filtered below included. Without a terminal (a log file, a pipe, a CI job) progress is plain lines on
+stderr, at most one a bar every LINE_SECONDS, and the libraries' own bars are off.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import sys
 from dataclasses import dataclass
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
+# without a terminal: a bar's line at most this often (and one as it starts and ends); the environment variable
+# FINETUNE_PROGRESS_SECONDS changes it (0: a line at every update)
+LINE_SECONDS = 30.0
 _LEVEL_NAMES = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
 
 
@@ -85,12 +89,12 @@ def configure(verbosity: int = NORMAL) -> None:
     level = logging.ERROR if verbosity <= QUIET else logging.INFO if verbosity >= VERBOSE else logging.WARNING
     for library in ("transformers", "diffusers", "accelerate"):
         logging.getLogger(library).setLevel(level)
-    _progress_bars(enabled=verbosity > QUIET)
+    _progress_bars(enabled=verbosity > QUIET and _terminal())
 
 
 def _progress_bars(enabled: bool) -> None:
-    """transformers' and diffusers' bars (loading, saving, sampling) have switches of their own; finetune's own
-    bars ask quiet()."""
+    """transformers' and diffusers' bars (loading, saving, sampling) have switches of their own, off with --quiet
+    and without a terminal (where each redraw would be a line of the log); finetune's own are progress_bar()."""
     import importlib
 
     for library in ("transformers", "diffusers"):
@@ -110,3 +114,41 @@ def ensure_configured() -> None:
 def quiet() -> bool:
     """Whether --quiet was given: progress bars stay off."""
     return os.environ.get("FINETUNE_VERBOSITY") == str(QUIET)
+
+
+def progress_bar(**options):
+    """A tqdm bar for finetune's own progress (training steps, cached latents, class images); `options` are
+    tqdm's. Off with --quiet. On a terminal it redraws in place; without one it writes plain lines instead (one as
+    it starts, at most one every LINE_SECONDS, one as it ends), where tqdm would add a carriage-return redraw to
+    the log at every update: megabytes over a long run."""
+    from tqdm.auto import tqdm
+    from tqdm.notebook import tqdm as widget
+
+    options["disable"] = options.get("disable", False) or quiet()
+    if not _terminal() and not issubclass(tqdm, widget):  # a notebook's widget (tqdm.auto there) is left as it is
+        seconds = float(os.environ.get("FINETUNE_PROGRESS_SECONDS", LINE_SECONDS))
+        # miniters=1: every update may print, mininterval holds it to one a `seconds` (tqdm's monitor thread,
+        # which redraws stalled bars every maxinterval, only acts on bars with miniters above 1)
+        options.update(file=_Lines(), mininterval=seconds, miniters=1, dynamic_ncols=False)
+    return tqdm(**options)
+
+
+def _terminal() -> bool:
+    """Whether stderr (where the bars go) is a terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
+
+
+class _Lines:
+    """The file a bar writes to without a terminal: each redraw ("\r" and the bar) becomes one line on stderr,
+    looked up when written (tests replace it); tqdm's clearing writes (blanks) are dropped."""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            sys.stderr.write(line + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()

@@ -87,6 +87,26 @@ def test_the_toolkits_messages_have_one_style_and_quiet_keeps_only_warnings(tiny
     assert both.returncode == 2 and "--quiet and --verbose" in both.stderr
 
 
+def test_without_a_terminal_progress_is_a_few_plain_lines(tiny_base, concept_dir, tmp_path):
+    # `finetune train recipe.yaml > train.log 2>&1`: tqdm would add a carriage-return redraw at every step (and
+    # the libraries' loading bars theirs); without a terminal a bar writes a line as it starts and as it ends,
+    # and one every 30 s between (the run here takes less)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(
+        tiny_base, concept_dir, tmp_path / "out", train={"max_steps": 20},
+        sample={"every": 10, "prompts": ["a purple sks"], "steps": 2, "images_per_prompt": 1})))
+    env = {key: value for key, value in os.environ.items() if key != "FINETUNE_PROGRESS_SECONDS"}
+    with (tmp_path / "train.log").open("w") as log:
+        assert subprocess.run([sys.executable, "-m", "finetune", "train", str(recipe)], stdout=log, stderr=log,
+                              timeout=600, env={**env, "OMP_NUM_THREADS": "1"}).returncode == 0
+    text = (tmp_path / "train.log").read_text()
+    assert "\r" not in text
+    bars = [line for line in text.splitlines() if "%|" in line]
+    training = [line for line in bars if line.startswith("training:")]
+    assert len(training) in (2, 3) and " 0/20" in training[0] and " 20/20" in training[-1], text
+    assert len(bars) <= len(training) + 3, text  # the latent cache's start and end; no library bars
+
+
 def test_the_tiny_model_script_answers_help_instead_of_writing_a_folder_named_so(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finetune.models.tiny", "--help"], capture_output=True, text=True,
                             cwd=tmp_path, timeout=120)

@@ -226,3 +226,36 @@ def test_targets_are_judged_on_the_worst_seed(tmp_path):
     page = build_demo_page(tmp_path, report)
     assert "<td>0.927 / 0.780</td>" in page and "<td>2.800 / 5.600</td>" in page
     assert "concept_fidelity MISSED, prompt_fidelity ok, prior_drop MISSED" in page
+
+
+def test_the_demo_page_finds_its_grids_with_a_relative_out(tmp_path, monkeypatch):
+    import base64
+    import re
+
+    from finetune.cli import main
+    from finetune.shapes import demo
+
+    # the default --out is the relative demo_output; the figures are faked (the page is what is tested here)
+    monkeypatch.setattr(demo, "score", lambda pipe, evaluator, concept, bare_accuracy, label="": {
+        "concept_fidelity": 0.5, "prompt_fidelity": 0.5, "prior_drop": 0.0, "base_accuracy_after": bare_accuracy})
+    monkeypatch.setattr(demo.metrics, "base_vocabulary_accuracy", lambda pipe, evaluator: 0.97)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "demo_output", "--quick", "--max-steps", "1", "--base", "unet"]) == 0
+    out = tmp_path / "demo_output"
+    grids = [out / "lora-new_object-before.png", out / "lora-new_object-after.png"]
+
+    def check(page: str) -> None:
+        assert "is missing" not in page
+        inlined = [base64.b64decode(d) for d in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+        assert inlined == [g.read_bytes() for g in grids]
+        assert 'href="runs/lora-new_object/report.html"' in page  # the run's own page, linked
+
+    check((out / "demo_report.html").read_text())
+    # `finetune report` rebuilds it from elsewhere, and after the folder moved
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    out.rename(moved)
+    monkeypatch.chdir(moved.parent)
+    assert main(["report", str(moved)]) == 0
+    grids = [moved / g.name for g in grids]
+    check((moved / "demo_report.html").read_text())

@@ -2,6 +2,7 @@
 and the resumed run ends with the same artifact as an uninterrupted one (issue 9)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from finetune.training.interrupt import Interrupted
 from finetune.training.loop import train
 from tests.conftest import recipe_dict
 
+# the progress line of every step (without a terminal a bar writes one every 30 s): the tests watch it
+PER_STEP = {"FINETUNE_PROGRESS_SECONDS": "0"}
 RUN = {"max_steps": 5, "learning_rate": 1e-3, "batch_size": 2, "lr_scheduler": "linear"}
 
 
@@ -46,19 +49,37 @@ def test_signal_checkpoints_at_the_step_boundary_and_resume_is_exact(signum, tin
         assert torch.equal(resumed[key], uninterrupted[key]), key
 
 
+def test_a_stop_draws_no_grid_and_saves_no_snapshot_at_its_step(tiny_base, concept_dir, tmp_path):
+    # a sample grid can take longer than the step itself: asked to stop, the run writes its checkpoint and goes
+    out = tmp_path / "out"
+    recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, train=RUN,
+                                      checkpoint={"every": 0, "snapshot_every": 2},
+                                      sample={"every": 2, "prompts": ["a purple sks"], "steps": 2}))
+
+    def signal_at_step_2(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(recipe, on_step=signal_at_step_2)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (out / "samples").exists() and not (out / "snapshots").exists()
+    assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_ctrl_c_on_the_command_line(tiny_base, concept_dir, tmp_path):
     recipe = recipe_dict(tiny_base, concept_dir, tmp_path / "out", train={"max_steps": 100000},
                          checkpoint={"every": 0})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **PER_STEP}
     process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path)], stderr=subprocess.PIPE,
                                text=True, env=env)
     lines: list[str] = []
     started = threading.Event()
 
     def read() -> None:
-        for chunk in iter(lambda: process.stderr.read(64), ""):  # tqdm redraws with \r, not newlines
+        for chunk in iter(lambda: process.stderr.read(64), ""):
             lines.append(chunk)
             if " 1/100000" in "".join(lines):  # tqdm shows the first finished step
                 started.set()
@@ -76,7 +97,7 @@ def test_ctrl_c_on_the_command_line(tiny_base, concept_dir, tmp_path):
 
 
 def _start(path, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **PER_STEP}
     return subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path), *extra], stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True, env=env)
 

@@ -148,6 +148,31 @@ def test_bf16_mixed_precision_keeps_lora_weights_fp32(tiny_base, concept_dir, tm
     assert dtypes == {torch.float32}
 
 
+def test_sample_command_draws_at_the_resolution_the_adapter_was_trained_at(tiny_base, concept_dir, tmp_path, capsys):
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from finetune.cli import main
+
+    # the tiny base's own size is 32 px; this LoRA learned at 48
+    artifact = loop.train(parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out",
+                                                   data={"resolution": 48}, train={"max_steps": 1})))
+    silent = tmp_path / "silent.safetensors"  # the same weights without the header's recipe (another tool's file)
+    save_file(load_file(str(artifact)), str(silent))
+
+    def side(adapter, *extra: str) -> int:
+        out = tmp_path / f"{len(list(tmp_path.glob('*.png')))}.png"
+        assert main(["sample", "--base", str(tiny_base), "--adapter", str(adapter), "--prompt", "a purple sks",
+                     "--steps", "1", "--num", "1", "--out", str(out), *extra]) == 0
+        width, height = Image.open(out).size
+        assert width == height
+        return width
+
+    assert side(artifact) == 48 and "drawing at 48 px, the resolution the adapter was trained at" in capsys.readouterr().out
+    assert side(artifact, "--resolution", "40") == 40  # an explicit size wins
+    assert side(silent) == 32  # a file that does not say: the model's own
+
+
 def test_sample_command_writes_a_grid(trained, tiny_base, tmp_path):
     from PIL import Image
 

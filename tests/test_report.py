@@ -74,6 +74,31 @@ def test_history_survives_a_crash_and_a_resume_without_duplicate_or_missing_step
     assert json.loads((out / "run.json").read_text())["state"] == "finished"
 
 
+def test_the_page_moves_without_sample_grids(tiny_base, concept_dir, tmp_path, monkeypatch):
+    from finetune.report import live
+
+    # no sample grids (as the Flux recipes ship): the page is rewritten at each checkpoint ...
+    out = tmp_path / "checkpointed"
+    seen = {}
+
+    def look(step: int) -> None:  # called as step `step` ends, before its own history line
+        seen[step] = _page(out)
+
+    train(parse_recipe(recipe_dict(tiny_base, concept_dir, out, checkpoint={"every": 2})), on_step=look)
+    assert "Running: step 2 of 4" in seen[3] and "Running: step 2 of 4" in seen[4]
+    # ... and every REWRITE_SECONDS between them (0 here: after every step), run.json with it
+    monkeypatch.setattr(live, "REWRITE_SECONDS", 0.0)
+    out = tmp_path / "timed"
+    seen.clear()
+
+    def look_at_both(step: int) -> None:
+        seen[step] = (_page(out), json.loads((out / "run.json").read_text())["updated"])
+
+    train(parse_recipe(recipe_dict(tiny_base, concept_dir, out)), on_step=look_at_both)
+    assert [f"Running: step {step - 1} of 4" in seen[step][0] for step in (2, 3, 4)] == [True] * 3
+    assert seen[2][1] < seen[3][1] < seen[4][1]
+
+
 @pytest.fixture(scope="module")
 def sampled_run(tiny_base, concept_dir, tmp_path_factory):
     """A 4-step LoRA run with sample grids at steps 2 and 4 and a checkpoint at 2; the page as it was while the

@@ -5,6 +5,7 @@ test_strategy_contract.py."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -164,6 +165,31 @@ def test_the_vae_stays_fp32_unless_it_says_half_precision_is_safe(sdxl_base, tmp
         mean, _ = family.encode_image_moments(family.load(str(sdxl_base), dtype=torch.bfloat16),
                                               torch.zeros(1, 3, 32, 32))
     assert mean.dtype == torch.float32
+
+
+def test_a_bf16_sdxl_run_reads_the_vae_in_fp32_and_prints_no_float32_warning(sdxl_base, tmp_path, caplog,
+                                                                            monkeypatch):
+    """diffusers warned "There are modules in AutoencoderKL that should be kept in float32: []" on every SDXL run:
+    the VAE was read in bf16, then cast to fp32 with diffusers' .to(). Now it is read in fp32 from its file."""
+    from diffusers import AutoencoderKL
+
+    from finetune.cli import main
+
+    # diffusers' logger does not propagate: caplog listens on it directly
+    monkeypatch.setattr(logging.getLogger("diffusers"), "handlers", [caplog.handler])
+    recipe = recipe_dict(sdxl_base, draw_concept(tmp_path / "images"), tmp_path / "out",
+                         train={"max_steps": 1, "mixed_precision": "bf16"},
+                         sample={"every": 1, "prompts": ["a purple sks"], "steps": 1})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
+    assert main(["sample", "--base", str(sdxl_base), "--prompt", "x", "--steps", "1", "--num", "1",
+                 "--out", str(tmp_path / "x.png")]) == 0
+    assert "kept in float32" not in caplog.text
+    # the weights are the file's, not rounded to bf16 on the way
+    parts = family_for("sdxl").load(str(sdxl_base), dtype=torch.bfloat16)
+    stored = AutoencoderKL.from_pretrained(str(sdxl_base / "vae")).state_dict()
+    assert all(torch.equal(stored[k], v) for k, v in parts.vae.state_dict().items())
+    assert "kept in float32" not in caplog.text
 
 
 def test_an_sdxl_base_is_told_from_its_folder_its_file_or_its_hub_id(sdxl_base, tmp_path, monkeypatch):

@@ -27,9 +27,8 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from finetune.console import quiet
+from finetune.console import progress_bar
 from finetune.data.images import transform
 from finetune.data.sources import Example
 from finetune.export.safetensors_io import load_tensors
@@ -133,8 +132,8 @@ def fill(store: LatentStore, examples: list[Example], sizes: list[tuple[int, int
     keys: dict[tuple[int, bool], str] = {}
     encoded = 0
     variants = (False, True) if flips else (False,)
-    for index in tqdm(range(len(examples)), desc=f"caching latents ({what})", unit="image",
-                      disable=not show_progress or quiet()):
+    for index in progress_bar(iterable=range(len(examples)), desc=f"caching latents ({what})", unit="image",
+                              disable=not show_progress):
         image = examples[index].load()
         for flip in variants:
             pixels = transform(image, sizes[index], "center", flip)

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from finetune.console import quiet
+from finetune.console import progress_bar
 from finetune.data.images import open_image
 from finetune.data.sources import Example
 from finetune.paths import cache_home
@@ -103,8 +102,8 @@ def ensure_class_images(spec: ClassImageSpec, count: int, folder: Path, make_pip
         _write_spec(folder, spec)
         pipeline = make_pipeline()
         pipeline.set_progress_bar_config(disable=True)
-        with tqdm(total=len(missing), desc="class images", unit="img", disable=not show_progress or quiet(),
-                  dynamic_ncols=True) as progress:
+        with progress_bar(total=len(missing), desc="class images", unit="img", disable=not show_progress,
+                          dynamic_ncols=True) as progress:
             for start in range(0, len(missing), batch_size):
                 chunk = missing[start:start + batch_size]
                 images = _draw(pipeline, spec, chunk)

@@ -12,11 +12,13 @@ from finetune.models.pipeline_folder import parts_stored_as_none
 
 
 def load_frozen(pipeline_class: Any, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
-                config: str | None, vae: str | None, extra_kwargs: dict[str, Any], ddpm: bool = True) -> Components:
+                config: str | None, vae: str | None, extra_kwargs: dict[str, Any], ddpm: bool = True,
+                part_dtypes: dict[str, torch.dtype] | None = None) -> Components:
     """`pipeline_class` (a diffusers pipeline) from `base`, every part frozen and in eval mode; `vae` replaces
     its VAE; `extra_kwargs` go to the loader (a part given as None is not loaded); `ddpm`: keep a DDPM training
-    scheduler with the base's noise schedule (the flow-matching objective needs none). Raises ModelLoadError
-    naming the base (or model.vae) and the fix."""
+    scheduler with the base's noise schedule (the flow-matching objective needs none); `part_dtypes`: parts read
+    in another dtype than `dtype` (SDXL's VAE in fp32). Raises ModelLoadError naming the base (or model.vae)
+    and the fix."""
     from diffusers import DDPMScheduler
 
     path = os.path.expanduser(base)
@@ -24,9 +26,13 @@ def load_frozen(pipeline_class: Any, base: str, *, revision: str | None, variant
         if os.path.isfile(path):
             refuse_unsafe_pickle(path)
             pipe = pipeline_class.from_single_file(path, config=config, dtype=dtype, **extra_kwargs)
+            for name, part_dtype in (part_dtypes or {}).items():  # the single-file loader takes one dtype
+                cast(getattr(pipe, name), part_dtype)
         else:
             # a folder saved without a part (SD3 without T5) loads without it, as it was saved
-            pipe = pipeline_class.from_pretrained(path, revision=revision, variant=variant, dtype=dtype,
+            # each part read from its file in its own dtype ({"default": ..., "vae": ...}, diffusers' per-part form)
+            dtypes = {"default": dtype, **part_dtypes} if part_dtypes else dtype
+            pipe = pipeline_class.from_pretrained(path, revision=revision, variant=variant, dtype=dtypes,
                                                   **{**parts_stored_as_none(path), **extra_kwargs})
     except ModelLoadError:
         raise
@@ -34,7 +40,7 @@ def load_frozen(pipeline_class: Any, base: str, *, revision: str | None, variant
         raise ModelLoadError(_explain_load_failure(base, exc)) from exc
     if vae is not None:
         try:
-            pipe.vae = load_vae(vae, dtype)
+            pipe.vae = load_vae(vae, (part_dtypes or {}).get("vae", dtype))
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelLoadError(_explain_load_failure(vae, exc, key="model.vae")) from exc
     parts = pipeline_components(pipe, base, DDPMScheduler.from_config(pipe.scheduler.config) if ddpm else None,
@@ -43,6 +49,14 @@ def load_frozen(pipeline_class: Any, base: str, *, revision: str | None, variant
         module.requires_grad_(False)
         module.eval()
     return parts
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` in `dtype`, in place. torch's own cast, not diffusers' ModelMixin.to: that one warns "There are
+    modules in ... that should be kept in float32: []" on every dtype cast, even when the model keeps no
+    module in float32 (an AutoencoderKL keeps none; diffusers 0.42 tests the list against None after
+    defaulting it to []), so for these casts it is a false alarm, printed on every SDXL run."""
+    return torch.nn.Module.to(module, dtype)
 
 
 def load_vae(source: str, dtype: torch.dtype) -> Any:

@@ -19,7 +19,7 @@ import torch
 
 from finetune.models import clip_prompts
 from finetune.models.base import Components, unwrapped
-from finetune.models.loading import load_frozen
+from finetune.models.loading import cast, load_frozen
 from finetune.models.stable_diffusion import StableDiffusion
 
 
@@ -47,17 +47,20 @@ class StableDiffusionXL(StableDiffusion):
              dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,
              without: tuple[str, ...] = ()) -> Components:
         """As StableDiffusion.load; the VAE is kept in fp32 when its config says half precision is not safe
-        (`force_upcast`, the released SDXL VAE: NaN latents in fp16)."""
+        (`force_upcast`, the released SDXL VAE: NaN latents in fp16). It is read from its file in fp32 (not
+        rounded to `dtype` and cast back), and follows `dtype` only when its config says it is safe there."""
         from diffusers import StableDiffusionXLPipeline
 
         parts = load_frozen(StableDiffusionXLPipeline, base, revision=revision, variant=variant, dtype=dtype,
-                            config=config, vae=vae, extra_kwargs={})
+                            config=config, vae=vae, extra_kwargs={},
+                            part_dtypes={"vae": torch.float32} if dtype != torch.float32 else None)
         if getattr(parts.vae.config, "force_upcast", False) and dtype != torch.float32:
-            parts.vae.to(torch.float32)
             # the pipeline hands the decoder latents in the U-Net's dtype (it casts them only for a VAE it upcasts
             # itself, one still in fp16): the upcast VAE takes them in its own
             first = parts.vae.post_quant_conv if parts.vae.post_quant_conv is not None else parts.vae.decoder
             first.register_forward_pre_hook(_in_own_dtype)
+        elif parts.vae.dtype != dtype:
+            cast(parts.vae, dtype)  # an fp16-safe VAE (sdxl-vae-fp16-fix) follows the base
         return parts
 
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:

@@ -5,13 +5,12 @@ import importlib.util
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from finetune.models import FAMILIES, OBJECTIVE_OPTIONS, objective_problems
 from finetune.models.detect import NAMES, UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
-from finetune.file_errors import FileProblem
+from finetune.file_errors import FileProblem, can_write_in, nearest_existing
 from finetune.recipe.schema import Recipe
 from finetune.recipe.writable import cache_folder_problems
 
@@ -280,16 +279,7 @@ def _check_outputs(recipe: Recipe) -> list[str]:
     if out.exists() and not out.is_dir():
         problems.append(f"output_dir: {recipe.output_dir} exists and is a file; choose a folder")
     else:
-        parent = next((p for p in [out, *out.parents] if p.exists()), None)
-        if parent is not None and not _can_write_in(parent):
+        parent = nearest_existing(out)  # where making output_dir would start (a file there cannot hold it either)
+        if not can_write_in(parent):
             problems.append(f"output_dir: {parent} is not writable; choose a folder you can write to")
     return problems
-
-
-def _can_write_in(folder: Path) -> bool:
-    """Try it: permission bits say nothing of read-only mounts, and nothing at all to root."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False

@@ -76,7 +76,7 @@ def _run(out_dir: Path, run: dict, checks: dict[str, bool], shortened: bool, see
     out = [f"<h2>{escape(title)}: <code>{escape(run['concept'])}</code></h2>"]
     prompts = run.get("grid_prompts") or []
     count, seed = int(run.get("grid_images") or 0), run.get("grid_seed")
-    grids = [Path(g) if Path(g).is_absolute() else out_dir / g for g in run.get("grids", [])]
+    grids = [_beside(out_dir, g) for g in run.get("grids", [])]
     shown = []
     for label, grid in zip(("before (the base)", "after (tuned)"), grids):
         if grid.is_file():
@@ -96,11 +96,19 @@ def _run(out_dir: Path, run: dict, checks: dict[str, bool], shortened: bool, see
         f"{run['seconds']:.0f}" if k == "seconds" and run.get(k) is not None else _number(run.get(k)) for k in FIGURES]
     out.append(f"<table><tr>{head}</tr><tr>" + "".join(f'<td class="n">{escape(c)}</td>' for c in cells)
                + f"<td>{escape(targets)}</td></tr></table>")
-    page = Path(run.get("artifact", "")).parent / "report.html"  # the artifact (file or pipeline folder)'s run
+    # the artifact (file or pipeline folder)'s run: out_dir/runs/NAME, wherever the demo ran from
+    page = out_dir / "runs" / Path(run.get("artifact", "")).parent.name / "report.html"
     if run.get("artifact") and page.is_file():
         link = Path(os.path.relpath(page.resolve(), out_dir.resolve())).as_posix()
         out.append(f'<p><a href="{escape(link)}">this run\'s report</a>: curves, sample grids, data, files</p>')
     return out
+
+
+def _beside(out_dir: Path, grid: str) -> Path:
+    """A grid's file: the demo draws each one beside demo_report.json, and the JSON keeps the path as the demo
+    named it, relative to the folder it ran from (`--out demo_output`: demo_output/x.png), so only its name is
+    looked up in out_dir (which also holds after the folder moves)."""
+    return out_dir / Path(grid).name
 
 
 def _number(value) -> str:

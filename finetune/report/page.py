@@ -103,7 +103,7 @@ def _state_line(state: str, info: dict, history: list[dict], recipe: dict | None
         text = (f"Running: step {last or 0} of {total or '?'}"
                 + (f", about {duration(eta)} to go" if eta is not None else "")
                 + f" (as of {_when(history[-1]['time'] if history else info.get('updated'))}; this page reloads "
-                  f"every {REFRESH_SECONDS} s and is rewritten at every sample step)")
+                  f"every {REFRESH_SECONDS} s and is rewritten about as often, and at every checkpoint and sample step)")
     elif state == "finished":
         text = (f"Finished: {last if last is not None else total or '?'} steps"
                 + (f", at {_when(info.get('ended'))}" if info.get("ended") else ""))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from finetune.console import quiet
+from finetune.console import progress_bar
 from finetune.paths import write_text_atomically
 from finetune.recipe.load import load_recipe
 from finetune.report.demo_page import write_demo_page
@@ -137,7 +137,7 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
     accuracy: dict[str, float] = {}
     for base in dict.fromkeys(p[0] for p in plans):
         bare[base] = load_base_pipeline(next(p[3].model.base for p in plans if p[0] == base))
-        with tqdm(total=1, desc=f"{base} base accuracy", unit="eval", disable=quiet()) as bar:
+        with progress_bar(total=1, desc=f"{base} base accuracy", unit="eval") as bar:
             accuracy[base] = metrics.base_vocabulary_accuracy(bare[base], evaluator)
             bar.update(1)
     # shortened runs are reported, and not judged against targets that need the recipes' own lengths;

@@ -1,9 +1,8 @@
 """The four numbers a shapes-world run is judged by, from a pipeline that may carry an adapter."""
 from __future__ import annotations
 
-from tqdm.auto import tqdm
 
-from finetune.console import quiet
+from finetune.console import progress_bar
 
 from finetune.shapes import metrics
 from finetune.shapes.concepts import Concept
@@ -14,7 +13,7 @@ def score(pipe, evaluator: Evaluator, concept: Concept, bare_accuracy: float, ad
           label: str = "evaluating") -> dict:
     """concept_fidelity, prompt_fidelity, prior_drop (points of base-vocabulary accuracy lost), and the
     adapted pipeline's own base-vocabulary accuracy. `bare_accuracy` is the base's, measured once."""
-    with tqdm(total=3, desc=label, unit="metric", disable=quiet()) as bar:
+    with progress_bar(total=3, desc=label, unit="metric") as bar:
         after = metrics.base_vocabulary_accuracy(pipe, evaluator) if adapted else bare_accuracy
         bar.update(1)
         concept_fidelity = metrics.concept_fidelity(pipe, evaluator, concept)

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from finetune.console import ensure_configured, quiet
+from finetune.console import ensure_configured, progress_bar
 from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
 from finetune.data.prepare import prepare_data, trained_examples
 from finetune.data.sources import data_name, tag_frequency
@@ -246,8 +245,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
         class_prompts=tuple(recipe.prior.class_prompt))
     live = LiveReport(accelerator, recipe, output_dir, step, summary, caption_notes)  # history.jsonl, report.html
-    progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
-                    disable=not accelerator.is_local_main_process or quiet())
+    progress = progress_bar(total=t.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                            disable=not accelerator.is_local_main_process)
     batches = iter(loader)
     recovery = divergence_advice(recipe)  # what a NaN loss tells the user to run
     with interrupt.stop_on_signals() as stop, progress, live:  # the bar closes before any message that stops the run
@@ -280,24 +279,27 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
             check_finite_loss(mean_loss, step, output_dir, recovery)
             if on_step is not None:
                 on_step(step)
+            # drawn by update, which keeps to the bar's pace (without a terminal, a line every 30 s)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            live.record(step, mean_loss, lr)
+            saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
+            live.record(step, mean_loss, lr, checkpoint=bool(saved))
             if step % recipe.log.every == 0:
                 accelerator.log({"loss": mean_loss, "lr": lr}, step=step)
-            saved = recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < t.max_steps
             if saved:
                 save_checkpoint(step=step)
+            # asked to stop: no snapshot and no sample grid at this step (a grid can take longer than the step)
+            stopping = stop.requested_anywhere(accelerator)
             snapshot_every = recipe.checkpoint.snapshot_every
-            if snapshot_every and step % snapshot_every == 0 and step < t.max_steps:
+            if snapshot_every and step % snapshot_every == 0 and step < t.max_steps and not stopping:
                 saves.save_artifact(accelerator, strategy, recipe, output_dir / "snapshots" / f"step-{step:06d}",
                                     step, data_figures, output_dir, family_header)
-            if recipe.sample.every and step % recipe.sample.every == 0:
+            if recipe.sample.every and step % recipe.sample.every == 0 and not stopping:
                 with on_device(offloaded, accelerator.device):
                     saves.save_samples(accelerator, family, parts, recipe, output_dir, step, strategy,
                                        weight_dtype(recipe.model.dtype, t.mixed_precision))
                 live.sampled(step)
-            if step < t.max_steps and stop.requested_anywhere(accelerator):
+            if step < t.max_steps and stopping:
                 if not saved:
                     save_checkpoint(step=step)
                 raise interrupt.Interrupted(
