@@ -274,7 +274,7 @@ CATALOGUE = [
     BadInput("buckets-none-fit", "Bucketing with a smallest side the resolution cannot hold "
              "(`bucket_min_side: 256` at 32 px)", "Names a smallest side that fits, or to leave it unset",
              lambda ws: ws.train(data={"bucketing": True, "bucket_min_side": 256}),
-             ("256 leaves no bucket", "lower bucket_min_side to 32", "leave it unset")),
+             ("256 leaves no bucket", "lower data.bucket_min_side to 32", "leave it unset")),
     BadInput("prior-without-class-prompt", "Prior preservation without a class prompt",
              "Asks for `prior.class_prompt`, with an example",
              lambda ws: ws.train(prior={"mode": "base_prediction"}), ("prior.class_prompt", "a photo of a dog")),

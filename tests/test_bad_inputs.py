@@ -1,6 +1,6 @@
 """Every entry of the bad-input catalogue (tests/bad_inputs.py): exit code 2, a message naming the problem and
-the fix, no model loaded unless the check needs one, nothing half-written in output_dir; and README's
-troubleshooting table is the catalogue's."""
+the fix (every setting and command it suggests valid as printed: tests/suggestions.py), no model loaded unless the
+check needs one, nothing half-written in output_dir; and README's troubleshooting table is the catalogue's."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from finetune.cli import main
 from finetune.models.stable_diffusion import StableDiffusion
+from tests import suggestions
 from tests.bad_inputs import CATALOGUE, Workspace, troubleshooting_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,7 @@ def test_bad_input_exits_2_with_the_problem_and_the_fix(case, tiny_base, tmp_pat
     message = printed[printed.rindex("error: "):]  # after any progress bars of the model loading
     for fragment in case.says:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert suggestions.problems(message) == [], "a suggested setting or command does not work as printed"
     assert bool(loads) == case.loads_model, "a model was loaded" if loads else "no model was loaded"
     assert_nothing_half_written(ws.out, artifacts_before)
     if case.then is not None:
@@ -81,6 +83,7 @@ def test_validate_refuses_what_train_refuses(case, tiny_base, tmp_path, monkeypa
     message = capsys.readouterr().err
     for fragment in case.says:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert suggestions.problems(message) == [], "a suggested setting or command does not work as printed"
 
 
 def test_validate_prints_the_data_summary_reading_headers_only(tiny_base, tmp_path, monkeypatch, capsys):

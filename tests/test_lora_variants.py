@@ -186,7 +186,8 @@ def test_oft_refuses_convolutions_named_in_target_modules(tiny_base, concept_dir
 
     recipe = variant_recipe(tiny_base, concept_dir, tmp_path / "out",
                             {"variant": "oft", "alpha": None, "target_modules": ["to_q", "conv2"]})
-    with pytest.raises(StrategySetupError, match="oft they pick .* convolutions .*remove them from target_modules"):
+    with pytest.raises(StrategySetupError,
+                       match="oft they pick .* convolutions .*remove them from strategy.target_modules"):
         loop.train(recipe)
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
@@ -196,7 +197,7 @@ BAD_OPTIONS = [
     ({"variant": "oft", "alpha": 8}, "strategy.alpha: OFT has no alpha.*remove it"),
     ({"variant": "oft", "alpha": None, "rank": 1}, "strategy.rank: with variant oft it is the block size"),
     ({"variant": "oft", "alpha": None, "conv_layers": True},
-     "strategy.conv_layers: peft's OFT does not adapt 3x3 convolutions.*variant lora, loha or lokr"),
+     "strategy.conv_layers: peft's OFT does not adapt 3x3 convolutions.*strategy.variant: lora, loha or lokr"),
     ({"variant": "lokr", "dropout": 0.1}, "strategy.dropout: applies to variant lora only"),
     ({"conv_rank": 2}, "conv_layers is false; set strategy.conv_layers: true or remove them"),
     ({"conv_layers": True, "conv_rank": 0}, "strategy.conv_rank: must be at least 1"),

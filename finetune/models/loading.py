@@ -94,6 +94,6 @@ def _explain_load_failure(base: str, exc: Exception, key: str = "model.base") ->
     if not os.path.exists(os.path.expanduser(base)):
         why = "HF_HUB_OFFLINE is set" if offline else "the hub may be unreachable from this machine"
         text += (f"\n  {base!r} is not a local path, so it was looked up on the Hugging Face hub and {why}. "
-                 f"Download it where there is network (`huggingface-cli download {base} --local-dir DIR`) "
-                 f"and set {key} to that folder.")
+                 f"Download it where there is network (`hf download {base} --local-dir DIR`: huggingface_hub's "
+                 f"command) and set {key} to that folder.")
     return text

@@ -24,7 +24,8 @@ def quantize_weights(module: torch.nn.Module, kind: str) -> int:
     try:
         import torchao.quantization as quantization
     except ImportError:
-        raise ImportError("model.quantize needs torchao: pip install torchao (or finetune[quantize])") from None
+        raise ImportError("model.quantize needs torchao: pip install torchao "
+                          "(or pip install 'finetune[quantize]')") from None
     linear = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
     quantization.quantize_(module, getattr(quantization, CONFIGS[kind])())
     return linear

@@ -179,7 +179,7 @@ def _check_buckets(d) -> list[str]:
             problems.append(
                 f"data.bucket_min_side: {min_side} leaves no bucket: a side of at least {min_side} needs an area "
                 f"of {min_side * min_side}, more than data.resolution {d.resolution} squared allows; lower "
-                f"bucket_min_side to {d.resolution // step * step} or less (or leave it unset to follow the "
+                f"data.bucket_min_side to {d.resolution // step * step} or less (or leave it unset to follow the "
                 "resolution), or raise data.resolution")
     if not 0.0 <= d.bucket_max_crop < 1.0:
         problems.append(f"data.bucket_max_crop: a share of the image in [0, 1), got {d.bucket_max_crop}")
@@ -227,7 +227,7 @@ def _check_train(recipe: Recipe) -> list[str]:
         problems.append(f"train.noise_offset: must be 0 or more (0.05-0.1 is usual), got {t.noise_offset}")
     if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), "
-                        "or use optimizer: adamw")
+                        "or set train.optimizer: adamw")
     return problems
 
 

@@ -82,7 +82,7 @@ class Options(StrategyOptions):
                             "set strategy.text_encoder: true or remove them")
         if not self.adapts_text_encoder_2() and (self.text_encoder_2_rank or self.text_encoder_2_learning_rate):
             problems.append("strategy.text_encoder_2_*: set, but the second text encoder gets no LoRA; set "
-                            "strategy.text_encoder_2: true (or text_encoder: true) or remove them")
+                            "strategy.text_encoder_2: true (or strategy.text_encoder: true) or remove them")
         problems += lora_presets.preset_problems(self.target_preset, self.target_modules, recipe)
         return problems + lora_variants.problems(self) + self._file_problems()
 
@@ -112,7 +112,7 @@ class Options(StrategyOptions):
         if self.initial_weights:
             if self.variant != "lora" or self.use_dora:
                 problems.append("strategy.initial_weights: starting from a file works for plain LoRA only; remove "
-                                "it, or set variant: lora without use_dora")
+                                "it, or set strategy.variant: lora without strategy.use_dora")
             if self.target_modules or self.conv_layers or self.target_preset:
                 problems.append("strategy.initial_weights: the file decides which layers train; remove "
                                 "strategy.target_modules / target_preset / conv_layers")

@@ -67,7 +67,8 @@ def refuse_oft_on_convolutions(targets: Sequence[str], unet: Any) -> None:
     if convs:
         raise StrategySetupError(f"strategy.target_modules: with variant oft they pick {len(convs)} convolutions "
                                  f"with kernels over 1x1 (e.g. {convs[0]}), which peft's OFT does not adapt "
-                                 "correctly; remove them from target_modules, or use variant lora, loha or lokr")
+                                 "correctly; remove them from strategy.target_modules, or set "
+                                 "strategy.variant: lora, loha or lokr")
 
 
 def problems(options: Any) -> list[str]:
@@ -92,8 +93,8 @@ def problems(options: Any) -> list[str]:
                              "nothing; use at least 2 (e.g. 4, 8 or 32)")
         if o.conv_layers:
             found.append("strategy.conv_layers: peft's OFT does not adapt 3x3 convolutions correctly (its "
-                         "unfold/fold changes the output even before training); use variant lora, loha or lokr for "
-                         "convolutions, or set conv_layers: false")
+                         "unfold/fold changes the output even before training); set strategy.variant: lora, loha "
+                         "or lokr for convolutions, or strategy.conv_layers: false")
     if not o.conv_layers and (o.conv_rank is not None or o.conv_alpha is not None):
         found.append("strategy.conv_rank / conv_alpha: set, but strategy.conv_layers is false; set "
                      "strategy.conv_layers: true or remove them")

@@ -125,7 +125,7 @@ class Strategy(CommonDefaults):
             # (FluxPipeline) or not at all (SD3), so training could not show T5 what sampling shows it
             raise StrategySetupError(
                 f"strategy.num_vectors: {family.name}'s T5 encoder reads the placeholder as typed, and the "
-                "pipeline expands a multi-vector placeholder for CLIP only; use num_vectors: 1")
+                "pipeline expands a multi-vector placeholder for CLIP only; set strategy.num_vectors: 1")
         for _, tokenizer, _ in encoders:
             check_placeholders(tokenizer, self.placeholders, self.initializers)
         if len(encoders) > 1 and len(self.placeholders) > 1:

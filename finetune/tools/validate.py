@@ -14,7 +14,7 @@ from finetune.data.prepare import prepare_data, trained_examples
 from finetune.models import family_for
 from finetune.recipe.load import load_recipe
 from finetune.strategies import create_strategy
-from finetune.training.resume import OutputDirInUse, check_output_dir, resume_command
+from finetune.training.resume import OutputDirInUse, check_output_dir
 from finetune.training.summary import data_lines, images_per_folder, length_line
 
 
@@ -44,8 +44,8 @@ def _output_dir_lines(recipe, strategy) -> list[str]:
     --overwrite): a note, since the recipe itself is fine."""
     output_dir = Path(recipe.output_dir)
     try:
-        check_output_dir(output_dir, output_dir / strategy.artifact_name, None, False,
-                         resume_command(recipe.source, recipe.overrides))
+        check_output_dir(output_dir, output_dir / strategy.artifact_name, None, False, recipe.source,
+                         recipe.overrides)
     except OutputDirInUse as exc:
         return [f"note: `finetune train` as it stands will stop: {exc}"]
     return []

@@ -51,7 +51,7 @@ def refuse_unsharded_work(got: str, strategy_kind: str, text_encoder: bool, samp
         problems.append(f"strategy.kind: {strategy_kind} trains a few MB and fits one GPU; FSDP here is for "
                         "whole-model DreamBooth. Launch it with a DDP (multi-GPU) accelerate config instead")
     elif text_encoder:
-        problems.append("strategy.text_encoder: FSDP shards one model, the denoiser; set text_encoder: false")
+        problems.append("strategy.text_encoder: FSDP shards one model, the denoiser; set strategy.text_encoder: false")
     if sample_every:
         problems.append("sample.every: sample grids during a sharded run are not written yet; set sample.every: 0 "
                         "and draw from the saved pipeline with `finetune sample`")

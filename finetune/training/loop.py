@@ -105,13 +105,14 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                                      bool(getattr(recipe.strategy, "text_encoder", False)), recipe.sample.every)
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
-        problems.append("train.mixed_precision: fp16 needs a GPU; on a CPU use bf16 or no")
+        problems.append("train.mixed_precision: fp16 needs a GPU; on a CPU set train.mixed_precision: bf16 (or no)")
     if problems:
         raise RecipeError(recipe.source, problems)
     # everything that can fail cheaply fails before the model loads; first, that nothing finished gets lost
     strategy = create_strategy(recipe.strategy)
     command = resume_command(recipe.source, recipe.overrides)
-    earlier_run = check_output_dir(output_dir, output_dir / strategy.artifact_name, resume, overwrite, command)
+    earlier_run = check_output_dir(output_dir, output_dir / strategy.artifact_name, resume, overwrite,
+                                   recipe.source, recipe.overrides)
     prepared = prepare_data(d, t.batch_size * accelerator.num_processes)
     examples, sizes = prepared.examples, prepared.sizes
     if prepared.bucket_report is not None:
@@ -132,7 +133,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
         say(f"--resume latest: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet; starting at step 0")
     if resume_from is not None:
         saved = load_for_resume(resume_from, recipe.source, recipe.overrides)
-        for note in check_resumable(saved[0], recipe_to_dict(recipe), resume_from):
+        for note in check_resumable(saved[0], recipe_to_dict(recipe), resume_from, recipe.source,
+                                    recipe.overrides):
             say(f"resume: {note}")
     if earlier_run:
         accelerator.wait_for_everyone()  # every process has looked before the main one removes

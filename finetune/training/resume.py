@@ -58,10 +58,16 @@ class OutputDirInUse(CheckpointError):
     """output_dir holds a finished artifact or checkpoints, and neither --resume nor --overwrite was given."""
 
 
+def train_command(source: str, overrides: Iterable[str] = (), *extra: str) -> str:
+    """`finetune train RECIPE OVERRIDES... EXTRA...`, each word shell-quoted: this run's own command with `extra`
+    added (a later `key=value` wins over an earlier one), as every message that suggests a command prints it."""
+    return "finetune train " + shlex.join([source, *overrides, *extra])
+
+
 def resume_command(source: str, overrides: Iterable[str] = (), which: str = "latest") -> str:
     """`finetune train RECIPE OVERRIDES... --resume latest` (or `which`, a checkpoint folder), each word
     shell-quoted, so pasting it resumes this run (same output_dir, same settings)."""
-    return "finetune train " + shlex.join([source, *overrides, "--resume", which])
+    return train_command(source, overrides, "--resume", which)
 
 
 def load_for_resume(path: Path, source: str, overrides: Iterable[str] = ()) -> tuple[dict, dict, dict]:
@@ -77,15 +83,17 @@ def load_for_resume(path: Path, source: str, overrides: Iterable[str] = ()) -> t
                    f"were): {resume_command(source, overrides, str(good[0]))}")
         else:
             way = ("No good checkpoint is left before it: train again from the start with --overwrite: "
-                   f"finetune train {shlex.join([source, *overrides])} --overwrite")
+                   f"{train_command(source, overrides, '--overwrite')}")
         raise CheckpointError(f"{exc}. {way}") from None
 
 
-def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overwrite: bool,
-                     command: str) -> list[Path]:
+def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overwrite: bool, source: str,
+                     overrides: Iterable[str] = ()) -> list[Path]:
     """Raise OutputDirInUse when a run started this way would write over what `output_dir` holds: a finished
     `artifact` or checkpoints (without --resume), or a finished artifact with nothing to resume (with
-    --resume latest). With `overwrite`, returns the earlier run's checkpoints for the caller to remove."""
+    --resume latest). The message prints each way on as a whole command (this run's recipe `source` and
+    `overrides`, with what changes), one a line, so it can be pasted as printed. With `overwrite`, returns the
+    earlier run's checkpoints for the caller to remove."""
     if resume and overwrite:
         raise OutputDirInUse("--resume continues a run and --overwrite starts a new one: give one of them")
     if resume and resume != "latest":
@@ -100,17 +108,21 @@ def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overw
         [f"checkpoints up to {newest.name}"] if newest is not None else [])
     if not held:
         return []  # nothing finished to lose
+    anew = train_command(source, overrides, "output_dir=PATH")
+    replace = train_command(source, overrides, "--overwrite")
     if resume:
         raise OutputDirInUse(
-            f"--resume latest: nothing to resume in {output_dir}: it holds {held[0]} and no checkpoint. To train "
-            "again, pick a new output_dir (output_dir=PATH on the command line), or add --overwrite to replace it")
+            f"--resume latest: nothing to resume in {output_dir}: it holds {held[0]} and no checkpoint; nothing "
+            f"was changed. To train again, in a new output_dir (PATH) or over this one (--overwrite):\n  {anew}\n"
+            f"  {replace}")
     # a finished run's checkpoints are not offered: resuming one would retrain its last steps over the artifact
-    ways = [f"continue that run: {command}"] if newest is not None and not finished else []
+    ways = [f"continue that run:\n  {resume_command(source, overrides)}"] if newest is not None and not finished \
+        else []
     removed = "its checkpoints are removed now, its artifact" if newest is not None else "its artifact is replaced"
-    ways += ["keep it and train anew: a new output_dir (add output_dir=PATH to the command)",
-             f"replace it: add --overwrite ({removed} when this run saves)"]
+    ways += [f"keep it and train anew, in a new output_dir (PATH):\n  {anew}",
+             f"replace it ({removed} when this run saves):\n  {replace}"]
     raise OutputDirInUse(f"output_dir {output_dir} already holds {' and '.join(held)}; nothing was changed. To "
-                         + "; to ".join(ways))
+                         + "\nTo ".join(ways))
 
 
 def remove_earlier_run(paths: list[Path]) -> None:
@@ -146,15 +158,19 @@ def recipe_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return notes, refusals
 
 
-def check_resumable(saved_state: dict, current: dict, path: Path) -> list[str]:
+def check_resumable(saved_state: dict, current: dict, path: Path, source: str = "<recipe>",
+                    overrides: Iterable[str] = ()) -> list[str]:
     """Compare the checkpoint at `path` (its state.json, `saved_state`) with the resuming recipe (`current`, as
-    recipe_to_dict gives it); return the notes to print, or raise CheckpointError naming every setting that
-    cannot change mid-run. A checkpoint from before whole recipes were kept is compared on model and strategy."""
+    recipe_to_dict gives it; `source` and `overrides`, its command); return the notes to print, or raise
+    CheckpointError naming every setting that cannot change mid-run, with the commands of a new run. A
+    checkpoint from before whole recipes were kept is compared on model and strategy."""
     saved = saved_state.get("recipe") or {k: saved_state[k] for k in ("model", "strategy") if k in saved_state}
     notes, refusals = recipe_changes(saved, {k: current[k] for k in saved if k in current})
     if refusals:
         raise CheckpointError(
             f"checkpoint {path} was made by a different recipe, with settings that cannot change mid-run:\n  - "
             + "\n  - ".join(refusals) + f"\nSet them back (the checkpoint's whole recipe is in {path}/state.json), "
-            "or start a new output_dir (or --overwrite) for a new run")
+            "or start a new output_dir (PATH) or train over this one (--overwrite) for a new run:\n  "
+            + train_command(source, overrides, "output_dir=PATH") + "\n  "
+            + train_command(source, overrides, "--overwrite"))
     return notes
