@@ -237,6 +237,7 @@ def _sample(args) -> int:
     try:
         if args.adapter:
             check_adapter_file(args.adapter)  # a file cut short fails here, before the base loads
+        _check_writable(Path(args.out).parent, "--out")
         family = family_for("auto", args.base, hub=True)
         parts = family.load(args.base, dtype=torch.float16 if device == "cuda" else torch.float32)
         pipe = family.pipeline(parts).to(device)
@@ -260,6 +261,16 @@ def _sample(args) -> int:
                        encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
     print(f"wrote {save_png(grid, Path(args.out))}")
     return 0
+
+
+def _check_writable(folder, option: str) -> None:
+    """Before any model loads: KnownProblem when the folder `option` writes in cannot be written."""
+    from finetune.file_errors import unwritable_folder
+
+    blocked = unwritable_folder(folder)
+    if blocked is not None:
+        raise KnownProblem(f"{option}: {blocked} cannot be written (a read-only disk, or no permission); choose a "
+                           "folder you can write to")
 
 
 def _eval(args) -> int:

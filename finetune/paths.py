@@ -29,13 +29,17 @@ def give_umask_permissions(path: str | os.PathLike) -> None:
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary name beside `path`, then rename: a reader sees the old file or the new, never half."""
+    """Write to a temporary name beside `path`, then rename: a reader sees the old file or the new, never half.
+    A full or read-only disk raises finetune.file_errors.FileProblem naming `path` (not the temporary name)."""
+    from finetune.file_errors import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write failed (a full disk)
+    with writing(path, path.name):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_text(text)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # only left when the write failed (a full disk)
     return path

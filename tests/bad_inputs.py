@@ -196,6 +196,13 @@ def _half_lora(ws: Workspace) -> Path:
     return _cut_in_half(half)
 
 
+def _base_with_unet_cut_short(ws: Workspace) -> Path:
+    """A copy of the tiny base whose U-Net weights file lost its second half."""
+    base = Path(shutil.copytree(ws.base, ws.tmp / "cut-base"))
+    _cut_in_half(base / "unet" / "diffusion_pytorch_model.safetensors")
+    return base
+
+
 def _unwritable(ws: Workspace) -> Path:
     """A folder that cannot be made: under a read-only mount for root (permission bits do not stop root), in a
     folder without write permission otherwise."""
@@ -287,6 +294,11 @@ CATALOGUE = [
              "Says the hub is out of reach and how to point at a local folder",
              lambda ws: ws.train(model={"base": "someone/not-a-real-model-xyz"}), ("HF_HUB_OFFLINE", "local"),
              loads_model=True),
+    BadInput("base-weights-cut-short", "A file of the `model.base` folder cut short (an interrupted download or copy)",
+             "Names the file and says to download or copy the model again",
+             lambda ws: ws.train(model={"base": str(_base_with_unet_cut_short(ws))}),
+             ("model.base: the weights file", "diffusion_pytorch_model.safetensors is cut short or damaged",
+              "download or copy the model again"), loads_model=True),
     BadInput("not-a-pipeline", "`model.base` is a folder but not a diffusers pipeline",
              "Says model_index.json is missing and what to point at instead",
              lambda ws: ws.train(model={"base": str(ws.images)}), ("not a diffusers pipeline", "save_pretrained")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -188,3 +189,29 @@ def train_shipped_recipe(name: str, base: Path, tmp_path: Path, extra: tuple[str
     assert main(["validate", str(recipe), *overrides]) == 0
     assert main(["train", str(recipe), *overrides]) == 0
     return tmp_path / "out"
+
+
+def mount_tmpfs(folder: Path, options: str) -> Path:
+    """A real tmpfs at `folder` (made here) with mount `options` ("size=64k", "size=64k,ro"): the errors a full or
+    read-only disk really raises. Skips the test where it cannot mount (not root, or a sandbox that refuses)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("this machine does not let us mount a tmpfs")
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system with 64 KiB of room."""
+    yield mount_tmpfs(tmp_path / "small", "size=64k")
+    subprocess.run(["umount", "--lazy", str(tmp_path / "small")], check=True)
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A real read-only file system."""
+    yield mount_tmpfs(tmp_path / "ro", "size=64k,ro")
+    subprocess.run(["umount", "--lazy", str(tmp_path / "ro")], check=True)

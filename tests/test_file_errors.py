@@ -24,31 +24,9 @@ from finetune.training import checkpoint
 from finetune.training.failures import SaveFailed, saving
 from finetune.training.resume import load_for_resume
 from tests.bad_inputs import Workspace, _cut_in_half, _half_lora
+from tests.conftest import mount_tmpfs
 
 BIG = {"weight": torch.ones(64, 1024)}  # 256 KiB: more than the small disk holds
-
-
-def _mount(folder: Path, options: str) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("this machine does not let us mount a tmpfs")
-    return folder
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real file system with 64 KiB of room."""
-    yield _mount(tmp_path / "small", "size=64k")
-    subprocess.run(["umount", "--lazy", str(tmp_path / "small")], check=True)
-
-
-@pytest.fixture
-def read_only_disk(tmp_path):
-    yield _mount(tmp_path / "ro", "size=64k,ro")
-    subprocess.run(["umount", "--lazy", str(tmp_path / "ro")], check=True)
 
 
 def test_a_real_full_disk_names_the_file_and_leaves_nothing(small_disk):
@@ -261,17 +239,19 @@ def test_inspect_into_a_closed_pipe_stops_quietly(half_lora, tmp_path):
     assert done.returncode == 141 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
 
 
-def test_a_write_no_writer_named_still_ends_in_one_message(half_lora, tmp_path, capsys):
+def test_finetune_report_on_a_read_only_disk_names_the_page(half_lora, tmp_path, capsys):
     """`finetune report` rewrites report.html in a run folder on a disk that became read-only."""
     import shutil
 
-    disk = _mount(tmp_path / "disk", "size=1m")
+    disk = mount_tmpfs(tmp_path / "disk", "size=1m")
     try:
         shutil.copytree(tmp_path / "lora-run", disk / "run")
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         assert main(["report", str(disk / "run")]) == 2
         err = capsys.readouterr().err
-        assert "error: Read-only file system while writing" in err and "Traceback" not in err
+        # the page's own name, not the temporary file it is first written to
+        assert f"error: cannot write report.html to {disk / 'run' / 'report.html'}: Read-only file system" in err
+        assert ".tmp" not in err and "Traceback" not in err
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
 

@@ -18,9 +18,9 @@ from tests.conftest import recipe_dict, reset_accelerate
 def test_a_change_of_precision_is_a_note_not_a_refusal():
     notes, refusals = recipe_changes({"train": {"mixed_precision": "bf16"}}, {"train": {"mixed_precision": "no"}})
     assert refusals == []
-    assert notes == ["train.mixed_precision: 'bf16' in the checkpoint's run, 'no' now: computes in no instead of "
-                     "bf16 from this step on (with model.dtype auto the frozen base loads in it too); the trained "
-                     "weights and the optimizer's state are fp32 either way, so they carry on, but the result is "
+    assert notes == ["train.mixed_precision: 'bf16' in the checkpoint's run, 'no' now: the base computes with mixed "
+                     "precision no instead of bf16 from this step on (with model.dtype auto it also loads in that "
+                     "precision); the trained weights and the optimizer's state are fp32 either way, so they carry on, but the result is "
                      "not bit-identical to an uninterrupted run in either precision"]
 
 
@@ -47,7 +47,8 @@ def test_a_run_stopped_in_bf16_continues_without_mixed_precision(tiny_base, conc
     assert words[:2] == ["finetune", "train"]
     assert main(words[1:]) == 0
     out = capsys.readouterr().out
-    assert "resume: train.mixed_precision: 'bf16' in the checkpoint's run, 'no' now: computes in no" in out
+    assert ("resume: train.mixed_precision: 'bf16' in the checkpoint's run, 'no' now: the base computes with "
+            "mixed precision no") in out
     assert "resumed from" in out and "at step 2" in out
     assert "mixed precision no, frozen base in float32" in out
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

@@ -3,6 +3,7 @@ errors that say what to do; shared by the families."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -89,11 +90,40 @@ def refuse_unsafe_pickle(path: str) -> None:
 
 
 def _explain_load_failure(base: str, exc: Exception, key: str = "model.base") -> str:
+    damaged = _damaged_weights_file(exc, key)
+    if damaged is not None:
+        return damaged
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     text = f"could not load {key} {base!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not os.path.exists(os.path.expanduser(base)) and base.startswith((".", "/", "~")):
+        return (f"{key}: {base} does not exist; give an existing diffusers folder, a single checkpoint file, or a "
+                "hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
     if not os.path.exists(os.path.expanduser(base)):
         why = "HF_HUB_OFFLINE is set" if offline else "the hub may be unreachable from this machine"
         text += (f"\n  {base!r} is not a local path, so it was looked up on the Hugging Face hub and {why}. "
                  f"Download it where there is network (`hf download {base} --local-dir DIR`: huggingface_hub's "
                  f"command) and set {key} to that folder.")
     return text
+
+
+# how diffusers names a part's weights file that failed to load ("Unable to load weights from checkpoint file for
+# 'PATH' at 'PATH'"); the library's own error (safetensors', torch's) is chained below it
+_WEIGHTS_FILE = re.compile(r"checkpoint file for '([^']+)'")
+
+
+def _damaged_weights_file(exc: BaseException, key: str) -> str | None:
+    """The message for a part's weights file that is cut short or damaged (an interrupted download or copy),
+    found along `exc`'s chain of causes; None when the chain names no such file."""
+    from finetune.file_errors import CUT_SHORT, read_problem
+
+    path, seen, link = None, set(), exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        found = _WEIGHTS_FILE.search(str(link))
+        path = path or (found.group(1) if found else None)
+        if path and os.path.isfile(path):
+            problem = read_problem(link, path, f"{key}: the weights file", "download or copy the model again")
+            if problem is not None and CUT_SHORT in str(problem):
+                return str(problem)
+        link = link.__cause__ or link.__context__
+    return None

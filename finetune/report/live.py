@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.file_errors import FileProblem
 from finetune.report.history import History, read_run_info, write_run_info
 from finetune.report.sources import EVAL_DIR
 
@@ -44,7 +45,7 @@ class LiveReport:
             return
         try:
             self.history = History(output_dir, keep_through=first_step)
-        except OSError as exc:  # the run's own saves say more about an unwritable folder; training goes on
+        except (OSError, FileProblem) as exc:  # the run's own saves say more about an unwritable folder; it goes on
             log.warning(f"could not write {output_dir / 'history.jsonl'} ({exc}); no report for this run")
             self.enabled = False
             return
@@ -101,7 +102,8 @@ class LiveReport:
     def _end(self, state: str, reason: str | None) -> None:
         if not self.enabled:
             return
-        self.history.close()
+        # safely: when the disk is full, the error that stopped the run is the one to show, not closing's
+        self._safely("history.jsonl", self.history.close)
         self.info.update(state=state, reason=reason, ended=time.time())
         self._write()
 

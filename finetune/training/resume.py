@@ -47,8 +47,8 @@ MAY_CHANGE = {
     "train.lr_warmup_steps": _NEW_SCHEDULE,
     "train.max_grad_norm": "gradients are clipped at the new norm (0: not at all) from the resumed step on",
     # the way out of a crash or overflow of one precision (trained weights and optimizer state are fp32 in any)
-    "train.mixed_precision": "computes in {new} instead of {old} from this step on (with model.dtype auto the "
-                             "frozen base loads in it too); the trained weights and the optimizer's state are fp32 "
+    "train.mixed_precision": "the base computes with mixed precision {new} instead of {old} from this step on (with "
+                             "model.dtype auto it also loads in that precision); the trained weights and the optimizer's state are fp32 "
                              "either way, so they carry on, but the result is not bit-identical to an "
                              "uninterrupted run in either precision",
 }

@@ -57,11 +57,16 @@ def plain_forward(modules: Iterable[torch.nn.Module]):
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """`image` as a PNG at `path`, atomically; a full or read-only disk raises finetune.file_errors.FileProblem
+    naming `path`."""
+    from finetune.file_errors import writing
+
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write failed (a full disk)
+    with writing(path, "the image"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            image.save(tmp, format="PNG")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # only left when the write failed (a full disk)
     return path
