@@ -143,12 +143,17 @@ def _terminal() -> bool:
 
 class _Lines:
     """The file a bar writes to without a terminal: each redraw ("\r" and the bar) becomes one line on stderr,
-    looked up when written (tests replace it); tqdm's clearing writes (blanks) are dropped."""
+    looked up when written (tests replace it); tqdm's clearing writes (blanks) are dropped, and so is a line equal
+    to the one before (a bar's last update and its close both draw 100%)."""
+
+    def __init__(self):
+        self.last = None
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
-        if line:
+        if line and line != self.last:
             sys.stderr.write(line + "\n")
+            self.last = line
 
     def flush(self) -> None:
         sys.stderr.flush()

@@ -112,3 +112,14 @@ def test_the_tiny_model_script_answers_help_instead_of_writing_a_folder_named_so
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 0 and "usage: python -m finetune.models.tiny" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_without_a_terminal_a_bar_ends_in_one_100_percent_line(monkeypatch, capsys):
+    # a line at every update (FINETUNE_PROGRESS_SECONDS=0): the last update and the close both draw 3/3
+    monkeypatch.setenv("FINETUNE_PROGRESS_SECONDS", "0")
+    monkeypatch.setattr(console, "_terminal", lambda: False)
+    with console.progress_bar(total=3, desc="training", unit="step", bar_format="{desc}: {n_fmt}/{total_fmt}") as bar:
+        for _ in range(3):
+            bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["training: 0/3", "training: 1/3", "training: 2/3", "training: 3/3"]

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from finetune.models.base import Components, ModelFamily, adaptable_text_encoders
+from finetune.models.loading import cast
 from finetune.paths import give_umask_permissions
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies.base import CommonDefaults, StrategySetupError, held_in
@@ -157,8 +158,11 @@ class Strategy(CommonDefaults):
         modules = {name: unsharded_copy(module, self.gathered[name]) if name in self.gathered else module
                    for name, module in self.modules.items()}
         pipeline = self.family.pipeline(self.parts.with_modules(modules))
-        # training is over: casting in place spares a second copy of the weights in memory
-        pipeline.to(dtype=SAVE_DTYPES[self.options.save_dtype])
+        # training is over: casting in place spares a second copy of the weights in memory (torch's own cast:
+        # diffusers' pipeline.to(dtype) prints a false "should be kept in float32: []" alarm, models/loading.py)
+        for part in pipeline.components.values():
+            if isinstance(part, torch.nn.Module):
+                cast(part, SAVE_DTYPES[self.options.save_dtype])
         try:
             pipeline.save_pretrained(tmp, safe_serialization=True)
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
