@@ -82,3 +82,14 @@ def test_flops_benchmark_counts_each_part(tmp_path):
     assert unet > 0 and vae > 0 and text > 0
     assert figures["step_tflop_per_sample_uncached"] == pytest.approx(unet + vae + text)
     assert figures["uncached_extra_share"] == pytest.approx((vae + text) / unet)
+
+
+def test_gradient_checkpointing_reaches_the_trained_text_encoder_without_a_deprecation(tiny_base):
+    import warnings
+
+    parts = StableDiffusion().load(str(tiny_base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' old switch warns that v6 removes it
+        parts.enable_gradient_checkpointing(["unet", "text_encoder"])
+    assert parts.unet.is_gradient_checkpointing
+    assert parts.modules["text_encoder"].is_gradient_checkpointing

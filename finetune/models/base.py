@@ -55,7 +55,9 @@ class Components:
         are text encoders (transformers' switch)."""
         self.denoiser.enable_gradient_checkpointing()
         for name in set(names) & set(self.text_encoder_names):
-            self.modules[name].gradient_checkpointing_enable()
+            encoder = self.modules[name]
+            # transformers renamed the switch (the old name warns that v6 removes it); older releases lack the new
+            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
 
     def with_modules(self, modules: dict[str, Any]) -> "Components":
         """A copy whose named modules are replaced (e.g. by frozen copies); the rest are shared."""
