@@ -1,7 +1,6 @@
 """Command line: `finetune train|validate|sample|env ...` (also `python -m finetune ...`)."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -13,102 +12,11 @@ EXIT_BAD_INPUT = 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool that SIGPIPE stopped
 
 
-def _parser() -> argparse.ArgumentParser:
-    from finetune import __version__
-
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
-    # every command takes them after its name (the tools in tools/commands.py too, through add_parser)
-    talk = argparse.ArgumentParser(add_help=False)
-    talk.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
-    talk.add_argument("-v", "--verbose", action="store_true",
-                      help="everything, the libraries' own information and warnings included")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_parser = commands.add_parser
-    commands.add_parser = lambda *args, **kwargs: add_parser(*args, parents=[talk], **kwargs)
-
-    train = commands.add_parser("train", help="train with a recipe")
-    train.add_argument("recipe", help="YAML recipe")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100")
-    train.add_argument("--resume", metavar="latest|PATH",
-                       help="continue from the newest checkpoint in output_dir, or from a checkpoint folder")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start anew in an output_dir that holds a finished run or checkpoints (refused without "
-                            "it): the earlier checkpoints are removed, the artifact replaced when this run saves")
-
-    validate = commands.add_parser("validate", help="check a recipe and its data without loading any model")
-    validate.add_argument("recipe")
-    validate.add_argument("overrides", nargs="*", metavar="key=value")
-    validate.add_argument("--decode", action="store_true",
-                          help="decode every image as training does (slower); by default their headers are read")
-
-    sample = commands.add_parser("sample", help="generate a grid with a base model and an optional adapter")
-    sample.add_argument("--base", required=True, help="hub id, diffusers folder or single checkpoint file")
-    sample.add_argument("--adapter", help="artifact written by `finetune train`")
-    sample.add_argument("--prompt", required=True, action="append", help="repeat for several rows")
-    sample.add_argument("--scale", type=float, default=1.0, help="adapter strength (0: the base alone)")
-    sample.add_argument("--out", required=True, help="PNG file to write")
-    sample.add_argument("--negative-prompt", default="")
-    sample.add_argument("--steps", type=int, default=25)
-    sample.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance (Flux.1-dev: its embedded guidance); default: the pipeline's "
-                             "own (SD 7.5, SDXL 5, SD3 7, Flux.1-dev 3.5)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--num", type=int, default=4, help="images per prompt")
-    sample.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the "
-                        "resolution the adapter was trained at, from its header; else the model's own)")
-    sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    sample.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=None,
-                        help="encode long prompts in 75-token chunks as training did (default: what the adapter "
-                             "was trained with, from its header)")
-    evaluate = commands.add_parser("eval", help="shapes world: judge a base (and an adapter) on a concept")
-    evaluate.add_argument("--base", default=None, help="a shipped shapes-world base (unet, transformer) or a "
-                          "pipeline folder; default: unet")
-    evaluate.add_argument("--adapter", help="adapter file, or tuned pipeline folder (DreamBooth), to judge; "
-                          "without it the bare base is judged")
-    evaluate.add_argument("--concept", required=True, help="new_object or known_look")
-    evaluate.add_argument("--json", help="also write the metrics to this JSON file")
-
-    demo = commands.add_parser("demo", help="shapes world: teach each strategy its concept, on a CPU")
-    demo.add_argument("--out", default="demo_output", help="folder for the report, grids and runs")
-    demo.add_argument("--strategies", default=None, help="comma-separated, e.g. lora (default: all)")
-    demo.add_argument("--quick", action="store_true",
-                      help="a quick look: LoRA teaching the star only, on each chosen base")
-    demo.add_argument("--full", action="store_true", help="every strategy on both concepts, and DreamBooth without "
-                      "the prior (default: each strategy on the concept its targets judge)")
-    demo.add_argument("--base", default="all", choices=("unet", "transformer", "all"),
-                      help="the shipped base(s) to teach: the U-Net (tiny SD 1.x) or the transformer (tiny SD3, flow "
-                           "matching); default all")
-    demo.add_argument("--max-steps", type=int, default=None,
-                      help="override every run's train.max_steps (a quick look; the targets need the defaults)")
-    demo.add_argument("--seeds", type=int, default=1,
-                      help="run every recipe with train.seed 0..N-1; report mean and minimum, judge the targets on "
-                           "the worst seed (default 1)")
-
-    report = commands.add_parser("report", help="rebuild a run's report.html (or a demo's demo_report.html) from "
-                                                "what its folder holds")
-    report.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir, or a demo's --out folder")
-
-    extract = commands.add_parser("extract-lora",
-                                  help="turn a DreamBooth pipeline folder into a LoRA file (SVD of tuned - base)")
-    extract.add_argument("--tuned", required=True, help="the tuned pipeline folder (output_dir/pipeline)")
-    extract.add_argument("--base", required=True, help="the base it was tuned from (hub id, folder or file)")
-    extract.add_argument("--rank", type=int, default=32, help="rank kept per layer (default 32)")
-    extract.add_argument("--out", required=True, help=".safetensors file to write")
-    extract.add_argument("--device", default="cpu", help="where the SVDs run, e.g. cuda (default cpu)")
-    extract.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
-                         help="dtype of the written weights (default fp16)")
-    commands.add_parser("env", help="print what a bug report needs: versions, platform, accelerator, problems")
-    from finetune.tools.commands import add_parsers
-
-    add_parsers(commands)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     from finetune import console
+    from finetune.cli_arguments import parser
 
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.quiet and args.verbose:
         print("error: --quiet and --verbose contradict each other; give one", file=sys.stderr)
         return EXIT_BAD_INPUT

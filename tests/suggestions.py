@@ -91,7 +91,7 @@ def commands_in(text: str, printed_alone: bool = True) -> list[str]:
 
 @functools.cache
 def _subcommands() -> tuple[str, ...]:
-    from finetune.cli import _parser
+    from finetune.cli_arguments import parser as _parser
 
     return tuple(next(a for a in _parser()._actions if a.dest == "command").choices)
 
@@ -160,7 +160,7 @@ def check_command(command: str) -> list[str]:
 
 
 def _check_finetune(command: str, words: list[str]) -> list[str]:
-    from finetune.cli import _parser
+    from finetune.cli_arguments import parser as _parser
 
     if words[0] not in _subcommands():
         return [f"{command!r}: finetune has no command {words[0]!r}"]

@@ -41,8 +41,8 @@ from finetune.training.engine import (enable_gradient_checkpointing, engine_repo
                                       sharding_report)
 from finetune.training.failures import check_finite_loss, divergence_advice
 from finetune.training.offload import offload_idle, on_device
-from finetune.training.optim import build_optimizer, build_scheduler, set_base_rates
-from finetune.training.sharded_state import load_optimizer_state_dict, local_fraction
+from finetune.training.optim import build_optimizer, build_scheduler
+from finetune.training.sharded_state import local_fraction
 from finetune.training.resume import (check_output_dir, check_resumable, load_for_resume, remove_earlier_run,
                                       resume_command)
 from finetune.training.step import LossSettings, micro_step_loss
@@ -144,9 +144,10 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     first_step = saved[0]["step"] if resume_from is not None else 0
 
     family = family_for(recipe.model.family, recipe.model.base, hub=True)
+    base_dtype = weight_dtype(recipe.model.dtype, t.mixed_precision)  # the frozen base's (trained weights: fp32)
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
-                        dtype=weight_dtype(recipe.model.dtype, t.mixed_precision), config=recipe.model.config,
-                        vae=recipe.model.vae, without=("text_encoder_3",) if recipe.model.text_encoder_3 == "none" else ())
+                        dtype=base_dtype, config=recipe.model.config, vae=recipe.model.vae,
+                        without=("text_encoder_3",) if recipe.model.text_encoder_3 == "none" else ())
     # the denoiser joins the device once the caches are filled and the encoders have left it: a Flux transformer
     # (24 GB in bf16) and its T5 (9.5 GB) are never there together; class images need it before
     for name, module in parts.modules.items():
@@ -197,18 +198,16 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     if t.compile:
         parts.denoiser.compile()  # in place: parameter names, and so saved files, stay as they are
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
-    base_dtype = str(weight_dtype(recipe.model.dtype, t.mixed_precision)).removeprefix("torch.")
     summary = plan_lines(Plan(
         images_per_folder=images_per_folder(trained_examples(prepared), d.repeats), max_steps=t.max_steps,
         batch_size=t.batch_size, processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
         batches_per_epoch=order.batches_per_epoch, trainable=strategy.state_dict(), device=str(accelerator.device),
-        precision=f"mixed precision {t.mixed_precision}, frozen base in {base_dtype}", base=recipe.model.base,
-        output_dir=output_dir))
+        precision=f"mixed precision {t.mixed_precision}, frozen base in {str(base_dtype).removeprefix('torch.')}",
+        base=recipe.model.base, output_dir=output_dir))
     say("\n".join(summary))
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
-    recipe_rates = list(lr_scheduler.base_lrs)  # this recipe's, which a resume keeps over the checkpoint's
     prepared_modules, optimizer, params = prepare_for_training(accelerator, {n: parts.modules[n] for n in trained},
                                                                optimizer)
     parts.modules.update(prepared_modules)
@@ -223,14 +222,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
 
     step = first_step
     if resume_from is not None:
-        _, trainable, training_state = saved
-        strategy.load_state_dict(trainable)
-        load_optimizer_state_dict(optimizer, trained_modules, training_state["optimizer"])
-        lr_scheduler.load_state_dict(training_state["lr_scheduler"])
-        if accelerator.scaler is not None and "scaler" in training_state:
-            accelerator.scaler.load_state_dict(training_state["scaler"])
-        strategy.on_step_end(step)  # a strategy whose setup changes with the step catches up
-        rates = set_base_rates(lr_scheduler, recipe_rates)  # the optimizer state restored the checkpoint's rates
+        rates = saves.restore_checkpoint(accelerator, saved, step, strategy, optimizer, lr_scheduler,
+                                         trained_modules)
         say(f"resumed from {resume_from} at step {step}; step {step + 1} trains at learning rate {rates[0]:g}")
     order.start = step * t.gradient_accumulation_steps
     loader = make_loader(ImageCaptionDataset(examples, sizes, d.crop, d.random_flip, d.caption_dropout,
@@ -296,8 +289,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                                     step, data_figures, output_dir, family_header)
             if recipe.sample.every and step % recipe.sample.every == 0 and not stopping:
                 with on_device(offloaded, accelerator.device):
-                    saves.save_samples(accelerator, family, parts, recipe, output_dir, step, strategy,
-                                       weight_dtype(recipe.model.dtype, t.mixed_precision))
+                    saves.save_samples(accelerator, family, parts, recipe, output_dir, step, strategy, base_dtype)
                 live.sampled(step)
             if step < t.max_steps and stopping:
                 if not saved:

@@ -17,7 +17,8 @@ from finetune.recipe.schema import Recipe
 from finetune.training import checkpoint, trackers
 from finetune.training.failures import check_finite_weights, divergence_advice, saving
 from finetune.training.resume import resume_command
-from finetune.training.sharded_state import optimizer_state_dict
+from finetune.training.optim import set_base_rates
+from finetune.training.sharded_state import load_optimizer_state_dict, optimizer_state_dict
 from finetune.training.sampling import plain_forward, sample_grid, save_png
 
 
@@ -36,6 +37,22 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimize
             checkpoint.save_checkpoint(output_dir, step, trainable, training_state, recipe_to_dict(recipe),
                                        recipe.checkpoint.keep)
     accelerator.wait_for_everyone()
+
+
+def restore_checkpoint(accelerator, saved: tuple[dict, dict, dict], step: int, strategy, optimizer, lr_scheduler,
+                       models: list[torch.nn.Module]) -> list[float]:
+    """Put back what save_checkpoint wrote (`saved`: resume.load_for_resume's state, trainable weights and
+    training state) for a run going on after `step`. The recipe's learning rates rule from here over the ones the
+    optimizer state restores (a resume may change them, training/resume.py). Returns the rates of step + 1."""
+    recipe_rates = list(lr_scheduler.base_lrs)  # built from this recipe; the state below holds the checkpoint's
+    _, trainable, training_state = saved
+    strategy.load_state_dict(trainable)
+    load_optimizer_state_dict(optimizer, models, training_state["optimizer"])
+    lr_scheduler.load_state_dict(training_state["lr_scheduler"])
+    if accelerator.scaler is not None and "scaler" in training_state:
+        accelerator.scaler.load_state_dict(training_state["scaler"])
+    strategy.on_step_end(step)  # a strategy whose setup changes with the step catches up
+    return set_base_rates(lr_scheduler, recipe_rates)
 
 
 def save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int,
