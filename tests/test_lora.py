@@ -33,10 +33,7 @@ def fixed_loss(family, parts, pixels, captions) -> float:
 
 def default_objective(family, parts):
     """The family's objective as a recipe that sets none of its options gives it."""
-    from finetune.models import FAMILIES, OBJECTIVE_OPTIONS, objective_values
-
-    unset = OBJECTIVE_OPTIONS[FAMILIES[family.name][2]]
-    return family.objective(parts, **objective_values(family.name, unset.get))
+    return family.objective(parts, family.spec.options())
 
 
 def unet_output(pipe, seed=0) -> np.ndarray:

@@ -1,5 +1,5 @@
 """What every strategy promises on every model family, checked the same way for each (adding a strategy to
-CONTRACT, or a family to finetune.models.FAMILIES, covers it):
+CONTRACT, or a family to finetune.models.FAMILY_MODULES, covers it):
 - right after `prepare` the model computes exactly what the base does;
 - training changes only the parameters the strategy hands the optimizer (and never the VAE);
 - the loss on fixed data falls;
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from finetune.data.dataset import uncropped_conditions
-from finetune.models import FAMILIES, family_for
+from finetune.models import family_for, specs
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
 from finetune.shapes.demo import tuned_pipeline
@@ -46,10 +46,9 @@ CONTRACT = {
 }
 
 
-# (strategy, family) pairs not written yet: the strategy refuses them by name before any long work
-NOT_YET = {
-           # ZImagePipeline has no embedding loader, and no file layout is defined for Qwen3's words
-           ("textual_inversion", "zimage"): "textual inversion on zimage is not written yet"}
+# (strategy, family) pairs a family refuses (its spec's `refuses`), by name, before any long work
+NOT_YET = {(kind, spec.name): f"{kind.replace('_', ' ')} on {spec.name} is not written yet"
+           for spec in specs().values() for kind in spec.refuses}
 
 
 def test_every_strategy_is_under_contract():
@@ -58,14 +57,11 @@ def test_every_strategy_is_under_contract():
 
 @pytest.mark.parametrize("kind, family_name", sorted(NOT_YET))
 def test_a_pair_not_written_yet_is_refused_by_name(kind, family_name, tiny_bases):
-    from finetune.strategies import create_strategy
-    from finetune.strategies.base import StrategySetupError
+    """validate refuses it from the family's spec, before any model loads."""
+    from finetune.recipe.load import RecipeError
 
-    family = family_for(family_name)
-    strategy = create_strategy(parse_recipe(recipe_dict(tiny_bases[family_name], ".", "out",
-                                                        strategy=CONTRACT[kind].options)).strategy)
-    with pytest.raises(StrategySetupError, match=NOT_YET[(kind, family_name)]):
-        strategy.check(family, family.load(str(tiny_bases[family_name])))
+    with pytest.raises(RecipeError, match=NOT_YET[(kind, family_name)]):
+        parse_recipe(recipe_dict(tiny_bases[family_name], ".", "out", strategy=CONTRACT[kind].options))
 
 
 def _outputs(family, parts, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,10 +78,10 @@ def _outputs(family, parts, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny_bases(tiny_base, tmp_path_factory):
     return {name: tiny_base if name == "sd" else save_tiny_pipeline(tmp_path_factory.mktemp(name) / "base",
-                                                                     family=name) for name in FAMILIES}
+                                                                     family=name) for name in specs()}
 
 
-@pytest.fixture(scope="module", params=[(kind, family) for family in FAMILIES for kind in CONTRACT
+@pytest.fixture(scope="module", params=[(kind, family) for family in specs() for kind in CONTRACT
                                         if (kind, family) not in NOT_YET],
                 ids=lambda param: f"{param[0]}-{param[1]}")
 def run(request, tiny_bases, concept_dir, tmp_path_factory):
@@ -128,7 +124,7 @@ def run(request, tiny_bases, concept_dir, tmp_path_factory):
         return kept["strategy"]
 
     real_create, real_family = loop.create_strategy, loop.family_for
-    loop.create_strategy, loop.family_for = create, (lambda name, base=None, hub=False: Keeping())
+    loop.create_strategy, loop.family_for = create, (lambda name, base=None, hub=False: Keeping(family.spec))
     try:
         out = tmp_path_factory.mktemp(f"{kind}-{family_name}") / "out"
         recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=options,

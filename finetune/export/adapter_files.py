@@ -16,7 +16,6 @@ from finetune.export.pickle_files import load_plain_pickle
 from finetune.export.safetensors_io import Header, read_safetensors, save_safetensors
 from finetune.export.textual_inversion import A1111_KEY, embedding_from_a1111
 from finetune.models.base import denoiser_of, tokenizer_name
-from finetune.models.sdxl import StableDiffusionXL
 from finetune.networks import hypernetwork as hypernetworks
 
 
@@ -65,10 +64,14 @@ def describe_diffusers_embedding(header: Header) -> dict[str, Any]:
     return {"kind": "textual-inversion embedding (diffusers format)"}
 
 
+# the per-encoder embedding file's keys, by the pipeline part each belongs to (CLIP-L, CLIP-G): the format's own
+PER_ENCODER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+
+
 def is_per_encoder_embedding(metadata: dict[str, str], keys: list[str]) -> bool:
     """SDXL's one-file layout (kohya's sdxl_train_textual_inversion.py, AUTOMATIC1111, ComfyUI), which SD3's two
     CLIPs use too: one tensor per text encoder, keyed by the family's embedding keys (clip_l, clip_g)."""
-    return bool(keys) and set(keys) == set(StableDiffusionXL.embedding_keys.values())
+    return bool(keys) and set(keys) == set(PER_ENCODER_KEYS.values())
 
 
 def describe_per_encoder_embedding(header: Header) -> dict[str, Any]:
@@ -81,7 +84,7 @@ def load_per_encoder_embedding(pipe: Any, path: str, scale: float, name: str) ->
     tensors, metadata = read_safetensors(path)
     placeholders = [t for t in metadata.get("finetune.placeholder_token", "").split(",") if t]
     token = placeholders[0] if len(placeholders) == 1 else Path(path).stem
-    for encoder_name, key in StableDiffusionXL.embedding_keys.items():
+    for encoder_name, key in PER_ENCODER_KEYS.items():
         encoder, tokenizer = getattr(pipe, encoder_name), getattr(pipe, tokenizer_name(encoder_name))
         if hasattr(pipe, "load_textual_inversion"):
             pipe.load_textual_inversion(tensors[key], token=token, text_encoder=encoder, tokenizer=tokenizer)

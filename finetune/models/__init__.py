@@ -1,56 +1,59 @@
-"""Model families. Each file holds one family; `family_for` picks one by name."""
+"""Model families: one file each in this folder, holding its declarative `SPEC` (finetune/models/family.py) and
+its behaviour. `FAMILY_MODULES` registers them; everything else (detection, recipe validation, tiny builds, the
+contract tests, the README's table, `finetune env`) reads the registered specs."""
 from __future__ import annotations
 
 import importlib
+from functools import lru_cache
 from typing import Any
 
 _FROM_BASE = ("Components", "ModelFamily", "ModelLoadError")
-# model.family -> (module, class, objective): each family is one file here (imported on first use: torch and
-# diffusers); the objective's name says which recipe options it reads (OBJECTIVE_OPTIONS), checked before loading
-FAMILIES = {"sd": ("finetune.models.stable_diffusion", "StableDiffusion", "ddpm"),
-            "sdxl": ("finetune.models.sdxl", "StableDiffusionXL", "ddpm"),
-            "sd3": ("finetune.models.sd3", "StableDiffusion3", "flow_matching"),
-            "flux": ("finetune.models.flux", "Flux", "flow_matching"),
-            "zimage": ("finetune.models.zimage", "ZImage", "flow_matching")}
-# recipe options only one objective reads, with their "not set" values (finetune/models/ddpm.py, flow_matching.py);
-# a family's `objective` takes its objective's as keywords named by the key's last part
-OBJECTIVE_OPTIONS = {
-    "ddpm": {"model.prediction_type": None, "train.min_snr_gamma": None, "train.noise_offset": 0.0},
-    "flow_matching": {"flow.sigma_sampling": "auto", "flow.logit_mean": 0.0, "flow.logit_std": 1.0,
-                      "flow.mode_scale": 1.29, "flow.sigmoid_scale": 1.0, "flow.shift": None,
-                      "flow.resolution_shift": None, "flow.weighting": "none"},
-}
+# every family trained here, by module (imported on first use: torch): adding a family is its file and one line
+FAMILY_MODULES = (
+    "finetune.models.stable_diffusion",
+    "finetune.models.sdxl",
+    "finetune.models.sd3",
+    "finetune.models.flux",
+    "finetune.models.zimage",
+)
 
 
-def objective_values(family: str, value_of: Any) -> dict[str, object]:
-    """The keywords `family.objective` takes, {"min_snr_gamma": 5.0, ...}, with `value_of(dotted key)` reading
-    the recipe."""
-    return {key.rsplit(".", 1)[1]: value_of(key) for key in OBJECTIVE_OPTIONS[FAMILIES[family][2]]}
+@lru_cache(maxsize=None)
+def specs() -> dict[str, Any]:
+    """{model.family value: FamilySpec} of every registered family, in FAMILY_MODULES order."""
+    found = [importlib.import_module(module).SPEC for module in FAMILY_MODULES]
+    return {spec.name: spec for spec in found}
 
 
-def objective_problems(family: str, values: dict[str, object]) -> list[str]:
-    """Problems for options (dotted recipe keys -> values) set for an objective `family` does not train with."""
-    objective = FAMILIES[family][2]
-    return [f"{key}: only the {other} objective reads it, and {family} trains with {objective}; remove it"
-            for other, options in OBJECTIVE_OPTIONS.items() if other != objective
-            for key, unset in options.items() if values.get(key, unset) != unset]
+def spec_of(name: str) -> Any:
+    """The FamilySpec called `name`; ValueError naming the families for another name."""
+    if name not in specs():
+        from finetune.recipe.typed import closest
+
+        guess = closest(name, list(specs()))
+        raise ValueError(f"unknown model family {name!r}; one of {', '.join(specs())}"
+                         + (f"; did you mean {guess!r}?" if guess else ""))
+    return specs()[name]
 
 
 def family_for(name: str, base: str | None = None, hub: bool = False) -> Any:
     """The family called `name` ("auto": told from `base` where it can be, finetune/models/detect.py; with `hub`,
     a hub id's model_index.json is fetched to tell it, as loading would). Raises UnsupportedFamily, a ValueError
     naming it, for a base of a family not trained here."""
-    if name == "auto" and base is not None:
-        from finetune.models.detect import family_of, hub_family
-
-        # a .ckpt, or a hub id not looked up: Stable Diffusion 1.x/2.x unless model.family says otherwise
-        name = family_of(base) or (hub and hub_family(base)) or "sd"
     if name == "auto":
-        name = "sd"
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; one of {', '.join(FAMILIES)}")
-    module, class_name, _ = FAMILIES[name]
-    return getattr(importlib.import_module(module), class_name)()
+        name = told_family(base, hub)
+    spec = spec_of(name)
+    return spec.behaviour(spec)
+
+
+def told_family(base: str | None, hub: bool = False) -> str:
+    """The family name "auto" means for `base`: from its model_index.json or a single file's keys, with `hub` a hub
+    id's model_index.json; "sd" when nothing tells (a .ckpt, a hub id not looked up). Raises UnsupportedFamily."""
+    if base is None:
+        return "sd"
+    from finetune.models.detect import family_of, hub_family
+
+    return family_of(base) or (hub and hub_family(base)) or "sd"
 
 
 def family_told(name: str, base: str | None) -> Any | None:
@@ -75,4 +78,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'finetune.models' has no attribute {name!r}")
 
 
-__all__ = [*_FROM_BASE, "family_for", "family_told"]
+__all__ = [*_FROM_BASE, "FAMILY_MODULES", "family_for", "family_told", "spec_of", "specs", "told_family"]

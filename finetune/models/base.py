@@ -32,6 +32,8 @@ class Components:
     # data.max_token_length: captions encoded whole up to this many tokens (kohya/A1111 long prompts); None: the
     # text encoder's own window. Training, its caches and sample grids all read it from here
     max_token_length: int | None = None
+    # the recipe's `model` section (the family's options class: model.guidance, model.flow, ...), set by loading
+    options: Any = None
 
     @property
     def denoiser(self) -> Any:
@@ -139,41 +141,24 @@ def _numbered(name: str) -> int:
 
 class ModelFamily(Protocol):
     """What a model family provides; the loop, strategies, tools and file formats ask nothing else. A family is
-    one file in this folder (stable_diffusion.py, sdxl.py) registered in `finetune.models.FAMILIES`, with a tiny
-    offline build in tiny.py and an entry in tests/test_family_contract.py and tests/test_strategy_contract.py."""
+    one file in this folder (its FamilySpec and its Family subclass, finetune/models/family.py) registered in
+    `finetune.models.FAMILY_MODULES`; the contract tests cover it from there."""
 
-    name: str  # model.family's value
-    lora_targets: tuple[str, ...]  # default LoRA target modules in the denoiser (peft name tails)
-    # optional: strategy.target_preset's named sets, preset -> module-path patterns matched whole
-    # (finetune/strategies/lora_presets.py; Flux's); a family without it refuses target_preset
-    lora_target_presets: dict[str, tuple[str, ...]]
-    conv_lora_targets: tuple[str, ...]  # the denoiser's convolutions that strategy.conv_layers adds
-    text_encoder_lora_targets: tuple[str, ...]
-    # file naming: kohya's LoRA prefix per part ("unet" -> "lora_unet") and U-Net module names, the embedding
-    # file's key per text encoder (SDXL: clip_l, clip_g; empty: one encoder, keyed by the token), and kohya's
-    # ss_base_model_version (None: told from the weights)
-    kohya_prefixes: dict[str, str]
-    # "diffusers" (module paths as diffusers names them), "sgm" (the original code's), "flux" (BFL's names, q/k/v
-    # fused: export/lora/kohya_flux.py), "sd3" (Stability AI's MMDiT names, q/k/v fused: export/lora/kohya_sd3.py)
-    # or "none" (no kohya file written)
-    kohya_unet_layout: str
-    embedding_keys: dict[str, str]
-    kohya_base_model_version: str | None
-    # where a hypernetwork acts (finetune/networks/hypernetwork_points.py): None, a U-Net's cross-attention context
-    # (A1111's design); or a TextStream naming the attention layers (module-path prefix in the denoiser) and their
-    # projections that compute keys and values from the text tokens alone (SD3: add_k_proj / add_v_proj)
-    hypernetwork_text_stream: Any
+    # and, read through to its FamilySpec (finetune/models/family.py): name, title, lora_targets,
+    # lora_target_presets, conv_lora_targets, text_encoder_lora_targets, hypernetwork_text_stream, refuses,
+    # kohya_prefixes, kohya_unet_layout, kohya_base_model_version, embedding_keys, ...
+    spec: Any
 
     def load(self, base: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
-             config: str | None, vae: str | None = None, without: tuple[str, ...] = ()) -> Components:
+             config: str | None, vae: str | None = None, options: Any = None) -> Components:
         """The frozen base (every part requires_grad False, eval mode) from a hub id, a diffusers folder or a
-        single checkpoint (`config`: a folder with its configs); `vae` replaces its VAE; `without`: optional parts
-        left out (SD3's text_encoder_3). Raises ModelLoadError."""
+        single checkpoint (`config`: a folder with its configs); `vae` replaces its VAE; `options`: the recipe's
+        `model` section (SD3's text_encoder_3: none leaves T5 out). Raises ModelLoadError."""
 
-    def objective(self, parts: Components, **options: Any) -> Any:
+    def objective(self, parts: Components, options: Any = None) -> Any:
         """How latents are noised and what is regressed: `noise(latents, generator)` -> noisy input, timesteps
         and target; `weights(timesteps)` -> per-sample loss weights or None (finetune/models/ddpm.py,
-        flow_matching.py). `options`: the recipe values of the family's objective (models.OBJECTIVE_OPTIONS)."""
+        flow_matching.py), from the family's options (None: the ones loading was given)."""
 
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
         """(part name, tokenizer, unwrapped text encoder) per text encoder, in the pipeline's order."""

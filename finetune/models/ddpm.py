@@ -10,8 +10,25 @@ the noise (epsilon) or `sqrt(a_t) noise - sqrt(1 - a_t) x0` (v-prediction, Salim
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
+
+
+@dataclass
+class DDPMOptions:
+    """The DDPM objective's recipe keys, in the `model` section of a family that trains with it (sd, sdxl)."""
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the base scheduler's own
+    min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023); None: plain MSE
+    noise_offset: float = 0.0  # e.g. 0.05-0.1: a per-channel shift of the noise, for very dark or bright images
+
+    def objective_problems(self) -> list[str]:
+        problems = []
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            problems.append(f"model.min_snr_gamma: must be positive (5.0 is usual) or null, got {self.min_snr_gamma}")
+        if self.noise_offset < 0:
+            problems.append(f"model.noise_offset: must be 0 or more (0.05-0.1 is usual), got {self.noise_offset}")
+        return problems
 
 
 @dataclass

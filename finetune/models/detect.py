@@ -1,24 +1,20 @@
 """Which model family a base is, from what can be read without loading it (no torch): a diffusers folder's
-`model_index.json` (`_class_name`), or a single `.safetensors` checkpoint's key names. A hub id cannot be read
+`model_index.json` (`_class_name`), or a single `.safetensors` checkpoint's key names, against the registered
+families' specs (`pipeline`, `also_recognised`, `single_file_keys`). A hub id cannot be read
 offline before loading; `model.family` says it then."""
 from __future__ import annotations
 
 import json
 import os
 
-# diffusers pipeline classes -> the family that trains them
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
-            "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-            "StableDiffusionXLImg2ImgPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
-            "FluxPipeline": "flux", "ZImagePipeline": "zimage"}
-# how messages name the families trained here
-NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3",
-         "flux": "Flux.1", "zimage": "Z-Image"}
+from finetune.models import specs
+
 # what people bring that finetune does not train yet, by pipeline class, and by a key only that family's
 # single-file checkpoints hold (diffusers' single_file_utils.CHECKPOINT_KEY_NAMES; matched with or without
-# ComfyUI's `model.diffusion_model.`). Flux.2 and Chroma files also hold Flux.1's double_blocks: they come first
-NOT_YET = {"SanaPipeline": "Sana", "PixArtSigmaPipeline": "PixArt-Sigma",
-           "Flux2Pipeline": "Flux.2", "ChromaPipeline": "Chroma"}
+# ComfyUI's `model.diffusion_model.`); each is refused unless a registered family's spec claims it. Flux.2 and
+# Chroma files also hold Flux.1's double_blocks: their own keys tell them apart
+NOT_YET = {"SanaPipeline": "Sana", "PixArtSigmaPipeline": "PixArt-Sigma", "Flux2Pipeline": "Flux.2",
+           "Flux2KleinPipeline": "Flux.2 klein", "ChromaPipeline": "Chroma", "QwenImagePipeline": "Qwen-Image"}
 SINGLE_FILE_KEYS = (("single_stream_modulation.", "Flux.2"), ("distilled_guidance_layer.", "Chroma"),
                     ("blocks.0.cross_attn.q_linear.", "Sana or PixArt"))
 _COMFY = "model.diffusion_model."
@@ -29,7 +25,7 @@ class UnsupportedFamily(ValueError):
 
 
 def family_of(base: str) -> str | None:
-    """The family ("sd", "sdxl", "sd3", "flux") of a base known to be one, None when it cannot be told before
+    """The family (a registered spec's name) of a base known to be one, None when it cannot be told before
     loading (a hub id, a .ckpt); raises UnsupportedFamily naming the family of a base finetune cannot train."""
     path = os.path.expanduser(base)
     index = os.path.join(path, "model_index.json")
@@ -40,16 +36,13 @@ def family_of(base: str) -> str | None:
 
         keys = read_header(path, "model.base file").keys  # FileProblem when cut short or damaged
         keys += [k.removeprefix(_COMFY) for k in keys if k.startswith(_COMFY)]
+        signed = [spec for spec in specs().values() if spec.single_file_keys and all(
+            any(k.startswith(prefix) for k in keys) for prefix in spec.single_file_keys)]
+        best = max(signed, key=lambda spec: len(spec.single_file_keys)) if signed else None
         for prefix, family in SINGLE_FILE_KEYS:
-            if any(k.startswith(prefix) for k in keys):
+            if any(k.startswith(prefix) for k in keys) and prefix not in (best.single_file_keys if best else ()):
                 _refuse(base, f"a {family} checkpoint (its keys start {prefix}...)")
-        if any(k.startswith("double_blocks.") for k in keys):  # Flux.1's double-stream blocks (BFL's names)
-            return "flux"
-        if any(k.startswith("conditioner.embedders.1.") for k in keys):  # SDXL's second text encoder
-            return "sdxl"
-        if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):  # SD3's MMDiT
-            return "sd3"
-        return "sd" if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys) else None
+        return best.name if best else None
     return None
 
 
@@ -73,12 +66,14 @@ def _family_in_index(base: str, index: str) -> str | None:
             name = json.load(handle).get("_class_name", "")
     except (OSError, ValueError):
         return None
-    if name in NOT_YET:
+    registered = next((spec.name for spec in specs().values() if name in (spec.pipeline, *spec.also_recognised)),
+                      None)
+    if registered is None and name in NOT_YET:
         _refuse(base, f"a {NOT_YET[name]} pipeline ({name} in model_index.json)")
-    return FAMILIES.get(name)
+    return registered
 
 
 def _refuse(base: str, what: str) -> None:
-    raise UnsupportedFamily(f"model.base: {base} is {what}; finetune trains Stable Diffusion 1.x and 2.x "
-                            "(model.family: sd), SDXL (sdxl), SD3/3.5 (sd3), Flux.1 dev/schnell (flux) and "
-                            "Z-Image (zimage) today. Point model.base at a model of one of those families")
+    trained = ", ".join(f"{spec.title} ({spec.name})" for spec in specs().values())
+    raise UnsupportedFamily(f"model.base: {base} is {what}; finetune trains {trained} today (model.family). "
+                            "Point model.base at a model of one of those families")

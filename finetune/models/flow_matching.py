@@ -16,8 +16,8 @@ diffusers' compute_loss_weighting_for_sd3. Draws come in a fixed order (noise, t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -25,6 +25,34 @@ from finetune.models.ddpm import Noised
 
 SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+@dataclass
+class FlowOptions:
+    """How sigma is drawn and the loss weighted: `model.flow` of a flow-matching family (sd3, flux, zimage, ...);
+    "auto" and None take the family's defaults (README, "Flow-matching families")."""
+    sigma_sampling: Literal["auto", "uniform", "logit_normal", "mode", "sigmoid"] = "auto"
+    logit_mean: float = 0.0  # logit_normal: u = sigmoid(N(mean, std))
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode: the SD3 paper's mode sampling
+    sigmoid_scale: float = 1.0  # sigmoid: u = sigmoid(scale N(0, 1))
+    shift: Optional[float] = None  # static shift s: sigma = s u / (1 + (s - 1) u); None: the family's
+    resolution_shift: Optional[bool] = None  # shift by the image's token count, as Flux samples; None: the family's
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # per-sample loss weights (the SD3 script's)
+
+
+@dataclass
+class FlowMatchingOptions:
+    """The flow-matching objective's recipe keys, in the `model` section of a family that trains with it."""
+    flow: FlowOptions = field(default_factory=FlowOptions)
+
+    def objective_problems(self) -> list[str]:
+        problems = []
+        if self.flow.shift is not None and self.flow.shift <= 0:
+            problems.append(f"model.flow.shift: must be positive (3.0 is SD3's), got {self.flow.shift}")
+        if self.flow.logit_std <= 0:
+            problems.append(f"model.flow.logit_std: must be positive, got {self.flow.logit_std}")
+        return problems
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,18 @@ q/k/v in the single blocks); `strategy.target_preset` names the other anchors' s
 """
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
 from finetune.models.base import Components, unwrapped
-from finetune.models.flow_matching import FlowMatchingObjective, from_recipe
-from finetune.models.loading import load_frozen
-from finetune.models.sd3 import StableDiffusion3
+from finetune.models.family import Family, FamilySpec
+from finetune.models.flow_matching import FlowMatchingOptions
 from finetune.networks.hypernetwork_points import TextStream
+from finetune.recipe.schema import ModelOptions
 
 # T5 tokens per caption in training and in sample grids: FluxPipeline's default max_sequence_length (dev's 512;
 # schnell was distilled at 256 but its pipeline call pads to the same default)
@@ -44,62 +47,47 @@ DEFAULT_GUIDANCE = 1.0
 ATTENTION = (r"(single_)?transformer_blocks\.\d+\.attn\."
              r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
 
+# strategy.target_preset's sets
+PRESETS = {
+    # SimpleTuner's --flux_lora_target default "all": both streams' attention projections (single blocks:
+    # q/k/v; their output projection is proj_out, shared with the MLP)
+    "attention": (ATTENTION,),
+    # SimpleTuner's "all+ffs": attention, both streams' MLPs, the single blocks' proj_mlp and proj_out (only
+    # theirs: its bare "proj_out" also catches the final layer)
+    "attention_mlp": (ATTENTION, r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
+                      r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"),
+    # kohya's networks/lora_flux.py default: every Linear of the double and single blocks, the modulations
+    # (norm1.linear, norm1_context.linear, norm.linear) included; ai-toolkit adds the embedders and final layer
+    "all_linear": (r"(single_)?transformer_blocks\.\d+\..+",),
+}
 
-class Flux(StableDiffusion3):
-    name = "flux"
-    lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
-                    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-    # strategy.target_preset: the anchors' target sets by name, as module-path patterns (both block kinds; the
-    # unset default is lora_targets above, diffusers' script default)
-    lora_target_presets = {
-        # SimpleTuner's --flux_lora_target default "all": both streams' attention projections (single blocks:
-        # q/k/v; their output projection is proj_out, shared with the MLP)
-        "attention": (ATTENTION,),
-        # SimpleTuner's "all+ffs": attention, both streams' MLPs, the single blocks' proj_mlp and proj_out (only
-        # theirs: its bare "proj_out" also catches the final layer)
-        "attention_mlp": (ATTENTION, r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
-                          r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"),
-        # kohya's networks/lora_flux.py default: every Linear of the double and single blocks, the modulations
-        # (norm1.linear, norm1_context.linear, norm.linear) included; ai-toolkit adds the embedders and final layer
-        "all_linear": (r"(single_)?transformer_blocks\.\d+\..+",),
-    }
-    conv_lora_targets = ()
-    # kohya's Flux files name BFL's modules, q/k/v fused (finetune/export/lora/kohya_flux.py); the
-    # diffusers-layout `transformer.` file is what diffusers, ComfyUI and ai-toolkit load
-    kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
-    kohya_unet_layout = "flux"
-    embedding_keys = {"text_encoder": "clip_l"}  # CLIP-L only: T5 is never adapted here
-    kohya_base_model_version = "flux1"  # kohya's flux_utils.MODEL_VERSION_FLUX_V1
-    default_flow = {"sigma_sampling": "sigmoid", "shift": None, "resolution_shift": True}
-    # the double blocks' text keys and values (FluxAttnProcessor's add_k_proj / add_v_proj on the context); the
-    # single blocks project text and image tokens together (single_transformer_blocks: not under this prefix)
-    hypernetwork_text_stream = TextStream(layers="transformer_blocks.", keys="add_k_proj", values="add_v_proj")
 
-    def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
-             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,
-             without: tuple[str, ...] = ()) -> Components:
-        """The frozen FluxPipeline parts from a hub id, a diffusers folder or a single checkpoint (`config`: a
-        folder or hub id with the other parts). `without`: none here (validate refuses asking)."""
-        from diffusers import FluxPipeline
+@dataclass
+class FluxOptions(ModelOptions, FlowMatchingOptions):
+    """`model` for model.family flux: the common keys, `flow`, and the guidance embedding's training value."""
+    # Flux.1-dev: the value its guidance embedding is given in training; None: DEFAULT_GUIDANCE (1.0, as kohya's
+    # and SimpleTuner's docs recommend for LoRA). Sampling uses sample.guidance_scale
+    guidance: Optional[float] = None
 
-        return load_frozen(FluxPipeline, base, revision=revision, variant=variant, dtype=dtype, config=config,
-                           vae=vae, extra_kwargs={}, ddpm=False)
+    def problems(self) -> list[str]:
+        problems = self.objective_problems()
+        if self.guidance is not None and _without_guidance(self.base):
+            problems.append(f"model.guidance: {self.base} has no guidance embedding (its transformer config says "
+                            "guidance_embeds: false, as Flux.1-schnell's); remove it")
+        return problems
 
-    def objective(self, parts: Components, **flow: Any) -> FlowMatchingObjective:
-        """Flow matching with the recipe's `flow` choices, the family's defaults where they say auto / None; a
-        static `flow.shift` alone turns the resolution shift off (one shift, the one asked for)."""
-        defaults = dict(self.default_flow)
-        if flow.get("shift") is not None and flow.get("resolution_shift") is None:
-            defaults["resolution_shift"] = False
-        return from_recipe(flow, defaults, parts.extra["sampling_scheduler"].config)
+
+class Flux(Family):
+    def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
+        """Sigmoid sampling shifted by the image's token count (see the module docstring); a static
+        `model.flow.shift` alone turns the resolution shift off (one shift, the one asked for)."""
+        return {"sigma_sampling": "sigmoid", "shift": None,
+                "resolution_shift": flow.get("shift") is None or flow.get("resolution_shift") is not None}
 
     def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 states [batch, T5_TOKENS, T5 width], CLIP-L pooled [batch, CLIP width]) from the pipeline's
         encode_prompt; its text_ids (zeros) are rebuilt by predict, so the cache keeps batch-first tensors only."""
-        # the text encoders' device: the transformer may not be on it yet (the loop moves it after the caches)
-        device = next(unwrapped(parts.text_encoder).parameters()).device
-        embeds, pooled, _ = self.pipeline(parts).encode_prompt(captions, None, device=device,
+        embeds, pooled, _ = self.pipeline(parts).encode_prompt(captions, None, device=self.text_device(parts),
                                                                max_sequence_length=T5_TOKENS)
         return embeds, pooled
 
@@ -118,7 +106,7 @@ class Flux(StableDiffusion3):
         if height % 2 or width % 2:
             raise ValueError(f"Flux packs latents in 2x2 patches; a {height}x{width} latent cannot be packed: "
                              "use image sides (and bucket sides) that are multiples of 16 px")
-        value, guidance = parts.extra.get("guidance"), None
+        value, guidance = getattr(parts.options, "guidance", None), None
         if value is not None and not config.guidance_embeds:
             raise ValueError(f"model.guidance: {parts.source} has no guidance embedding (guidance_embeds: false, "
                              "as Flux.1-schnell's); remove it")
@@ -132,22 +120,6 @@ class Flux(StableDiffusion3):
             img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, dtype),
             return_dict=False)[0]
         return unpack(tokens, height, width)
-
-    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
-                         dtype: torch.dtype | None = None) -> Any:
-        raise ValueError("finetune writes no single-file Flux.1 checkpoint yet; give --out a folder (a diffusers "
-                         "pipeline folder, which diffusers and ComfyUI load)")
-
-    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
-        from diffusers import FluxPipeline
-
-        unwrap = unwrap or unwrapped
-        modules = {name: unwrap(module) for name, module in parts.modules.items()}
-        return FluxPipeline(
-            transformer=modules["transformer"], vae=modules["vae"], scheduler=parts.extra["sampling_scheduler"],
-            text_encoder=modules["text_encoder"], tokenizer=parts.tokenizers["tokenizer"],
-            text_encoder_2=modules["text_encoder_2"], tokenizer_2=parts.tokenizers["tokenizer_2"])
-
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] -> [B, h/2 * w/2, 4C]: each 2x2 patch one token, row-major (FluxPipeline._pack_latents)."""
@@ -163,3 +135,41 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     from diffusers import FluxPipeline
 
     return FluxPipeline._unpack_latents(tokens, height, width, 1)
+
+
+def _without_guidance(base: str) -> bool:
+    """Whether a local Flux pipeline folder's transformer has no guidance input (schnell); False when unknown."""
+    try:
+        with open(os.path.join(os.path.expanduser(base), "transformer", "config.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("guidance_embeds") is False
+    except (OSError, ValueError):
+        return False
+
+
+def build_tiny(seed: int = 0) -> Any:
+    from finetune.models.tiny_transformers import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(seed)
+
+
+SPEC = FamilySpec(
+    name="flux", title="Flux.1", pipeline="FluxPipeline", objective="flow_matching",
+    options=FluxOptions, behaviour=Flux, tiny=build_tiny,
+    single_file_keys=("double_blocks.",),  # BFL's double-stream blocks
+    lora_targets=("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+                  "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                  "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+    # strategy.target_preset: the anchors' target sets by name, as module-path patterns (both block kinds; the
+    # unset default is lora_targets above, diffusers' script default)
+    lora_target_presets=PRESETS,
+    text_encoder_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+    adapted_text_encoders=("text_encoder",),  # CLIP-L only: T5 is never adapted here
+    # the double blocks' text keys and values (FluxAttnProcessor's add_k_proj / add_v_proj on the context); the
+    # single blocks project text and image tokens together (single_transformer_blocks: not under this prefix)
+    hypernetwork_text_stream=TextStream(layers="transformer_blocks.", keys="add_k_proj", values="add_v_proj"),
+    # kohya's Flux files name BFL's modules, q/k/v fused (finetune/export/lora/kohya_flux.py); the
+    # diffusers-layout `transformer.` file is what diffusers, ComfyUI and ai-toolkit load
+    kohya_prefixes={"transformer": "lora_unet", "text_encoder": "lora_te1"},
+    kohya_unet_layout="flux",
+    kohya_base_model_version="flux1",  # kohya's flux_utils.MODEL_VERSION_FLUX_V1
+    embedding_keys={"text_encoder": "clip_l"})

@@ -12,15 +12,17 @@ The objective is the same DDPM as SD's (epsilon by default).
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from finetune.models import clip_prompts
 from finetune.models.base import Components, unwrapped
+from finetune.models.ddpm import DDPMOptions
+from finetune.models.family import Family, FamilySpec
 from finetune.models.loading import cast, load_frozen
-from finetune.models.stable_diffusion import StableDiffusion
+from finetune.recipe.schema import ModelOptions
 
 
 # the released SDXL 1.0 base U-Net's layout (its unet/config.json, the parts that shape module names), for reading
@@ -34,24 +36,22 @@ RELEASED_UNET_CONFIG = {
     "projection_class_embeddings_input_dim": 2816}
 
 
-class StableDiffusionXL(StableDiffusion):
-    name = "sdxl"
-    # the text-encoder file keys AUTOMATIC1111, ComfyUI and kohya use for SDXL embeddings, per pipeline part
-    embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
-    # kohya's LoRA key prefixes for SDXL (its sdxl_train_network.py): lora_te1_ / lora_te2_
-    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    kohya_unet_layout = "sgm"  # kohya's SDXL U-Net is Stability's code: its files use the original module names
-    kohya_base_model_version = "sdxl_base_v1-0"
+@dataclass
+class StableDiffusionXLOptions(ModelOptions, DDPMOptions):
+    """`model` for model.family sdxl: the common keys and the DDPM objective's."""
 
+    def problems(self) -> list[str]:
+        return self.objective_problems()
+
+
+class StableDiffusionXL(Family):
     def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
              dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,
-             without: tuple[str, ...] = ()) -> Components:
-        """As StableDiffusion.load; the VAE is kept in fp32 when its config says half precision is not safe
+             options: Any = None) -> Components:
+        """As Family.load; the VAE is kept in fp32 when its config says half precision is not safe
         (`force_upcast`, the released SDXL VAE: NaN latents in fp16). It is read from its file in fp32 (not
         rounded to `dtype` and cast back), and follows `dtype` only when its config says it is safe there."""
-        from diffusers import StableDiffusionXLPipeline
-
-        parts = load_frozen(StableDiffusionXLPipeline, base, revision=revision, variant=variant, dtype=dtype,
+        parts = load_frozen(self.pipeline_class(), base, revision=revision, variant=variant, dtype=dtype,
                             config=config, vae=vae, extra_kwargs={},
                             part_dtypes={"vae": torch.float32} if dtype != torch.float32 else None)
         if getattr(parts.vae.config, "force_upcast", False) and dtype != torch.float32:
@@ -61,6 +61,7 @@ class StableDiffusionXL(StableDiffusion):
             first.register_forward_pre_hook(_in_own_dtype)
         elif parts.vae.dtype != dtype:
             cast(parts.vae, dtype)  # an fp16-safe VAE (sdxl-vae-fp16-fix) follows the base
+        parts.options = options if options is not None else self.spec.options()
         return parts
 
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
@@ -87,11 +88,9 @@ class StableDiffusionXL(StableDiffusion):
             pooled = projected if projected is not None else pooled  # the last encoder's, as the pipeline
         return torch.cat(states, dim=-1), pooled
 
-    def tokenizer_of(self, base: str) -> Any | None:
-        from transformers import CLIPTokenizer
-
-        folder = os.path.join(os.path.expanduser(base), "tokenizer")
-        return CLIPTokenizer.from_pretrained(folder) if os.path.isdir(folder) else None
+    def caption_window(self, tokenizer: Any, max_token_length: int | None) -> int:
+        """Tokens of caption text that reach the text encoders (75 for CLIP; more with max_token_length)."""
+        return clip_prompts.chunk_count(tokenizer, max_token_length) * clip_prompts.content_window(tokenizer)
 
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: tuple[torch.Tensor, torch.Tensor], conditions: dict[str, torch.Tensor]
@@ -108,18 +107,6 @@ class StableDiffusionXL(StableDiffusion):
 
         return save_single_file_sdxl(path, parts, metadata=metadata, dtype=dtype)
 
-    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
-        """An inference pipeline sharing the (possibly adapted) modules; `unwrap` strips DDP wrappers."""
-        from diffusers import StableDiffusionXLPipeline
-
-        unwrap = unwrap or unwrapped
-        tokenizer, tokenizer_2 = _tokenizers(parts)
-        return StableDiffusionXLPipeline(
-            vae=parts.vae, text_encoder=unwrap(parts.text_encoder), text_encoder_2=unwrap(parts.text_encoder_2),
-            tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unwrap(parts.unet),
-            scheduler=parts.extra["sampling_scheduler"])
-
-
 def time_ids(conditions: dict[str, torch.Tensor]) -> torch.Tensor:
     """[batch, 6]: original (h, w) + crop top-left (top, left) + target (h, w), the order of the pipeline's
     `_get_add_time_ids` and the training scripts' `compute_time_ids`."""
@@ -134,3 +121,27 @@ def _tokenizers(parts: Components) -> list[Any]:
 def _in_own_dtype(module: torch.nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: the first input in the module's own dtype."""
     return (args[0].to(next(module.parameters()).dtype), *args[1:])
+
+
+def build_tiny(seed: int = 0) -> Any:
+    from finetune.models.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(seed)
+
+
+SPEC = FamilySpec(
+    name="sdxl", title="Stable Diffusion XL", pipeline="StableDiffusionXLPipeline", objective="ddpm",
+    options=StableDiffusionXLOptions, behaviour=StableDiffusionXL, tiny=build_tiny,
+    also_recognised=("StableDiffusionXLImg2ImgPipeline",),
+    single_file_keys=("input_blocks.", "conditioner.embedders.1."),  # the U-Net, and SDXL's second text encoder
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
+    conv_lora_targets=("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"),
+    text_encoder_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+    hypernetwork_text_stream=None,  # the U-Net's cross-attention context, as SD's (A1111's design)
+    # kohya's LoRA key prefixes for SDXL (its sdxl_train_network.py): lora_te1_ / lora_te2_
+    kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    kohya_unet_layout="sgm",  # kohya's SDXL U-Net is Stability's code: its files use the original module names
+    kohya_base_model_version="sdxl_base_v1-0",
+    # the text-encoder file keys AUTOMATIC1111, ComfyUI and kohya use for SDXL embeddings, per pipeline part
+    embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
+    long_prompts=True)

@@ -99,34 +99,14 @@ def build_tiny_sdxl_pipeline(seed: int = 0, force_upcast: bool = True):
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
 
 
-def _sd3(seed: int = 0):
-    from finetune.models.tiny_transformers import build_tiny_sd3_pipeline
-
-    return build_tiny_sd3_pipeline(seed)
-
-
-def _flux(seed: int = 0):
-    from finetune.models.tiny_transformers import build_tiny_flux_pipeline
-
-    return build_tiny_flux_pipeline(seed)
-
-
-def _zimage(seed: int = 0):
-    from finetune.models.tiny_transformers import build_tiny_zimage_pipeline
-
-    return build_tiny_zimage_pipeline(seed)
-
-
-BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline, "sd3": _sd3, "flux": _flux,
-            "zimage": _zimage}
-
-
 def save_tiny_pipeline(folder: str | Path, seed: int = 0, family: str = "sd") -> Path:
-    """Write a tiny pipeline of `family` (a BUILDERS key: "sd", "sdxl", "sd3", "flux") as a diffusers folder."""
+    """Write a tiny pipeline of `family` (a registered family's name: its spec's `tiny` builds it) as a
+    diffusers folder."""
+    from finetune.models import spec_of
     from finetune.paths import give_umask_permissions
 
     folder = Path(folder)
-    BUILDERS[family](seed).save_pretrained(folder, safe_serialization=True)
+    spec_of(family).tiny(seed).save_pretrained(folder, safe_serialization=True)
     give_umask_permissions(folder)
     return folder
 
@@ -138,7 +118,9 @@ if __name__ == "__main__":
                                      description="Write a tiny random pipeline of a model family (a test model).")
     parser.add_argument("folder", nargs="?", default="outputs/tiny-sd", help="where to write it (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    parser.add_argument("--family", choices=sorted(BUILDERS), default="sd", help="model family (default sd)")
+    from finetune.models import specs
+
+    parser.add_argument("--family", choices=list(specs()), default="sd", help="model family (default sd)")
     args = parser.parse_args()
     from finetune import console
 

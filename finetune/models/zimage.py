@@ -22,64 +22,41 @@ refiners and main layers).
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from finetune.models.base import Components, unwrapped
-from finetune.models.flow_matching import FlowMatchingObjective, from_recipe
-from finetune.models.loading import load_frozen
-from finetune.models.sd3 import StableDiffusion3
+from finetune.models.family import Family, FamilySpec
+from finetune.models.flow_matching import FlowMatchingOptions
 from finetune.networks.hypernetwork_points import TextStream
+from finetune.recipe.schema import ModelOptions
 
 # Qwen3 tokens per caption (chat template included), in training and in sample grids: ZImagePipeline's default
 # max_sequence_length, and the script's
 MAX_SEQUENCE_LENGTH = 512
 
 
-class ZImage(StableDiffusion3):
-    name = "zimage"
-    lora_targets = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
-    conv_lora_targets = ()
-    text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # Qwen3's attention
-    # kohya-style Z-Image files (lora_unet_layers_0_attention_to_q) are read by diffusers' converter but not
-    # written here: the diffusers-layout `transformer.` file is what ZImagePipeline.load_lora_weights and ComfyUI load
-    kohya_prefixes = {"transformer": "lora_unet"}
-    kohya_unet_layout = "none"
-    embedding_keys: dict[str, str] = {}
-    kohya_base_model_version = "zimage"
-    # the caption tokens are refined alone (context_refiner, ZSingleStreamAttnProcessor's to_k / to_v) before
-    # they join the image tokens; the main layers' projections read both, the noise_refiner's the image only
-    hypernetwork_text_stream = TextStream(layers="context_refiner.", keys="to_k", values="to_v")
+@dataclass
+class ZImageOptions(ModelOptions, FlowMatchingOptions):
+    """`model` for model.family zimage: the common keys and `flow`."""
 
-    def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
-             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,
-             without: tuple[str, ...] = ()) -> Components:
-        """The frozen ZImagePipeline parts from a hub id, a diffusers folder or a single checkpoint (`config`: a
-        folder or hub id with the other parts). `without`: none here (validate refuses asking)."""
-        from diffusers import ZImagePipeline
+    def problems(self) -> list[str]:
+        return self.objective_problems()
 
-        return load_frozen(ZImagePipeline, base, revision=revision, variant=variant, dtype=dtype, config=config,
-                           vae=vae, extra_kwargs={}, ddpm=False)
 
-    def objective(self, parts: Components, **flow: Any) -> FlowMatchingObjective:
-        """Flow matching with the recipe's `flow` choices; where they say auto / None, uniform sigma shifted as
-        the base's scheduler config shifts (see the module docstring)."""
-        config = parts.extra["sampling_scheduler"].config
-        dynamic = bool(config.get("use_dynamic_shifting", False))
-        defaults = {"sigma_sampling": "uniform", "shift": None if dynamic else config.get("shift", 1.0),
-                    "resolution_shift": dynamic and flow.get("shift") is None}
-        return from_recipe(flow, defaults, config)
-
-    def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
-        """Qwen3, the one text encoder."""
-        return [("text_encoder", parts.tokenizer, unwrapped(parts.text_encoder))]
+class ZImage(Family):
+    def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
+        """Uniform sigma shifted as the base's scheduler config shifts (see the module docstring)."""
+        dynamic = bool(scheduler_config.get("use_dynamic_shifting", False))
+        return {"sigma_sampling": "uniform", "shift": None if dynamic else scheduler_config.get("shift", 1.0),
+                "resolution_shift": dynamic and flow.get("shift") is None}
 
     def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(states [batch, MAX_SEQUENCE_LENGTH, Qwen3 width], mask [batch, MAX_SEQUENCE_LENGTH]): the pipeline's
         encode_prompt, each caption's tokens padded back with zeros to the length the encoder read."""
-        device = next(unwrapped(parts.text_encoder).parameters()).device
+        device = self.text_device(parts)
         # a copy: encode_prompt writes the templated prompts into the list it is given
         states, _ = self.pipeline(parts).encode_prompt(list(captions), device, do_classifier_free_guidance=False,
                                                        max_sequence_length=MAX_SEQUENCE_LENGTH)
@@ -109,22 +86,26 @@ class ZImage(StableDiffusion3):
         out = transformer(latents, t, captions, return_dict=False)[0]
         return -torch.stack(out, dim=0).squeeze(2)
 
-    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
-                         dtype: torch.dtype | None = None) -> Any:
-        raise ValueError("finetune writes no single-file Z-Image checkpoint yet; give --out a folder (a diffusers "
-                         "pipeline folder, which diffusers loads)")
 
-    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
-        from diffusers import ZImagePipeline
+def build_tiny(seed: int = 0) -> Any:
+    from finetune.models.tiny_transformers import build_tiny_zimage_pipeline
 
-        unwrap = unwrap or unwrapped
-        modules = {name: unwrap(module) for name, module in parts.modules.items()}
-        return ZImagePipeline(scheduler=parts.extra["sampling_scheduler"], vae=modules["vae"],
-                              text_encoder=modules["text_encoder"], tokenizer=parts.tokenizers["tokenizer"],
-                              transformer=modules["transformer"])
+    return build_tiny_zimage_pipeline(seed)
 
-    def tokenizer_of(self, base: str) -> Any | None:
-        from transformers import AutoTokenizer
 
-        folder = os.path.join(os.path.expanduser(base), "tokenizer")
-        return AutoTokenizer.from_pretrained(folder) if os.path.isdir(folder) else None
+SPEC = FamilySpec(
+    name="zimage", title="Z-Image", pipeline="ZImagePipeline", objective="flow_matching",
+    options=ZImageOptions, behaviour=ZImage, tiny=build_tiny,
+    lora_targets=("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"),
+    text_encoder_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),  # Qwen3's attention
+    # the caption tokens are refined alone (context_refiner, ZSingleStreamAttnProcessor's to_k / to_v) before
+    # they join the image tokens; the main layers' projections read both, the noise_refiner's the image only
+    hypernetwork_text_stream=TextStream(layers="context_refiner.", keys="to_k", values="to_v"),
+    refuses={"textual_inversion": "its diffusers pipeline has no embedding loader and no embedding file layout "
+                                  "is defined for its text encoder"},
+    # kohya-style Z-Image files (lora_unet_layers_0_attention_to_q) are read by diffusers' converter but not
+    # written here: the diffusers-layout `transformer.` file is what ZImagePipeline.load_lora_weights and ComfyUI
+    # load
+    kohya_prefixes={"transformer": "lora_unet"},
+    kohya_unet_layout="none",
+    kohya_base_model_version="zimage")

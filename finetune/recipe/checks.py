@@ -7,8 +7,9 @@ import os
 import re
 from pathlib import Path
 
-from finetune.models import FAMILIES, OBJECTIVE_OPTIONS, objective_problems
-from finetune.models.detect import NAMES, UnsupportedFamily, family_of
+from finetune.models import spec_of
+from finetune.models.family import refusal
+from finetune.models.detect import UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
 from finetune.file_errors import FileProblem, can_write_in, nearest_existing
 from finetune.recipe.schema import Recipe
@@ -20,9 +21,11 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
 def recipe_value(recipe: Recipe, dotted: str) -> object:
-    """A recipe value by its dotted key, e.g. "train.min_snr_gamma"."""
-    section, key = dotted.split(".")
-    return getattr(getattr(recipe, section), key)
+    """A recipe value by its dotted key, e.g. "train.learning_rate" or "model.flow.shift"."""
+    value: object = recipe
+    for key in dotted.split("."):
+        value = getattr(value, key)
+    return value
 
 
 def looks_like_local_path(value: str) -> bool:
@@ -78,31 +81,21 @@ def _check_model(recipe: Recipe) -> list[str]:
     except FileProblem as exc:  # a single-file base cut short: its header says so
         problems.append(f"model.base: {exc}")
     else:
-        # options of another objective than the family's (e.g. min-SNR on a flow-matching model)
-        values = {key: recipe_value(recipe, key) for options in OBJECTIVE_OPTIONS.values() for key in options}
-        chosen = m.family if m.family != "auto" else found or "sd"
-        problems += objective_problems(chosen, values)
+        chosen = spec_of(m.family if m.family != "auto" else found or "sd")
+        problems += m.problems()  # the family's own options (its objective's included)
+        problems += [refused for refused in [refusal(chosen, recipe.strategy.kind)] if refused]
         if m.quantize != "none" and recipe.strategy.kind == "dreambooth":
             problems.append(f"model.quantize: {m.quantize} keeps the denoiser's weights in 8 bits, and DreamBooth "
                             "trains those weights; set model.quantize: none, or train a LoRA")
         if m.quantize != "none" and importlib.util.find_spec("torchao") is None:
             problems.append(f"model.quantize: {m.quantize} needs torchao: pip install torchao "
                             "(or pip install 'finetune[quantize]')")
-        if m.text_encoder_3 == "none" and chosen != "sd3":
-            problems.append(f"model.text_encoder_3: none leaves out SD3's T5; a {NAMES[chosen]} model has no third "
-                            "text encoder; remove it")
-        if m.guidance is not None and chosen != "flux":
-            problems.append(f"model.guidance: the guidance embedding is Flux.1-dev's; a {NAMES[chosen]} model has "
-                            "none; remove it (sample.guidance_scale sets classifier-free guidance for samples)")
-        elif m.guidance is not None and _flux_without_guidance(m.base):
-            problems.append(f"model.guidance: {m.base} has no guidance embedding (its transformer config says "
-                            "guidance_embeds: false, as Flux.1-schnell's); remove it")
-        if recipe.data.max_token_length and FAMILIES[chosen][2] != "ddpm":
-            problems.append(f"data.max_token_length: long-prompt chunking is SD 1.x/2.x's and SDXL's; {NAMES[chosen]} "
-                            "reads longer captions through its T5 encoder; remove it")
+        if recipe.data.max_token_length and not chosen.long_prompts:
+            problems.append(f"data.max_token_length: long-prompt chunking is for CLIP-only families; {chosen.title} "
+                            "reads longer captions through its own text encoder; remove it")
         if found and m.family not in ("auto", found):
-            problems.append(f"model.family: {m.family}, but {m.base} is a {NAMES[found]} model (told from its "
-                            f"{'model_index.json' if os.path.isdir(os.path.expanduser(m.base)) else 'keys'}); "
+            problems.append(f"model.family: {m.family}, but {m.base} is a {spec_of(found).title} model (told from "
+                            f"its {'model_index.json' if os.path.isdir(os.path.expanduser(m.base)) else 'keys'}); "
                             f"set model.family: {found} or auto")
     if m.vae and looks_like_local_path(m.vae) and not os.path.exists(os.path.expanduser(m.vae)):
         problems.append(f"model.vae: {m.vae} does not exist; give a folder holding a VAE (its config.json), a "
@@ -116,17 +109,6 @@ def _check_model(recipe: Recipe) -> list[str]:
             "set both, or leave model.dtype at auto"
         )
     return problems
-
-
-def _flux_without_guidance(base: str) -> bool:
-    """Whether a local Flux pipeline folder's transformer has no guidance input (schnell); False when unknown."""
-    import json
-
-    try:
-        with open(os.path.join(os.path.expanduser(base), "transformer", "config.json"), encoding="utf-8") as handle:
-            return json.load(handle).get("guidance_embeds") is False
-    except (OSError, ValueError):
-        return False
 
 
 def _check_data(recipe: Recipe) -> list[str]:
@@ -221,10 +203,6 @@ def _check_train(recipe: Recipe) -> list[str]:
                         f"got {t.lr_warmup_steps}")
     if t.max_grad_norm < 0:
         problems.append(f"train.max_grad_norm: must be 0 (off) or positive, got {t.max_grad_norm}")
-    if t.min_snr_gamma is not None and t.min_snr_gamma <= 0:
-        problems.append(f"train.min_snr_gamma: must be positive (5.0 is usual) or null, got {t.min_snr_gamma}")
-    if t.noise_offset < 0:
-        problems.append(f"train.noise_offset: must be 0 or more (0.05-0.1 is usual), got {t.noise_offset}")
     if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), "
                         "or set train.optimizer: adamw")

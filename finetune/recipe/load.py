@@ -10,9 +10,14 @@ import yaml
 
 from finetune.recipe import checks
 from finetune.recipe.paths import resolve_paths
-from finetune.recipe.schema import Recipe, StrategyOptions
-from finetune.recipe.typed import build, closest
+from finetune.recipe.schema import ModelOptions, Recipe, StrategyOptions
+from finetune.recipe.typed import build, closest, yaml_keys
 from finetune.strategies import KINDS, options_class
+
+
+# keys an older finetune read, and where they live now (refused with their new name)
+MOVED = {"flow": "model.flow", "train.min_snr_gamma": "model.min_snr_gamma",
+         "train.noise_offset": "model.noise_offset"}
 
 
 class RecipeError(ValueError):
@@ -79,17 +84,22 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
     problems: list[str] = []
     if not isinstance(data, dict):
         raise RecipeError(source, ["the recipe must be a mapping of sections (model:, strategy:, data:, ...)"])
-    strategy_raw = data.get("strategy")
-    data = {k: v for k, v in data.items() if k != "strategy"}
-    recipe = build(Recipe, {**data, "strategy": {}}, "", problems)
+    problems += moved_keys(data)
+    strategy_raw, model_raw = data.get("strategy"), data.get("model")
+    data = {k: v for k, v in data.items() if k not in ("strategy", "model", "flow")}
+    if isinstance(data.get("train"), dict):  # a moved key is reported once, above
+        data["train"] = {k: v for k, v in data["train"].items() if f"train.{k}" not in MOVED}
+    recipe = build(Recipe, {**data, "strategy": {}, "model": {}}, "", problems)
     strategy = _build_strategy(strategy_raw, problems)
+    model = build_model(model_raw, problems)
     if recipe is not None:
         recipe.strategy = strategy
+        recipe.model = model
         recipe.source = source
         _require(recipe, problems)
         if base_dir is not None:
             resolve_paths(recipe, base_dir, command_line_keys)
-        if strategy is not None:
+        if strategy is not None and model is not None:
             problems.extend(checks.check(recipe))
     if problems:
         raise RecipeError(source, problems)
@@ -110,6 +120,72 @@ def _build_strategy(raw: Any, problems: list[str]) -> StrategyOptions | None:
         problems.append(f"strategy.kind: {kind!r} is not one of {', '.join(KINDS)}{hint}")
         return None
     return build(options_class(kind), raw, "strategy", problems)
+
+
+def moved_keys(data: dict) -> list[str]:
+    """A problem for each key an older finetune read that now lives elsewhere, naming its new place."""
+    found = []
+    for old, new in MOVED.items():
+        section, _, key = old.partition(".")
+        holder = data.get(section) if key else data
+        if isinstance(holder, dict) and (key or section) in holder:
+            found.append(f"{old}: moved to {new} (the model family's options live in the model section); "
+                         f"write it there")
+    return found
+
+
+def build_model(raw: Any, problems: list[str]) -> ModelOptions | None:
+    """The `model` section as its family's options class (model.family, or the family `auto` tells from
+    model.base before loading: sd when nothing tells); a key of another family is named with its family."""
+    from finetune.models import spec_of, specs, told_family
+    from finetune.models.detect import UnsupportedFamily
+    from finetune.file_errors import FileProblem
+
+    if raw is None:
+        problems.append("model: missing section (model.base is required)")
+        return None
+    if not isinstance(raw, dict):
+        problems.append(f"model: expected a mapping of keys (base:, family:, ...), got {type(raw).__name__}")
+        return None
+    name = raw.get("family", "auto")
+    if name != "auto":
+        try:
+            spec_of(str(name))
+        except ValueError as exc:
+            problems.append(f"model.family: {exc}")
+            return None
+    told = name
+    if name == "auto":
+        try:
+            told = told_family(str(raw.get("base") or ""))
+        except (UnsupportedFamily, FileProblem):  # the model checks name it; its options cannot be told
+            told = "sd"
+    own = set(yaml_keys(spec_of(told).options))
+    elsewhere = {key: [s.name for s in specs().values() if key in yaml_keys(s.options)] for key in raw if key not in own}
+    for key, families in elsewhere.items():
+        if families:
+            how = "model.family says" if name != "auto" else "model.family: auto tells from model.base"
+            problems.append(f"model.{key}: an option of model.family {' / '.join(families)}, and this model is "
+                            f"{told} ({how}); remove it, or set model.family")
+    return build(spec_of(told).options, {k: v for k, v in raw.items() if not elsewhere.get(k)}, "model", problems)
+
+
+def options_for(spec: Any, model: ModelOptions) -> ModelOptions:
+    """`model` as `spec`'s options: itself, or, when loading told another family than the recipe was read with
+    (model.family: auto and a hub id), the common keys carried over. Raises RecipeError when it set keys of the
+    family it was read as, which the family it is does not read."""
+    if type(model) is spec.options:
+        return model
+    common = {f.name for f in dataclasses.fields(ModelOptions)}
+    default = type(model)()
+    lost = [f.name for f in dataclasses.fields(model) if f.name not in common
+            and getattr(model, f.name) != getattr(default, f.name) and f.name not in yaml_keys(spec.options)]
+    if lost:
+        raise RecipeError("model", [f"model.{key}: model.family: auto read the recipe before {model.base} was "
+                                    f"found to be a {spec.title} model, which has no such option; set model.family: "
+                                    f"{spec.name} and write that family's options" for key in lost])
+    carried = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name in yaml_keys(spec.options)}
+    return spec.options(**carried)
 
 
 def _require(recipe: Recipe, problems: list[str]) -> None:

@@ -22,29 +22,30 @@ LrScheduler = Literal[
 
 @dataclass
 class ModelOptions:
+    """What every family's `model` section holds; a family's options class (its file in finetune/models/) adds
+    its own keys, as each strategy's class adds to StrategyOptions."""
+
     base: str = required()  # hub id, local diffusers folder, or single .safetensors/.ckpt checkpoint
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. "fp16" for the fp16 weight files of a hub repository
     # dtype of the frozen base; "auto" follows train.mixed_precision
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # which model family (finetune/models/): "auto" tells it from a diffusers folder's model_index.json or a
-    # single file's keys; a hub id or .ckpt that cannot be read before loading is taken as sd unless set here
-    family: Literal["auto", "sd", "sdxl", "sd3", "flux", "zimage"] = "auto"
+    # single file's keys; a hub id or .ckpt that cannot be read before loading is taken as sd unless set here.
+    # The family chooses the rest of this section: its own options (its objective's included) follow these
+    family: str = "auto"
     # the frozen denoiser's Linear weights in 8 bits (torchao, weight-only; adapters stay full precision), for
     # LoRA-type strategies on large transformers (finetune/models/quantize.py); "none": as loaded
     quantize: Literal["none", "int8", "fp8"] = "none"
-    # SD3: "none" trains and samples without T5 (the pipeline gives zeros in its place), to save its memory
-    text_encoder_3: Literal["auto", "none"] = "auto"
-    # Flux.1-dev: the value its guidance embedding is given in training; None: the family's (1.0, as kohya's and
-    # SimpleTuner's docs recommend for LoRA; finetune/models/flux.py). Sampling uses sample.guidance_scale
-    guidance: Optional[float] = None
-    # None: take it from the base's scheduler config
-    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     # for a single-file checkpoint: a diffusers folder or hub id holding the matching configs
     config: Optional[str] = None
     # another VAE instead of the base's: a folder holding one, a pipeline folder (its vae/), a single file or a
     # hub id (e.g. stabilityai/sd-vae-ft-mse)
     vae: Optional[str] = None
+
+    def problems(self) -> list[str]:
+        """What is wrong with the family's own options (a family's class extends this)."""
+        return []
 
 
 @dataclass
@@ -98,23 +99,6 @@ class TrainOptions:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     compile: bool = False  # torch.compile the denoiser (first steps slower while it compiles)
     channels_last: bool = False  # denoiser weights and inputs in NHWC, faster convolutions on many GPUs
-    min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023); None: plain MSE
-    noise_offset: float = 0.0
-
-
-@dataclass
-class FlowOptions:
-    """How the flow-matching objective draws sigma and weights the loss (SD3.5, Flux.1, Z-Image;
-    finetune/models/flow_matching.py); "auto" and None take the family's defaults (README, "Flow-matching
-    families"). A DDPM family (sd, sdxl) refuses them, and these families refuse the DDPM options."""
-    sigma_sampling: Literal["auto", "uniform", "logit_normal", "mode", "sigmoid"] = "auto"
-    logit_mean: float = 0.0  # logit_normal: u = sigmoid(N(mean, std))
-    logit_std: float = 1.0
-    mode_scale: float = 1.29  # mode: the SD3 paper's mode sampling
-    sigmoid_scale: float = 1.0  # sigmoid: u = sigmoid(scale N(0, 1))
-    shift: Optional[float] = None  # static shift s: sigma = s u / (1 + (s - 1) u); None: the family's
-    resolution_shift: Optional[bool] = None  # shift by the image's token count, as Flux samples; None: the family's
-    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # per-sample loss weights (the SD3 script's)
 
 
 @dataclass
@@ -205,7 +189,6 @@ class Recipe:
     data: DataOptions
     output_dir: str = required()
     train: TrainOptions = field(default_factory=TrainOptions)
-    flow: FlowOptions = field(default_factory=FlowOptions)
     prior: PriorOptions = field(default_factory=PriorOptions)
     cache: CacheOptions = field(default_factory=CacheOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)

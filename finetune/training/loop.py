@@ -27,10 +27,10 @@ from finetune.data.buckets import format_report, write_report
 from finetune.data.captions import caption_report
 from finetune.data.caches import estimated_bytes, plan_caches
 from finetune.export.family_header import family_fields, family_version
-from finetune.models import family_for, objective_values
+from finetune.models import family_for
+from finetune.models.family import refusal
 from finetune.models.quantize import quantize_weights
-from finetune.recipe.checks import recipe_value
-from finetune.recipe.load import RecipeError, recipe_to_dict
+from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.report.live import LiveReport
 from finetune.strategies import create_strategy
@@ -144,10 +144,12 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     first_step = saved[0]["step"] if resume_from is not None else 0
 
     family = family_for(recipe.model.family, recipe.model.base, hub=True)
+    recipe.model = options_for(family.spec, recipe.model)  # a hub id's family, told only now
+    if refusal(family.spec, recipe.strategy.kind):
+        raise RecipeError(recipe.source, [refusal(family.spec, recipe.strategy.kind)])
     base_dtype = weight_dtype(recipe.model.dtype, t.mixed_precision)  # the frozen base's (trained weights: fp32)
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
-                        dtype=base_dtype, config=recipe.model.config, vae=recipe.model.vae,
-                        without=("text_encoder_3",) if recipe.model.text_encoder_3 == "none" else ())
+                        dtype=base_dtype, config=recipe.model.config, vae=recipe.model.vae, options=recipe.model)
     # the denoiser joins the device once the caches are filled and the encoders have left it: a Flux transformer
     # (24 GB in bf16) and its T5 (9.5 GB) are never there together; class images need it before
     for name, module in parts.modules.items():
@@ -157,7 +159,6 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     if recipe.model.quantize != "none":
         count = quantize_weights(parts.denoiser, recipe.model.quantize)
         say(f"model.quantize: {count} Linear weights of the {parts.denoiser_name} in {recipe.model.quantize}")
-    parts.extra["guidance"] = recipe.model.guidance  # Flux.1-dev's guidance embedding (None: the family's)
     strategy.check(family, parts)  # options that cannot fit this model fail before any long work
     # the header keys AUTOMATIC1111 and Forge tell the base family by, in every artifact's header
     family_header = family_fields(family_version(family, parts), recipe.strategy.kind, recipe.model.base)
@@ -233,7 +234,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                        str(output_dir / "logs"))
 
     settings = LossSettings(
-        objective=family.objective(parts, **objective_values(family.name, partial(recipe_value, recipe))),
+        objective=family.objective(parts, recipe.model),
         text_encoder_trains=False,
         prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
         class_prompts=tuple(recipe.prior.class_prompt))

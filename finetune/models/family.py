@@ -1,0 +1,252 @@
+"""A model family in two halves, both in the family's own file (finetune/models/<family>.py):
+
+- `FamilySpec`, what the family *is*, declared: its name, its diffusers pipeline and how a base is recognised as
+  one, its objective and recipe options (`model.*` when `model.family` names it), its LoRA targets and presets,
+  where hypernetworks attach, its file naming (kohya prefixes, embedding keys) and its tiny offline build;
+- a `Family` subclass, what it *does* differently: `encode_prompts`, `predict`, `caption_window`, and latents in
+  and out where its VAE differs, written from the shared helpers beside this file (never by inheriting another
+  family). Loading the base and building the pipeline are done here once, for every family.
+
+The spec's fields are read through the family object (`family.lora_targets`), so the loop, strategies and file
+formats need nothing but the object `finetune.models.family_for` returns. Registered in
+`finetune.models.FAMILY_MODULES`.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from finetune.models.base import Components, unwrapped
+from finetune.models.loading import load_frozen
+
+
+@dataclass(frozen=True)
+class OriginalNames:
+    """How the model's original code names the denoiser's modules where diffusers names them otherwise: the
+    layout ComfyUI reads LoRAs in (`prefix` + original module path; finetune/export/lora/comfyui.py). Per block
+    list (diffusers' name -> the original's, `blocks`): one-to-one renames of a block's modules (`renamed`), and
+    modules the original fuses, each with its diffusers members in the order their outputs are stacked
+    (`fused`); `top`: modules outside the blocks. With no `blocks`, every module keeps its diffusers path
+    (Qwen-Image's original names are diffusers')."""
+    prefix: str = "diffusion_model."
+    blocks: Mapping[str, str] = field(default_factory=dict)  # "transformer_blocks" -> "double_blocks"
+    renamed: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # list -> {diffusers tail: original}
+    fused: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)  # list -> {original: members}
+    top: Mapping[str, str] = field(default_factory=dict)  # diffusers module path -> original path
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str  # model.family's value
+    title: str  # how messages and the README name it ("Flux.1")
+    pipeline: str  # the diffusers pipeline class that loads and samples it ("FluxPipeline")
+    objective: str  # "ddpm" (finetune/models/ddpm.py) or "flow_matching" (flow_matching.py)
+    options: type  # the recipe's `model` section for this family: ModelOptions + the family's own keys
+    behaviour: type  # the Family subclass written in the family's file
+    tiny: Callable[[int], Any]  # seed -> a tiny random pipeline of the same classes, built offline
+    # other model_index.json `_class_name`s of this family's bases (img2img, inpaint pipelines)
+    also_recognised: tuple[str, ...] = ()
+    # a single checkpoint's signature: key prefixes it holds, every one (a `model.diffusion_model.` prefix,
+    # ComfyUI's and SD's, is stripped first); where several families' match, the longest signature wins (SDXL's
+    # file also holds SD's U-Net keys, Flux.2's Flux.1's); empty: not told from a single file
+    single_file_keys: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ()  # default LoRA target modules in the denoiser (peft name tails)
+    # strategy.target_preset's named sets: preset -> module-path patterns matched whole (lora_presets.py)
+    lora_target_presets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    conv_lora_targets: tuple[str, ...] = ()  # the denoiser's convolutions strategy.conv_layers adds
+    text_encoder_lora_targets: tuple[str, ...] = ()
+    # the text encoders textual inversion and text-encoder LoRA change, in the pipeline's order (None: all)
+    adapted_text_encoders: Optional[tuple[str, ...]] = None
+    # where a hypernetwork acts (finetune/networks/hypernetwork_points.py): None, a U-Net's cross-attention
+    # context (A1111's design); or a TextStream naming the attention layers whose keys/values read text alone
+    hypernetwork_text_stream: Any = None
+    # strategy kind -> why it is not trained on this family (refused by name before any model loads)
+    refuses: Mapping[str, str] = field(default_factory=dict)
+    # kohya's naming: LoRA prefix per part, the denoiser's module layout ("diffusers", "sgm", "flux", "sd3" or
+    # "none": export/lora/kohya_names.py), and ss_base_model_version (None: told from the weights)
+    kohya_prefixes: Mapping[str, str] = field(default_factory=dict)
+    kohya_unet_layout: str = "none"
+    kohya_base_model_version: Optional[str] = None
+    # the embedding file's key per text encoder (SDXL: clip_l, clip_g; empty: one encoder, keyed by the token)
+    embedding_keys: Mapping[str, str] = field(default_factory=dict)
+    # the layout ComfyUI reads this family's LoRAs in, written by strategy.formats: [comfyui] (None: not written;
+    # the diffusers-layout `transformer.` file is then the one to load)
+    comfyui_names: Optional[OriginalNames] = None
+    # ModelSpec's `modelspec.architecture` (what AUTOMATIC1111 / Forge tell the base by; export/family_header.py)
+    modelspec_architecture: Optional[str] = None
+    long_prompts: bool = False  # data.max_token_length's 75-token chunking applies (CLIP-only families)
+    load_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given to the pipeline's loaders
+    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given when the pipeline is built
+
+
+def refusal(spec: FamilySpec, kind: str) -> str | None:
+    """The message refusing strategy `kind` on the family, or None when the family trains it (`spec.refuses`)."""
+    if kind not in spec.refuses:
+        return None
+    return (f"strategy.kind: {kind.replace('_', ' ')} on {spec.name} is not written yet ({spec.refuses[kind]}); "
+            "use lora")
+
+
+class Family:
+    """The shared behaviour of every family; a family's file subclasses it for what it does differently."""
+
+    def __init__(self, spec: FamilySpec | None = None):
+        # StableDiffusion() alone: the spec its own file declares
+        self.spec = spec if spec is not None else sys.modules[type(self).__module__].SPEC
+
+    def __getattr__(self, name: str) -> Any:
+        # family.lora_targets, family.name, ...: the spec's declared fields
+        if name != "spec" and not name.startswith("__"):
+            return getattr(self.spec, name)
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"<{self.spec.title} family ({self.spec.name})>"
+
+    # --- loading and the pipeline: once, for every family -----------------------------------------------------
+    def load(self, base: str, *, revision: str | None = None, variant: str | None = None,
+             dtype: torch.dtype = torch.float32, config: str | None = None, vae: str | None = None,
+             options: Any = None) -> Components:
+        """The frozen base (every part requires_grad False, eval mode) from a hub id, a diffusers folder or a
+        single checkpoint (`config`: a folder or hub id with its configs); `vae` replaces its VAE; `options`: the
+        recipe's `model` section (None: the family's defaults). Raises ModelLoadError naming the fix."""
+        options = options if options is not None else self.spec.options()
+        name = self.pipeline_name(base)
+        parts = load_frozen(self.pipeline_class(name), base, revision=revision, variant=variant, dtype=dtype,
+                            config=config, vae=vae, extra_kwargs=self.load_kwargs(base, options),
+                            ddpm=self.spec.objective == "ddpm")
+        parts.options = options
+        parts.extra["pipeline"] = name
+        return parts
+
+    def pipeline_name(self, base: str) -> str:
+        """The diffusers pipeline class that loads `base`: the spec's (a family whose variants load with their
+        own class, Flux.2 klein's, says which from the base)."""
+        return self.spec.pipeline
+
+    def load_kwargs(self, base: str, options: Any) -> dict[str, Any]:
+        """What the pipeline's loaders are given besides the weights (a part given as None is not loaded)."""
+        return dict(self.spec.load_kwargs)
+
+    def pipeline_class(self, name: str | None = None) -> Any:
+        import diffusers
+
+        return getattr(diffusers, name or self.spec.pipeline)
+
+    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
+        """A diffusers inference pipeline sharing the (possibly adapted) parts, each given by the name the
+        pipeline's constructor takes it by; `unwrap` strips distributed wrappers."""
+        unwrap = unwrap or unwrapped
+        cls = self.pipeline_class(parts.extra.get("pipeline"))
+        given: dict[str, Any] = {}
+        for name in inspect.signature(cls.__init__).parameters:
+            if name in parts.modules:
+                given[name] = unwrap(parts.modules[name])
+            elif name in parts.tokenizers:
+                given[name] = parts.tokenizers[name]
+            elif name == "scheduler":
+                given[name] = parts.extra["sampling_scheduler"]
+            elif name in self.spec.pipeline_kwargs:
+                given[name] = self.spec.pipeline_kwargs[name]
+            elif name.startswith(("text_encoder", "tokenizer", "image_encoder", "feature_extractor", "safety")):
+                given[name] = None  # an optional part left out (SD3 without T5)
+        return cls(**given)
+
+    # --- the objective ----------------------------------------------------------------------------------------
+    def objective(self, parts: Components, options: Any = None) -> Any:
+        """How latents are noised and what is regressed (finetune/models/ddpm.py, flow_matching.py), from the
+        recipe's `model` options (None: the family's defaults)."""
+        options = options if options is not None else (getattr(parts, "options", None) or self.spec.options())
+        if self.spec.objective == "ddpm":
+            from finetune.models.ddpm import DDPMObjective
+
+            scheduler = parts.noise_scheduler
+            return DDPMObjective(scheduler, options.prediction_type or scheduler.config.prediction_type,
+                                 options.noise_offset, options.min_snr_gamma)
+        from finetune.models.flow_matching import from_recipe
+
+        flow = vars(options.flow)
+        config = parts.extra["sampling_scheduler"].config
+        return from_recipe(flow, self.flow_defaults(flow, config), config)
+
+    def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
+        """The family's sigma sampling where `model.flow` says auto / None (a flow-matching family's file says)."""
+        raise NotImplementedError(f"{self.spec.name} declares flow matching but no flow_defaults")
+
+    # --- text -------------------------------------------------------------------------------------------------
+    def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
+        """(part name, tokenizer, unwrapped text encoder) per adaptable text encoder, in the pipeline's order."""
+        chosen = self.spec.adapted_text_encoders
+        names = [n for n in parts.text_encoder_names if chosen is None or n in chosen]
+        return [(name, parts.tokenizers["tokenizer" + name.removeprefix("text_encoder")],
+                 unwrapped(parts.modules[name])) for name in names]
+
+    def text_device(self, parts: Components) -> torch.device:
+        """Where prompts are encoded: the first text encoder's device (the denoiser may not be on it yet: the
+        loop moves it after the caches)."""
+        return next(unwrapped(parts.modules[parts.text_encoder_names[0]]).parameters()).device
+
+    def tokenizer_of(self, base: str) -> Any | None:
+        """The first tokenizer without the models (`finetune validate`), of the class model_index.json names,
+        from a diffusers folder; None for a hub id or a single file (its tokenizer comes with loading)."""
+        import transformers
+
+        folder = os.path.join(os.path.expanduser(base), "tokenizer")
+        index = os.path.join(os.path.expanduser(base), "model_index.json")
+        if not os.path.isdir(folder):
+            return None
+        try:
+            with open(index, encoding="utf-8") as handle:
+                class_name = json.load(handle).get("tokenizer", [None, None])[1]
+        except (OSError, ValueError):
+            class_name = None
+        return getattr(transformers, class_name or "AutoTokenizer", transformers.AutoTokenizer).from_pretrained(folder)
+
+    def caption_window(self, tokenizer: Any, max_token_length: int | None) -> int:
+        """Tokens of caption text that reach the text encoder."""
+        return tokenizer.model_max_length
+
+    # --- images -----------------------------------------------------------------------------------------------
+    def encode_images(self, parts: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents for pixels [batch, 3, H, W] in [-1, 1], as the denoiser takes them."""
+        return self.latents_from_moments(parts, *self.encode_image_moments(parts, pixels), generator)
+
+    def encode_image_moments(self, parts: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution (mean, std) for the images: what a latent cache keeps."""
+        vae = parts.vae
+        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return distribution.mean, distribution.std
+
+    def latents_from_moments(self, parts: Components, mean: torch.Tensor, std: torch.Tensor,
+                             generator: torch.Generator) -> torch.Tensor:
+        """One latent drawn from (mean, std), the draw diffusers' `latent_dist.sample` makes, then
+        `(z - shift_factor) x scaling_factor` as the VAE's config says (no shift for SD's VAE)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        config = parts.vae.config
+        return ((mean + std * noise).float() - (config.get("shift_factor") or 0.0)) * config.scaling_factor
+
+    # --- what each family writes itself ---------------------------------------------------------------------
+    def encode_prompts(self, parts: Components, captions: list[str]) -> Any:
+        """The text conditioning for captions: a tensor, or a tuple of tensors, each with the batch first; what
+        the text cache keeps per caption."""
+        raise NotImplementedError
+
+    def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Any,
+                conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's output for `noisy` latents [batch, c, h, w] at `timesteps`, shaped like them, given the
+        prompts' `conditioning` and each image's `conditions` (sizes, crop corners: finetune/data/dataset.py)."""
+        raise NotImplementedError
+
+    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
+                         dtype: torch.dtype | None = None) -> Any:
+        """One original-layout checkpoint (what AUTOMATIC1111 and ComfyUI load); most families write none yet."""
+        raise ValueError(f"finetune writes no single-file {self.spec.title} checkpoint yet; give --out a folder "
+                         "(a diffusers pipeline folder, which diffusers and ComfyUI load)")
