@@ -175,7 +175,8 @@ def _accelerators() -> list[str]:
 
 def report() -> list[tuple[str, str]]:
     """(name, value) pairs for a bug report: finetune, Python, platform, torch and its builds, accelerators, the
-    key libraries (optional ones only when installed) and any problem `check_packages` would raise for."""
+    key libraries (optional ones only when installed), the model families trained (the registered specs) and any
+    problem `check_packages` would raise for."""
     import torch
 
     from finetune import __version__
@@ -191,6 +192,9 @@ def report() -> list[tuple[str, str]]:
         version = installed_version(name)
         if version or name not in OPTIONAL:
             rows.append((name, version or "not installed"))
+    from finetune.models import specs
+
+    rows.append(("families", ", ".join(f"{spec.name} ({spec.title})" for spec in specs().values())))
     problems = conflict_problems() + declared_problems()
     rows += [("problem", problem) for problem in problems] or [("problems", "none found")]
     return rows

@@ -304,7 +304,7 @@ CATALOGUE = [
              lambda ws: ws.train(model={"base": str(ws.images)}), ("not a diffusers pipeline", "save_pretrained")),
     BadInput("family-not-trained-here", "`model.base` is a model of a family not trained here (Sana, PixArt, ...)",
              "Names the family (from model_index.json or the file's keys) and what is trained today",
-             _sana_base, ("Sana pipeline", "finetune trains Stable Diffusion 1.x and 2.x", "SDXL", "SD3")),
+             _sana_base, ("Sana pipeline", "finetune trains Stable Diffusion 1.x/2.x (sd)", "(sdxl)", "(sd3)")),
     BadInput("family-mismatch", "`model.family` says one family and the base is another (e.g. `sd` on an SDXL folder)",
              "Names both and what to set (the family, or auto)",
              _sdxl_base_as_sd, ("model.family: sd, but", "is a Stable Diffusion XL model", "set model.family: sdxl or auto")),

@@ -108,6 +108,10 @@ def _hints(key: str) -> list[typing.Any]:
     section, *rest = key.split(".")
     if section == "strategy":
         classes = _strategy_classes()
+    elif section == "model":  # each family's options (model.family chooses them)
+        from finetune.models import specs
+
+        classes = [spec.options for spec in specs().values()]
     else:
         hint = typing.get_type_hints(Recipe).get(section)
         classes = [hint] if hint is not None else []

@@ -25,6 +25,9 @@ def test_env_prints_what_a_bug_report_needs(capsys):
     for name in ("diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors"):
         assert rows[name].strip() == importlib.metadata.version(name), name
     assert rows["problems"].strip() == "none found"
+    from finetune.models import specs  # every registered family, listed by name
+
+    assert [item.split(" (")[0] for item in rows["families"].strip().split(", ")] == list(specs())
 
 
 def test_this_environment_passes_the_check():

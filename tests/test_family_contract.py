@@ -1,5 +1,5 @@
-"""What every model family provides to the loop (finetune/models/base.py), checked the same way for each: adding a
-family and a tiny offline build of it to FAMILIES covers it."""
+"""What every model family provides to the loop (finetune/models/base.py), checked the same way for each: a
+family's file (its spec and tiny build) and its line in finetune.models.FAMILY_MODULES cover it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,17 +8,14 @@ import pytest
 import torch
 
 from finetune.data.dataset import uncropped_conditions
-from finetune.models import FAMILIES, family_for
+from finetune.models import family_for, specs
 from finetune.models.base import adaptable_modules
 from finetune.models.detect import family_of
 from finetune.models.tiny import save_tiny_pipeline
 from tests.test_lora import default_objective
 
-# every family in the registry, each written as a tiny pipeline folder offline (finetune/models/tiny.py)
-assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux", "zimage"}, "a new family: add its tiny build to models/tiny.py BUILDERS"
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
+# every family in the registry, each written as a tiny pipeline folder offline (its spec's `tiny`)
+@pytest.fixture(scope="module", params=list(specs()))
 def family_and_parts(request, tmp_path_factory):
     folder = save_tiny_pipeline(tmp_path_factory.mktemp(request.param) / "base", family=request.param)
     family = family_for(request.param)
@@ -53,7 +50,7 @@ def test_prompts_encode_to_what_the_denoiser_attends_to(family_and_parts):
     tokenizer = family.tokenizer_of(str(folder))  # validate's way, without the models
     assert tokenizer("a red circle").input_ids == encoders[0][1]("a red circle").input_ids
     assert family.caption_window(tokenizer, None) > 0
-    if FAMILIES[family.name][2] == "ddpm":  # long-prompt chunking: SD's and SDXL's (validate refuses it elsewhere)
+    if family.long_prompts:  # long-prompt chunking: SD's and SDXL's (validate refuses it elsewhere)
         assert family.caption_window(tokenizer, 150) >= 150
 
 
@@ -104,29 +101,38 @@ def test_a_family_not_trained_here_is_named_before_any_model_loads(tmp_path, cap
                      ["sample", "--base", str(base), "--prompt", "x", "--out", str(tmp_path / "x.png")]):
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
-            assert name in err and "finetune trains Stable Diffusion 1.x and 2.x" in err and "SDXL" in err
+            assert name in err and "finetune trains Stable Diffusion 1.x/2.x (sd)" in err and "(sdxl)" in err
             assert "Traceback" not in err
 
 
-def test_options_of_another_objective_are_refused_by_name():
-    """validate checks a recipe's objective options against the family's objective: a DDPM family (sd, sdxl)
-    refuses the flow section, a flow-matching family (sd3) min-SNR, noise offset and prediction_type, each named;
-    options left at their defaults are never refused."""
-    from finetune import models
+def test_options_of_another_family_are_refused_by_name(family_and_parts, tmp_path):
+    """model.family chooses the model section's keys: each family's own options validate (its objective's
+    included), and a key only other families read is refused naming them; keys that moved into the model section
+    are refused at their old place with their new name."""
+    import dataclasses
 
-    set_ = {"ddpm": {"model.prediction_type": "v_prediction", "train.min_snr_gamma": 5.0, "train.noise_offset": 0.05},
-            "flow_matching": {"flow.sigma_sampling": "uniform", "flow.shift": 3.0, "flow.weighting": "cosmap"}}
-    assert set(set_) == set(models.OBJECTIVE_OPTIONS)
-    for family in FAMILIES:
-        own = models.FAMILIES[family][2]
-        assert models.objective_problems(family, set_[own]) == []
-        for other, values in set_.items():
-            if other != own:
-                problems = models.objective_problems(family, values)
-                assert len(problems) == len(values)
-                assert all(f"only the {other} objective reads it, and {family} trains with {own}" in p for p in problems)
-        defaults = {key: value for options in models.OBJECTIVE_OPTIONS.values() for key, value in options.items()}
-        assert models.objective_problems(family, defaults) == []
+    from finetune.recipe.load import RecipeError, parse_recipe
+    from finetune.recipe.schema import ModelOptions
+    from finetune.recipe.typed import yaml_keys
+    from tests.conftest import recipe_dict
+
+    family, _, folder = family_and_parts
+    own = set(yaml_keys(family.spec.options)) - set(yaml_keys(ModelOptions))
+    assert own, family.name  # every family has options of its own (at least its objective's)
+    recipe = parse_recipe(recipe_dict(folder, tmp_path, tmp_path / "out"))
+    assert type(recipe.model) is family.spec.options and recipe.model.problems() == []
+    others = {key for spec in specs().values() for key in yaml_keys(spec.options)} - set(yaml_keys(family.spec.options))
+    for key in sorted(others):
+        default = next(f for spec in specs().values() for f in dataclasses.fields(spec.options) if f.name == key)
+        value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+        with pytest.raises(RecipeError, match=rf"model\.{key}: an option of model\.family .*this model is "
+                                              rf"{family.name}"):
+            parse_recipe(recipe_dict(folder, tmp_path, tmp_path / "out", model={"base": str(folder), key: value}))
+    moved = {"flow": {"shift": 3.0}, "train": {"min_snr_gamma": 5.0}}
+    with pytest.raises(RecipeError) as refused:
+        parse_recipe(recipe_dict(folder, tmp_path, tmp_path / "out", **moved))
+    assert "flow: moved to model.flow" in str(refused.value)
+    assert "train.min_snr_gamma: moved to model.min_snr_gamma" in str(refused.value)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +183,8 @@ def test_finetune_sample_draws_from_the_base_at_its_own_size(family_folder, tmp_
     pipe = saved_pipeline(folder)
     assert default_resolution(pipe) >= 32, name
     # with no --guidance, the pipeline's own default (Flux.1-dev's embedded guidance is 3.5, not SD's 7.5)
-    assert default_guidance(pipe) == {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "zimage": 5.0}[name]
+    known = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "zimage": 5.0}
+    assert default_guidance(pipe) == known[name] if name in known else default_guidance(pipe) > 0
     assert main(["sample", "--base", str(folder), "--prompt", "a purple sks", "--steps", "2", "--num", "2",
                  "--resolution", "32", "--out", str(tmp_path / "grid.png")]) == 0
     grid = Image.open(tmp_path / "grid.png")

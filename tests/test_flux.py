@@ -108,7 +108,7 @@ def test_a_schnell_build_gets_no_guidance_and_refuses_one(schnell_base, tmp_path
         family.predict(parts, torch.randn(1, 4, 8, 8), torch.tensor([0.5]), family.encode_prompts(parts, ["x"]),
                        uncropped_conditions(1, 32, 32))
         assert calls[0]["guidance"] is None
-        parts.extra["guidance"] = 2.0
+        parts.options.guidance = 2.0
         with pytest.raises(ValueError, match="model.guidance: .* has no guidance embedding"):
             family.predict(parts, torch.randn(1, 4, 8, 8), torch.tensor([0.5]),
                            family.encode_prompts(parts, ["x"]), uncropped_conditions(1, 32, 32))
@@ -178,16 +178,16 @@ def test_validate_refuses_ddpm_options_and_guidance_where_there_is_none(flux_bas
         path.write_text(yaml.safe_dump(recipe))
         return main(["validate", str(path)]), capsys.readouterr().err
 
-    code, err = validate(flux_base, train={"min_snr_gamma": 5.0})
-    assert code == 2 and "train.min_snr_gamma: only the ddpm objective reads it, and flux trains with flow_matching" in err
+    code, err = validate(flux_base, model={"min_snr_gamma": 5.0})
+    assert code == 2 and "model.min_snr_gamma: an option of model.family sd / sdxl, and this model is flux" in err
     code, err = validate(tiny_base, model={"guidance": 1.0})  # an SD 1.x base
-    assert code == 2 and "model.guidance: the guidance embedding is Flux.1-dev's" in err
-    assert validate(flux_base, model={"guidance": 3.5}, flow={"sigma_sampling": "logit_normal", "shift": 3.0})[0] == 0
+    assert code == 2 and "model.guidance: an option of model.family flux, and this model is sd" in err
+    assert validate(flux_base, model={"guidance": 3.5, "flow": {"sigma_sampling": "logit_normal", "shift": 3.0}})[0] == 0
 
 
 def test_the_default_sigmas_follow_the_resolution_and_a_static_shift_replaces_it(flux_base):
     """sigmoid draws shifted by the token count (at 1024 px, 4096 tokens: e^1.15, kohya's recommended 3.1582);
-    flow.shift alone is a static shift instead."""
+    model.flow.shift alone is a static shift instead."""
     import math
 
     from tests.test_lora import default_objective
@@ -197,8 +197,9 @@ def test_the_default_sigmas_follow_the_resolution_and_a_static_shift_replaces_it
     objective = default_objective(family, parts)
     assert objective.sampling == "sigmoid" and objective.resolution_shift is not None
     assert math.isclose(math.exp(objective.resolution_shift.mu(128, 128)), 3.1582, abs_tol=1e-3)
-    static = family.objective(parts, sigma_sampling="auto", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-                              sigmoid_scale=1.0, shift=3.0, resolution_shift=None, weighting="none")
+    options = family.spec.options()
+    options.flow.shift = 3.0
+    static = family.objective(parts, options)
     assert static.resolution_shift is None and static.shift == 3.0
 
 
@@ -215,13 +216,15 @@ def test_a_flux_base_is_told_from_its_folder_or_its_single_file(flux_base, tmp_p
     flux2 = tmp_path / "flux2.safetensors"  # Flux.2 has double_blocks too
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1),
                "single_stream_modulation.lin.weight": torch.zeros(1)}, str(flux2))
-    with pytest.raises(UnsupportedFamily, match="Flux.2 checkpoint"):
-        family_of(str(flux2))
+    try:  # refused while Flux.2 is not trained here, its own family once it is: never Flux.1
+        assert family_of(str(flux2)) not in (None, "flux")
+    except UnsupportedFamily as exc:
+        assert "Flux.2 checkpoint" in str(exc)
 
 
 def test_a_single_file_checkpoint_is_refused_clearly(lora_run, tmp_path):
     _, parts, _ = lora_run
-    with pytest.raises(ValueError, match="no single-file Flux.1 checkpoint"):
+    with pytest.raises(ValueError, match="no single-file Flux.1 .*checkpoint"):
         family_for("flux").save_single_file(parts, str(tmp_path / "x.safetensors"))
 
 

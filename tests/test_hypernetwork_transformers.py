@@ -12,7 +12,8 @@ from PIL import Image
 from finetune import load_adapter, unload_adapter
 from finetune.export import hypernetwork as files
 from finetune.models import family_for
-from finetune.models.tiny import BUILDERS, save_tiny_pipeline
+from finetune.models import spec_of
+from finetune.models.tiny import save_tiny_pipeline
 from finetune.networks.hypernetwork import Hypernetwork, Structure, loaded
 from finetune.networks.hypernetwork_points import TextStream, attention_layers
 from finetune.recipe.load import RecipeError, parse_recipe
@@ -144,7 +145,7 @@ def test_a_file_onto_another_kind_of_model_is_refused_by_name(run):
     for family, denoiser in ((other, DENOISERS[other]), ("sd", "UNet2DConditionModel")):
         with pytest.raises(ValueError, match=rf"rewrites {DENOISERS[run['name']]}'s text stream .*this pipeline's "
                                              rf"denoiser is a {denoiser}"):
-            load_adapter(BUILDERS[family](0), run["artifact"])
+            load_adapter(spec_of(family).tiny(0), run["artifact"])
 
 
 def test_a_unet_hypernetwork_is_refused_on_a_transformer(run, tmp_path):

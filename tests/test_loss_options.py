@@ -65,8 +65,8 @@ def test_noise_offset_shifts_each_channel():
 def test_all_loss_options_train_to_a_finite_artifact(tiny_base, concept_dir, tmp_path, capsys):
     recipe = parse_recipe(recipe_dict(
         tiny_base, concept_dir, tmp_path / "out",
-        model={"base": str(tiny_base), "prediction_type": "v_prediction"},
-        train={"max_steps": 2, "min_snr_gamma": 5.0, "noise_offset": 0.1, "gradient_checkpointing": True,
+        model={"base": str(tiny_base), "prediction_type": "v_prediction", "min_snr_gamma": 5.0, "noise_offset": 0.1},
+        train={"max_steps": 2, "gradient_checkpointing": True,
                "lr_scheduler": "cosine", "lr_warmup_steps": 1, "max_grad_norm": 0.5}))
     from safetensors.torch import load_file
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.models import FAMILIES
+from finetune.models import specs
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
@@ -25,7 +25,7 @@ SAMPLE = {"every": 2, "prompts": ["a purple sks", "a purple <sks>"], "steps": 2,
 @pytest.fixture(scope="module")
 def tiny_bases(tiny_base, tmp_path_factory):
     return {name: tiny_base if name == "sd" else save_tiny_pipeline(tmp_path_factory.mktemp(name) / "base",
-                                                                     family=name) for name in FAMILIES}
+                                                                     family=name) for name in specs()}
 
 
 def _train(base, images, out, kind: str, precision: str, steps: int = 2):
@@ -68,7 +68,7 @@ def test_the_grid_drawn_while_training_is_what_the_users_pipeline_draws(kind, pr
     assert not np.array_equal(drawn, base), "the trained weights did not reach the grid"
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "sd"])
+@pytest.mark.parametrize("family", [f for f in specs() if f != "sd"])
 def test_on_every_family_the_bf16_grid_is_what_finetunes_loading_draws(family, tiny_bases, concept_dir, tmp_path):
     """The base loaded as `finetune sample` loads it (the family's loader: SDXL's VAE stays fp32, its config's
     force_upcast, and decodes latents of the U-Net's dtype), in bf16, with the LoRA loaded onto it."""
@@ -84,7 +84,7 @@ def test_on_every_family_the_bf16_grid_is_what_finetunes_loading_draws(family, t
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "samples" / "step-000002.png")), users)
 
 
-@pytest.mark.parametrize("kind, family", [(k, f) for f in FAMILIES for k in sorted(CONTRACT) if (k, f) not in NOT_YET],
+@pytest.mark.parametrize("kind, family", [(k, f) for f in specs() for k in sorted(CONTRACT) if (k, f) not in NOT_YET],
                          ids=lambda value: value)
 def test_bf16_training_draws_its_grids_on_every_family_and_strategy(kind, family, tiny_bases, concept_dir,
                                                                    tmp_path):

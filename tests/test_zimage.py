@@ -151,13 +151,13 @@ def test_validate_refuses_ddpm_options_on_zimage(zimage_base, tmp_path, capsys):
     from finetune.cli import main
 
     recipe = recipe_dict(zimage_base, draw_concept(tmp_path / "images", count=1), tmp_path / "out",
-                         train={"min_snr_gamma": 5.0})
+                         model={"min_snr_gamma": 5.0})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["validate", str(tmp_path / "r.yaml")]) == 2
-    assert ("train.min_snr_gamma: only the ddpm objective reads it, and zimage trains with flow_matching"
+    assert (f"model.min_snr_gamma: an option of model.family sd / sdxl, and this model is zimage"
             in capsys.readouterr().err)
-    recipe["train"] = {"max_steps": 4}
-    recipe["flow"] = {"sigma_sampling": "logit_normal", "shift": 6.0}
+    del recipe["model"]["min_snr_gamma"]
+    recipe["model"]["flow"] = {"sigma_sampling": "logit_normal", "shift": 6.0}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["validate", str(tmp_path / "r.yaml")]) == 0
 

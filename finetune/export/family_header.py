@@ -18,11 +18,10 @@ from typing import Optional
 
 # cross-attention width (what the text encoder hands the U-Net) -> kohya's name for an SD 1.x/2.x/XL base
 VERSIONS_BY_WIDTH = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
+# kohya's SD 1.x/2.x/XL versions -> ModelSpec's ids; the other families declare theirs (their FamilySpec's
+# modelspec_architecture and modelspec_implementation, looked up by their kohya_base_model_version)
 ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-                 "sd_v2_768_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
-                 "sd3": "stable-diffusion-3", "flux1": "flux-1-dev",
-                 "zimage": "z-image"}  # no kohya or ModelSpec id for Z-Image: its family name
-IMPLEMENTATIONS = {"flux1": "https://github.com/black-forest-labs/flux"}
+                 "sd_v2_768_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
 DIFFUSERS = "https://github.com/huggingface/diffusers"
 # an artifact's strategy -> the adapter suffix of modelspec.architecture (None: a whole model, no suffix)
 ADAPTER_SUFFIXES = {"lora": "lora", "textual_inversion": "textual-inversion", "hypernetwork": "hypernetwork"}
@@ -38,7 +37,8 @@ def version_from_width(width: Optional[int], prediction_type: Optional[str]) -> 
 def architecture(version: str, adapter: Optional[str], base_name: str = "") -> str:
     """modelspec.architecture: the base's id (`flux-1-schnell` when the base's name says schnell: a file has
     nothing else to tell dev from schnell by) plus `/<adapter>`."""
-    arch = ARCHITECTURES.get(version, version)
+    spec = _spec_of_version(version)
+    arch = ARCHITECTURES.get(version) or (spec and spec.modelspec_architecture) or version
     if version == "flux1" and "schnell" in str(base_name).lower():
         arch = "flux-1-schnell"
     return f"{arch}/{adapter}" if adapter else arch
@@ -50,7 +50,15 @@ def family_fields(version: str, strategy: Optional[str], base_name: str = "") ->
     return {"ss_base_model_version": version, "ss_v2": str(version.startswith("sd_v2")),
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": architecture(version, ADAPTER_SUFFIXES.get(strategy or ""), base_name),
-            "modelspec.implementation": IMPLEMENTATIONS.get(version, DIFFUSERS)}
+            "modelspec.implementation": getattr(_spec_of_version(version), "modelspec_implementation", None)
+            or DIFFUSERS}
+
+
+def _spec_of_version(version: str):
+    """The registered family whose kohya_base_model_version is `version`, or None."""
+    from finetune.models import specs
+
+    return next((spec for spec in specs().values() if spec.kohya_base_model_version == version), None)
 
 
 def family_version(family, parts) -> str:

@@ -17,6 +17,9 @@ FAMILY_MODULES = (
     "finetune.models.zimage",
 )
 
+# what model.family: auto means when nothing tells the family before loading (a .ckpt, a hub id not looked up)
+DEFAULT_FAMILY = "sd"
+
 
 @lru_cache(maxsize=None)
 def specs() -> dict[str, Any]:
@@ -50,10 +53,10 @@ def told_family(base: str | None, hub: bool = False) -> str:
     """The family name "auto" means for `base`: from its model_index.json or a single file's keys, with `hub` a hub
     id's model_index.json; "sd" when nothing tells (a .ckpt, a hub id not looked up). Raises UnsupportedFamily."""
     if base is None:
-        return "sd"
+        return DEFAULT_FAMILY
     from finetune.models.detect import family_of, hub_family
 
-    return family_of(base) or (hub and hub_family(base)) or "sd"
+    return family_of(base) or (hub and hub_family(base)) or DEFAULT_FAMILY
 
 
 def family_told(name: str, base: str | None) -> Any | None:
@@ -78,4 +81,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'finetune.models' has no attribute {name!r}")
 
 
-__all__ = [*_FROM_BASE, "FAMILY_MODULES", "family_for", "family_told", "spec_of", "specs", "told_family"]
+__all__ = [*_FROM_BASE, "DEFAULT_FAMILY", "FAMILY_MODULES", "family_for", "family_told", "spec_of", "specs", "told_family"]

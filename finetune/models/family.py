@@ -68,8 +68,9 @@ class FamilySpec:
     hypernetwork_text_stream: Any = None
     # strategy kind -> why it is not trained on this family (refused by name before any model loads)
     refuses: Mapping[str, str] = field(default_factory=dict)
-    # kohya's naming: LoRA prefix per part, the denoiser's module layout ("diffusers", "sgm", "flux", "sd3" or
-    # "none": export/lora/kohya_names.py), and ss_base_model_version (None: told from the weights)
+    # kohya's naming: LoRA prefix per part, the denoiser's module layout (export/lora/kohya_names.py LAYOUTS:
+    # "diffusers", "sgm", "bfl" (Flux's), "mmdit" (SD3's) or "none"), and ss_base_model_version (None: told
+    # from the weights)
     kohya_prefixes: Mapping[str, str] = field(default_factory=dict)
     kohya_unet_layout: str = "none"
     kohya_base_model_version: Optional[str] = None
@@ -78,8 +79,14 @@ class FamilySpec:
     # the layout ComfyUI reads this family's LoRAs in, written by strategy.formats: [comfyui] (None: not written;
     # the diffusers-layout `transformer.` file is then the one to load)
     comfyui_names: Optional[OriginalNames] = None
-    # ModelSpec's `modelspec.architecture` (what AUTOMATIC1111 / Forge tell the base by; export/family_header.py)
+    # ModelSpec's `modelspec.architecture` and `.implementation` (what Forge tells the base by;
+    # export/family_header.py; None: kohya's SD versions' ids, and diffusers' repository), and the kohya trainer
+    # module its files name (`ss_network_module`; None: networks.lora)
     modelspec_architecture: Optional[str] = None
+    modelspec_implementation: Optional[str] = None
+    kohya_network_module: Optional[str] = None
+    # the released U-Net's layout (its config's block-shaping values), for reading kohya files without the base
+    released_unet_config: Optional[Mapping[str, Any]] = None
     long_prompts: bool = False  # data.max_token_length's 75-token chunking applies (CLIP-only families)
     load_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given to the pipeline's loaders
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given when the pipeline is built
@@ -97,8 +104,10 @@ class Family:
     """The shared behaviour of every family; a family's file subclasses it for what it does differently."""
 
     def __init__(self, spec: FamilySpec | None = None):
-        # StableDiffusion() alone: the spec its own file declares
-        self.spec = spec if spec is not None else sys.modules[type(self).__module__].SPEC
+        # StableDiffusion() alone (or a test's subclass of it): the spec its family's file declares
+        self.spec = spec if spec is not None else next(
+            sys.modules[cls.__module__].SPEC for cls in type(self).__mro__
+            if hasattr(sys.modules.get(cls.__module__), "SPEC"))
 
     def __getattr__(self, name: str) -> Any:
         # family.lora_targets, family.name, ...: the spec's declared fields

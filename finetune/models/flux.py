@@ -153,7 +153,7 @@ def build_tiny(seed: int = 0) -> Any:
 
 
 SPEC = FamilySpec(
-    name="flux", title="Flux.1", pipeline="FluxPipeline", objective="flow_matching",
+    name="flux", title="Flux.1 dev/schnell", pipeline="FluxPipeline", objective="flow_matching",
     options=FluxOptions, behaviour=Flux, tiny=build_tiny,
     single_file_keys=("double_blocks.",),  # BFL's double-stream blocks
     lora_targets=("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
@@ -170,6 +170,9 @@ SPEC = FamilySpec(
     # kohya's Flux files name BFL's modules, q/k/v fused (finetune/export/lora/kohya_flux.py); the
     # diffusers-layout `transformer.` file is what diffusers, ComfyUI and ai-toolkit load
     kohya_prefixes={"transformer": "lora_unet", "text_encoder": "lora_te1"},
-    kohya_unet_layout="flux",
+    kohya_unet_layout="bfl",
     kohya_base_model_version="flux1",  # kohya's flux_utils.MODEL_VERSION_FLUX_V1
+    kohya_network_module="networks.lora_flux",  # sd-scripts' Flux trainer
+    modelspec_architecture="flux-1-dev",  # "flux-1-schnell" for a schnell base (family_header.architecture)
+    modelspec_implementation="https://github.com/black-forest-labs/flux",
     embedding_keys={"text_encoder": "clip_l"})

@@ -76,7 +76,7 @@ def build_tiny(seed: int = 0) -> Any:
 
 
 SPEC = FamilySpec(
-    name="sd3", title="Stable Diffusion 3", pipeline="StableDiffusion3Pipeline", objective="flow_matching",
+    name="sd3", title="Stable Diffusion 3/3.5", pipeline="StableDiffusion3Pipeline", objective="flow_matching",
     options=StableDiffusion3Options, behaviour=StableDiffusion3, tiny=build_tiny,
     single_file_keys=("joint_blocks.",),  # SD3's MMDiT
     lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -90,6 +90,8 @@ SPEC = FamilySpec(
     # Forge both apply (Forge ignores diffusers' transformer. names for SD3; finetune/export/lora/kohya_sd3.py)
     kohya_prefixes={"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
                     "text_encoder_3": "lora_te3"},
-    kohya_unet_layout="sd3",
+    kohya_unet_layout="mmdit",
     kohya_base_model_version="sd3",
+    kohya_network_module="networks.lora_sd3",  # sd-scripts' SD3 trainer
+    modelspec_architecture="stable-diffusion-3",
     embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"})

@@ -142,6 +142,7 @@ SPEC = FamilySpec(
     kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
     kohya_unet_layout="sgm",  # kohya's SDXL U-Net is Stability's code: its files use the original module names
     kohya_base_model_version="sdxl_base_v1-0",
+    released_unet_config=RELEASED_UNET_CONFIG,
     # the text-encoder file keys AUTOMATIC1111, ComfyUI and kohya use for SDXL embeddings, per pipeline part
     embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
     long_prompts=True)

@@ -108,4 +108,5 @@ SPEC = FamilySpec(
     # load
     kohya_prefixes={"transformer": "lora_unet"},
     kohya_unet_layout="none",
-    kohya_base_model_version="zimage")
+    kohya_base_model_version="zimage",
+    modelspec_architecture="z-image")  # no kohya or ModelSpec id for Z-Image: its family name

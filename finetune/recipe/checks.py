@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from finetune.models import spec_of
+from finetune.models import DEFAULT_FAMILY, spec_of
 from finetune.models.family import refusal
 from finetune.models.detect import UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
@@ -18,14 +18,6 @@ from finetune.recipe.writable import cache_folder_problems
 # "owner/name" or "name" as the Hugging Face hub spells repository ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-
-
-def recipe_value(recipe: Recipe, dotted: str) -> object:
-    """A recipe value by its dotted key, e.g. "train.learning_rate" or "model.flow.shift"."""
-    value: object = recipe
-    for key in dotted.split("."):
-        value = getattr(value, key)
-    return value
 
 
 def looks_like_local_path(value: str) -> bool:
@@ -81,7 +73,7 @@ def _check_model(recipe: Recipe) -> list[str]:
     except FileProblem as exc:  # a single-file base cut short: its header says so
         problems.append(f"model.base: {exc}")
     else:
-        chosen = spec_of(m.family if m.family != "auto" else found or "sd")
+        chosen = spec_of(m.family if m.family != "auto" else found or DEFAULT_FAMILY)
         problems += m.problems()  # the family's own options (its objective's included)
         problems += [refused for refused in [refusal(chosen, recipe.strategy.kind)] if refused]
         if m.quantize != "none" and recipe.strategy.kind == "dreambooth":

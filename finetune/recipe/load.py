@@ -137,7 +137,7 @@ def moved_keys(data: dict) -> list[str]:
 def build_model(raw: Any, problems: list[str]) -> ModelOptions | None:
     """The `model` section as its family's options class (model.family, or the family `auto` tells from
     model.base before loading: sd when nothing tells); a key of another family is named with its family."""
-    from finetune.models import spec_of, specs, told_family
+    from finetune.models import DEFAULT_FAMILY, spec_of, specs, told_family
     from finetune.models.detect import UnsupportedFamily
     from finetune.file_errors import FileProblem
 
@@ -159,7 +159,7 @@ def build_model(raw: Any, problems: list[str]) -> ModelOptions | None:
         try:
             told = told_family(str(raw.get("base") or ""))
         except (UnsupportedFamily, FileProblem):  # the model checks name it; its options cannot be told
-            told = "sd"
+            told = DEFAULT_FAMILY
     own = set(yaml_keys(spec_of(told).options))
     elsewhere = {key: [s.name for s in specs().values() if key in yaml_keys(s.options)] for key in raw if key not in own}
     for key, families in elsewhere.items():

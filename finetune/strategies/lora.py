@@ -15,7 +15,7 @@ from finetune.export.lora import diffusers as diffusers_lora
 from finetune.export.lora import layers as lora_layers
 from finetune.export.lora.files import read_lora, write_lora_files
 from finetune.export.lora.kohya import module_paths
-from finetune.export.lora.kohya_names import naming_for
+from finetune.export.lora.kohya_names import FUSED_LAYOUTS, naming_for
 from finetune.models.base import Components, ModelFamily, adaptable_text_encoders, unwrapped
 from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
@@ -149,12 +149,12 @@ class Strategy(CommonDefaults):
     def check(self, family: ModelFamily, parts: Components) -> None:
         from finetune.strategies.base import StrategySetupError
 
-        if "kohya" in self.options.formats and getattr(family, "kohya_unet_layout", "diffusers") == "none":
+        if "kohya" in self.options.formats and family.kohya_unet_layout == "none":
             raise StrategySetupError(f"strategy.formats: kohya's layout is not written for {family.name} here; "
                                      "remove kohya (the diffusers-layout file loads in diffusers and ComfyUI)")
         if "kohya" in self.options.formats and self.options.variant != "lora" and \
-                getattr(family, "kohya_unet_layout", "") in ("flux", "sd3"):  # LyCORIS's names: fused modules
-            layout = {"flux": "Flux", "sd3": "SD3"}[family.kohya_unet_layout]
+                family.kohya_unet_layout in FUSED_LAYOUTS:  # LyCORIS's names: fused modules
+            layout = FUSED_LAYOUTS[family.kohya_unet_layout]
             raise StrategySetupError(f"strategy.formats: kohya's {layout} layout fuses q/k/v, and a "
                                      f"{self.options.variant} "
                                      "of each does not fuse into one; remove kohya (finetune.load_adapter reads the "

@@ -14,9 +14,6 @@ from typing import Any
 from finetune.export.family_header import family_fields, version_from_width
 from finetune.export.lora.layers import LoraWeights
 
-# what kohya's Flux and SD3 trainers write instead of the SD default (sd-scripts' networks/lora_flux.py,
-# networks/lora_sd3.py)
-_NETWORK_MODULES = {"flux1": "networks.lora_flux", "sd3": "networks.lora_sd3"}
 
 
 def cross_attention_width(weights: LoraWeights) -> int | None:
@@ -33,6 +30,16 @@ def cross_attention_width(weights: LoraWeights) -> int | None:
 def base_model_version(weights: LoraWeights, prediction_type: str | None) -> str:
     """kohya's ss_base_model_version for SD 1.x/2.x/XL layers, told from their widths (family_header.py)."""
     return version_from_width(cross_attention_width(weights), prediction_type)
+
+
+def network_module(version: str) -> str:
+    """kohya's ss_network_module: the family's own trainer module (its FamilySpec's kohya_network_module, e.g.
+    sd-scripts' networks.lora_flux), else networks.lora (SD 1.x/2.x/XL)."""
+    from finetune.models import specs
+
+    found = [spec.kohya_network_module for spec in specs().values()
+             if spec.kohya_base_model_version == version and spec.kohya_network_module]
+    return found[0] if found else "networks.lora"
 
 
 def _most_common(values: list[float]) -> float:
@@ -70,7 +77,7 @@ def kohya_metadata(weights: LoraWeights, output_name: str, version: str | None =
     base_name = source.get("finetune.base_model") or model.get("base")
     figures = {
         "ss_output_name": output_name,
-        "ss_network_module": _NETWORK_MODULES.get(version, "networks.lora"),
+        "ss_network_module": network_module(version),
         "ss_network_dim": _number(_most_common([layer.rank for layer in linear_like or layers])),
         "ss_network_alpha": _number(_most_common([layer.alpha for layer in linear_like or layers])),
         "ss_network_args": json.dumps(network_args) if network_args else None,
@@ -92,8 +99,8 @@ def kohya_metadata(weights: LoraWeights, output_name: str, version: str | None =
         "ss_mixed_precision": train.get("mixed_precision"),
         "ss_gradient_checkpointing": train.get("gradient_checkpointing"),
         "ss_max_grad_norm": train.get("max_grad_norm"),
-        "ss_noise_offset": train.get("noise_offset"),
-        "ss_min_snr_gamma": train.get("min_snr_gamma"),
+        "ss_noise_offset": model.get("noise_offset"),
+        "ss_min_snr_gamma": model.get("min_snr_gamma"),
         "ss_caption_dropout_rate": data.get("caption_dropout"),
         "ss_flip_aug": data.get("random_flip"),
         "ss_num_train_images": source.get("finetune.num_train_images"),

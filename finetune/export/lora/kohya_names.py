@@ -58,16 +58,22 @@ class KohyaNaming:
 SD_NAMING = KohyaNaming()
 
 
+# the denoiser layouts a family's `kohya_unet_layout` names: the diffusers module paths, Stability's SGM/LDM
+# U-Net names, Black Forest Labs' Flux names (q/k/v fused, kohya_flux.py), Stability AI's MMDiT names (q/k/v
+# fused, kohya_sd3.py), or none written
+LAYOUTS = ("diffusers", "sgm", "bfl", "mmdit", "none")
+FUSED_LAYOUTS = {"bfl": "Flux", "mmdit": "SD3"}  # layouts whose fused modules hold no LoHa / LoKr
+
+
 def naming_for(family: Any, unet_config: Any) -> KohyaNaming:
-    """A family's naming (its `kohya_prefixes`, `kohya_unet_layout`: "diffusers" or "sgm", and
-    `kohya_base_model_version`) for a U-Net of `unet_config` (layers_per_block, block types); "flux": BFL's names,
-    q/k/v fused (kohya_flux.py); "sd3": Stability AI's MMDiT names, q/k/v fused (kohya_sd3.py)."""
+    """A family's naming (its spec's `kohya_prefixes`, `kohya_unet_layout`: one of LAYOUTS, and
+    `kohya_base_model_version`) for a U-Net of `unet_config` (layers_per_block, block types)."""
     prefixes, version = dict(family.kohya_prefixes), family.kohya_base_model_version
     if family.kohya_unet_layout == "diffusers":
         return KohyaNaming(prefixes, version=version)
-    if family.kohya_unet_layout == "flux":
+    if family.kohya_unet_layout == "bfl":
         return KohyaNaming(prefixes, version=version, regroup=kohya_flux.to_bfl)
-    if family.kohya_unet_layout == "sd3":
+    if family.kohya_unet_layout == "mmdit":
         return KohyaNaming(prefixes, version=version, regroup=kohya_sd3.to_sai)
     if family.kohya_unet_layout == "none":  # no kohya layout written for this family's denoiser
         return KohyaNaming({name: prefix for name, prefix in prefixes.items() if name.startswith("text_encoder")},
@@ -76,35 +82,44 @@ def naming_for(family: Any, unet_config: Any) -> KohyaNaming:
 
 
 def naming_of(weights: Any) -> KohyaNaming:
-    """The naming for LoRA layers alone (`finetune convert` and `resize` without the base): SDXL's when the layers
-    or the header say SDXL (a second text encoder, a 2048-wide context, kohya's SDXL tag, a recipe's family),
-    with the U-Net's layout read from the layers' own names (the released SDXL's when they do not tell); SD's
-    otherwise."""
-    from finetune.models.sdxl import RELEASED_UNET_CONFIG, StableDiffusionXL
+    """The naming for LoRA layers alone (`finetune convert` and `resize` without the base): the family the header
+    names (its recipe's model.family, or its ss_base_model_version), a Flux-layout transformer's when the layers
+    are one; else SDXL's when the layers say SDXL (a second text encoder, a 2048-wide context), with the U-Net's
+    layout read from the layers' own names (the released SDXL's when they do not tell); SD's otherwise."""
+    from finetune.models import specs
 
-    recipe_family = re.search(r'"family": "(\w+)"', weights.metadata.get("finetune.recipe", ""))
-    if "transformer" in weights.layers and (
-            kohya_flux.is_flux_diffusers(list(weights.layers["transformer"]))
-            or weights.metadata.get("ss_base_model_version") == "flux1"
-            or (recipe_family is not None and recipe_family.group(1) == "flux")):
-        from finetune.models.flux import Flux
-
-        return naming_for(Flux, None)
-    if "transformer" in weights.layers and (weights.metadata.get("ss_base_model_version") == "sd3" or (
-            recipe_family is not None and recipe_family.group(1) == "sd3")):
-        from finetune.models.sd3 import StableDiffusion3
-
-        return naming_for(StableDiffusion3, None)
+    told = _family_in_header(weights.metadata)
+    if told is None and "transformer" in weights.layers and kohya_flux.is_flux_diffusers(
+            list(weights.layers["transformer"])):
+        told = next((spec for spec in specs().values() if spec.kohya_unet_layout == "bfl"), None)
+    if told is not None and "transformer" in weights.layers:
+        return naming_for(told, None)
     widths = {int(layer.down.shape[1]) for component, module, layer in weights.modules()
               if component == "unet" and module.endswith("attn2.to_k")}
-    sdxl = ("text_encoder_2" in weights.layers or 2048 in widths
-            or weights.metadata.get("ss_base_model_version", "").startswith("sdxl")
-            or (recipe_family is not None and recipe_family.group(1) == "sdxl"))
-    if not sdxl:
+    sgm = next(spec for spec in specs().values() if spec.kohya_unet_layout == "sgm")
+    if not ("text_encoder_2" in weights.layers or 2048 in widths or told is sgm):
         return SD_NAMING
     names = list(weights.layers.get("unet", {}))
-    layout = _layout_from_names(names, RELEASED_UNET_CONFIG["layers_per_block"]) or RELEASED_UNET_CONFIG
-    return naming_for(StableDiffusionXL, layout)
+    released = dict(sgm.released_unet_config)
+    layout = _layout_from_names(names, released["layers_per_block"]) or released
+    return naming_for(sgm, layout)
+
+
+def _family_in_header(metadata: dict[str, str]) -> Any | None:
+    """The registered family a header names: its recipe's model.family (not auto), or a family's
+    ss_base_model_version (kohya's SDXL versions all start sdxl)."""
+    import json
+
+    from finetune.models import specs
+
+    try:
+        named = json.loads(metadata.get("finetune.recipe") or "{}").get("model", {}).get("family")
+    except (ValueError, AttributeError):
+        named = None
+    version = metadata.get("ss_base_model_version", "")
+    return next((spec for spec in specs().values() if spec.name == named or (
+        spec.kohya_base_model_version and (version == spec.kohya_base_model_version or (
+            version.startswith("sdxl_") and spec.kohya_base_model_version.startswith("sdxl_"))))), None)
 
 
 def _to_sgm(unet_config: dict) -> Callable[[str], str]:
@@ -168,9 +183,10 @@ def sdxl_reference_aliases() -> dict[str, str]:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from finetune.models.sdxl import RELEASED_UNET_CONFIG
+    from finetune.models import specs
 
+    released = next(spec.released_unet_config for spec in specs().values() if spec.kohya_unet_layout == "sgm")
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**RELEASED_UNET_CONFIG)
+        unet = UNet2DConditionModel(**released)
     names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     return sgm_aliases(names)

@@ -1,0 +1,48 @@
+"""The family registry is the one place a family is named: the README's table, detection, validation, the tiny
+builds and the contract tests read the registered specs (finetune/models/__init__.py FAMILY_MODULES)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from finetune.models import FAMILY_MODULES, specs
+from finetune.tools.family_table import END, START, family_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_readme_family_table_is_the_one_the_specs_give():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert table == family_table(), "stale: run python -m finetune.tools.family_table README.md"
+    for spec in specs().values():
+        assert f"| `{spec.name}` | {spec.title} |" in table
+
+
+def test_no_module_outside_models_names_a_family():
+    """Outside finetune/models/, no module imports a family's file or holds a family's name as a string: what
+    differs per family is read from its spec, so a new family is its file and one registry line."""
+    names = set(specs())
+    found = []
+    for path in sorted((ROOT / "finetune").rglob("*.py")):
+        if "models" in path.relative_to(ROOT / "finetune").parts[:1]:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+            if isinstance(node, ast.ImportFrom) and node.module in FAMILY_MODULES:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {node.module}")
+            if isinstance(node, ast.ImportFrom) and node.module == "finetune.models":
+                found += [f"{path.relative_to(ROOT)}:{node.lineno}: imports {alias.name}" for alias in node.names
+                          if f"finetune.models.{alias.name}" in FAMILY_MODULES]
+    assert found == []
+
+
+def test_every_family_module_declares_a_spec_of_its_own():
+    for module, spec in zip(FAMILY_MODULES, specs().values()):
+        assert spec.behaviour.__module__ == module and spec.options.__module__ == module, module
+        # composed, never inherited from another family: the behaviour's only family ancestor is Family
+        from finetune.models.family import Family
+
+        assert spec.behaviour.__bases__ == (Family,), spec.name
