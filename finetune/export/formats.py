@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from finetune.export import adapter_files
 from finetune.export import hypernetwork as hypernetwork_files
-from finetune.export.lora import diffusers, kohya, lycoris, peft_adapter
+from finetune.export.lora import comfyui, diffusers, kohya, lycoris, peft_adapter
 from finetune.export.lora import files as lora_files
 from finetune.export.lora import loading as lora_loading
 from finetune.export.safetensors_io import Header, read_header
@@ -42,7 +42,7 @@ class FileFormat:
     family: str  # what `read` gives and `write` takes; `finetune convert` moves files within a family
     detect: Detector
     describe: Describer
-    layout: Optional[str] = None  # its name for `finetune convert --to` and strategy.formats: diffusers, kohya
+    layout: Optional[str] = None  # its name for `finetune convert --to` and strategy.formats: diffusers, kohya, comfyui
     read: Optional[Reader] = None
     write: Optional[Writer] = None
     load: Optional[Loader] = None
@@ -102,7 +102,10 @@ def _describe_checkpoint(header: Header) -> dict[str, Any]:
     return {"kind": "single-file checkpoint (original Stable Diffusion layout)"}
 
 
-# LoRA in either layout first: diffusers' keys and kohya's never overlap, and both load as "lora"
+# LoRA in each layout first: diffusers' keys, kohya's and ComfyUI's never overlap, and all load as "lora"
+register(FileFormat("lora", "lora", lora_files.is_comfyui_lora, lora_files.describe_comfyui_lora,
+                    layout="comfyui", read=lora_files.read_lora, write=comfyui.write_comfyui_file,
+                    load=lora_loading.load_lora))
 register(FileFormat("lora", "lora", lora_files.is_diffusers_lora, lora_files.describe_diffusers_lora,
                     layout="diffusers", read=lora_files.read_lora, write=diffusers.write_diffusers,
                     load=lora_loading.load_lora))

@@ -39,6 +39,9 @@ class OriginalNames:
     renamed: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # list -> {diffusers tail: original}
     fused: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)  # list -> {original: members}
     top: Mapping[str, str] = field(default_factory=dict)  # diffusers module path -> original path
+    # a fused member's output width relative to the fused module's input width, where it is not 1 (q/k/v's
+    # outputs are as wide as the block's input; Flux's single-block proj_mlp is 4 times wider)
+    widths: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

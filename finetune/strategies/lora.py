@@ -51,7 +51,7 @@ class Options(StrategyOptions):
     text_encoder_2_rank: Optional[int] = None
     text_encoder_2_learning_rate: Optional[float] = None
     # the diffusers file is always written; kohya adds output_dir/kohya/<output_dir name>.safetensors
-    formats: list[Literal["diffusers", "kohya"]] = field(default_factory=lambda: ["diffusers"])
+    formats: list[Literal["diffusers", "kohya", "comfyui"]] = field(default_factory=lambda: ["diffusers"])
     # start from a LoRA file (diffusers or kohya format): its layers, ranks and alphas replace rank, alpha and
     # target_modules, and its weights are where training starts
     initial_weights: Optional[str] = field(default=None, metadata={"path": True})
@@ -105,6 +105,9 @@ class Options(StrategyOptions):
 
     def _file_problems(self) -> list[str]:
         problems = []
+        if "comfyui" in self.formats and (self.variant != "lora" or self.use_dora):
+            problems.append("strategy.formats: ComfyUI's diffusion_model. layout holds plain LoRA here (no LoHa, LoKr, "
+                            "OFT or DoRA); remove comfyui (the diffusers-layout file loads with finetune.load_adapter)")
         if "kohya" in self.formats and (self.variant == "oft" or self.use_dora):
             problems.append(f"strategy.formats: kohya's format (and LyCORIS's, for LoHa and LoKr) holds no "
                             f"{'DoRA' if self.use_dora else 'OFT'} here; remove kohya (the diffusers-layout file "
@@ -149,6 +152,9 @@ class Strategy(CommonDefaults):
     def check(self, family: ModelFamily, parts: Components) -> None:
         from finetune.strategies.base import StrategySetupError
 
+        if "comfyui" in self.options.formats and family.comfyui_names is None:
+            raise StrategySetupError(f"strategy.formats: no ComfyUI layout is written for {family.name} here; "
+                                     "remove comfyui (ComfyUI reads the diffusers-layout file for this family)")
         if "kohya" in self.options.formats and family.kohya_unet_layout == "none":
             raise StrategySetupError(f"strategy.formats: kohya's layout is not written for {family.name} here; "
                                      "remove kohya (the diffusers-layout file loads in diffusers and ComfyUI)")
@@ -181,6 +187,7 @@ class Strategy(CommonDefaults):
         # keep_frozen_base needs nothing: switching the adapters off gives the base back
         o = self.options
         self.kohya_naming = naming_for(family, unwrapped(parts.denoiser).config)  # the family's names in kohya files
+        self.comfyui_names = family.comfyui_names  # and in ComfyUI's layout (None: not written)
         self.configs[parts.denoiser_name] = lora_variants.peft_config(
             o.variant, rank=o.rank, alpha=o.alpha, dropout=o.dropout, use_dora=o.use_dora,
             targets=o.target_modules or lora_presets.targets(family, o.target_preset, unwrapped(parts.denoiser)),
@@ -256,7 +263,8 @@ class Strategy(CommonDefaults):
         configs = {name: config.to_dict() for name, config in self.configs.items()}
         components = diffusers_lora.unpack(self.state_dict())
         # which files strategy.formats means for this variant, and their layouts, are the export code's
-        return write_lora_files(output_dir, components, configs, meta, o.variant, o.formats, self.kohya_naming)
+        return write_lora_files(output_dir, components, configs, meta, o.variant, o.formats, self.kohya_naming,
+                                self.comfyui_names)
 
 
 def initial_layers(path: str, parts: Components, text_encoders: set[str]) -> lora_layers.LoraWeights:

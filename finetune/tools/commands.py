@@ -9,7 +9,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     convert = commands.add_parser("convert", help="convert a LoRA or embedding between diffusers and kohya formats")
     convert.add_argument("source", metavar="IN", help="LoRA or embedding file (.safetensors, or an A1111 .pt)")
     convert.add_argument("out", metavar="OUT", help=".safetensors file to write")
-    convert.add_argument("--to", required=True, choices=("diffusers", "kohya"))
+    convert.add_argument("--to", required=True, choices=("diffusers", "kohya", "comfyui"))
     convert.add_argument("--base", help="base model (hub id, folder or file): match kohya names against its "
                          "modules instead of parsing them")
     convert.add_argument("--token", help="embeddings: the token to write (diffusers) or to pick (kohya)")

@@ -19,7 +19,7 @@ from finetune.export.adapter_files import Embeddings
 from finetune.export.lora.files import check_path
 from finetune.export.lora.layers import LoraFileError
 
-TARGETS = ("diffusers", "kohya")
+TARGETS = ("diffusers", "kohya", "comfyui")
 
 
 def _module_names(base: str | None) -> dict[str, list[str]] | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from finetune.export.lora import diffusers, kohya, lycoris, peft_adapter
+from finetune.export.lora import comfyui, diffusers, kohya, lycoris, peft_adapter
 from finetune.export.lora.kohya_names import SD_NAMING, KohyaNaming
 from finetune.export.lora.layers import VARIANT_KEY, LoraFileError, LoraWeights
 from finetune.export.safetensors_io import Header, read_safetensors
@@ -36,7 +36,11 @@ def is_kohya_lora(metadata: dict[str, str], keys: list[str]) -> bool:
 
 
 def is_diffusers_lora(metadata: dict[str, str], keys: list[str]) -> bool:
-    return is_lora(metadata, keys) and not kohya.is_kohya(keys)
+    return is_lora(metadata, keys) and not kohya.is_kohya(keys) and not comfyui.is_comfyui(keys)
+
+
+def is_comfyui_lora(metadata: dict[str, str], keys: list[str]) -> bool:
+    return is_lora(metadata, keys) and comfyui.is_comfyui(keys)
 
 
 def check_path(path: str | os.PathLike) -> None:
@@ -61,6 +65,8 @@ def read_lora(path: str | os.PathLike, module_names: dict[str, list[str]] | None
         raise LoraFileError(f"{path}: holds no tensors")
     if kohya.is_kohya(list(tensors)):
         return kohya.from_kohya(tensors, metadata, str(path), module_names)
+    if comfyui.is_comfyui(list(tensors)):
+        return comfyui.read_comfyui(tensors, metadata, str(path), module_names)
     return diffusers.from_diffusers(tensors, metadata, str(path))
 
 
@@ -81,6 +87,11 @@ def describe_diffusers_lora(header: Header) -> dict[str, Any]:
     return {"kind": f"LoRA (diffusers/peft format){dora}", "lora": lora_summary(header.shapes)}
 
 
+def describe_comfyui_lora(header: Header) -> dict[str, Any]:
+    return {"kind": "LoRA (ComfyUI layout: diffusion_model. + the original model's names)",
+            "lora": {"transformer": {"modules": sum(k.endswith(".lora_A.weight") for k in header.keys)}}}
+
+
 def describe_kohya_lora(header: Header) -> dict[str, Any]:
     return {"kind": "LoRA (kohya format: AUTOMATIC1111, ComfyUI)", "lora": lora_summary(header.shapes)}
 
@@ -95,12 +106,13 @@ def describe_peft_adapter(header: Header) -> dict[str, Any]:
 
 def write_lora_files(output_dir: str | os.PathLike, components: dict[str, dict[str, torch.Tensor]],
                      configs: dict[str, dict], metadata: dict[str, str], variant: str, formats: list[str],
-                     naming: KohyaNaming = SD_NAMING) -> Path:
+                     naming: KohyaNaming = SD_NAMING, comfyui_names: Any = None) -> Path:
     """A trained adapter's files for `formats` (strategy.formats), from peft's per-component state dicts and
     configs as dicts: the diffusers-layout file always (diffusers' LoRA file; finetune's peft-adapter file for
     LoHa, LoKr and OFT, which diffusers has no loader for), and for "kohya" the kohya file (LyCORIS's layout for
     LoHa and LoKr) at output_dir/kohya/<output_dir name>.safetensors, named as `naming` (the model family's kohya
-    names) says. Returns the first file's path."""
+    names) says; for "comfyui" the transformer's layers in ComfyUI's layout at output_dir/comfyui/<name>.safetensors
+    (`comfyui_names`: the family's OriginalNames). Returns the first file's path."""
     output_dir = Path(output_dir)
     path = output_dir / diffusers.FILE_NAME
     kohya_path = output_dir / KOHYA_DIR / f"{output_dir.name}.safetensors"
@@ -110,9 +122,12 @@ def write_lora_files(output_dir: str | os.PathLike, components: dict[str, dict[s
             lycoris.write_lycoris(variant, components, configs, kohya_path, metadata, naming)
         return saved
     saved = diffusers.save_lora(path, components, configs, metadata)
+    # the same tensors and configs the diffusers file holds, viewed as layers (no reading it back)
+    header = {**metadata, diffusers.ADAPTER_METADATA_KEY: diffusers.adapter_metadata(configs)}
+    layers = diffusers.from_diffusers(diffusers.pack(components), header, str(path))
     if "kohya" in formats:
-        # the same tensors and configs the diffusers file holds, viewed as layers (no reading it back)
-        header = {**metadata, diffusers.ADAPTER_METADATA_KEY: diffusers.adapter_metadata(configs)}
-        layers = diffusers.from_diffusers(diffusers.pack(components), header, str(path))
         kohya.write_kohya(layers, kohya_path, naming=naming)
+    if "comfyui" in formats:
+        comfyui.write_comfyui(layers, output_dir / comfyui.COMFYUI_DIR / f"{output_dir.name}.safetensors",
+                              comfyui_names, metadata)
     return saved

@@ -88,7 +88,7 @@ def naming_of(weights: Any) -> KohyaNaming:
     layout read from the layers' own names (the released SDXL's when they do not tell); SD's otherwise."""
     from finetune.models import specs
 
-    told = _family_in_header(weights.metadata)
+    told = family_in_header(weights.metadata)
     if told is None and "transformer" in weights.layers and kohya_flux.is_flux_diffusers(
             list(weights.layers["transformer"])):
         told = next((spec for spec in specs().values() if spec.kohya_unet_layout == "bfl"), None)
@@ -105,7 +105,7 @@ def naming_of(weights: Any) -> KohyaNaming:
     return naming_for(sgm, layout)
 
 
-def _family_in_header(metadata: dict[str, str]) -> Any | None:
+def family_in_header(metadata: dict[str, str]) -> Any | None:
     """The registered family a header names: its recipe's model.family (not auto), or a family's
     ss_base_model_version (kohya's SDXL versions all start sdxl)."""
     import json
