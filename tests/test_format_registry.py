@@ -32,6 +32,24 @@ def _lora() -> LoraWeights:
     return LoraWeights({"unet": {MODULE: layer}}, {"finetune.base_model": "tiny"})
 
 
+def _transformer_lora() -> LoraWeights:
+    """A transformer LoRA whose header names the first family with a ComfyUI layout (its own names, or the
+    diffusers names it keeps)."""
+    import json
+
+    from finetune.models import specs
+
+    spec = next(spec for spec in specs().values() if spec.comfyui_names is not None)
+    first_block = next(iter(spec.comfyui_names.blocks), "transformer_blocks")
+    module = f"{first_block}.0.attn.to_out.0" if not spec.comfyui_names.blocks else next(
+        f"{listed}.0.{tail}" for listed, renamed in spec.comfyui_names.renamed.items() for tail in renamed)
+    generator = torch.Generator().manual_seed(0)
+    layer = LoraLayer(torch.randn(2, 8, generator=generator), torch.randn(8, 2, generator=generator), 2.0)
+    header = {"finetune.base_model": "tiny", "finetune.strategy": "lora",
+              "finetune.recipe": json.dumps({"model": {"family": spec.name}})}
+    return LoraWeights({"transformer": {module: layer}}, header)
+
+
 def _loha() -> AdapterFile:
     from peft import LoHaConfig
 
@@ -50,6 +68,7 @@ def _embedding(token: str) -> Embeddings:
 MAKERS = {
     ("lora", "diffusers"): lambda path: formats.writer("lora", "diffusers").write(_lora(), path),
     ("lora", "kohya"): lambda path: formats.writer("lora", "kohya").write(_lora(), path),
+    ("lora", "comfyui"): lambda path: formats.writer("lora", "comfyui").write(_transformer_lora(), path),
     ("lycoris", "kohya"): lambda path: formats.writer("lora_variant", "kohya").write(_loha(), path),
     ("peft_adapter", "diffusers"): lambda path: formats.writer("lora_variant", "diffusers").write(_loha(), path),
     ("textual_inversion", "diffusers"): lambda path: formats.writer("embedding", "diffusers").write(

@@ -24,6 +24,8 @@ READ_BY = {
     "LoRA (diffusers/peft format)": "diffusers' pipe.load_lora_weights, finetune.load_adapter",
     "LoRA (kohya format": "AUTOMATIC1111 and Forge (models/Lora), ComfyUI's LoRA loader, kohya's scripts, "
                           "finetune.load_adapter",
+    "LoRA (ComfyUI layout": "ComfyUI's LoRA loader, diffusers' pipe.load_lora_weights (for the families whose "
+                            "converter reads it), finetune.load_adapter",
     "LyCORIS": "AUTOMATIC1111 and Forge (models/Lora), ComfyUI, finetune.load_adapter",
     **{f"{variant} adapter": "finetune.load_adapter (diffusers has no loader for it)"
        for variant in ("loha", "lokr", "oft")},
