@@ -147,7 +147,7 @@ def train_keeping_parts(recipe, on_load=None):
             return kept["parts"]
 
     original = loop.family_for
-    loop.family_for = lambda name, base=None, hub=False: KeepParts()
+    loop.family_for = lambda name, base=None, hub=False: KeepParts(family.spec)
     try:
         artifact = loop.train(recipe)
     finally:

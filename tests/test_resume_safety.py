@@ -3,6 +3,7 @@ the printed resume command carries the command line's overrides, a new run refus
 a finished artifact or checkpoints, and a resume with other settings says what differs."""
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 from pathlib import Path
@@ -131,3 +132,23 @@ def test_validate_says_what_train_will_say_of_a_used_output_dir(tiny_base, conce
     capsys.readouterr()
     assert main(["validate", str(path)]) == 0  # the recipe is fine; the run needs a flag
     assert "note: `finetune train` as it stands will stop: output_dir" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_the_earlier_recipe_layout_resumes_unchanged(tiny_base, concept_dir, tmp_path):
+    """Before the family options moved into the model section, a checkpoint's recipe held `flow:` at the top,
+    `train.min_snr_gamma` / `noise_offset`, and every family's model keys: the same settings compare equal now,
+    and a moved setting that changed is still named."""
+    from finetune.recipe.load import parse_recipe, recipe_to_dict
+    from finetune.training.resume import CheckpointError, check_resumable
+
+    current = recipe_to_dict(parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out",
+                                                      model={"base": str(tiny_base), "min_snr_gamma": 5.0})))
+    earlier = json.loads(json.dumps(current))
+    earlier["train"]["min_snr_gamma"] = earlier["model"].pop("min_snr_gamma")
+    earlier["train"]["noise_offset"] = earlier["model"].pop("noise_offset")
+    earlier["flow"] = {"sigma_sampling": "auto", "shift": None}
+    earlier["model"].update(text_encoder_3="auto", guidance=None)
+    assert check_resumable({"recipe": earlier}, current, tmp_path) == []
+    earlier["train"]["min_snr_gamma"] = 1.0
+    with pytest.raises(CheckpointError, match="model.min_snr_gamma: 1.0 in the checkpoint's run, 5.0 now"):
+        check_resumable({"recipe": earlier}, current, tmp_path)

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 from pathlib import Path
@@ -158,6 +159,31 @@ def recipe_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return notes, refusals
 
 
+# what the model section of an earlier version held for every family, unset
+_UNSET_EARLIER = {"text_encoder_3": "auto", "guidance": None, "prediction_type": None}
+
+
+def as_now(saved: dict, current: dict) -> dict:
+    """A checkpoint's recipe from before the family options moved into the model section (recipe/load.py MOVED),
+    as this version writes it: the moved keys at their new place, and the keys every family's model section held
+    then dropped where this family does not read them and they were unset."""
+    from finetune.recipe.load import MOVED
+
+    saved = json.loads(json.dumps(saved))  # a copy
+    model, now = saved.get("model", {}), current.get("model", {})
+    for old, new in MOVED.items():
+        section, _, key = old.partition(".")
+        holder = saved.get(section) if key else saved
+        if isinstance(holder, dict) and (key or section) in holder:
+            value = holder.pop(key or section)
+            if new.split(".", 1)[1] in now:
+                model[new.split(".", 1)[1]] = value
+    for key, unset in _UNSET_EARLIER.items():
+        if key in model and key not in now and model[key] == unset:
+            del model[key]
+    return saved
+
+
 def check_resumable(saved_state: dict, current: dict, path: Path, source: str = "<recipe>",
                     overrides: Iterable[str] = ()) -> list[str]:
     """Compare the checkpoint at `path` (its state.json, `saved_state`) with the resuming recipe (`current`, as
@@ -165,6 +191,7 @@ def check_resumable(saved_state: dict, current: dict, path: Path, source: str = 
     CheckpointError naming every setting that cannot change mid-run, with the commands of a new run. A
     checkpoint from before whole recipes were kept is compared on model and strategy."""
     saved = saved_state.get("recipe") or {k: saved_state[k] for k in ("model", "strategy") if k in saved_state}
+    saved = as_now(saved, current)
     notes, refusals = recipe_changes(saved, {k: current[k] for k in saved if k in current})
     if refusals:
         raise CheckpointError(
