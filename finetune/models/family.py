@@ -91,6 +91,9 @@ class FamilySpec:
     # the released U-Net's layout (its config's block-shaping values), for reading kohya files without the base
     released_unet_config: Optional[Mapping[str, Any]] = None
     long_prompts: bool = False  # data.max_token_length's 75-token chunking applies (CLIP-only families)
+    # what the objective does by default, and where that comes from (the peers, diffusers' script): the README's
+    # family table prints it
+    objective_defaults: str = ""
     load_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given to the pipeline's loaders
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given when the pipeline is built
 

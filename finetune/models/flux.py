@@ -154,6 +154,10 @@ def build_tiny(seed: int = 0) -> Any:
 
 SPEC = FamilySpec(
     name="flux", title="Flux.1 dev/schnell", pipeline="FluxPipeline", objective="flow_matching",
+    objective_defaults=(
+        "sigmoid(N(0, 1)) shifted by the image's token count as FluxPipeline samples (e^1.15 = 3.16 at 1024 px), "
+        "no weighting: ai-toolkit's and SimpleTuner's sigmoid default with kohya's flux_shift; at 1024 px kohya's"
+        ' recommended --discrete_flow_shift 3.1582'),
     options=FluxOptions, behaviour=Flux, tiny=build_tiny,
     single_file_keys=("double_blocks.",),  # BFL's double-stream blocks
     lora_targets=("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",

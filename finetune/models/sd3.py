@@ -77,6 +77,9 @@ def build_tiny(seed: int = 0) -> Any:
 
 SPEC = FamilySpec(
     name="sd3", title="Stable Diffusion 3/3.5", pipeline="StableDiffusion3Pipeline", objective="flow_matching",
+    objective_defaults=(
+        "logit-normal(0, 1), static shift 3.0, no weighting: diffusers' train_dreambooth_lora_sd3.py "
+        "(--weighting_scheme logit_normal) indexing SD3's scheduler sigmas (shift 3.0 in its config)"),
     options=StableDiffusion3Options, behaviour=StableDiffusion3, tiny=build_tiny,
     single_file_keys=("joint_blocks.",),  # SD3's MMDiT
     lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",

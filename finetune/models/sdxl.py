@@ -131,6 +131,9 @@ def build_tiny(seed: int = 0) -> Any:
 
 SPEC = FamilySpec(
     name="sdxl", title="Stable Diffusion XL", pipeline="StableDiffusionXLPipeline", objective="ddpm",
+    objective_defaults=(
+        "as sd's: DDPM with the base scheduler's prediction type, uniform timesteps, plain MSE (diffusers' "
+        'train_text_to_image_lora_sdxl.py)'),
     options=StableDiffusionXLOptions, behaviour=StableDiffusionXL, tiny=build_tiny,
     also_recognised=("StableDiffusionXLImg2ImgPipeline",),
     single_file_keys=("input_blocks.", "conditioner.embedders.1."),  # the U-Net, and SDXL's second text encoder

@@ -95,6 +95,10 @@ def build_tiny(seed: int = 0) -> Any:
 
 SPEC = FamilySpec(
     name="zimage", title="Z-Image", pipeline="ZImagePipeline", objective="flow_matching",
+    objective_defaults=(
+        "uniform, static shift from the base's scheduler config (3.0 in Z-Image-Turbo's), no weighting: "
+        "diffusers' train_dreambooth_lora_z_image.py (--weighting_scheme none) indexing the scheduler's sigmas; a"
+        ' config with dynamic shifting gets the resolution shift the pipeline samples with'),
     options=ZImageOptions, behaviour=ZImage, tiny=build_tiny,
     lora_targets=("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"),
     text_encoder_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),  # Qwen3's attention

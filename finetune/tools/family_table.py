@@ -13,8 +13,9 @@ STRATEGIES = {"lora": "LoRA", "dreambooth": "DreamBooth", "textual_inversion": "
 
 
 def family_table() -> str:
-    """A markdown table: one row per registered family (model.family, models, pipeline, objective, what each
-    strategy does on it, the LoRA files written, and how many lines its file took)."""
+    """Two markdown tables, one row per registered family each: model.family, models, pipeline, objective, what
+    each strategy does on it, the LoRA files written and how many lines its file took; and what its objective
+    does by default, with the source."""
     from finetune.models import FAMILY_MODULES, specs
 
     head = ("| `model.family` | models | diffusers pipeline | objective | " + " | ".join(STRATEGIES.values())
@@ -29,6 +30,8 @@ def family_table() -> str:
         pipelines = ", ".join(f"`{name}`" for name in (spec.pipeline, *spec.also_recognised))
         rows.append(f"| `{spec.name}` | {spec.title} | {pipelines} | {spec.objective.replace('_', ' ')} | "
                     + " | ".join(cells) + f" | {', '.join(formats)} | `models/{path.name}`, {lines} lines |")
+    rows += ["", "| `model.family` | the objective by default, and where it comes from |", "| --- | --- |"]
+    rows += [f"| `{spec.name}` | {spec.objective_defaults} |" for spec in specs().values()]
     return "\n".join(rows)
 
 
