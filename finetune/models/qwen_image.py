@@ -191,5 +191,8 @@ SPEC = FamilySpec(
     kohya_prefixes={"transformer": "lora_unet"},  # musubi's lora_unet_transformer_blocks_0_attn_to_q
     kohya_unet_layout="none",
     kohya_base_model_version="qwen_image",
+    kohya_network_module="networks.lora_qwen_image",  # musubi-tuner's Qwen-Image trainer
+    modelspec_architecture="Qwen-Image",  # musubi-tuner's sai_model_spec (+ "/lora")
+    modelspec_implementation="https://github.com/QwenLM/Qwen-Image",
     # ComfyUI's (and the original code's) module names are diffusers', under diffusion_model.
     comfyui_names=OriginalNames())

@@ -233,3 +233,28 @@ def test_the_recipe_validates_and_trains_quantized_with_a_grid(qwen_base, tmp_pa
     out = train_shipped_recipe("qwen_image_lora", qwen_base, tmp_path, extra=("sample.every=2", "sample.steps=2"))
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert list((out / "samples").glob("*.png"))
+
+
+def test_the_comfyui_file_keeps_the_diffusers_names_and_loads_back(qwen_base, tmp_path):
+    """strategy.formats: comfyui writes `diffusion_model.` + the diffusers module paths (Qwen-Image's original
+    names), alpha folded in; QwenImagePipeline.load_lora_weights and finetune.load_adapter both reproduce the
+    trained model from it."""
+    from safetensors.torch import load_file
+
+    from finetune.adapters import load_adapter
+
+    recipe = parse_recipe(recipe_dict(qwen_base, draw_concept(tmp_path / "images"), tmp_path / "out",
+                                      strategy={"kind": "lora", "rank": 4, "alpha": 8,
+                                                "formats": ["diffusers", "comfyui"]},
+                                      train={"max_steps": 4, "learning_rate": 5e-3}))
+    _, parts = train_keeping_parts(recipe)
+    [path] = (tmp_path / "out" / "comfyui").glob("*.safetensors")
+    tensors = load_file(str(path))
+    assert "diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight" in tensors
+    assert all(k.startswith("diffusion_model.transformer_blocks.") for k in tensors)
+    assert not any(k.endswith(".alpha") for k in tensors)
+    trained = images_of(family_for("qwen_image").pipeline(parts))
+    for load in (lambda pipe: pipe.load_lora_weights(str(path)), lambda pipe: load_adapter(pipe, str(path))):
+        pipe = saved_pipeline(qwen_base)
+        load(pipe)
+        np.testing.assert_allclose(images_of(pipe), trained, atol=1e-5)
