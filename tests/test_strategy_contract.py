@@ -15,6 +15,7 @@ import torch
 
 from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for, specs
+from finetune.models.pipeline_folder import latent_channels_of
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
 from finetune.shapes.demo import tuned_pipeline
@@ -68,7 +69,7 @@ def _outputs(family, parts, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The text encoding of `prompt` and the denoiser's prediction for fixed latents and timesteps."""
     generator = torch.Generator().manual_seed(0)
     # the VAE's channels: what predict takes (Flux's transformer reads 2x2 patches, 4x as many channels)
-    latents = torch.randn(1, parts.vae.config.latent_channels, 8, 8, generator=generator)
+    latents = torch.randn(1, latent_channels_of(parts.vae.config), 8, 8, generator=generator)
     with torch.no_grad():
         conditioning = family.encode_prompts(parts, [prompt])
         return conditioning, family.predict(parts, latents, torch.tensor([500]), conditioning,

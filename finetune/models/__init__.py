@@ -15,6 +15,7 @@ FAMILY_MODULES = (
     "finetune.models.sd3",
     "finetune.models.flux",
     "finetune.models.zimage",
+    "finetune.models.qwen_image",
 )
 
 # what model.family: auto means when nothing tells the family before loading (a .ckpt, a hub id not looked up)

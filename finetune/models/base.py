@@ -114,12 +114,24 @@ def default_resolution(pipe: Any) -> int:
     return size * pipe.vae_scale_factor if size else 1024
 
 
-def default_guidance(pipe: Any) -> float:
-    """The guidance scale a pipeline uses when given none: its `__call__` default (SD 7.5, SDXL 5.0, SD3 7.0,
-    Flux.1-dev 3.5, its embedded guidance; Z-Image 5.0); 7.5 if it declares none."""
+def guidance_keyword(pipe: Any) -> str:
+    """The `__call__` argument that scales classifier-free guidance: `guidance_scale`, or `true_cfg_scale` where
+    guidance_scale defaults to None, a guidance-distilled model's embedded value only (Qwen-Image: real CFG with
+    true_cfg_scale and a negative prompt)."""
     import inspect
 
-    parameter = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    parameters = inspect.signature(pipe.__call__).parameters
+    distilled_only = "guidance_scale" in parameters and parameters["guidance_scale"].default is None
+    return "true_cfg_scale" if distilled_only and "true_cfg_scale" in parameters else "guidance_scale"
+
+
+def default_guidance(pipe: Any) -> float:
+    """The guidance scale a pipeline uses when given none: its `__call__` default (SD 7.5, SDXL 5.0, SD3 7.0,
+    Flux.1-dev 3.5, its embedded guidance; Z-Image 5.0; Qwen-Image's true_cfg_scale 4.0); 7.5 if it declares
+    none."""
+    import inspect
+
+    parameter = inspect.signature(pipe.__call__).parameters.get(guidance_keyword(pipe))
     default = parameter.default if parameter is not None else inspect.Parameter.empty
     return float(default) if isinstance(default, (int, float)) else 7.5
 

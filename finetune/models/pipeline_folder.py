@@ -15,10 +15,23 @@ def vae_downsampling(base: str | None) -> int | None:
     config = os.path.join(os.path.expanduser(base), "vae", "config.json")
     try:
         with open(config, encoding="utf-8") as handle:
-            blocks = json.load(handle).get("block_out_channels")
+            return downsampling_of(json.load(handle))
     except (OSError, ValueError):
         return None
-    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+
+
+def latent_channels_of(config) -> int | None:
+    """A VAE config's latent channels: AutoencoderKL's `latent_channels`, the Wan-type causal VAE's `z_dim`."""
+    return config.get("latent_channels") or config.get("z_dim")
+
+
+def downsampling_of(config) -> int | None:
+    """A VAE config's pixels per latent along a side: AutoencoderKL's 2 ** (len(block_out_channels) - 1), the
+    Wan-type causal VAE's (Qwen-Image's) 2 ** len(temperal_downsample), as its pipelines compute it."""
+    blocks, stages = config.get("block_out_channels"), config.get("temperal_downsample")
+    if isinstance(blocks, (list, tuple)) and blocks:
+        return 2 ** (len(blocks) - 1)
+    return 2 ** len(stages) if isinstance(stages, (list, tuple)) else None
 
 
 def parts_stored_as_none(base: str | None) -> dict[str, None]:

@@ -29,6 +29,7 @@ from finetune.data.caches import estimated_bytes, plan_caches
 from finetune.export.family_header import family_fields, family_version
 from finetune.models import family_for
 from finetune.models.family import refusal
+from finetune.models.pipeline_folder import downsampling_of, latent_channels_of
 from finetune.models.quantize import quantize_weights
 from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe
@@ -170,8 +171,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     class_count = recipe.prior.num_class_images if recipe.prior.mode == "class_images" else 0
     plan = plan_caches(recipe.cache.latents, recipe.cache.text, d.crop, recipe.strategy.changes_text_encoding(),
                        estimated_bytes(len(examples) + class_count, 2 if d.random_flip else 1, d.resolution,
-                                       parts.vae.config.latent_channels,
-                                       2 ** (len(parts.vae.config.block_out_channels) - 1)))
+                                       latent_channels_of(parts.vae.config) or 4,
+                                       downsampling_of(parts.vae.config) or 8))
     for note in plan.notes:
         say(note)
     encoder = make_encoder(family, parts, plan, accelerator.device, recipe.cache.dir,

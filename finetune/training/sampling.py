@@ -25,14 +25,19 @@ def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: in
     """One row per prompt. `encode` (the family's encode_prompts): prompts are encoded as training encodes
     them (long prompts in chunks, data.max_token_length) and handed to the pipeline as embeddings; without it
     the pipeline encodes them itself (cut at the window)."""
+    from finetune.models.base import guidance_keyword
+
     pipeline.set_progress_bar_config(disable=True)
+    # true_cfg_scale guides only where a negative prompt is given (Qwen-Image): the empty one, as SD's default
+    keyword = guidance_keyword(pipeline)
+    negative = negative_prompt if keyword == "true_cfg_scale" else negative_prompt or None
     images = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed + index)
         text = ({"prompt_embeds": encode([prompt]), "negative_prompt_embeds": encode([negative_prompt or ""])}
-                if encode is not None else {"prompt": prompt, "negative_prompt": negative_prompt or None})
+                if encode is not None else {"prompt": prompt, "negative_prompt": negative})
         result = pipeline(**text, num_inference_steps=steps,
-                          guidance_scale=guidance_scale, num_images_per_prompt=images_per_prompt,
+                          **{keyword: guidance_scale}, num_images_per_prompt=images_per_prompt,
                           height=resolution, width=resolution, generator=generator)
         images.extend(result.images)
     return image_grid(images, columns=images_per_prompt)
