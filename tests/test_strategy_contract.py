@@ -182,3 +182,32 @@ def test_the_saved_artifact_reproduces_the_trained_model(run):
         outputs.append(pipe([run["prompt"]], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                             generator=generator, output_type="np").images)
     np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-3 if run["name"] == "dreambooth" else 1e-5)
+
+
+def test_the_pipelines_own_loader_puts_back_every_trained_lora_layer(run):
+    """LoRA's diffusers-layout file through the family pipeline's stock `load_lora_weights` (what diffusers users
+    and ComfyUI's diffusers path do): every adapted module of the denoiser, and of each text encoder the loader
+    reads, computes what the trained one computes, module by module (a layer the loader skipped changes nothing
+    in its module, and fails here however small its share of an image)."""
+    if run["name"] != "lora":
+        pytest.skip("LoRA's file; the other strategies' artifacts are checked by the test above")
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(run["base"]))
+    pipe.load_lora_weights(str(run["artifact"]))
+    loadable = set(getattr(pipe, "_lora_loadable_modules", ())) & set(run["parts"].modules)
+    checked = 0
+    for component in sorted(loadable):
+        trained = dict(run["parts"].modules[component].named_modules())
+        loaded = dict(getattr(pipe, component).named_modules())
+        for name, module in trained.items():
+            base = getattr(module, "base_layer", None)
+            if not hasattr(module, "lora_A") or not isinstance(base, torch.nn.Linear):
+                continue
+            x = torch.randn(2, base.in_features, generator=torch.Generator().manual_seed(checked))
+            assert name in loaded and hasattr(loaded[name], "lora_A"), (component, name, "not loaded")
+            with torch.no_grad():
+                torch.testing.assert_close(loaded[name](x), module(x), rtol=1e-4, atol=1e-5,
+                                           msg=f"{component}.{name}")
+            checked += 1
+    assert checked > 0 and run["parts"].denoiser_name in loadable
