@@ -15,6 +15,7 @@ FAMILY_MODULES = (
     "finetune.models.sd3",
     "finetune.models.flux",
     "finetune.models.zimage",
+    "finetune.models.flux2",
 )
 
 
