@@ -177,7 +177,7 @@ def test_finetune_sample_draws_from_the_base_at_its_own_size(family_folder, tmp_
     pipe = saved_pipeline(folder)
     assert default_resolution(pipe) >= 32, name
     # with no --guidance, the pipeline's own default (Flux.1-dev's embedded guidance is 3.5, not SD's 7.5)
-    assert default_guidance(pipe) == {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "zimage": 5.0}[name]
+    assert default_guidance(pipe) == {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "zimage": 5.0, "flux2": 4.0}[name]
     assert main(["sample", "--base", str(folder), "--prompt", "a purple sks", "--steps", "2", "--num", "2",
                  "--resolution", "32", "--out", str(tmp_path / "grid.png")]) == 0
     grid = Image.open(tmp_path / "grid.png")

@@ -40,12 +40,14 @@ def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: in
 
 def text_arguments(pipeline, text: dict) -> dict:
     """`text` without a `negative_prompt` the pipeline's __call__ does not take (Flux.2's: embedded guidance, or
-    CFG against the empty prompt), which must then be empty; ValueError naming the pipeline when it is not."""
+    CFG against the empty prompt); a non-empty one is then left out with a warning naming the pipeline."""
     import inspect
+    import logging
 
     if "negative_prompt" in text and "negative_prompt" not in inspect.signature(pipeline.__call__).parameters:
         if text["negative_prompt"]:
-            raise ValueError(f"{type(pipeline).__name__} takes no negative prompt; remove negative_prompt")
+            logging.getLogger(__name__).warning("%s takes no negative prompt: negative_prompt is not used",
+                                                type(pipeline).__name__)
         text = {key: value for key, value in text.items() if key != "negative_prompt"}
     return text
 
