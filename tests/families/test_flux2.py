@@ -216,3 +216,27 @@ def test_a_trained_lora_loads_with_the_pipelines_own_loader(base, tmp_path):
     reloaded = image(pipe)
     assert np.abs(reloaded - image(DiffusionPipeline.from_pretrained(str(folder)))).max() > 1e-4
     np.testing.assert_allclose(reloaded, image(family_for("flux2").pipeline(parts)), atol=1e-5)
+
+
+def test_presets_and_a_single_file_are_told(base, tmp_path):
+    """The peers' target sets match the tiny transformer's Linears; a BFL single file (double_blocks and the
+    single-stream modulation) is told as flux2, Flux.1's (double_blocks alone) as flux."""
+    from safetensors.torch import save_file
+
+    from finetune.models.detect import family_of
+    from finetune.strategies.lora_presets import targets
+
+    _, folder = base
+    family, parts, _ = loaded(folder)
+    attention = targets(family, "attention", parts.transformer)
+    assert "single_transformer_blocks.0.attn.to_qkv_mlp_proj" in attention
+    assert "transformer_blocks.0.attn.add_q_proj" not in attention
+    everything = targets(family, "all_linear", parts.transformer)
+    assert {"transformer_blocks.0.ff_context.linear_out", "single_transformer_blocks.0.attn.to_out"} <= set(everything)
+    assert not any("modulation" in name or name == "proj_out" for name in everything)
+    one = torch.zeros(1)
+    save_file({"double_blocks.0.img_attn.qkv.weight": one, "single_stream_modulation.lin.weight": one.clone()},
+              str(tmp_path / "flux2.safetensors"))
+    save_file({"double_blocks.0.img_attn.qkv.weight": one}, str(tmp_path / "flux1.safetensors"))
+    assert family_of(str(tmp_path / "flux2.safetensors")) == "flux2"
+    assert family_of(str(tmp_path / "flux1.safetensors")) == "flux"
