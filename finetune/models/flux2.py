@@ -1,33 +1,25 @@
-"""Flux.2 dev and klein: one double- and single-stream transformer class (`Flux2Transformer2DModel`) on the 32
-channels of `AutoencoderKLFlux2`, patchified 2x2 into 128-channel tokens, conditioned by a language model's hidden
-states: dev's Mistral-Small-3.1 (`Flux2Pipeline`, layers 10, 20, 30) or klein's Qwen3 (`Flux2KleinPipeline`,
-layers 9, 18, 27), stacked per token. `pipeline_name` reads which from the base's model_index.json.
-
-What the pipelines do, and so `encode_prompts` / `predict` here (diffusers' pipeline_flux2(_klein).py and
-train_dreambooth_lora_flux2.py):
-- conditioning is the pipeline's own `encode_prompt` (the chat template, padded to 512 tokens, no attention mask to
-  the transformer); its `text_ids` (0, 0, 0, l) are rebuilt in `predict` with the pipeline's `_prepare_text_ids`;
-- latents: the VAE's 32 channels, patchified 2x2 (`_patchify_latents`), normalised by the VAE's BatchNorm running
-  statistics, `(z - running_mean) / sqrt(running_var + eps)`. The loop carries them unpatchified [B, 32, H/8, W/8]
-  (every family's latent grid; the resolution shift counts its tokens as Flux.1's), `predict` patchifies, packs
-  with `_prepare_latent_ids` (0, h, w, 0) and unpatchifies the output. The pipeline and the script encode with the
-  latent distribution's *mode*, not a sample, so `latents_from_moments` takes the mean and ignores std and the
-  generator: what the base was sampled and trained against (a cache still keeps (mean, std); the draw is the same
-  cached or not);
-- `timestep` = sigma, passed as the pipeline passes it (`(1000 sigma).to(dtype) / 1000`); output is the velocity
-  `noise - x0` (no negation);
-- dev's embedded guidance: `model.guidance`, default 1.0 in training (SimpleTuner's `flux_guidance_value` default,
-  and Flux.1's choice here, after kohya's LoRA advice; diffusers' Flux.2 script uses 3.5, and the pipeline samples
-  at 4.0: sample.guidance_scale). klein has no guidance input (real CFG at sampling): model.guidance is refused.
-
-Sigma defaults: `sigmoid` sampling shifted by the image's token count with Flux.1's constants (mu 0.5 at 256 tokens
-to 1.15 at 4096, the scheduler config's base/max_shift), not the pipeline's sampling schedule: Flux2's
-`compute_empirical_mu` samples at a shift of 7.6-9.9 at 1024 px, but OneTrainer PR #1516 reports BFL confirming
-Flux.2 was trained with Flux.1's shifting, musubi-tuner recommends `--timestep_sampling flux2_shift` (that shift),
-and SimpleTuner / ai-toolkit use the same config. A static `model.flow.shift` alone replaces it.
-LoRA targets: diffusers' Flux.2 scripts' default (to_q/k/v, to_out.0 and to_qkv_mlp_proj, and each single block's
-attn.to_out, enumerated: a bare `to_out` would name the double blocks' ModuleList); `lora_target_presets` name the
-peers' sets. ComfyUI names: BFL's (diffusers' `_convert_non_diffusers_flux2_lora_to_diffusers`).
+"""Flux.2 dev and klein: one double- and single-stream transformer (`Flux2Transformer2DModel`) on the 32 channels
+of `AutoencoderKLFlux2` patchified 2x2, conditioned by a language model's hidden states: dev's Mistral-Small-3.1
+(`Flux2Pipeline`, layers 10/20/30) or klein's Qwen3 (`Flux2KleinPipeline`, 9/18/27); `pipeline_name` reads which
+from the base's model_index.json. As diffusers' pipeline_flux2(_klein).py and train_dreambooth_lora_flux2.py do:
+- conditioning: the pipeline's `encode_prompt` (chat template, 512 tokens, no mask to the transformer); its
+  `text_ids` (0, 0, 0, l) are rebuilt in `predict` (`_prepare_text_ids`);
+- latents: the VAE's mode, patchified 2x2, `(z - bn.running_mean) / sqrt(bn.running_var + eps)`, carried
+  unpatchified [B, 32, H/8, W/8] (every family's grid: the resolution shift counts tokens as Flux.1's); `predict`
+  patchifies, packs with `_prepare_latent_ids` (0, h, w, 0) and unpatchifies. The *mode*, not a sample: the
+  pipeline and the script encode so, so `latents_from_moments` takes the mean (std and generator unused; cached or
+  not, the same latents);
+- `timestep` = sigma as the pipeline passes it (`(1000 sigma).to(dtype) / 1000`); the output is `noise - x0`;
+- dev's embedded guidance: `model.guidance`, 1.0 in training by default (SimpleTuner's `flux_guidance_value`, and
+  Flux.1's choice here after kohya's LoRA advice; diffusers' script gives 3.5; sampling: sample.guidance_scale,
+  the pipeline's 4.0). klein has none (real CFG): model.guidance is refused.
+Sigma: `sigmoid` shifted by the token count with Flux.1's constants (mu 0.5 at 256 tokens to 1.15 at 4096, the
+scheduler config's), not the pipeline's `compute_empirical_mu` (a shift of 7.6-9.9 at 1024 px): OneTrainer PR #1516
+reports BFL trained Flux.2 with Flux.1's shifting, musubi-tuner recommends `flux2_shift` (the same), SimpleTuner and
+ai-toolkit use that config. A static `model.flow.shift` alone replaces it.
+LoRA targets: diffusers' Flux.2 scripts' default (to_q/k/v, to_out.0, to_qkv_mlp_proj, and each single block's
+attn.to_out by path: a bare `to_out` names the double blocks' ModuleList). ComfyUI names: BFL's, as diffusers'
+`_convert_non_diffusers_flux2_lora_to_diffusers` reads them.
 """
 from __future__ import annotations
 
@@ -51,8 +43,8 @@ DOUBLE = r"transformer_blocks\.\d+\."
 PRESETS = {
     # SimpleTuner's default: the attention's q/k/v/out and the single blocks' fused qkv+MLP input
     "attention": (DOUBLE + r"attn\.(to_q|to_k|to_v|to_out\.0)", r"single_" + DOUBLE + r"attn\.to_qkv_mlp_proj"),
-    # DiffSynth-Studio's Flux.2 set / OneTrainer's "blocks": every Linear of both block kinds but the modulations
-    # (which live outside the blocks here); musubi's networks.lora_flux_2 the same in BFL's names
+    # DiffSynth-Studio's Flux.2 set, musubi's networks.lora_flux_2: every Linear of both block kinds (the
+    # modulations live outside the blocks)
     "all_linear": (r"(single_)?" + DOUBLE + r"(attn|ff|ff_context)\..+",),
 }
 
@@ -64,7 +56,7 @@ class Flux2Options(ModelOptions, FlowMatchingOptions):
 
     def problems(self) -> list[str]:
         problems = self.objective_problems()
-        if self.guidance is not None and _transformer_config(self.base).get("guidance_embeds") is False:
+        if self.guidance is not None and _config(self.base, "transformer/config.json").get("guidance_embeds") is False:
             problems.append(f"model.guidance: {self.base} has no guidance embedding (its transformer config says "
                             "guidance_embeds: false, as Flux.2 klein's; it samples with real CFG); remove it")
         return problems
@@ -73,12 +65,12 @@ class Flux2Options(ModelOptions, FlowMatchingOptions):
 class Flux2(Family):
     def pipeline_name(self, base: str) -> str:
         """Flux2KleinPipeline where the base's model_index.json names it (or, unread, its name says klein)."""
-        name = _model_index(base).get("_class_name") or ("Flux2KleinPipeline" if "klein" in base.lower() else "")
+        name = _config(base).get("_class_name") or ("Flux2KleinPipeline" if "klein" in base.lower() else "")
         return name if name in self.spec.also_recognised else self.spec.pipeline
 
     def load(self, base: str, **kwargs: Any) -> Components:
         parts = super().load(base, **kwargs)
-        parts.extra["is_distilled"] = bool(_model_index(base).get("is_distilled", False))  # klein's step-distilled
+        parts.extra["is_distilled"] = bool(_config(base).get("is_distilled", False))  # klein's step-distilled
         return parts
 
     def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
@@ -109,10 +101,6 @@ class Flux2(Family):
             template = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
                                                      add_generation_prompt=True, enable_thinking=False)
         return MAX_SEQUENCE_LENGTH - len(text(template, add_special_tokens=False).input_ids)
-
-    def encode_image_moments(self, parts: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        distribution = parts.vae.encode(pixels.to(parts.vae.device, parts.vae.dtype)).latent_dist
-        return distribution.mean, distribution.std
 
     def latents_from_moments(self, parts: Components, mean: torch.Tensor, std: torch.Tensor,
                              generator: torch.Generator) -> torch.Tensor:
@@ -160,29 +148,18 @@ def _batch_norm(vae: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps)
 
 
-def _model_index(base: str) -> dict[str, Any]:
-    """A local pipeline folder's model_index.json, or a hub id's from the local hub cache; {} when unread."""
-    path = os.path.join(os.path.expanduser(base), "model_index.json")
-    if not os.path.exists(path) and base.count("/") == 1 and not os.path.exists(os.path.expanduser(base)):
-        try:
+def _config(base: str, name: str = "model_index.json") -> dict[str, Any]:
+    """A local pipeline folder's `name` (model_index.json, transformer/config.json), or a hub id's from the local
+    hub cache; {} when there is none."""
+    path = os.path.join(os.path.expanduser(base), name)
+    try:
+        if not os.path.exists(path) and base.count("/") == 1:
             from huggingface_hub import try_to_load_from_cache
 
-            path = try_to_load_from_cache(base, "model_index.json") or path
-        except Exception:  # noqa: BLE001 (no hub library state: loading says what is wrong)
-            pass
-    try:
+            path = try_to_load_from_cache(base, name) or path
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, ValueError, TypeError):
-        return {}
-
-
-def _transformer_config(base: str) -> dict[str, Any]:
-    """A local pipeline folder's transformer/config.json ({} when there is none)."""
-    try:
-        with open(os.path.join(os.path.expanduser(base), "transformer", "config.json"), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
         return {}
 
 
