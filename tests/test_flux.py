@@ -205,18 +205,18 @@ def test_the_default_sigmas_follow_the_resolution_and_a_static_shift_replaces_it
 def test_a_flux_base_is_told_from_its_folder_or_its_single_file(flux_base, tmp_path):
     from safetensors.torch import save_file
 
-    from finetune.models.detect import UnsupportedFamily, family_of
+    from finetune.models.detect import family_of
 
     assert family_of(str(flux_base)) == "flux"
     for prefix in ("", "model.diffusion_model."):  # BFL's file, and ComfyUI's full checkpoint
         single = tmp_path / f"flux{len(prefix)}.safetensors"
         save_file({f"{prefix}double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(single))
         assert family_of(str(single)) == "flux"
-    flux2 = tmp_path / "flux2.safetensors"  # Flux.2 has double_blocks too
+    flux2 = tmp_path / "flux2.safetensors"  # Flux.2 has double_blocks too: its own family (models/flux2.py)
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1),
                "single_stream_modulation.lin.weight": torch.zeros(1)}, str(flux2))
-    with pytest.raises(UnsupportedFamily, match="Flux.2 checkpoint"):
-        family_of(str(flux2))
+    assert family_of(str(flux2)) == "flux2"
+
 
 
 def test_a_single_file_checkpoint_is_refused_clearly(lora_run, tmp_path):
