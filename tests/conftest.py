@@ -85,7 +85,7 @@ def images(pipe):
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    return pipe(["a purple sks"], num_inference_steps=2, generator=generator, output_type="np",
+    return pipe(prompt=["a purple sks"], num_inference_steps=2, generator=generator, output_type="np",
                 height=32, width=32).images
 
 
@@ -172,7 +172,7 @@ def images_of(pipe, prompt: str = "a purple sks", guidance_scale: float = 3.0):
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    return pipe([prompt], num_inference_steps=2, guidance_scale=guidance_scale, height=32, width=32,
+    return pipe(prompt=[prompt], num_inference_steps=2, guidance_scale=guidance_scale, height=32, width=32,
                 generator=generator, output_type="np").images
 
 

@@ -73,7 +73,7 @@ def test_the_inference_pipeline_shares_the_parts(family_and_parts):
     family, parts, _ = family_and_parts
     pipe = family.pipeline(parts)
     assert all(getattr(pipe, name) is module for name, module in parts.modules.items())
-    image = pipe(["a red circle"], num_inference_steps=1, height=32, width=32, output_type="np").images
+    image = pipe(prompt=["a red circle"], num_inference_steps=1, height=32, width=32, output_type="np").images
     assert image.shape[0] == 1 and torch.isfinite(torch.from_numpy(image)).all()
 
 
@@ -183,7 +183,7 @@ def test_finetune_sample_draws_from_the_base_at_its_own_size(family_folder, tmp_
     pipe = saved_pipeline(folder)
     assert default_resolution(pipe) >= 32, name
     # with no --guidance, the pipeline's own default (Flux.1-dev's embedded guidance is 3.5, not SD's 7.5)
-    known = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "zimage": 5.0, "qwen_image": 4.0}
+    known = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "zimage": 5.0, "qwen_image": 4.0, "flux2": 4.0}
     assert default_guidance(pipe) == known[name] if name in known else default_guidance(pipe) > 0
     assert main(["sample", "--base", str(folder), "--prompt", "a purple sks", "--steps", "2", "--num", "2",
                  "--resolution", "32", "--out", str(tmp_path / "grid.png")]) == 0

@@ -181,7 +181,7 @@ def test_validate_refuses_ddpm_options_and_guidance_where_there_is_none(flux_bas
     code, err = validate(flux_base, model={"min_snr_gamma": 5.0})
     assert code == 2 and "model.min_snr_gamma: an option of model.family sd / sdxl, and this model is flux" in err
     code, err = validate(tiny_base, model={"guidance": 1.0})  # an SD 1.x base
-    assert code == 2 and "model.guidance: an option of model.family flux, and this model is sd" in err
+    assert code == 2 and "model.guidance: an option of model.family flux / flux2, and this model is sd" in err
     assert validate(flux_base, model={"guidance": 3.5, "flow": {"sigma_sampling": "logit_normal", "shift": 3.0}})[0] == 0
 
 
@@ -206,20 +206,18 @@ def test_the_default_sigmas_follow_the_resolution_and_a_static_shift_replaces_it
 def test_a_flux_base_is_told_from_its_folder_or_its_single_file(flux_base, tmp_path):
     from safetensors.torch import save_file
 
-    from finetune.models.detect import UnsupportedFamily, family_of
+    from finetune.models.detect import family_of
 
     assert family_of(str(flux_base)) == "flux"
     for prefix in ("", "model.diffusion_model."):  # BFL's file, and ComfyUI's full checkpoint
         single = tmp_path / f"flux{len(prefix)}.safetensors"
         save_file({f"{prefix}double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(single))
         assert family_of(str(single)) == "flux"
-    flux2 = tmp_path / "flux2.safetensors"  # Flux.2 has double_blocks too
+    flux2 = tmp_path / "flux2.safetensors"  # Flux.2 has double_blocks too: its own family (models/flux2.py)
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1),
                "single_stream_modulation.lin.weight": torch.zeros(1)}, str(flux2))
-    try:  # refused while Flux.2 is not trained here, its own family once it is: never Flux.1
-        assert family_of(str(flux2)) not in (None, "flux")
-    except UnsupportedFamily as exc:
-        assert "Flux.2 checkpoint" in str(exc)
+    assert family_of(str(flux2)) == "flux2"
+
 
 
 def test_a_single_file_checkpoint_is_refused_clearly(lora_run, tmp_path):

@@ -57,7 +57,8 @@ def vae_identity(vae: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a 0-d buffer (a BatchNorm's num_batches_tracked, Flux.2's VAE) has no byte view; same bytes
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

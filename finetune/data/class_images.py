@@ -123,9 +123,11 @@ def class_examples(spec: ClassImageSpec, count: int, folder: Path) -> list[Examp
 def _draw(pipeline: Any, spec: ClassImageSpec, indices: list[int]) -> list:
     # one generator per image: image i depends on (seed, i) only, never on which batch it was drawn in
     generators = [torch.Generator().manual_seed(spec.seed * 1_000_003 + i) for i in indices]
-    return pipeline(prompt=[spec.prompt_for(i) for i in indices],
-                    negative_prompt=[spec.negative_prompt] * len(indices) if spec.negative_prompt else None,
-                    num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
+    from finetune.training.sampling import text_arguments
+
+    text = {"prompt": [spec.prompt_for(i) for i in indices],
+            "negative_prompt": [spec.negative_prompt] * len(indices) if spec.negative_prompt else None}
+    return pipeline(**text_arguments(pipeline, text), num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
                     height=spec.resolution, width=spec.resolution, generator=generators).images
 
 

@@ -106,6 +106,22 @@ def refusal(spec: FamilySpec, kind: str) -> str | None:
             "use lora")
 
 
+def base_config(base: str, name: str = "model_index.json") -> dict[str, Any]:
+    """A base's `name` (model_index.json, transformer/config.json) from its local pipeline folder, or a hub id's
+    from the local hub cache (nothing is downloaded); {} when there is none. For what a family reads of a base
+    before loading it (its variant: Flux.2 dev or klein; a guidance embedding)."""
+    path = os.path.join(os.path.expanduser(base), name)
+    try:
+        if not os.path.exists(path) and base.count("/") == 1:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(base, name) or path
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 class Family:
     """The shared behaviour of every family; a family's file subclasses it for what it does differently."""
 

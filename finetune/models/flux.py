@@ -25,15 +25,13 @@ q/k/v in the single blocks); `strategy.target_preset` names the other anchors' s
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from finetune.models.base import Components, unwrapped
-from finetune.models.family import Family, FamilySpec
+from finetune.models.family import Family, FamilySpec, base_config
 from finetune.models.flow_matching import FlowMatchingOptions
 from finetune.networks.hypernetwork_points import TextStream
 from finetune.recipe.schema import ModelOptions
@@ -71,7 +69,8 @@ class FluxOptions(ModelOptions, FlowMatchingOptions):
 
     def problems(self) -> list[str]:
         problems = self.objective_problems()
-        if self.guidance is not None and _without_guidance(self.base):
+        if self.guidance is not None and base_config(self.base, "transformer/config.json").get(
+                "guidance_embeds") is False:
             problems.append(f"model.guidance: {self.base} has no guidance embedding (its transformer config says "
                             "guidance_embeds: false, as Flux.1-schnell's); remove it")
         return problems
@@ -135,15 +134,6 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     from diffusers import FluxPipeline
 
     return FluxPipeline._unpack_latents(tokens, height, width, 1)
-
-
-def _without_guidance(base: str) -> bool:
-    """Whether a local Flux pipeline folder's transformer has no guidance input (schnell); False when unknown."""
-    try:
-        with open(os.path.join(os.path.expanduser(base), "transformer", "config.json"), encoding="utf-8") as handle:
-            return json.load(handle).get("guidance_embeds") is False
-    except (OSError, ValueError):
-        return False
 
 
 def build_tiny(seed: int = 0) -> Any:

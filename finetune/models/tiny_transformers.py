@@ -127,3 +127,27 @@ def build_tiny_zimage_pipeline(seed: int = 0):
     for part in (text_encoder, transformer, pipe.vae):
         part.eval()
     return pipe
+
+
+MISTRAL_CHAT = (  # Mistral-Small-3.1's layout ([SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]), text contents
+    "<s>{% for m in messages %}{% set t = m['content'] if m['content'] is string else m['content'][0]['text'] %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ t }}[/SYSTEM_PROMPT]{% else %}[INST]{{ t }}[/INST]{% endif %}"
+    "{% endfor %}")
+
+
+def build_mistral_tokenizer(max_length: int = 512):
+    """A character-level fast tokenizer with Mistral's special tokens and chat template (the real `tokenizer` is
+    a PixtralProcessor, which needs torchvision; the pipeline only calls its apply_chat_template on text)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    core = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(chars)}, merges=[], unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.add_special_tokens([AddedToken(t, special=True) for t in
+                             ("<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                              "[IMG]")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        model_max_length=max_length, padding_side="right")
+    tokenizer.chat_template = MISTRAL_CHAT
+    return tokenizer

@@ -36,11 +36,25 @@ def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: in
         generator = torch.Generator().manual_seed(seed + index)
         text = ({"prompt_embeds": encode([prompt]), "negative_prompt_embeds": encode([negative_prompt or ""])}
                 if encode is not None else {"prompt": prompt, "negative_prompt": negative})
-        result = pipeline(**text, num_inference_steps=steps,
+        result = pipeline(**text_arguments(pipeline, text), num_inference_steps=steps,
                           **{keyword: guidance_scale}, num_images_per_prompt=images_per_prompt,
                           height=resolution, width=resolution, generator=generator)
         images.extend(result.images)
     return image_grid(images, columns=images_per_prompt)
+
+
+def text_arguments(pipeline, text: dict) -> dict:
+    """`text` without a `negative_prompt` the pipeline's __call__ does not take (Flux.2's: embedded guidance, or
+    CFG against the empty prompt); a non-empty one is then left out with a warning naming the pipeline."""
+    import inspect
+    import logging
+
+    if "negative_prompt" in text and "negative_prompt" not in inspect.signature(pipeline.__call__).parameters:
+        if text["negative_prompt"]:
+            logging.getLogger(__name__).warning("%s takes no negative prompt: negative_prompt is not used",
+                                                type(pipeline).__name__)
+        text = {key: value for key, value in text.items() if key != "negative_prompt"}
+    return text
 
 
 @contextmanager
