@@ -6,7 +6,10 @@
 Models: the real transformers, text encoders and VAEs built on the meta device (no weights, nothing downloaded)
 from the published config.json values in benchmarks/configs/: black-forest-labs/FLUX.1-dev (flux/),
 stabilityai/stable-diffusion-3.5-large and stabilityai/stable-diffusion-3.5-medium (sd35/; CLIP-L, CLIP-G and
-T5-XXL as in flux/ and sdxl/). A recipe's peak is the largest of its phases, as training/loop.py runs them:
+T5-XXL as in flux/ and sdxl/), black-forest-labs/FLUX.2-dev and FLUX.2-klein-base-9B (flux2/: Mistral-Small-3.1
+and Qwen3-8B), Qwen/Qwen-Image (qwen_image/: Qwen2.5-VL-7B), lodestones/Chroma1-HD (chroma/; T5-XXL and the VAE
+of flux/). `MODELS` says which; `BUILDERS` builds each part from its class. A recipe's peak is the largest of its
+phases, as training/loop.py runs them:
 - caching: the text encoders (base dtype) and the VAE (fp32 where `force_upcast`) encode the captions and images;
   the denoiser joins the GPU only afterwards;
 - training: the denoiser's frozen weights (base dtype, or one byte per Linear weight with `model.quantize`), the
@@ -18,9 +21,12 @@ T5-XXL as in flux/ and sdxl/). A recipe's peak is the largest of its phases, as 
 - preparing (DreamBooth): the whole denoiser made fp32 on each GPU before FSDP shards it.
 Activations: what backward keeps per block, in bytes per token per unit of width, measured on this CPU on a
 narrow copy of each block (benchmarks/activations.py), times the real width, tokens (both streams: (side/16)^2
-image tokens, plus Flux's 512 or SD3's 77 + 256 text tokens) and batch (doubled by prior preservation). With
+image tokens, plus the text tokens: Flux's, Flux.2's and Chroma's 512, SD3's 77 + 256, Qwen-Image's caption
+length, taken at its 512 limit) and batch (doubled by prior preservation). With
 gradient checkpointing each block keeps its inputs and one block at a time holds its full share again. Side: the
-recipe's `data.resolution` (buckets keep about its area). Text encoders are never trained by these recipes.
+recipe's `data.resolution` (buckets keep about its area). The ratios are measured with each family's default LoRA
+targets; a `strategy.target_preset` that adds the MLPs keeps more than they say. Text encoders are never trained
+by these recipes.
 FSDP (`--fsdp`): whole-model weights, gradients and optimizer state divided by N, plus two gathered blocks.
 Each phase adds CUDA_CONTEXT_GB (context and cuBLAS workspace; the allocator's fragmentation, often 5-15%, is
 not in it).
@@ -44,55 +50,107 @@ import torch  # noqa: E402
 from benchmarks import activations  # noqa: E402
 
 CONFIGS = ROOT / "benchmarks" / "configs"
-RECIPES = ("flux_lora", "flux_lora_16gb", "sd35_lora", "flux_dreambooth_fsdp")
+RECIPES = ("flux_lora", "flux_lora_16gb", "sd35_lora", "flux_dreambooth_fsdp", "flux2_lora", "flux2_klein_lora",
+           "qwen_image_lora", "chroma_lora")
 GB = 1e9
 CUDA_CONTEXT_GB = 0.6
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-VAE_WORK_MAPS = 3  # full-resolution 128-channel fp32 feature maps alive at once in the VAE's first stage
+VAE_WORK_MAPS = 3  # full-resolution fp32 feature maps of the VAE's first stage (128 channels; Qwen's 96) alive at once
 
 
 @dataclass(frozen=True)
 class Model:
     name: str
-    family: str  # flux or sd3
+    family: str  # the finetune family (its transformer class in BUILDERS, its block ratios in activations.FAMILIES)
     hub: str
     transformer: str
     text_tokens: int
-    encoders: tuple[tuple[str, str], ...]  # (class, config) per text encoder
+    encoders: tuple[tuple[str, str], ...]  # (BUILDERS kind, config) per text encoder
+    vae: tuple[str, str]  # (BUILDERS kind, config)
 
 
+SD3_ENCODERS = (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"), ("t5", "flux/text_encoder_2"))
 MODELS = {
     "flux-dev": Model("Flux.1-dev", "flux", "black-forest-labs/FLUX.1-dev", "flux/transformer", 512,
-                      (("clip", "flux/text_encoder"), ("t5", "flux/text_encoder_2"))),
+                      (("clip", "flux/text_encoder"), ("t5", "flux/text_encoder_2")), ("kl", "flux/vae")),
     "sd35-large": Model("SD3.5 Large", "sd3", "stabilityai/stable-diffusion-3.5-large", "sd35/transformer_large",
-                        77 + 256, (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"),
-                                   ("t5", "flux/text_encoder_2"))),
+                        77 + 256, SD3_ENCODERS, ("kl", "sd35/vae")),
     "sd35-medium": Model("SD3.5 Medium", "sd3", "stabilityai/stable-diffusion-3.5-medium",
-                         "sd35/transformer_medium", 77 + 256,
-                         (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"),
-                          ("t5", "flux/text_encoder_2"))),
+                         "sd35/transformer_medium", 77 + 256, SD3_ENCODERS, ("kl", "sd35/vae")),
+    "flux2-dev": Model("Flux.2-dev", "flux2", "black-forest-labs/FLUX.2-dev", "flux2/transformer_dev", 512,
+                       (("mistral3", "flux2/text_encoder_dev"),), ("kl-flux2", "flux2/vae")),
+    "flux2-klein-9b": Model("Flux.2 klein 9B", "flux2", "black-forest-labs/FLUX.2-klein-base-9B",
+                            "flux2/transformer_klein_base_9b", 512,
+                            (("qwen3", "flux2/text_encoder_klein_base_9b"),), ("kl-flux2", "flux2/vae")),
+    # text tokens: the caption's own length (the family pads to 512 and cuts back to the batch's longest): 512 bounds it
+    "qwen-image": Model("Qwen-Image", "qwen_image", "Qwen/Qwen-Image", "qwen_image/transformer", 512,
+                        (("qwen2.5-vl", "qwen_image/text_encoder"),), ("kl-qwen_image", "qwen_image/vae")),
+    "chroma-hd": Model("Chroma1-HD", "chroma", "lodestones/Chroma1-HD", "chroma/transformer", 512,
+                       (("t5", "flux/text_encoder_2"),), ("kl", "flux/vae")),
 }
+# a recipe's model.base (lowered) -> MODELS key: the first entry whose strings all occur in it (None: not modelled)
+MODEL_FOR_BASE = (
+    (("flux.1",), "flux-dev"),
+    (("flux.2-dev",), "flux2-dev"),
+    (("flux.2-klein", "9b"), "flux2-klein-9b"),  # the base and the step-distilled 9B share the transformer
+    (("qwen-image-2.1",), None),  # another architecture (single stream, RGBA VAE)
+    (("qwen-image",), "qwen-image"),
+    (("chroma",), "chroma-hd"),  # Chroma1-Base and -HD share the shape
+    (("3.5", "large"), "sd35-large"),
+    (("3.5", "medium"), "sd35-medium"),
+)
 
 
 def _config(name: str) -> dict:
     return json.loads((CONFIGS / f"{name}.json").read_text())
 
 
+def _builder(module: str, model_class: str, config_class: str | None = None):
+    """Builds `model_class` (from diffusers or transformers, imported on use) from a config dict: as keyword
+    arguments (diffusers), or through `config_class` (transformers)."""
+    def build(config: dict):
+        import importlib
+
+        library = importlib.import_module(module)
+        if config_class is None:
+            return getattr(library, model_class)(**config)
+        return getattr(library, model_class)(getattr(library, config_class)(**config))
+    return build
+
+
+# kind -> builder: the denoisers by family, the VAEs, the text encoders
+BUILDERS = {
+    "flux": _builder("diffusers", "FluxTransformer2DModel"),
+    "sd3": _builder("diffusers", "SD3Transformer2DModel"),
+    "flux2": _builder("diffusers", "Flux2Transformer2DModel"),
+    "qwen_image": _builder("diffusers", "QwenImageTransformer2DModel"),
+    "chroma": _builder("diffusers", "ChromaTransformer2DModel"),
+    "kl": _builder("diffusers", "AutoencoderKL"),
+    "kl-flux2": _builder("diffusers", "AutoencoderKLFlux2"),
+    "kl-qwen_image": _builder("diffusers", "AutoencoderKLQwenImage"),
+    "clip": _builder("transformers", "CLIPTextModel", "CLIPTextConfig"),
+    "clip+": _builder("transformers", "CLIPTextModelWithProjection", "CLIPTextConfig"),
+    "t5": _builder("transformers", "T5EncoderModel", "T5Config"),
+    "mistral3": _builder("transformers", "Mistral3ForConditionalGeneration", "Mistral3Config"),
+    "qwen3": _builder("transformers", "Qwen3ForCausalLM", "Qwen3Config"),
+    "qwen2.5-vl": _builder("transformers", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _build(model: Model):
     """(transformer, [text encoders], vae) on the meta device, built once per model."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    kinds = {"clip": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
-             "clip+": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)),
-             "t5": lambda c: T5EncoderModel(T5Config(**c))}
     with torch.device("meta"):
-        denoiser = (FluxTransformer2DModel if model.family == "flux" else SD3Transformer2DModel)(
-            **_config(model.transformer))
-        encoders = [kinds[kind](_config(config)) for kind, config in model.encoders]
-        vae = AutoencoderKL(**_config("flux/vae" if model.family == "flux" else "sd35/vae"))
+        denoiser = BUILDERS[model.family](_config(model.transformer))
+        encoders = [BUILDERS[kind](_config(config)) for kind, config in model.encoders]
+        vae = BUILDERS[model.vae[0]](_config(model.vae[1]))
     return denoiser, encoders, vae
+
+
+def _vae_first_width(vae) -> int:
+    """Channels of the VAE's full-resolution stage: AutoencoderKL's block_out_channels[0], the Wan-type's base_dim."""
+    config = vae.config
+    return config["block_out_channels"][0] if "block_out_channels" in config else config["base_dim"]
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -141,12 +199,12 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
     base = recipe.model.dtype if recipe.model.dtype != "auto" else {"no": "fp32"}.get(t.mixed_precision,
                                                                                         t.mixed_precision)
     wbytes = BYTES[base]
-    if recipe.model.text_encoder_3 == "none":
+    if getattr(recipe.model, "text_encoder_3", None) == "none":
         encoders = [e for e in encoders if "T5" not in type(e).__name__]  # SD3 without T5
     encoder_gb = sum(_numel(e) for e in encoders) * wbytes / GB
-    vae_gb = _numel(vae) * (4 if vae.config.force_upcast else wbytes) / GB
+    vae_gb = _numel(vae) * (4 if vae.config.get("force_upcast", False) else wbytes) / GB
     side = recipe.data.resolution
-    vae_work_gb = VAE_WORK_MAPS * 128 * side * side * 4 * t.batch_size / GB
+    vae_work_gb = VAE_WORK_MAPS * _vae_first_width(vae) * side * side * 4 * t.batch_size / GB
     plan = plan_caches(recipe.cache.latents, recipe.cache.text, recipe.data.crop,
                        strategy.changes_text_encoding(), 0)
     if strategy.kind not in ("lora", "dreambooth"):
@@ -161,7 +219,7 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
         linear = sum(m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
         per_linear = 1 if recipe.model.quantize != "none" else wbytes
         parts["weights"] = (linear * per_linear + (_numel(denoiser) - linear) * wbytes) / GB
-        shapes = _lora_shapes(denoiser, strategy.target_modules or _family_targets(model.family), strategy.rank)
+        shapes = _lora_shapes(denoiser, _lora_targets(recipe, model, denoiser), strategy.rank)
         parts["lora+grads+optimizer"] = (sum(map(_count, shapes)) * 8 + _optimizer_bytes(shapes, t.optimizer)) / GB
     parts["activations"] = _activations_gb(recipe, model, denoiser)
     if not (plan.text and recipe.cache.offload):
@@ -185,10 +243,14 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
     return {"gb": phases[phase], "phase": phase, "phases": phases, "parts": parts}
 
 
-def _family_targets(family: str) -> tuple[str, ...]:
+def _lora_targets(recipe, model: Model, denoiser) -> list[str]:
+    """strategy.target_modules, else its target_preset's modules, else the family's default targets."""
     from finetune.models import family_for
+    from finetune.strategies import lora_presets
 
-    return family_for(family).lora_targets
+    strategy = recipe.strategy
+    return list(strategy.target_modules or lora_presets.targets(
+        family_for(model.family), getattr(strategy, "target_preset", None), denoiser))
 
 
 def _activations_gb(recipe, model: Model, denoiser) -> float:
@@ -208,10 +270,7 @@ def _activations_gb(recipe, model: Model, denoiser) -> float:
 
 def _model_for(base: str) -> str | None:
     lowered = base.lower()
-    if "flux.1" in lowered:
-        return "flux-dev"
-    return next((key for key in ("sd35-large", "sd35-medium") if key.split("-")[1] in lowered and "3.5" in lowered),
-                None)
+    return next((key for needles, key in MODEL_FOR_BASE if all(n in lowered for n in needles)), None)
 
 
 def rows(fsdp: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
@@ -226,6 +285,9 @@ def rows(fsdp: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
             continue
         recipe = load_recipe(path, [])
         key = _model_for(recipe.model.base)
+        if key is None:
+            print(f"({name}: no model for {recipe.model.base} in MODELS: left out)", file=sys.stderr)
+            continue
         keys = [key] + (["sd35-large"] if key == "sd35-medium" else [])  # the SD3.5 recipe on Large too
         counts = fsdp if recipe.strategy.kind == "dreambooth" else (1,)
         for key in keys:
@@ -246,11 +308,11 @@ def main() -> None:
     args = parser.parse_args()
     table = rows(tuple(args.fsdp))
     print("Estimated peak GPU memory (estimates, not measured on a GPU; benchmarks/memory.py)\n")
-    print(f"{'recipe':22} {'model':13} {'GPUs':>4} {'px':>5} {'GB':>6}  {'peak in':12} training (GB); other phases")
+    print(f"{'recipe':22} {'model':15} {'GPUs':>4} {'px':>5} {'GB':>6}  {'peak in':12} training (GB); other phases")
     for row in table:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in row["parts"].items())
         others = ", ".join(f"{k} {v:.1f}" for k, v in row["phases"].items() if k != "training")
-        print(f"{row['recipe']:22} {row['model']:13} {row['gpus']:>4} {row['resolution']:>5} {row['gb']:6.1f}  "
+        print(f"{row['recipe']:22} {row['model']:15} {row['gpus']:>4} {row['resolution']:>5} {row['gb']:6.1f}  "
               f"{row['phase']:12} {parts}; {others}")
     if args.json:
         from finetune.paths import write_text_atomically
