@@ -3,17 +3,17 @@
 What backward keeps: every tensor autograd saves while the denoiser runs forward (counted once per storage through
 `torch.autograd.graph.saved_tensors_hooks`; the weights themselves left out), attributed to the block that was
 running. The model is the family's diffusers class with the real head size (128 for Flux, Flux.2, Qwen-Image and
-Chroma, 64 for SD3) but 2 heads, a rank-1 LoRA on the family's targets (its default LoRA targets), bf16 weights under bf16 autocast as the loop trains, and attention
-through SDPA's flash kernel (the one a GPU takes; it keeps q, k, v, the output and a log-sum-exp, nothing
-quadratic in tokens). Every tensor a block saves is [tokens, k x width] (the attention's log-sum-exp, [heads,
-tokens], is rounding), so bytes / (tokens x width) is a constant of the block's design: `bytes_per_token_width`.
-A full-size block then keeps that x tokens x width x batch bytes; with gradient checkpointing it keeps only its
-inputs (the hidden states, `KEPT_PER_TOKEN_WIDTH` bytes per token and width in bf16), and the one block being
-recomputed holds its full share again during backward.
-Masks: Qwen-Image's predict passes none when no caption in the batch is padded (batch 1), and the measurement
-passes none for Chroma either; Chroma's real training gives every block a [batch, 1, tokens, tokens] attention
-mask (real caption tokens plus one pad), which takes the GPU's memory-efficient kernel instead of flash and keeps
-that mask per block (about 42 MB in bf16 at 1024 px): not in the ratios (with gradient checkpointing one block's).
+Chroma, 64 for SD3) but 2 heads, a rank-1 LoRA on the family's default targets, bf16 weights under bf16 autocast
+as the loop trains, and attention through SDPA's flash kernel (the one a GPU takes; it keeps q, k, v, the output
+and a log-sum-exp, nothing quadratic in tokens). Every tensor a block saves is [tokens, k x width] (the
+attention's log-sum-exp, [heads, tokens], is rounding), so bytes / (tokens x width) is a constant of the block's
+design: `bytes_per_token_width`. A full-size block then keeps that x tokens x width x batch bytes; with gradient
+checkpointing it keeps only its inputs (the hidden states, `KEPT_PER_TOKEN_WIDTH` bytes per token and width in
+bf16), and the one block being recomputed holds its full share again during backward.
+Masks: none here. Qwen-Image's predict passes none when no caption in the batch is padded (batch 1). Chroma's
+training gives every block a [batch, 1, tokens, tokens] mask (real caption tokens plus one pad): attention then
+runs without the flash kernel and may keep that mask for backward, about 42 MB a block in bf16 at 1024 px, not in
+the ratios (with gradient checkpointing, one block's).
 """
 from __future__ import annotations
 
