@@ -2,14 +2,18 @@
 
 What backward keeps: every tensor autograd saves while the denoiser runs forward (counted once per storage through
 `torch.autograd.graph.saved_tensors_hooks`; the weights themselves left out), attributed to the block that was
-running. The model is the family's diffusers class with the real head size (128 for Flux, 64 for SD3) but 2
-heads, a rank-1 LoRA on the family's targets, bf16 weights under bf16 autocast as the loop trains, and attention
-through SDPA's flash kernel (the one a GPU takes; it keeps q, k, v, the output and a log-sum-exp, nothing
-quadratic in tokens). Every tensor a block saves is [tokens, k x width] (the attention's log-sum-exp, [heads,
-tokens], is rounding), so bytes / (tokens x width) is a constant of the block's design: `bytes_per_token_width`.
-A full-size block then keeps that x tokens x width x batch bytes; with gradient checkpointing it keeps only its
-inputs (the hidden states, `KEPT_PER_TOKEN_WIDTH` bytes per token and width in bf16), and the one block being
-recomputed holds its full share again during backward.
+running. The model is the family's diffusers class with the real head size (128 for Flux, Flux.2, Qwen-Image and
+Chroma, 64 for SD3) but 2 heads, a rank-1 LoRA on the family's default targets, bf16 weights under bf16 autocast
+as the loop trains, and attention through SDPA's flash kernel (the one a GPU takes; it keeps q, k, v, the output
+and a log-sum-exp, nothing quadratic in tokens). Every tensor a block saves is [tokens, k x width] (the
+attention's log-sum-exp, [heads, tokens], is rounding), so bytes / (tokens x width) is a constant of the block's
+design: `bytes_per_token_width`. A full-size block then keeps that x tokens x width x batch bytes; with gradient
+checkpointing it keeps only its inputs (the hidden states, `KEPT_PER_TOKEN_WIDTH` bytes per token and width in
+bf16), and the one block being recomputed holds its full share again during backward.
+Masks: none here. Qwen-Image's predict passes none when no caption in the batch is padded (batch 1). Chroma's
+training gives every block a [batch, 1, tokens, tokens] mask (real caption tokens plus one pad): attention then
+runs without the flash kernel and may keep that mask for backward, about 42 MB a block in bf16 at 1024 px, not in
+the ratios (with gradient checkpointing, one block's).
 """
 from __future__ import annotations
 
@@ -47,11 +51,14 @@ def _small_sd3():
 
 
 def block_kinds(model) -> list[tuple[str, torch.nn.Module]]:
-    """(kind, block) for every block of a Flux or SD3 transformer in the order they run: Flux "double" and
-    "single"; SD3 "dual" (SD3.5 Medium's first 13), "joint", and "last" (its context stream ends there)."""
+    """(kind, block) for every block of a transformer in the order they run: Flux's, Flux.2's and Chroma's
+    "double" and "single"; SD3 "dual" (SD3.5 Medium's first 13), "joint", and "last" (its context stream ends
+    there); Qwen-Image's 60 alike dual-stream blocks "joint"."""
     if hasattr(model, "single_transformer_blocks"):
         return ([("double", b) for b in model.transformer_blocks]
                 + [("single", b) for b in model.single_transformer_blocks])
+    if "dual_attention_layers" not in model.config:  # Qwen-Image: one kind of block, both streams to the end
+        return [("joint", b) for b in model.transformer_blocks]
     dual = set(model.config.dual_attention_layers or ())
     blocks = model.transformer_blocks
     return [("last" if i == len(blocks) - 1 else "dual" if i in dual else "joint", b) for i, b in enumerate(blocks)]
@@ -63,25 +70,89 @@ def _sd3_inputs(model, image_tokens: int, text_tokens: int) -> dict:
             "pooled_projections": torch.randn(1, 16), "timestep": torch.tensor([500.0])}
 
 
-# family -> (small model, its inputs, {block kind: the ModuleList holding them}, LoRA targets)
+def _small_flux2():
+    from diffusers import Flux2Transformer2DModel
+
+    # dev's block design (klein's is the same: mlp_ratio 3, 128-wide heads, 4-axis RoPE), with its guidance input
+    return Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=128, num_attention_heads=2, joint_attention_dim=32,
+                                   mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), guidance_embeds=True)
+
+
+def _flux2_inputs(model, image_tokens: int, text_tokens: int) -> dict:
+    from diffusers import Flux2Pipeline
+
+    side = int(image_tokens ** 0.5)
+    text = torch.randn(1, text_tokens, 32)
+    return {"hidden_states": torch.randn(1, side * side, 128), "encoder_hidden_states": text,
+            "timestep": torch.tensor([0.5]), "guidance": torch.tensor([1.0]),
+            "txt_ids": Flux2Pipeline._prepare_text_ids(text),
+            "img_ids": Flux2Pipeline._prepare_latent_ids(torch.zeros(1, 128, side, side))}
+
+
+def _small_qwen_image():
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                                       attention_head_dim=128, num_attention_heads=2, joint_attention_dim=32,
+                                       axes_dims_rope=(16, 56, 56))
+
+
+def _qwen_image_inputs(model, image_tokens: int, text_tokens: int) -> dict:
+    side = int(image_tokens ** 0.5)  # packed 2x2 latents, side x side tokens
+    return {"hidden_states": torch.randn(1, side * side, 64), "encoder_hidden_states": torch.randn(1, text_tokens, 32),
+            "timestep": torch.tensor([0.5]), "img_shapes": [(1, side, side)]}
+
+
+def _small_chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=128, num_attention_heads=2, joint_attention_dim=32,
+                                    axes_dims_rope=(16, 56, 56), approximator_num_channels=16,
+                                    approximator_hidden_dim=32, approximator_layers=1)
+
+
+def _chroma_inputs(model, image_tokens: int, text_tokens: int) -> dict:
+    from diffusers import ChromaPipeline
+
+    side = int(image_tokens ** 0.5)
+    return {"hidden_states": torch.randn(1, side * side, 64), "encoder_hidden_states": torch.randn(1, text_tokens, 32),
+            "timestep": torch.tensor([0.5]), "txt_ids": torch.zeros(text_tokens, 3),
+            "img_ids": ChromaPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32)}
+
+
 FLUX_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                 "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                 "ff_context.net.2")
 SD3_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                "attn.add_v_proj", "attn.to_add_out")
+# the new families' default LoRA targets (their FamilySpec.lora_targets; the small Flux.2 has one single block)
+FLUX2_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "single_transformer_blocks.0.attn.to_out")
+QWEN_IMAGE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+CHROMA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0")
+
+# family -> (its small model, its inputs, the LoRA targets the measurement trains)
+FAMILIES = {
+    "flux": (_small_flux, _flux_inputs, FLUX_TARGETS),
+    "sd3": (_small_sd3, _sd3_inputs, SD3_TARGETS),
+    "flux2": (_small_flux2, _flux2_inputs, FLUX2_TARGETS),
+    "qwen_image": (_small_qwen_image, _qwen_image_inputs, QWEN_IMAGE_TARGETS),
+    "chroma": (_small_chroma, _chroma_inputs, CHROMA_TARGETS),
+}
 
 
 def measure(family: str, image_tokens: int = 64, text_tokens: int = 32) -> dict[str, float]:
     """{block kind (`block_kinds`): saved bytes per token per unit of width}, tokens of both streams, for a
-    "flux" or "sd3" transformer, plus "rest": what the embedders and output layers save, in bytes per image token
+    transformer of one of `FAMILIES`, plus "rest": what the embedders and output layers save, in bytes per image token
     per unit of width."""
     from peft import LoraConfig
 
     from finetune.networks import peft_layers
 
     torch.manual_seed(0)
-    model, inputs, targets = ((_small_flux(), _flux_inputs, FLUX_TARGETS) if family == "flux"
-                              else (_small_sd3(), _sd3_inputs, SD3_TARGETS))
+    small, inputs, targets = FAMILIES[family]
+    model = small()
     model.requires_grad_(False)
     peft_layers.inject(model, LoraConfig(r=1, lora_alpha=1, target_modules=list(targets)))
     model.to(torch.bfloat16)
@@ -105,7 +176,7 @@ def measure(family: str, image_tokens: int = 64, text_tokens: int = 32) -> dict[
         block.register_forward_hook(lambda *_: current.__setitem__(0, "rest"))
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    args = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "guidance" else v
+    args = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and k != "guidance" else v
             for k, v in inputs(model, image_tokens, text_tokens).items()}
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cpu", dtype=torch.bfloat16), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

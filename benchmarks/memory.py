@@ -6,7 +6,10 @@
 Models: the real transformers, text encoders and VAEs built on the meta device (no weights, nothing downloaded)
 from the published config.json values in benchmarks/configs/: black-forest-labs/FLUX.1-dev (flux/),
 stabilityai/stable-diffusion-3.5-large and stabilityai/stable-diffusion-3.5-medium (sd35/; CLIP-L, CLIP-G and
-T5-XXL as in flux/ and sdxl/). A recipe's peak is the largest of its phases, as training/loop.py runs them:
+T5-XXL as in flux/ and sdxl/), black-forest-labs/FLUX.2-dev and FLUX.2-klein-base-9B (flux2/: Mistral-Small-3.1
+and Qwen3-8B), Qwen/Qwen-Image (qwen_image/: Qwen2.5-VL-7B), lodestones/Chroma1-HD (chroma/; T5-XXL and the VAE
+of flux/). benchmarks/meta_models.py builds them (`MODELS`, `BUILDERS`). A recipe's peak is the largest of its
+phases, as training/loop.py runs them:
 - caching: the text encoders (base dtype) and the VAE (fp32 where `force_upcast`) encode the captions and images;
   the denoiser joins the GPU only afterwards;
 - training: the denoiser's frozen weights (base dtype, or one byte per Linear weight with `model.quantize`), the
@@ -18,9 +21,12 @@ T5-XXL as in flux/ and sdxl/). A recipe's peak is the largest of its phases, as 
 - preparing (DreamBooth): the whole denoiser made fp32 on each GPU before FSDP shards it.
 Activations: what backward keeps per block, in bytes per token per unit of width, measured on this CPU on a
 narrow copy of each block (benchmarks/activations.py), times the real width, tokens (both streams: (side/16)^2
-image tokens, plus Flux's 512 or SD3's 77 + 256 text tokens) and batch (doubled by prior preservation). With
+image tokens, plus the text tokens: Flux's, Flux.2's and Chroma's 512, SD3's 77 + 256, Qwen-Image's caption
+length, taken at its 512 limit) and batch (doubled by prior preservation). With
 gradient checkpointing each block keeps its inputs and one block at a time holds its full share again. Side: the
-recipe's `data.resolution` (buckets keep about its area). Text encoders are never trained by these recipes.
+recipe's `data.resolution` (buckets keep about its area). The ratios are measured with each family's default LoRA
+targets; a `strategy.target_preset` that adds the MLPs keeps more than they say. Text encoders are never trained
+by these recipes.
 FSDP (`--fsdp`): whole-model weights, gradients and optimizer state divided by N, plus two gathered blocks.
 Each phase adds CUDA_CONTEXT_GB (context and cuBLAS workspace; the allocator's fragmentation, often 5-15%, is
 not in it).
@@ -28,11 +34,9 @@ not in it).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -42,61 +46,20 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks import activations  # noqa: E402
+from benchmarks.meta_models import MODELS, Model  # noqa: E402
+from benchmarks.meta_models import build as _build  # noqa: E402
+from benchmarks.meta_models import model_for as _model_for  # noqa: E402
+from benchmarks.meta_models import numel as _numel  # noqa: E402
+from benchmarks.meta_models import vae_first_width as _vae_first_width  # noqa: E402
 
-CONFIGS = ROOT / "benchmarks" / "configs"
-RECIPES = ("flux_lora", "flux_lora_16gb", "sd35_lora", "flux_dreambooth_fsdp")
+RECIPES = ("flux_lora", "flux_lora_16gb", "sd35_lora", "flux_dreambooth_fsdp", "flux2_lora", "flux2_klein_lora",
+           "qwen_image_lora", "chroma_lora")
 GB = 1e9
 CUDA_CONTEXT_GB = 0.6
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-VAE_WORK_MAPS = 3  # full-resolution 128-channel fp32 feature maps alive at once in the VAE's first stage
+VAE_WORK_MAPS = 3  # full-resolution fp32 feature maps of the VAE's first stage (128 channels; Qwen's 96) alive at once
 
 
-@dataclass(frozen=True)
-class Model:
-    name: str
-    family: str  # flux or sd3
-    hub: str
-    transformer: str
-    text_tokens: int
-    encoders: tuple[tuple[str, str], ...]  # (class, config) per text encoder
-
-
-MODELS = {
-    "flux-dev": Model("Flux.1-dev", "flux", "black-forest-labs/FLUX.1-dev", "flux/transformer", 512,
-                      (("clip", "flux/text_encoder"), ("t5", "flux/text_encoder_2"))),
-    "sd35-large": Model("SD3.5 Large", "sd3", "stabilityai/stable-diffusion-3.5-large", "sd35/transformer_large",
-                        77 + 256, (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"),
-                                   ("t5", "flux/text_encoder_2"))),
-    "sd35-medium": Model("SD3.5 Medium", "sd3", "stabilityai/stable-diffusion-3.5-medium",
-                         "sd35/transformer_medium", 77 + 256,
-                         (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"),
-                          ("t5", "flux/text_encoder_2"))),
-}
-
-
-def _config(name: str) -> dict:
-    return json.loads((CONFIGS / f"{name}.json").read_text())
-
-
-@functools.lru_cache(maxsize=None)
-def _build(model: Model):
-    """(transformer, [text encoders], vae) on the meta device, built once per model."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    kinds = {"clip": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
-             "clip+": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)),
-             "t5": lambda c: T5EncoderModel(T5Config(**c))}
-    with torch.device("meta"):
-        denoiser = (FluxTransformer2DModel if model.family == "flux" else SD3Transformer2DModel)(
-            **_config(model.transformer))
-        encoders = [kinds[kind](_config(config)) for kind, config in model.encoders]
-        vae = AutoencoderKL(**_config("flux/vae" if model.family == "flux" else "sd35/vae"))
-    return denoiser, encoders, vae
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _lora_shapes(denoiser: torch.nn.Module, targets, rank: int) -> list[tuple[int, int]]:
@@ -141,12 +104,12 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
     base = recipe.model.dtype if recipe.model.dtype != "auto" else {"no": "fp32"}.get(t.mixed_precision,
                                                                                         t.mixed_precision)
     wbytes = BYTES[base]
-    if recipe.model.text_encoder_3 == "none":
+    if getattr(recipe.model, "text_encoder_3", None) == "none":
         encoders = [e for e in encoders if "T5" not in type(e).__name__]  # SD3 without T5
     encoder_gb = sum(_numel(e) for e in encoders) * wbytes / GB
-    vae_gb = _numel(vae) * (4 if vae.config.force_upcast else wbytes) / GB
+    vae_gb = _numel(vae) * (4 if vae.config.get("force_upcast", False) else wbytes) / GB
     side = recipe.data.resolution
-    vae_work_gb = VAE_WORK_MAPS * 128 * side * side * 4 * t.batch_size / GB
+    vae_work_gb = VAE_WORK_MAPS * _vae_first_width(vae) * side * side * 4 * t.batch_size / GB
     plan = plan_caches(recipe.cache.latents, recipe.cache.text, recipe.data.crop,
                        strategy.changes_text_encoding(), 0)
     if strategy.kind not in ("lora", "dreambooth"):
@@ -161,7 +124,7 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
         linear = sum(m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
         per_linear = 1 if recipe.model.quantize != "none" else wbytes
         parts["weights"] = (linear * per_linear + (_numel(denoiser) - linear) * wbytes) / GB
-        shapes = _lora_shapes(denoiser, strategy.target_modules or _family_targets(model.family), strategy.rank)
+        shapes = _lora_shapes(denoiser, _lora_targets(recipe, model, denoiser), strategy.rank)
         parts["lora+grads+optimizer"] = (sum(map(_count, shapes)) * 8 + _optimizer_bytes(shapes, t.optimizer)) / GB
     parts["activations"] = _activations_gb(recipe, model, denoiser)
     if not (plan.text and recipe.cache.offload):
@@ -185,10 +148,14 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
     return {"gb": phases[phase], "phase": phase, "phases": phases, "parts": parts}
 
 
-def _family_targets(family: str) -> tuple[str, ...]:
+def _lora_targets(recipe, model: Model, denoiser) -> list[str]:
+    """strategy.target_modules, else its target_preset's modules, else the family's default targets."""
     from finetune.models import family_for
+    from finetune.strategies import lora_presets
 
-    return family_for(family).lora_targets
+    strategy = recipe.strategy
+    return list(strategy.target_modules or lora_presets.targets(
+        family_for(model.family), getattr(strategy, "target_preset", None), denoiser))
 
 
 def _activations_gb(recipe, model: Model, denoiser) -> float:
@@ -206,14 +173,6 @@ def _activations_gb(recipe, model: Model, denoiser) -> float:
     return (kept + measured["rest"] * image_tokens * width * batch) / GB
 
 
-def _model_for(base: str) -> str | None:
-    lowered = base.lower()
-    if "flux.1" in lowered:
-        return "flux-dev"
-    return next((key for key in ("sd35-large", "sd35-medium") if key.split("-")[1] in lowered and "3.5" in lowered),
-                None)
-
-
 def rows(fsdp: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
     """One row per (shipped recipe, model[, FSDP GPUs]); a recipe not in recipes/ is left out."""
     from finetune.recipe.load import load_recipe
@@ -226,6 +185,9 @@ def rows(fsdp: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
             continue
         recipe = load_recipe(path, [])
         key = _model_for(recipe.model.base)
+        if key is None:
+            print(f"({name}: no model for {recipe.model.base} in MODELS: left out)", file=sys.stderr)
+            continue
         keys = [key] + (["sd35-large"] if key == "sd35-medium" else [])  # the SD3.5 recipe on Large too
         counts = fsdp if recipe.strategy.kind == "dreambooth" else (1,)
         for key in keys:
@@ -246,11 +208,11 @@ def main() -> None:
     args = parser.parse_args()
     table = rows(tuple(args.fsdp))
     print("Estimated peak GPU memory (estimates, not measured on a GPU; benchmarks/memory.py)\n")
-    print(f"{'recipe':22} {'model':13} {'GPUs':>4} {'px':>5} {'GB':>6}  {'peak in':12} training (GB); other phases")
+    print(f"{'recipe':22} {'model':15} {'GPUs':>4} {'px':>5} {'GB':>6}  {'peak in':12} training (GB); other phases")
     for row in table:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in row["parts"].items())
         others = ", ".join(f"{k} {v:.1f}" for k, v in row["phases"].items() if k != "training")
-        print(f"{row['recipe']:22} {row['model']:13} {row['gpus']:>4} {row['resolution']:>5} {row['gb']:6.1f}  "
+        print(f"{row['recipe']:22} {row['model']:15} {row['gpus']:>4} {row['resolution']:>5} {row['gb']:6.1f}  "
               f"{row['phase']:12} {parts}; {others}")
     if args.json:
         from finetune.paths import write_text_atomically
