@@ -50,6 +50,13 @@ BASE_RECIPE = {
 }
 
 
+def allowed_by(spec, strategy: dict) -> dict:
+    """`strategy` (a recipe's strategy section) without the options the family's spec refuses for its kind (its
+    `refuses` "kind.option" keys: Chroma's text-encoder LoRA), so that contract runs train what the family trains."""
+    refused = {key.partition(".")[2] for key in spec.refuses if key.startswith(f"{strategy['kind']}.")}
+    return {key: value for key, value in strategy.items() if key not in refused}
+
+
 def recipe_dict(base: Path, images: Path, output_dir: Path, **sections) -> dict:
     """A small LoRA recipe; `sections` are merged into the matching sections (a strategy of another kind
     replaces the LoRA one)."""

@@ -150,14 +150,15 @@ def test_a_resumed_run_writes_what_the_uninterrupted_one_does(family_folder, tmp
     from finetune.recipe.load import parse_recipe
     from finetune.training import loop
     from finetune.training.checkpoint import checkpoints_dir
-    from tests.conftest import draw_concept, recipe_dict, reset_accelerate
+    from tests.conftest import allowed_by, draw_concept, recipe_dict, reset_accelerate
 
     name, folder = family_folder
     images = draw_concept(tmp_path / "images")
 
     def recipe(out):
         return parse_recipe(recipe_dict(folder, images, out, checkpoint={"every": 2},
-                                        strategy={"kind": "lora", "rank": 4, "text_encoder": True},
+                                        strategy=allowed_by(specs()[name], {"kind": "lora", "rank": 4,
+                                                                            "text_encoder": True}),
                                         train={"max_steps": 4, "batch_size": 2, "learning_rate": 5e-3}))
 
     artifact = loop.train(recipe(tmp_path / "whole"))

@@ -21,7 +21,7 @@ from finetune.recipe.load import parse_recipe
 from finetune.shapes.demo import tuned_pipeline
 from finetune.strategies import KINDS
 from finetune.training import loop
-from tests.conftest import recipe_dict, reset_accelerate
+from tests.conftest import allowed_by, recipe_dict, reset_accelerate
 from tests.test_lora import fixed_loss
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ CONTRACT = {
 
 # (strategy, family) pairs a family refuses (its spec's `refuses`), by name, before any long work
 NOT_YET = {(kind, spec.name): f"{kind.replace('_', ' ')} on {spec.name} is not written yet"
-           for spec in specs().values() for kind in spec.refuses}
+           for spec in specs().values() for kind in spec.refuses if "." not in kind}
+# a strategy's option a family refuses (spec.refuses "kind.option"): the contract runs train without it
+REFUSED_OPTIONS = sorted((key, spec.name) for spec in specs().values() for key in spec.refuses if "." in key)
 
 
 def test_every_strategy_is_under_contract():
@@ -63,6 +65,17 @@ def test_a_pair_not_written_yet_is_refused_by_name(kind, family_name, tiny_bases
 
     with pytest.raises(RecipeError, match=NOT_YET[(kind, family_name)]):
         parse_recipe(recipe_dict(tiny_bases[family_name], ".", "out", strategy=CONTRACT[kind].options))
+
+
+@pytest.mark.parametrize("key, family_name", REFUSED_OPTIONS or [pytest.param(None, None, marks=pytest.mark.skip(
+    reason="no family refuses a strategy option"))])
+def test_a_refused_option_is_refused_by_name(key, family_name, tiny_bases):
+    from finetune.recipe.load import RecipeError
+
+    kind, _, option = key.partition(".")
+    with pytest.raises(RecipeError, match=rf"strategy\.{option}: .* on {family_name} with {option} is not written"):
+        parse_recipe(recipe_dict(tiny_bases[family_name], ".", "out",
+                                 strategy={**CONTRACT[kind].options, option: True}))
 
 
 def _outputs(family, parts, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +106,8 @@ def run(request, tiny_bases, concept_dir, tmp_path_factory):
     kind, family_name = request.param
     tiny_base = tiny_bases[family_name]
     contract = CONTRACT[kind]
-    options, prompt, learning_rate, base_prompt = (contract.options, contract.prompt, contract.learning_rate,
+    options, prompt, learning_rate, base_prompt = (allowed_by(specs()[family_name], contract.options),
+                                                   contract.prompt, contract.learning_rate,
                                                    contract.base_prompt)
     pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1)
                           .permute(2, 0, 1) for p in sorted(concept_dir.glob("*.png"))])

@@ -69,7 +69,8 @@ class FamilySpec:
     # where a hypernetwork acts (finetune/networks/hypernetwork_points.py): None, a U-Net's cross-attention
     # context (A1111's design); or a TextStream naming the attention layers whose keys/values read text alone
     hypernetwork_text_stream: Any = None
-    # strategy kind -> why it is not trained on this family (refused by name before any model loads)
+    # strategy kind (or "kind.option", an option of it that is set) -> why it is not trained on this family: refused
+    # by name before any model loads
     refuses: Mapping[str, str] = field(default_factory=dict)
     # kohya's naming: LoRA prefix per part, the denoiser's module layout (export/lora/kohya_names.py LAYOUTS:
     # "diffusers", "sgm", "bfl" (Flux's), "mmdit" (SD3's) or "none"), and ss_base_model_version (None: told
@@ -98,12 +99,19 @@ class FamilySpec:
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given when the pipeline is built
 
 
-def refusal(spec: FamilySpec, kind: str) -> str | None:
-    """The message refusing strategy `kind` on the family, or None when the family trains it (`spec.refuses`)."""
-    if kind not in spec.refuses:
-        return None
-    return (f"strategy.kind: {kind.replace('_', ' ')} on {spec.name} is not written yet ({spec.refuses[kind]}); "
-            "use lora")
+def refusal(spec: FamilySpec, strategy: Any) -> str | None:
+    """The message refusing the recipe's strategy section (`strategy.kind`, and its options) on the family, or
+    None when the family trains it: `spec.refuses` names a kind ("textual_inversion"), or a kind's option that is
+    set ("lora.text_encoder")."""
+    for key, reason in spec.refuses.items():
+        kind, _, option = key.partition(".")
+        if kind != strategy.kind or (option and not getattr(strategy, option, False)):
+            continue
+        if option:
+            return (f"strategy.{option}: {kind.replace('_', ' ')} on {spec.name} with {option} is not written yet "
+                    f"({reason}); remove it")
+        return f"strategy.kind: {kind.replace('_', ' ')} on {spec.name} is not written yet ({reason}); use lora"
+    return None
 
 
 def base_config(base: str, name: str = "model_index.json") -> dict[str, Any]:

@@ -75,7 +75,7 @@ def _check_model(recipe: Recipe) -> list[str]:
     else:
         chosen = spec_of(m.family if m.family != "auto" else found or DEFAULT_FAMILY)
         problems += m.problems()  # the family's own options (its objective's included)
-        problems += [refused for refused in [refusal(chosen, recipe.strategy.kind)] if refused]
+        problems += [refused for refused in [refusal(chosen, recipe.strategy)] if refused]
         if m.quantize != "none" and recipe.strategy.kind == "dreambooth":
             problems.append(f"model.quantize: {m.quantize} keeps the denoiser's weights in 8 bits, and DreamBooth "
                             "trains those weights; set model.quantize: none, or train a LoRA")

@@ -24,7 +24,9 @@ def family_table() -> str:
     for module, spec in zip(FAMILY_MODULES, specs().values()):
         path = Path(importlib.util.find_spec(module).origin)
         lines = len(path.read_text(encoding="utf-8").splitlines())
-        cells = ["yes" if kind not in spec.refuses else f"refused: {spec.refuses[kind]}" for kind in STRATEGIES]
+        cells = [f"refused: {spec.refuses[kind]}" if kind in spec.refuses else "yes" + "".join(
+            f" (not with `{key.partition('.')[2]}`: {reason})" for key, reason in spec.refuses.items()
+            if key.startswith(f"{kind}.")) for kind in STRATEGIES]
         formats = ["diffusers"] + (["kohya"] if spec.kohya_unet_layout != "none" else []) + (
             ["comfyui"] if spec.comfyui_names is not None else [])
         pipelines = ", ".join(f"`{name}`" for name in (spec.pipeline, *spec.also_recognised))

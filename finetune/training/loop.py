@@ -146,8 +146,8 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
 
     family = family_for(recipe.model.family, recipe.model.base, hub=True)
     recipe.model = options_for(family.spec, recipe.model)  # a hub id's family, told only now
-    if refusal(family.spec, recipe.strategy.kind):
-        raise RecipeError(recipe.source, [refusal(family.spec, recipe.strategy.kind)])
+    if refusal(family.spec, recipe.strategy):
+        raise RecipeError(recipe.source, [refusal(family.spec, recipe.strategy)])
     base_dtype = weight_dtype(recipe.model.dtype, t.mixed_precision)  # the frozen base's (trained weights: fp32)
     parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
                         dtype=base_dtype, config=recipe.model.config, vae=recipe.model.vae, options=recipe.model)
