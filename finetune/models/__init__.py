@@ -17,6 +17,7 @@ FAMILY_MODULES = (
     "finetune.models.zimage",
     "finetune.models.qwen_image",
     "finetune.models.flux2",
+    "finetune.models.chroma",
 )
 
 # what model.family: auto means when nothing tells the family before loading (a .ckpt, a hub id not looked up)
