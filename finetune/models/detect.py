@@ -11,12 +11,9 @@ from finetune.models import specs
 
 # what people bring that finetune does not train yet, by pipeline class, and by a key only that family's
 # single-file checkpoints hold (diffusers' single_file_utils.CHECKPOINT_KEY_NAMES; matched with or without
-# ComfyUI's `model.diffusion_model.`); each is refused unless a registered family's spec claims it. Flux.2 and
-# Chroma files also hold Flux.1's double_blocks: their own keys tell them apart
-NOT_YET = {"SanaPipeline": "Sana", "PixArtSigmaPipeline": "PixArt-Sigma", "Flux2Pipeline": "Flux.2",
-           "Flux2KleinPipeline": "Flux.2 klein", "ChromaPipeline": "Chroma", "QwenImagePipeline": "Qwen-Image"}
-SINGLE_FILE_KEYS = (("single_stream_modulation.", "Flux.2"), ("distilled_guidance_layer.", "Chroma"),
-                    ("blocks.0.cross_attn.q_linear.", "Sana or PixArt"))
+# ComfyUI's `model.diffusion_model.`); each is refused unless a registered family's spec claims it
+NOT_YET = {"SanaPipeline": "Sana", "PixArtSigmaPipeline": "PixArt-Sigma"}
+SINGLE_FILE_KEYS = (("blocks.0.cross_attn.q_linear.", "Sana or PixArt"),)
 _COMFY = "model.diffusion_model."
 
 
