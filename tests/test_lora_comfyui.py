@@ -71,3 +71,82 @@ def test_a_family_whose_original_names_are_diffusers_keeps_the_paths():
     layers = {"transformer_blocks.3.attn.to_q": _layer(8)}
     assert set(comfyui.to_original(layers, OriginalNames())) == set(layers)
     assert set(comfyui.from_original(layers, OriginalNames(), "x")) == set(layers)
+
+
+COMFYUI_FAMILIES = [name for name, spec in __import__("finetune.models", fromlist=["specs"]).specs().items()
+                    if spec.comfyui_names is not None]
+
+
+@pytest.fixture(scope="module", params=COMFYUI_FAMILIES)
+def comfyui_run(request, tmp_path_factory):
+    """Every Linear of the blocks trained (the all_linear preset: fused and renamed modules alike), both layouts."""
+    from finetune.models import spec_of
+    from finetune.models.tiny import save_tiny_pipeline
+    from finetune.recipe.load import parse_recipe
+    from finetune.training import loop
+    from tests.conftest import draw_concept, recipe_dict, reset_accelerate
+
+    tmp = tmp_path_factory.mktemp(request.param)
+    base = save_tiny_pipeline(tmp / "base", family=request.param)
+    preset = "all_linear" if "all_linear" in spec_of(request.param).lora_target_presets else None
+    recipe = parse_recipe(recipe_dict(base, draw_concept(tmp / "images"), tmp / "out",
+                                      strategy={"kind": "lora", "rank": 4, "alpha": 2.0, "target_preset": preset,
+                                                "formats": ["diffusers", "comfyui"]},
+                                      train={"max_steps": 2, "learning_rate": 1e-2}))
+    try:
+        artifact = loop.train(recipe)
+    finally:
+        reset_accelerate()
+    [comfy] = (tmp / "out" / comfyui.COMFYUI_DIR).glob("*.safetensors")
+    return request.param, base, artifact, comfy
+
+
+def test_the_comfyui_file_reads_back_as_the_trained_layers(comfyui_run, tmp_path):
+    """finetune's reader (convert, load_adapter) gives every trained transformer layer back from the ComfyUI file,
+    and `finetune convert` moves it to the diffusers layout and back."""
+    from finetune.export.lora.files import read_lora
+    from finetune.tools.convert import convert
+
+    name, _, artifact, comfy = comfyui_run
+    trained, read = read_lora(artifact).layers["transformer"], read_lora(comfy).layers["transformer"]
+    assert set(read) == set(trained), name
+    for module, layer in trained.items():
+        torch.testing.assert_close(read[module].delta(), layer.delta(), rtol=0, atol=1e-6, msg=module)
+    convert(comfy, tmp_path / "diffusers.safetensors", "diffusers")
+    convert(tmp_path / "diffusers.safetensors", tmp_path / "again.safetensors", "comfyui")
+    again = read_lora(tmp_path / "again.safetensors").layers["transformer"]
+    for module, layer in trained.items():
+        torch.testing.assert_close(again[module].delta(), layer.delta(), rtol=0, atol=1e-6, msg=module)
+
+
+# families whose diffusers loader converts a `diffusion_model.` file (diffusers 0.42:
+# _convert_non_diffusers_flux2_lora_to_diffusers, Qwen-Image's); Chroma's (FluxLoraLoaderMixin) reads none, and
+# ComfyUI maps `diffusion_model.` + each weight name of its own model (comfy/lora.py model_lora_keys_unet; its
+# Chroma model, comfy/ldm/chroma, names double_blocks / single_blocks / distilled_guidance_layer as BFL does:
+# tests/families/test_chroma.py checks the names against every Linear)
+DIFFUSERS_READS = ("flux2", "qwen_image")
+
+
+def test_diffusers_own_converter_reads_the_comfyui_file_as_trained(comfyui_run):
+    """The judge is the other program's key map: diffusers' pipeline loader (its non-diffusers converters for
+    these families) puts every layer of the ComfyUI file on the module it was trained on."""
+    from diffusers import DiffusionPipeline
+
+    from finetune.export.lora.files import read_lora
+
+    name, base, artifact, comfy = comfyui_run
+    if name not in DIFFUSERS_READS:
+        pytest.skip(f"diffusers has no reader for {name}'s diffusion_model. layout")
+    ours, theirs = DiffusionPipeline.from_pretrained(str(base)), DiffusionPipeline.from_pretrained(str(base))
+    ours.load_lora_weights(str(artifact))
+    theirs.load_lora_weights(str(comfy))
+    loaded = dict(theirs.transformer.named_modules())
+    checked = 0
+    for module in read_lora(artifact).layers["transformer"]:
+        reference = ours.transformer.get_submodule(module)
+        x = torch.randn(2, reference.base_layer.in_features, generator=torch.Generator().manual_seed(checked))
+        assert hasattr(loaded[module], "lora_A"), (name, module, "not loaded")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded[module](x), reference(x), rtol=1e-4, atol=1e-5, msg=module)
+        checked += 1
+    assert checked > 0
