@@ -54,7 +54,7 @@ def hashes() -> dict[str, str]:
     for family in specs():
         base = save_tiny_pipeline(root / f"base-{family}", family=family)
         for name, strategy in STRATEGIES.items():
-            folder = root / f"{family}-{name}"
+            folder = root / f"out-{family}-{name}"
             try:
                 loop.train(parse_recipe(recipe_dict(base, images, folder, strategy=strategy, checkpoint={"every": 0},
                                                     train={"max_steps": 3, "batch_size": 2, "learning_rate": 5e-3})))
