@@ -19,7 +19,7 @@ image's token count as FluxPipeline samples (mu from 0.5 at 256 tokens to 1.15 a
 `--timestep_sampling flux_shift`). At 1024 px (4096 tokens) that is a shift of e^1.15 = 3.158, the static
 `--discrete_flow_shift 3.1582` kohya's docs recommend, and smaller images get the smaller shift they are sampled
 with. (diffusers' script draws u uniformly and leaves it unshifted, since Flux's scheduler shifts dynamically.) A
-recipe's `flow.shift` without `flow.resolution_shift` replaces the resolution shift by that static one.
+recipe's `model.flow.shift` without `model.flow.resolution_shift` replaces the resolution shift by that static one.
 LoRA targets: the diffusers Flux script's default (both streams' attention and MLPs in the double blocks, and
 q/k/v in the single blocks); `strategy.target_preset` names the other anchors' sets (`lora_target_presets`).
 """

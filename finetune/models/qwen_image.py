@@ -22,8 +22,8 @@ mu 0.5 at 256 tokens to 0.9 at 8192): musubi-tuner's `--timestep_sampling qwen_s
 samples. That is e^mu = 2.0 at 1024 px and 2.3 at 1328 px, beside musubi's documented static
 `--discrete_flow_shift 2.2` (its `shift` sampling) for 1328 px, and smaller images get the smaller shift they are
 sampled with. diffusers' script draws u uniformly from its scheduler, whose dynamic shifting leaves it unshifted:
-not chosen, since it trains steps the sampler rarely visits. A recipe's `flow.shift` alone replaces the resolution
-shift by that static one (musubi's `shift`). No loss weighting (every peer's default).
+not chosen, since it trains steps the sampler rarely visits. A recipe's `model.flow.shift` alone replaces the
+resolution shift by that static one (musubi's `shift`). No loss weighting (every peer's default).
 LoRA targets: diffusers' and SimpleTuner's default, the image stream's to_q, to_k, to_v, to_out.0; presets below.
 """
 from __future__ import annotations
