@@ -95,7 +95,6 @@ class FamilySpec:
     # what the objective does by default, and where that comes from (the peers, diffusers' script): the README's
     # family table prints it
     objective_defaults: str = ""
-    load_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given to the pipeline's loaders
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given when the pipeline is built
 
 
@@ -170,8 +169,9 @@ class Family:
         return self.spec.pipeline
 
     def load_kwargs(self, base: str, options: Any) -> dict[str, Any]:
-        """What the pipeline's loaders are given besides the weights (a part given as None is not loaded)."""
-        return dict(self.spec.load_kwargs)
+        """What the pipeline's loaders are given besides the weights (a part given as None is not loaded); none
+        unless the family's file says (SD's safety checker left out, SD3's T5 on request)."""
+        return {}
 
     def pipeline_class(self, name: str | None = None) -> Any:
         import diffusers
