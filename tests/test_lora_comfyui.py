@@ -150,3 +150,20 @@ def test_diffusers_own_converter_reads_the_comfyui_file_as_trained(comfyui_run):
             torch.testing.assert_close(loaded[module](x), reference(x), rtol=1e-4, atol=1e-5, msg=module)
         checked += 1
     assert checked > 0
+
+
+def test_load_adapter_puts_the_comfyui_file_on_the_trained_modules(comfyui_run):
+    from diffusers import DiffusionPipeline
+
+    from finetune import load_adapter
+    from finetune.export.lora.files import read_lora
+
+    name, base, artifact, comfy = comfyui_run
+    ours, theirs = DiffusionPipeline.from_pretrained(str(base)), DiffusionPipeline.from_pretrained(str(base))
+    load_adapter(ours, artifact)
+    load_adapter(theirs, comfy)
+    for index, module in enumerate(read_lora(artifact).layers["transformer"]):
+        reference, loaded = ours.transformer.get_submodule(module), theirs.transformer.get_submodule(module)
+        x = torch.randn(2, reference.base_layer.in_features, generator=torch.Generator().manual_seed(index))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), reference(x), rtol=1e-4, atol=1e-5, msg=f"{name} {module}")
