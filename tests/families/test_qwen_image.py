@@ -210,6 +210,20 @@ def test_sample_grids_guide_with_true_cfg(loaded):
     assert len(calls) == 4 and default_guidance(pipe) == 4.0
 
 
+def test_class_images_guide_with_true_cfg(loaded):
+    """Prior preservation's class images are drawn with the same real CFG: two transformer calls a step."""
+    from finetune.data.class_images import ClassImageSpec, _draw
+
+    family, parts, pipe = loaded
+    calls = []
+    hook = recording(parts.transformer, calls)
+    try:
+        _draw(pipe, ClassImageSpec("tiny", ("a shape",), 32, 0, 2, 4.0, ""), [0])
+    finally:
+        hook.remove()
+    assert len(calls) == 4
+
+
 def test_validate_refuses_other_families_keys_and_textual_inversion(qwen_base, tmp_path, capsys):
     from finetune.cli import main
 
