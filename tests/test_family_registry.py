@@ -46,3 +46,20 @@ def test_every_family_module_declares_a_spec_of_its_own():
         from finetune.models.family import Family
 
         assert spec.behaviour.__bases__ == (Family,), spec.name
+
+
+def test_a_hub_ids_family_told_at_loading_takes_the_recipes_common_keys_or_refuses_what_it_cannot_read():
+    """model.family: auto reads a hub id's recipe as sd's before loading tells the family: the common keys carry
+    over to the told family's options; an option only the first family reads stops the run, naming what to set."""
+    import pytest
+
+    from finetune.models import spec_of
+    from finetune.recipe.load import RecipeError, options_for
+
+    read_as_sd = spec_of("sd").options(base="someone/a-flux-model", quantize="int8")
+    told = options_for(spec_of("flux"), read_as_sd)
+    assert type(told) is spec_of("flux").options and told.base == "someone/a-flux-model" and told.quantize == "int8"
+    assert options_for(spec_of("sd"), read_as_sd) is read_as_sd
+    read_as_sd.min_snr_gamma = 5.0
+    with pytest.raises(RecipeError, match="model.min_snr_gamma: .* set model.family: flux"):
+        options_for(spec_of("flux"), read_as_sd)
