@@ -25,12 +25,11 @@ def _layer(out: int, inner: int = 8, rank: int = 2, seed: int = 0) -> LoraLayer:
 
 def _layers() -> dict[str, LoraLayer]:
     # q/k/v of a double block (add_v_proj untrained), a single block's q/k/v without proj_mlp, renamed modules
-    return {"transformer_blocks.0.attn.to_q": _layer(8, seed=1), "transformer_blocks.0.attn.to_k": _layer(8, seed=2),
-            "transformer_blocks.0.attn.to_v": _layer(8, seed=3), "transformer_blocks.0.attn.add_q_proj": _layer(8, seed=4),
-            "transformer_blocks.0.attn.add_k_proj": _layer(8, seed=5), "transformer_blocks.0.attn.to_out.0": _layer(8, seed=6),
-            "single_transformer_blocks.1.attn.to_q": _layer(8, seed=7),
-            "single_transformer_blocks.1.attn.to_k": _layer(8, seed=8),
-            "single_transformer_blocks.1.attn.to_v": _layer(8, seed=9), "single_transformer_blocks.1.proj_out": _layer(8, 40, seed=10),
+    double = {f"transformer_blocks.0.attn.{name}": _layer(8, seed=seed) for seed, name in enumerate(
+        ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "to_out.0"), start=1)}
+    single = {f"single_transformer_blocks.1.attn.{name}": _layer(8, seed=seed) for seed, name in enumerate(
+        ("to_q", "to_k", "to_v"), start=7)}
+    return {**double, **single, "single_transformer_blocks.1.proj_out": _layer(8, 40, seed=10),
             "x_embedder": _layer(8, 16, seed=11)}
 
 

@@ -84,4 +84,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'finetune.models' has no attribute {name!r}")
 
 
-__all__ = [*_FROM_BASE, "DEFAULT_FAMILY", "FAMILY_MODULES", "family_for", "family_told", "spec_of", "specs", "told_family"]
+__all__ = [*_FROM_BASE, "DEFAULT_FAMILY", "FAMILY_MODULES", "family_for", "family_told", "spec_of", "specs",
+           "told_family"]

@@ -54,7 +54,8 @@ class Flux2Options(ModelOptions, FlowMatchingOptions):
 
     def problems(self) -> list[str]:
         problems = self.objective_problems()
-        if self.guidance is not None and base_config(self.base, "transformer/config.json").get("guidance_embeds") is False:
+        transformer = base_config(self.base, "transformer/config.json")
+        if self.guidance is not None and transformer.get("guidance_embeds") is False:
             problems.append(f"model.guidance: {self.base} has no guidance embedding (its transformer config says "
                             "guidance_embeds: false, as Flux.2 klein's; it samples with real CFG); remove it")
         return problems

@@ -161,7 +161,8 @@ def build_model(raw: Any, problems: list[str]) -> ModelOptions | None:
         except (UnsupportedFamily, FileProblem):  # the model checks name it; its options cannot be told
             told = DEFAULT_FAMILY
     own = set(yaml_keys(spec_of(told).options))
-    elsewhere = {key: [s.name for s in specs().values() if key in yaml_keys(s.options)] for key in raw if key not in own}
+    elsewhere = {key: [spec.name for spec in specs().values() if key in yaml_keys(spec.options)]
+                 for key in raw if key not in own}
     for key, families in elsewhere.items():
         if families:
             how = "model.family says" if name != "auto" else "model.family: auto tells from model.base"
