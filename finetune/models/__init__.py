@@ -18,6 +18,7 @@ FAMILY_MODULES = (
     "finetune.models.qwen_image",
     "finetune.models.flux2",
     "finetune.models.chroma",
+    "finetune.models.lumina2",
 )
 
 # what model.family: auto means when nothing tells the family before loading (a .ckpt, a hub id not looked up)
