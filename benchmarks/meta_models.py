@@ -55,7 +55,7 @@ MODELS = {
                              3 * 128, (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"),
                                        ("t5", "flux/text_encoder_2"), ("llama", "hidream/text_encoder_4")),
                              ("kl", "flux/vae")),
-    "krea2": Model("Krea 2", "krea2", "krea/Krea-2", "krea2/transformer", 512,
+    "krea2": Model("Krea 2", "krea2", "krea/Krea-2-Raw", "krea2/transformer", 512,
                    (("qwen3-vl", "krea2/text_encoder"),), ("kl-qwen_image", "qwen_image/vae")),
 }
 # a recipe's model.base (lowered) -> MODELS key: the first entry whose strings all occur in it (None: not modelled)
