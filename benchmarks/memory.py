@@ -8,7 +8,9 @@ from the published config.json values in benchmarks/configs/: black-forest-labs/
 stabilityai/stable-diffusion-3.5-large and stabilityai/stable-diffusion-3.5-medium (sd35/; CLIP-L, CLIP-G and
 T5-XXL as in flux/ and sdxl/), black-forest-labs/FLUX.2-dev and FLUX.2-klein-base-9B (flux2/: Mistral-Small-3.1
 and Qwen3-8B), Qwen/Qwen-Image (qwen_image/: Qwen2.5-VL-7B), lodestones/Chroma1-HD (chroma/; T5-XXL and the VAE
-of flux/). benchmarks/meta_models.py builds them (`MODELS`, `BUILDERS`). A recipe's peak is the largest of its
+of flux/), Alpha-VLLM/Lumina-Image-2.0 (lumina2/: Gemma-2-2B, Flux's VAE), Efficient-Large-Model/
+Sana_1600M_1024px_diffusers (sana/: Gemma-2-2B, DC-AE f32c32), HiDream-ai/HiDream-I1-Full (hidream/: CLIP-L,
+CLIP-G, T5-XXL, Llama-3.1-8B, Flux's VAE), Krea 2 (krea2/: Qwen3-VL-4B, Qwen-Image's VAE). benchmarks/meta_models.py builds them (`MODELS`, `BUILDERS`). A recipe's peak is the largest of its
 phases, as training/loop.py runs them:
 - caching: the text encoders (base dtype) and the VAE (fp32 where `force_upcast`) encode the captions and images;
   the denoiser joins the GPU only afterwards;
@@ -22,7 +24,8 @@ phases, as training/loop.py runs them:
 Activations: what backward keeps per block, in bytes per token per unit of width, measured on this CPU on a
 narrow copy of each block (benchmarks/activations.py), times the real width, tokens (both streams: (side/16)^2
 image tokens, plus the text tokens: Flux's, Flux.2's and Chroma's 512, SD3's 77 + 256, Qwen-Image's caption
-length, taken at its 512 limit) and batch (doubled by prior preservation). With
+length, taken at its 512 limit; Lumina 2's 256, HiDream's 3 x 128, Krea 2's 512; Sana's blocks the image's alone:
+(side/32)^2) and batch (doubled by prior preservation). With
 gradient checkpointing each block keeps its inputs and one block at a time holds its full share again. Side: the
 recipe's `data.resolution` (buckets keep about its area). The ratios are measured with each family's default LoRA
 targets; a `strategy.target_preset` that adds the MLPs keeps more than they say. Text encoders are never trained
@@ -51,9 +54,10 @@ from benchmarks.meta_models import build as _build  # noqa: E402
 from benchmarks.meta_models import model_for as _model_for  # noqa: E402
 from benchmarks.meta_models import numel as _numel  # noqa: E402
 from benchmarks.meta_models import vae_first_width as _vae_first_width  # noqa: E402
+from benchmarks.meta_models import width as _width  # noqa: E402
 
 RECIPES = ("flux_lora", "flux_lora_16gb", "sd35_lora", "flux_dreambooth_fsdp", "flux2_lora", "flux2_klein_lora",
-           "qwen_image_lora", "chroma_lora")
+           "qwen_image_lora", "chroma_lora", "lumina2_lora", "sana_lora", "hidream_lora", "krea2_lora")
 GB = 1e9
 CUDA_CONTEXT_GB = 0.6
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -161,9 +165,9 @@ def _lora_targets(recipe, model: Model, denoiser) -> list[str]:
 def _activations_gb(recipe, model: Model, denoiser) -> float:
     t = recipe.train
     batch = t.batch_size * (2 if recipe.prior.mode != "none" else 1)
-    image_tokens = (recipe.data.resolution // 16) ** 2
-    tokens = image_tokens + model.text_tokens
-    width = denoiser.config.num_attention_heads * denoiser.config.attention_head_dim
+    image_tokens = (recipe.data.resolution // model.pixels_per_token) ** 2
+    tokens = activations.block_tokens(model.family, image_tokens, model.text_tokens)
+    width = _width(denoiser)
     measured = ratios(model.family)
     full = [measured[kind] * tokens * width * batch for kind, _ in activations.block_kinds(denoiser)]
     if t.gradient_checkpointing:

@@ -23,6 +23,7 @@ class Model:
     text_tokens: int
     encoders: tuple[tuple[str, str], ...]  # (BUILDERS kind, config) per text encoder
     vae: tuple[str, str]  # (BUILDERS kind, config)
+    pixels_per_token: int = 16  # image side / token grid side: 8x VAEs with 2x2 patches; Sana's 32x DC-AE, 1x1
 
 
 SD3_ENCODERS = (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"), ("t5", "flux/text_encoder_2"))
@@ -43,6 +44,19 @@ MODELS = {
                         (("qwen2.5-vl", "qwen_image/text_encoder"),), ("kl-qwen_image", "qwen_image/vae")),
     "chroma-hd": Model("Chroma1-HD", "chroma", "lodestones/Chroma1-HD", "chroma/transformer", 512,
                        (("t5", "flux/text_encoder_2"),), ("kl", "flux/vae")),
+    # text tokens: the pipelines' max_sequence_length (the caption's own length at most: it bounds it)
+    "lumina2": Model("Lumina-Image 2.0", "lumina2", "Alpha-VLLM/Lumina-Image-2.0", "lumina2/transformer", 256,
+                     (("gemma2", "lumina2/text_encoder"),), ("kl", "flux/vae")),
+    "sana-1600m": Model("Sana 1.6B", "sana", "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+                        "sana/transformer_1600m_1024px", 300, (("gemma2", "sana/text_encoder"),), ("dc", "sana/vae"),
+                        pixels_per_token=32),
+    # the joint stream: T5's 128 tokens, Llama's last layer's 128, and each block's own Llama layer's 128
+    "hidream-i1-full": Model("HiDream-I1 Full", "hidream", "HiDream-ai/HiDream-I1-Full", "hidream/transformer_full",
+                             3 * 128, (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2"),
+                                       ("t5", "flux/text_encoder_2"), ("llama", "hidream/text_encoder_4")),
+                             ("kl", "flux/vae")),
+    "krea2": Model("Krea 2", "krea2", "krea/Krea-2-Raw", "krea2/transformer", 512,
+                   (("qwen3-vl", "krea2/text_encoder"),), ("kl-qwen_image", "qwen_image/vae")),
 }
 # a recipe's model.base (lowered) -> MODELS key: the first entry whose strings all occur in it (None: not modelled)
 MODEL_FOR_BASE = (
@@ -52,6 +66,12 @@ MODEL_FOR_BASE = (
     (("qwen-image-2.1",), None),  # another architecture (single stream, RGBA VAE)
     (("qwen-image",), "qwen-image"),
     (("chroma",), "chroma-hd"),  # Chroma1-Base and -HD share the shape
+    (("lumina",), "lumina2"),
+    (("sana_1600m",), "sana-1600m"),  # Sana 1.0 1.6B (1024 px; the 512 and 2K/4K ones share the transformer shape)
+    (("sana",), None),  # 600M, Sana 1.5 (4.8B, other configs), Sprint: not modelled
+    (("hidream-i1",), "hidream-i1-full"),  # Full, Dev and Fast share the transformer
+    (("krea-2",), "krea2"),
+    (("krea2",), "krea2"),
     (("3.5", "large"), "sd35-large"),
     (("3.5", "medium"), "sd35-medium"),
 )
@@ -81,7 +101,12 @@ BUILDERS = {
     "flux2": _builder("diffusers", "Flux2Transformer2DModel"),
     "qwen_image": _builder("diffusers", "QwenImageTransformer2DModel"),
     "chroma": _builder("diffusers", "ChromaTransformer2DModel"),
+    "lumina2": _builder("diffusers", "Lumina2Transformer2DModel"),
+    "sana": _builder("diffusers", "SanaTransformer2DModel"),
+    "hidream": _builder("diffusers", "HiDreamImageTransformer2DModel"),
+    "krea2": _builder("diffusers", "Krea2Transformer2DModel"),
     "kl": _builder("diffusers", "AutoencoderKL"),
+    "dc": _builder("diffusers", "AutoencoderDC"),
     "kl-flux2": _builder("diffusers", "AutoencoderKLFlux2"),
     "kl-qwen_image": _builder("diffusers", "AutoencoderKLQwenImage"),
     "clip": _builder("transformers", "CLIPTextModel", "CLIPTextConfig"),
@@ -89,6 +114,9 @@ BUILDERS = {
     "t5": _builder("transformers", "T5EncoderModel", "T5Config"),
     "mistral3": _builder("transformers", "Mistral3ForConditionalGeneration", "Mistral3Config"),
     "qwen3": _builder("transformers", "Qwen3ForCausalLM", "Qwen3Config"),
+    "gemma2": _builder("transformers", "Gemma2Model", "Gemma2Config"),
+    "llama": _builder("transformers", "LlamaForCausalLM", "LlamaConfig"),
+    "qwen3-vl": _builder("transformers", "Qwen3VLModel", "Qwen3VLConfig"),
     "qwen2.5-vl": _builder("transformers", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
 }
 
@@ -104,9 +132,21 @@ def build(model: Model):
 
 
 def vae_first_width(vae) -> int:
-    """Channels of the VAE's full-resolution stage: AutoencoderKL's block_out_channels[0], the Wan-type's base_dim."""
+    """Channels of the VAE's full-resolution stage: AutoencoderKL's block_out_channels[0], the Wan-type's base_dim,
+    the DC-AE's encoder_block_out_channels[0]."""
     config = vae.config
-    return config["block_out_channels"][0] if "block_out_channels" in config else config["base_dim"]
+    for key in ("block_out_channels", "encoder_block_out_channels"):
+        if key in config:
+            return config[key][0]
+    return config["base_dim"]
+
+
+def width(denoiser) -> int:
+    """The transformer's hidden width: heads x head size, or Lumina 2's hidden_size."""
+    config = denoiser.config
+    if "attention_head_dim" in config:
+        return config.num_attention_heads * config.attention_head_dim
+    return config.hidden_size
 
 
 def numel(module: torch.nn.Module) -> int:

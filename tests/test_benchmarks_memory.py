@@ -1,7 +1,7 @@
 """benchmarks/memory.py runs and its estimates hang together: the real models' sizes (built on the meta device),
 8 bits below 16, the 16 GB recipe under 16 GB, FSDP's share falling with the GPU count, checkpointing and the
-caches saving what they should; Flux.2, Qwen-Image and Chroma at their released sizes, and their recipes where the
-family's recipes/ file is there. Fast: meta-device models and an activation measurement on two-head blocks."""
+caches saving what they should; Flux.2, Qwen-Image, Chroma, Lumina 2, Sana, HiDream-I1 and Krea 2 at their released
+sizes, and their recipes where the family's recipes/ file is there. Fast: meta-device models and an activation measurement on two-head blocks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,12 +36,20 @@ def test_the_models_have_the_released_sizes():
     assert sizes["flux2-klein-9b"] == [9_078_581_248, 8_190_735_360, flux2_vae]
     assert sizes["qwen-image"] == [20_430_401_088, 8_292_166_656, 126_892_531]  # 20 B; Qwen2.5-VL-7B's 8.3 B
     assert sizes["chroma-hd"] == [8_899_983_424, t5, vae]  # 8.9 B, T5-XXL and Flux.1's VAE
+    gemma2_2b = 2_614_341_888  # Gemma-2-2B (Gemma2Model, no lm_head): Lumina 2's and Sana's encoder
+    assert sizes["lumina2"] == [2_609_769_152, gemma2_2b, vae]  # 2.6 B NextDiT, Flux.1's VAE
+    assert sizes["sana-1600m"] == [1_604_462_752, gemma2_2b, 312_250_275]  # 1.6 B; DC-AE f32c32's 312 M
+    # HiDream-I1: 17 B (MoE), CLIP-L and CLIP-G with projections, T5-XXL, Llama-3.1-8B's 8.0 B
+    assert sizes["hidream-i1-full"] == [17_105_733_184, clip_l_projected, clip_g, t5, 8_030_261_248, vae]
+    assert sizes["krea2"] == [12_820_073_036, 4_437_815_808, 126_892_531]  # Qwen3-VL-4B's 4.4 B, Qwen-Image's VAE
 
 
 def test_the_measured_activation_ratios_are_plausible():
     for family, kinds in (("flux", {"double", "single", "rest"}), ("sd3", {"dual", "joint", "last", "rest"}),
                           ("flux2", {"double", "single", "rest"}), ("qwen_image", {"joint", "rest"}),
-                          ("chroma", {"double", "single", "rest"})):
+                          ("chroma", {"double", "single", "rest"}), ("lumina2", {"joint", "rest"}),
+                          ("sana", {"joint", "rest"}), ("hidream", {"double", "single", "rest"}),
+                          ("krea2", {"joint", "rest"})):
         measured = memory.ratios(family)
         assert set(measured) == kinds
         # bytes per token per unit of width: a block keeps tens of bf16 values of each token's width
@@ -51,20 +59,33 @@ def test_the_measured_activation_ratios_are_plausible():
     assert activations.KEPT_PER_TOKEN_WIDTH < min(flux["double"], flux["single"])
     # the kinds a real transformer's blocks are told apart by, in the order they run
     kinds = {key: [kind for kind, _ in activations.block_kinds(memory._build(memory.MODELS[key])[0])]
-             for key in ("flux2-dev", "flux2-klein-9b", "qwen-image", "chroma-hd")}
+             for key in ("flux2-dev", "flux2-klein-9b", "qwen-image", "chroma-hd", "lumina2", "sana-1600m",
+                         "hidream-i1-full", "krea2")}
     assert kinds["flux2-dev"] == ["double"] * 8 + ["single"] * 48
     assert kinds["flux2-klein-9b"] == ["double"] * 8 + ["single"] * 24
     assert kinds["qwen-image"] == ["joint"] * 60
     assert kinds["chroma-hd"] == ["double"] * 19 + ["single"] * 38
+    assert kinds["lumina2"] == ["joint"] * 26  # the 2 + 2 refiners are not checkpointed: "rest"
+    assert kinds["sana-1600m"] == ["joint"] * 20
+    assert kinds["hidream-i1-full"] == ["double"] * 16 + ["single"] * 32
+    assert kinds["krea2"] == ["joint"] * 28
+    # Sana's blocks hold the image's tokens alone (32 px a token); the others both streams (16 px a token)
+    assert activations.block_tokens("sana", 1024, 300) == 1024
+    assert activations.block_tokens("hidream", 4096, 384) == 4096 + 384
+    assert memory.MODELS["sana-1600m"].pixels_per_token == 32 and memory.MODELS["krea2"].pixels_per_token == 16
 
 
 def test_a_recipes_base_names_its_model():
     told = {base: memory._model_for(base) for base in (
         "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev", "black-forest-labs/FLUX.2-klein-base-9B",
         "black-forest-labs/FLUX.2-klein-4B", "Qwen/Qwen-Image", "Qwen/Qwen-Image-2.1", "lodestones/Chroma1-HD",
-        "stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium")}
+        "stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium",
+        "Alpha-VLLM/Lumina-Image-2.0", "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+        "Efficient-Large-Model/Sana_600M_1024px_diffusers", "HiDream-ai/HiDream-I1-Full", "HiDream-ai/HiDream-I1-Dev",
+        "krea/Krea-2-Raw")}
     assert list(told.values()) == ["flux-dev", "flux2-dev", "flux2-klein-9b", None, "qwen-image", None, "chroma-hd",
-                                   "sd35-large", "sd35-medium"]
+                                   "sd35-large", "sd35-medium", "lumina2", "sana-1600m", None, "hidream-i1-full",
+                                   "hidream-i1-full", "krea2"]
 
 
 def test_every_shipped_recipe_has_a_row(table):
@@ -157,3 +178,42 @@ def test_the_flux2_dev_recipe_needs_more_than_24gb(table):
     assert row["model"] == "Flux.2-dev" and row["quantize"] != "none"
     assert row["parts"]["weights"] > 32.0  # the 32.2 B transformer in 8 bits
     assert row["phase"] == "caching" and row["gb"] > 48.0  # Mistral-Small-3.1's 24 B in bf16 caches the prompts
+
+
+@_shipped("lumina2_lora")
+def test_the_lumina2_recipe_fits_24gb(table):
+    row, = [r for r in table if r["recipe"] == "lumina2_lora"]
+    assert row["model"] == "Lumina-Image 2.0" and row["gradient_checkpointing"]
+    assert 5.0 < row["parts"]["weights"] < 5.5  # the 2.6 B transformer in bf16
+    assert row["gb"] <= 24.0, row
+    # Gemma-2-2B (5.2 GB) beside it is still under 24 GB: the grids fit
+    assert _estimate("lumina2_lora", "lumina2", "sample.every=250")["gb"] <= 24.0
+
+
+@_shipped("sana_lora")
+def test_the_sana_recipe_fits_24gb(table):
+    row, = [r for r in table if r["recipe"] == "sana_lora"]
+    assert row["model"] == "Sana 1.6B" and row["gb"] <= 24.0, row
+    # 32 px a token: a quarter of a 16 px-a-token model's image tokens at the same side
+    assert _estimate("sana_lora", "sana-1600m", "data.resolution=2048")["parts"]["activations"] == pytest.approx(
+        4 * _estimate("sana_lora", "sana-1600m", "data.resolution=1024")["parts"]["activations"], rel=0.01)
+
+
+@_shipped("hidream_lora")
+def test_the_hidream_recipe(table):
+    row, = [r for r in table if r["recipe"] == "hidream_lora"]
+    assert row["model"] == "HiDream-I1 Full" and row["gradient_checkpointing"]
+    # the 17.1 B transformer: 17.1 GB in 8 bits, 34 GB in bf16
+    assert row["parts"]["weights"] > (17.0 if row["quantize"] != "none" else 34.0)
+    # its four encoders (16 GB of them in bf16, Llama-3.1-8B and T5-XXL most) cache the prompts first
+    assert row["phases"]["caching"] > 14.0
+
+
+@_shipped("krea2_lora")
+def test_the_krea2_recipe_fits_24gb(table):
+    row, = [r for r in table if r["recipe"] == "krea2_lora"]
+    assert row["model"] == "Krea 2" and row["quantize"] != "none" and row["gradient_checkpointing"]
+    assert row["gb"] <= 24.0, row
+    assert 12.5 < row["parts"]["weights"] < 13.5  # the 12.8 B transformer in 8 bits
+    # in bf16 the transformer alone is 25.6 GB
+    assert _estimate("krea2_lora", "krea2", "model.quantize=none")["gb"] > 24.0
