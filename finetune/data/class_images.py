@@ -124,7 +124,7 @@ def _draw(pipeline: Any, spec: ClassImageSpec, indices: list[int]) -> list:
     # one generator per image: image i depends on (seed, i) only, never on which batch it was drawn in
     generators = [torch.Generator().manual_seed(spec.seed * 1_000_003 + i) for i in indices]
     from finetune.models.base import guidance_keyword
-    from finetune.training.sampling import text_arguments
+    from finetune.training.sampling import size_arguments, text_arguments
 
     # true_cfg_scale guides only where a negative prompt is given (Qwen-Image): the empty one, as grids do
     keyword = guidance_keyword(pipeline)
@@ -132,7 +132,8 @@ def _draw(pipeline: Any, spec: ClassImageSpec, indices: list[int]) -> list:
     text = {"prompt": [spec.prompt_for(i) for i in indices],
             "negative_prompt": [negative] * len(indices) if negative is not None else None}
     return pipeline(**text_arguments(pipeline, text), num_inference_steps=spec.steps, **{keyword: spec.guidance_scale},
-                    height=spec.resolution, width=spec.resolution, generator=generators).images
+                    height=spec.resolution, width=spec.resolution, **size_arguments(pipeline),
+                    generator=generators).images
 
 
 def _write_image(folder: Path, index: int, image, prompt: str) -> None:

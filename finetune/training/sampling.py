@@ -38,16 +38,20 @@ def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: in
                 if encode is not None else {"prompt": prompt, "negative_prompt": negative})
         result = pipeline(**text_arguments(pipeline, text), num_inference_steps=steps,
                           **{keyword: guidance_scale}, num_images_per_prompt=images_per_prompt,
-                          height=resolution, width=resolution, generator=generator)
+                          height=resolution, width=resolution, **size_arguments(pipeline), generator=generator)
         images.extend(result.images)
     return image_grid(images, columns=images_per_prompt)
 
 
 def text_arguments(pipeline, text: dict) -> dict:
     """`text` without a `negative_prompt` the pipeline's __call__ does not take (Flux.2's: embedded guidance, or
-    CFG against the empty prompt); a non-empty one is then left out with a warning naming the pipeline."""
+    CFG against the empty prompt); a non-empty one is then left out with a warning naming the pipeline. A None
+    negative prompt is left out too: the pipeline's own default applies (None, or Sana's "", where None fails)."""
     import inspect
     import logging
+
+    if text.get("negative_prompt", "") is None:
+        text = {key: value for key, value in text.items() if key != "negative_prompt"}
 
     if "negative_prompt" in text and "negative_prompt" not in inspect.signature(pipeline.__call__).parameters:
         if text["negative_prompt"]:
@@ -55,6 +59,15 @@ def text_arguments(pipeline, text: dict) -> dict:
                                                 type(pipeline).__name__)
         text = {key: value for key, value in text.items() if key != "negative_prompt"}
     return text
+
+
+def size_arguments(pipeline) -> dict:
+    """`use_resolution_binning=False` where the pipeline's __call__ takes it (Sana, PixArt): images are drawn at
+    the size asked, as trained, not at the nearest size of the base's aspect-ratio table."""
+    import inspect
+
+    return ({"use_resolution_binning": False}
+            if "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters else {})
 
 
 @contextmanager
