@@ -135,10 +135,10 @@ def _resume_another_recipe(ws: Workspace) -> list[str]:
     return ws.train("--resume", "latest", strategy={"kind": "lora", "rank": 8}, checkpoint={"every": 1})
 
 
-def _sana_base(ws: Workspace) -> list[str]:
-    folder = ws.tmp / "sana"
+def _pixart_base(ws: Workspace) -> list[str]:
+    folder = ws.tmp / "pixart"
     folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "SanaPipeline"}')
+    (folder / "model_index.json").write_text('{"_class_name": "PixArtSigmaPipeline"}')
     return ws.train(model={"base": str(folder)})
 
 
@@ -302,9 +302,9 @@ CATALOGUE = [
     BadInput("not-a-pipeline", "`model.base` is a folder but not a diffusers pipeline",
              "Says model_index.json is missing and what to point at instead",
              lambda ws: ws.train(model={"base": str(ws.images)}), ("not a diffusers pipeline", "save_pretrained")),
-    BadInput("family-not-trained-here", "`model.base` is a model of a family not trained here (Sana, PixArt, ...)",
+    BadInput("family-not-trained-here", "`model.base` is a model of a family not trained here (PixArt-Sigma, ...)",
              "Names the family (from model_index.json or the file's keys) and what is trained today",
-             _sana_base, ("Sana pipeline", "finetune trains Stable Diffusion 1.x/2.x (sd)", "(sdxl)", "(sd3)")),
+             _pixart_base, ("PixArt-Sigma pipeline", "finetune trains Stable Diffusion 1.x/2.x (sd)", "(sdxl)", "(sd3)")),
     BadInput("family-mismatch", "`model.family` says one family and the base is another (e.g. `sd` on an SDXL folder)",
              "Names both and what to set (the family, or auto)",
              _sdxl_base_as_sd, ("model.family: sd, but", "is a Stable Diffusion XL model", "set model.family: sdxl or auto")),

@@ -12,6 +12,7 @@ from finetune.models import family_for, specs
 from finetune.models.base import adaptable_modules
 from finetune.models.detect import family_of
 from finetune.models.tiny import save_tiny_pipeline
+from finetune.training.sampling import size_arguments
 from tests.test_lora import default_objective
 
 # every family in the registry, each written as a tiny pipeline folder offline (its spec's `tiny`)
@@ -45,7 +46,9 @@ def test_prompts_encode_to_what_the_denoiser_attends_to(family_and_parts):
     conditioning = family.encode_prompts(parts, ["a red circle", "a much longer caption about a blue star"])
     states = conditioning[0] if isinstance(conditioning, tuple) else conditioning
     config = parts.denoiser.config
-    width = config.get("cross_attention_dim") or config.get("joint_attention_dim") or config.cap_feat_dim  # Z-Image's
+    # the text's width: PixArt/Sana project caption_channels to their cross_attention_dim inside the transformer
+    width = (config.get("caption_channels") or config.get("cross_attention_dim") or config.get("joint_attention_dim")
+             or config.cap_feat_dim)  # Z-Image's
     assert states.shape[0] == 2 and states.shape[-1] == width
     tokenizer = family.tokenizer_of(str(folder))  # validate's way, without the models
     assert tokenizer("a red circle").input_ids == encoders[0][1]("a red circle").input_ids
@@ -73,13 +76,14 @@ def test_the_inference_pipeline_shares_the_parts(family_and_parts):
     family, parts, _ = family_and_parts
     pipe = family.pipeline(parts)
     assert all(getattr(pipe, name) is module for name, module in parts.modules.items())
-    image = pipe(prompt=["a red circle"], num_inference_steps=1, height=32, width=32, output_type="np").images
+    image = pipe(prompt=["a red circle"], num_inference_steps=1, height=32, width=32, output_type="np",
+                 **size_arguments(pipe)).images  # Sana: drawn at 32 px, not binned to its aspect table
     assert image.shape[0] == 1 and torch.isfinite(torch.from_numpy(image)).all()
 
 
 def test_a_family_not_trained_here_is_named_before_any_model_loads(tmp_path, capsys):
-    """A Sana folder (or a Sana single file) is told from its model_index.json or its keys; an SDXL folder once
-    passed validate and train died inside diffusers with a TypeError."""
+    """A PixArt-Sigma folder (or a PixArt single file) is told from its model_index.json or its keys; an SDXL folder
+    once passed validate and train died inside diffusers with a TypeError."""
     import json
 
     import yaml
@@ -88,13 +92,15 @@ def test_a_family_not_trained_here_is_named_before_any_model_loads(tmp_path, cap
     from finetune.cli import main
     from tests.conftest import draw_concept, recipe_dict
 
-    sana = tmp_path / "sana"
-    sana.mkdir()
-    (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))
-    single = tmp_path / "sana.safetensors"  # the original Sana (and PixArt) layout, as diffusers tells it
+    pixart = tmp_path / "pixart"
+    pixart.mkdir()
+    (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    # the original PixArt (and Sana) layout, as diffusers tells it; a Sana file also holds attention_y_norm.
+    single = tmp_path / "pixart.safetensors"
     save_file({"blocks.0.cross_attn.q_linear.weight": torch.zeros(1)}, str(single))
     images = draw_concept(tmp_path / "images", count=1)
-    for base, name in ((sana, "Sana pipeline (SanaPipeline"), (single, "Sana or PixArt checkpoint")):
+    for base, name in ((pixart, "PixArt-Sigma pipeline (PixArtSigmaPipeline"),
+                       (single, "Sana or PixArt checkpoint")):
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text(yaml.safe_dump(recipe_dict(base, images, tmp_path / "out")))
         for argv in (["validate", str(recipe)], ["train", str(recipe)],
