@@ -21,6 +21,7 @@ from finetune.recipe.load import parse_recipe
 from finetune.shapes.demo import tuned_pipeline
 from finetune.strategies import KINDS
 from finetune.training import loop
+from finetune.training.sampling import size_arguments
 from tests.conftest import allowed_by, recipe_dict, reset_accelerate
 from tests.test_lora import fixed_loss
 
@@ -194,7 +195,7 @@ def test_the_saved_artifact_reproduces_the_trained_model(run):
     for pipe in (trained, loaded):
         generator = torch.Generator().manual_seed(0)
         outputs.append(pipe(prompt=[run["prompt"]], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
-                            generator=generator, output_type="np").images)
+                            generator=generator, output_type="np", **size_arguments(pipe)).images)
     np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-3 if run["name"] == "dreambooth" else 1e-5)
 
 
