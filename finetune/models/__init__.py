@@ -19,6 +19,7 @@ FAMILY_MODULES = (
     "finetune.models.flux2",
     "finetune.models.chroma",
     "finetune.models.lumina2",
+    "finetune.models.sana",
 )
 
 # what model.family: auto means when nothing tells the family before loading (a .ckpt, a hub id not looked up)
