@@ -20,6 +20,7 @@ FAMILY_MODULES = (
     "finetune.models.chroma",
     "finetune.models.lumina2",
     "finetune.models.sana",
+    "finetune.models.hidream",
 )
 
 # what model.family: auto means when nothing tells the family before loading (a .ckpt, a hub id not looked up)
