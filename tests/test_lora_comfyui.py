@@ -123,7 +123,7 @@ def test_the_comfyui_file_reads_back_as_the_trained_layers(comfyui_run, tmp_path
 # ComfyUI maps `diffusion_model.` + each weight name of its own model (comfy/lora.py model_lora_keys_unet; its
 # Chroma model, comfy/ldm/chroma, names double_blocks / single_blocks / distilled_guidance_layer as BFL does:
 # tests/families/test_chroma.py checks the names against every Linear)
-DIFFUSERS_READS = ("flux2", "qwen_image")
+DIFFUSERS_READS = ("flux2", "qwen_image", "hidream")
 
 
 def test_diffusers_own_converter_reads_the_comfyui_file_as_trained(comfyui_run):
