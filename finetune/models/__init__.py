@@ -21,6 +21,7 @@ FAMILY_MODULES = (
     "finetune.models.lumina2",
     "finetune.models.sana",
     "finetune.models.hidream",
+    "finetune.models.krea2",
 )
 
 # what model.family: auto means when nothing tells the family before loading (a .ckpt, a hub id not looked up)
