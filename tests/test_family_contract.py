@@ -47,10 +47,10 @@ def test_prompts_encode_to_what_the_denoiser_attends_to(family_and_parts):
     states = conditioning[0] if isinstance(conditioning, tuple) else conditioning
     config = parts.denoiser.config
     # the text's width: PixArt/Sana project caption_channels to their cross_attention_dim inside the transformer;
-    # HiDream's caption_channels are [T5, Llama] widths (T5's first)
+    # HiDream's caption_channels are [T5, Llama] widths (T5's first); Krea 2 reads tapped layers (text_hidden_dim)
     channels = config.get("caption_channels")
     width = ((channels[0] if isinstance(channels, (list, tuple)) else channels) or config.get("cross_attention_dim")
-             or config.get("joint_attention_dim")
+             or config.get("joint_attention_dim") or config.get("text_hidden_dim")
              or config.cap_feat_dim)  # Z-Image's
     assert states.shape[0] == 2 and states.shape[-1] == width
     tokenizer = family.tokenizer_of(str(folder))  # validate's way, without the models

@@ -119,11 +119,12 @@ def test_the_comfyui_file_reads_back_as_the_trained_layers(comfyui_run, tmp_path
 
 
 # families whose diffusers loader converts a `diffusion_model.` file (diffusers 0.42:
-# _convert_non_diffusers_flux2_lora_to_diffusers, Qwen-Image's); Chroma's (FluxLoraLoaderMixin) reads none, and
-# ComfyUI maps `diffusion_model.` + each weight name of its own model (comfy/lora.py model_lora_keys_unet; its
+# _convert_non_diffusers_flux2_lora_to_diffusers, Qwen-Image's, _convert_non_diffusers_krea2_lora_to_diffusers, which
+# maps the original Krea 2 names back and refuses any key it cannot place); Chroma's (FluxLoraLoaderMixin) reads none,
+# and ComfyUI maps `diffusion_model.` + each weight name of its own model (comfy/lora.py model_lora_keys_unet; its
 # Chroma model, comfy/ldm/chroma, names double_blocks / single_blocks / distilled_guidance_layer as BFL does:
 # tests/families/test_chroma.py checks the names against every Linear)
-DIFFUSERS_READS = ("flux2", "qwen_image", "hidream")
+DIFFUSERS_READS = ("flux2", "qwen_image", "hidream", "krea2")
 
 
 def test_diffusers_own_converter_reads_the_comfyui_file_as_trained(comfyui_run):
