@@ -123,7 +123,9 @@ def test_the_comfyui_file_reads_back_as_the_trained_layers(comfyui_run, tmp_path
 # maps the original Krea 2 names back and refuses any key it cannot place); Chroma's (FluxLoraLoaderMixin) reads none,
 # and ComfyUI maps `diffusion_model.` + each weight name of its own model (comfy/lora.py model_lora_keys_unet; its
 # Chroma model, comfy/ldm/chroma, names double_blocks / single_blocks / distilled_guidance_layer as BFL does:
-# tests/families/test_chroma.py checks the names against every Linear)
+# tests/families/test_chroma.py checks the names against every Linear). Lumina 2's converter splits q/k/v at the
+# released widths and wants every block's feed-forward keys: it cannot read a tiny model's file with the default
+# attention targets (tests/families/test_lumina2.py checks the names against diffusers' converter instead)
 DIFFUSERS_READS = ("flux2", "qwen_image", "hidream", "krea2")
 
 
