@@ -118,7 +118,7 @@ def test_validate_refuses_the_other_objectives_options_on_sd3(sd3_base, tmp_path
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["validate", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err
-    assert f"model.min_snr_gamma: an option of model.family sd / sdxl, and this model is sd3" in err
+    assert "model.min_snr_gamma: an option of model.family sd / sdxl, and this model is sd3" in err
     del recipe["model"]["min_snr_gamma"]
     recipe["model"]["flow"] = {"sigma_sampling": "mode", "shift": 2.0, "weighting": "cosmap"}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))

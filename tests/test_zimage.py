@@ -154,7 +154,7 @@ def test_validate_refuses_ddpm_options_on_zimage(zimage_base, tmp_path, capsys):
                          model={"min_snr_gamma": 5.0})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["validate", str(tmp_path / "r.yaml")]) == 2
-    assert (f"model.min_snr_gamma: an option of model.family sd / sdxl, and this model is zimage"
+    assert ("model.min_snr_gamma: an option of model.family sd / sdxl, and this model is zimage"
             in capsys.readouterr().err)
     del recipe["model"]["min_snr_gamma"]
     recipe["model"]["flow"] = {"sigma_sampling": "logit_normal", "shift": 6.0}

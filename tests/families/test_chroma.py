@@ -14,6 +14,7 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
+from tests.families.helpers import loaded_family, recording
 from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "a much longer caption about a purple sks on a beach"]
@@ -26,17 +27,9 @@ def chroma_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(chroma_base):
-    family = family_for("chroma")
-    parts = family.load(str(chroma_base))
-    pipe = family.pipeline(parts)
-    pipe.set_progress_bar_config(disable=True)
-    return family, parts, pipe
+    return loaded_family(chroma_base)
 
 
-def recording(transformer, calls):
-    def record(module, args, kwargs):
-        calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-    return transformer.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def test_training_feeds_the_transformer_what_the_pipeline_feeds_it(loaded):

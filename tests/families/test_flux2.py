@@ -12,6 +12,7 @@ import yaml
 from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.flux2 import build_tiny
+from tests.families.helpers import loaded_family, recording
 from tests.conftest import draw_concept, recipe_dict, train_shipped_recipe
 
 PROMPT = "a purple sks"
@@ -25,18 +26,9 @@ def base(request, tmp_path_factory):
     return request.param, folder
 
 
-def loaded(folder, **options):
-    family = family_for("auto", str(folder))
-    parts = family.load(str(folder), options=family.spec.options(base=str(folder), **options))
-    pipe = family.pipeline(parts)
-    pipe.set_progress_bar_config(disable=True)
-    return family, parts, pipe
+loaded = loaded_family  # (family, parts, pipeline) of a variant's folder, with model options
 
 
-def recording(transformer, calls):
-    def record(module, args, kwargs):
-        calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-    return transformer.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def test_the_base_loads_with_its_own_pipeline_class(base):

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from finetune.data.dataset import uncropped_conditions
-from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
+from tests.families.helpers import loaded_family, recording
 from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "a much longer caption about a purple sks on a beach"]
@@ -28,17 +28,7 @@ def hidream_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(hidream_base):
-    family = family_for("hidream")
-    parts = family.load(str(hidream_base))
-    pipe = family.pipeline(parts)
-    pipe.set_progress_bar_config(disable=True)
-    return family, parts, pipe
-
-
-def recording(transformer, calls):
-    def record(module, args, kwargs):
-        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items() if k in FED})
-    return transformer.register_forward_pre_hook(record, with_kwargs=True)
+    return loaded_family(hidream_base)
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one caption", "a batch"])
@@ -50,12 +40,12 @@ def test_training_feeds_the_transformer_what_the_pipeline_feeds_it(loaded, promp
     batch = len(prompts)
     latents = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     pipeline_calls, loop_calls = [], []
-    hook = recording(parts.transformer, pipeline_calls)
+    hook = recording(parts.transformer, pipeline_calls, keep=FED)
     pipe(prompts, sigmas=[0.6], num_inference_steps=1, guidance_scale=1.0, height=32, width=32,  # no CFG: one call
          latents=latents, output_type="latent")
     hook.remove()
     sigma = pipe.scheduler.sigmas[:1].expand(batch)  # 0.6 shifted by the scheduler's static 3.0
-    hook = recording(parts.transformer, loop_calls)
+    hook = recording(parts.transformer, loop_calls, keep=FED)
     with torch.no_grad():
         family.predict(parts, latents, sigma, family.encode_prompts(parts, prompts),
                        uncropped_conditions(batch, 32, 32))

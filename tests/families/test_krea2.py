@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from finetune.data.dataset import uncropped_conditions
-from finetune.models import family_for
 from finetune.models.krea2 import PACKING
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
+from tests.families.helpers import loaded_family, recording
 from tests.conftest import draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts, \
     train_shipped_recipe
 
@@ -32,17 +32,9 @@ def krea2_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(krea2_base):
-    family = family_for("krea2")
-    parts = family.load(str(krea2_base))
-    pipe = family.pipeline(parts)
-    pipe.set_progress_bar_config(disable=True)
-    return family, parts, pipe
+    return loaded_family(krea2_base)
 
 
-def recording(transformer, calls):
-    def record(module, args, kwargs):
-        calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-    return transformer.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def packed(latents):

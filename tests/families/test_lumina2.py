@@ -16,6 +16,7 @@ from finetune.models import family_for
 from finetune.models.lumina2 import PROMPT_START, SYSTEM_PROMPT
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
+from tests.families.helpers import loaded_family, recording
 from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "a longer caption: a purple sks on a beach"]
@@ -28,17 +29,9 @@ def lumina_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(lumina_base):
-    family = family_for("lumina2")
-    parts = family.load(str(lumina_base))
-    pipe = family.pipeline(parts)
-    pipe.set_progress_bar_config(disable=True)
-    return family, parts, pipe
+    return loaded_family(lumina_base)
 
 
-def recording(transformer, calls):
-    def record(module, args, kwargs):
-        calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-    return transformer.register_forward_pre_hook(record, with_kwargs=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,6 +15,7 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
+from tests.families.helpers import loaded_family, recording
 from tests.conftest import draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts, \
     train_shipped_recipe
 
@@ -29,17 +30,7 @@ def qwen_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(qwen_base):
-    family = family_for("qwen_image")
-    parts = family.load(str(qwen_base))
-    pipe = family.pipeline(parts)
-    pipe.set_progress_bar_config(disable=True)
-    return family, parts, pipe
-
-
-def recording(transformer, calls):
-    def record(module, args, kwargs):
-        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items() if k in FED})
-    return transformer.register_forward_pre_hook(record, with_kwargs=True)
+    return loaded_family(qwen_base)
 
 
 def packed(latents):
@@ -56,12 +47,12 @@ def test_training_feeds_the_transformer_what_the_pipeline_feeds_it(loaded, capti
     family, parts, pipe = loaded
     latents = torch.randn(len(captions), 4, 4, 4, generator=torch.Generator().manual_seed(0))
     pipeline_calls, loop_calls = [], []
-    hook = recording(parts.transformer, pipeline_calls)
+    hook = recording(parts.transformer, pipeline_calls, keep=FED)
     pipe(captions, sigmas=[0.6], num_inference_steps=1, height=32, width=32, latents=packed(latents),
          output_type="latent")
     hook.remove()
     sigma = pipe.scheduler.sigmas[:1].expand(len(captions))  # 0.6 shifted by the resolution's mu
-    hook = recording(parts.transformer, loop_calls)
+    hook = recording(parts.transformer, loop_calls, keep=FED)
     with torch.no_grad():
         family.predict(parts, latents, sigma, family.encode_prompts(parts, captions),
                        uncropped_conditions(len(captions), 32, 32))
@@ -201,7 +192,7 @@ def test_sample_grids_guide_with_true_cfg(loaded):
 
     family, parts, pipe = loaded
     calls = []
-    hook = recording(parts.transformer, calls)
+    hook = recording(parts.transformer, calls, keep=FED)
     try:
         sample_grid(pipe, ["a purple sks"], negative_prompt="", steps=2, guidance_scale=4.0, seed=0,
                     images_per_prompt=1, resolution=32)
@@ -216,7 +207,7 @@ def test_class_images_guide_with_true_cfg(loaded):
 
     family, parts, pipe = loaded
     calls = []
-    hook = recording(parts.transformer, calls)
+    hook = recording(parts.transformer, calls, keep=FED)
     try:
         _draw(pipe, ClassImageSpec("tiny", ("a shape",), 32, 0, 2, 4.0, ""), [0])
     finally:

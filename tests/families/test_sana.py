@@ -14,6 +14,7 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.sana import MAX_SEQUENCE_LENGTH, instruction
 from finetune.models.tiny import save_tiny_pipeline
+from tests.families.helpers import loaded_family, recording
 from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "A much longer caption about a purple sks on a beach"]
@@ -26,18 +27,9 @@ def sana_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(sana_base):
-    family = family_for("sana")
-    parts = family.load(str(sana_base))
-    pipe = family.pipeline(parts)
-    pipe.set_progress_bar_config(disable=True)
-    return family, parts, pipe
+    return loaded_family(sana_base)
 
 
-def recording(transformer, calls):
-    def record(module, args, kwargs):
-        calls.append({"hidden_states": args[0].detach().clone() if args else kwargs["hidden_states"],
-                      **{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}})
-    return transformer.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def euler(pipe):
