@@ -5,11 +5,38 @@ import copy
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+
+
+def _torchvision_for_cpu_torch() -> None:
+    """Make the test-only torchvision importable: the Qwen3-VL processor Qwen-Image 2.1 loads with needs a video
+    processor, which needs torchvision, and the torchvision wheel the registry offers for torch 2.13 is linked to
+    CUDA torch: on CPU torch its import stops at "operator torchvision::nms does not exist". `.ci/run` installs
+    it into `<venv>/test-vendor` (outside site-packages, so that only this process sees it, never the CLI runs
+    tests start); declaring the two operator schemas its C extension would register lets its Python transforms,
+    all that transformers' processors call, import. Done before transformers is imported: it looks for
+    torchvision once, at import."""
+    vendor = Path(sys.prefix) / "test-vendor"
+    if not (vendor / "torchvision").is_dir() or "torchvision" in sys.modules:
+        return
+    import torch
+
+    if torch.version.cuda:  # a CUDA torch: the wheel's C extension loads and registers the operators itself
+        sys.path.append(str(vendor))
+        return
+    library = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _torchvision_for_cpu_torch.library = library  # kept alive: dropping it removes the schemas
+    sys.path.append(str(vendor))
+
+
+_torchvision_for_cpu_torch()
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -63,3 +63,15 @@ def test_a_hub_ids_family_told_at_loading_takes_the_recipes_common_keys_or_refus
     read_as_sd.min_snr_gamma = 5.0
     with pytest.raises(RecipeError, match="model.min_snr_gamma: .* set model.family: flux"):
         options_for(spec_of("flux"), read_as_sd)
+
+
+def test_a_module_a_family_needs_is_named_before_loading_when_it_does_not_import():
+    from dataclasses import replace
+
+    from finetune.recipe.checks import missing_modules
+
+    spec = replace(specs()["sd"], needs={"finetune_no_such_module": "its processor", "json": "reading configs"})
+    problems = missing_modules(spec)
+    assert len(problems) == 1, problems
+    assert "needs finetune_no_such_module (its processor)" in problems[0]
+    assert "pip install finetune_no_such_module" in problems[0]

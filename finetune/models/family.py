@@ -96,6 +96,9 @@ class FamilySpec:
     # family table prints it
     objective_defaults: str = ""
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given when the pipeline is built
+    # importable modules the family needs beyond finetune's own dependencies -> what for; checked by importing
+    # them before any model loads (a torchvision built for another torch is found but does not import)
+    needs: Mapping[str, str] = field(default_factory=dict)
 
 
 def refusal(spec: FamilySpec, strategy: Any) -> str | None:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from finetune.models import DEFAULT_FAMILY, spec_of
-from finetune.models.family import refusal
+from finetune.models.family import FamilySpec, refusal
 from finetune.models.detect import UnsupportedFamily, family_of
 from finetune.models.pipeline_folder import vae_downsampling
 from finetune.file_errors import FileProblem, can_write_in, nearest_existing
@@ -76,6 +76,7 @@ def _check_model(recipe: Recipe) -> list[str]:
         chosen = spec_of(m.family if m.family != "auto" else found or DEFAULT_FAMILY)
         problems += m.problems()  # the family's own options (its objective's included)
         problems += [refused for refused in [refusal(chosen, recipe.strategy)] if refused]
+        problems += missing_modules(chosen)
         if m.quantize != "none" and recipe.strategy.kind == "dreambooth":
             problems.append(f"model.quantize: {m.quantize} keeps the denoiser's weights in 8 bits, and DreamBooth "
                             "trains those weights; set model.quantize: none, or train a LoRA")
@@ -252,4 +253,16 @@ def _check_outputs(recipe: Recipe) -> list[str]:
         parent = nearest_existing(out)  # where making output_dir would start (a file there cannot hold it either)
         if not can_write_in(parent):
             problems.append(f"output_dir: {parent} is not writable; choose a folder you can write to")
+    return problems
+
+
+def missing_modules(spec: FamilySpec) -> list[str]:
+    """One problem per module in `spec.needs` that does not import, naming what the family needs it for."""
+    problems = []
+    for module, why in spec.needs.items():
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # not installed, or built for another torch (ImportError, RuntimeError)
+            problems.append(f"model.family: {spec.title} needs {module} ({why}), which does not import here "
+                            f"({type(exc).__name__}: {str(exc)[:120]}); pip install {module} built for your torch")
     return problems
