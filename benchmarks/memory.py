@@ -12,7 +12,8 @@ of flux/), Alpha-VLLM/Lumina-Image-2.0 (lumina2/: Gemma-2-2B, Flux's VAE), Effic
 Sana_1600M_1024px_diffusers (sana/: Gemma-2-2B, DC-AE f32c32), HiDream-ai/HiDream-I1-Full (hidream/: CLIP-L,
 CLIP-G, T5-XXL, Llama-3.1-8B, Flux's VAE), Krea 2 (krea2/: Qwen3-VL-4B, Qwen-Image's VAE). benchmarks/meta_models.py builds them (`MODELS`, `BUILDERS`). A recipe's peak is the largest of its
 phases, as training/loop.py runs them:
-- caching: the text encoders (base dtype) and the VAE (fp32 where `force_upcast`) encode the captions and images;
+- caching: the text encoders (base dtype; only the largest with `cache.text_encoders: one_at_a_time`) and the VAE
+  (fp32 where `force_upcast`) encode the captions and images;
   the denoiser joins the GPU only afterwards;
 - training: the denoiser's frozen weights (base dtype, or one byte per Linear weight with `model.quantize`), the
   trained weights in fp32 with their fp32 gradients and the optimizer's state (AdamW 8 bytes a weight,
@@ -137,10 +138,13 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
         parts["vae"] = vae_gb + vae_work_gb
     parts["cuda context"] = CUDA_CONTEXT_GB
     frozen_gb = _numel(denoiser) * wbytes / GB
+    # cache.text_encoders: one_at_a_time holds the largest encoder while the caches fill, not all of them
+    caching_encoders_gb = (encoder_gb if recipe.cache.text_encoders == "together" else
+                           max(_numel(e) for e in encoders) * wbytes / GB)
     phases = {"training": sum(parts.values()),
-              "caching": encoder_gb + vae_gb + vae_work_gb / t.batch_size + CUDA_CONTEXT_GB}
-    if recipe.prior.mode == "class_images":  # the base draws the class images before the caches fill
-        phases["class images"] = frozen_gb + phases["caching"]
+              "caching": caching_encoders_gb + vae_gb + vae_work_gb / t.batch_size + CUDA_CONTEXT_GB}
+    if recipe.prior.mode == "class_images":  # the base draws the class images, every part on the GPU
+        phases["class images"] = frozen_gb + encoder_gb + vae_gb + vae_work_gb / t.batch_size + CUDA_CONTEXT_GB
     if strategy.kind == "dreambooth":  # made fp32 on the GPU whole, before FSDP shards it
         phases["preparing"] = _numel(denoiser) * 4 / GB + CUDA_CONTEXT_GB
     if recipe.sample.every:  # encoders and VAE back beside the denoiser, its adapters and the optimizer state

@@ -15,7 +15,7 @@ from finetune.data.sources import Example
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from finetune.training.offload import offload, on_device
+from finetune.training.offload import offload, on_device, one_at_a_time
 from tests.conftest import recipe_dict
 
 AUGMENTED = {"random_flip": True, "caption_dropout": 0.3, "resolution": 32}
@@ -132,6 +132,9 @@ def test_auto_turns_the_text_cache_off_when_the_text_encoder_trains():
      "cache.text: on cannot be right: strategy.text_encoder is true"),
     ({"strategy": {"kind": "textual_inversion", "placeholder_token": "<x>", "initializer_token": "x"},
       "cache.text": None, "cache": {"text": "on"}}, "textual inversion trains"),
+    ({"cache": {"text": "off", "text_encoders": "one_at_a_time"}},
+     "cache.text_encoders: one_at_a_time brings each text encoder to the accelerator only while the text cache "
+     "fills, but the text is not cached (cache.text: off)"),
 ])
 def test_validate_refuses_caches_that_would_be_wrong(tiny_base, concept_dir, tmp_path, sections, expected, capsys):
     import yaml
@@ -168,6 +171,35 @@ def test_offload_keeps_what_the_module_computes(tiny_base):
     assert not pointers & {p.data_ptr() for p in parts.text_encoder.parameters()}
     with on_device([parts.text_encoder], torch.device("cpu")):
         assert torch.equal(parts.text_encoder(ids)[0], before)
+
+
+def test_one_at_a_time_holds_one_encoder_on_the_device_and_moves_its_inputs():
+    moves, seen = [], []
+    first, second = torch.nn.Identity(), torch.nn.Identity()
+    for name, module in (("first", first), ("second", second)):
+        module.to = lambda device, name=name, module=module: moves.append((name, str(device))) or module  # recorded
+        module.register_forward_hook(lambda module, args, out: seen.append(args[0].device.type))
+    device = torch.device("meta")  # stands for the accelerator: its tensors carry no data, only their device
+    with one_at_a_time([first, second], device):
+        first(torch.ones(1, 2))
+        first(torch.ones(1, 2))  # already there: no transfer
+        second(first(torch.ones(1, 2)))
+    assert moves == [("first", "meta"), ("first", "cpu"), ("second", "meta"), ("second", "cpu")]
+    assert seen == ["meta"] * 4  # each module's input came to the device with it
+    moves.clear()
+    first(torch.ones(1, 2))  # the hooks are gone with the context
+    assert moves == [] and seen[-1] == "cpu"
+
+
+def test_one_at_a_time_trains_as_together(tiny_base, concept_dir, tmp_path):
+    def run(name, text_encoders):
+        recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / name, train=RUN,
+                                          cache={"text_encoders": text_encoders}))
+        return load_file(train(recipe))
+
+    together, one_by_one = run("together", "together"), run("one", "one_at_a_time")
+    assert together.keys() == one_by_one.keys()
+    assert all(torch.equal(together[key], one_by_one[key]) for key in together)
 
 
 def test_a_run_with_caches_samples_with_the_offloaded_encoders(tiny_base, concept_dir, tmp_path, caplog):

@@ -176,6 +176,11 @@ def _check_cache(recipe: Recipe) -> list[str]:
     if c.text == "on" and change:
         problems.append(f"cache.text: on cannot be right: {change}, so a caption's encoding changes as it "
                         "trains. Set cache.text: auto or off")
+    if c.text_encoders == "one_at_a_time" and (c.text == "off" or change):
+        why = "cache.text: off" if c.text == "off" else change
+        problems.append(f"cache.text_encoders: one_at_a_time brings each text encoder to the accelerator only while "
+                        f"the text cache fills, but the text is not cached ({why}) and every step needs them "
+                        "all; set cache.text_encoders: together")
     if c.dir is not None and Path(os.path.expanduser(c.dir)).is_file():
         problems.append(f"cache.dir: {c.dir} is a file; choose a folder")
     return problems

@@ -159,13 +159,17 @@ class CacheOptions:
     each step still draws its own latent sample from it, so a cached run trains exactly as an uncached one.
     "auto": in memory, or on disk when they would take more than 2 GB; off, with a message, where they cannot be
     right (random crops). text: the text encoder's output for every caption, when nothing trains it.
-    Once both are built, the VAE and the text encoder leave the accelerator (`offload`).
+    Once both are built, the VAE and the text encoder leave the accelerator (`offload`). text_encoders: while the
+    caches fill, the text encoders sit on the accelerator `together`, or come one at a time, each only while it
+    encodes (`one_at_a_time`: the largest of them, not their sum; one transfer each way per batch of captions;
+    for a family with several large encoders, HiDream's four).
     """
 
     latents: Literal["auto", "memory", "disk", "off"] = "auto"
     text: Literal["auto", "on", "off"] = "auto"
     dir: Optional[str] = None  # disk latents; None: ~/.cache/finetune/latents (or $FINETUNE_CACHE)
     offload: bool = True
+    text_encoders: Literal["together", "one_at_a_time"] = "together"
 
 
 @dataclass

@@ -41,7 +41,7 @@ from finetune.training.engine import (enable_gradient_checkpointing, engine_repo
                                       prepare_for_training, refuse_unsharded_work, requested_engine,
                                       sharding_report)
 from finetune.training.failures import check_finite_loss, divergence_advice
-from finetune.training.offload import offload_idle, on_device
+from finetune.training.offload import offload_idle, on_device, one_at_a_time
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.sharded_state import local_fraction
 from finetune.training.resume import (check_output_dir, check_resumable, load_for_resume, remove_earlier_run,
@@ -153,8 +153,10 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
                         dtype=base_dtype, config=recipe.model.config, vae=recipe.model.vae, options=recipe.model)
     # the denoiser joins the device once the caches are filled and the encoders have left it: a Flux transformer
     # (24 GB in bf16) and its T5 (9.5 GB) are never there together; class images need it before
+    # cache.text_encoders: one_at_a_time keeps them on the CPU; each comes only while it encodes
+    one_by_one = [] if recipe.cache.text_encoders == "together" else list(parts.text_encoder_modules().values())
     for name, module in parts.modules.items():
-        if name != parts.denoiser_name:
+        if name != parts.denoiser_name and not any(module is m for m in one_by_one):
             module.to(accelerator.device)
     parts.max_token_length = d.max_token_length
     if recipe.model.quantize != "none":
@@ -180,13 +182,15 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     class_batches = None
     if recipe.prior.mode == "class_images":
         parts.denoiser.to(accelerator.device)
-        # drawn by the base as it is now, before the strategy changes anything
-        class_batches = prior.class_image_stream(
-            accelerator, family, parts, recipe.prior, recipe.model, d.resolution, t.batch_size, t.seed,
-            start=first_step * t.gradient_accumulation_steps, num_workers=d.num_workers, encoder=encoder)
-    latent_keys = encoder.cache_latents(examples, sizes, d.random_flip, "training images")
-    encoder.cache_text([e.caption for e in examples] + [""] * (d.caption_dropout > 0)
-                       + list(recipe.prior.class_prompt))
+        with on_device(one_by_one, accelerator.device):  # the pipeline draws with every part on one device
+            # drawn by the base as it is now, before the strategy changes anything
+            class_batches = prior.class_image_stream(
+                accelerator, family, parts, recipe.prior, recipe.model, d.resolution, t.batch_size, t.seed,
+                start=first_step * t.gradient_accumulation_steps, num_workers=d.num_workers, encoder=encoder)
+    with one_at_a_time(one_by_one, accelerator.device):
+        latent_keys = encoder.cache_latents(examples, sizes, d.random_flip, "training images")
+        encoder.cache_text([e.caption for e in examples] + [""] * (d.caption_dropout > 0)
+                           + list(recipe.prior.class_prompt))
     offloaded = offload_idle(parts, encoder.latent_store is not None, encoder.text is not None,
                              accelerator.device) if recipe.cache.offload else []
     parts.denoiser.to(accelerator.device)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from finetune.export.pickle_files import save_pickle
 from finetune.file_errors import writing
@@ -61,3 +62,30 @@ def offload_idle(parts, latents_cached: bool, text_cached: bool, device: torch.d
     for module in idle:
         offload(module, device)
     return idle
+
+
+@contextmanager
+def one_at_a_time(modules: list[torch.nn.Module], device: torch.device):
+    """Within the context each of `modules` (on the CPU) comes to `device` only when its forward is called, and the
+    one that ran before it goes back to the CPU first: the accelerator holds the largest of them, not their sum
+    (HiDream's four text encoders: Llama's 16 GB in bf16, not 27 GB). Tensor arguments follow the module to
+    `device`. Each call of a module that is not the last one used costs one transfer each way: for caching, where
+    every encoder runs once per batch of captions. On leaving, the last one used returns to the CPU."""
+    current: list[torch.nn.Module] = []
+
+    def arrive(module, args, kwargs):
+        if not current or current[0] is not module:
+            if current:
+                current.pop().to("cpu")
+            module.to(device)
+            current.append(module)
+        return send_to_device((args, kwargs), device)
+
+    handles = [module.register_forward_pre_hook(arrive, with_kwargs=True) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if current:
+            current.pop().to("cpu")
