@@ -96,6 +96,9 @@ class FamilySpec:
     # family table prints it
     objective_defaults: str = ""
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # given when the pipeline is built
+    # model_index.json keys the pipeline's constructor takes (Krea 2's tapped text layers): read from the base when
+    # it loads and given to every pipeline built on its parts, where they would otherwise take the defaults
+    pipeline_settings: tuple[str, ...] = ()
     # importable modules the family needs beyond finetune's own dependencies -> what for; checked by importing
     # them before any model loads (a torchvision built for another torch is found but does not import)
     needs: Mapping[str, str] = field(default_factory=dict)
@@ -164,6 +167,8 @@ class Family:
                             ddpm=self.spec.objective == "ddpm")
         parts.options = options
         parts.extra["pipeline"] = name
+        index = base_config(config or base) if self.spec.pipeline_settings else {}
+        parts.extra["pipeline_settings"] = {key: index[key] for key in self.spec.pipeline_settings if key in index}
         return parts
 
     def pipeline_name(self, base: str) -> str:
@@ -194,6 +199,8 @@ class Family:
                 given[name] = parts.tokenizers[name]
             elif name == "scheduler":
                 given[name] = parts.extra["sampling_scheduler"]
+            elif name in parts.extra.get("pipeline_settings", {}):
+                given[name] = parts.extra["pipeline_settings"][name]
             elif name in self.spec.pipeline_kwargs:
                 given[name] = self.spec.pipeline_kwargs[name]
             elif name.startswith(("text_encoder", "tokenizer", "image_encoder", "feature_extractor", "safety")):

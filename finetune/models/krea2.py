@@ -11,7 +11,7 @@ What the pipeline does, and so what training does (diffusers' Krea2Pipeline; dif
   mask [B, 512] with its hole in the middle. Always 512 tokens, so the text cache keeps them as they are and
   `predict` passes them unchanged (31 MB a caption in bf16: the text cache is large);
 - latents are 5-D `(B, 16, 1, H, W)`, normalised per channel `(z - latents_mean) / latents_std` (the VAE config's
-  lists; the inverse of the pipeline's decode). The loop keeps them 4-D: the frame axis is squeezed after encoding;
+  lists, as the pipeline's decode inverts), kept 4-D in the loop: the frame axis is squeezed after encoding;
 - the transformer reads the pipeline's 2x2-packed tokens `[B, h/2 * w/2, 64]` (Krea2Pipeline's own `_pack_latents`)
   with `position_ids` = `prepare_position_ids` (text rows zero, image rows (0, row, col)), `timestep = sigma` (the
   pipeline's `t / 1000` of the scheduler's sigma x 1000), the mask, and predicts the velocity `noise - x0` as is.
@@ -23,14 +23,12 @@ scheduler config shifts what Krea2Pipeline samples: exponentially, mu 0.5 at 256
 default (dynamic 0.5 -> 1.15 @6400) and musubi-tuner's `krea2_shift` (families-next.md section 10), and it trains
 the steps the base samples; diffusers' plain uniform draw on the config's (dynamic, so unshifted) sigmas is not
 taken, nor musubi's documented static shift 2.5 (a recipe's `model.flow.shift: 2.5` alone gives it). No weighting.
-Train on RAW, validate on Turbo (README_krea2): the distilled Turbo checkpoint (`is_distilled`, fixed mu 1.15, 8
-steps, guidance 0) is for sampling; a LoRA trained on RAW loads on it. Train on Krea-2-Raw, not Turbo.
-LoRA targets: SimpleTuner's default to_q, to_k, to_v, to_out.0 (as peft name tails they also catch the text_fusion
-blocks' attention, as the authors' set does); `strategy.target_preset: authors` is the authors' full set.
+Train on RAW, not on the distilled Turbo (`is_distilled`, fixed mu 1.15, 8 steps), which loads RAW's LoRAs for
+sampling (README_krea2). LoRA targets: SimpleTuner's to_q, to_k, to_v, to_out.0 (as name tails they also catch the
+text_fusion blocks' attention, as the authors' set does); `strategy.target_preset: authors`: the authors' full set.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -38,15 +36,13 @@ from typing import Any
 import torch
 
 from finetune.models.base import Components, unwrapped
-from finetune.models.family import Family, FamilySpec, OriginalNames, base_config
+from finetune.models.family import Family, FamilySpec, OriginalNames
 from finetune.models.flow_matching import FlowMatchingOptions
 from finetune.networks.hypernetwork_points import TextStream
 from finetune.recipe.schema import ModelOptions
 
 MAX_SEQUENCE_LENGTH = 512  # Krea2Pipeline's max_sequence_length: text tokens after the dropped prefix
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"  # after the padding; it counts in MAX_SEQUENCE_LENGTH
-# the pipeline's own settings in model_index.json: which Qwen3-VL layers are tapped, Turbo's fixed shift, packing
-SETTINGS = ("text_encoder_select_layers", "is_distilled", "patch_size")
 PACKING = SimpleNamespace(patch_size=2, vae_scale_factor=1)  # Krea2Pipeline's patch_size, on latent sides
 BLOCKS = r"(transformer_blocks|text_fusion\.(layerwise|refiner)_blocks)\.\d+\."
 ATTENTION = BLOCKS + r"attn\.(to_q|to_k|to_v|to_out\.0|to_gate)"
@@ -80,19 +76,6 @@ class Krea2Options(ModelOptions, FlowMatchingOptions):
 
 
 class Krea2(Family):
-    def load(self, base: str, **kwargs: Any) -> Components:
-        """The base, and its pipeline settings (SETTINGS) for the pipelines built on its parts."""
-        parts = super().load(base, **kwargs)
-        index = base_config(kwargs.get("config") or base)
-        parts.extra["pipeline_settings"] = {key: index[key] for key in SETTINGS if key in index}
-        return parts
-
-    def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
-        """Krea2Pipeline on the parts, with the base's taps, is_distilled and patch size (not its defaults)."""
-        pipe = super().pipeline(parts, unwrap)
-        settings = parts.extra.get("pipeline_settings")
-        return type(pipe)(**pipe.components, **settings) if settings else pipe
-
     def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
         """Sigmoid sampling shifted as the base's scheduler shifts (see the module docstring); a static
         `model.flow.shift` alone turns the resolution shift off."""
@@ -163,27 +146,16 @@ def build_tiny(seed: int = 0) -> Any:
                            Krea2Transformer2DModel)
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
-    from finetune.models.tiny_transformers import build_qwen_tokenizer
+    from finetune.models.tiny_transformers import build_qwen_vl_tokenizer, qwen_vl_config
 
     torch.manual_seed(seed)
-    tokenizer = build_qwen_tokenizer(max_length=1024)
-    prefix = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-              "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n")
-    tokenizer.add_tokens(sorted({w for w in re.findall(r" ?\w+", prefix + SUFFIX) if len(w) > 1}))
-    vl = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": vl})
-    ids = dict(zip(("vision_start", "vision_end", "image", "video"), tokenizer.convert_tokens_to_ids(vl)))
-    text_encoder = Qwen3VLModel(Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1],
-                                          "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
-                           num_position_embeddings=64, deepstack_visual_indexes=[]),
-        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"]))
+    tokenizer = build_qwen_vl_tokenizer(
+        "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+        "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n" + SUFFIX)
+    text_encoder = Qwen3VLModel(qwen_vl_config(
+        tokenizer, Qwen3VLConfig, dict(num_hidden_layers=3, head_dim=8, rope_parameters={
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        dict(num_position_embeddings=64, deepstack_visual_indexes=[])))
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                  temperal_downsample=[False, True, True], latents_mean=[0.1] * 4,
                                  latents_std=[1.5] * 4)
@@ -209,6 +181,8 @@ SPEC = FamilySpec(
         "(mu 0.5 at 256 tokens to 1.15 at 6400: e^mu 2.5 at 1024 px), no weighting: ai-toolkit's dynamic shift, "
         "musubi-tuner's krea2_shift and how Krea2Pipeline samples RAW (train on RAW, validate on Turbo)"),
     options=Krea2Options, behaviour=Krea2, tiny=build_tiny,
+    # the pipeline's own settings: which Qwen3-VL layers are tapped, Turbo's fixed shift, packing
+    pipeline_settings=("text_encoder_select_layers", "is_distilled", "patch_size"),
     single_file_keys=("blocks.", "txtfusion.", "tproj."),  # the original Krea 2 names
     lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
     lora_target_presets=PRESETS,

@@ -28,7 +28,6 @@ LoRA targets: diffusers' and SimpleTuner's default, the image stream's to_q, to_
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,26 +139,16 @@ def build_tiny(seed: int = 0) -> Any:
                            QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from finetune.models.tiny_transformers import build_qwen_tokenizer
+    from finetune.models.tiny_transformers import build_qwen_vl_tokenizer, qwen_vl_config
 
     torch.manual_seed(seed)
-    tokenizer = build_qwen_tokenizer(max_length=1024)
-    prefix = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-              "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n")
-    tokenizer.add_tokens(sorted({w for w in re.findall(r" ?\w+", prefix) if len(w) > 1}))
-    vl = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": vl})
-    ids = dict(zip(("vision_start", "vision_end", "image", "video"), tokenizer.convert_tokens_to_ids(vl)))
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
-                           fullatt_block_indexes=[0]),
-        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"]))
+    tokenizer = build_qwen_vl_tokenizer(
+        "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+        "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n")
+    text_encoder = Qwen2_5_VLForConditionalGeneration(qwen_vl_config(
+        tokenizer, Qwen2_5_VLConfig, dict(num_hidden_layers=2, rope_parameters={
+            "rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]}),
+        dict(fullatt_block_indexes=[0])))
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                  temperal_downsample=[False, True, True], latents_mean=[0.1] * 4,
                                  latents_std=[1.5] * 4)

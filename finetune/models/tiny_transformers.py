@@ -3,6 +3,9 @@ same diffusers and transformers classes as the released models, a few hundred th
 `python -m finetune.models.tiny DIR --family sd3` writes one."""
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import torch
 
 from finetune.models.tiny import _clip, build_tokenizer
@@ -101,6 +104,33 @@ def build_qwen_tokenizer(max_length: int = 512):
                                         model_max_length=max_length, padding_side="right")
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
+
+
+# the vision tokens a Qwen-VL config names by id (its processor's image / video slots)
+QWEN_VL_TOKENS = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                  "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
+
+
+def build_qwen_vl_tokenizer(template: str, max_length: int = 1024):
+    """`build_qwen_tokenizer` with the words of a pipeline's prompt `template` added as tokens (so that its system
+    prefix tokenizes to as many tokens as the real tokenizer's: the pipelines drop a fixed count) and the VL
+    special tokens."""
+    tokenizer = build_qwen_tokenizer(max_length=max_length)
+    tokenizer.add_tokens(sorted({w for w in re.findall(r" ?\w+", template) if len(w) > 1}))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VL_TOKENS.values())})
+    return tokenizer
+
+
+def qwen_vl_config(tokenizer, config_class: Any, text: dict[str, Any], vision: dict[str, Any]) -> Any:
+    """A Qwen-VL config (`Qwen2_5_VLConfig`, `Qwen3VLConfig`) for `tokenizer`: a text model 16 wide (2 heads, 1 kv
+    head; bos/eos/pad inside the tiny vocab, whose real ids are not) updated with `text` (layers, rope), a 1-block
+    vision tower 16 wide updated with `vision`, and the VL token ids."""
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in QWEN_VL_TOKENS.items()}
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=2048, bos_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text)
+    vision_config = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16, **vision)
+    return config_class(text_config=text_config, vision_config=vision_config, **ids)
 
 
 def build_tiny_zimage_pipeline(seed: int = 0):
