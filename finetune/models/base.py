@@ -23,7 +23,9 @@ class Components:
     a distributed wrapper during training (`modules[name] = accelerator.prepare(...)`)."""
 
     modules: dict[str, Any]  # every torch module: "vae", "text_encoder", ..., and the denoiser
-    tokenizers: dict[str, Any]  # "tokenizer", "tokenizer_2", ...: the i-th belongs to the i-th text encoder
+    # "tokenizer", "tokenizer_2", ...: the i-th belongs to the i-th text encoder; a pipeline's "processor" (a
+    # Qwen3-VL processor, which holds its tokenizer) is kept here too, so that pipelines built on the parts get it
+    tokenizers: dict[str, Any]
     denoiser_name: str  # which module predicts: "unet" or "transformer"
     text_encoder_names: tuple[str, ...]  # in the pipeline's order ("text_encoder", "text_encoder_2")
     noise_scheduler: Any  # a training scheduler with the base's noise schedule
@@ -80,7 +82,7 @@ def pipeline_components(pipe: Any, source: str, noise_scheduler: Any, extra: dic
     """Components from a diffusers pipeline, named as the pipeline names them (`pipe.components`)."""
     modules = {name: part for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
     tokenizers = {name: part for name, part in pipe.components.items()
-                  if name.startswith("tokenizer") and part is not None}
+                  if name.startswith(("tokenizer", "processor")) and part is not None}
     denoiser = next(name for name in DENOISER_NAMES if name in modules)
     encoders = tuple(sorted((n for n in modules if n.startswith("text_encoder")), key=_numbered))
     return Components(modules, tokenizers, denoiser, encoders, noise_scheduler, source, extra or {})
@@ -116,12 +118,12 @@ def default_resolution(pipe: Any) -> int:
 
 def guidance_keyword(pipe: Any) -> str:
     """The `__call__` argument that scales classifier-free guidance: `guidance_scale`, or `true_cfg_scale` where
-    guidance_scale defaults to None, a guidance-distilled model's embedded value only (Qwen-Image: real CFG with
-    true_cfg_scale and a negative prompt)."""
+    guidance_scale defaults to None, a guidance-distilled model's embedded value only, or is not taken at all
+    (Qwen-Image, Qwen-Image 2.1: real CFG with true_cfg_scale and a negative prompt)."""
     import inspect
 
     parameters = inspect.signature(pipe.__call__).parameters
-    distilled_only = "guidance_scale" in parameters and parameters["guidance_scale"].default is None
+    distilled_only = "guidance_scale" not in parameters or parameters["guidance_scale"].default is None
     return "true_cfg_scale" if distilled_only and "true_cfg_scale" in parameters else "guidance_scale"
 
 
