@@ -22,6 +22,7 @@ FAMILY_MODULES = (
     "finetune.models.sana",
     "finetune.models.hidream",
     "finetune.models.krea2",
+    "finetune.models.qwen_image_2_1",
 )
 
 # what model.family: auto means when nothing tells the family before loading (a .ckpt, a hub id not looked up)
