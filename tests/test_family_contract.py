@@ -51,6 +51,7 @@ def test_prompts_encode_to_what_the_denoiser_attends_to(family_and_parts):
     channels = config.get("caption_channels")
     width = ((channels[0] if isinstance(channels, (list, tuple)) else channels) or config.get("cross_attention_dim")
              or config.get("joint_attention_dim") or config.get("text_hidden_dim")
+             or config.get("context_in_dim")  # Qwen-Image 2.1's
              or config.cap_feat_dim)  # Z-Image's
     assert states.shape[0] == 2 and states.shape[-1] == width
     tokenizer = family.tokenizer_of(str(folder))  # validate's way, without the models

@@ -15,6 +15,7 @@ import torch
 
 from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for, specs
+from finetune.models.base import guidance_keyword
 from finetune.models.pipeline_folder import latent_channels_of
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
@@ -198,8 +199,8 @@ def test_the_saved_artifact_reproduces_the_trained_model(run):
     outputs = []
     for pipe in (trained, loaded):
         generator = torch.Generator().manual_seed(0)
-        outputs.append(pipe(prompt=[run["prompt"]], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
-                            generator=generator, output_type="np", **size_arguments(pipe)).images)
+        outputs.append(pipe(prompt=[run["prompt"]], num_inference_steps=2, **{guidance_keyword(pipe): 3.0},
+                            height=32, width=32, generator=generator, output_type="np", **size_arguments(pipe)).images)
     np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-3 if run["name"] == "dreambooth" else 1e-5)
 
 
