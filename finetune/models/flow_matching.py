@@ -58,12 +58,15 @@ class FlowMatchingOptions:
 @dataclass(frozen=True)
 class ResolutionShift:
     """mu = base_shift at `base_tokens` image tokens, max_shift at `max_tokens`, linear between (Flux.1's scheduler
-    config: 0.5 at 256, 1.15 at 4096); the latent side is divided by `patch` to count tokens."""
+    config: 0.5 at 256, 1.15 at 4096); the latent side is divided by `patch` to count tokens. `time_shift`: the
+    scheduler config's `time_shift_type`, how mu shifts sigma (FlowMatchEulerDiscreteScheduler.time_shift):
+    "exponential", e^mu / (e^mu + 1/u - 1), or "linear", mu / (mu + 1/u - 1)."""
     base_shift: float = 0.5
     max_shift: float = 1.15
     base_tokens: int = 256
     max_tokens: int = 4096
     patch: int = 2
+    time_shift: str = "exponential"
 
     def mu(self, height: int, width: int) -> float:
         tokens = (height // self.patch) * (width // self.patch)
@@ -99,7 +102,8 @@ class FlowMatchingObjective:
         """sigma for u, for latents of `height` x `width`."""
         if self.resolution_shift is not None:
             mu = self.resolution_shift.mu(height, width)
-            return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+            scale = mu if self.resolution_shift.time_shift == "linear" else math.exp(mu)
+            return scale / (scale + (1 / u - 1))
         if self.shift is not None:
             return self.shift * u / (1 + (self.shift - 1) * u)
         return u
@@ -129,11 +133,11 @@ class FlowMatchingObjective:
 def from_recipe(flow: dict[str, Any], defaults: dict[str, Any], scheduler_config: Any) -> FlowMatchingObjective:
     """The objective from the recipe's `flow` values (sigma_sampling, shift, ...), a family's `defaults` filling
     what says auto / None; a resolution shift takes its constants from the sampling scheduler's config
-    (base_shift, max_shift, base_image_seq_len, max_image_seq_len), as the pipeline samples."""
+    (base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type), as the pipeline samples."""
     chosen = {key: (defaults.get(key) if value in ("auto", None) else value) for key, value in flow.items()}
     resolution = None
     if chosen.pop("resolution_shift"):
         get = scheduler_config.get
         resolution = ResolutionShift(get("base_shift", 0.5), get("max_shift", 1.15), get("base_image_seq_len", 256),
-                                     get("max_image_seq_len", 4096))
+                                     get("max_image_seq_len", 4096), time_shift=get("time_shift_type", "exponential"))
     return FlowMatchingObjective(sampling=chosen.pop("sigma_sampling"), resolution_shift=resolution, **chosen)

@@ -9,9 +9,8 @@ trainer trains 2.1 yet):
 - conditioning is the pipeline's own `encode_prompt` for a text-only prompt: the caption in the 2.1 system template
   through the processor (left padding), the last decoder layer's state BEFORE Qwen3-VL's final norm (the pipeline's
   hook), the system tokens dropped, right-padded to the batch's longest with a mask (None when nothing is padded).
-  The pipeline sets no length limit; `encode_prompts` keeps MAX_SEQUENCE_LENGTH tokens (Qwen-Image's 512), padded
-  with zeros and the mask so that the cache keeps one length; `predict` cuts the batch back to its longest caption
-  and drops an all-ones mask, which is what encode_prompt gives the transformer for that batch;
+  The pipeline sets no length limit; the cache keeps MAX_SEQUENCE_LENGTH tokens (Qwen-Image's 512) with the mask,
+  and `predict` cuts a batch back to its longest caption (an all-ones mask dropped), as encode_prompt gives it;
 - latents: the loop's RGB pixels get an opaque alpha channel (what the pipeline's RGBA conversion gives an RGB
   image), are encoded as one-frame videos and normalised per channel, `(z - latents_mean) / latents_std` (the VAE
   config's lists, as the pipeline's `_encode_vae_image`; drawn from the latent distribution as Qwen-Image's
@@ -30,7 +29,6 @@ LoRA targets: diffusers' and the peers' Qwen-Image set, to_q, to_k, to_v, to_out
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,30 +156,18 @@ def build_tiny(seed: int = 0) -> Any:
     from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                               Qwen3VLProcessor, Qwen3VLVideoProcessor)
 
-    from finetune.models.tiny_transformers import build_qwen_tokenizer
+    from finetune.models.tiny_transformers import build_qwen_vl_tokenizer, qwen_vl_config
 
     torch.manual_seed(seed)
-    tokenizer = build_qwen_tokenizer(max_length=1024)
-    tokenizer.add_tokens(sorted({w for w in re.findall(r" ?\w+", "system Comprehend and analyze the provided "
-                                                                  "prompt user assistant") if len(w) > 1}))
-    vl = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": vl})
-    ids = dict(zip(("vision_start", "vision_end", "image", "video"), tokenizer.convert_tokens_to_ids(vl)))
+    tokenizer = build_qwen_vl_tokenizer("system Comprehend and analyze the provided prompt user assistant")
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
                                               min_pixels=32 ** 2, max_pixels=128 ** 2),
         tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(patch_size=16), chat_template=CHAT)
-    text_encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1],
-                                          "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
-                           num_position_embeddings=64, deepstack_visual_indexes=[]),
-        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"]))
+    text_encoder = Qwen3VLForConditionalGeneration(qwen_vl_config(
+        tokenizer, Qwen3VLConfig, dict(num_hidden_layers=2, head_dim=8, rope_parameters={
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        dict(num_position_embeddings=64, deepstack_visual_indexes=[])))
     vae = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1, 1],
                                    num_res_blocks=1, temperal_downsample=[False, True, True, True],
                                    latents_mean=[0.1] * 4, latents_std=[1.5] * 4)
