@@ -100,10 +100,10 @@ def test_an_fsdp_checkpoint_resumes_to_the_same_weights(runs):
 
 
 def test_fsdp_refuses_what_it_does_not_shard_before_any_work():
-    assert refuse_unsharded_work("MULTI_GPU", "lora", False, 100) == []
-    lora = refuse_unsharded_work("FSDP", "lora", False, 0)
+    assert refuse_unsharded_work("MULTI_GPU", "lora", False, False, 100) == []
+    lora = refuse_unsharded_work("FSDP", "lora", False, False, 0)
     assert len(lora) == 1 and lora[0].startswith("strategy.kind: lora") and "DDP" in lora[0]
-    both = refuse_unsharded_work("FSDP", "dreambooth", True, 50)
+    both = refuse_unsharded_work("FSDP", "dreambooth", True, True, 50)
     assert [p.split(":")[0] for p in both] == ["strategy.text_encoder", "sample.every"]
 
 

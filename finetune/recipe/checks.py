@@ -77,7 +77,7 @@ def _check_model(recipe: Recipe) -> list[str]:
         problems += m.problems()  # the family's own options (its objective's included)
         problems += [refused for refused in [refusal(chosen, recipe.strategy)] if refused]
         problems += missing_modules(chosen)
-        if m.quantize != "none" and recipe.strategy.kind == "dreambooth":
+        if m.quantize != "none" and recipe.strategy.trains_base_weights:
             problems.append(f"model.quantize: {m.quantize} keeps the denoiser's weights in 8 bits, and DreamBooth "
                             "trains those weights; set model.quantize: none, or train a LoRA")
         if m.quantize != "none" and importlib.util.find_spec("torchao") is None:

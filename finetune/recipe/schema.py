@@ -185,6 +185,12 @@ class StrategyOptions:
         None. A strategy that trains the text encoder or rewrites captions overrides this."""
         return None
 
+    @property
+    def trains_base_weights(self) -> bool:
+        """Whether the strategy trains the base model's own weights (DreamBooth), not layers or vectors added to
+        it: those weights must stay in full precision (no model.quantize), and they are what FSDP shards."""
+        return False
+
 
 @dataclass
 class Recipe:

@@ -19,6 +19,9 @@ class StrategySetupError(ValueError):
 
 
 class Strategy(Protocol):
+    """Each method is one every strategy writes out (none inherits defaults: what a strategy does at each place
+    is read in its own file). Whether it trains the base's own weights is `options.trains_base_weights`."""
+
     options: StrategyOptions
     # file name of the final artifact inside output_dir
     artifact_name: str
@@ -43,9 +46,6 @@ class Strategy(Protocol):
         """Words every caption must keep inside the text encoder's window (textual inversion's new tokens): a
         caption that would cut one is refused before training."""
 
-    def loss(self, per_sample: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """Reduce per-sample losses to the scalar to minimise (e.g. DreamBooth weights prior samples)."""
-
     def frozen_base(self, parts: Components) -> AbstractContextManager[Components]:
         """Within the context, components that predict as the untouched base (prior preservation's
         base_prediction target): adapters switched off, or a frozen copy kept aside."""
@@ -68,33 +68,6 @@ class Strategy(Protocol):
 
     def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
         """Write the final artifact atomically into output_dir; return its path."""
-
-
-def mean_loss(per_sample: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """The plain reduction most strategies use."""
-    return per_sample.mean()
-
-
-def no_check(family: ModelFamily, parts: Components) -> None:
-    return None
-
-
-def keep_captions(captions: list[str], generator: torch.Generator) -> list[str]:
-    return captions
-
-
-def no_kept_words() -> list[str]:
-    return []
-
-
-class CommonDefaults:
-    """What most strategies do at four of the interface's places: no model check, the captions as they
-    are, no word to keep, the plain mean loss. A strategy that differs overrides the one it needs."""
-
-    check = staticmethod(no_check)
-    prompts = staticmethod(keep_captions)
-    kept_words = staticmethod(no_kept_words)
-    loss = staticmethod(mean_loss)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from finetune.models.base import Components, ModelFamily, adaptable_text_encoder
 from finetune.models.loading import cast
 from finetune.paths import give_umask_permissions
 from finetune.recipe.schema import StrategyOptions
-from finetune.strategies.base import CommonDefaults, StrategySetupError, held_in
+from finetune.strategies.base import StrategySetupError, held_in
 from finetune.training.sharded_state import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ class Options(StrategyOptions):
 
     def changes_text_encoding(self) -> Optional[str]:
         return "strategy.text_encoder is true, so the text encoder trains" if self.text_encoder else None
+
+    @property
+    def trains_base_weights(self) -> bool:
+        return True  # the denoiser's own weights (all, or trainable_modules')
 
     def validate(self, recipe: Any) -> list[str]:
         problems = []
@@ -71,7 +75,7 @@ def _size_gib(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
 
 
-class Strategy(CommonDefaults):
+class Strategy:
     artifact_name = PIPELINE_DIR
 
     def __init__(self, options: Options):
@@ -128,6 +132,12 @@ class Strategy(CommonDefaults):
         # the saved pipeline loaded in `dtype` holds every weight in it; while the grid is drawn the optimizer's
         # gradients are freed (zero_grad set_to_none), so the copy in `dtype` stays below training's peak
         return held_in(self.modules.values(), dtype)
+
+    def prompts(self, captions: list[str], generator: torch.Generator) -> list[str]:
+        return captions  # trained with the captions as they are
+
+    def kept_words(self) -> list[str]:
+        return []  # no word of its own that a caption must keep
 
     def on_step_end(self, step: int) -> None:
         stop = self.options.text_encoder_steps

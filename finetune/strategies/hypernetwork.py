@@ -22,7 +22,6 @@ from finetune.models.base import Components, ModelFamily
 from finetune.networks.hypernetwork import (ACTIVATIONS, HyperMLP, Hypernetwork, Structure, TextStream, attach,
                                             dropout_structure, widths_of)
 from finetune.recipe.schema import StrategyOptions
-from finetune.strategies.base import CommonDefaults
 
 TRAINING_NAME = "training"
 
@@ -96,7 +95,7 @@ def structure_for(options: Options, widths: tuple[int, ...], text_stream: TextSt
                      text_stream=text_stream)
 
 
-class Strategy(CommonDefaults):
+class Strategy:
     artifact_name = files.FILE_NAME
 
     def __init__(self, options: Options):
@@ -150,6 +149,12 @@ class Strategy(CommonDefaults):
         # its loader (networks/hypernetwork.attach) builds the MLPs in fp32 whatever the pipeline's dtype, as they
         # train; they cast their input to fp32 and their output back
         return nullcontext()
+
+    def prompts(self, captions: list[str], generator: torch.Generator) -> list[str]:
+        return captions  # trained with the captions as they are
+
+    def kept_words(self) -> list[str]:
+        return []  # no word of its own that a caption must keep
 
     def on_step_end(self, step: int) -> None:
         return None

@@ -20,7 +20,7 @@ from finetune.models.base import Components, ModelFamily, adaptable_text_encoder
 from finetune.networks import peft_layers
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies import lora_presets, lora_variants
-from finetune.strategies.base import CommonDefaults, held_in
+from finetune.strategies.base import held_in
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,13 @@ class Options(StrategyOptions):
 
     def text_encoder_settings(self, names: tuple[str, ...]) -> dict[str, tuple[int, Optional[float]]]:
         """{text encoder name: (rank, learning rate or None for the U-Net's)} for the encoders that get LoRA, of
-        a family's adaptable `names` (in the pipeline's order: CLIP-L, then CLIP-G where there is one)."""
+        the family's adaptable `names` (its spec's adapted_text_encoders): the part the family names
+        `text_encoder_2` (SDXL's and SD3's CLIP-G) takes the text_encoder_2_* keys, every other the text_encoder_*
+        ones."""
         first = (self.text_encoder_rank or self.rank, self.text_encoder_learning_rate)
         chosen = {}
-        for position, name in enumerate(names):
-            if position == 1:
+        for name in names:
+            if name == "text_encoder_2":
                 if self.adapts_text_encoder_2():
                     chosen[name] = (self.text_encoder_2_rank or first[0],
                                     self.text_encoder_2_learning_rate or first[1])
@@ -139,7 +141,7 @@ def _damaged(path: str) -> list[str]:
     return []
 
 
-class Strategy(CommonDefaults):
+class Strategy:
     artifact_name = diffusers_lora.FILE_NAME
 
     def __init__(self, options: Options):
@@ -170,6 +172,10 @@ class Strategy(CommonDefaults):
         if self.options.text_encoder_2 and len(parts.text_encoder_names) < 2:
             raise StrategySetupError(f"strategy.text_encoder_2: this model has one text encoder "
                                      f"({family.name}); remove text_encoder_2 (text_encoder: true adapts it)")
+        if self.options.text_encoder_2 and "text_encoder_2" not in adaptable_text_encoders(family, parts):
+            raise StrategySetupError(f"strategy.text_encoder_2: {family.name}'s LoRA adapts "
+                                     f"{', '.join(adaptable_text_encoders(family, parts)) or 'no text encoder'}, "
+                                     "not its text_encoder_2; remove text_encoder_2")
         adapted = set(self.options.text_encoder_settings(adaptable_text_encoders(family, parts)))
         loadable = getattr(family.pipeline(parts), "_lora_loadable_modules", None)
         if loadable is not None and adapted - set(loadable):
@@ -237,6 +243,12 @@ class Strategy(CommonDefaults):
         # peft builds a loaded adapter's layers in their base layer's dtype (finetune.load_adapter, and diffusers'
         # load_lora_weights, inject through peft.functional, which casts no adapter up to fp32)
         return held_in(self.modules.values(), dtype, keep=lora_variants.is_adapter_parameter)
+
+    def prompts(self, captions: list[str], generator: torch.Generator) -> list[str]:
+        return captions  # trained with the captions as they are
+
+    def kept_words(self) -> list[str]:
+        return []  # no word of its own that a caption must keep
 
     def on_step_end(self, step: int) -> None:
         pass

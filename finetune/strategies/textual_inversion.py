@@ -21,7 +21,7 @@ import torch
 from finetune.export import textual_inversion as ti_files
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions, required
-from finetune.strategies.base import CommonDefaults, StrategySetupError, held_in, unchanged_base
+from finetune.strategies.base import StrategySetupError, held_in, unchanged_base
 
 # prompts for `prompts: object` / `style` (the concept shown as a thing, or as a way of drawing)
 OBJECT_TEMPLATES = ("a photo of a {}", "a picture of a {}", "a rendering of a {}", "a close-up photo of a {}",
@@ -94,7 +94,7 @@ def check_placeholders(tokenizer, placeholders: list[str], initializers: list[st
     return ids
 
 
-class Strategy(CommonDefaults):
+class Strategy:
     artifact_name = ti_files.FILE_NAME
 
     def __init__(self, options: Options):

@@ -39,7 +39,8 @@ def engine_report(got: str, processes: int, asked: str | None) -> tuple[str, str
                   "training, with its memory")
 
 
-def refuse_unsharded_work(got: str, strategy_kind: str, text_encoder: bool, sample_every: int) -> list[str]:
+def refuse_unsharded_work(got: str, strategy_kind: str, trains_base_weights: bool, text_encoder: bool,
+                          sample_every: int) -> list[str]:
     """What this run asks that FSDP here does not do, each with its fix (empty: nothing). FSDP shards one model
     (accelerate's FSDP2 prepares one), so it trains the denoiser whole: DreamBooth without the text encoders.
     Sample grids draw on the main process alone, which a sharded model cannot do (every process must take part
@@ -47,7 +48,7 @@ def refuse_unsharded_work(got: str, strategy_kind: str, text_encoder: bool, samp
     if got != "FSDP":
         return []
     problems = []
-    if strategy_kind != "dreambooth":
+    if not trains_base_weights:
         problems.append(f"strategy.kind: {strategy_kind} trains a few MB and fits one GPU; FSDP here is for "
                         "whole-model DreamBooth. Launch it with a DDP (multi-GPU) accelerate config instead")
     elif text_encoder:

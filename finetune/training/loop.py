@@ -103,6 +103,7 @@ def _train(accelerator, recipe: Recipe, output_dir: Path, resume: str | None,
     if mismatch and accelerator.is_main_process:
         log.warning(mismatch)
     problems = refuse_unsharded_work(accelerator.distributed_type.name, recipe.strategy.kind,
+                                     recipe.strategy.trains_base_weights,
                                      bool(getattr(recipe.strategy, "text_encoder", False)), recipe.sample.every)
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail

@@ -72,9 +72,9 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
     if weights is not None:
         per_sample = per_sample * weights
     n = len(instance.latents)
-    loss = strategy.loss(per_sample[:n], batch)
+    loss = per_sample[:n].mean()
     if len(halves) == 2:
-        loss = loss + settings.prior_weight * strategy.loss(per_sample[n:], class_batch or batch)
+        loss = loss + settings.prior_weight * per_sample[n:].mean()
     return loss
 
 
