@@ -74,4 +74,4 @@ def test_a_module_a_family_needs_is_named_before_loading_when_it_does_not_import
     problems = missing_modules(spec)
     assert len(problems) == 1, problems
     assert "needs finetune_no_such_module (its processor)" in problems[0]
-    assert "pip install finetune_no_such_module" in problems[0]
+    assert "install the finetune_no_such_module release built for the torch you have" in problems[0]

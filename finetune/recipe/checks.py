@@ -269,5 +269,6 @@ def missing_modules(spec: FamilySpec) -> list[str]:
             importlib.import_module(module)
         except Exception as exc:  # not installed, or built for another torch (ImportError, RuntimeError)
             problems.append(f"model.family: {spec.title} needs {module} ({why}), which does not import here "
-                            f"({type(exc).__name__}: {str(exc)[:120]}); pip install {module} built for your torch")
+                            f"({type(exc).__name__}: {str(exc)[:120]}); install the {module} release built for the torch you "
+                            "have (from the index your torch came from)")
     return problems
