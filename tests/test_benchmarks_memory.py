@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from benchmarks import activations, memory
-from finetune.recipe.load import load_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -20,7 +19,7 @@ def table():
 
 
 def _estimate(name: str, model: str = "flux-dev", *overrides: str, fsdp: int = 1) -> dict:
-    return memory.estimate(load_recipe(RECIPES / f"{name}.yaml", list(overrides)), memory.MODELS[model], fsdp=fsdp)
+    return memory.estimate(memory.load(RECIPES / f"{name}.yaml", overrides), memory.MODELS[model], fsdp=fsdp)
 
 
 def test_the_models_have_the_released_sizes():
