@@ -10,8 +10,9 @@ T5-XXL as in flux/ and sdxl/), black-forest-labs/FLUX.2-dev and FLUX.2-klein-bas
 and Qwen3-8B), Qwen/Qwen-Image (qwen_image/: Qwen2.5-VL-7B), lodestones/Chroma1-HD (chroma/; T5-XXL and the VAE
 of flux/), Alpha-VLLM/Lumina-Image-2.0 (lumina2/: Gemma-2-2B, Flux's VAE), Efficient-Large-Model/
 Sana_1600M_1024px_diffusers (sana/: Gemma-2-2B, DC-AE f32c32), HiDream-ai/HiDream-I1-Full (hidream/: CLIP-L,
-CLIP-G, T5-XXL, Llama-3.1-8B, Flux's VAE), Krea 2 (krea2/: Qwen3-VL-4B, Qwen-Image's VAE). benchmarks/meta_models.py builds them (`MODELS`, `BUILDERS`). A recipe's peak is the largest of its
-phases, as training/loop.py runs them:
+CLIP-G, T5-XXL, Llama-3.1-8B, Flux's VAE), Krea 2 (krea2/: Qwen3-VL-4B, Qwen-Image's VAE), Qwen/Qwen-Image-2.1
+(qwen_image_2_1/: Qwen3-VL-8B, the 16x RGBA VAE). benchmarks/meta_models.py builds them (`MODELS`, `BUILDERS`). A
+recipe's peak is the largest of its phases, as training/loop.py runs them:
 - caching: the text encoders (base dtype; only the largest with `cache.text_encoders: one_at_a_time`) and the VAE
   (fp32 where `force_upcast`) encode the captions and images;
   the denoiser joins the GPU only afterwards;
@@ -22,15 +23,15 @@ phases, as training/loop.py runs them:
 - sampling (`sample.every` > 0): encoders and VAE come back beside the denoiser and the optimizer state;
 - class images (`prior.mode: class_images`): the frozen base draws them, encoders and VAE beside it;
 - preparing (DreamBooth): the whole denoiser made fp32 on each GPU before FSDP shards it.
-Activations: what backward keeps per block, in bytes per token per unit of width, measured on this CPU on a
-narrow copy of each block (benchmarks/activations.py), times the real width, tokens (both streams: (side/16)^2
-image tokens, plus the text tokens: Flux's, Flux.2's and Chroma's 512, SD3's 77 + 256, Qwen-Image's caption
-length, taken at its 512 limit; Lumina 2's 256, HiDream's 3 x 128, Krea 2's 512; Sana's blocks the image's alone:
-(side/32)^2) and batch (doubled by prior preservation). With
+Activations: what backward keeps per block, in bytes per token per unit of width, measured on this CPU on a narrow
+copy of each block (benchmarks/activations.py), times the real width, tokens (both streams: (side/16)^2 image tokens
+(Qwen-Image 2.1's too: 16x latents, one token per latent pixel), plus the text tokens: Flux's, Flux.2's and Chroma's
+512, SD3's 77 + 256, Qwen-Image's and 2.1's caption length, taken at its 512 limit; Lumina 2's 256, HiDream's 3 x
+128, Krea 2's 512; Sana's blocks the image's alone: (side/32)^2) and batch (doubled by prior preservation). With
 gradient checkpointing each block keeps its inputs and one block at a time holds its full share again. Side: the
 recipe's `data.resolution` (buckets keep about its area). The ratios are measured with each family's default LoRA
-targets; a `strategy.target_preset` that adds the MLPs keeps more than they say. Text encoders are never trained
-by these recipes.
+targets; a `strategy.target_preset` that adds the MLPs keeps more than they say. Text encoders are never trained by
+these recipes.
 FSDP (`--fsdp`): whole-model weights, gradients and optimizer state divided by N, plus two gathered blocks.
 Each phase adds CUDA_CONTEXT_GB (context and cuBLAS workspace; the allocator's fragmentation, often 5-15%, is
 not in it).
@@ -58,7 +59,8 @@ from benchmarks.meta_models import vae_first_width as _vae_first_width  # noqa: 
 from benchmarks.meta_models import width as _width  # noqa: E402
 
 RECIPES = ("flux_lora", "flux_lora_16gb", "sd35_lora", "flux_dreambooth_fsdp", "flux2_lora", "flux2_klein_lora",
-           "qwen_image_lora", "chroma_lora", "lumina2_lora", "sana_lora", "hidream_lora", "krea2_lora")
+           "qwen_image_lora", "chroma_lora", "lumina2_lora", "sana_lora", "hidream_lora", "krea2_lora",
+           "qwen_image_2_1_lora")
 GB = 1e9
 CUDA_CONTEXT_GB = 0.6
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

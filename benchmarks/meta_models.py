@@ -57,13 +57,17 @@ MODELS = {
                              ("kl", "flux/vae")),
     "krea2": Model("Krea 2", "krea2", "krea/Krea-2-Raw", "krea2/transformer", 512,
                    (("qwen3-vl", "krea2/text_encoder"),), ("kl-qwen_image", "qwen_image/vae")),
+    # 16x VAE, latents not packed: one token per latent pixel; text: 512 bounds the caption (as Qwen-Image's)
+    "qwen-image-2.1": Model("Qwen-Image 2.1", "qwen_image_2_1", "Qwen/Qwen-Image-2.1", "qwen_image_2_1/transformer",
+                            512, (("qwen3-vl-cg", "qwen_image_2_1/text_encoder"),),
+                            ("kl-qwen_image_2_1", "qwen_image_2_1/vae")),
 }
 # a recipe's model.base (lowered) -> MODELS key: the first entry whose strings all occur in it (None: not modelled)
 MODEL_FOR_BASE = (
     (("flux.1",), "flux-dev"),
     (("flux.2-dev",), "flux2-dev"),
     (("flux.2-klein", "9b"), "flux2-klein-9b"),  # the base and the step-distilled 9B share the transformer
-    (("qwen-image-2.1",), None),  # another architecture (single stream, RGBA VAE)
+    (("qwen-image-2.1",), "qwen-image-2.1"),  # before Qwen-Image: single stream, RGBA VAE
     (("qwen-image",), "qwen-image"),
     (("chroma",), "chroma-hd"),  # Chroma1-Base and -HD share the shape
     (("lumina",), "lumina2"),
@@ -105,10 +109,12 @@ BUILDERS = {
     "sana": _builder("diffusers", "SanaTransformer2DModel"),
     "hidream": _builder("diffusers", "HiDreamImageTransformer2DModel"),
     "krea2": _builder("diffusers", "Krea2Transformer2DModel"),
+    "qwen_image_2_1": _builder("diffusers", "QwenImage21Transformer2DModel"),
     "kl": _builder("diffusers", "AutoencoderKL"),
     "dc": _builder("diffusers", "AutoencoderDC"),
     "kl-flux2": _builder("diffusers", "AutoencoderKLFlux2"),
     "kl-qwen_image": _builder("diffusers", "AutoencoderKLQwenImage"),
+    "kl-qwen_image_2_1": _builder("diffusers", "AutoencoderKLQwenImage21"),
     "clip": _builder("transformers", "CLIPTextModel", "CLIPTextConfig"),
     "clip+": _builder("transformers", "CLIPTextModelWithProjection", "CLIPTextConfig"),
     "t5": _builder("transformers", "T5EncoderModel", "T5Config"),
@@ -117,6 +123,7 @@ BUILDERS = {
     "gemma2": _builder("transformers", "Gemma2Model", "Gemma2Config"),
     "llama": _builder("transformers", "LlamaForCausalLM", "LlamaConfig"),
     "qwen3-vl": _builder("transformers", "Qwen3VLModel", "Qwen3VLConfig"),
+    "qwen3-vl-cg": _builder("transformers", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),  # with its lm_head
     "qwen2.5-vl": _builder("transformers", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
 }
 

@@ -162,6 +162,21 @@ def _krea2_inputs(model, image_tokens: int, text_tokens: int) -> dict:
             "timestep": torch.tensor([0.5]), "position_ids": ids}
 
 
+def _small_qwen_image_2_1():
+    from diffusers import QwenImage21Transformer2DModel
+
+    # 2.1's block design (single stream, 128-wide heads, SwiGLU 3 x width, one shared modulation), 64 unpacked channels
+    return QwenImage21Transformer2DModel(in_channels=64, out_channels=64, num_layers=1, attention_head_dim=128,
+                                         num_attention_heads=2, context_in_dim=32, axes_dims_rope=(16, 56, 56))
+
+
+def _qwen_image_2_1_inputs(model, image_tokens: int, text_tokens: int) -> dict:
+    side = int(image_tokens ** 0.5)  # one token per latent pixel; img_mask: one slot per 2x2 group after the text
+    slots = torch.cat([torch.zeros(1, text_tokens), torch.ones(1, side * side // 4)], 1).bool()
+    return {"hidden_states": torch.randn(1, side * side, 64), "encoder_hidden_states": torch.randn(1, text_tokens, 32),
+            "timestep": torch.tensor([0.5]), "img_shapes": [[(1, side, side)]], "img_mask": slots}
+
+
 FLUX_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                 "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                 "ff_context.net.2")
@@ -188,6 +203,7 @@ FAMILIES = {
     "sana": (_small_sana, _sana_inputs, SANA_TARGETS),
     "hidream": (_small_hidream, _hidream_inputs, HIDREAM_TARGETS),
     "krea2": (_small_krea2, _krea2_inputs, KREA2_TARGETS),
+    "qwen_image_2_1": (_small_qwen_image_2_1, _qwen_image_2_1_inputs, QWEN_IMAGE_TARGETS),  # its single stream's
 }
 # HiDream's text arrives as three equal streams (T5, the last Llama layer, the block's own Llama layer)
 TEXT_STREAMS = {"hidream": 3}

@@ -1,7 +1,8 @@
-"""benchmarks/memory.py runs and its estimates hang together: the real models' sizes (built on the meta device),
-8 bits below 16, the 16 GB recipe under 16 GB, FSDP's share falling with the GPU count, checkpointing and the
-caches saving what they should; Flux.2, Qwen-Image, Chroma, Lumina 2, Sana, HiDream-I1 and Krea 2 at their released
-sizes, and their recipes where the family's recipes/ file is there. Fast: meta-device models and an activation measurement on two-head blocks."""
+"""benchmarks/memory.py runs and its estimates hang together: the real models' sizes (built on the meta device), 8 bits
+below 16, the 16 GB recipe under 16 GB, FSDP's share falling with the GPU count, checkpointing and the caches saving
+what they should; Flux.2, Qwen-Image, Chroma, Lumina 2, Sana, HiDream-I1, Krea 2 and Qwen-Image 2.1 at their
+released sizes, and their recipes where the family's recipes/ file is there. Fast: meta-device models and an
+activation measurement on two-head blocks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,6 +42,8 @@ def test_the_models_have_the_released_sizes():
     # HiDream-I1: 17 B (MoE), CLIP-L and CLIP-G with projections, T5-XXL, Llama-3.1-8B's 8.0 B
     assert sizes["hidream-i1-full"] == [17_105_733_184, clip_l_projected, clip_g, t5, 8_030_261_248, vae]
     assert sizes["krea2"] == [12_820_073_036, 4_437_815_808, 126_892_531]  # Qwen3-VL-4B's 4.4 B, Qwen-Image's VAE
+    # Qwen-Image 2.1: 7.1 B, Qwen3-VL-8B's 8.77 B (with its lm_head, as the pipeline loads it), the RGBA VAE's 0.34 B
+    assert sizes["qwen-image-2.1"] == [7_115_124_736, 8_767_123_696, 337_740_404]
 
 
 def test_the_measured_activation_ratios_are_plausible():
@@ -48,7 +51,7 @@ def test_the_measured_activation_ratios_are_plausible():
                           ("flux2", {"double", "single", "rest"}), ("qwen_image", {"joint", "rest"}),
                           ("chroma", {"double", "single", "rest"}), ("lumina2", {"joint", "rest"}),
                           ("sana", {"joint", "rest"}), ("hidream", {"double", "single", "rest"}),
-                          ("krea2", {"joint", "rest"})):
+                          ("krea2", {"joint", "rest"}), ("qwen_image_2_1", {"joint", "rest"})):
         measured = memory.ratios(family)
         assert set(measured) == kinds
         # bytes per token per unit of width: a block keeps tens of bf16 values of each token's width
@@ -59,7 +62,7 @@ def test_the_measured_activation_ratios_are_plausible():
     # the kinds a real transformer's blocks are told apart by, in the order they run
     kinds = {key: [kind for kind, _ in activations.block_kinds(memory._build(memory.MODELS[key])[0])]
              for key in ("flux2-dev", "flux2-klein-9b", "qwen-image", "chroma-hd", "lumina2", "sana-1600m",
-                         "hidream-i1-full", "krea2")}
+                         "hidream-i1-full", "krea2", "qwen-image-2.1")}
     assert kinds["flux2-dev"] == ["double"] * 8 + ["single"] * 48
     assert kinds["flux2-klein-9b"] == ["double"] * 8 + ["single"] * 24
     assert kinds["qwen-image"] == ["joint"] * 60
@@ -68,10 +71,13 @@ def test_the_measured_activation_ratios_are_plausible():
     assert kinds["sana-1600m"] == ["joint"] * 20
     assert kinds["hidream-i1-full"] == ["double"] * 16 + ["single"] * 32
     assert kinds["krea2"] == ["joint"] * 28
+    assert kinds["qwen-image-2.1"] == ["joint"] * 32
     # Sana's blocks hold the image's tokens alone (32 px a token); the others both streams (16 px a token)
     assert activations.block_tokens("sana", 1024, 300) == 1024
     assert activations.block_tokens("hidream", 4096, 384) == 4096 + 384
     assert memory.MODELS["sana-1600m"].pixels_per_token == 32 and memory.MODELS["krea2"].pixels_per_token == 16
+    # Qwen-Image 2.1: a 16x VAE and no packing, one token per latent pixel: 16 px a token as well
+    assert memory.MODELS["qwen-image-2.1"].pixels_per_token == 16
 
 
 def test_a_recipes_base_names_its_model():
@@ -82,9 +88,9 @@ def test_a_recipes_base_names_its_model():
         "Alpha-VLLM/Lumina-Image-2.0", "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
         "Efficient-Large-Model/Sana_600M_1024px_diffusers", "HiDream-ai/HiDream-I1-Full", "HiDream-ai/HiDream-I1-Dev",
         "krea/Krea-2-Raw")}
-    assert list(told.values()) == ["flux-dev", "flux2-dev", "flux2-klein-9b", None, "qwen-image", None, "chroma-hd",
-                                   "sd35-large", "sd35-medium", "lumina2", "sana-1600m", None, "hidream-i1-full",
-                                   "hidream-i1-full", "krea2"]
+    assert list(told.values()) == ["flux-dev", "flux2-dev", "flux2-klein-9b", None, "qwen-image", "qwen-image-2.1",
+                                   "chroma-hd", "sd35-large", "sd35-medium", "lumina2", "sana-1600m", None,
+                                   "hidream-i1-full", "hidream-i1-full", "krea2"]
 
 
 def test_every_shipped_recipe_has_a_row(table):
@@ -216,3 +222,17 @@ def test_the_krea2_recipe_fits_24gb(table):
     assert 12.5 < row["parts"]["weights"] < 13.5  # the 12.8 B transformer in 8 bits
     # in bf16 the transformer alone is 25.6 GB
     assert _estimate("krea2_lora", "krea2", "model.quantize=none")["gb"] > 24.0
+
+
+@_shipped("qwen_image_2_1_lora")
+def test_the_qwen_image_2_1_recipe_fits_24gb(table):
+    row, = [r for r in table if r["recipe"] == "qwen_image_2_1_lora"]
+    assert row["model"] == "Qwen-Image 2.1" and row["quantize"] != "none" and row["gradient_checkpointing"]
+    assert row["gb"] <= 24.0, row
+    assert 7.0 < row["parts"]["weights"] < 7.3  # the 7.1 B transformer in 8 bits
+    # Qwen3-VL-8B's 17.5 GB in bf16 caching the captions is the peak; grids bring it back beside the transformer
+    assert row["phase"] == "caching" and row["phases"]["caching"] > 17.5
+    assert _estimate("qwen_image_2_1_lora", "qwen-image-2.1", "sample.every=250")["gb"] > 24.0
+    # 4096 image tokens at 1024 px (unpacked 16x latents), not the 1024 a 2x2-packed model would have
+    assert _estimate("qwen_image_2_1_lora", "qwen-image-2.1", "data.resolution=2048")["parts"]["activations"] > 3.5 * (
+        row["parts"]["activations"])
