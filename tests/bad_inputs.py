@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.conftest import draw_concept, recipe_dict, reset_accelerate
+from tests.helpers import draw_concept, recipe_dict, reset_accelerate
 
 TI = {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x"}
 

@@ -17,7 +17,7 @@ from finetune.models.stable_diffusion import StableDiffusion
 from tests import suggestions
 from tests.bad_inputs import CATALOGUE, Workspace, troubleshooting_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "pipeline", "kohya")
 
 
@@ -142,7 +142,7 @@ def test_every_image_mode_trains_upright_and_in_colour(tiny_base, tmp_path):
 def _recipe(base: Path, images: Path, tmp_path: Path) -> Path:
     import yaml
 
-    from tests.conftest import recipe_dict
+    from tests.helpers import recipe_dict
 
     path = tmp_path / "modes.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(base, images, tmp_path / "out", train={"max_steps": 2})))
@@ -150,7 +150,7 @@ def _recipe(base: Path, images: Path, tmp_path: Path) -> Path:
 
 
 def test_small_images_are_upscaled_with_a_warning_by_default(tiny_base, tmp_path, caplog):
-    from tests.conftest import draw_concept
+    from tests.helpers import draw_concept
 
     images = draw_concept(tmp_path / "images", size=16)
     with caplog.at_level("WARNING"):
@@ -161,7 +161,7 @@ def test_small_images_are_upscaled_with_a_warning_by_default(tiny_base, tmp_path
 def test_small_images_can_be_left_out(tiny_base, tmp_path, caplog):
     import yaml
 
-    from tests.conftest import draw_concept, recipe_dict
+    from tests.helpers import draw_concept, recipe_dict
 
     images = draw_concept(tmp_path / "images")
     Image.new("RGB", (16, 16), "red").save(images / "small.png")

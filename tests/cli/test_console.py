@@ -12,7 +12,7 @@ import yaml
 
 from finetune import console
 from finetune.networks import peft_layers
-from tests.conftest import draw_concept, pipeline, recipe_dict
+from tests.helpers import draw_concept, pipeline, recipe_dict
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:

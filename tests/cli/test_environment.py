@@ -9,7 +9,7 @@ import pytest
 
 from finetune import environment
 from finetune.cli import main
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 
 def test_env_prints_what_a_bug_report_needs(capsys):

@@ -9,7 +9,7 @@ from finetune.cli import main
 from finetune.export.extract_lora import extract_lora, low_rank_factors
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 FULL = 4096  # above every layer's full rank in the tiny model
 

@@ -24,7 +24,7 @@ from finetune.training import checkpoint
 from finetune.training.failures import SaveFailed, saving
 from finetune.training.resume import load_for_resume
 from tests.bad_inputs import Workspace, _cut_in_half, _half_lora
-from tests.conftest import mount_tmpfs
+from tests.helpers import mount_tmpfs
 
 BIG = {"weight": torch.ones(64, 1024)}  # 256 KiB: more than the small disk holds
 
@@ -76,7 +76,7 @@ def test_a_read_only_finetune_cache_is_refused_before_the_model_loads(read_only_
     the model had loaded)."""
     from finetune.recipe.load import RecipeError, load_recipe
     from finetune.training.engine import has_accelerator
-    from tests.conftest import recipe_dict
+    from tests.helpers import recipe_dict
     import yaml
 
     if has_accelerator():
@@ -232,7 +232,7 @@ def test_inspect_into_a_closed_pipe_stops_quietly(half_lora, tmp_path):
     whole = tmp_path / "lora-run" / "pytorch_lora_weights.safetensors"
     read_end, write_end = os.pipe()
     os.close(read_end)  # a reader that stopped early, deterministically
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-m", "finetune", "inspect", str(whole)], stdout=write_end,
                           stderr=subprocess.PIPE, text=True, env=env)
     os.close(write_end)
@@ -260,7 +260,7 @@ def test_a_single_file_base_cut_short_is_refused_with_the_recipe(tiny_base, conc
     import yaml
 
     from finetune.recipe.load import RecipeError, load_recipe
-    from tests.conftest import recipe_dict
+    from tests.helpers import recipe_dict
 
     base = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(64, 64)}, str(base))

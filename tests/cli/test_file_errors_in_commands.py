@@ -15,7 +15,7 @@ from finetune.recipe.load import parse_recipe
 from finetune.training.failures import SaveFailed
 from finetune.training.loop import train
 from finetune.training.sampling import save_png
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 SAMPLE = ["--prompt", "x", "--steps", "1", "--num", "1", "--resolution", "32"]
 

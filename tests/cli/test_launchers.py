@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 BIN = Path(sys.executable).parent
 

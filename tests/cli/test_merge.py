@@ -9,7 +9,7 @@ from finetune import load_adapter
 from finetune.cli import main
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.tools.merge import parse_adapter_argument
-from tests.conftest import images as _images, pipeline as _pipe
+from tests.helpers import images as _images, pipeline as _pipe
 
 
 def _with_adapter(tiny_base, path, scale):

@@ -15,9 +15,9 @@ import pytest
 from finetune.cli import main
 from tests import suggestions
 from tests.bad_inputs import CATALOGUE, Workspace
-from tests.conftest import reset_accelerate
+from tests.helpers import reset_accelerate
 
-PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
+PACKAGE = Path(__file__).resolve().parents[2] / "finetune"
 ARTIFACT = "pytorch_lora_weights.safetensors"
 
 

@@ -13,7 +13,7 @@ from finetune.models.base import adaptable_modules
 from finetune.models.detect import family_of
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.training.sampling import size_arguments
-from tests.test_lora import default_objective
+from tests.helpers import default_objective
 
 # every family in the registry, each written as a tiny pipeline folder offline (its spec's `tiny`)
 @pytest.fixture(scope="module", params=list(specs()))
@@ -94,7 +94,7 @@ def test_a_family_not_trained_here_is_named_before_any_model_loads(tmp_path, cap
     from safetensors.torch import save_file
 
     from finetune.cli import main
-    from tests.conftest import draw_concept, recipe_dict
+    from tests.helpers import draw_concept, recipe_dict
 
     pixart = tmp_path / "pixart"
     pixart.mkdir()
@@ -124,7 +124,7 @@ def test_options_of_another_family_are_refused_by_name(family_and_parts, tmp_pat
     from finetune.recipe.load import RecipeError, parse_recipe
     from finetune.recipe.schema import ModelOptions
     from finetune.recipe.typed import yaml_keys
-    from tests.conftest import recipe_dict
+    from tests.helpers import recipe_dict
 
     family, _, folder = family_and_parts
     own = set(yaml_keys(family.spec.options)) - set(yaml_keys(ModelOptions))
@@ -160,7 +160,7 @@ def test_a_resumed_run_writes_what_the_uninterrupted_one_does(family_folder, tmp
     from finetune.recipe.load import parse_recipe
     from finetune.training import loop
     from finetune.training.checkpoint import checkpoints_dir
-    from tests.conftest import allowed_by, draw_concept, recipe_dict, reset_accelerate
+    from tests.helpers import allowed_by, draw_concept, recipe_dict, reset_accelerate
 
     name, folder = family_folder
     images = draw_concept(tmp_path / "images")
@@ -188,7 +188,7 @@ def test_finetune_sample_draws_from_the_base_at_its_own_size(family_folder, tmp_
 
     from finetune.cli import main
     from finetune.models.base import default_guidance, default_resolution
-    from tests.conftest import saved_pipeline
+    from tests.helpers import saved_pipeline
 
     name, folder = family_folder
     pipe = saved_pipeline(folder)

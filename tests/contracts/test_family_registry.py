@@ -8,7 +8,7 @@ from pathlib import Path
 from finetune.models import FAMILY_MODULES, specs
 from finetune.tools.family_table import END, START, family_table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_readme_family_table_is_the_one_the_specs_give():

@@ -14,8 +14,7 @@ from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
 from finetune.training.sampling import sample_grid
-from tests.conftest import recipe_dict
-from tests.test_strategy_contract import CONTRACT, NOT_YET
+from tests.helpers import CONTRACT, NOT_YET, recipe_dict
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16}
 SAMPLE = {"every": 2, "prompts": ["a purple sks", "a purple <sks>"], "steps": 2, "guidance_scale": 3.0, "seed": 7,
@@ -31,7 +30,7 @@ def tiny_bases(tiny_base, tmp_path_factory):
 def _train(base, images, out, kind: str, precision: str, steps: int = 2):
     """`steps` steps of the strategy's contract settings, a grid drawn at the last one; returns the artifact."""
     from finetune.models import family_told
-    from tests.conftest import allowed_by
+    from tests.helpers import allowed_by
 
     contract = CONTRACT[kind]
     strategy = allowed_by(family_told("auto", str(base)).spec, contract.options)

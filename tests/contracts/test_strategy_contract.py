@@ -1,13 +1,11 @@
 """What every strategy promises on every model family, checked the same way for each (adding a strategy to
-CONTRACT, or a family to finetune.models.FAMILY_MODULES, covers it):
+CONTRACT (tests/helpers.py), or a family to finetune.models.FAMILY_MODULES, covers it):
 - right after `prepare` the model computes exactly what the base does;
 - training changes only the parameters the strategy hands the optimizer (and never the VAE);
 - the loss on fixed data falls;
 - its saved artifact, loaded onto a fresh base (or loaded whole, DreamBooth), computes what the trained model does.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -23,35 +21,9 @@ from finetune.shapes.demo import tuned_pipeline
 from finetune.strategies import KINDS
 from finetune.training import loop
 from finetune.training.sampling import size_arguments
-from tests.conftest import allowed_by, recipe_dict, reset_accelerate
-from tests.test_lora import fixed_loss
-
-@dataclass(frozen=True)
-class Contract:
-    options: dict
-    prompt: str  # a prompt the strategy's effect shows in
-    learning_rate: float  # moves it in 12 steps
-    base_prompt: str  # what `prompt` must compute like before prepare (textual inversion: its initializer word)
-    base_weights: tuple[str, ...] = ()  # the base's own weights it may change ("component." prefixes or names)
+from tests.helpers import CONTRACT, NOT_YET, allowed_by, fixed_loss, recipe_dict, reset_accelerate
 
 
-CONTRACT = {
-    "lora": Contract({"kind": "lora", "rank": 4, "text_encoder": True}, "a purple sks", 5e-3, "a purple sks"),
-    "dreambooth": Contract({"kind": "dreambooth", "text_encoder": True}, "a purple sks", 1e-4, "a purple sks",
-                           ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")),
-    "textual_inversion": Contract(
-        {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x"}, "a purple <sks>",
-        5e-2, "a purple x", ("text_encoder.embeddings.token_embedding.weight",  # CLIP-L (transformers >= 5.6)
-                              "text_encoder.text_model.embeddings.token_embedding.weight",  # SD3's CLIP-L
-                              "text_encoder_2.text_model.embeddings.token_embedding.weight")),  # CLIP-G
-    "hypernetwork": Contract({"kind": "hypernetwork", "layer_structure": [1, 2, 1]}, "a purple sks", 5e-3,
-                             "a purple sks"),
-}
-
-
-# (strategy, family) pairs a family refuses (its spec's `refuses`), by name, before any long work
-NOT_YET = {(kind, spec.name): f"{kind.replace('_', ' ')} on {spec.name} is not written yet"
-           for spec in specs().values() for kind in spec.refuses if "." not in kind}
 # a strategy's option a family refuses (spec.refuses "kind.option"): the contract runs train without it
 REFUSED_OPTIONS = sorted((key, spec.name) for spec in specs().values() for key in spec.refuses if "." in key)
 

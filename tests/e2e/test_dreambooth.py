@@ -8,7 +8,7 @@ import torch
 
 from finetune.recipe.load import RecipeError, parse_recipe
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 DREAMBOOTH = {"kind": "dreambooth"}
 TRAIN = {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-4, "seed": 0}

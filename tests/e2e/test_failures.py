@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from finetune.recipe.load import parse_recipe
 from finetune.training import loop
 from finetune.training.failures import Recovery, TrainingDiverged, check_finite_weights
-from tests.conftest import recipe_dict, reset_accelerate
+from tests.helpers import recipe_dict, reset_accelerate
 
 
 def test_non_finite_weights_name_the_tensors_and_the_missing_checkpoint(tmp_path):

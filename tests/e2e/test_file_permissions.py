@@ -12,8 +12,7 @@ import pytest
 from finetune.cli import main
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
-from tests.test_determinism import STRATEGIES
+from tests.helpers import STRATEGIES, recipe_dict
 
 # group-writable: a hard-coded 0644 would fail, only "what the umask gives" passes
 UMASK = 0o002

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from finetune.training.engine import refuse_unsharded_work, sharding_report
 from finetune.training.sharded_state import is_sharded, local_fraction
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 CONFIG = ROOT / "recipes" / "accelerate" / "fsdp_flux.yaml"
 RECIPE = ROOT / "recipes" / "flux_dreambooth_fsdp.yaml"
 
@@ -57,7 +57,7 @@ def transformer_weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from finetune.models.tiny import save_tiny_pipeline
-    from tests.conftest import draw_concept
+    from tests.helpers import draw_concept
 
     root = tmp_path_factory.mktemp("fsdp")
     base = save_tiny_pipeline(root / "flux", family="flux")

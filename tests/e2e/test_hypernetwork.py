@@ -18,7 +18,7 @@ from finetune.networks.hypernetwork import (HyperMLP, Hypernetwork, Hypernetwork
                                             detach, loaded, widths_of)
 from finetune.recipe.load import RecipeError, parse_recipe
 from finetune.training import loop
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 HN = {"kind": "hypernetwork", "layer_structure": [1, 2, 1], "activation": "relu", "a1111_pt": True}
 TRAIN = {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-2, "seed": 0}

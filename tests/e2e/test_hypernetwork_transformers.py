@@ -17,8 +17,7 @@ from finetune.models.tiny import save_tiny_pipeline
 from finetune.networks.hypernetwork import Hypernetwork, Structure, loaded
 from finetune.networks.hypernetwork_points import TextStream, attention_layers
 from finetune.recipe.load import RecipeError, parse_recipe
-from tests.conftest import images_of, recipe_dict, saved_pipeline, train_keeping_parts
-from tests.test_lora import fixed_loss
+from tests.helpers import fixed_loss, images_of, recipe_dict, saved_pipeline, train_keeping_parts
 
 PROMPT = "a purple sks"
 HN = {"kind": "hypernetwork", "layer_structure": [1, 2, 1]}

@@ -17,10 +17,8 @@ from safetensors.torch import load_file
 from finetune.recipe.load import parse_recipe
 from finetune.training.interrupt import Interrupted
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
+from tests.helpers import PER_STEP, recipe_dict, start_training, wait_for_progress
 
-# the progress line of every step (without a terminal a bar writes one every 30 s): the tests watch it
-PER_STEP = {"FINETUNE_PROGRESS_SECONDS": "0"}
 RUN = {"max_steps": 5, "learning_rate": 1e-3, "batch_size": 2, "lr_scheduler": "linear"}
 
 
@@ -98,28 +96,12 @@ def test_ctrl_c_on_the_command_line(tiny_base, concept_dir, tmp_path):
     assert len(saved) == 1 and (saved[0] / "state.json").is_file()
 
 
-def _start(path, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **PER_STEP}
-    return subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path), *extra], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env=env)
-
-
-def _wait_for_progress(process, pattern: str, timeout: float = 300) -> bool:
-    """Read the child's stderr until `pattern` shows up (True) or the child ends (False)."""
-    seen = ""
-    for chunk in iter(lambda: process.stderr.read(16), ""):
-        seen += chunk
-        if pattern in seen:
-            return True
-    return False
-
-
 def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_artifact(tiny_base, concept_dir, tmp_path):
     run = {"max_steps": 8, "learning_rate": 1e-3, "batch_size": 2}
     # the uninterrupted run in a process like the killed ones (the thread count changes float sums' order)
     full = tmp_path / "full.yaml"
     full.write_text(yaml.safe_dump(recipe_dict(tiny_base, concept_dir, tmp_path / "full", train=run)))
-    process = _start(full)
+    process = start_training(full)
     process.communicate(timeout=300)
     uninterrupted = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
 
@@ -130,14 +112,14 @@ def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_artifact(tiny_
     artifact = tmp_path / "killed" / "pytorch_lora_weights.safetensors"
     kills = 0
     for step_seen, delay in ((1, 0.0), (3, 0.05), (5, 0.2), (6, 0.4)):
-        process = _start(path, "--resume", "latest")
-        if _wait_for_progress(process, f" {step_seen}/8"):
+        process = start_training(path, "--resume", "latest")
+        if wait_for_progress(process, f" {step_seen}/8"):
             threading.Event().wait(delay)
             process.kill()  # SIGKILL: no handler, no cleanup
             kills += 1
         process.wait(timeout=120)
     assert kills >= 2
-    process = _start(path, "--resume", "latest")
+    process = start_training(path, "--resume", "latest")
     process.communicate(timeout=300)
     assert process.returncode == 0
     resumed = load_file(artifact)

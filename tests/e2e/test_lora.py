@@ -12,28 +12,8 @@ from safetensors import safe_open
 import finetune
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
-from finetune.data.dataset import uncropped_conditions
 from finetune.training import loop
-from finetune.training.step import per_sample_loss
-from tests.conftest import recipe_dict, train_keeping_parts
-
-
-def fixed_loss(family, parts, pixels, captions) -> float:
-    """Loss on fixed noise and timesteps (the family's objective with its defaults, drawn from a fixed seed):
-    comparable before and after training."""
-    generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        latents = family.encode_images(parts, pixels, generator)
-        cond = family.encode_prompts(parts, captions)
-        noised = default_objective(family, parts).noise(latents, generator)
-        prediction = family.predict(parts, noised.noisy, noised.timesteps, cond,
-                                    uncropped_conditions(len(captions), *pixels.shape[-2:]))
-    return per_sample_loss(prediction, noised.target).mean().item()
-
-
-def default_objective(family, parts):
-    """The family's objective as a recipe that sets none of its options gives it."""
-    return family.objective(parts, family.spec.options())
+from tests.helpers import fixed_loss, recipe_dict, train_keeping_parts
 
 
 def unet_output(pipe, seed=0) -> np.ndarray:

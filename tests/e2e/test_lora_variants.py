@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import finetune
 from finetune.recipe.load import RecipeError, load_recipe, parse_recipe
 from finetune.training import loop
-from tests.conftest import recipe_dict, train_keeping_parts
+from tests.helpers import recipe_dict, train_keeping_parts
 
 # (variant options, what the file's keys must show); all train the U-Net's attention, some more
 CASES = {

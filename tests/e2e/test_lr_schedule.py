@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import recipe_dict, reset_accelerate
-from tests.test_determinism import _crash_at_step_3, _Crash, _files, _history
+from tests.helpers import Crash, crash_at_step_3, files_under, history_of, recipe_dict, reset_accelerate
 
 RATE = 1e-3
 WARMUP = {"max_steps": 4, "learning_rate": RATE, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 3}
@@ -44,7 +43,7 @@ def _recipe(tiny_base, concept_dir, out, **train_options):
 def test_logged_rate_is_the_rate_each_step_trained_at(tiny_base, concept_dir, tmp_path, used_rates):
     calls, logged = used_rates
     train(_recipe(tiny_base, concept_dir, tmp_path / "out"))
-    history = [(step, lr) for step, _, lr in _history(tmp_path / "out")]
+    history = [(step, lr) for step, _, lr in history_of(tmp_path / "out")]
     # the warmup counts from 1: step 1 trains at a third of the rate, step 3 (the last warmup step) at all of it
     assert [lr for _, lr in history] == pytest.approx([RATE / 3, 2 * RATE / 3, RATE, RATE], rel=1e-12)
     assert [lr for (lr,) in calls] == [lr for _, lr in history]  # exactly what each optimizer.step() used
@@ -57,7 +56,7 @@ def test_a_one_step_run_with_one_warmup_step_trains(tiny_base, concept_dir, tmp_
     # LoRA's up (B) weights start at zero: non-zero means the one step moved them
     ups = [tensor for name, tensor in load_file(artifact).items() if "lora_B" in name or "lora_up" in name]
     assert ups and max(float(t.abs().max()) for t in ups) > 0
-    assert calls == [[RATE]] and _history(tmp_path / "out")[0][2] == RATE
+    assert calls == [[RATE]] and history_of(tmp_path / "out")[0][2] == RATE
 
 
 def test_a_schedule_without_warmup_still_starts_at_the_full_rate(tiny_base, concept_dir, tmp_path, used_rates):
@@ -66,34 +65,34 @@ def test_a_schedule_without_warmup_still_starts_at_the_full_rate(tiny_base, conc
     # diffusers' cosine over 3 steps: factors cos at 0, 1/3, 2/3 of the half period; the last step is not wasted at 0
     expected = [RATE * 0.5 * (1 + math.cos(math.pi * i / 3)) for i in range(3)]
     assert [lr for (lr,) in calls] == pytest.approx(expected, rel=1e-12)
-    assert [lr for _, _, lr in _history(tmp_path / "out")] == [lr for (lr,) in calls]
+    assert [lr for _, _, lr in history_of(tmp_path / "out")] == [lr for (lr,) in calls]
 
 
 def test_a_run_resumed_inside_the_warmup_is_bit_exact(tiny_base, concept_dir, tmp_path):
     recipe = _recipe(tiny_base, concept_dir, tmp_path / "out")
-    uninterrupted = _files(train(recipe).parent)
+    uninterrupted = files_under(train(recipe).parent)
     shutil.move(tmp_path / "out", tmp_path / "uninterrupted")
     reset_accelerate()
-    with pytest.raises(_Crash):
-        train(recipe, on_step=_crash_at_step_3)  # after step 2's checkpoint, inside the 3-step warmup
+    with pytest.raises(Crash):
+        train(recipe, on_step=crash_at_step_3)  # after step 2's checkpoint, inside the 3-step warmup
     reset_accelerate()
     train(recipe, resume="latest")
-    resumed = _files(tmp_path / "out")
+    resumed = files_under(tmp_path / "out")
     assert resumed["pytorch_lora_weights.safetensors"] == uninterrupted["pytorch_lora_weights.safetensors"]
-    assert _history(tmp_path / "out") == _history(tmp_path / "uninterrupted")
+    assert history_of(tmp_path / "out") == history_of(tmp_path / "uninterrupted")
 
 
 def test_a_resume_with_a_new_rate_trains_at_it(tiny_base, concept_dir, tmp_path, used_rates, capsys):
     calls, _ = used_rates
     warmup = {"lr_warmup_steps": 4}
-    with pytest.raises(_Crash):  # after step 2's checkpoint
-        train(_recipe(tiny_base, concept_dir, tmp_path / "out", **warmup), on_step=_crash_at_step_3)
+    with pytest.raises(Crash):  # after step 2's checkpoint
+        train(_recipe(tiny_base, concept_dir, tmp_path / "out", **warmup), on_step=crash_at_step_3)
     reset_accelerate()
     del calls[:]
     # a doubled rate: steps 3 and 4 go on with the warmup at the new rate, not at the checkpoint's
     train(_recipe(tiny_base, concept_dir, tmp_path / "out", learning_rate=2 * RATE, **warmup), resume="latest")
     assert [lr for (lr,) in calls] == pytest.approx([3 / 4 * 2 * RATE, 2 * RATE], rel=1e-12)
-    assert [lr for _, _, lr in _history(tmp_path / "out")] == pytest.approx(
+    assert [lr for _, _, lr in history_of(tmp_path / "out")] == pytest.approx(
         [RATE / 4, RATE / 2, 3 / 4 * 2 * RATE, 2 * RATE], rel=1e-12)
     out = capsys.readouterr().out
     assert ("resume: train.learning_rate: 0.001 in the checkpoint's run, 0.002 now: the optimizer's param groups "

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from finetune.data import class_images
 from finetune.recipe.load import RecipeError, parse_recipe
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 PRIOR = {"mode": "class_images", "class_prompt": ["a red circle", "a blue square"], "num_class_images": 4,
          "steps": 2, "guidance_scale": 1.0, "generation_batch_size": 3}

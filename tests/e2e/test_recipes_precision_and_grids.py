@@ -17,13 +17,13 @@ from finetune.cli import main
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import load_recipe
 
-RECIPES_DIR = Path(__file__).parents[1] / "recipes"
+RECIPES_DIR = Path(__file__).parents[2] / "recipes"
 # accelerate's launch configs live beside the recipes; they are no recipes
 RECIPES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "accelerate" not in p.relative_to(RECIPES_DIR).parts)
 # accelerate has no fp16 autocast on a CPU (the loop refuses fp16 there): an fp16 recipe runs in bf16 here, the
 # other half precision, which takes the same path through the loop (half base, fp32 trained weights, grids)
 ON_A_CPU = {"fp16": "bf16"}
-STAR_IMAGES = Path(__file__).parents[1] / "data_examples" / "star"
+STAR_IMAGES = Path(__file__).parents[2] / "data_examples" / "star"
 FALLBACK_PROMPT = "a purple sks"  # for a recipe that draws no grid as shipped
 
 

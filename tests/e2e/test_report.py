@@ -16,7 +16,7 @@ from finetune.recipe.load import parse_recipe
 from finetune.report import charts
 from finetune.report.history import read_history
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 PROMPTS = ["a purple sks", "a red <circle> & co"]  # the second checks that labels are escaped
 SAMPLES = {"every": 2, "prompts": PROMPTS, "steps": 2, "images_per_prompt": 2, "seed": 5}
@@ -103,7 +103,7 @@ def test_the_page_moves_without_sample_grids(tiny_base, concept_dir, tmp_path, m
 def sampled_run(tiny_base, concept_dir, tmp_path_factory):
     """A 4-step LoRA run with sample grids at steps 2 and 4 and a checkpoint at 2; the page as it was while the
     run went on (read in step 3) is kept in running.html."""
-    from tests.conftest import reset_accelerate
+    from tests.helpers import reset_accelerate
 
     out = tmp_path_factory.mktemp("report") / "run"
     recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, sample=SAMPLES, checkpoint={"every": 2}))

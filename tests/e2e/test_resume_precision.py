@@ -12,7 +12,7 @@ import yaml
 from finetune.cli import main
 from finetune.training import loop
 from finetune.training.resume import recipe_changes, resume_command
-from tests.conftest import recipe_dict, reset_accelerate
+from tests.helpers import recipe_dict, reset_accelerate
 
 
 def test_a_change_of_precision_is_a_note_not_a_refusal():

@@ -15,8 +15,7 @@ from finetune.recipe.load import parse_recipe
 from finetune.training.checkpoint import CheckpointError
 from finetune.training.loop import train
 from finetune.training.resume import OutputDirInUse, recipe_changes, resume_command
-from tests.conftest import recipe_dict
-from tests.test_interrupt import _start, _wait_for_progress
+from tests.helpers import recipe_dict, start_training, wait_for_progress
 
 ARTIFACT = "pytorch_lora_weights.safetensors"
 
@@ -28,8 +27,8 @@ def test_ctrl_c_prints_a_command_that_resumes_this_very_run(tiny_base, concept_d
                                                train={"max_steps": 3})))
     out = tmp_path / "my runs" / "lora 1"
     overrides = ["train.max_steps=40", "checkpoint.every=0", f"output_dir={out}"]
-    process = _start(path, *overrides)
-    assert _wait_for_progress(process, " 1/40")
+    process = start_training(path, *overrides)
+    assert wait_for_progress(process, " 1/40")
     process.send_signal(signal.SIGINT)
     _, rest = process.communicate(timeout=120)
     assert process.returncode == 130
@@ -39,7 +38,7 @@ def test_ctrl_c_prints_a_command_that_resumes_this_very_run(tiny_base, concept_d
     assert words[:3] == ["finetune", "train", str(path)] and words[3:6] == overrides
 
     # run exactly what was printed: it continues in the same folder to step 40, not anew in recipe_out
-    process = _start(*words[2:])
+    process = start_training(*words[2:])
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]
     assert " 40/40" in err and " 0/40" not in err  # the bar starts at the checkpoint's step
@@ -47,7 +46,7 @@ def test_ctrl_c_prints_a_command_that_resumes_this_very_run(tiny_base, concept_d
 
     # the same command without --resume may not start anew over the finished run
     finished = (out / ARTIFACT).read_bytes()
-    process = _start(path, *overrides)
+    process = start_training(path, *overrides)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2
     assert "already holds a finished artifact" in err and "--overwrite" in err and "output_dir=PATH" in err
@@ -57,7 +56,7 @@ def test_ctrl_c_prints_a_command_that_resumes_this_very_run(tiny_base, concept_d
     assert (out / ARTIFACT).read_bytes() == finished
 
     # --overwrite: asked for, so the earlier run's checkpoints go and a new run replaces the artifact
-    process = _start(path, *overrides[:1], "train.max_steps=2", *overrides[1:], "--overwrite")
+    process = start_training(path, *overrides[:1], "train.max_steps=2", *overrides[1:], "--overwrite")
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]
     assert not (out / "checkpoints").exists()

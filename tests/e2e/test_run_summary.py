@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import draw_concept, recipe_dict
-from tests.test_determinism import STRATEGIES
+from tests.helpers import STRATEGIES, draw_concept, recipe_dict
 
 
 def test_the_plan_is_printed_before_training(tiny_base, tmp_path, capsys):

@@ -10,7 +10,7 @@ from finetune.cli import main
 from finetune.recipe.load import RecipeError, parse_recipe
 from finetune.strategies.textual_inversion import PlaceholderError
 from finetune.training import loop
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 TI = {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x", "num_vectors": 2}
 TRAIN = {"max_steps": 3, "batch_size": 2, "learning_rate": 5e-2, "seed": 0}

@@ -17,7 +17,7 @@ from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
 from finetune.strategies import create_strategy
 from finetune.strategies.base import StrategySetupError
-from tests.conftest import images_of, recipe_dict, saved_pipeline, train_keeping_parts
+from tests.helpers import images_of, recipe_dict, saved_pipeline, train_keeping_parts
 
 TI = {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x"}
 FAMILIES = ("sd3", "flux")

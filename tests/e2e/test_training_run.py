@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from finetune.recipe.load import parse_recipe
 from finetune.training import checkpoint
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 RUN = {"max_steps": 6, "learning_rate": 1e-3, "batch_size": 2, "gradient_accumulation_steps": 2,
        "lr_scheduler": "linear", "lr_warmup_steps": 1}

@@ -14,7 +14,7 @@ from finetune.models import family_for
 from finetune.models.flux import pack, unpack
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
+from tests.helpers import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
                             train_shipped_recipe)
 
 
@@ -190,7 +190,7 @@ def test_the_default_sigmas_follow_the_resolution_and_a_static_shift_replaces_it
     model.flow.shift alone is a static shift instead."""
     import math
 
-    from tests.test_lora import default_objective
+    from tests.helpers import default_objective
 
     family = family_for("flux")
     parts = family.load(str(flux_base))

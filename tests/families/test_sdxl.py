@@ -16,7 +16,7 @@ from PIL import Image
 from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
+from tests.helpers import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
                             train_shipped_recipe)
 
 

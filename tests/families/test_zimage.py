@@ -14,7 +14,7 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
+from tests.helpers import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
                             train_shipped_recipe)
 
 PROMPT = "a purple sks"
@@ -109,7 +109,7 @@ def test_default_sigmas_are_uniform_and_shifted_as_the_bases_scheduler(zimage_ba
     which its config (shift 3.0, static) shifts; no loss weighting."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from tests.test_lora import default_objective
+    from tests.helpers import default_objective
 
     family = family_for("zimage")
     parts = family.load(str(zimage_base))

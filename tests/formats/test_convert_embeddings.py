@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from finetune import load_adapter
 from finetune.cli import main
 from finetune.export.textual_inversion import save_a1111_pt
-from tests.conftest import pipeline
+from tests.helpers import pipeline
 
 
 def _encoded(pipe, prompt):

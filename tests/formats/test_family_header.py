@@ -17,7 +17,7 @@ import pytest
 from finetune.export.safetensors_io import read_metadata
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import draw_concept, recipe_dict, train_keeping_parts
+from tests.helpers import draw_concept, recipe_dict, train_keeping_parts
 
 LORA = {"kind": "lora", "rank": 4, "alpha": 2.0, "text_encoder": True}
 CASES = {

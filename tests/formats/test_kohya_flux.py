@@ -16,8 +16,9 @@ from finetune.models import family_for
 from finetune.models.base import unwrapped
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import (
+from tests.helpers import (
     draw_concept,
+    flux_prediction,
     images_of,
     recipe_dict,
     saved_pipeline,
@@ -62,28 +63,14 @@ def runs(flux_base, tmp_path_factory):
                                           train={"max_steps": 4, "learning_rate": 1e-2, "batch_size": 2}))
         artifact, parts = train_keeping_parts(recipe)
         out[preset] = {"diffusers": artifact, "kohya": tmp / preset / "kohya" / f"{preset}.safetensors",
-                       "parts": parts, "prediction": prediction(unwrapped(parts.transformer))}
+                       "parts": parts, "prediction": flux_prediction(unwrapped(parts.transformer))}
     return out
-
-
-def prediction(transformer) -> torch.Tensor:
-    """The transformer's output for fixed tokens, text, pooled vector, sigma and guidance."""
-    from diffusers import FluxPipeline
-
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return transformer(hidden_states=torch.randn(1, 16, 16, generator=generator),
-                           encoder_hidden_states=torch.randn(1, 8, 32, generator=generator),
-                           pooled_projections=torch.randn(1, 32, generator=generator), timestep=torch.tensor([0.5]),
-                           guidance=torch.tensor([3.5]), txt_ids=torch.zeros(8, 3),
-                           img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32),
-                           return_dict=False)[0]
 
 
 def loaded(base, path) -> torch.Tensor:
     pipe = saved_pipeline(base)
     finetune.load_adapter(pipe, str(path))
-    return prediction(pipe.transformer)
+    return flux_prediction(pipe.transformer)
 
 
 def adapted(module) -> set[str]:
@@ -120,7 +107,7 @@ def test_the_kohya_file_names_bfl_modules_with_q_k_v_fused(runs, preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_load_adapter_of_the_kohya_file_reproduces_the_trained_model(runs, flux_base, preset):
     run = runs[preset]
-    assert (run["prediction"] - prediction(saved_pipeline(flux_base).transformer)).abs().max() > 1e-3
+    assert (run["prediction"] - flux_prediction(saved_pipeline(flux_base).transformer)).abs().max() > 1e-3
     torch.testing.assert_close(loaded(flux_base, run["kohya"]), run["prediction"], atol=1e-5, rtol=0)
     if preset == "all_linear":  # CLIP-L's lora_te1_ layers too: the images as trained
         pipe = saved_pipeline(flux_base)
@@ -176,7 +163,7 @@ def test_initial_weights_from_the_kohya_file_start_where_training_ended(runs, fl
     strategy.prepare(family, parts)
     assert adapted(parts.transformer) == PRESETS["attention_mlp"]
     assert {layer.rank for layer in strategy.start.layers["transformer"].values()} == {RANK}  # compact again
-    torch.testing.assert_close(prediction(parts.transformer), run["prediction"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(flux_prediction(parts.transformer), run["prediction"], atol=1e-5, rtol=0)
 
 
 def test_a_kohya_trained_fused_file_loads_as_its_math_says(flux_base, tmp_path):
@@ -203,7 +190,7 @@ def test_a_kohya_trained_fused_file_loads_as_its_math_says(flux_base, tmp_path):
     layers = read_lora(path).layers["transformer"]
     assert len(layers) == 10 and {layer.rank for layer in layers.values()} == {rank}
     assert torch.equal(layers["transformer_blocks.0.attn.to_k"].down, layers["transformer_blocks.0.attn.to_q"].down)
-    torch.testing.assert_close(loaded(flux_base, path), prediction(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(loaded(flux_base, path), flux_prediction(expected), atol=1e-5, rtol=0)
 
 
 def test_a_t5_layer_is_refused_by_name(runs, tmp_path):
@@ -230,7 +217,7 @@ def test_diffusers_own_loader_reads_our_kohya_file(runs, flux_base, tmp_path):
     base = images_of(saved_pipeline(flux_base), guidance_scale=3.5)
     assert np.abs(images_of(ours, guidance_scale=3.5) - base).max() > 1e-3
     np.testing.assert_allclose(images_of(theirs, guidance_scale=3.5), images_of(ours, guidance_scale=3.5), atol=1e-5)
-    torch.testing.assert_close(prediction(theirs.transformer), prediction(ours.transformer), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flux_prediction(theirs.transformer), flux_prediction(ours.transformer), atol=1e-5, rtol=0)
 
 
 def test_every_linear_of_the_transformer_has_a_kohya_name(flux_base, tmp_path):
@@ -251,7 +238,7 @@ def test_every_linear_of_the_transformer_has_a_kohya_name(flux_base, tmp_path):
     for name, parameter in pipe.transformer.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.2)
-    expected, state = prediction(pipe.transformer), peft_layers.state_dict(pipe.transformer)
+    expected, state = flux_prediction(pipe.transformer), peft_layers.state_dict(pipe.transformer)
     source = diffusers_lora.save_lora(tmp_path / "all.safetensors", {"transformer": state},
                                       {"transformer": config.to_dict()}, {})
     kohya = tmp_path / "all_kohya.safetensors"
@@ -275,5 +262,5 @@ def test_every_linear_of_the_transformer_has_a_kohya_name(flux_base, tmp_path):
     theirs = saved_pipeline(flux_base)
     theirs.load_lora_weights(str(blocks))
     ours = loaded(flux_base, blocks)
-    assert (ours - prediction(saved_pipeline(flux_base).transformer)).abs().max() > 1e-3
-    torch.testing.assert_close(prediction(theirs.transformer), ours, atol=1e-5, rtol=0)
+    assert (ours - flux_prediction(saved_pipeline(flux_base).transformer)).abs().max() > 1e-3
+    torch.testing.assert_close(flux_prediction(theirs.transformer), ours, atol=1e-5, rtol=0)

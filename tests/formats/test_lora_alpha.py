@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import finetune
 from finetune.cli import main
 from finetune.export.lora.files import read_lora
-from tests.conftest import pipeline
+from tests.helpers import applied_changes, kohya_stem, pipeline
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +38,6 @@ def mixed_alpha(lora_file, tmp_path_factory) -> dict:
     save_file(mixed, str(path))
     assert len(stems) >= 6  # every kind of alpha on both components
     return {"path": path, "expected": expected}
-
-
-def kohya_stem(component: str, module: str) -> str:
-    # kohya's own naming, written out independently of finetune's reader
-    prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
-    return prefix + module.removeprefix("text_model.").replace(".", "_")  # diffusers files keep CLIP's text_model.
-
-
-def applied_changes(pipe, name: str) -> dict[str, torch.Tensor]:
-    """Each adapted module's weight change as peft computes it for adapter `name`, by kohya name."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    changes = {}
-    for component in ("unet", "text_encoder"):
-        for module, layer in getattr(pipe, component).named_modules():
-            if isinstance(layer, BaseTunerLayer) and name in layer.scaling:
-                changes[kohya_stem(component, module)] = layer.get_delta_weight(name).float()
-    return changes
 
 
 def assert_changes(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float = 1e-5) -> None:

@@ -83,7 +83,7 @@ def comfyui_run(request, tmp_path_factory):
     from finetune.models.tiny import save_tiny_pipeline
     from finetune.recipe.load import parse_recipe
     from finetune.training import loop
-    from tests.conftest import draw_concept, recipe_dict, reset_accelerate
+    from tests.helpers import draw_concept, recipe_dict, reset_accelerate
 
     tmp = tmp_path_factory.mktemp(request.param)
     base = save_tiny_pipeline(tmp / "base", family=request.param)

@@ -13,7 +13,7 @@ from finetune.export.lora import files as lora_layers  # read_lora, read_tensors
 from finetune.recipe.load import RecipeError, parse_recipe
 from finetune.strategies.base import StrategySetupError
 from finetune.training import loop
-from tests.conftest import images, pipeline, recipe_dict
+from tests.helpers import images, pipeline, recipe_dict
 
 
 def test_recipe_writes_a_kohya_file_that_loads_as_our_own(tiny_base, concept_dir, tmp_path):

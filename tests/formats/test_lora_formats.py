@@ -13,7 +13,7 @@ from finetune.cli import main
 from finetune.export.lora import files as lora_layers  # read_lora, read_tensors
 from finetune.export.lora import kohya as kohya_lora
 from finetune.export.lora.layers import LoraFileError
-from tests.conftest import images as _images, pipeline as _pipe
+from tests.helpers import images as _images, pipeline as _pipe
 
 def _loaded(tiny_base, path):
     pipe = _pipe(tiny_base)

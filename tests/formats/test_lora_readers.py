@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from finetune.models.base import unwrapped
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_keeping_parts
+from tests.helpers import draw_concept, recipe_dict, saved_pipeline, train_keeping_parts
 
 RANK, ALPHA = 4, 2.0
 SAI_FUSED = {"x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -111,7 +111,7 @@ def sd3_prediction(transformer) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_diffusers_loader_reproduces_the_trained_model(runs, family):
-    from tests.test_kohya_flux import prediction as flux_prediction
+    from tests.helpers import flux_prediction
 
     predict = sd3_prediction if family == "sd3" else flux_prediction
     run = runs[family]

@@ -18,8 +18,7 @@ from finetune.cli import main
 from finetune.export.lora.diffusers import unpack as by_stem  # `stem.role` keys split at the first dot
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import images, pipeline, recipe_dict
-from tests.test_lora_alpha import applied_changes, kohya_stem
+from tests.helpers import applied_changes, images, kohya_stem, pipeline, recipe_dict
 
 # what each reader requires of a module (AUTOMATIC1111 asserts on an incomplete set; ComfyUI skips the module)
 SUFFIXES = {"loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},

@@ -13,7 +13,7 @@ from finetune.export.pickle_files import UnsafePickleError
 from finetune.recipe.load import parse_recipe
 from finetune.training import loop
 from finetune.training.checkpoint import CheckpointError
-from tests.conftest import pipeline, recipe_dict
+from tests.helpers import pipeline, recipe_dict
 
 
 class WritesAFile:

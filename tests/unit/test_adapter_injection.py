@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from finetune import load_adapter, unload_adapter
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import images, pipeline, recipe_dict
+from tests.helpers import images, pipeline, recipe_dict
 
 GATE_MESSAGE = "The version of PEFT you are using is not compatible, please use a version >= 99.0.0"
 

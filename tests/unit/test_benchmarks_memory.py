@@ -11,7 +11,7 @@ import pytest
 from benchmarks import activations, memory
 from finetune.recipe.load import load_recipe
 
-RECIPES = Path(__file__).parents[1] / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 @pytest.fixture(scope="module")

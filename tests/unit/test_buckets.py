@@ -13,7 +13,7 @@ from finetune.data import BatchOrder
 from finetune.data.buckets import derive_buckets, nearest_bucket, plan_buckets
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 
 def test_derived_buckets_keep_the_area_and_the_steps():

@@ -16,7 +16,7 @@ from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
 from finetune.training.offload import offload, on_device, one_at_a_time
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 AUGMENTED = {"random_flip": True, "caption_dropout": 0.3, "resolution": 32}
 RUN = {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-3}

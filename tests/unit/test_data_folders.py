@@ -11,7 +11,7 @@ import pytest
 from finetune.data import BatchOrder, DataError, list_examples
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import draw_concept, recipe_dict
+from tests.helpers import draw_concept, recipe_dict
 
 
 def _examples(folder: Path, prompt: str | None = None):

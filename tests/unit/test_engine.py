@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from finetune.training.engine import engine_report, requested_engine
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 
 def test_what_was_asked_and_what_was_got():

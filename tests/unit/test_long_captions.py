@@ -17,7 +17,7 @@ from finetune.models import clip_prompts
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import draw_concept, recipe_dict
+from tests.helpers import draw_concept, recipe_dict
 
 FILLER = "a round object on a plain white background in soft studio light"  # 52 tokens on the tiny tokenizer
 TI = {"kind": "textual_inversion", "placeholder_token": "<zq>", "initializer_token": "o"}

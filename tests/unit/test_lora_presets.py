@@ -11,7 +11,7 @@ from finetune.cli import main
 from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import draw_concept, recipe_dict
+from tests.helpers import draw_concept, recipe_dict
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
 from finetune.models.ddpm import DDPMObjective
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
 
 def test_min_snr_weights_clip_at_gamma():

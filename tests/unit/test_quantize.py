@@ -11,7 +11,7 @@ from finetune.models import family_for
 from finetune.models.quantize import is_quantized, quantize_weights
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.conftest import draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts
+from tests.helpers import draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts
 
 pytest.importorskip("torchao")
 

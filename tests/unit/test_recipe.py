@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from finetune.recipe.load import RecipeError, load_recipe, parse_recipe
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def problems_of(data: dict) -> list[str]:

@@ -12,9 +12,9 @@ import torch
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.conftest import recipe_dict
+from tests.helpers import recipe_dict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _capture_unet(monkeypatch) -> dict:

@@ -9,7 +9,7 @@ from finetune.models import ModelLoadError
 from finetune.models.stable_diffusion import StableDiffusion
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import RecipeError, parse_recipe
-from tests.conftest import recipe_dict, train_keeping_parts
+from tests.helpers import recipe_dict, train_keeping_parts
 
 
 @pytest.fixture(scope="module")
