@@ -5,7 +5,6 @@ test_family_contract.py and test_strategy_contract.py."""
 from __future__ import annotations
 
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,7 +13,7 @@ from finetune.models import family_for
 from finetune.models.flux import pack, unpack
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.helpers import (draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts,
+from tests.helpers import (draw_concept, recipe_dict, saved_pipeline, train_keeping_parts,
                             train_shipped_recipe)
 
 
@@ -31,10 +30,6 @@ def schnell_base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-flux-schnell"
     build_tiny_flux_pipeline(guidance_embeds=False).save_pretrained(folder)
     return folder
-
-
-def flux_images(pipe, prompt="a purple sks"):
-    return images_of(pipe, prompt, guidance_scale=3.5)  # Flux-dev's usual guidance
 
 
 def recording(calls):
@@ -132,12 +127,14 @@ def lora_run(flux_base, tmp_path_factory):
     return artifact, parts, tmp / "out"
 
 
-def test_a_lora_loads_with_flux_pipelines_own_loader(lora_run, flux_base):
+def test_a_lora_file_keeps_peft_keys_for_the_flux_scripts_targets(lora_run):
     """`transformer.` keys as peft names them (the diffusers Flux script's targets, MLPs included) and CLIP-L's
-    `text_encoder.text_model.`; FluxPipeline.load_lora_weights reproduces what was trained."""
+    `text_encoder.text_model.`. That FluxPipeline.load_lora_weights reproduces what was trained is the strategy
+    contract's check on every family:
+    tests/contracts/test_strategy_contract.py::test_the_pipelines_own_loader_puts_back_every_trained_lora_layer."""
     from safetensors import safe_open
 
-    artifact, parts, out = lora_run
+    artifact, _, out = lora_run
     with safe_open(str(artifact), "pt") as handle:
         keys = list(handle.keys())
     assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder"}
@@ -146,11 +143,6 @@ def test_a_lora_loads_with_flux_pipelines_own_loader(lora_run, flux_base):
         assert any(f"transformer.transformer_blocks.0.{part}.lora_A." in k for k in keys), part
     assert any(k.startswith("transformer.single_transformer_blocks.0.attn.to_q.") for k in keys)
     assert all(k.startswith("text_encoder.text_model.") for k in keys if k.startswith("text_encoder"))
-    trained = flux_images(family_for("flux").pipeline(parts))
-    assert np.abs(trained - flux_images(saved_pipeline(flux_base))).max() > 1e-3  # the LoRA does something
-    pipe = saved_pipeline(flux_base)
-    pipe.load_lora_weights(str(artifact))  # diffusers' own loader
-    np.testing.assert_allclose(flux_images(pipe), trained, atol=1e-5)
     assert (out / "samples" / "step-000006.png").is_file()
 
 
