@@ -112,7 +112,7 @@ def test_readme_troubleshooting_is_the_catalogue():
 
 def test_every_image_mode_trains_upright_and_in_colour(tiny_base, tmp_path):
     """Grayscale, RGBA, palette, 16-bit and EXIF-rotated files are accepted and decoded as upright RGB; a run
-    trains on all of them together (each conversion is checked pixel by pixel in tests/test_data.py)."""
+    trains on all of them together (each conversion is checked pixel by pixel in tests/unit/test_data.py)."""
     from finetune.data.sources import list_examples
 
     folder = tmp_path / "modes"

@@ -1,7 +1,7 @@
 """Every command or setting a message suggests works as printed (issue 32): the settings exist and take the values
 suggested, the commands parse (tests/suggestions.py), and the commands that go on from a stopped or refused run
 (Ctrl-C, an output_dir in use, nothing to resume, a full disk) do what the message says when run as printed.
-Each row of tests/bad_inputs.py is checked the same way by tests/test_bad_inputs.py."""
+Each row of tests/bad_inputs.py is checked the same way by tests/cli/test_bad_inputs.py."""
 from __future__ import annotations
 
 import ast

@@ -90,7 +90,7 @@ def run(request, tiny_bases, concept_dir, tmp_path_factory):
     if kind == "textual_inversion" and len(family.text_encoders(kept["reference"])) < len(
             kept["reference"].text_encoder_names):
         # T5 reads the placeholder's letters, not the initializer word: the placeholder cannot compute like the
-        # initializer (tests/test_textual_inversion_t5.py checks the CLIP side); a prompt without it must not move
+        # initializer (tests/e2e/test_textual_inversion_t5.py checks the CLIP side); a prompt without it must not move
         base_prompt = prepared_prompt = "a purple x"
     else:
         prepared_prompt = prompt

@@ -79,7 +79,7 @@ def test_an_unfinished_checkpoint_is_never_latest_and_a_damaged_one_is_named(tmp
     (root / ".tmp-step-000004").mkdir()  # a save that died midway
     assert checkpoint.find_checkpoint(tmp_path, "latest").name == "step-000002"
     # a save renames only whole folders, so a step folder without state.json was damaged since: resuming
-    # names it (tests/test_file_errors.py) instead of going back to step 2 without a word
+    # names it (tests/cli/test_file_errors.py) instead of going back to step 2 without a word
     (root / "step-000006").mkdir()
     assert checkpoint.find_checkpoint(tmp_path, "latest").name == "step-000006"
     with pytest.raises(checkpoint.DamagedCheckpoint, match="step-000006 is damaged: it has no state.json"):

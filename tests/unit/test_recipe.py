@@ -133,7 +133,7 @@ def test_validate_command_reports_every_problem_with_exit_2(tiny_base, concept_d
     assert not (tmp_path / "out").exists()  # validation writes nothing
 
 
-# recipes/accelerate/ holds accelerate configs (launched in tests/test_fsdp.py), not recipes
+# recipes/accelerate/ holds accelerate configs (launched in tests/e2e/test_fsdp.py), not recipes
 @pytest.mark.parametrize("path", sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts),
                          ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_every_shipped_recipe_validates(path, tiny_base):
