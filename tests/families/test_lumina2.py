@@ -16,8 +16,7 @@ from finetune.models import family_for
 from finetune.models.lumina2 import PROMPT_START, SYSTEM_PROMPT
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.helpers import loaded_family, recording
-from tests.helpers import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
+from tests.helpers import draw_concept, loaded_family, recipe_dict, recording, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "a longer caption: a purple sks on a beach"]
 

@@ -14,8 +14,7 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.sana import MAX_SEQUENCE_LENGTH, instruction
 from finetune.models.tiny import save_tiny_pipeline
-from tests.helpers import loaded_family, recording
-from tests.helpers import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
+from tests.helpers import draw_concept, loaded_family, recipe_dict, recording, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "A much longer caption about a purple sks on a beach"]
 
