@@ -235,8 +235,9 @@ def wait_for_progress(process, pattern: str, timeout: float = 300) -> bool:
 
 LORA = {"kind": "lora", "rank": 4, "alpha": 8}
 # what each strategy's runs set beyond its defaults where that widens what is compared (a strategy of KINDS not
-# named here runs with its defaults, so a new one is in the table the day it is registered)
-_WIDER = {
+# named here runs with its defaults, so a new one is in the table the day it is registered; one that needs an
+# option fails validate there until it is named here)
+_OPTIONS_BEYOND_DEFAULTS = {
     "lora": LORA,
     # the text encoder trains for its first 2 of 3 steps, so stopping it part-way is covered too
     "dreambooth": {"kind": "dreambooth", "text_encoder": True, "text_encoder_steps": 2},
@@ -249,7 +250,7 @@ _WIDER = {
 # table, also run by the summary and file-permission tests
 STRATEGIES = {}
 for _kind in KINDS:
-    STRATEGIES[_kind] = _WIDER.get(_kind, {"kind": _kind})
+    STRATEGIES[_kind] = _OPTIONS_BEYOND_DEFAULTS.get(_kind, {"kind": _kind})
     if _kind == "lora":
         STRATEGIES["lora_with_kohya_file"] = {**LORA, "formats": ["diffusers", "kohya"]}
 
