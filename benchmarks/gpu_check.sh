@@ -4,7 +4,7 @@
 #   architecture at full width with 1 + 1 blocks at 1024 px), FLOPs and MFU (flops.py: SD1.5, SDXL, Flux), the
 #   measured peak beside benchmarks/memory.py's estimate for the same Flux configuration, and the FSDP path on
 #   CUDA/NCCL (whole-transformer DreamBooth on a tiny Flux through the shipped accelerate config; one GPU shards
-#   nothing, so this checks the gathering and saving, not the sharding, which tests/test_fsdp.py checks on CPUs).
+#   nothing, so this checks the gathering and saving, not the sharding, which tests/e2e/test_fsdp.py checks on CPUs).
 #
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh [OUT_DIR]     (from the repository root; OUT_DIR default $OUT or gpu-figures)
 #

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -47,7 +48,8 @@ def hashes() -> dict[str, str]:
     from finetune.models.tiny import save_tiny_pipeline
     from finetune.recipe.load import parse_recipe
     from finetune.training import loop
-    from tests.conftest import draw_concept, recipe_dict, reset_accelerate
+    importlib.import_module("tests.conftest")  # the tests' environment (offline hub, test-only torchvision)
+    from tests.helpers import draw_concept, recipe_dict, reset_accelerate
 
     root = Path(tempfile.mkdtemp())
     images, out = draw_concept(root / "images"), {}

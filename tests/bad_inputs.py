@@ -1,4 +1,4 @@
-"""The catalogue of bad inputs: each one a test (tests/test_bad_inputs.py) and a row of README's troubleshooting
+"""The catalogue of bad inputs: each one a test (tests/cli/test_bad_inputs.py) and a row of README's troubleshooting
 table, which `python -m tests.bad_inputs` prints from this list.
 
 Each entry builds its bad input in a fresh workspace and returns the command line that meets it; the test
@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.conftest import draw_concept, recipe_dict, reset_accelerate
+from tests.helpers import draw_concept, recipe_dict, reset_accelerate
 
 TI = {"kind": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x"}
 
@@ -53,7 +53,7 @@ class Workspace:
     def fail_writes(self, after: int) -> None:
         """Simulate a full disk: the safetensors write after the first `after` ones writes half a file, then
         fails as safetensors (0.8) does on a full disk: SafetensorError, the OS error only in its text (the same
-        on a real small tmpfs: tests/test_file_errors.py)."""
+        on a real small tmpfs: tests/cli/test_file_errors.py)."""
         from safetensors import SafetensorError
 
         from finetune.export import safetensors_io

@@ -8,8 +8,8 @@ as printed"). A message may suggest
 - a `pip install ...` command: every requirement must parse, and `finetune[extra]` name an extra pyproject has;
 - an `hf download ...` command: huggingface_hub's `hf` must be installed beside this Python and take its options.
 
-`problems(text)` returns what does not work, one line each; tests/test_suggested_commands.py and
-tests/test_bad_inputs.py apply it to every message they provoke.
+`problems(text)` returns what does not work, one line each; tests/cli/test_suggested_commands.py and
+tests/cli/test_bad_inputs.py apply it to every message they provoke.
 """
 from __future__ import annotations
 

@@ -14,8 +14,7 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.families.helpers import loaded_family, recording
-from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
+from tests.helpers import draw_concept, loaded_family, recipe_dict, recording, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "a much longer caption about a purple sks on a beach"]
 
@@ -158,7 +157,7 @@ def test_default_sigmas_are_sigmoid_shifted_by_the_token_count(loaded):
     """Sigmoid sampling shifted as the base's scheduler config shifts ChromaPipeline's sampling (dynamic here:
     mu from the image's token count, FluxPipeline's calculate_shift); a static model.flow.shift replaces it."""
     from finetune.models.flow_matching import FlowOptions
-    from tests.test_lora import default_objective
+    from tests.helpers import default_objective
 
     family, parts, _ = loaded
     objective = default_objective(family, parts)
@@ -239,7 +238,7 @@ def test_an_int8_lora_loads_with_the_chroma_pipelines_own_loader(chroma_base, tm
     from finetune.models.chroma import SPEC, Chroma
     from finetune.models.quantize import is_quantized
     from finetune.training import loop
-    from tests.conftest import reset_accelerate
+    from tests.helpers import reset_accelerate
 
     recipe = recipe_dict(chroma_base, draw_concept(tmp_path / "images"), tmp_path / "out",
                          strategy={"kind": "lora", "rank": 4},

@@ -12,8 +12,7 @@ import yaml
 from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.flux2 import build_tiny
-from tests.families.helpers import loaded_family, recording
-from tests.conftest import draw_concept, recipe_dict, train_shipped_recipe
+from tests.helpers import draw_concept, loaded_family, recipe_dict, recording, train_shipped_recipe
 
 PROMPT = "a purple sks"
 VARIANTS = {"dev": False, "klein": True}

@@ -13,8 +13,7 @@ import yaml
 from finetune.data.dataset import uncropped_conditions
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.families.helpers import loaded_family, recording
-from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
+from tests.helpers import draw_concept, loaded_family, recipe_dict, recording, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "a much longer caption about a purple sks on a beach"]
 FED = ("hidden_states", "timesteps", "encoder_hidden_states_t5", "encoder_hidden_states_llama3", "pooled_embeds",
@@ -149,7 +148,7 @@ def test_the_pipeline_samples_at_the_size_the_transformer_config_says(hidream_ba
 
 def test_default_sigmas_are_uniform_with_a_static_shift_of_3(loaded):
     from finetune.models.flow_matching import FlowOptions
-    from tests.test_lora import default_objective
+    from tests.helpers import default_objective
 
     family, parts, _ = loaded
     objective = default_objective(family, parts)
@@ -205,7 +204,7 @@ def test_an_int8_lora_loads_with_the_hidream_pipelines_own_loader(hidream_base, 
     from finetune.models.hidream import SPEC, HiDream
     from finetune.models.quantize import is_quantized
     from finetune.training import loop
-    from tests.conftest import reset_accelerate
+    from tests.helpers import reset_accelerate
 
     recipe = recipe_dict(hidream_base, draw_concept(tmp_path / "images"), tmp_path / "out",
                          strategy={"kind": "lora", "rank": 4},

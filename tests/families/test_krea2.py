@@ -17,9 +17,8 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models.krea2 import PACKING
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.families.helpers import loaded_family, recording
-from tests.conftest import draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts, \
-    train_shipped_recipe
+from tests.helpers import draw_concept, images_of, loaded_family, recipe_dict, recording, saved_pipeline, \
+    train_keeping_parts, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "a much longer caption about a purple sks on a beach"]
 FED = ("hidden_states", "encoder_hidden_states", "timestep", "position_ids", "encoder_attention_mask")
@@ -162,7 +161,7 @@ def test_default_sigmas_are_sigmoid_with_the_raw_schedulers_exponential_shift(lo
     from diffusers.pipelines.krea2.pipeline_krea2 import calculate_shift
 
     from finetune.models.flow_matching import FlowOptions, from_recipe
-    from tests.test_lora import default_objective
+    from tests.helpers import default_objective
 
     family, parts, _ = loaded
     objective = default_objective(family, parts)

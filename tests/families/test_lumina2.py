@@ -16,8 +16,7 @@ from finetune.models import family_for
 from finetune.models.lumina2 import PROMPT_START, SYSTEM_PROMPT
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.families.helpers import loaded_family, recording
-from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
+from tests.helpers import draw_concept, loaded_family, recipe_dict, recording, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "a longer caption: a purple sks on a beach"]
 
@@ -148,7 +147,7 @@ def test_latents_are_flux_vae_normalised_and_the_pipeline_decodes_them_back(load
 
 def test_default_sigmas_are_sigmoid_with_the_configs_static_shift(loaded):
     from finetune.models.flow_matching import FlowOptions
-    from tests.test_lora import default_objective
+    from tests.helpers import default_objective
 
     family, parts, _ = loaded
     objective = default_objective(family, parts)
@@ -239,7 +238,7 @@ def test_an_int8_lora_loads_with_the_lumina2_pipelines_own_loader(lumina_base, t
     from finetune.models.lumina2 import SPEC, Lumina2
     from finetune.models.quantize import is_quantized
     from finetune.training import loop
-    from tests.conftest import reset_accelerate
+    from tests.helpers import reset_accelerate
 
     recipe = recipe_dict(lumina_base, draw_concept(tmp_path / "images"), tmp_path / "out",
                          strategy={"kind": "lora", "rank": 4},

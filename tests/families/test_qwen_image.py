@@ -15,9 +15,8 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.families.helpers import loaded_family, recording
-from tests.conftest import draw_concept, images_of, recipe_dict, saved_pipeline, train_keeping_parts, \
-    train_shipped_recipe
+from tests.helpers import draw_concept, images_of, loaded_family, recipe_dict, recording, saved_pipeline, \
+    train_keeping_parts, train_shipped_recipe
 
 CAPTIONS = ["a purple sks", "a much longer caption about a purple sks on a beach"]
 FED = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes", "guidance")
@@ -138,7 +137,7 @@ def test_default_sigmas_are_sigmoid_with_the_schedulers_exponential_resolution_s
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     from finetune.models.flow_matching import from_recipe, FlowOptions
-    from tests.test_lora import default_objective
+    from tests.helpers import default_objective
 
     family, parts, pipe = loaded
     objective = default_objective(family, parts)

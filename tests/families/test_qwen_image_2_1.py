@@ -18,8 +18,8 @@ from PIL import Image
 from finetune.data.dataset import uncropped_conditions
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.families.helpers import loaded_family, recording
-from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_keeping_parts, train_shipped_recipe
+from tests.helpers import draw_concept, loaded_family, recipe_dict, recording, saved_pipeline, \
+    train_keeping_parts, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "a much longer caption about a purple sks on a beach"]
 FED = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_mask", "img_mask")
@@ -157,7 +157,7 @@ def test_default_sigmas_are_sigmoid_shifted_by_the_unpacked_token_count_as_the_p
     from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift
 
     from finetune.models.flow_matching import FlowOptions, from_recipe
-    from tests.test_lora import default_objective
+    from tests.helpers import default_objective
 
     family, parts, pipe = loaded
     objective = default_objective(family, parts)

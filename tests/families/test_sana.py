@@ -14,8 +14,7 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.sana import MAX_SEQUENCE_LENGTH, instruction
 from finetune.models.tiny import save_tiny_pipeline
-from tests.families.helpers import loaded_family, recording
-from tests.conftest import draw_concept, recipe_dict, saved_pipeline, train_shipped_recipe
+from tests.helpers import draw_concept, loaded_family, recipe_dict, recording, saved_pipeline, train_shipped_recipe
 
 PROMPTS = ["a purple sks", "A much longer caption about a purple sks on a beach"]
 
@@ -164,7 +163,7 @@ def test_latents_are_dc_ae_scaled_and_the_pipeline_decodes_them_back(loaded):
 
 def test_default_sigmas_are_sigmoid_shifted_by_the_schedulers_flow_shift(loaded):
     from finetune.models.flow_matching import FlowOptions
-    from tests.test_lora import default_objective
+    from tests.helpers import default_objective
 
     family, parts, _ = loaded
     objective = default_objective(family, parts)
@@ -229,7 +228,7 @@ def test_an_int8_lora_loads_with_the_sana_pipelines_own_loader(sana_base, tmp_pa
     from finetune.models.sana import SPEC, Sana
     from finetune.recipe.load import parse_recipe
     from finetune.training import loop
-    from tests.conftest import reset_accelerate
+    from tests.helpers import reset_accelerate
 
     recipe = recipe_dict(sana_base, draw_concept(tmp_path / "images"), tmp_path / "out",
                          strategy={"kind": "lora", "rank": 4}, train={"max_steps": 2, "learning_rate": 5e-3})
