@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 from finetune.console import progress_bar
 from finetune.data.images import transform
 from finetune.data.sources import Example
-from finetune.export.safetensors_io import load_tensors
 from finetune.file_errors import FileProblem, reading, writing
+from finetune.io.safetensors_io import load_tensors
 from finetune.paths import cache_home, give_umask_permissions
 
 log = logging.getLogger(__name__)

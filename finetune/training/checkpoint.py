@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle, save_pickle
-from finetune.export.safetensors_io import load_tensors, save_safetensors
 from finetune.file_errors import CUT_SHORT, FileProblem, reading, writing
+from finetune.io.pickle_files import UnsafePickleError, load_plain_pickle, save_pickle
+from finetune.io.safetensors_io import load_tensors, save_safetensors
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"

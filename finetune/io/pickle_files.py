@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from finetune.export.safetensors_io import atomic_path, replace_atomically
 from finetune.file_errors import read_problem, writing
+from finetune.io.safetensors_io import atomic_path, replace_atomically
 
 
 class UnsafePickleError(ValueError):
