@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from finetune.paths import write_text_atomically  # noqa: E402
+from finetune.io.atomic import write_text_atomically  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name

@@ -235,7 +235,7 @@ def main() -> None:
         print(f"{row['recipe']:22} {row['model']:15} {row['gpus']:>4} {row['resolution']:>5} {row['gb']:6.1f}  "
               f"{row['phase']:12} {parts}; {others}")
     if args.json:
-        from finetune.paths import write_text_atomically
+        from finetune.io.atomic import write_text_atomically
 
         print(f"wrote {write_text_atomically(args.json, json.dumps(table, indent=2))}")
 

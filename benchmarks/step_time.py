@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.floors import floor_conditioning, transformer_floor, unet_floor  # noqa: E402,F401
-from finetune.paths import write_text_atomically  # noqa: E402
+from finetune.io.atomic import write_text_atomically  # noqa: E402
 
 DEFAULT_RECIPE = {"strategy": {"kind": "lora", "rank": 4}, "train": {"learning_rate": 1e-4}}
 

@@ -9,8 +9,8 @@ from typing import Any
 from finetune.export import formats
 from finetune.export.adapter_files import load_a1111_pt
 from finetune.export.mismatch import another_base_error
-from finetune.export.pickle_files import load_plain_pickle
-from finetune.export.safetensors_io import read_metadata
+from finetune.io.pickle_files import load_plain_pickle
+from finetune.io.safetensors_io import read_metadata
 from finetune.models.base import adaptable_modules, denoiser_of
 from finetune.networks import hypernetwork as hypernetworks
 from finetune.networks import peft_layers

@@ -184,7 +184,7 @@ def _check_writable(folder, option: str) -> None:
 def _eval(args) -> int:
     import json
 
-    from finetune.paths import write_text_atomically
+    from finetune.io.atomic import write_text_atomically
     from finetune.shapes.evaluate import evaluate
 
     try:

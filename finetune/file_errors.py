@@ -3,7 +3,7 @@
 The libraries report the same few problems in their own ways: a full disk is `OSError(ENOSPC)` from Python,
 `SafetensorError("... No space left on device (os error 28)")` from safetensors, and a `RuntimeError` from
 torch.save (whose own `OSError` is only in its context when torch writes through a Python file object, see
-finetune/export/pickle_files.py); a file cut short is a `SafetensorError` ("incomplete metadata, file not fully
+finetune/io/pickle_files.py); a file cut short is a `SafetensorError` ("incomplete metadata, file not fully
 covered"), or from torch.load a `RuntimeError` ("failed finding central directory"), `OSError(EINVAL)`, an
 `EOFError` or an `UnpicklingError`. `reading` and `writing` wrap every reader and writer of model files, caches
 and checkpoints and raise `FileProblem` (exit code 2 on the command line) naming the path, what is wrong and

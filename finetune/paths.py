@@ -26,20 +26,3 @@ def give_umask_permissions(path: str | os.PathLike) -> None:
     for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
         if not item.is_symlink():
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary name beside `path`, then rename: a reader sees the old file or the new, never half.
-    A full or read-only disk raises finetune.file_errors.FileProblem naming `path` (not the temporary name)."""
-    from finetune.file_errors import writing
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with writing(path, path.name):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.write_text(text)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)  # only left when the write failed (a full disk)
-    return path

@@ -56,7 +56,7 @@ class Workspace:
         on a real small tmpfs: tests/cli/test_file_errors.py)."""
         from safetensors import SafetensorError
 
-        from finetune.export import safetensors_io
+        from finetune.io import safetensors_io
 
         calls = []
         real = safetensors_io.save_file

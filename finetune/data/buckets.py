@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.paths import write_text_atomically
+from finetune.io.atomic import write_text_atomically
 
 Size = tuple[int, int]  # (width, height)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,8 +30,9 @@ from safetensors.torch import save_file
 from finetune.console import progress_bar
 from finetune.data.images import transform
 from finetune.data.sources import Example
-from finetune.export.safetensors_io import load_tensors
 from finetune.file_errors import FileProblem, reading, writing
+from finetune.io.atomic import atomic_file
+from finetune.io.safetensors_io import load_tensors
 from finetune.paths import cache_home, give_umask_permissions
 
 log = logging.getLogger(__name__)
@@ -94,15 +94,10 @@ class LatentStore:
             self.entries[key] = (mean, std)
             return
         path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with writing(path, "a latent cache entry"):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"mean": mean, "std": std}, str(tmp))
-                give_umask_permissions(tmp)  # a shared cache stays readable by the other users the umask allows
-                tmp.replace(path)  # a present entry is always whole
-            finally:
-                tmp.unlink(missing_ok=True)
+        # a present entry is always whole; not synced: an entry lost to a power cut is encoded again
+        with writing(path, "a latent cache entry"), atomic_file(path, durable=False) as tmp:
+            save_file({"mean": mean, "std": std}, str(tmp))
+            give_umask_permissions(tmp)  # a shared cache stays readable by the other users the umask allows
 
     def get(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The entries for a batch, stacked. FileProblem for a disk entry damaged since `fill` looked at it."""

@@ -21,6 +21,7 @@ import torch
 from finetune.console import progress_bar
 from finetune.data.images import open_image
 from finetune.data.sources import Example
+from finetune.io.atomic import atomic_file
 from finetune.paths import cache_home
 
 
@@ -139,12 +140,12 @@ def _draw(pipeline: Any, spec: ClassImageSpec, indices: list[int]) -> list:
 def _write_image(folder: Path, index: int, image, prompt: str) -> None:
     target = image_path(folder, index)
     caption = target.with_suffix(".txt")
-    tmp_caption = folder / f".{caption.name}.tmp"
-    tmp_caption.write_text(prompt + "\n", encoding="utf-8")
-    tmp_caption.replace(caption)
-    tmp_image = folder / f".{target.name}.tmp"
-    image.save(tmp_image, format="PNG")
-    tmp_image.replace(target)
+    # the caption first: an image counts as drawn once its file is there (missing_indices), its caption with it.
+    # Not synced: the cache can be drawn again
+    with atomic_file(caption, durable=False) as tmp:
+        tmp.write_text(prompt + "\n", encoding="utf-8")
+    with atomic_file(target, durable=False) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _caption(folder: Path, index: int, spec: ClassImageSpec) -> str:
@@ -154,7 +155,6 @@ def _caption(folder: Path, index: int, spec: ClassImageSpec) -> str:
 
 def _write_spec(folder: Path, spec: ClassImageSpec) -> None:
     """What drew these images, for a person looking into the cache."""
-    target = folder / "class_images.json"
-    tmp = folder / ".class_images.json.tmp"
-    tmp.write_text(json.dumps({**spec.__dict__, "prompts": list(spec.prompts)}, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(target)
+    with atomic_file(folder / "class_images.json", durable=False) as tmp:
+        tmp.write_text(json.dumps({**spec.__dict__, "prompts": list(spec.prompts)}, indent=2) + "\n",
+                       encoding="utf-8")

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from finetune.export import hypernetwork as hypernetwork_files
-from finetune.export.pickle_files import load_plain_pickle
-from finetune.export.safetensors_io import Header, read_safetensors, save_safetensors
 from finetune.export.textual_inversion import A1111_KEY, embedding_from_a1111
+from finetune.io.pickle_files import load_plain_pickle
+from finetune.io.safetensors_io import Header, read_safetensors, save_safetensors
 from finetune.models.base import denoiser_of, tokenizer_name
 from finetune.networks import hypernetwork as hypernetworks
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from finetune.export.lora import diffusers as diffusers_lora
-from finetune.export.safetensors_io import training_metadata
+from finetune.io.safetensors_io import training_metadata
 
 @dataclass
 class Extracted:

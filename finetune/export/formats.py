@@ -22,8 +22,8 @@ from finetune.export import hypernetwork as hypernetwork_files
 from finetune.export.lora import comfyui, diffusers, kohya, lycoris, peft_adapter
 from finetune.export.lora import files as lora_files
 from finetune.export.lora import loading as lora_loading
-from finetune.export.safetensors_io import Header, read_header
 from finetune.export.single_file import UNET_PREFIX
+from finetune.io.safetensors_io import Header, read_header
 
 Detector = Callable[[dict[str, str], list[str]], bool]  # (header metadata, tensor names) -> is it this format
 Describer = Callable[[Header], dict[str, Any]]  # -> {"kind": what inspect says, and what else it shows}

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.export.pickle_files import load_plain_pickle, write_pickle_atomically
-from finetune.export.safetensors_io import read_metadata, save_safetensors
+from finetune.io.pickle_files import load_plain_pickle, write_pickle_atomically
+from finetune.io.safetensors_io import read_metadata, save_safetensors
 from finetune.networks.hypernetwork import ACTIVATIONS, WEIGHT_INITS, Hypernetwork, Structure, dropout_structure
 from finetune.networks.hypernetwork_points import TextStream
 
@@ -64,7 +64,7 @@ def save(output_dir: Path, network: Hypernetwork, metadata: dict[str, str], *, a
 
 
 def read(path: str | os.PathLike) -> Hypernetwork:
-    from finetune.export.safetensors_io import load_tensors
+    from finetune.io.safetensors_io import load_tensors
 
     metadata = read_metadata(path)
     if HEADER_KEY not in metadata:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from finetune.export.safetensors_io import save_safetensors
+from finetune.io.safetensors_io import save_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

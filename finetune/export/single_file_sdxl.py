@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from finetune.export.safetensors_io import save_safetensors
 from finetune.export.single_file import (
     ONE_LAYER, UNET_PREFIX, SingleFileExportError, _rename, unet_prefix_map, vae_to_original)
+from finetune.io.safetensors_io import save_safetensors
 from finetune.models.base import Components, unwrapped
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.export.pickle_files import load_plain_pickle, write_pickle_atomically
-from finetune.export.safetensors_io import save_safetensors
+from finetune.io.pickle_files import load_plain_pickle, write_pickle_atomically
+from finetune.io.safetensors_io import save_safetensors
 
 FILE_NAME = "learned_embeds.safetensors"
 A1111_DIR = "a1111"

@@ -29,7 +29,7 @@ def family_of(base: str) -> str | None:
     if os.path.isfile(index):
         return _family_in_index(base, index)
     if os.path.isfile(path) and path.endswith(".safetensors"):
-        from finetune.export.safetensors_io import read_header
+        from finetune.io.safetensors_io import read_header
 
         keys = read_header(path, "model.base file").keys  # FileProblem when cut short or damaged
         keys += [k.removeprefix(_COMFY) for k in keys if k.startswith(_COMFY)]

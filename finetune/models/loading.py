@@ -77,7 +77,7 @@ def refuse_unsafe_pickle(path: str) -> None:
     """A .ckpt/.pt/.bin is a pickle that could run code; accept it only if it loads with weights_only=True."""
     if path.lower().endswith(".safetensors"):
         return
-    from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle
+    from finetune.io.pickle_files import UnsafePickleError, load_plain_pickle
 
     try:
         load_plain_pickle(path, "checkpoint", mmap=True)  # mmap: a 4 GB checkpoint is not read into memory

@@ -7,7 +7,7 @@ import os
 from html import escape
 from pathlib import Path
 
-from finetune.paths import write_text_atomically
+from finetune.io.atomic import write_text_atomically
 from finetune.report.grids import labelled_grid
 from finetune.report.page import shell
 from finetune.report.sources import NotARunFolder

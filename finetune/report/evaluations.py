@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune.paths import write_text_atomically
+from finetune.io.atomic import write_text_atomically
 from finetune.report.sources import EVAL_DIR, eval_label, run_folder_of
 
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune.paths import write_text_atomically
+from finetune.io.atomic import write_text_atomically
 
 HISTORY = "history.jsonl"
 RUN_INFO = "run.json"

@@ -9,7 +9,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from finetune.paths import write_text_atomically
+from finetune.io.atomic import write_text_atomically
 from finetune.report import sources
 from finetune.report.history import read_history, read_run_info
 

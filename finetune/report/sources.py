@@ -70,7 +70,7 @@ def _artifact_recipe(path: Path) -> dict[str, Any] | None:
         if path.is_dir():
             text = json.loads((path / "finetune.json").read_text()).get("finetune.recipe")
         elif path.is_file():
-            from finetune.export.safetensors_io import read_header
+            from finetune.io.safetensors_io import read_header
 
             text = read_header(path).metadata.get("finetune.recipe")
         else:

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from finetune.console import progress_bar
-from finetune.paths import write_text_atomically
+from finetune.io.atomic import write_text_atomically
 from finetune.recipe.load import load_recipe
 from finetune.report.demo_page import write_demo_page
 from finetune.report.evaluations import save_evaluation

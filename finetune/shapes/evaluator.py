@@ -73,7 +73,7 @@ class Evaluator:
         return cls(model, config)
 
     def save(self, path: str | Path) -> Path:
-        from finetune.export.safetensors_io import save_safetensors
+        from finetune.io.safetensors_io import save_safetensors
 
         state = {name: tensor.contiguous() for name, tensor in self.model.state_dict().items()}
         return save_safetensors(state, path, {"config": json.dumps(self.config)})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.paths import write_text_atomically
+from finetune.io.atomic import write_text_atomically
 
 # (strategy, concept_kind) -> {metric: (">=" or "<=", bound)}; from the issues that define each strategy
 TARGETS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {

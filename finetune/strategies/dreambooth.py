@@ -12,13 +12,13 @@ import contextlib
 import copy
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 
+from finetune.io.atomic import atomic_dir
 from finetune.models.base import Components, ModelFamily, adaptable_text_encoders
 from finetune.models.loading import cast
 from finetune.paths import give_umask_permissions
@@ -160,10 +160,7 @@ class Strategy:
 
     def save(self, output_dir: Path, metadata: dict[str, str]) -> Path:
         """A diffusers pipeline folder, written beside its final name and renamed into place."""
-        output_dir = Path(output_dir)
-        final, tmp, old = (output_dir / PIPELINE_DIR, output_dir / f".{PIPELINE_DIR}.tmp",
-                           output_dir / f".{PIPELINE_DIR}.old")
-        shutil.rmtree(tmp, ignore_errors=True)
+        final = Path(output_dir) / PIPELINE_DIR
         # a sharded module is written from the weights state_dict() gathered on every process just before
         modules = {name: unsharded_copy(module, self.gathered[name]) if name in self.gathered else module
                    for name, module in self.modules.items()}
@@ -173,16 +170,9 @@ class Strategy:
         for part in pipeline.components.values():
             if isinstance(part, torch.nn.Module):
                 cast(part, SAVE_DTYPES[self.options.save_dtype])
-        try:
+        # not synced, as before: gigabytes of weights reach the disk in their own time at the end of the run
+        with atomic_dir(final, durable=False) as tmp:
             pipeline.save_pretrained(tmp, safe_serialization=True)
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
             give_umask_permissions(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed save (full disk) leaves nothing half-written
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
         return final

@@ -131,7 +131,7 @@ class Options(StrategyOptions):
 
 def _damaged(path: str) -> list[str]:
     """strategy.initial_weights cut short or damaged, found from its header before any model loads."""
-    from finetune.export.safetensors_io import read_header
+    from finetune.io.safetensors_io import read_header
     from finetune.file_errors import FileProblem
 
     try:

@@ -56,7 +56,7 @@ def run_merge(args) -> int:
 def run_resize(args) -> int:
     from dataclasses import asdict
 
-    from finetune.paths import write_text_atomically
+    from finetune.io.atomic import write_text_atomically
     from finetune.tools.resize import resize_file, summary
 
     if not args.out.endswith(".safetensors"):

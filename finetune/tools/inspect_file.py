@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.export import formats
-from finetune.export.safetensors_io import read_header
+from finetune.io.safetensors_io import read_header
 
 # cross-attention width -> the base family a file's layers fit
 FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
@@ -117,7 +117,7 @@ def _describe_folder(path: Path) -> dict[str, Any]:
 
 
 def _describe_pickle(path: Path) -> dict[str, Any]:
-    from finetune.export.pickle_files import load_plain_pickle
+    from finetune.io.pickle_files import load_plain_pickle
 
     data = load_plain_pickle(path, "pickle file")  # refuses anything but plain data, so nothing runs
     info: dict[str, Any] = {"file": str(path), "bytes": path.stat().st_size}

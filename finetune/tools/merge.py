@@ -8,7 +8,6 @@ needs neither peft nor the adapter at inference.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -75,18 +74,13 @@ def _merge_metadata(base: str, adapters: list[tuple[str, float]]) -> dict[str, s
 
 def _save_folder(pipe, out: Path, dtype: torch.dtype, metadata: dict[str, str]) -> None:
     """Write the pipeline beside `out` under a temporary name, then rename: no half-written folder is left."""
-    from finetune.paths import give_umask_permissions, write_text_atomically
+    from finetune.io.atomic import atomic_dir, write_text_atomically
+    from finetune.paths import give_umask_permissions
 
     if out.exists() and not (out / "model_index.json").is_file():
         raise LoraFileError(f"{out}: exists and is not a pipeline folder; choose a new folder for the merge")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # not synced, as before: the weights reach the disk in their own time
+    with atomic_dir(out, durable=False) as tmp:
         pipe.to(dtype).save_pretrained(tmp, safe_serialization=True)
         write_text_atomically(tmp / "finetune.json", json.dumps(metadata, indent=2))
         give_umask_permissions(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

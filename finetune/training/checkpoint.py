@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle, save_pickle
-from finetune.export.safetensors_io import load_tensors, save_safetensors
 from finetune.file_errors import CUT_SHORT, FileProblem, reading, writing
+from finetune.io.atomic import atomic_dir, stale_temporaries
+from finetune.io.pickle_files import UnsafePickleError, load_plain_pickle, save_pickle
+from finetune.io.safetensors_io import load_tensors, save_safetensors
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
@@ -47,34 +48,14 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, trainable: dict[st
     whole resolved recipe (recipe_to_dict), kept in state.json so a resume can be compared with it."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with writing(final, "a checkpoint"):  # named by its final folder: the temporary one is gone
-            tmp.mkdir(parents=True)
-            save_safetensors(trainable, tmp / "trainable.safetensors")
-            save_pickle(training_state, tmp / "training_state.pt")
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "recipe": recipe}, indent=2, sort_keys=True))
-            for name in os.listdir(tmp):
-                with open(tmp / name, "rb") as handle:
-                    os.fsync(handle.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (full disk, Ctrl-C) leaves nothing half-written
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_directory(root)  # the rename itself reaches the disk before older checkpoints are pruned
+    # named by its final folder: the temporary one is gone. Durable: every file and the rename itself reach the
+    # disk before older checkpoints are pruned
+    with writing(final, "a checkpoint"), atomic_dir(final, durable=True) as tmp:
+        save_safetensors(trainable, tmp / "trainable.safetensors")
+        save_pickle(training_state, tmp / "training_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "recipe": recipe}, indent=2, sort_keys=True))
     _prune(root, keep)
     return final
-
-
-def _fsync_directory(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def _completed(root: Path) -> list[tuple[int, Path]]:
@@ -175,12 +156,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """What a killed run left half-written: `.NAME.tmp-PID` and `.NAME.tmp` files and folders (atomic saves)
-    and `.tmp-step-N` checkpoint folders. Only complete files are ever renamed into place, so these are never
-    needed again."""
+    """What a killed run left half-written in output_dir and the folders in it: the temporary files and folders
+    of finetune.io.atomic (`.NAME.tmp-PID`, and `.NAME.old-PID` once NAME is back). Only complete files are
+    ever renamed into place, so these are never needed again."""
     output_dir = Path(output_dir)
     folders = (output_dir, *[d for d in output_dir.glob("*") if d.is_dir()])
-    stale = [p for folder in folders for pattern in (".*.tmp-*", ".*.tmp") for p in folder.glob(pattern)]
+    stale = [p for folder in folders for p in stale_temporaries(folder)]
+    # the names temporaries had before finetune.io.atomic gave them one rule (`.NAME.tmp`, `.NAME.PID.tmp`, and
+    # `checkpoints/.tmp-step-N`): a run killed before that change still resumes clean
+    stale += [p for folder in folders for p in folder.glob(".*.tmp")]
     stale += list(checkpoints_dir(output_dir).glob(".tmp-step-*"))
     for path in stale:
         if path.is_dir():

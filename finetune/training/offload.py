@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import send_to_device
 
-from finetune.export.pickle_files import save_pickle
 from finetune.file_errors import writing
+from finetune.io.pickle_files import save_pickle
 from finetune.paths import cache_home
 
 

@@ -8,6 +8,8 @@ from typing import Callable, Iterable
 import torch
 from PIL import Image
 
+from finetune.io.atomic import atomic_file
+
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     width, height = images[0].size
@@ -93,12 +95,7 @@ def save_png(image: Image.Image, path: Path) -> Path:
     naming `path`."""
     from finetune.file_errors import writing
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path, "the image"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            image.save(tmp, format="PNG")
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)  # only left when the write failed (a full disk)
+    # a sample is no artifact: not synced, as before
+    with writing(path, "the image"), atomic_file(path, durable=False) as tmp:
+        image.save(tmp, format="PNG")
     return path

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
-from finetune.export.safetensors_io import training_metadata
+from finetune.io.safetensors_io import training_metadata
 from finetune.models import Components, ModelFamily
 from finetune.recipe.load import recipe_to_dict
 from finetune.recipe.schema import Recipe
 from finetune.training import checkpoint, trackers
 from finetune.training.failures import check_finite_weights, divergence_advice, saving
-from finetune.training.resume import resume_command
 from finetune.training.optim import set_base_rates
-from finetune.training.sharded_state import load_optimizer_state_dict, optimizer_state_dict
+from finetune.training.resume import resume_command
 from finetune.training.sampling import plain_forward, sample_grid, save_png
+from finetune.training.sharded_state import load_optimizer_state_dict, optimizer_state_dict
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimizer, lr_scheduler,

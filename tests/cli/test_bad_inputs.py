@@ -54,7 +54,7 @@ def assert_nothing_half_written(out: Path, artifacts_before: set[str]) -> None:
         return
     for path in out.rglob("*"):
         name = path.name
-        assert not re.match(r"^\..*\.tmp(-\d+)?$|^\.tmp-step-", name), f"left half-written: {path}"
+        assert not re.match(r"^\..*\.(tmp|old)(-\d+)?$|^\.tmp-step-", name), f"left half-written: {path}"
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
                 for key in handle.keys():

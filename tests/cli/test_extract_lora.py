@@ -85,7 +85,7 @@ def test_a_dreambooth_run_extracts_layer_for_layer(tiny_base, concept_dir, tmp_p
     out = tmp_path / "db.safetensors"
     assert main(["extract-lora", "--tuned", str(tuned_folder), "--base", str(tiny_base), "--rank", str(FULL),
                  "--out", str(out), "--save-dtype", "fp32"]) == 0
-    from finetune.export.safetensors_io import read_metadata
+    from finetune.io.safetensors_io import read_metadata
 
     header = read_metadata(out)  # the keys AUTOMATIC1111 and Forge tell the family by (test_family_header.py)
     assert header["ss_base_model_version"] == "sd_v1"

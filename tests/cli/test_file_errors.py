@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from finetune.cli import main
-from finetune.export.pickle_files import UnsafePickleError, load_plain_pickle, write_pickle_atomically
-from finetune.export.safetensors_io import read_header, read_metadata, read_safetensors, save_safetensors
 from finetune.file_errors import FileProblem, error_number, writing
+from finetune.io.pickle_files import UnsafePickleError, load_plain_pickle, write_pickle_atomically
+from finetune.io.safetensors_io import read_header, read_metadata, read_safetensors, save_safetensors
 from finetune.training import checkpoint
 from finetune.training.failures import SaveFailed, saving
 from finetune.training.resume import load_for_resume
@@ -92,7 +92,7 @@ def test_a_read_only_finetune_cache_is_refused_before_the_model_loads(read_only_
 
 def test_safetensors_own_error_on_a_full_disk_is_recognised(tmp_path, monkeypatch):
     """The exception safetensors 0.8 raises on ENOSPC (seen on a real tmpfs), constructed as it is."""
-    from finetune.export import safetensors_io
+    from finetune.io import safetensors_io
 
     def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 10)

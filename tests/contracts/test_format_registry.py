@@ -19,7 +19,7 @@ from finetune.cli import main
 from finetune.export import formats
 from finetune.export.adapter_files import Embeddings
 from finetune.export.lora.layers import AdapterFile, LoraLayer, LoraWeights
-from finetune.export.safetensors_io import read_header
+from finetune.io.safetensors_io import read_header
 from finetune.tools.inspect_file import describe
 
 EXPORT = Path(finetune.export.__file__).parent

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from finetune import load_adapter, unload_adapter
 from finetune.export import hypernetwork as files
-from finetune.export.pickle_files import UnsafePickleError
+from finetune.io.pickle_files import UnsafePickleError
 from finetune.models.base import pipeline_components
 from finetune.models.tiny import build_tiny_pipeline
 from finetune.networks import peft_layers

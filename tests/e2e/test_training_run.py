@@ -76,7 +76,8 @@ def test_an_unfinished_checkpoint_is_never_latest_and_a_damaged_one_is_named(tmp
     root = tmp_path / "checkpoints"
     (root / "step-000002").mkdir(parents=True)
     (root / "step-000002" / "state.json").write_text("{}")
-    (root / ".tmp-step-000004").mkdir()  # a save that died midway
+    (root / ".tmp-step-000004").mkdir()  # a save that died midway, named as before finetune.io.atomic
+    (root / ".step-000005.tmp-4242").mkdir()  # and as since
     assert checkpoint.find_checkpoint(tmp_path, "latest").name == "step-000002"
     # a save renames only whole folders, so a step folder without state.json was damaged since: resuming
     # names it (tests/cli/test_file_errors.py) instead of going back to step 2 without a word

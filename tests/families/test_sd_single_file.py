@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.export.safetensors_io import read_metadata
 from finetune.export.single_file import (
     SingleFileExportError, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, save_single_file, to_original_state_dict)
+from finetune.io.safetensors_io import read_metadata
 from finetune.models.stable_diffusion import StableDiffusion
 
 COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."}

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.export.safetensors_io import read_metadata
 from finetune.export.single_file import UNET_PREFIX, VAE_PREFIX, SingleFileExportError
 from finetune.export.single_file_sdxl import (
     CLIP_G_PREFIX, CLIP_L_PREFIX, save_single_file_sdxl, to_sgm_state_dict)
+from finetune.io.safetensors_io import read_metadata
 from finetune.models.base import Components
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.export.safetensors_io import read_metadata
+from finetune.io.safetensors_io import read_metadata
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
 from tests.helpers import draw_concept, recipe_dict, train_keeping_parts

@@ -9,7 +9,7 @@ import torch
 
 from finetune import load_adapter
 from finetune.cli import main
-from finetune.export.pickle_files import UnsafePickleError
+from finetune.io.pickle_files import UnsafePickleError
 from finetune.recipe.load import parse_recipe
 from finetune.training import loop
 from finetune.training.checkpoint import CheckpointError

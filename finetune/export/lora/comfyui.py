@@ -19,7 +19,7 @@ import torch
 
 from finetune.export.lora.kohya_flux import fuse, split
 from finetune.export.lora.layers import LoraFileError, LoraLayer, LoraWeights
-from finetune.export.safetensors_io import save_safetensors
+from finetune.io.safetensors_io import save_safetensors
 
 DENOISER = "transformer"
 COMFYUI_DIR = "comfyui"  # a run's ComfyUI-layout file: output_dir/comfyui/<output_dir name>.safetensors

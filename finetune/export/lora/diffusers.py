@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from finetune.export.lora.layers import LoraFileError, LoraLayer, LoraWeights, peft_config, peft_state_dict, per_module
-from finetune.export.safetensors_io import save_safetensors
+from finetune.io.safetensors_io import save_safetensors
 
 FILE_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"

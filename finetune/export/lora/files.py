@@ -16,7 +16,7 @@ import torch
 from finetune.export.lora import comfyui, diffusers, kohya, lycoris, peft_adapter
 from finetune.export.lora.kohya_names import SD_NAMING, KohyaNaming
 from finetune.export.lora.layers import VARIANT_KEY, LoraFileError, LoraWeights
-from finetune.export.safetensors_io import Header, read_safetensors
+from finetune.io.safetensors_io import Header, read_safetensors
 
 KOHYA_DIR = "kohya"  # a run's kohya or LyCORIS file: output_dir/kohya/<output_dir name>.safetensors
 # a LoRA factor's key in diffusers' layout (peft's, the older one) or kohya's

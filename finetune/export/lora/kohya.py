@@ -27,7 +27,7 @@ from finetune.export.lora.kohya_names import (READ_PREFIXES, SD_NAMING, SGM_BLOC
                                               sdxl_reference_aliases, sgm_aliases)
 from finetune.export.lora.diffusers import with_text_model
 from finetune.export.lora.layers import LoraFileError, LoraLayer, LoraWeights
-from finetune.export.safetensors_io import save_safetensors
+from finetune.io.safetensors_io import save_safetensors
 from finetune.models.base import adaptable_modules
 
 

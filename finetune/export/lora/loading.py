@@ -7,7 +7,7 @@ from typing import Any
 from finetune.export.lora import kohya, lycoris, peft_adapter
 from finetune.export.lora.files import read_lora
 from finetune.export.lora.layers import peft_config, peft_state_dict
-from finetune.export.safetensors_io import read_safetensors
+from finetune.io.safetensors_io import read_safetensors
 
 
 def load_lora(pipe: Any, path: str, scale: float, name: str) -> str:

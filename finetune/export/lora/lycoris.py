@@ -24,7 +24,7 @@ from finetune.export.family_header import family_fields, version_from_width
 from finetune.export.lora.kohya import kohya_module, name_resolver, split_name
 from finetune.export.lora.kohya_names import SD_NAMING, KohyaNaming
 from finetune.export.lora.layers import AdapterFile, LoraFileError, per_module, training_header
-from finetune.export.safetensors_io import read_safetensors, save_safetensors
+from finetune.io.safetensors_io import read_safetensors, save_safetensors
 
 ROLES = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
          "lokr": ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}

@@ -15,7 +15,7 @@ import torch
 
 from finetune.export.lora.diffusers import alpha_equal_to_rank, pack, unpack
 from finetune.export.lora.layers import PEFT_CONFIG_KEY, VARIANT_KEY, AdapterFile, per_module, training_header
-from finetune.export.safetensors_io import read_metadata, read_safetensors, save_safetensors
+from finetune.io.safetensors_io import read_metadata, read_safetensors, save_safetensors
 from finetune.networks import peft_layers
 
 PEFT_ONLY_VARIANTS = ("loha", "lokr", "oft")
@@ -95,7 +95,7 @@ def configs_from_metadata(metadata: dict[str, str], source: str) -> dict[str, An
 
 def load_peft_adapter(pipe: Any, path: str, scale: float, name: str) -> str:
     """Rebuild the file's adapter layers in `pipe` under `name`, active alone, at strength `scale`."""
-    from finetune.export.safetensors_io import load_tensors
+    from finetune.io.safetensors_io import load_tensors
 
     metadata = read_metadata(path)
     variant = metadata[VARIANT_KEY]

@@ -15,23 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finetune.file_errors import reading, writing
+from finetune.io.atomic import atomic_file
 from finetune.paths import give_umask_permissions
-
-
-def atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def replace_atomically(tmp: Path, path: Path) -> None:
-    """fsync the finished temporary file, then rename it over `path` so readers see old or new, never half."""
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -39,17 +24,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     """Write `path` whole or not at all. Raises FileProblem (naming `what` and `path`) on a full disk or a
     folder that cannot be written; no temporary file is left either way."""
     path = Path(path)
-    tmp = atomic_path(path)
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with writing(path, what):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(plain, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-            sort_metadata(tmp)
-            give_umask_permissions(tmp)
-            replace_atomically(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with writing(path, what), atomic_file(path) as tmp:
+        save_file(plain, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        sort_metadata(tmp)
+        give_umask_permissions(tmp)
     return path
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from finetune.export.safetensors_io import atomic_path, replace_atomically
 from finetune.file_errors import read_problem, writing
+from finetune.io.atomic import atomic_file
 
 
 class UnsafePickleError(ValueError):
@@ -47,14 +47,8 @@ def save_pickle(data: Any, path: str | os.PathLike) -> None:
 
 
 def write_pickle_atomically(data: Any, path: Path, what: str = "the file") -> Path:
-    """torch.save to a temporary name, then rename: readers see the old file or the whole new one. FileProblem
-    on a full disk or a folder that cannot be written."""
-    tmp = atomic_path(path)
-    with writing(path, what):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_pickle(data, tmp)
-            replace_atomically(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    """torch.save to a temporary name, then rename (finetune/io/atomic.py): readers see the old file or the
+    whole new one. FileProblem on a full disk or a folder that cannot be written."""
+    with writing(path, what), atomic_file(path) as tmp:
+        save_pickle(data, tmp)
     return path
