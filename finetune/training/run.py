@@ -93,7 +93,7 @@ class Run:
     started_at: float  # files written after this are the run's (summary.written_lines)
     summary: list[str]  # the plan's lines, for the live report
     caption_notes: list[str]
-    # the live report (report/live.py) and the trackers read the whole recipe: kept for them only
+    # for the live report only (report/live.py reads the whole recipe) and the trackers' log.project / run_name
     recipe: Recipe
     step: int = 0  # steps done: the checkpoint's step when resuming
     resume_from: Path | None = None  # the checkpoint setup read, for `resume` (loop.py)
