@@ -30,7 +30,7 @@ def unet_floor(recipe, device, generator):
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from finetune.training.loop import weight_dtype
+    from finetune.training.run import weight_dtype
 
     t, d, base = recipe.train, recipe.data, recipe.model.base
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
@@ -59,7 +59,7 @@ def transformer_floor(recipe, device, generator):
     from diffusers import FluxTransformer2DModel
 
     from benchmarks import flux
-    from finetune.training.loop import weight_dtype
+    from finetune.training.run import weight_dtype
 
     t = recipe.train
     transformer = FluxTransformer2DModel.from_pretrained(recipe.model.base, subfolder="transformer",

@@ -65,7 +65,7 @@ def _extra(added) -> dict:
 def main() -> None:
     from benchmarks.models import DEFAULT_MIXED_PRECISION, DEFAULT_RESOLUTION, model_folder
     from finetune.models import family_for
-    from finetune.training.loop import DTYPES
+    from finetune.training.run import DTYPES
 
     args = _arguments()
     resolution = args.resolution or DEFAULT_RESOLUTION[args.model]

@@ -73,7 +73,7 @@ def _floor(recipe) -> tuple[list[float], float]:
 
     from finetune.models import family_for
     from finetune.networks import peft_layers
-    from finetune.training.loop import DTYPES
+    from finetune.training.run import DTYPES
 
     t = recipe.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

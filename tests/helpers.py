@@ -111,33 +111,23 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def train_keeping_parts(recipe, on_load=None):
-    """Train with the recipe's family, returning (artifact, the loaded components in eval mode) so a test can
-    compare the trained model with what a file loads back; `on_load(parts)` runs right after loading (e.g. to
-    hook a module). accelerate's singletons are reset for module-scoped use."""
-    from finetune.models import family_for
+def train_keeping_parts(recipe, before_steps=None):
+    """Train with the recipe's family, returning (artifact, the trained components in eval mode) so a test can
+    compare the trained model with what a file loads back; `before_steps(parts)` runs once the run is set up,
+    before its first step (e.g. to hook a module). accelerate's singletons are reset for module-scoped use."""
     from finetune.training import loop
 
-    kept = {}
-    family = family_for(recipe.model.family, recipe.model.base)
-
-    class KeepParts(type(family)):
-        def load(self, *args, **kwargs):
-            kept["parts"] = super().load(*args, **kwargs)
-            if on_load is not None:
-                on_load(kept["parts"])
-            return kept["parts"]
-
-    original = loop.family_for
-    loop.family_for = lambda name, base=None, hub=False: KeepParts(family.spec)
     try:
-        artifact = loop.train(recipe)
+        with loop.setup(recipe) as run:
+            if before_steps is not None:
+                before_steps(run.parts)
+            loop.run_steps(run)
+            artifact = loop.finish(run)
     finally:
-        loop.family_for = original
         reset_accelerate()
-    for module in kept["parts"].modules.values():
+    for module in run.parts.modules.values():
         module.eval()
-    return artifact, kept["parts"]
+    return artifact, run.parts
 
 
 def train_shipped_recipe(name: str, base: Path, tmp_path: Path, extra: tuple[str, ...] = ()) -> Path:

@@ -126,6 +126,19 @@ def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overw
                          + "\nTo ".join(ways))
 
 
+def checkpoint_to_resume(output_dir: Path, resume: str | None, current: dict, source: str,
+                         overrides: Iterable[str] = ()) -> tuple[Path | None, tuple[dict, dict, dict] | None, list[str]]:
+    """The checkpoint `resume` ("latest" or a folder) asks for, its state (load_for_resume), checked against the
+    resuming recipe (`current`, as recipe_to_dict gives it), and the lines to say; (None, None, lines) to start at
+    step 0."""
+    path = find_checkpoint(output_dir, resume) if resume else None
+    if path is None:
+        return None, None, ([f"--resume latest: no checkpoint in {checkpoints_dir(output_dir)} yet; starting at "
+                             "step 0"] if resume else [])
+    saved = load_for_resume(path, source, overrides)
+    return path, saved, [f"resume: {note}" for note in check_resumable(saved[0], current, path, source, overrides)]
+
+
 def remove_earlier_run(paths: list[Path]) -> None:
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)

@@ -5,6 +5,7 @@ stops the run with a message, the last good checkpoint kept); only the main proc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -12,30 +13,42 @@ import torch
 
 from finetune.io.safetensors_io import training_metadata
 from finetune.models import Components, ModelFamily
-from finetune.recipe.load import recipe_to_dict
-from finetune.recipe.schema import Recipe
+from finetune.recipe.schema import SampleOptions
 from finetune.training import checkpoint, trackers
-from finetune.training.failures import check_finite_weights, divergence_advice, saving
+from finetune.training.failures import Recovery, check_finite_weights, saving
 from finetune.training.optim import set_base_rates
-from finetune.training.resume import resume_command
 from finetune.training.sampling import plain_forward, sample_grid, save_png
 from finetune.training.sharded_state import load_optimizer_state_dict, optimizer_state_dict
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, strategy, optimizer, lr_scheduler,
-                    recipe: Recipe, models: list[torch.nn.Module]) -> None:
+@dataclass(frozen=True)
+class Saving:
+    """What every save knows of its run, worked out once when the run is set up (training/run.py)."""
+    output_dir: Path  # the run's folder: checkpoints go here, and messages name it
+    command: str  # the command that resumes this run (resume.resume_command), said when a save fails
+    recovery: Recovery  # what a non-finite weight tells the user to run (failures.divergence_advice)
+    recipe: dict  # the resolved recipe (recipe_to_dict), kept in every checkpoint and artifact header
+    keep: int  # checkpoint.keep: how many checkpoints stay
+    base_model: str  # model.base, as the artifact header names it
+    kind: str  # strategy.kind, as the artifact header names it
+    data_figures: dict[str, object]  # what the header says about the data (kohya's ss_num_train_images, ...)
+    family_header: dict[str, str]  # the keys other programs tell the base family by (export/family_header.py)
+
+
+def save_checkpoint(accelerator, saving_to: Saving, step: int, strategy, optimizer, lr_scheduler,
+                    models: list[torch.nn.Module]) -> None:
     """`models`: the trained modules (the optimizer's state is gathered from a sharded one)."""
     # on every process: gathering sharded weights is collective, and a non-finite weight stops all together
     trainable = strategy.state_dict()
-    check_finite_weights(trainable, step, output_dir, divergence_advice(recipe))
+    check_finite_weights(trainable, step, saving_to.output_dir, saving_to.recovery)
     optimizer_state = optimizer_state_dict(optimizer, models)
     if accelerator.is_main_process:
         training_state = {"optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict()}
         if accelerator.scaler is not None:
             training_state["scaler"] = accelerator.scaler.state_dict()
-        with saving("a checkpoint", step, resume_command(recipe.source, recipe.overrides), output_dir):
-            checkpoint.save_checkpoint(output_dir, step, trainable, training_state, recipe_to_dict(recipe),
-                                       recipe.checkpoint.keep)
+        with saving("a checkpoint", step, saving_to.command, saving_to.output_dir):
+            checkpoint.save_checkpoint(saving_to.output_dir, step, trainable, training_state, saving_to.recipe,
+                                       saving_to.keep)
     accelerator.wait_for_everyone()
 
 
@@ -55,32 +68,28 @@ def restore_checkpoint(accelerator, saved: tuple[dict, dict, dict], step: int, s
     return set_base_rates(lr_scheduler, recipe_rates)
 
 
-def save_artifact(accelerator, strategy, recipe: Recipe, output_dir: Path, step: int,
-                  data_figures: dict[str, object], checkpoints_in: Path, family_header: dict[str, str]) -> Path:
-    """`output_dir` is where the artifact goes (the run's folder, or a snapshot's); `checkpoints_in` is the
-    run's folder, named in messages; `family_header`: the keys other programs tell the base family by
-    (finetune/export/family_header.py)."""
+def save_artifact(accelerator, saving_to: Saving, strategy, step: int, folder: Path) -> Path:
+    """Write the artifact into `folder` (the run's folder, or a snapshot's); messages name the run's folder."""
     # on every process: a sharded strategy gathers its weights here, which its save (main process) writes
-    check_finite_weights(strategy.state_dict(), step, checkpoints_in, divergence_advice(recipe))
-    artifact = output_dir / strategy.artifact_name
+    check_finite_weights(strategy.state_dict(), step, saving_to.output_dir, saving_to.recovery)
+    artifact = folder / strategy.artifact_name
     if accelerator.is_main_process:
-        metadata = training_metadata(base_model=recipe.model.base, strategy=recipe.strategy.kind, steps=step,
-                                     recipe=recipe_to_dict(recipe), extra=data_figures)
-        metadata.update(family_header)
-        with saving(f"the artifact in {output_dir}", step, resume_command(recipe.source, recipe.overrides),
-                    checkpoints_in):
-            artifact = strategy.save(output_dir, metadata)
+        metadata = training_metadata(base_model=saving_to.base_model, strategy=saving_to.kind, steps=step,
+                                     recipe=saving_to.recipe, extra=saving_to.data_figures)
+        metadata.update(saving_to.family_header)
+        with saving(f"the artifact in {folder}", step, saving_to.command, saving_to.output_dir):
+            artifact = strategy.save(folder, metadata)
     accelerator.wait_for_everyone()
     return artifact
 
 
-def save_samples(accelerator, family: ModelFamily, parts: Components, recipe: Recipe, output_dir: Path,
-                 step: int, strategy, dtype: torch.dtype) -> None:
+def save_samples(accelerator, saving_to: Saving, family: ModelFamily, parts: Components, sample: SampleOptions,
+                 resolution: int, step: int, strategy, dtype: torch.dtype) -> None:
     """A sample grid drawn as a user's pipeline draws it after loading the artifact onto the base in `dtype` (the
     frozen base's dtype): no autocast, the trained weights in the dtype that loading gives them
     (`strategy.as_loaded`), every module in eval mode."""
     if accelerator.is_main_process:
-        s = recipe.sample
+        s = sample
         pipeline = family.pipeline(parts, unwrap=accelerator.unwrap_model)
         modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
         modes = [m.training for m in modules]
@@ -89,11 +98,11 @@ def save_samples(accelerator, family: ModelFamily, parts: Components, recipe: Re
         with plain_forward(modules), strategy.as_loaded(dtype):
             grid = sample_grid(pipeline, s.prompts, negative_prompt=s.negative_prompt, steps=s.steps,
                                guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt,
-                               resolution=recipe.data.resolution,
+                               resolution=resolution,
                                encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
         for m, mode in zip(modules, modes):
             m.train(mode)
-        with saving("a sample grid", step, resume_command(recipe.source, recipe.overrides), output_dir):
-            save_png(grid, output_dir / "samples" / f"step-{step:06d}.png")
+        with saving("a sample grid", step, saving_to.command, saving_to.output_dir):
+            save_png(grid, saving_to.output_dir / "samples" / f"step-{step:06d}.png")
         trackers.log_images(accelerator, "samples", grid, step)
     accelerator.wait_for_everyone()

@@ -80,12 +80,13 @@ def test_train_and_validate_stop_before_any_model_loads(command, monkeypatch, tm
                                                         concept_dir):
     import yaml
 
-    from finetune.training import loop
+    from finetune.training import run
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict(tiny_base, concept_dir, tmp_path / "out")))
     fake_versions(monkeypatch, transformers="5.10.4", peft="0.18.1")
-    monkeypatch.setattr(loop, "family_for", lambda *args: pytest.fail("a model family was asked for"))
+    # where setup looks the family up: the command line gives setup no family of its own
+    monkeypatch.setattr(run, "family_for", lambda *args: pytest.fail("a model family was asked for"))
     assert main([command, str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "transformers 5.10.4 with peft 0.18.1" in err and "pip install 'peft>=0.20'" in err

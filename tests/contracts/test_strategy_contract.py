@@ -95,32 +95,19 @@ def run(request, tiny_bases, concept_dir, tmp_path_factory):
     else:
         prepared_prompt = prompt
 
-    class Keeping(type(family)):
-        def load(self, *args, **kwargs):
-            kept["parts"] = super().load(*args, **kwargs)
-            return kept["parts"]
-
-    def create(opts):
-        kept["strategy"] = real_create(opts)
-        real_prepare = kept["strategy"].prepare
-
-        def prepare(fam, parts, keep_frozen_base=False):
-            before = _outputs(fam, parts, base_prompt)
-            real_prepare(fam, parts, keep_frozen_base)
-            kept["prepared"] = (before, _outputs(fam, parts, prepared_prompt))
-            kept["loss_before"] = fixed_loss(fam, parts, pixels, [prompt] * len(pixels))
-        kept["strategy"].prepare = prepare
-        return kept["strategy"]
-
-    real_create, real_family = loop.create_strategy, loop.family_for
-    loop.create_strategy, loop.family_for = create, (lambda name, base=None, hub=False: Keeping(family.spec))
+    out = tmp_path_factory.mktemp(f"{kind}-{family_name}") / "out"
+    recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=options,
+                                      train={"max_steps": 12, "learning_rate": learning_rate, "batch_size": 4}))
     try:
-        out = tmp_path_factory.mktemp(f"{kind}-{family_name}") / "out"
-        recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=options,
-                                          train={"max_steps": 12, "learning_rate": learning_rate, "batch_size": 4}))
-        kept["artifact"] = loop.train(recipe)
+        with loop.setup(recipe, family=family) as trained:  # the base loaded, the strategy prepared, not a step yet
+            # the reference: the base as the run loads it (the recipe's defaults: fp32, nothing quantized)
+            kept["prepared"] = (_outputs(family, kept["reference"], base_prompt),
+                                _outputs(family, trained.parts, prepared_prompt))
+            kept["loss_before"] = fixed_loss(family, trained.parts, pixels, [prompt] * len(pixels))
+            loop.run_steps(trained)
+            kept["artifact"] = loop.finish(trained)
+        kept.update(parts=trained.parts, strategy=trained.strategy)
     finally:
-        loop.create_strategy, loop.family_for = real_create, real_family
         reset_accelerate()
     for module in kept["parts"].modules.values():
         module.eval()

@@ -88,24 +88,24 @@ def test_fp16_on_request(tiny_base, concept_dir, tmp_path, caplog, monkeypatch):
 
 
 def test_base_prediction_prior_keeps_a_frozen_copy_and_says_so(tiny_base, concept_dir, tmp_path, caplog,
-                                                                monkeypatch, base_states):
+                                                                base_states):
     from finetune.training import loop
 
     prior = {"mode": "base_prediction", "class_prompt": "a red circle"}
-    made = []
-    real = loop.create_strategy
-    monkeypatch.setattr(loop, "create_strategy", lambda options: made.append(real(options)) or made[-1])
+    recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out", strategy=DREAMBOOTH, prior=prior,
+                                      train={**TRAIN, "max_steps": 2, "mixed_precision": "bf16"}))
     with caplog.at_level("WARNING"):
         # bf16: the frozen copy stays in the base's half precision while the trained U-Net is fp32
-        artifact = _run(tiny_base, concept_dir, tmp_path / "out", prior=prior,
-                        train={"max_steps": 2, "mixed_precision": "bf16"})
+        with loop.setup(recipe) as run:
+            loop.run_steps(run)
+            artifact = loop.finish(run)
     assert artifact.is_dir()
     assert "frozen copy of the unet" in caplog.text and "GiB" in caplog.text
     # the copy is the base as it was (in the base's bf16), while the trained U-Net moved on
-    frozen = _state(made[0].frozen["unet"])
+    frozen = _state(run.strategy.frozen["unet"])
     as_loaded = {k: v.to(torch.bfloat16).float() for k, v in base_states["unet"].items()}
     assert _changed(as_loaded, frozen) == set()
-    assert _changed(base_states["unet"], _state(made[0].modules["unet"]))
+    assert _changed(base_states["unet"], _state(run.strategy.modules["unet"]))
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_base, concept_dir, tmp_path):

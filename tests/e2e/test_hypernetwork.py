@@ -107,23 +107,19 @@ def test_a_network_for_another_base_is_refused_by_width():
         attach(pipe.unet, other, "sd15")
 
 
-def _train(monkeypatch, recipe):
-    seen = {}
-    real = loop.create_strategy
-
-    def capture(options):
-        seen["strategy"] = strategy = real(options)
-        return strategy
-
-    monkeypatch.setattr(loop, "create_strategy", capture)
-    return loop.train(recipe), seen["strategy"]
+def _train(recipe):
+    """Train; the artifact and the strategy that trained it."""
+    with loop.setup(recipe) as run:
+        loop.run_steps(run)
+        artifact = loop.finish(run)
+    return artifact, run.strategy
 
 
-def test_training_changes_only_the_network_and_every_file_loads_back(tiny_base, concept_dir, tmp_path, monkeypatch):
+def test_training_changes_only_the_network_and_every_file_loads_back(tiny_base, concept_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out", strategy=HN, train=TRAIN))
-    artifact, strategy = _train(monkeypatch, recipe)
+    artifact, strategy = _train(recipe)
     assert artifact == tmp_path / "out" / "hypernetwork.safetensors"
     with safe_open(str(artifact), framework="pt") as handle:
         header = handle.metadata()

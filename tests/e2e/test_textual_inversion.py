@@ -22,32 +22,19 @@ def _pipe(path):
     return StableDiffusionPipeline.from_pretrained(str(path))
 
 
-def _train_capturing(monkeypatch, recipe):
+def _train_capturing(recipe):
     """Train, and keep the components the loop trained (to look at every weight afterwards)."""
-    seen = {}
-    real = loop.create_strategy
-
-    def capture(options):
-        strategy = real(options)
-        prepare = strategy.prepare
-
-        def prepare_and_keep(family, parts, **kwargs):
-            seen["parts"] = parts
-            return prepare(family, parts, **kwargs)
-
-        strategy.prepare = prepare_and_keep
-        seen["strategy"] = strategy
-        return strategy
-
-    monkeypatch.setattr(loop, "create_strategy", capture)
-    return loop.train(recipe), seen
+    with loop.setup(recipe) as run:
+        loop.run_steps(run)
+        artifact = loop.finish(run)
+    return artifact, {"parts": run.parts, "strategy": run.strategy}
 
 
-def test_only_the_new_rows_change(tiny_base, concept_dir, tmp_path, monkeypatch):
+def test_only_the_new_rows_change(tiny_base, concept_dir, tmp_path):
     base = _pipe(tiny_base)
     recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out", strategy=TI, train=TRAIN,
                                       data={"caption_dropout": 0.0}))
-    artifact, seen = _train_capturing(monkeypatch, recipe)
+    artifact, seen = _train_capturing(recipe)
     parts, strategy = seen["parts"], seen["strategy"]
     tokenizer = parts.tokenizer
     new_ids = tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"])

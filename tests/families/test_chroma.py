@@ -235,30 +235,15 @@ def test_presets_resolve_to_the_anchors_sets(loaded):
 def test_an_int8_lora_loads_with_the_chroma_pipelines_own_loader(chroma_base, tmp_path):
     """model.quantize: int8 trains a LoRA on the quantised transformer; ChromaPipeline.load_lora_weights (Flux's
     loader) puts it on every default target of both block kinds."""
-    from finetune.models.chroma import SPEC, Chroma
     from finetune.models.quantize import is_quantized
-    from finetune.training import loop
-    from tests.helpers import reset_accelerate
+    from tests.helpers import train_keeping_parts
 
     recipe = recipe_dict(chroma_base, draw_concept(tmp_path / "images"), tmp_path / "out",
                          strategy={"kind": "lora", "rank": 4},
                          train={"max_steps": 4, "learning_rate": 5e-3, "batch_size": 2})
     recipe["model"]["quantize"] = "int8"
-    kept = {}
-
-    class Keeping(Chroma):
-        def load(self, *args, **kwargs):
-            kept["parts"] = super().load(*args, **kwargs)
-            return kept["parts"]
-
-    real = loop.family_for
-    loop.family_for = lambda name, base=None, hub=False: Keeping(SPEC)
-    try:
-        artifact = loop.train(parse_recipe(recipe))
-    finally:
-        loop.family_for = real
-        reset_accelerate()
-    assert is_quantized(kept["parts"].transformer)
+    artifact, parts = train_keeping_parts(parse_recipe(recipe))
+    assert is_quantized(parts.transformer)
     pipe = saved_pipeline(chroma_base)
     pipe.load_lora_weights(str(artifact))
     loaded = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.transformer.named_modules() if n.endswith(".lora_A")}

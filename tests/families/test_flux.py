@@ -33,7 +33,7 @@ def schnell_base(tmp_path_factory):
 
 
 def recording(calls):
-    """on_load for train_keeping_parts: keeps the keyword arguments of each transformer call."""
+    """before_steps for train_keeping_parts: keeps the keyword arguments of each transformer call."""
     def hook(parts):
         parts.transformer.register_forward_pre_hook(
             lambda module, args, kwargs: calls.append({k: v.detach().clone() if torch.is_tensor(v) else v
@@ -68,7 +68,7 @@ def test_the_loop_feeds_the_transformer_what_flux_pipeline_feeds_it(flux_base, t
     recipe = recipe_dict(flux_base, draw_concept(tmp_path / "images", count=1), tmp_path / "out",
                          train={"max_steps": 1, "batch_size": 1})
     recipe["model"]["guidance"] = guidance
-    train_keeping_parts(parse_recipe(recipe), on_load=recording(ours))
+    train_keeping_parts(parse_recipe(recipe), before_steps=recording(ours))
     ours = ours[0]
     sigma = float(ours["timestep"][0])
     assert 0 < sigma < 1 and ours["hidden_states"].shape == (1, 4 * 4, 16)  # 8x8 latents: 16 tokens of 2x2x4

@@ -176,19 +176,10 @@ def test_a_trained_lora_loads_with_the_pipelines_own_loader(base, tmp_path):
                                       model={"family": "flux2"},
                                       strategy={"kind": "lora", "rank": 4},
                                       train={"max_steps": 4, "learning_rate": 5e-3, "batch_size": 2}))
-    kept, family = {}, family_for("flux2")
-
-    class Keep(type(family)):
-        def load(self, *args, **kwargs):
-            kept["parts"] = super().load(*args, **kwargs)
-            return kept["parts"]
-
-    original, loop.family_for = loop.family_for, lambda name, base=None, hub=False: Keep(family.spec)
-    try:
-        artifact = loop.train(recipe)
-    finally:
-        loop.family_for = original
-    parts = kept["parts"]
+    with loop.setup(recipe, family=family_for("flux2")) as run:
+        loop.run_steps(run)
+        artifact = loop.finish(run)
+    parts = run.parts
     for module in parts.modules.values():
         module.eval()
     with safe_open(str(artifact), "pt") as handle:

@@ -201,30 +201,15 @@ def test_targets_and_presets(loaded):
 def test_an_int8_lora_loads_with_the_hidream_pipelines_own_loader(hidream_base, tmp_path):
     """model.quantize: int8 trains a LoRA on the quantised transformer; HiDreamImagePipeline.load_lora_weights puts
     it on attn1's to_q/k/v/out of both blocks (the text *_t projections untouched)."""
-    from finetune.models.hidream import SPEC, HiDream
     from finetune.models.quantize import is_quantized
-    from finetune.training import loop
-    from tests.helpers import reset_accelerate
+    from tests.helpers import train_keeping_parts
 
     recipe = recipe_dict(hidream_base, draw_concept(tmp_path / "images"), tmp_path / "out",
                          strategy={"kind": "lora", "rank": 4},
                          train={"max_steps": 4, "learning_rate": 5e-3, "batch_size": 2})
     recipe["model"]["quantize"] = "int8"
-    kept = {}
-
-    class Keeping(HiDream):
-        def load(self, *args, **kwargs):
-            kept["parts"] = super().load(*args, **kwargs)
-            return kept["parts"]
-
-    real = loop.family_for
-    loop.family_for = lambda name, base=None, hub=False: Keeping(SPEC)
-    try:
-        artifact = loop.train(parse_recipe(recipe))
-    finally:
-        loop.family_for = real
-        reset_accelerate()
-    assert is_quantized(kept["parts"].transformer)
+    artifact, parts = train_keeping_parts(parse_recipe(recipe))
+    assert is_quantized(parts.transformer)
     pipe = saved_pipeline(hidream_base)
     pipe.default_sample_size = 8
     pipe.load_lora_weights(str(artifact))

@@ -235,30 +235,15 @@ def test_the_comfyui_file_fuses_q_k_v_in_order(lumina_base, tmp_path):
 
 
 def test_an_int8_lora_loads_with_the_lumina2_pipelines_own_loader(lumina_base, tmp_path):
-    from finetune.models.lumina2 import SPEC, Lumina2
     from finetune.models.quantize import is_quantized
-    from finetune.training import loop
-    from tests.helpers import reset_accelerate
+    from tests.helpers import train_keeping_parts
 
     recipe = recipe_dict(lumina_base, draw_concept(tmp_path / "images"), tmp_path / "out",
                          strategy={"kind": "lora", "rank": 4},
                          train={"max_steps": 4, "learning_rate": 5e-3, "batch_size": 2})
     recipe["model"]["quantize"] = "int8"
-    kept = {}
-
-    class Keeping(Lumina2):
-        def load(self, *args, **kwargs):
-            kept["parts"] = super().load(*args, **kwargs)
-            return kept["parts"]
-
-    real = loop.family_for
-    loop.family_for = lambda name, base=None, hub=False: Keeping(SPEC)
-    try:
-        artifact = loop.train(parse_recipe(recipe))
-    finally:
-        loop.family_for = real
-        reset_accelerate()
-    assert is_quantized(kept["parts"].transformer)
+    artifact, parts = train_keeping_parts(parse_recipe(recipe))
+    assert is_quantized(parts.transformer)
     pipe = saved_pipeline(lumina_base)
     pipe.load_lora_weights(str(artifact))
     loaded = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.transformer.named_modules() if n.endswith(".lora_A")}

@@ -225,29 +225,14 @@ def test_an_int8_lora_loads_with_the_sana_pipelines_own_loader(sana_base, tmp_pa
     """model.quantize: int8 trains a LoRA on the quantised transformer; SanaPipeline.load_lora_weights puts it on
     the default targets, to_k / to_q / to_v of both attentions."""
     from finetune.models.quantize import is_quantized
-    from finetune.models.sana import SPEC, Sana
     from finetune.recipe.load import parse_recipe
-    from finetune.training import loop
-    from tests.helpers import reset_accelerate
+    from tests.helpers import train_keeping_parts
 
     recipe = recipe_dict(sana_base, draw_concept(tmp_path / "images"), tmp_path / "out",
                          strategy={"kind": "lora", "rank": 4}, train={"max_steps": 2, "learning_rate": 5e-3})
     recipe["model"]["quantize"] = "int8"
-    kept = {}
-
-    class Keeping(Sana):
-        def load(self, *args, **kwargs):
-            kept["parts"] = super().load(*args, **kwargs)
-            return kept["parts"]
-
-    real = loop.family_for
-    loop.family_for = lambda name, base=None, hub=False: Keeping(SPEC)
-    try:
-        artifact = loop.train(parse_recipe(recipe))
-    finally:
-        loop.family_for = real
-        reset_accelerate()
-    assert is_quantized(kept["parts"].transformer)
+    artifact, parts = train_keeping_parts(parse_recipe(recipe))
+    assert is_quantized(parts.transformer)
     pipe = saved_pipeline(sana_base)
     pipe.load_lora_weights(str(artifact))
     loaded = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.transformer.named_modules() if n.endswith(".lora_A")}

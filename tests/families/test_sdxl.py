@@ -41,7 +41,7 @@ def test_the_loop_conditions_the_unet_as_the_sdxl_pipeline_does(sdxl_base, tmp_p
                 k: v.detach().clone() for k, v in kwargs["added_cond_kwargs"].items()})), with_kwargs=True)
 
     recipe = parse_recipe(recipe_dict(sdxl_base, folder, tmp_path / "out", train={"max_steps": 1, "batch_size": 1}))
-    train_keeping_parts(recipe, on_load=record)
+    train_keeping_parts(recipe, before_steps=record)
     hidden, added = calls[0]
     pipe = saved_pipeline(sdxl_base)
     prompt_embeds, _, pooled, _ = pipe.encode_prompt(["a purple sks"], do_classifier_free_guidance=False)

@@ -1,0 +1,318 @@
+"""A training run set up: `setup` does everything before the first step and returns a `Run`, what the steps need.
+
+Order of work: check the engine, data and checkpoint (cheap, can fail) -> load the frozen base -> class images for
+prior preservation (drawn by the untouched base) -> fill the caches -> let the strategy inject what trains ->
+optimizer, schedule and the accelerator's preparation. training/loop.py goes on from there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from finetune.console import ensure_configured
+from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
+from finetune.data.buckets import format_report, write_report
+from finetune.data.caches import estimated_bytes, plan_caches
+from finetune.data.captions import caption_report
+from finetune.data.prepare import prepare_data, trained_examples
+from finetune.data.sources import data_name, tag_frequency
+from finetune.export.family_header import family_fields, family_version
+from finetune.models import Components, ModelFamily, family_for
+from finetune.models.family import refusal
+from finetune.models.pipeline_folder import downsampling_of, latent_channels_of
+from finetune.models.quantize import quantize_weights
+from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
+from finetune.recipe.schema import Recipe, SampleOptions
+from finetune.strategies import create_strategy
+from finetune.training import checkpoint, prior
+from finetune.training.engine import (enable_gradient_checkpointing, engine_report, has_accelerator,
+                                      prepare_for_training, refuse_unsharded_work, requested_engine,
+                                      sharding_report)
+from finetune.training.failures import divergence_advice
+from finetune.training.inputs import BatchEncoder, make_encoder
+from finetune.training.offload import offload_idle, on_device, one_at_a_time
+from finetune.training.optim import build_optimizer, build_scheduler
+from finetune.training.resume import checkpoint_to_resume, check_output_dir, remove_earlier_run, resume_command
+from finetune.training.saves import Saving
+from finetune.training.sharded_state import local_fraction
+from finetune.training.step import LossSettings
+from finetune.training.summary import Plan, images_per_folder, plan_lines
+
+log = logging.getLogger(__name__)  # the toolkit's own messages: finetune/console.py styles them
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype(model_dtype: str, mixed_precision: str) -> torch.dtype:
+    """dtype of the frozen base: as asked, or following mixed precision when "auto"."""
+    if model_dtype == "auto":
+        return DTYPES.get(mixed_precision, torch.float32)
+    return DTYPES[model_dtype]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The recipe's numbers the steps read: how many, how each is made, and what happens after which."""
+    max_steps: int
+    accumulation: int  # train.gradient_accumulation_steps
+    seed: int
+    max_grad_norm: float  # 0: no clipping
+    checkpoint_every: int  # 0: none (checkpoint.every)
+    snapshot_every: int  # 0: none (checkpoint.snapshot_every)
+    sample_every: int  # 0: none (sample.every)
+    log_every: int
+    sample: SampleOptions  # what a sample grid draws
+    resolution: int  # data.resolution: the sample grid's size
+
+
+@dataclass
+class Run:
+    """What the steps need, as setup leaves it; `step` and `live` change as the run goes on."""
+    accelerator: Any
+    family: ModelFamily
+    parts: Components
+    strategy: Any
+    optimizer: Any
+    lr_scheduler: Any
+    params: Any  # the prepared optimizer's parameters, clipped together
+    trained: list[str]  # names of the trained modules in parts.modules
+    trained_modules: list[torch.nn.Module]  # the same, unwrapped (the optimizer's state is gathered from them)
+    encoder: BatchEncoder
+    loader: Any  # the training images' micro-batches, from `step` on
+    class_batches: Iterator | None  # prior preservation's class images, in step with `loader`
+    settings: LossSettings
+    schedule: Schedule
+    saving: Saving
+    offloaded: list  # modules offload_idle moved off the accelerator; sample grids bring them back
+    base_dtype: torch.dtype
+    started_at: float  # files written after this are the run's (summary.written_lines)
+    summary: list[str]  # the plan's lines, for the live report
+    caption_notes: list[str]
+    # for the live report only (report/live.py reads the whole recipe) and the trackers' log.project / run_name
+    recipe: Recipe
+    step: int = 0  # steps done: the checkpoint's step when resuming
+    resume_from: Path | None = None  # the checkpoint setup read, for `resume` (loop.py)
+    saved: tuple[dict, dict, dict] | None = None  # its state, held until `resume` puts it back
+    live: Any = None  # the live report, while run_steps runs and for finish
+
+    def say(self, text: str | None) -> None:
+        """The main process speaks for all."""
+        _say(self.accelerator, text)
+
+    def close(self) -> None:
+        close(self.accelerator)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _say(accelerator, text: str | None) -> None:
+    if accelerator.is_main_process and text:
+        log.info(text)
+
+
+def close(accelerator) -> None:
+    """End the run's trackers and, in a multi-process run, its process group, however the run ended."""
+    accelerator.end_training()
+    # without this a multi-process CPU run aborts at interpreter exit
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def setup(recipe: Recipe, family: ModelFamily | None = None, *, resume: str | None = None,
+          overwrite: bool = False) -> Run:
+    """Everything before the first step. `family`: the model family to load the base with (None: the one
+    recipe.model names or detection finds); `resume`: "latest" or a checkpoint folder, read and checked here,
+    before any model loads (loop.resume puts its state back); `overwrite`: start anew over a finished run
+    (training/resume.py). The accelerator is closed when setup fails; use the Run as a context manager."""
+    ensure_configured()
+    output_dir = Path(recipe.output_dir).expanduser()
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        cpu=not has_accelerator(),  # accelerate only runs multi-process CPU jobs (torchrun) when told cpu=True
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps, log_with=recipe.log.to or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
+    try:
+        return _setup(accelerator, recipe, family, output_dir, resume, overwrite)
+    except BaseException:
+        close(accelerator)
+        raise
+
+
+def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: Path, resume: str | None,
+           overwrite: bool) -> Run:
+    def say(text: str | None) -> None:
+        _say(accelerator, text)
+
+    t, d = recipe.train, recipe.data
+    started_at = time.time() - 1  # file times may be rounded down to the second
+    _check_engine(accelerator, recipe)
+    # everything that can fail cheaply fails before the model loads; first, that nothing finished gets lost
+    strategy = create_strategy(recipe.strategy)
+    command = resume_command(recipe.source, recipe.overrides)
+    earlier_run = check_output_dir(output_dir, output_dir / strategy.artifact_name, resume, overwrite,
+                                   recipe.source, recipe.overrides)
+    prepared = prepare_data(d, t.batch_size * accelerator.num_processes)
+    examples, sizes = prepared.examples, prepared.sizes
+    if prepared.bucket_report is not None:
+        say(format_report(prepared.bucket_report))
+        if accelerator.is_main_process:
+            write_report(prepared.bucket_report, output_dir / "buckets.json")
+    order = BatchOrder(len(examples), d.repeats, t.batch_size, accelerator.num_processes,
+                       accelerator.process_index, t.seed, groups=prepared.groups,
+                       example_repeats=[e.repeats for e in examples])
+    # what the artifact's header says about the data (kohya's ss_num_train_images and ss_tag_frequency)
+    data_figures = {"num_train_images": len(examples),
+                    "tag_frequency": json.dumps({data_name(d.images, d.dataset): tag_frequency(
+                        [e.caption for e in examples])}, sort_keys=True)}
+    if resume and accelerator.is_main_process:
+        checkpoint.remove_stale_temporaries(output_dir)
+    resume_from, saved, notes = checkpoint_to_resume(output_dir, resume, recipe_to_dict(recipe), recipe.source,
+                                                     recipe.overrides)
+    for note in notes:
+        say(note)
+    if earlier_run:
+        accelerator.wait_for_everyone()  # every process has looked before the main one removes
+        if accelerator.is_main_process:
+            say(f"--overwrite: removing the earlier run's {', '.join(map(str, earlier_run))}")
+            remove_earlier_run(earlier_run)
+    first_step = saved[0]["step"] if resume_from is not None else 0
+    order.start = first_step * t.gradient_accumulation_steps  # the data stream goes on where the run stopped
+
+    if family is None:
+        family = family_for(recipe.model.family, recipe.model.base, hub=True)
+    recipe.model = options_for(family.spec, recipe.model)  # a hub id's family, told only now
+    if refusal(family.spec, recipe.strategy):
+        raise RecipeError(recipe.source, [refusal(family.spec, recipe.strategy)])
+    base_dtype = weight_dtype(recipe.model.dtype, t.mixed_precision)  # the frozen base's (trained weights: fp32)
+    parts, one_by_one = _load_base(accelerator, family, recipe, base_dtype)
+    strategy.check(family, parts)  # options that cannot fit this model fail before any long work
+    # the header keys AUTOMATIC1111 and Forge tell the base family by, in every artifact's header
+    family_header = family_fields(family_version(family, parts), recipe.strategy.kind, recipe.model.base)
+    tokenizer = family.text_encoders(parts)[0][1]
+    caption_notes = caption_report(tokenizer, strategy.prompts([e.caption for e in examples], torch.Generator()),
+                                   [e.name for e in examples], family.caption_window(tokenizer, d.max_token_length),
+                                   strategy.kept_words())
+    say("\n".join(caption_notes))
+    class_count = recipe.prior.num_class_images if recipe.prior.mode == "class_images" else 0
+    plan = plan_caches(recipe.cache.latents, recipe.cache.text, d.crop, recipe.strategy.changes_text_encoding(),
+                       estimated_bytes(len(examples) + class_count, 2 if d.random_flip else 1, d.resolution,
+                                       latent_channels_of(parts.vae.config) or 4,
+                                       downsampling_of(parts.vae.config) or 8))
+    for note in plan.notes:
+        say(note)
+    encoder = make_encoder(family, parts, plan, accelerator.device, recipe.cache.dir,
+                           show_progress=accelerator.is_local_main_process)
+    class_batches = None
+    if recipe.prior.mode == "class_images":
+        parts.denoiser.to(accelerator.device)
+        with on_device(one_by_one, accelerator.device):  # the pipeline draws with every part on one device
+            # drawn by the base as it is now, before the strategy changes anything
+            class_batches = prior.class_image_stream(
+                accelerator, prior.class_image_spec(recipe.prior, recipe.model, d.resolution), recipe.prior,
+                lambda: family.pipeline(parts), order, d.num_workers, encoder)
+    with one_at_a_time(one_by_one, accelerator.device):
+        latent_keys = encoder.cache_latents(examples, sizes, d.random_flip, "training images")
+        encoder.cache_text([e.caption for e in examples] + [""] * (d.caption_dropout > 0)
+                           + list(recipe.prior.class_prompt))
+    offloaded = offload_idle(parts, encoder.latent_store is not None, encoder.text is not None,
+                             accelerator.device) if recipe.cache.offload else []
+    parts.denoiser.to(accelerator.device)
+    torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
+    strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
+    trained = parts.trained()
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(accelerator, parts, trained)
+    if t.channels_last:
+        parts.denoiser.to(memory_format=torch.channels_last)
+    if t.compile:
+        parts.denoiser.compile()  # in place: parameter names, and so saved files, stay as they are
+    groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
+    summary = plan_lines(Plan(
+        images_per_folder=images_per_folder(trained_examples(prepared), d.repeats), max_steps=t.max_steps,
+        batch_size=t.batch_size, processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
+        batches_per_epoch=order.batches_per_epoch, trainable=strategy.state_dict(), device=str(accelerator.device),
+        precision=f"mixed precision {t.mixed_precision}, frozen base in {str(base_dtype).removeprefix('torch.')}",
+        base=recipe.model.base, output_dir=output_dir))
+    say("\n".join(summary))
+    optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
+                                t.adam_epsilon)
+    lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
+    prepared_modules, optimizer, params = prepare_for_training(accelerator, {n: parts.modules[n] for n in trained},
+                                                               optimizer)
+    parts.modules.update(prepared_modules)
+    trained_modules = [accelerator.unwrap_model(m) for m in prepared_modules.values()]
+    shards, not_sharded = sharding_report(accelerator.distributed_type.name, accelerator.num_processes,
+                                          {n: local_fraction(m) for n, m in zip(trained, trained_modules)})
+    say(shards)
+    if not_sharded and accelerator.is_main_process:
+        log.warning(not_sharded)
+
+    resolved = recipe_to_dict(recipe)  # as every checkpoint and artifact header keeps it
+    return Run(
+        accelerator=accelerator, family=family, parts=parts, strategy=strategy, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, params=params, trained=trained, trained_modules=trained_modules,
+        encoder=encoder, class_batches=class_batches,
+        loader=make_loader(ImageCaptionDataset(examples, sizes, d.crop, d.random_flip, d.caption_dropout,
+                                               latent_keys), order, d.num_workers),
+        settings=LossSettings(objective=family.objective(parts, recipe.model), text_encoder_trains=False,
+                              prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
+                              class_prompts=tuple(recipe.prior.class_prompt)),
+        schedule=Schedule(max_steps=t.max_steps, accumulation=t.gradient_accumulation_steps, seed=t.seed,
+                          max_grad_norm=t.max_grad_norm, checkpoint_every=recipe.checkpoint.every,
+                          snapshot_every=recipe.checkpoint.snapshot_every, sample_every=recipe.sample.every,
+                          log_every=recipe.log.every, sample=recipe.sample, resolution=d.resolution),
+        saving=Saving(output_dir=output_dir, command=command, recovery=divergence_advice(recipe), recipe=resolved,
+                      keep=recipe.checkpoint.keep, base_model=recipe.model.base, kind=recipe.strategy.kind,
+                      data_figures=data_figures, family_header=family_header),
+        offloaded=offloaded, base_dtype=base_dtype, started_at=started_at, summary=summary,
+        caption_notes=caption_notes, recipe=recipe, step=first_step, resume_from=resume_from, saved=saved)
+
+
+def _check_engine(accelerator, recipe: Recipe) -> None:
+    """Say which engine runs; refuse what it cannot do (RecipeError) before anything is read."""
+    engine, mismatch = engine_report(accelerator.distributed_type.name, accelerator.num_processes,
+                                     requested_engine())
+    _say(accelerator, engine)
+    if mismatch and accelerator.is_main_process:
+        log.warning(mismatch)
+    problems = refuse_unsharded_work(accelerator.distributed_type.name, recipe.strategy.kind,
+                                     recipe.strategy.trains_base_weights,
+                                     bool(getattr(recipe.strategy, "text_encoder", False)), recipe.sample.every)
+    if recipe.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
+        problems.append("train.mixed_precision: fp16 needs a GPU; on a CPU set train.mixed_precision: bf16 (or no)")
+    if problems:
+        raise RecipeError(recipe.source, problems)
+
+
+def _load_base(accelerator, family: ModelFamily, recipe: Recipe,
+               base_dtype: torch.dtype) -> tuple[Components, list[torch.nn.Module]]:
+    """The frozen base, on the accelerator except the denoiser and (cache.text_encoders: one_at_a_time) the text
+    encoders, which are returned to come one at a time."""
+    parts = family.load(recipe.model.base, revision=recipe.model.revision, variant=recipe.model.variant,
+                        dtype=base_dtype, config=recipe.model.config, vae=recipe.model.vae, options=recipe.model)
+    # the denoiser joins the device once the caches are filled and the encoders have left it: a Flux transformer
+    # (24 GB in bf16) and its T5 (9.5 GB) are never there together; class images need it before
+    # cache.text_encoders: one_at_a_time keeps them on the CPU; each comes only while it encodes
+    one_by_one = [] if recipe.cache.text_encoders == "together" else list(parts.text_encoder_modules().values())
+    for name, module in parts.modules.items():
+        if name != parts.denoiser_name and not any(module is m for m in one_by_one):
+            module.to(accelerator.device)
+    parts.max_token_length = recipe.data.max_token_length
+    if recipe.model.quantize != "none":
+        count = quantize_weights(parts.denoiser, recipe.model.quantize)
+        _say(accelerator, f"model.quantize: {count} Linear weights of the {parts.denoiser_name} in "
+                          f"{recipe.model.quantize}")
+    return parts, one_by_one
