@@ -7,6 +7,11 @@ CONTRACT (tests/helpers.py), or a family to finetune.models.FAMILY_MODULES, cove
 """
 from __future__ import annotations
 
+import json
+import os
+from importlib.metadata import version
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,11 +22,35 @@ from finetune.models.base import guidance_keyword
 from finetune.models.pipeline_folder import latent_channels_of
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
+from finetune.report.history import read_history
 from finetune.shapes.demo import tuned_pipeline
 from finetune.strategies import KINDS
 from finetune.training import loop
 from finetune.training.sampling import size_arguments
 from tests.helpers import CONTRACT, NOT_YET, allowed_by, fixed_loss, recipe_dict, reset_accelerate
+
+
+# the first losses of every (strategy, family) pair, recorded under the pinned versions (constraints.txt);
+# FINETUNE_WRITE_GOLDEN=1 records a pair's anew (after a deliberate change to the maths, or new pinned versions)
+GOLDEN = Path(__file__).with_name("golden_losses.json")
+PINNED = ("torch", "diffusers", "transformers", "peft")
+
+
+def compare_golden_losses(pair: str, losses: dict) -> None:
+    """`losses` (lists or floats) against the recorded ones within rtol 1e-4: far above the float noise of one CPU
+    build, far below any change to an objective, a step or an optimizer. Skips, naming them, where the installed
+    versions of PINNED are not those the values were recorded under."""
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"versions": {}, "losses": {}}
+    here = {name: version(name) for name in PINNED}
+    if os.environ.get("FINETUNE_WRITE_GOLDEN") == "1":
+        golden["versions"], golden["losses"][pair] = here, losses
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    if golden["versions"] != here:
+        pytest.skip(f"golden losses were recorded under {golden['versions']}, these are {here}")
+    assert pair in golden["losses"], f"no golden losses for {pair}: run it with FINETUNE_WRITE_GOLDEN=1"
+    for key, value in golden["losses"][pair].items():
+        np.testing.assert_allclose(losses[key], value, rtol=1e-4, err_msg=f"{pair} {key}")
 
 
 # a strategy's option a family refuses (spec.refuses "kind.option"): the contract runs train without it
@@ -106,6 +135,7 @@ def run(request, tiny_bases, concept_dir, tmp_path_factory):
             kept["loss_before"] = fixed_loss(family, trained.parts, pixels, [prompt] * len(pixels))
             loop.run_steps(trained)
             kept["artifact"] = loop.finish(trained)
+        kept["losses"] = [record["loss"] for record in read_history(out)]
         kept.update(parts=trained.parts, strategy=trained.strategy)
     finally:
         reset_accelerate()
@@ -144,6 +174,14 @@ def test_only_what_the_strategy_trains_changes(run):
 def test_the_loss_falls(run):
     """On fixed data, noise and timesteps: right after prepare (the base) and after 12 steps."""
     assert run["loss_after"] < run["loss_before"], (run["name"], run["loss_before"], run["loss_after"])
+
+
+def test_the_losses_are_the_golden_ones(run):
+    """The first training losses and the fixed-data loss after training, against the values stored for this
+    (strategy, family) pair under the pinned versions (tests/contracts/golden_losses.json): a change to the maths
+    fails here even when it is deterministic, which comparing two runs with each other cannot see."""
+    compare_golden_losses(f"{run['name']}-{run['family'].name}",
+                          {"steps": run["losses"][:4], "after_training": run["loss_after"]})
 
 
 def test_the_saved_artifact_reproduces_the_trained_model(run):
