@@ -43,7 +43,7 @@ from finetune.training.engine import (enable_gradient_checkpointing, engine_repo
 from finetune.training.failures import check_finite_loss, divergence_advice
 from finetune.training.offload import offload_idle, on_device, one_at_a_time
 from finetune.training.optim import build_optimizer, build_scheduler
-from finetune.training.sharded_state import local_fraction
+from finetune.distributed import local_fraction
 from finetune.training.resume import (check_output_dir, check_resumable, load_for_resume, remove_earlier_run,
                                       resume_command)
 from finetune.training.step import LossSettings, micro_step_loss
