@@ -20,7 +20,7 @@ from finetune.export import formats
 from finetune.export.adapter_files import Embeddings
 from finetune.export.lora.layers import AdapterFile, LoraLayer, LoraWeights
 from finetune.export.safetensors_io import read_header
-from finetune.tools.inspect_file import describe
+from finetune.export.describe import describe
 
 EXPORT = Path(finetune.export.__file__).parent
 MODULE = "down_blocks.0.attentions.0.proj_in"

@@ -89,7 +89,7 @@ def written_lines(output_dir: Path, since: float) -> list[str]:
 
 def written_entries(output_dir: Path, since: float) -> list[tuple[Path, str]]:
     """(absolute path, what it is and what reads it) for what written_lines lists; since=0: everything."""
-    from finetune.tools.inspect_file import describe
+    from finetune.export.describe import describe
 
     output_dir = output_dir.resolve()
     entries = []
