@@ -1,4 +1,5 @@
-"""`finetune inspect FILE`: what a model or adapter file is, for which base, what its header says, its shapes.
+"""What a model or adapter file (or a pipeline folder) is, for which base, what its header says, its shapes, and
+what reads it: for `finetune inspect` (tools/inspect_file.py prints it) and the list of files a run wrote.
 
 Reads headers and tensor shapes only (safetensors), or a pickle only if it is plain data; never runs code. What a
 .safetensors file is, and what its format adds to the description, is the format registry's (export/formats.py).
@@ -14,8 +15,8 @@ from typing import Any
 from finetune.export import formats
 from finetune.export.safetensors_io import read_header
 
-# cross-attention width -> the base family a file's layers fit
-FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
+# cross-attention width -> the Stable Diffusion release a file's layers fit (not one of finetune's families)
+SD_RELEASE_BY_WIDTH = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
 _CHECKPOINT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 
 
@@ -49,8 +50,8 @@ def read_by(kind: str) -> str | None:
 def _family_from_width(width: int | None) -> str | None:
     if width is None:
         return None
-    return FAMILIES.get(width, f"unknown (cross-attention width {width}: no Stable Diffusion release; the shapes world's "
-                                    "base is 64 wide, finetune's test models 32)")
+    return SD_RELEASE_BY_WIDTH.get(width, f"unknown (cross-attention width {width}: no Stable Diffusion release; "
+                                          "the shapes world's base is 64 wide, finetune's test models 32)")
 
 
 def _cross_attention_width(shapes: dict[str, list[int]]) -> int | None:
@@ -137,22 +138,3 @@ def _describe_pickle(path: Path) -> dict[str, Any]:
         info["metadata"] = {}
     return info
 
-
-def render(info: dict[str, Any], all_shapes: bool = False) -> str:
-    lines = [f"{info['file']}: {info['kind']}"]
-    for key in ("read_by", "base_model", "base_family", "bytes", "tensors", "parameters", "dtypes", "components",
-                "lora"):
-        if info.get(key) is not None:
-            lines.append(f"  {key}: {info[key]}")
-    metadata = info.get("metadata") or {}
-    if metadata:
-        lines.append("  metadata:")
-        for key, value in sorted(metadata.items()):
-            text = str(value).replace("\n", " ")
-            lines.append(f"    {key}: {text if len(text) <= 100 or all_shapes else text[:97] + '...'}")
-    shapes = info.get("shapes") or {}
-    if shapes:
-        shown = sorted(shapes.items()) if all_shapes else sorted(shapes.items())[:8]
-        lines.append(f"  shapes ({len(shapes)} tensors{'' if all_shapes else ', first 8; --all for every one'}):")
-        lines.extend(f"    {key}: {shape}" for key, shape in shown)
-    return "\n".join(lines)
