@@ -14,7 +14,7 @@ def evaluate(base: str | Path | None, adapter: str | Path | None, concept_name: 
     """The metrics of `base` (a shipped base's name, unet or transformer, or a folder; None: unet), with `adapter`
     (a file or a tuned pipeline folder) on it when given. Raises KeyError on an unknown concept, FileNotFoundError
     on a missing adapter or base."""
-    from finetune.shapes.demo import load_base_pipeline, tuned_pipeline
+    from finetune.demo.run import load_base_pipeline, tuned_pipeline
 
     concept = get_concept(concept_name)  # a typo fails before anything loads
     if adapter is not None and not Path(adapter).exists():

@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 from finetune.console import progress_bar
 from finetune.paths import write_text_atomically
 from finetune.recipe.load import load_recipe
-from finetune.report.demo_page import write_demo_page
+from finetune.demo.page import write_demo_page
 from finetune.report.evaluations import save_evaluation
 from finetune.shapes import metrics
 from finetune.shapes.concepts import CONCEPTS
 from finetune.shapes.evaluator import Evaluator
-from finetune.shapes.report import aggregate, write_markdown
+from finetune.demo.report import aggregate, write_markdown
 from finetune.shapes.scorecard import score
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "shapes"

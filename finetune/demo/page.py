@@ -29,7 +29,7 @@ def write_demo_page(out_dir: str | Path) -> Path:
 
 
 def build_demo_page(out_dir: Path, report: dict) -> str:
-    from finetune.shapes.report import BASE_NAMES, BASE_TARGET, base_accuracies, verdicts
+    from finetune.demo.report import BASE_NAMES, BASE_TARGET, base_accuracies, verdicts
 
     shortened = report.get("max_steps_override")
     body = ["<h1>finetune demo: the shapes world</h1>"]
