@@ -18,9 +18,9 @@ from finetune import adapters
 from finetune.cli import main
 from finetune.export import formats
 from finetune.export.adapter_files import Embeddings
+from finetune.export.describe import describe
 from finetune.export.lora.layers import AdapterFile, LoraLayer, LoraWeights
 from finetune.export.safetensors_io import read_header
-from finetune.export.describe import describe
 
 EXPORT = Path(finetune.export.__file__).parent
 MODULE = "down_blocks.0.attentions.0.proj_in"
