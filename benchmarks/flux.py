@@ -30,7 +30,7 @@ def build_flux(seed: int = 0, dtype: torch.dtype = torch.bfloat16, blocks: dict 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from finetune.models.tiny import build_tokenizer
+    from finetune.models.tiny_clip import build_tokenizer
     from finetune.models.tiny_transformers import build_t5_tokenizer
 
     torch.manual_seed(seed)

@@ -32,7 +32,7 @@ def build_sd15(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from finetune.models.tiny import build_tokenizer
+    from finetune.models.tiny_clip import build_tokenizer
 
     def config(name: str) -> dict:
         return json.loads((CONFIGS / "sd15" / f"{name}.json").read_text())
@@ -55,7 +55,7 @@ def build_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from finetune.models.tiny import build_tokenizer
+    from finetune.models.tiny_clip import build_tokenizer
 
     def config(name: str) -> dict:
         return json.loads((CONFIGS / "sdxl" / f"{name}.json").read_text())

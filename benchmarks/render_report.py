@@ -33,7 +33,7 @@ def page_of(target: Path, rebuild: bool) -> Path:
         return target
     if (target / "demo_report.json").is_file():
         if rebuild:
-            from finetune.report.demo_page import write_demo_page
+            from finetune.demo.page import write_demo_page
 
             write_demo_page(target)
         return target / "demo_report.html"

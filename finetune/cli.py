@@ -212,7 +212,7 @@ def _report(args) -> int:
     folder = Path(args.output_dir)
     try:
         if (folder / "demo_report.json").is_file():
-            from finetune.report.demo_page import write_demo_page
+            from finetune.demo.page import write_demo_page
 
             print(f"wrote {write_demo_page(folder)}")
         else:
@@ -225,11 +225,11 @@ def _report(args) -> int:
 
 
 def _demo(args) -> int:
-    from finetune.shapes.demo import run_demo
+    from finetune.demo.run import run_demo
 
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
     try:
-        from finetune.shapes.demo import BASES
+        from finetune.demo.run import BASES
 
         bases = BASES if args.base == "all" else (args.base,)
         report = run_demo(args.out, strategies, max_steps=args.max_steps, quick=args.quick, seeds=args.seeds,

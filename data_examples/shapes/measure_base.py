@@ -44,7 +44,7 @@ def autoencoder_round_trip(pipe, evaluator: Evaluator, shapes, n: int = 400, see
 
 
 def main(argv: list[str] | None = None) -> None:
-    from finetune.shapes.demo import load_base_pipeline
+    from finetune.shapes.evaluate import load_base_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=None, help="unet (default), transformer, or a pipeline folder")

@@ -204,7 +204,3 @@ class ModelFamily(Protocol):
 
     def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
         """A diffusers inference pipeline sharing the parts (`unwrap` strips distributed wrappers)."""
-
-    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
-                         dtype: torch.dtype | None = None) -> Any:
-        """One original-layout checkpoint (what AUTOMATIC1111 and ComfyUI load), written atomically."""

@@ -293,9 +293,3 @@ class Family:
         """The denoiser's output for `noisy` latents [batch, c, h, w] at `timesteps`, shaped like them, given the
         prompts' `conditioning` and each image's `conditions` (sizes, crop corners: finetune/data/dataset.py)."""
         raise NotImplementedError
-
-    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
-                         dtype: torch.dtype | None = None) -> Any:
-        """One original-layout checkpoint (what AUTOMATIC1111 and ComfyUI load); most families write none yet."""
-        raise ValueError(f"finetune writes no single-file {self.spec.title} checkpoint yet; give --out a folder "
-                         "(a diffusers pipeline folder, which diffusers and ComfyUI load)")

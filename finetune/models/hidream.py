@@ -140,7 +140,7 @@ def build_tiny(seed: int = 0) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.models.tiny import _clip, build_tokenizer
+    from finetune.models.tiny_clip import build_tokenizer, clip_text_model
     from finetune.models.tiny_transformers import _t5, _vae, build_t5_tokenizer
 
     torch.manual_seed(seed)
@@ -157,8 +157,8 @@ def build_tiny(seed: int = 0) -> Any:
         num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(8, 8), llama_layers=[0, 1])
     pipe = HiDreamImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), vae=_vae(shift_factor=0.1159, scaling_factor=0.3611),
-        text_encoder=_clip(clip_l, 32, with_projection=True), tokenizer=clip_l,
-        text_encoder_2=_clip(clip_g, 32, with_projection=True), tokenizer_2=clip_g,
+        text_encoder=clip_text_model(clip_l, 32, with_projection=True), tokenizer=clip_l,
+        text_encoder_2=clip_text_model(clip_g, 32, with_projection=True), tokenizer_2=clip_g,
         text_encoder_3=_t5(t5_tokenizer, 32), tokenizer_3=t5_tokenizer, text_encoder_4=llama,
         tokenizer_4=llama_tokenizer, transformer=transformer)
     for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, llama, transformer, pipe.vae):

@@ -101,11 +101,6 @@ class StableDiffusionXL(Family):
         added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids(conditions).to(noisy.device, dtype)}
         return parts.unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample
 
-    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
-                         dtype: torch.dtype | None = None) -> Any:
-        from finetune.export.single_file_sdxl import save_single_file_sdxl
-
-        return save_single_file_sdxl(path, parts, metadata=metadata, dtype=dtype)
 
 def time_ids(conditions: dict[str, torch.Tensor]) -> torch.Tensor:
     """[batch, 6]: original (h, w) + crop top-left (top, left) + target (h, w), the order of the pipeline's

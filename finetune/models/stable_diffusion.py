@@ -48,13 +48,6 @@ class StableDiffusion(Family):
         dtype = unwrapped(parts.unet).dtype
         return parts.unet(noisy.to(dtype), timesteps, conditioning.to(dtype)).sample
 
-    def save_single_file(self, parts: Components, path: str, metadata: dict[str, str] | None = None,
-                         dtype: torch.dtype | None = None) -> Any:
-        """One original-layout checkpoint (AUTOMATIC1111's, ComfyUI's), finetune/export/single_file.py."""
-        from finetune.export.single_file import save_single_file
-
-        return save_single_file(path, parts.unet, parts.vae, parts.text_encoder, metadata=metadata, dtype=dtype)
-
 
 def build_tiny(seed: int = 0) -> Any:
     from finetune.models.tiny import build_tiny_pipeline

@@ -1,40 +1,14 @@
 """A tiny Stable Diffusion pipeline built from configs (no downloads), for tests, benchmarks and quick tries.
 
-The tokenizer is character-level CLIP BPE (byte alphabet, no merges), so any prompt tokenizes.
+The tokenizer is character-level CLIP BPE (byte alphabet, no merges), so any prompt tokenizes (tiny_clip.py).
 """
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import torch
 
-
-def _byte_alphabet() -> list[str]:
-    # the printable stand-ins CLIP's byte-level BPE uses for the 256 byte values
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def build_tokenizer(max_length: int = 32, pad_token: str | None = None):
-    """`pad_token`: SDXL's second tokenizer pads with "!" in the released model, not with the end token."""
-    from transformers import CLIPTokenizer
-
-    alphabet = _byte_alphabet()
-    vocab = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"),
-                             model_max_length=max_length, **({"pad_token": pad_token} if pad_token else {}))
+from finetune.models.tiny_clip import build_tokenizer, clip_text_model
 
 
 def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32):
@@ -64,16 +38,6 @@ def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32):
                                    requires_safety_checker=False)
 
 
-def _clip(tokenizer, width: int, with_projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=width,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-
-
 def build_tiny_sdxl_pipeline(seed: int = 0, force_upcast: bool = True):
     """A StableDiffusionXLPipeline of the same build as the released one, in miniature: CLIP-L 16 wide and CLIP-G
     32 wide with a projection, a U-Net attending to both (48 wide) with SDXL's text_time embedding (6 size numbers
@@ -82,7 +46,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0, force_upcast: bool = True):
 
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
-    text_encoder, text_encoder_2 = _clip(tokenizer, 16), _clip(tokenizer_2, 32, with_projection=True)
+    text_encoder = clip_text_model(tokenizer, 16)
+    text_encoder_2 = clip_text_model(tokenizer_2, 32, with_projection=True)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from finetune.models.tiny import _clip, build_tokenizer
+from finetune.models.tiny_clip import build_tokenizer, clip_text_model
 
 
 def build_t5_tokenizer(max_length: int = 32):
@@ -55,8 +55,8 @@ def build_tiny_sd3_pipeline(seed: int = 0):
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=_clip(tokenizer, 16, with_projection=True), tokenizer=tokenizer,
-        text_encoder_2=_clip(tokenizer_2, 16, with_projection=True), tokenizer_2=tokenizer_2,
+        text_encoder=clip_text_model(tokenizer, 16, with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=clip_text_model(tokenizer_2, 16, with_projection=True), tokenizer_2=tokenizer_2,
         text_encoder_3=_t5(tokenizer_3, 32), tokenizer_3=tokenizer_3)
 
 
@@ -77,7 +77,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return FluxPipeline(
         transformer=transformer, scheduler=scheduler, vae=_vae(shift_factor=0.1159, scaling_factor=0.3611),
-        text_encoder=_clip(tokenizer, 32), tokenizer=tokenizer, text_encoder_2=_t5(tokenizer_2, 32),
+        text_encoder=clip_text_model(tokenizer, 32), tokenizer=tokenizer, text_encoder_2=_t5(tokenizer_2, 32),
         tokenizer_2=tokenizer_2)
 
 

@@ -220,7 +220,7 @@ def _data(output_dir: Path, info: dict) -> list[str]:
 
 
 def _files(output_dir: Path) -> list[str]:
-    from finetune.training.summary import written_entries
+    from finetune.report.sources import written_entries
 
     rows = []
     for path, what in written_entries(output_dir, since=0):

@@ -1,4 +1,5 @@
-"""`finetune eval`: the shapes-world metrics for a base and, optionally, an adapter on it or a tuned pipeline."""
+"""`finetune eval`: the shapes-world metrics for a base and, optionally, an adapter on it or a tuned pipeline; and
+loading those pipelines (the demo judges its runs through the same two functions)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,6 @@ def evaluate(base: str | Path | None, adapter: str | Path | None, concept_name: 
     """The metrics of `base` (a shipped base's name, unet or transformer, or a folder; None: unet), with `adapter`
     (a file or a tuned pipeline folder) on it when given. Raises KeyError on an unknown concept, FileNotFoundError
     on a missing adapter or base."""
-    from finetune.shapes.demo import load_base_pipeline, tuned_pipeline
-
     concept = get_concept(concept_name)  # a typo fails before anything loads
     if adapter is not None and not Path(adapter).exists():
         raise FileNotFoundError(f"--adapter: {adapter} not found")
@@ -28,3 +27,27 @@ def evaluate(base: str | Path | None, adapter: str | Path | None, concept_name: 
     numbers = score(pipe, evaluator, concept, bare_accuracy, adapted=adapter is not None)
     return {"base_accuracy": bare_accuracy, "concept": concept.concept_prompt(), "concept_kind": concept.kind,
             **numbers}
+
+
+def load_base_pipeline(base: str | Path):
+    """The pipeline class a folder's model_index.json names (SD, SD3, ...), without the parts it was saved
+    without (the transformer base has no T5)."""
+    from diffusers import DiffusionPipeline
+
+    from finetune.models.pipeline_folder import parts_stored_as_none
+
+    pipe = DiffusionPipeline.from_pretrained(str(base), **parts_stored_as_none(base))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tuned_pipeline(base: str | Path, artifact: str | Path):
+    """The base with a training artifact applied: an adapter file loaded onto it, or a whole tuned
+    pipeline folder (DreamBooth) in its place."""
+    from finetune import load_adapter
+
+    if (Path(artifact) / "model_index.json").is_file():
+        return load_base_pipeline(artifact)
+    pipe = load_base_pipeline(base)
+    load_adapter(pipe, artifact)
+    return pipe

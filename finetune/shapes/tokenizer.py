@@ -12,7 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from finetune.models.tiny import _byte_alphabet
+from finetune.models.tiny_clip import byte_alphabet
 from finetune.shapes.world import ALL_SHAPES, COLOURS, SIZES
 
 MAX_LENGTH = 16
@@ -65,7 +65,7 @@ def word_merges(words: tuple[str, ...] = WORDS) -> list[tuple[str, str]]:
 def build_shapes_tokenizer(max_length: int = MAX_LENGTH):
     from transformers import CLIPTokenizer
 
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     merges = word_merges()
     vocab = alphabet + [c + END_OF_WORD for c in alphabet]
     vocab += [left + right for left, right in merges]

@@ -24,7 +24,7 @@ from finetune.models.loading import cast
 from finetune.paths import give_umask_permissions
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies.base import StrategySetupError, held_in
-from finetune.training.sharded_state import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
+from finetune.distributed import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
 
 log = logging.getLogger(__name__)
 PIPELINE_DIR = "pipeline"

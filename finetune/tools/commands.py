@@ -69,7 +69,8 @@ def run_resize(args) -> int:
 
 
 def run_inspect(args) -> int:
-    from finetune.tools.inspect_file import describe, render
+    from finetune.export.describe import describe
+    from finetune.tools.inspect_file import render
 
     info = describe(args.file)
     if args.json:

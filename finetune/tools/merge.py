@@ -32,6 +32,7 @@ def parse_adapter_argument(text: str) -> tuple[str, float]:
 def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dtype: str = "fp16") -> list[str]:
     """Returns one line per fused adapter."""
     from finetune.adapters import check_adapter_file, load_adapter
+    from finetune.export.single_file_writers import write_single_file
     from finetune.models import family_for
     from finetune.models.base import adaptable_modules
 
@@ -59,7 +60,7 @@ def merge(base: str, adapters: list[tuple[str, float]], out: str | Path, save_dt
         layers = sum(peft_layers.fuse(module) for module in adaptable_modules(pipe).values())
         lines.append(f"fused {path} at {ratio:g} ({layers} layers, adapter {name})")
     if single_file:
-        family.save_single_file(parts, out, metadata=_merge_metadata(base, adapters), dtype=DTYPES[save_dtype])
+        write_single_file(family, parts, out, metadata=_merge_metadata(base, adapters), dtype=DTYPES[save_dtype])
     else:
         _save_folder(pipe, out, DTYPES[save_dtype], _merge_metadata(base, adapters))
     return lines

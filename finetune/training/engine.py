@@ -61,7 +61,7 @@ def refuse_unsharded_work(got: str, strategy_kind: str, trains_base_weights: boo
 
 def sharding_report(got: str, processes: int, fractions: dict[str, float]) -> tuple[str | None, str | None]:
     """(a line saying how much of each trained module this process holds, a warning when accelerate reports
-    FSDP over several processes but nothing is sharded); `fractions`: module name -> sharded_state.local_fraction.
+    FSDP over several processes but nothing is sharded); `fractions`: module name -> distributed.local_fraction.
     The claim comes from the parameters themselves, not from the config."""
     if got != "FSDP":
         return None, None

@@ -40,7 +40,7 @@ from finetune.training.offload import offload_idle, on_device, one_at_a_time
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.resume import checkpoint_to_resume, check_output_dir, remove_earlier_run, resume_command
 from finetune.training.saves import Saving
-from finetune.training.sharded_state import local_fraction
+from finetune.distributed import local_fraction
 from finetune.training.step import LossSettings
 from finetune.training.summary import Plan, images_per_folder, plan_lines
 

@@ -18,7 +18,7 @@ from finetune.training import checkpoint, trackers
 from finetune.training.failures import Recovery, check_finite_weights, saving
 from finetune.training.optim import set_base_rates
 from finetune.training.sampling import plain_forward, sample_grid, save_png
-from finetune.training.sharded_state import load_optimizer_state_dict, optimizer_state_dict
+from finetune.distributed import load_optimizer_state_dict, optimizer_state_dict
 
 
 @dataclass(frozen=True)

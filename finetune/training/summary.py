@@ -7,23 +7,7 @@ from pathlib import Path
 
 import torch
 
-# folders a run fills with many files: listed as one line each, with what they hold
-RUN_FOLDERS = {
-    "checkpoints": "checkpoints, for `--resume latest`",
-    "samples": "sample grids (PNG)",
-    "snapshots": "loadable copies of the artifact made during training",
-    "logs": "TensorBoard events / W&B run files",
-    "eval": "evaluation figures (JSON, one file per `finetune eval` or demo judgement); read by `finetune report`",
-}
-# files every run writes for its report page
-RUN_FILES = {
-    "history.jsonl": "training history, one JSON line per step (loss, lr, throughput, memory); read by "
-                     "`finetune report` and any JSON-lines reader",
-    "run.json": "the run's notes for its report (recipe, plan, data, sample labels, state); read by `finetune report`",
-    "report.html": "the run's report page (curves, sample grids, data, files); read by a web browser, "
-                   "rebuilt by `finetune report`",
-    "buckets.json": "aspect-ratio bucket report (JSON); read by `finetune report` and any JSON reader",
-}
+from finetune.report.sources import written_entries
 
 
 @dataclass
@@ -86,42 +70,3 @@ def written_lines(output_dir: Path, since: float) -> list[str]:
     each is, and which loader or program reads it (as `finetune inspect` says)."""
     return [f"  {path}{'/' if path.is_dir() else ''}: {what}" for path, what in written_entries(output_dir, since)]
 
-
-def written_entries(output_dir: Path, since: float) -> list[tuple[Path, str]]:
-    """(absolute path, what it is and what reads it) for what written_lines lists; since=0: everything."""
-    from finetune.tools.inspect_file import describe
-
-    output_dir = output_dir.resolve()
-    entries = []
-    for path in sorted(output_dir.rglob("*")):
-        relative = path.relative_to(output_dir).parts
-        if path.name.startswith(".") or (relative[0] in RUN_FOLDERS and len(relative) > 1):
-            continue  # hidden, or inside a run folder (listed once, as a whole)
-        if not _written_since(path, since):
-            continue
-        if relative[0] in RUN_FOLDERS:
-            entries.append((path, RUN_FOLDERS[relative[0]]))
-            continue
-        if path.is_dir() and not (path / "model_index.json").is_file():
-            continue  # a plain folder (kohya/, a1111/): its files are listed
-        if any((output_dir.joinpath(*relative[:i]) / "model_index.json").is_file() for i in range(1, len(relative))):
-            continue  # inside a pipeline folder, which was listed whole
-        entries.append((path, RUN_FILES.get(path.name) if len(relative) == 1 and path.name in RUN_FILES
-                        else _what(path, describe)))
-    return entries
-
-
-def _written_since(path: Path, since: float) -> bool:
-    if path.is_file():
-        return path.stat().st_mtime >= since
-    return any(p.is_file() and p.stat().st_mtime >= since for p in path.rglob("*"))
-
-
-def _what(path: Path, describe) -> str:
-    if path.suffix not in (".safetensors", ".pt") and not path.is_dir():
-        return {".json": "JSON", ".png": "image"}.get(path.suffix, "file")
-    try:
-        info = describe(path)
-    except (OSError, ValueError) as exc:
-        return f"unreadable ({exc})"
-    return f"{info['kind']}; read by {info['read_by']}" if info.get("read_by") else info["kind"]

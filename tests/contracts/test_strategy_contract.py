@@ -23,7 +23,7 @@ from finetune.models.pipeline_folder import latent_channels_of
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
 from finetune.report.history import read_history
-from finetune.shapes.demo import tuned_pipeline
+from finetune.shapes.evaluate import tuned_pipeline
 from finetune.strategies import KINDS
 from finetune.training import loop
 from finetune.training.sampling import size_arguments

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.shapes.demo import available_strategies
+from finetune.demo.run import available_strategies
 
 
 def test_eval_on_the_bare_base_never_sees_the_new_object(tmp_path):
@@ -101,8 +101,8 @@ def test_quick_demo_runs_the_headline_alone_on_both_bases(tmp_path):
 
 
 def test_the_default_demo_runs_each_strategy_on_the_concept_its_targets_judge():
-    from finetune.shapes.demo import BASES, VARIANTS, demo_pairs
-    from finetune.shapes.report import TARGETS
+    from finetune.demo.run import BASES, VARIANTS, demo_pairs
+    from finetune.demo.report import TARGETS
     from finetune.strategies import KINDS
 
     default = demo_pairs(BASES)
@@ -119,7 +119,7 @@ def test_the_default_demo_runs_each_strategy_on_the_concept_its_targets_judge():
 
 def test_demo_refuses_an_unknown_strategy_or_base(tmp_path):
     from finetune.cli import main
-    from finetune.shapes.demo import run_demo
+    from finetune.demo.run import run_demo
 
     assert main(["demo", "--out", str(tmp_path), "--strategies", "lora,dreambooth-typo"]) == 2
     with pytest.raises(ValueError, match="--base: vit; one of unet, transformer"):
@@ -132,7 +132,7 @@ def test_demo_refuses_an_unknown_strategy_or_base(tmp_path):
 @pytest.mark.parametrize("base", ["unet", "transformer"])
 def test_every_strategy_has_demo_recipes_on_every_base(base):
     from finetune.recipe.load import load_recipe
-    from finetune.shapes.demo import BASE_RECIPES
+    from finetune.demo.run import BASE_RECIPES
     from finetune.strategies import KINDS
 
     assert set(available_strategies(base)) == set(KINDS)  # every strategy is in the demo, on both concepts
@@ -142,7 +142,7 @@ def test_every_strategy_has_demo_recipes_on_every_base(base):
 
 def test_demo_seeds_runs_each_recipe_with_every_seed_and_judges_the_worst(tmp_path, monkeypatch):
     from finetune.cli import main
-    from finetune.shapes import demo
+    from finetune.demo import run as demo
 
     # real training (one step a seed); the evaluation is replaced by figures that differ from seed to seed, so the
     # aggregates are checked against distinct values (and the test skips the slow sampling)
@@ -205,8 +205,8 @@ def _run(seed: int, concept: float, prompt: float, drop: float) -> dict:
 
 
 def test_targets_are_judged_on_the_worst_seed(tmp_path):
-    from finetune.report.demo_page import build_demo_page
-    from finetune.shapes.report import aggregate, write_markdown
+    from finetune.demo.page import build_demo_page
+    from finetune.demo.report import aggregate, write_markdown
 
     # seed 0 meets every target; seed 1 misses concept fidelity, seed 2 the drop; the means would all pass
     runs = [_run(0, 1.0, 1.0, 0.0), _run(1, 0.78, 0.96, 2.8), _run(2, 1.0, 0.9, 5.6)]
@@ -233,7 +233,7 @@ def test_the_demo_page_finds_its_grids_with_a_relative_out(tmp_path, monkeypatch
     import re
 
     from finetune.cli import main
-    from finetune.shapes import demo
+    from finetune.demo import run as demo
 
     # the default --out is the relative demo_output; the figures are faked (the page is what is tested here)
     monkeypatch.setattr(demo, "score", lambda pipe, evaluator, concept, bare_accuracy, label="": {

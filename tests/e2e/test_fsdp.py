@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.distributed import is_sharded, local_fraction
 from finetune.training.engine import refuse_unsharded_work, sharding_report
-from finetune.training.sharded_state import is_sharded, local_fraction
 
 ROOT = Path(__file__).parents[2]
 CONFIG = ROOT / "recipes" / "accelerate" / "fsdp_flux.yaml"

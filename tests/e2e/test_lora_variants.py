@@ -239,6 +239,6 @@ def test_merge_fuses_every_variant_into_plain_weights(case, trained, tiny_base, 
 @pytest.mark.parametrize("case, kind", [("loha", "loha adapter"), ("lokr", "lokr adapter"), ("oft", "oft adapter"),
                                         ("dora", "with DoRA"), ("lora_conv", "LoRA (diffusers/peft format)")])
 def test_inspect_names_the_variant(case, kind, trained):
-    from finetune.tools.inspect_file import describe
+    from finetune.export.describe import describe
 
     assert kind in describe(trained[case][0])["kind"]

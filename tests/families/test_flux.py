@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from finetune.export.single_file_writers import write_single_file
 from finetune.models import family_for
 from finetune.models.flux import pack, unpack
 from finetune.models.tiny import save_tiny_pipeline
@@ -215,7 +216,7 @@ def test_a_flux_base_is_told_from_its_folder_or_its_single_file(flux_base, tmp_p
 def test_a_single_file_checkpoint_is_refused_clearly(lora_run, tmp_path):
     _, parts, _ = lora_run
     with pytest.raises(ValueError, match="no single-file Flux.1 .*checkpoint"):
-        family_for("flux").save_single_file(parts, str(tmp_path / "x.safetensors"))
+        write_single_file(family_for("flux"), parts, str(tmp_path / "x.safetensors"))
 
 
 def test_the_flux_recipe_validates_and_trains_on_a_tiny_flux(flux_base, tmp_path):

@@ -4,8 +4,11 @@ Under FSDP2 (`torch.distributed.fsdp.fully_shard`, what accelerate's `fsdp_versi
 DTensor of which every process holds one slice. A checkpoint or a saved pipeline needs the whole tensors, so
 they are gathered with torch's own `torch.distributed.checkpoint.state_dict` functions (full state dict, offloaded
 to the CPU). Gathering is collective: every process must call these functions at the same point, never the main
-process alone. accelerate's own `get_state_dict` returns tensors safetensors cannot save on a CPU run
-(../shared/reference/memory-and-scale.md, pitfall 2), so torch's functions are used directly.
+process alone. accelerate's own `get_state_dict` (which also sets `broadcast_from_rank0`) returns tensors
+safetensors cannot save on a CPU run ("Attempted to access the data pointer on an invalid python storage", seen
+with accelerate 1.15), so torch's functions are used directly.
+
+It sits at the package's top level, below both the loop and the strategies, since both gather and load through it.
 
 Without sharding every function here is the plain `state_dict` / `load_state_dict` it stands for.
 """

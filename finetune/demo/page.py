@@ -7,6 +7,7 @@ import os
 from html import escape
 from pathlib import Path
 
+from finetune.demo.report import BASE_NAMES, BASE_TARGET, base_accuracies, verdicts
 from finetune.io.atomic import write_text_atomically
 from finetune.report.grids import labelled_grid
 from finetune.report.page import shell
@@ -29,8 +30,6 @@ def write_demo_page(out_dir: str | Path) -> Path:
 
 
 def build_demo_page(out_dir: Path, report: dict) -> str:
-    from finetune.shapes.report import BASE_NAMES, BASE_TARGET, base_accuracies, verdicts
-
     shortened = report.get("max_steps_override")
     body = ["<h1>finetune demo: the shapes world</h1>"]
     if shortened:

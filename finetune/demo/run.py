@@ -12,14 +12,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from finetune.console import progress_bar
+from finetune.demo.page import write_demo_page
+from finetune.demo.report import aggregate, write_markdown
 from finetune.io.atomic import write_text_atomically
 from finetune.recipe.load import load_recipe
-from finetune.report.demo_page import write_demo_page
 from finetune.report.evaluations import save_evaluation
 from finetune.shapes import metrics
 from finetune.shapes.concepts import CONCEPTS
+from finetune.shapes.evaluate import load_base_pipeline, tuned_pipeline
 from finetune.shapes.evaluator import Evaluator
-from finetune.shapes.report import aggregate, write_markdown
 from finetune.shapes.scorecard import score
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
@@ -41,30 +42,6 @@ def available_strategies(base: str = "unet") -> list[str]:
 
     folder = BASE_RECIPES[base]
     return [kind for kind in KINDS if all((folder / f"{kind}_{c}.yaml").is_file() for c in CONCEPTS)]
-
-
-def load_base_pipeline(base: str | Path):
-    """The pipeline class a folder's model_index.json names (SD, SD3, ...), without the parts it was saved
-    without (the transformer base has no T5)."""
-    from diffusers import DiffusionPipeline
-
-    from finetune.models.pipeline_folder import parts_stored_as_none
-
-    pipe = DiffusionPipeline.from_pretrained(str(base), **parts_stored_as_none(base))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tuned_pipeline(base: str | Path, artifact: str | Path):
-    """The base with a training artifact applied: an adapter file loaded onto it, or a whole tuned
-    pipeline folder (DreamBooth) in its place."""
-    from finetune import load_adapter
-
-    if (Path(artifact) / "model_index.json").is_file():
-        return load_base_pipeline(artifact)
-    pipe = load_base_pipeline(base)
-    load_adapter(pipe, artifact)
-    return pipe
 
 
 QUICK = ("lora", "new_object")  # --quick: the headline alone, LoRA teaching the star the base never drew
