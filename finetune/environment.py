@@ -41,7 +41,7 @@ class KnownConflict:
 
 
 # Combinations no package declares but that break finetune. Add one with the versions, what breaks and the fix,
-# and a test in tests/test_environment.py picks it up.
+# and a test in tests/cli/test_environment.py picks it up.
 KNOWN_CONFLICTS: tuple[KnownConflict, ...] = (
     # both found by running the suite on older releases (`bash .ci/run --oldest`, then one package at a time);
     # pyproject's peft>=0.20 keeps a plain install out of them, these say why when one is installed anyway

@@ -1,6 +1,6 @@
 """The README's model-family table, written from the registered family specs (finetune/models/), so that it
 cannot drift from what the code trains: `python -m finetune.tools.family_table README.md` rewrites the table
-between its markers; tests/test_family_table.py fails when the README's copy is stale."""
+between its markers; tests/contracts/test_family_registry.py fails when the README's copy is stale."""
 from __future__ import annotations
 
 import argparse

@@ -3,7 +3,7 @@
 Either way the run stops with its last good checkpoint kept: a checkpoint is written only from finite weights,
 and a save that fails leaves no half-written file behind. Every command a message prints runs as printed: after a
 NaN, the run's own command at a tenth of the rate, with `--resume latest` (which accepts that change) and with
-`--overwrite` (tests/test_failures.py runs both).
+`--overwrite` (tests/e2e/test_failures.py runs both).
 """
 from __future__ import annotations
 
