@@ -187,7 +187,7 @@ SPEC = FamilySpec(
     name="qwen_image_2_1", title="Qwen-Image 2.1", pipeline="QwenImage21Pipeline", objective="flow_matching",
     objective_defaults=(
         "sigmoid(N(0, 1)) shifted by the image's h x w latent tokens (nothing packed) with the base scheduler's "
-        "exponential constants, no weighting: how QwenImage21Pipeline shifts its sigmas (calculate_shift) and the "
+        "constants and time_shift_type, no weighting: how QwenImage21Pipeline shifts its sigmas (calculate_shift) and the "
         "Qwen-Image default; no peer trains 2.1 yet"),
     options=QwenImage21Options, behaviour=QwenImage21, tiny=build_tiny,
     # the original (= diffusers) names: a shared `modulation` and txt_in's text_norm, which Qwen-Image lacks
