@@ -1,8 +1,9 @@
 """Which families finetune writes one original-layout checkpoint for (what AUTOMATIC1111 and ComfyUI load), and
 writing one for a family (`finetune merge --out model.safetensors`).
 
-The writers are export code, so they sit here and are looked up by the family's name (`spec.name`): a family's
-file says how it loads, trains and samples, and models/ imports nothing from export/.
+The writers are export code, so they sit here, looked up by the layout the family's spec names
+(`spec.single_file_layout`): a family's file says how it loads, trains and samples, and models/ imports nothing
+from export/.
 """
 from __future__ import annotations
 
@@ -28,14 +29,15 @@ def _write_sdxl(parts: Components, path: str, metadata: dict[str, str] | None, d
     return save_single_file_sdxl(path, parts, metadata=metadata, dtype=dtype)
 
 
-WRITERS: dict[str, Writer] = {"sd": _write_sd, "sdxl": _write_sdxl}  # family name -> its writer
+# spec.single_file_layout -> its writer: CompVis's ldm layout (SD 1.x/2.x), Stability's sgm layout (SDXL)
+WRITERS: dict[str, Writer] = {"ldm": _write_sd, "sgm": _write_sdxl}
 
 
 def write_single_file(family: Any, parts: Components, path: str, metadata: dict[str, str] | None = None,
                       dtype: torch.dtype | None = None) -> Any:
     """One original-layout checkpoint of `family`'s `parts` at `path`, written atomically; a ValueError saying to
     write a folder instead for a family that has no writer yet."""
-    writer = WRITERS.get(family.spec.name)
+    writer = WRITERS.get(family.spec.single_file_layout or "")
     if writer is None:
         raise ValueError(f"finetune writes no single-file {family.spec.title} checkpoint yet; give --out a folder "
                          "(a diffusers pipeline folder, which diffusers and ComfyUI load)")

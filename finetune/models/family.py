@@ -89,6 +89,9 @@ class FamilySpec:
     modelspec_architecture: Optional[str] = None
     modelspec_implementation: Optional[str] = None
     kohya_network_module: Optional[str] = None
+    # the original single-checkpoint layout finetune writes the whole model in (`finetune merge --out x.safetensors`;
+    # export/single_file_writers.py: "ldm", SD 1.x/2.x's CompVis layout, or "sgm", SDXL's); None: none written
+    single_file_layout: Optional[str] = None
     # the released U-Net's layout (its config's block-shaping values), for reading kohya files without the base
     released_unet_config: Optional[Mapping[str, Any]] = None
     long_prompts: bool = False  # data.max_token_length's 75-token chunking applies (CLIP-only families)

@@ -138,6 +138,7 @@ SPEC = FamilySpec(
     hypernetwork_text_stream=None,  # the U-Net's cross-attention context, as SD's (A1111's design)
     # kohya's LoRA key prefixes for SDXL (its sdxl_train_network.py): lora_te1_ / lora_te2_
     kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    single_file_layout="sgm",
     kohya_unet_layout="sgm",  # kohya's SDXL U-Net is Stability's code: its files use the original module names
     kohya_base_model_version="sdxl_base_v1-0",
     released_unet_config=RELEASED_UNET_CONFIG,

@@ -72,6 +72,7 @@ SPEC = FamilySpec(
     text_encoder_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
     hypernetwork_text_stream=None,  # hypernetworks rewrite the U-Net's cross-attention context (A1111's design)
     kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
+    single_file_layout="ldm",
     kohya_unet_layout="diffusers",  # kohya's SD 1.x/2.x files name U-Net modules as diffusers does
     kohya_base_model_version=None,  # sd_v1 or sd_v2: told from the text encoder's width
     long_prompts=True,
