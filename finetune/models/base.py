@@ -204,3 +204,10 @@ class ModelFamily(Protocol):
 
     def pipeline(self, parts: Components, unwrap: Any = None) -> Any:
         """A diffusers inference pipeline sharing the parts (`unwrap` strips distributed wrappers)."""
+
+
+def one_frame_moments(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A video VAE's latent distribution (mean, std) [B, C, h, w] for images [B, C, H, W] (Qwen-Image's Wan-type
+    VAE): each image encoded as a one-frame video `(B, C, 1, H, W)`, the frame axis squeezed."""
+    distribution = vae.encode(pixels.to(vae.device, vae.dtype).unsqueeze(2)).latent_dist
+    return distribution.mean.squeeze(2), distribution.std.squeeze(2)

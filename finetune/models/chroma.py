@@ -33,7 +33,7 @@ import torch
 
 from finetune.models.base import Components, unwrapped
 from finetune.models.family import Family, FamilySpec, OriginalNames
-from finetune.models.flow_matching import FlowMatchingOptions
+from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
 from finetune.networks.hypernetwork_points import TextStream
 from finetune.recipe.schema import ModelOptions
 
@@ -85,10 +85,7 @@ class Chroma(Family):
     def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
         """Sigmoid sampling shifted as the base's scheduler shifts (see the module docstring); a static
         `model.flow.shift` alone turns the resolution shift off."""
-        dynamic = bool(scheduler_config.get("use_dynamic_shifting", False))
-        return {"sigma_sampling": "sigmoid", "shift": None if dynamic else scheduler_config.get("shift", 1.0),
-                "resolution_shift": dynamic and (flow.get("shift") is None
-                                                 or flow.get("resolution_shift") is not None)}
+        return shifted_as_the_scheduler(flow, scheduler_config, "sigmoid")
 
     def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 states [batch, 512, T5 width], the transformer's text mask [batch, 512]: real tokens and the first

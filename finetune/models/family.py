@@ -277,12 +277,17 @@ class Family:
 
     def latents_from_moments(self, parts: Components, mean: torch.Tensor, std: torch.Tensor,
                              generator: torch.Generator) -> torch.Tensor:
-        """One latent drawn from (mean, std), the draw diffusers' `latent_dist.sample` makes, then
-        `(z - shift_factor) x scaling_factor` as the VAE's config says (no shift for SD's VAE)."""
+        """One latent drawn from (mean, std), the draw diffusers' `latent_dist.sample` makes, then normalised as the
+        VAE's config says: per channel, `(z - latents_mean) / latents_std`, where it lists them (the Wan-type VAEs
+        of Qwen-Image, Krea 2 and Qwen-Image 2.1), else `(z - shift_factor) x scaling_factor` (no shift for SD's)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         config = parts.vae.config
+        if config.get("latents_mean") is not None:
+            shift = torch.tensor(config.latents_mean, device=mean.device).view(1, -1, 1, 1)
+            scale = 1.0 / torch.tensor(config.latents_std, device=mean.device).view(1, -1, 1, 1)
+            return ((mean + std * noise).float() - shift) * scale
         return ((mean + std * noise).float() - (config.get("shift_factor") or 0.0)) * config.scaling_factor
 
     # --- what each family writes itself ---------------------------------------------------------------------

@@ -130,6 +130,17 @@ class FlowMatchingObjective:
         return None
 
 
+def shifted_as_the_scheduler(flow: dict[str, Any], scheduler_config: Any, sampling: str,
+                             always_dynamic: bool = False) -> dict[str, Any]:
+    """A family's `flow_defaults` that shift sigma as its base's sampling scheduler does: by the image's token
+    count where the scheduler shifts dynamically (or `always_dynamic`: the pipeline computes mu itself, Flux's
+    calculate_shift), else by its static `shift`. A recipe's static `model.flow.shift` alone (no
+    `resolution_shift`) turns the resolution shift off."""
+    dynamic = always_dynamic or bool(scheduler_config.get("use_dynamic_shifting", False))
+    return {"sigma_sampling": sampling, "shift": None if dynamic else scheduler_config.get("shift", 1.0),
+            "resolution_shift": dynamic and (flow.get("shift") is None or flow.get("resolution_shift") is not None)}
+
+
 def from_recipe(flow: dict[str, Any], defaults: dict[str, Any], scheduler_config: Any) -> FlowMatchingObjective:
     """The objective from the recipe's `flow` values (sigma_sampling, shift, ...), a family's `defaults` filling
     what says auto / None; a resolution shift takes its constants from the sampling scheduler's config

@@ -32,7 +32,7 @@ import torch
 
 from finetune.models.base import Components, unwrapped
 from finetune.models.family import Family, FamilySpec, base_config
-from finetune.models.flow_matching import FlowMatchingOptions
+from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
 from finetune.networks.hypernetwork_points import TextStream
 from finetune.recipe.schema import ModelOptions
 
@@ -80,8 +80,7 @@ class Flux(Family):
     def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
         """Sigmoid sampling shifted by the image's token count (see the module docstring); a static
         `model.flow.shift` alone turns the resolution shift off (one shift, the one asked for)."""
-        return {"sigma_sampling": "sigmoid", "shift": None,
-                "resolution_shift": flow.get("shift") is None or flow.get("resolution_shift") is not None}
+        return shifted_as_the_scheduler(flow, scheduler_config, "sigmoid", always_dynamic=True)
 
     def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 states [batch, T5_TOKENS, T5 width], CLIP-L pooled [batch, CLIP width]) from the pipeline's

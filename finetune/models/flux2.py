@@ -30,7 +30,7 @@ import torch
 
 from finetune.models.base import Components, unwrapped
 from finetune.models.family import Family, FamilySpec, OriginalNames, base_config
-from finetune.models.flow_matching import FlowMatchingOptions
+from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
 from finetune.networks.hypernetwork_points import TextStream
 from finetune.recipe.schema import ModelOptions
 
@@ -80,8 +80,7 @@ class Flux2(Family):
 
     def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
         """Sigmoid sampling shifted by the token count with Flux.1's constants (module docstring)."""
-        return {"sigma_sampling": "sigmoid", "shift": None,
-                "resolution_shift": flow.get("shift") is None or flow.get("resolution_shift") is not None}
+        return shifted_as_the_scheduler(flow, scheduler_config, "sigmoid", always_dynamic=True)
 
     def encode_prompts(self, parts: Components, captions: list[str]) -> torch.Tensor:
         """The stacked hidden states [batch, 512, 3 x hidden] of the pipeline's encode_prompt."""

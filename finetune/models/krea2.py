@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from finetune.models.base import Components, unwrapped
+from finetune.models.base import Components, one_frame_moments, unwrapped
 from finetune.models.family import Family, FamilySpec, OriginalNames
-from finetune.models.flow_matching import FlowMatchingOptions
+from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
 from finetune.networks.hypernetwork_points import TextStream
 from finetune.recipe.schema import ModelOptions
 
@@ -79,10 +79,7 @@ class Krea2(Family):
     def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
         """Sigmoid sampling shifted as the base's scheduler shifts (see the module docstring); a static
         `model.flow.shift` alone turns the resolution shift off."""
-        dynamic = bool(scheduler_config.get("use_dynamic_shifting", False))
-        return {"sigma_sampling": "sigmoid", "shift": None if dynamic else scheduler_config.get("shift", 1.0),
-                "resolution_shift": dynamic and (flow.get("shift") is None
-                                                 or flow.get("resolution_shift") is not None)}
+        return shifted_as_the_scheduler(flow, scheduler_config, "sigmoid")
 
     def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(tapped states [batch, 512, taps, Qwen3-VL width], mask [batch, 512] bool): the pipeline's
@@ -95,21 +92,8 @@ class Krea2(Family):
         return MAX_SEQUENCE_LENGTH - len(tokenizer(SUFFIX).input_ids)
 
     def encode_image_moments(self, parts: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE's latent distribution (mean, std) [B, C, h, w]: the images as one-frame videos, frame squeezed."""
-        vae = parts.vae
-        distribution = vae.encode(pixels.to(vae.device, vae.dtype).unsqueeze(2)).latent_dist
-        return distribution.mean.squeeze(2), distribution.std.squeeze(2)
-
-    def latents_from_moments(self, parts: Components, mean: torch.Tensor, std: torch.Tensor,
-                             generator: torch.Generator) -> torch.Tensor:
-        """One latent drawn as `latent_dist.sample` draws it, then `(z - latents_mean) / latents_std` per channel."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        config = parts.vae.config
-        shift = torch.tensor(config.latents_mean, device=mean.device).view(1, -1, 1, 1)
-        scale = 1.0 / torch.tensor(config.latents_std, device=mean.device).view(1, -1, 1, 1)
-        return ((mean + std * noise).float() - shift) * scale
+        """The VAE's latent distribution (mean, std) [B, C, h, w]: the images as one-frame videos."""
+        return one_frame_moments(parts.vae, pixels)
 
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: tuple[torch.Tensor, torch.Tensor], conditions: dict[str, torch.Tensor]

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from finetune.models.base import Components, unwrapped
+from finetune.models.base import Components, one_frame_moments, unwrapped
 from finetune.models.family import Family, FamilySpec
-from finetune.models.flow_matching import FlowMatchingOptions
+from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
 from finetune.recipe.schema import ModelOptions
 
 MAX_SEQUENCE_LENGTH = 512  # text tokens kept after the dropped system prompt (Qwen-Image's 512)
@@ -70,8 +70,7 @@ class QwenImage21(Family):
     def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
         """Sigmoid sampling shifted by the token count as the pipeline shifts; a static `model.flow.shift` alone
         turns the resolution shift off."""
-        return {"sigma_sampling": "sigmoid", "shift": None,
-                "resolution_shift": flow.get("shift") is None or flow.get("resolution_shift") is not None}
+        return shifted_as_the_scheduler(flow, scheduler_config, "sigmoid", always_dynamic=True)
 
     def text_encoders(self, parts: Components) -> list[tuple[str, Any, Any]]:
         return [("text_encoder", parts.tokenizers["processor"].tokenizer, unwrapped(parts.modules["text_encoder"]))]
@@ -101,23 +100,9 @@ class QwenImage21(Family):
         return MAX_SEQUENCE_LENGTH - len(tokenizer(USER + END).input_ids)
 
     def encode_image_moments(self, parts: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE's latent distribution (mean, std) [B, C, h, w] of the RGB pixels made opaque RGBA, each a
-        one-frame video, the frame axis squeezed."""
-        vae = parts.vae
-        rgba = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)  # alpha 1.0: an RGB image as RGBA
-        distribution = vae.encode(rgba.to(vae.device, vae.dtype).unsqueeze(2)).latent_dist
-        return distribution.mean.squeeze(2), distribution.std.squeeze(2)
-
-    def latents_from_moments(self, parts: Components, mean: torch.Tensor, std: torch.Tensor,
-                             generator: torch.Generator) -> torch.Tensor:
-        """One latent drawn as `latent_dist.sample` draws it, then `(z - latents_mean) / latents_std` per channel."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        config = parts.vae.config
-        shift = torch.tensor(config.latents_mean, device=mean.device).view(1, -1, 1, 1)
-        scale = 1.0 / torch.tensor(config.latents_std, device=mean.device).view(1, -1, 1, 1)
-        return ((mean + std * noise).float() - shift) * scale
+        """The VAE's latent distribution (mean, std) [B, C, h, w] of the RGB pixels made opaque RGBA (alpha 1.0: an
+        RGB image as the pipeline's RGBA conversion gives it), each a one-frame video."""
+        return one_frame_moments(parts.vae, torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1))
 
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: tuple[torch.Tensor, torch.Tensor], conditions: dict[str, torch.Tensor]
