@@ -85,6 +85,7 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
     if not isinstance(data, dict):
         raise RecipeError(source, ["the recipe must be a mapping of sections (model:, strategy:, data:, ...)"])
     problems += moved_keys(data)
+    data = _older_values(data)
     strategy_raw, model_raw = data.get("strategy"), data.get("model")
     data = {k: v for k, v in data.items() if k not in ("strategy", "model", "flow")}
     if isinstance(data.get("train"), dict):  # a moved key is reported once, above
@@ -120,6 +121,19 @@ def _build_strategy(raw: Any, problems: list[str]) -> StrategyOptions | None:
         problems.append(f"strategy.kind: {kind!r} is not one of {', '.join(KINDS)}{hint}")
         return None
     return build(options_class(kind), raw, "strategy", problems)
+
+
+# values an older finetune wrote that now have a name: (section, key) -> {old value: new value}
+OLDER_VALUES = {("train", "compile"): {True: "full"}}
+
+
+def _older_values(data: dict) -> dict:
+    """`data` with each older value (OLDER_VALUES) replaced by its name; the caller's dict is left as it was."""
+    for (section, key), names in OLDER_VALUES.items():
+        holder = data.get(section)
+        if isinstance(holder, dict) and isinstance(holder.get(key), bool) and holder[key] in names:
+            data = {**data, section: {**holder, key: names[holder[key]]}}
+    return data
 
 
 def moved_keys(data: dict) -> list[str]:

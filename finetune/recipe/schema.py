@@ -34,9 +34,11 @@ class ModelOptions:
     # single file's keys; a hub id or .ckpt that cannot be read before loading is taken as sd unless set here.
     # The family chooses the rest of this section: its own options (its objective's included) follow these
     family: str = "auto"
-    # the frozen denoiser's Linear weights in 8 bits (torchao, weight-only; adapters stay full precision), for
-    # LoRA-type strategies on large transformers (finetune/models/quantize.py); "none": as loaded
-    quantize: Literal["none", "int8", "fp8"] = "none"
+    # the frozen denoiser's Linear weights in 8 bits (torchao; adapters stay full precision), for LoRA-type
+    # strategies on large transformers (finetune/models/quantize.py): int8 / fp8 store 8 bits and multiply in the
+    # compute dtype; int8_w8a8 / fp8_w8a8 also quantise each activation on the fly and multiply in 8 bits (faster
+    # on GPUs with 8-bit tensor cores; fp8 needs compute capability 8.9+). "none": as loaded
+    quantize: Literal["none", "int8", "fp8", "int8_w8a8", "fp8_w8a8"] = "none"
     # for a single-file checkpoint: a diffusers folder or hub id holding the matching configs
     config: Optional[str] = None
     # another VAE instead of the base's: a folder holding one, a pipeline folder (its vae/), a single file or a
@@ -97,7 +99,14 @@ class TrainOptions:
     max_grad_norm: float = 1.0  # 0 turns clipping off
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
-    compile: bool = False  # torch.compile the denoiser (first steps slower while it compiles)
+    # torch.compile of the denoiser (finetune/training/compile.py), with the adapter layers inside: "blocks" each
+    # repeated block (the U-Net's attention and ResNet blocks, a transformer's blocks) compiled once for all its
+    # copies; "full" the whole denoiser; "max" the whole denoiser with CUDA graphs and autotuned kernels (a CUDA
+    # GPU and one batch shape); "auto": blocks on CUDA, off elsewhere. An older recipe's true reads as full
+    compile: Literal["auto", "off", "blocks", "full", "max"] = "auto"
+    # scaled_dot_product_attention's kernels (finetune/training/attention.py); "auto": PyTorch's choice, less those
+    # known to fail for this torch and GPU (cuDNN attention in Flux's backward pass with torch 2.11)
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
     channels_last: bool = False  # denoiser weights and inputs in NHWC, faster convolutions on many GPUs
 
 

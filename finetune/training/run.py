@@ -236,7 +236,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         enable_gradient_checkpointing(accelerator, parts, trained)
     if t.channels_last:
         parts.denoiser.to(memory_format=torch.channels_last)
-    if t.compile:
+    if t.compile == "full":  # the other modes: finetune/training/compile.py (coming)
         parts.denoiser.compile()  # in place: parameter names, and so saved files, stay as they are
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     summary = plan_lines(Plan(
