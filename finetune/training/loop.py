@@ -20,6 +20,7 @@ from finetune.console import progress_bar
 from finetune.recipe.schema import Recipe
 from finetune.report.live import LiveReport
 from finetune.training import checkpoint, interrupt, saves, trackers
+from finetune.training.attention import sdpa_kernels
 from finetune.training.failures import check_finite_loss
 from finetune.training.offload import on_device
 from finetune.training.run import Run, setup
@@ -76,7 +77,8 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
     progress = progress_bar(total=s.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                             disable=not accelerator.is_local_main_process)
     batches = iter(run.loader)
-    with interrupt.stop_on_signals() as stop, progress, live:  # the bar closes before any message that stops the run
+    # the bar closes before any message that stops the run; SDPA kernels as train.attention allows (attention.py)
+    with interrupt.stop_on_signals() as stop, progress, live, sdpa_kernels(run.attention):
         while step < s.max_steps:
             live.start_step()
             losses = []

@@ -31,6 +31,7 @@ from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe, SampleOptions
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, prior
+from finetune.training.attention import AttentionKernels, kernels_for
 from finetune.training.engine import (enable_gradient_checkpointing, engine_report, has_accelerator,
                                       prepare_for_training, refuse_unsharded_work, requested_engine,
                                       sharding_report)
@@ -95,6 +96,7 @@ class Run:
     caption_notes: list[str]
     # for the live report only (report/live.py reads the whole recipe) and the trackers' log.project / run_name
     recipe: Recipe
+    attention: AttentionKernels  # train.attention resolved for this device; loop.py trains and samples inside it
     step: int = 0  # steps done: the checkpoint's step when resuming
     resume_from: Path | None = None  # the checkpoint setup read, for `resume` (loop.py)
     saved: tuple[dict, dict, dict] | None = None  # its state, held until `resume` puts it back
@@ -157,7 +159,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
 
     t, d = recipe.train, recipe.data
     started_at = time.time() - 1  # file times may be rounded down to the second
-    _check_engine(accelerator, recipe)
+    attention = _check_engine(accelerator, recipe)
     # everything that can fail cheaply fails before the model loads; first, that nothing finished gets lost
     strategy = create_strategy(recipe.strategy)
     command = resume_command(recipe.source, recipe.overrides)
@@ -246,6 +248,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         precision=f"mixed precision {t.mixed_precision}, frozen base in {str(base_dtype).removeprefix('torch.')}",
         base=recipe.model.base, output_dir=output_dir))
     say("\n".join(summary))
+    say(attention.line)
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
@@ -277,11 +280,13 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                       keep=recipe.checkpoint.keep, base_model=recipe.model.base, kind=recipe.strategy.kind,
                       data_figures=data_figures, family_header=family_header),
         offloaded=offloaded, base_dtype=base_dtype, started_at=started_at, summary=summary,
-        caption_notes=caption_notes, recipe=recipe, step=first_step, resume_from=resume_from, saved=saved)
+        caption_notes=caption_notes, recipe=recipe, attention=attention, step=first_step, resume_from=resume_from,
+        saved=saved)
 
 
-def _check_engine(accelerator, recipe: Recipe) -> None:
-    """Say which engine runs; refuse what it cannot do (RecipeError) before anything is read."""
+def _check_engine(accelerator, recipe: Recipe) -> AttentionKernels:
+    """Say which engine runs; refuse what it cannot do (RecipeError) before anything is read. Returns
+    train.attention resolved for the accelerator's device."""
     engine, mismatch = engine_report(accelerator.distributed_type.name, accelerator.num_processes,
                                      requested_engine())
     _say(accelerator, engine)
@@ -293,8 +298,14 @@ def _check_engine(accelerator, recipe: Recipe) -> None:
     if recipe.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
         problems.append("train.mixed_precision: fp16 needs a GPU; on a CPU set train.mixed_precision: bf16 (or no)")
+    # attention runs in half precision under autocast, or without it on a half base
+    half = (recipe.train.mixed_precision in ("fp16", "bf16")
+            or weight_dtype(recipe.model.dtype, recipe.train.mixed_precision) != torch.float32)
+    attention, refused = kernels_for(recipe.train.attention, accelerator.device, half_precision=half)
+    problems += refused
     if problems:
         raise RecipeError(recipe.source, problems)
+    return attention
 
 
 def _load_base(accelerator, family: ModelFamily, recipe: Recipe,
