@@ -78,7 +78,8 @@ def test_a_lora_trained_on_a_quantised_base_applies_to_the_full_precision_one(ki
     assert np.abs(full - trained).mean() < TOLERANCE[kind] * np.abs(full - base).mean()
 
 
-def test_merging_or_extracting_refuses_quantised_weights():
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int8_w8a8", "fp8_w8a8"])
+def test_merging_or_extracting_refuses_quantised_weights(kind):
     from peft import LoraConfig
 
     from finetune.export.extract_lora import extract_component
@@ -86,7 +87,7 @@ def test_merging_or_extracting_refuses_quantised_weights():
 
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
     plain = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
-    assert quantize_weights(model, "int8") == 2 and is_quantized(model) and not is_quantized(plain)
+    assert quantize_weights(model, kind) == 2 and is_quantized(model) and not is_quantized(plain)
     peft_layers.inject(model, LoraConfig(r=2, target_modules=["0", "2"]))
     with pytest.raises(ValueError, match="merging an adapter needs full-precision weights"):
         peft_layers.fuse(model)
@@ -94,12 +95,62 @@ def test_merging_or_extracting_refuses_quantised_weights():
         extract_component(model, plain, rank=2)
 
 
-def test_validate_refuses_quantised_dreambooth(sd3_base, tmp_path, capsys):
+def test_8_bit_matmuls_skip_widths_fp8_cannot_multiply_and_take_strided_tensors():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.Linear(32, 48), torch.nn.Linear(48, 8))
+    assert quantize_weights(model, "int8_w8a8") == 1
+    assert [is_quantized(layer) for layer in model] == [False, True, False]
+    # diffusers hands Linear layers transposed tensors, and gets their gradients back transposed
+    x = torch.randn(2, 32, 7).transpose(1, 2).requires_grad_(True)
+    out = model[1](x).transpose(1, 2)
+    (out * torch.randn(out.shape)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind, device, capability, refused", [
+    ("fp8_w8a8", "cuda", (8, 6), "compute capability is 8.6"),  # an A100 / RTX 3090 has no fp8 tensor cores
+    ("fp8_w8a8", "cuda", (7, 5), "compute capability is 7.5"),
+    ("fp8_w8a8", "mps", None, "device is mps"),
+    ("fp8_w8a8", "cuda", (8, 9), None),  # Ada
+    ("fp8_w8a8", "cuda", (9, 0), None),  # Hopper
+    ("fp8_w8a8", "cuda", (10, 0), None),  # Blackwell
+    ("fp8_w8a8", "cpu", None, None),  # torch._scaled_mm runs on a CPU: slow, but it checks a recipe
+    ("int8_w8a8", "cuda", (8, 6), None),
+    ("int8_w8a8", "cpu", None, None),
+    ("fp8", "cuda", (8, 6), None),  # weight-only fp8 multiplies in bf16
+    ("none", "mps", None, None),
+])
+def test_which_devices_multiply_in_8_bits(kind, device, capability, refused):
+    problems = device_problems(kind, device, capability)
+    if refused is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and refused in problems[0] and "model.quantize: int8_w8a8" in problems[0]
+
+
+def test_setup_refuses_fp8_matmuls_on_a_gpu_without_fp8_before_the_base_loads(sd3_base, tmp_path, monkeypatch):
+    from finetune.models.family import Family
+    from finetune.training import loop, run
+
+    recipe = recipe_dict(sd3_base, draw_concept(tmp_path / "images", count=1), tmp_path / "out")
+    recipe["model"]["quantize"] = "fp8_w8a8"
+    # the run's device as an RTX 3090 reports it; nothing may load
+    monkeypatch.setattr(run, "problems_on", lambda kind, device: device_problems(kind, "cuda", (8, 6)))
+    monkeypatch.setattr(Family, "load", lambda *a, **k: pytest.fail("the base loaded"))
+    try:
+        with pytest.raises(RecipeError, match="fp8_w8a8 multiplies in fp8, which needs an NVIDIA GPU of compute "
+                                              "capability 8.9 or newer"):
+            loop.setup(parse_recipe(recipe))
+    finally:
+        reset_accelerate()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8_w8a8"])
+def test_validate_refuses_quantised_dreambooth(kind, sd3_base, tmp_path, capsys):
     from finetune.cli import main
 
     recipe = recipe_dict(sd3_base, draw_concept(tmp_path / "images", count=1), tmp_path / "out",
                          strategy={"kind": "dreambooth"})
-    recipe["model"]["quantize"] = "int8"
+    recipe["model"]["quantize"] = kind
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["validate", str(tmp_path / "r.yaml")]) == 2
     assert "DreamBooth trains those weights" in capsys.readouterr().err
