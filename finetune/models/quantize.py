@@ -88,6 +88,14 @@ def quantize_weights(module: torch.nn.Module, kind: str) -> int:
     return len(chosen)
 
 
+def summary_line(kind: str, count: int, denoiser_name: str) -> str:
+    """The line a run prints once `quantize_weights` changed `count` Linear layers of its denoiser."""
+    if kind in EIGHT_BIT_MATMULS:
+        return (f"model.quantize: {count} Linear layers of the {denoiser_name} multiply in {kind.split('_')[0]} "
+                "(weights kept in the base dtype)")
+    return f"model.quantize: {count} Linear weights of the {denoiser_name} in {kind}"
+
+
 def _multiplies_in_8_bits(module: torch.nn.Module) -> bool:
     """Whether an 8-bit matmul takes this layer: a Linear whose in and out features are multiples of 16."""
     return (isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0

@@ -26,7 +26,7 @@ from finetune.export.family_header import family_fields, family_version
 from finetune.models import Components, ModelFamily, family_for
 from finetune.models.family import refusal
 from finetune.models.pipeline_folder import downsampling_of, latent_channels_of
-from finetune.models.quantize import problems_on, quantize_weights
+from finetune.models.quantize import problems_on, quantize_weights, summary_line
 from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe, SampleOptions
 from finetune.strategies import create_strategy
@@ -314,6 +314,5 @@ def _load_base(accelerator, family: ModelFamily, recipe: Recipe,
     parts.max_token_length = recipe.data.max_token_length
     if recipe.model.quantize != "none":
         count = quantize_weights(parts.denoiser, recipe.model.quantize)
-        _say(accelerator, f"model.quantize: {count} Linear weights of the {parts.denoiser_name} in "
-                          f"{recipe.model.quantize}")
+        _say(accelerator, summary_line(recipe.model.quantize, count, parts.denoiser_name))
     return parts, one_by_one

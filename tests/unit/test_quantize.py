@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from finetune.models import family_for
-from finetune.models.quantize import device_problems, is_quantized, quantize_weights
+from finetune.models.quantize import device_problems, is_quantized, quantize_weights, summary_line
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import RecipeError, parse_recipe
 from tests.helpers import (draw_concept, images_of, recipe_dict, reset_accelerate, saved_pipeline,
@@ -76,6 +76,36 @@ def test_a_lora_trained_on_a_quantised_base_applies_to_the_full_precision_one(ki
     assert effect > 1e-3  # the LoRA changes the image
     # the full-precision base with the LoRA draws what the quantised one did, up to the quantisation's error
     assert np.abs(full - trained).mean() < TOLERANCE[kind] * np.abs(full - base).mean()
+
+
+def test_the_run_says_what_multiplies_in_8_bits():
+    assert summary_line("int8_w8a8", 12, "transformer") == ("model.quantize: 12 Linear layers of the transformer "
+                                                            "multiply in int8 (weights kept in the base dtype)")
+    assert summary_line("fp8_w8a8", 3, "unet").startswith("model.quantize: 3 Linear layers of the unet multiply in fp8")
+    assert summary_line("int8", 12, "transformer") == "model.quantize: 12 Linear weights of the transformer in int8"
+
+
+@pytest.mark.parametrize("strategy", [{"variant": "loha"}, {"variant": "lokr"}, {"variant": "oft"},
+                                      {"use_dora": True}], ids=["loha", "lokr", "oft", "dora"])
+def test_every_lora_variant_trains_in_full_precision_over_int8_matmuls(strategy, sd3_base, tmp_path, monkeypatch):
+    from finetune.strategies.lora_variants import is_adapter_parameter
+
+    recipe = recipe_dict(sd3_base, draw_concept(tmp_path / "images", count=2), tmp_path / "out",
+                         strategy={"kind": "lora", "rank": 4, **strategy}, train={"max_steps": 2})
+    recipe["model"]["quantize"] = "int8_w8a8"
+    if strategy.get("variant") == "oft":
+        del recipe["strategy"]["alpha"]  # OFT rotates, it has no scale
+    kernel_calls = counting(monkeypatch, "_int_mm")
+    before = {}
+
+    def keep_adapters(parts):
+        before.update({n: p.detach().clone() for n, p in parts.transformer.named_parameters() if p.requires_grad})
+
+    _, parts = train_keeping_parts(parse_recipe(recipe), keep_adapters)
+    after = dict(parts.transformer.named_parameters())
+    assert before and all(is_adapter_parameter(n) and type(after[n].data) is torch.Tensor for n in before)
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the adapters learned
+    assert kernel_calls and is_quantized(parts.transformer)
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8", "int8_w8a8", "fp8_w8a8"])
