@@ -24,7 +24,8 @@ through the rounding, itself an 8-bit matmul):
   ran); the module swap calls its autograd function directly. `grad_weight=False`: the base is frozen. That
   function also `.view`s its input and its output's gradient, which fails on the non-contiguous tensors diffusers
   hands a Linear (a transposed attention output: "view size is not compatible with input tensor's size and
-  stride"), so each such layer gets both made contiguous (a no-op where they already are).
+  stride"), so each such layer gets both made contiguous (a no-op where they already are); and it ignores
+  autocast, so its input and output are cast to autocast's dtype, as F.linear's would be.
   torch._int_mm runs on a CPU (tested there) and on CUDA (torchao's Triton kernel).
 - fp8_w8a8: `torchao.float8.convert_to_float8_training` (torchao's float8 training, what torchtitan uses) with
   the "rowwise" recipe (per-token activation and per-channel weight scales: one outlier token does not flatten
@@ -73,8 +74,8 @@ def quantize_weights(module: torch.nn.Module, kind: str) -> int:
         quantization.quantize_(module, config, filter_fn=lambda m, name: name in chosen)
         for name in chosen:
             layer = module.get_submodule(name)
-            layer.register_forward_pre_hook(_contiguous_input)
-            layer.register_forward_hook(_contiguous_gradient)
+            layer.register_forward_pre_hook(_input_as_linear_takes_it)
+            layer.register_forward_hook(_output_as_linear_gives_it)
     elif kind == "fp8_w8a8":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -102,12 +103,18 @@ def _multiplies_in_8_bits(module: torch.nn.Module) -> bool:
             and module.out_features % 16 == 0)
 
 
-def _contiguous_input(layer: torch.nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(), *args[1:])
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _contiguous_gradient(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGradient.apply(output)
+def _input_as_linear_takes_it(layer: torch.nn.Module, args: tuple) -> tuple:
+    x, dtype = args[0], _autocast_dtype(args[0].device.type)
+    return ((x if dtype is None else x.to(dtype)).contiguous(), *args[1:])
+
+
+def _output_as_linear_gives_it(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    dtype = _autocast_dtype(output.device.type)  # an fp32 bias would otherwise promote a bf16 product
+    return _ContiguousGradient.apply(output if dtype is None else output.to(dtype))
 
 
 class _ContiguousGradient(torch.autograd.Function):

@@ -134,6 +134,8 @@ def test_8_bit_matmuls_skip_widths_fp8_cannot_multiply_and_take_strided_tensors(
     out = model[1](x).transpose(1, 2)
     (out * torch.randn(out.shape)).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as an unquantised Linear, it multiplies in autocast's dtype
+        assert model[1](torch.randn(2, 32)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kind, device, capability, refused", [
