@@ -20,20 +20,21 @@ before such a layer would train. torchao's own training paths define the backwar
 through the rounding, itself an 8-bit matmul):
 - int8_w8a8: `torchao.prototype.quantized_training.Int8MixedPrecisionTrainingConfig` with `module_swap=True`.
   Its default tensor-subclass form does NOT reach the int8 kernel in torchao 0.18: it registers F.linear as an
-  aten override that never fires, so F.linear falls through to a plain bf16 matmul (measured: no aten::_int_mm
-  ran); the module swap calls its autograd function directly. `grad_weight=False`: the base is frozen. That
-  function also `.view`s its input and its output's gradient, which fails on the non-contiguous tensors diffusers
-  hands a Linear (a transposed attention output: "view size is not compatible with input tensor's size and
-  stride"), so each such layer gets both made contiguous (a no-op where they already are); and it ignores
-  autocast, so its input and output are cast to autocast's dtype, as F.linear's would be.
-  torch._int_mm runs on a CPU (tested there) and on CUDA (torchao's Triton kernel).
+  aten override that never fires, so F.linear falls through to a plain matmul in the compute dtype (measured:
+  no aten::_int_mm ran); the module swap calls its autograd function directly. `grad_weight=False`: the base is
+  frozen. That function also `.view`s its input and its output's gradient, which fails on the non-contiguous
+  tensors diffusers hands a Linear (a transposed attention output: "view size is not compatible with input
+  tensor's size and stride"), so each such layer gets both made contiguous (a no-op where they already are); and
+  it ignores autocast, so its input and output are cast to autocast's dtype, as F.linear's would be.
+  Its int8 matmuls run on a CPU (torch._int_mm, tested here) and on CUDA (torchao's Triton kernel; no GPU
+  measured it for this project yet).
 - fp8_w8a8: `torchao.float8.convert_to_float8_training` (torchao's float8 training, what torchtitan uses) with
   the "rowwise" recipe (per-token activation and per-channel weight scales: one outlier token does not flatten
   the others). It needs fp8 tensor cores, CUDA compute capability 8.9+ (Ada, Hopper, Blackwell), and is refused
-  on older GPUs before the base loads (`device_problems`). torch 2.13 also runs torch._scaled_mm on a CPU, slower
+  on older GPUs before anything loads (`device_problems`). torch 2.13 also runs torch._scaled_mm on a CPU, slower
   than fp32 there: allowed, to check a recipe (and test it) before a GPU run. Float8Linear's backward also
   computes the frozen weight's gradient, which autograd then drops: one wasted matmul in three in eager mode
-  (torch.compile's AOTAutograd leaves out gradients no input needs).
+  (compiled, AOTAutograd should leave out gradients no input needs).
 Only Linear layers whose in and out features are multiples of 16 change: torch._scaled_mm needs it, and the few
 odd-sized ones (input projections of a handful of channels) are too small to gain.
 
