@@ -16,10 +16,11 @@ recipe's peak is the largest of its phases, as training/loop.py runs them:
 - caching: the text encoders (base dtype; only the largest with `cache.text_encoders: one_at_a_time`) and the VAE
   (fp32 where `force_upcast`) encode the captions and images;
   the denoiser joins the GPU only afterwards;
-- training: the denoiser's frozen weights (base dtype, or one byte per Linear weight with `model.quantize`), the
-  trained weights in fp32 with their fp32 gradients and the optimizer's state (AdamW 8 bytes a weight,
-  adamw8bit 2, Adafactor its row and column factors), the activations, and the encoders or VAE still there
-  (a cache off, or `cache.offload: false`);
+- training: the denoiser's frozen weights (base dtype, or one byte per Linear weight with `model.quantize: int8` or
+  `fp8`; `int8_w8a8` and `fp8_w8a8` keep the base dtype and make a layer's 8-bit copies as it multiplies, a few
+  MB at a time, left out), the trained weights in fp32 with their fp32 gradients and the optimizer's state (AdamW
+  8 bytes a weight, adamw8bit 2, Adafactor its row and column factors), the activations, and the encoders or VAE
+  still there (a cache off, or `cache.offload: false`);
 - sampling (`sample.every` > 0): encoders and VAE come back beside the denoiser and the optimizer state;
 - class images (`prior.mode: class_images`): the frozen base draws them, encoders and VAE beside it;
 - preparing (DreamBooth): the whole denoiser made fp32 on each GPU before FSDP shards it.
@@ -129,7 +130,7 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
         parts["weights+grads+optimizer"] = (whole / fsdp + gathered) / GB
     else:
         linear = sum(m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
-        per_linear = 1 if recipe.model.quantize != "none" else wbytes
+        per_linear = 1 if recipe.model.quantize in ("int8", "fp8") else wbytes  # *_w8a8 store the base dtype
         parts["weights"] = (linear * per_linear + (_numel(denoiser) - linear) * wbytes) / GB
         shapes = _lora_shapes(denoiser, _lora_targets(recipe, model, denoiser), strategy.rank)
         parts["lora+grads+optimizer"] = (sum(map(_count, shapes)) * 8 + _optimizer_bytes(shapes, t.optimizer)) / GB

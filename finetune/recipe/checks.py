@@ -78,7 +78,8 @@ def _check_model(recipe: Recipe) -> list[str]:
         problems += [refused for refused in [refusal(chosen, recipe.strategy)] if refused]
         problems += missing_modules(chosen)
         if m.quantize != "none" and recipe.strategy.trains_base_weights:
-            problems.append(f"model.quantize: {m.quantize} keeps the denoiser's weights in 8 bits, and DreamBooth "
+            held = "frozen, multiplied in 8 bits" if m.quantize.endswith("_w8a8") else "in 8 bits"
+            problems.append(f"model.quantize: {m.quantize} keeps the denoiser's weights {held}, and DreamBooth "
                             "trains those weights; set model.quantize: none, or train a LoRA")
         if m.quantize != "none" and importlib.util.find_spec("torchao") is None:
             problems.append(f"model.quantize: {m.quantize} needs torchao: pip install torchao "

@@ -26,7 +26,7 @@ from finetune.export.family_header import family_fields, family_version
 from finetune.models import Components, ModelFamily, family_for
 from finetune.models.family import refusal
 from finetune.models.pipeline_folder import downsampling_of, latent_channels_of
-from finetune.models.quantize import quantize_weights
+from finetune.models.quantize import problems_on, quantize_weights, summary_line
 from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe, SampleOptions
 from finetune.strategies import create_strategy
@@ -295,6 +295,7 @@ def _check_engine(accelerator, recipe: Recipe) -> AttentionKernels:
     problems = refuse_unsharded_work(accelerator.distributed_type.name, recipe.strategy.kind,
                                      recipe.strategy.trains_base_weights,
                                      bool(getattr(recipe.strategy, "text_encoder", False)), recipe.sample.every)
+    problems += problems_on(recipe.model.quantize, accelerator.device)  # fp8 matmuls on a GPU without fp8
     if recipe.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
         problems.append("train.mixed_precision: fp16 needs a GPU; on a CPU set train.mixed_precision: bf16 (or no)")
@@ -324,6 +325,5 @@ def _load_base(accelerator, family: ModelFamily, recipe: Recipe,
     parts.max_token_length = recipe.data.max_token_length
     if recipe.model.quantize != "none":
         count = quantize_weights(parts.denoiser, recipe.model.quantize)
-        _say(accelerator, f"model.quantize: {count} Linear weights of the {parts.denoiser_name} in "
-                          f"{recipe.model.quantize}")
+        _say(accelerator, summary_line(recipe.model.quantize, count, parts.denoiser_name))
     return parts, one_by_one

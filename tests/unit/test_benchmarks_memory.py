@@ -119,6 +119,9 @@ def test_eight_bits_hold_the_transformer_in_half_the_memory():
     assert int8["parts"]["weights"] == fp8["parts"]["weights"]
     assert int8["parts"]["weights"] == pytest.approx(bf16["parts"]["weights"] / 2, rel=0.01)
     assert int8["gb"] < bf16["gb"]
+    # 8-bit matmuls keep the weights in bf16: they save time, not memory
+    for kind in ("int8_w8a8", "fp8_w8a8"):
+        assert _estimate("flux_lora_16gb", "flux-dev", f"model.quantize={kind}")["parts"] == bf16["parts"]
 
 
 def test_checkpointing_caches_and_optimizers_change_what_they_should():
