@@ -102,6 +102,10 @@ class FamilySpec:
     # model_index.json keys the pipeline's constructor takes (Krea 2's tapped text layers): read from the base when
     # it loads and given to every pipeline built on its parts, where they would otherwise take the defaults
     pipeline_settings: tuple[str, ...] = ()
+    # class names of the denoiser's repeated blocks that `train.compile: blocks` compiles, one graph for all copies
+    # of a class and shape (training/compile.py); empty: the denoiser's own `_repeated_blocks` (diffusers sets it
+    # on most transformers)
+    compile_blocks: tuple[str, ...] = ()
     # importable modules the family needs beyond finetune's own dependencies -> what for; checked by importing
     # them before any model loads (a torchvision built for another torch is found but does not import)
     needs: Mapping[str, str] = field(default_factory=dict)

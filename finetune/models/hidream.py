@@ -169,6 +169,9 @@ def build_tiny(seed: int = 0) -> Any:
 
 SPEC = FamilySpec(
     name="hidream", title="HiDream-I1", pipeline="HiDreamImagePipeline", objective="flow_matching",
+    # train.compile: blocks; diffusers declares none for HiDream's transformer. Its blocks route tokens to experts
+    # by data-dependent indexing, which no graph holds: the attention layers and each expert's feed-forward compile
+    compile_blocks=("HiDreamAttention", "HiDreamImageFeedForwardSwiGLU"),
     objective_defaults=(
         "uniform, static shift 3.0, no weighting: diffusers' train_dreambooth_lora_hidream.py (scheduler loaded "
         "with shift=3.0, --weighting_scheme none) and ai-toolkit's HiDream example; HiDream-I1-Full samples with "

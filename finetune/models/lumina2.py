@@ -145,6 +145,8 @@ def build_tiny(seed: int = 0) -> Any:
 
 SPEC = FamilySpec(
     name="lumina2", title="Lumina 2", pipeline="Lumina2Pipeline", objective="flow_matching",
+    # train.compile: blocks; diffusers declares none for Lumina 2's transformer (its refiners are blocks of the same class)
+    compile_blocks=("Lumina2TransformerBlock",),
     objective_defaults=(
         "sigmoid(N(0, 1)) with the base scheduler config's static shift (the one Lumina2Pipeline samples with), no "
         "weighting: SimpleTuner's sigmoid + shift; diffusers' script (uniform on its reversed lerp) trains the "

@@ -146,6 +146,8 @@ def build_tiny(seed: int = 0) -> Any:
 
 SPEC = FamilySpec(
     name="sana", title="Sana", pipeline="SanaPipeline", objective="flow_matching",
+    # train.compile: blocks; diffusers declares none for Sana's transformer
+    compile_blocks=("SanaTransformerBlock",),
     objective_defaults=(
         "sigmoid(N(0, 1)) (NVlabs' logit-normal) shifted statically by the base scheduler's flow_shift (3.0 at "
         "1024 px: how SanaPipeline samples and NVlabs trains), no weighting: SimpleTuner's sigmoid + shift "

@@ -77,6 +77,8 @@ def build_tiny(seed: int = 0) -> Any:
 
 SPEC = FamilySpec(
     name="sd3", title="Stable Diffusion 3/3.5", pipeline="StableDiffusion3Pipeline", objective="flow_matching",
+    # train.compile: blocks; diffusers declares none for SD3's transformer
+    compile_blocks=("JointTransformerBlock",),
     objective_defaults=(
         "logit-normal(0, 1), static shift 3.0, no weighting: diffusers' train_dreambooth_lora_sd3.py "
         "(--weighting_scheme logit_normal) indexing SD3's scheduler sigmas (shift 3.0 in its config)"),

@@ -138,18 +138,17 @@ class _RewrittenKeysValues:
     `to_v`, or the text stream's `add_k_proj` / `add_v_proj`) first apply the MLPs, every other attribute is the
     layer's own. The projections are looked up per call, so a peft layer put there later is found."""
 
-    __slots__ = ("_attn", "_rewritten")
-
+    # plain attributes, no __slots__ and no object.__getattribute__: torch.compile (train.compile) traces those
     def __init__(self, attn: Any, pair: tuple[HyperMLP, HyperMLP], keys: str, values: str):
-        object.__setattr__(self, "_attn", attn)
+        self._attn = attn
         project_k, project_v = getattr(attn, keys), getattr(attn, values)
-        object.__setattr__(self, "_rewritten", {
-            keys: lambda x, *a, **kw: project_k(pair[0](x), *a, **kw),
-            values: lambda x, *a, **kw: project_v(pair[1](x), *a, **kw)})
+        self._rewritten = {keys: lambda x, *a, **kw: project_k(pair[0](x), *a, **kw),
+                           values: lambda x, *a, **kw: project_v(pair[1](x), *a, **kw)}
 
-    def __getattr__(self, name: str) -> Any:
-        rewritten = object.__getattribute__(self, "_rewritten")
-        return rewritten[name] if name in rewritten else getattr(self._attn, name)
+    def __getattr__(self, name: str) -> Any:  # only for what the instance itself lacks
+        if name in self._rewritten:
+            return self._rewritten[name]
+        return getattr(self._attn, name)
 
 
 class HypernetworkProcessor:
@@ -168,18 +167,26 @@ class HypernetworkProcessor:
     @inner.setter
     def inner(self, processor: Any) -> None:
         self._inner = processor
-        # diffusers' attention layers hand a processor only the keywords its __call__ names (Attention.forward
-        # reads inspect.signature(processor.__call__): Z-Image's freqs_cis would be dropped); this wrapper names
-        # what the processor it wraps names. Calls still go through the class's __call__
-        call = functools.partial(type(self).__call__, self)
-        call.__signature__ = inspect.signature(processor.__call__)
-        self.__dict__["__call__"] = call
+        self.__class__ = _named_like(type(processor))
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.network.enabled:
             return self.inner(attn, hidden_states, *args, **kwargs)
         stand_in = _RewrittenKeysValues(attn, self.pair, self.keys, self.values)
         return self.inner(stand_in, hidden_states, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _named_like(processor_type: type) -> type:
+    """A HypernetworkProcessor class whose __call__ names the keywords `processor_type`'s names: diffusers'
+    attention layers hand a processor only those (Attention.forward reads inspect.signature(processor.__call__);
+    Z-Image's freqs_cis would be dropped). A class rather than a __call__ set on each instance, so that
+    torch.compile (train.compile) traces the call instead of breaking the graph there."""
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return HypernetworkProcessor.__call__(self, attn, hidden_states, *args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(processor_type.__call__)
+    return type(f"Hypernetwork{processor_type.__name__}", (HypernetworkProcessor,), {"__call__": __call__})
 
 
 class _Loaded(nn.Module):

@@ -31,6 +31,7 @@ from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe, SampleOptions
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, prior
+from finetune.training import compile as compiling
 from finetune.training.attention import AttentionKernels, kernels_for
 from finetune.training.engine import (enable_gradient_checkpointing, engine_report, has_accelerator,
                                       prepare_for_training, refuse_unsharded_work, requested_engine,
@@ -167,6 +168,9 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                                    recipe.source, recipe.overrides)
     prepared = prepare_data(d, t.batch_size * accelerator.num_processes)
     examples, sizes = prepared.examples, prepared.sizes
+    compile_mode = compiling.resolve(t.compile, accelerator.device.type)
+    if cannot := compiling.problems(compile_mode, accelerator.device.type, len(set(sizes))):
+        raise RecipeError(recipe.source, cannot)
     if prepared.bucket_report is not None:
         say(format_report(prepared.bucket_report))
         if accelerator.is_main_process:
@@ -238,8 +242,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         enable_gradient_checkpointing(accelerator, parts, trained)
     if t.channels_last:
         parts.denoiser.to(memory_format=torch.channels_last)
-    if t.compile == "full":  # the other modes: finetune/training/compile.py (coming)
-        parts.denoiser.compile()  # in place: parameter names, and so saved files, stay as they are
+    say(compiling.compile_for_training(parts.denoiser, compile_mode, family.spec.compile_blocks))
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     summary = plan_lines(Plan(
         images_per_folder=images_per_folder(trained_examples(prepared), d.repeats), max_steps=t.max_steps,
