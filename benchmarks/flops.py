@@ -10,6 +10,7 @@ TFLOP/s and MFU, the share of the GPU's peak dense bf16 rate (`--peak-tflops`, o
     python benchmarks/flops.py --model sd15 --batch-size 8 --json flops.json     # on a GPU: MFU too
     python benchmarks/flops.py --model sdxl                                      # counted in bf16 on a CPU
     python benchmarks/flops.py --model flux                                      # Flux.1-dev's width, fewer blocks
+    python benchmarks/flops.py --model sdxl --batch-size 8 --compile blocks      # on a GPU: MFU compiled
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="for the GPU timing")
     parser.add_argument("--steps", type=int, default=10, help="timed GPU steps (after 3 untimed)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for the GPU timing")
+    parser.add_argument("--compile", choices=("off", "blocks", "full", "max"), default="off",
+                        help="for the GPU timing: the denoiser compiled as train.compile does (training/compile.py); "
+                             "the compile time is reported apart")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak bf16 TFLOP/s")
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
@@ -69,7 +73,7 @@ def main() -> None:
 
     args = _arguments()
     resolution = args.resolution or DEFAULT_RESOLUTION[args.model]
-    folder = str(model_folder(args.model))
+    folder = args.folder = str(model_folder(args.model))
     family = family_for("auto", folder)
     # counts do not depend on the dtype; SDXL in fp32 (14 GB) would not fit a small machine
     dtype = DTYPES.get(DEFAULT_MIXED_PRECISION.get(args.model, "fp32"))
@@ -173,12 +177,33 @@ def _gpu_utilisation(model, loss_of, flops_per_sample: int, args) -> dict:
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
+    from finetune.models import family_for
+    from finetune.training.compile import CompileFigures, compile_denoiser
+
+    compile_denoiser(model, args.compile, family_for("auto", args.folder).spec.compile_blocks)
+    before = CompileFigures.now()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the loop's on CUDA
     batch = args.batch_size
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for step in range(3 + args.steps):
+    # the attention kernels train.attention: auto allows (the loop's), not PyTorch's bare choice
+    from finetune.training.attention import kernels_for, sdpa_kernels
+
+    with sdpa_kernels(kernels_for("auto", device, half_precision=True)[0]):
+        _time_steps(model, loss_of, optimizer, batch, device, args.steps, times)
+    seconds = statistics.median(times)
+    achieved = flops_per_sample * batch / seconds / 1e12
+    return {"device": name, "batch_size": batch, "compile": args.compile,
+            "compile_s": CompileFigures.now().since(before).seconds, "gpu_s_per_step": seconds,
+            "samples_per_s": batch / seconds,
+            "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
+            "gpu_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def _time_steps(model, loss_of, optimizer, batch: int, device, steps: int, times: list) -> None:
+    """3 untimed steps, then `steps` timed ones, each ended by waiting for the GPU; appends their seconds."""
+    for step in range(3 + steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -189,11 +214,6 @@ def _gpu_utilisation(model, loss_of, flops_per_sample: int, args) -> dict:
         torch.cuda.synchronize()
         if step >= 3:
             times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    achieved = flops_per_sample * batch / seconds / 1e12
-    return {"device": name, "batch_size": batch, "gpu_s_per_step": seconds, "samples_per_s": batch / seconds,
-            "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
-            "gpu_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
 
 
 if __name__ == "__main__":

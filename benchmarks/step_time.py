@@ -12,6 +12,7 @@ drifts (a shared CPU does) cannot favour either.
     python benchmarks/step_time.py --model tiny --recipe my_recipe.yaml
     python benchmarks/step_time.py --model sdxl --steps 9    # bf16 at 512 px unless told otherwise
     python benchmarks/step_time.py --model flux --steps 5    # Flux.1-dev's width, fewer blocks (benchmarks/flux.py)
+    python benchmarks/step_time.py --model tiny --compile blocks   # both runs compiled block by block
 
 Peak memory is the process's peak RSS on a CPU and torch's peak allocated memory on a GPU. CPU s/step is the
 process's CPU time per step, all threads: the work done, less disturbed than the wall clock by other jobs.
@@ -51,6 +52,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                         help="default: the recipe's; without --recipe, bf16 for sdxl and flux (fp32 does not fit "
                              "24 GB twice)")
+    parser.add_argument("--compile", choices=("auto", "off", "blocks", "full", "max"), default=None,
+                        help="train.compile for both runs (the floor compiled the same way, so the ratio stays "
+                             "honest); default: the recipe's (auto: blocks on CUDA, off elsewhere)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--child", choices=("floor", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--child-recipe", help=argparse.SUPPRESS)
@@ -98,24 +102,34 @@ def _floor(recipe) -> tuple[list[float], float]:
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device).train()
+    # compiled as the run compiles its denoiser (training/compile.py), the LoRA layers inside
+    from finetune.training.compile import compile_denoiser, resolve
+
+    blocks = family_for("auto", recipe.model.base).spec.compile_blocks
+    compile_denoiser(model, resolve(t.compile, device.type), blocks)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     autocast = torch.autocast(device.type, dtype=DTYPES.get(t.mixed_precision, torch.float32),
                               enabled=t.mixed_precision != "no")
     times, cpu = [], []
+    # the attention kernels the run gets (train.attention: auto), not PyTorch's bare choice
+    from finetune.training.attention import kernels_for, sdpa_kernels
+
+    kernels = kernels_for("auto", device, half_precision=t.mixed_precision != "no")[0]
     _ready()
-    for _ in range(t.max_steps - 1):  # the toolkit's first step runs untimed, during its set-up
-        _wait_for_turn()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        with autocast:
-            loss = loss_of()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # waits for the device, as the toolkit's loop does when it logs the loss
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-        _report(times[-1])
+    with sdpa_kernels(kernels):
+        for _ in range(t.max_steps - 1):  # the toolkit's first step runs untimed, during its set-up
+            _wait_for_turn()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            with autocast:
+                loss = loss_of()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()  # the step done on the device before the other run takes its turn (ours waits likewise)
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
+            _report(times[-1])
     return times, cpu, _peak_gb(device)
 
 
@@ -127,6 +141,10 @@ def _ours(recipe) -> tuple[list[float], float]:
     times, cpu, started = [], [], []
 
     def on_step(step: int) -> None:
+        # the loop reads nothing from the device between log points; the two runs take turns on one GPU, so each
+        # step ends when the device has done it (the floor's loss.item() does the same)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         if step == 1:
             _ready()  # set-up and the first step are done
         else:
@@ -208,6 +226,8 @@ def _recipe(args, work: Path) -> Path:
     data["train"] = {**data.get("train", {}), "max_steps": 1 + args.warmup + args.steps}
     if args.batch_size:
         data["train"]["batch_size"] = args.batch_size
+    if args.compile:
+        data["train"]["compile"] = args.compile
     precision = args.mixed_precision or (None if args.recipe else DEFAULT_MIXED_PRECISION.get(args.model))
     if precision:
         data["train"]["mixed_precision"] = precision
@@ -238,6 +258,7 @@ def main() -> None:
     batch = recipe.train.batch_size
     figures = {"model": args.model, "strategy": recipe.strategy.kind, "resolution": recipe.data.resolution,
                "batch_size": batch, "mixed_precision": recipe.train.mixed_precision, "steps": args.steps,
+               "compile": recipe.train.compile,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     for kind, run in runs.items():
         timed = run["times"][-args.steps:]
@@ -252,7 +273,8 @@ def main() -> None:
     figures["cpu_ratio"] = figures["ours_cpu_s_per_step"] / figures["floor_cpu_s_per_step"]
     figures["memory_ratio"] = figures["ours_peak_gb"] / figures["floor_peak_gb"]
     print(f"\n{args.model}, {figures['strategy']}, {figures['resolution']} px, batch {batch}, "
-          f"{figures['mixed_precision']}, {figures['device']}, median of {args.steps} steps")
+          f"{figures['mixed_precision']}, compile {figures['compile']}, {figures['device']}, median of "
+          f"{args.steps} steps")
     print(f"{'':10} {'s/step':>9} {'samples/s':>10} {'peak GB':>9} {'CPU s/step':>11}")
     for kind, label in (("floor", "floor"), ("ours", "finetune")):
         print(f"{label:10} {figures[f'{kind}_s_per_step']:9.3f} {figures[f'{kind}_samples_per_s']:10.3f} "
