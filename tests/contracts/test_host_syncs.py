@@ -1,7 +1,7 @@
 """No step between log points reads a tensor back to Python (issue 35, item 2): on a GPU each such read makes the
 host wait for the device, and the host then sets the pace. Every family's tiny model trains with LoRA (a family
-added to finetune.models.FAMILY_MODULES is covered through specs()), and DreamBooth, textual inversion and a hypernetwork train on
-SD, with `log.every: 4`; torch.Tensor's ways of handing a value to Python are counted while a step runs (from
+added to finetune.models.FAMILY_MODULES is covered through specs()), and DreamBooth, textual inversion and a
+hypernetwork train on SD, with `log.every: 4`; torch.Tensor's ways of handing a value to Python are counted while a step runs (from
 LiveReport.start_step up to the point where the loop reads its unread losses), each with its call site.
 
 On a CPU every tensor is on the host, so a read of a tensor that lives there by design on every device is told
@@ -71,7 +71,8 @@ LOG_EVERY = 4
 
 
 class ReadCounter:
-    """Wraps torch.Tensor's READS; while `inside` a step, each call's stack is kept unless CALLERS or HOST_WORK allow it."""
+    """Wraps torch.Tensor's READS; while `inside` a step, each call's stack is kept unless CALLERS or HOST_WORK
+    allow it."""
 
     def __init__(self, monkeypatch):
         self.inside, self.reads, self.steps_seen, self.scans = False, [], 0, 0
