@@ -183,7 +183,11 @@ def _rows(conditioning: Any) -> list[Any]:
 
 def _stack(rows: list[Any], device: torch.device) -> Any:
     if isinstance(rows[0], torch.Tensor):
-        return torch.stack(rows).to(device)
+        stacked = torch.stack(rows)
+        if torch.device(device).type == "cuda":
+            # from page-locked memory the copy is queued without waiting for the GPU's work before it
+            return stacked.pin_memory().to(device, non_blocking=True)
+        return stacked.to(device)
     return tuple(_stack(list(parts), device) for parts in zip(*rows))
 
 

@@ -159,6 +159,9 @@ class BatchOrder:
         return (self.seed * 1_000_003 + epoch) * 10_000_019 + virtual_index
 
 
-def make_loader(dataset: ImageCaptionDataset, order: BatchOrder, num_workers: int) -> DataLoader:
+def make_loader(dataset: ImageCaptionDataset, order: BatchOrder, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    """The batches in `order`. `pin_memory`: batches in page-locked memory, which a GPU copies from without the
+    host waiting (True when training on CUDA)."""
     return DataLoader(dataset, batch_sampler=order, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory)

@@ -5,7 +5,8 @@ Latents are noised by the base's own scheduler, `add_noise(x0, noise, t) = sqrt(
 with `a_t = alphas_cumprod[t]`, at integer timesteps drawn uniformly from [0, num_train_timesteps); the target is
 the noise (epsilon) or `sqrt(a_t) noise - sqrt(1 - a_t) x0` (v-prediction, Salimans & Ho 2022, the scheduler's
 `get_velocity`); loss weights are Min-SNR-gamma's (Hang et al. 2023) when asked. Random draws come in a fixed order
-(noise, the offset's shift, timesteps), so runs repeat bit for bit.
+(noise, the offset's shift, timesteps) on the generator's device (finetune/draws.py says what that changes across
+devices), so runs repeat bit for bit on one device.
 """
 from __future__ import annotations
 
@@ -48,13 +49,16 @@ class DDPMObjective:
     min_snr_gamma: float | None = None
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
-        """Draw noise and timesteps for `latents` [batch, channels, h, w] from `generator`, on the CPU (so draws
-        are the same on every device), and noise them."""
-        shape, device = latents.shape, latents.device
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        """Draw noise and timesteps for `latents` [batch, channels, h, w] from `generator`, on the generator's
+        device (the run's: no copy from the host, finetune/draws.py), and noise them."""
+        shape, device, drawn_on = latents.shape, latents.device, generator.device
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=drawn_on)
         if self.noise_offset:
-            noise = noise + self.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
+            noise = noise + self.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator,
+                                                            device=drawn_on)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (shape[0],), generator=generator,
+                                  device=drawn_on)
+        # nothing to copy when the generator is on the latents' device, as the loop's is
         noise, timesteps = noise.to(device), timesteps.to(device)
         return Noised(latents, self.scheduler.add_noise(latents, noise, timesteps), timesteps,
                       self.target(latents, noise, timesteps))

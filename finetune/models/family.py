@@ -13,6 +13,7 @@ formats need nothing but the object `finetune.models.family_for` returns. Regist
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -289,8 +290,8 @@ class Family:
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         config = parts.vae.config
         if config.get("latents_mean") is not None:
-            shift = torch.tensor(config.latents_mean, device=mean.device).view(1, -1, 1, 1)
-            scale = 1.0 / torch.tensor(config.latents_std, device=mean.device).view(1, -1, 1, 1)
+            shift = _per_channel(tuple(config.latents_mean), mean.device)
+            scale = 1.0 / _per_channel(tuple(config.latents_std), mean.device)
             return ((mean + std * noise).float() - shift) * scale
         return ((mean + std * noise).float() - (config.get("shift_factor") or 0.0)) * config.scaling_factor
 
@@ -305,3 +306,10 @@ class Family:
         """The denoiser's output for `noisy` latents [batch, c, h, w] at `timesteps`, shaped like them, given the
         prompts' `conditioning` and each image's `conditions` (sizes, crop corners: finetune/data/dataset.py)."""
         raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=16)
+def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """[1, channels, 1, 1] on `device`, made once: building it from a Python list each step would copy it from the
+    host every step (and on a GPU, wait for the device before the copy)."""
+    return torch.tensor(values, device=device).view(1, -1, 1, 1)

@@ -11,7 +11,8 @@ and _flux.py). sigma is drawn from a density, as the anchors offer (recipe secti
 then shifted: statically, sigma = s u / (1 + (s - 1) u) (SD3's scheduler, shift 3), or by the image's token count,
 sigma = e^mu / (e^mu + 1/u - 1) with mu linear in the count (FluxPipeline's `calculate_shift`, as Flux samples).
 Optional per-sample loss weights: `sigma_sqrt` (sigma^-2) or `cosmap` (2 / (pi (1 - 2 sigma + 2 sigma^2))),
-diffusers' compute_loss_weighting_for_sd3. Draws come in a fixed order (noise, then u) from the step's generator.
+diffusers' compute_loss_weighting_for_sd3. Draws come in a fixed order (noise, then u) from the step's generator,
+on its device (finetune/draws.py says what that changes across devices).
 """
 from __future__ import annotations
 
@@ -86,12 +87,14 @@ class FlowMatchingObjective:
     weighting: str = "none"
 
     def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """u in (0, 1) for `batch` samples, from the chosen density (before any shift)."""
+        """u in (0, 1) for `batch` samples, from the chosen density (before any shift), on the generator's device."""
+        on = generator.device
         if self.sampling == "logit_normal":
-            return torch.sigmoid(torch.normal(self.logit_mean, self.logit_std, (batch,), generator=generator))
+            return torch.sigmoid(torch.normal(self.logit_mean, self.logit_std, (batch,), generator=generator,
+                                              device=on))
         if self.sampling == "sigmoid":
-            return torch.sigmoid(self.sigmoid_scale * torch.randn(batch, generator=generator))
-        u = torch.rand(batch, generator=generator)
+            return torch.sigmoid(self.sigmoid_scale * torch.randn(batch, generator=generator, device=on))
+        u = torch.rand(batch, generator=generator, device=on)
         if self.sampling == "mode":
             return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
         if self.sampling != "uniform":
@@ -109,12 +112,13 @@ class FlowMatchingObjective:
         return u
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
-        """Noise for `latents` [batch, channels, h, w], drawn on the CPU from `generator`, then sigma; the
-        `timesteps` of the result are the sigmas [batch] in (0, 1) (a family's predict scales them as its
-        denoiser takes them)."""
+        """Noise for `latents` [batch, channels, h, w], drawn from `generator` on its device (the run's: no copy
+        from the host), then sigma; the `timesteps` of the result are the sigmas [batch] in (0, 1) (a family's
+        predict scales them as its denoiser takes them)."""
         shape, device = latents.shape, latents.device
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
         sigmas = self.shifted(self.draw(shape[0], generator), shape[-2], shape[-1]).float()
+        # nothing to copy when the generator is on the latents' device, as the loop's is
         noise, sigmas = noise.to(device), sigmas.to(device)
         s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
         return Noised(latents, (1 - s) * latents + s * noise, sigmas, noise - latents)

@@ -41,6 +41,7 @@ class LiveReport:
         self.output_dir, self.enabled, self.device = output_dir, accelerator.is_main_process, accelerator.device
         self.effective_batch = t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps
         self._started_step, self._failed = time.perf_counter(), set()
+        self._ended: dict[int, dict] = {}  # step -> its time and memory, until its loss is read
         if not self.enabled:
             return
         try:
@@ -65,18 +66,29 @@ class LiveReport:
         """Called as a step begins: seconds per step count the step alone, not the saves between steps."""
         self._started_step = time.perf_counter()
 
-    def record(self, step: int, loss: float, lr: float, checkpoint: bool = False) -> None:
-        """The step's history line; the page and run.json too at a checkpoint (`checkpoint`) or when
-        REWRITE_SECONDS have passed since they were last written."""
+    def end_step(self, step: int) -> None:
+        """Called as step `step` ends: its time and memory, kept for `record`, which the loop calls later, when it
+        reads the loss (training/loop.py reads it every log.every steps, not at each step)."""
         if not self.enabled:
             return
         seconds = time.perf_counter() - self._started_step
         now = time.time()
-        self._safely("history.jsonl", self.history.append, {
-            "step": step, "loss": loss, "lr": lr, "seconds_per_step": round(seconds, 4),
+        self._ended[step] = {
+            "seconds_per_step": round(seconds, 4),
             "samples_per_second": round(self.effective_batch / seconds, 3) if seconds > 0 else None,
             "peak_memory_bytes": peak_memory(self.device),
-            "elapsed": round(self._elapsed_before + now - self._session, 2), "time": round(now, 2)})
+            "elapsed": round(self._elapsed_before + now - self._session, 2), "time": round(now, 2)}
+
+    def record(self, step: int, loss: float, lr: float, checkpoint: bool = False) -> None:
+        """The step's history line (its time and memory as end_step saw them, or as they are now); the page and
+        run.json too at a checkpoint (`checkpoint`) or when REWRITE_SECONDS have passed since they were last
+        written."""
+        if not self.enabled:
+            return
+        if step not in self._ended:
+            self.end_step(step)
+        self._safely("history.jsonl", self.history.append, {"step": step, "loss": loss, "lr": lr,
+                                                            **self._ended.pop(step)})
         if checkpoint or time.monotonic() - self._written >= REWRITE_SECONDS:
             self._write()
 

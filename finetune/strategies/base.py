@@ -56,9 +56,11 @@ class Strategy(Protocol):
         fp32), so that sample grids drawn during training are what the user's pipeline draws. The fp32 weights
         the optimizer steps are put back, unchanged, on leaving."""
 
-    def on_step_end(self, step: int) -> None:
+    def on_step_end(self, step: int) -> bool:
         """After each optimizer step (`step` steps done), and once on resume: e.g. textual inversion restores
-        frozen embedding rows; DreamBooth stops training the text encoder."""
+        frozen embedding rows; DreamBooth stops training the text encoder. Returns True when what trains changed
+        (a module stopped or started requiring gradients): only then does the loop look at every parameter again
+        to tell whether a text encoder still trains."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that trains, as tensors (used for checkpoints)."""

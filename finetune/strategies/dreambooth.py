@@ -85,6 +85,7 @@ class Strategy:
         self.modules: dict[str, torch.nn.Module] = {}  # what trains, unwrapped
         self.frozen: dict[str, torch.nn.Module] = {}  # untouched copies, only for base_prediction prior
         self.gathered: dict[str, dict[str, torch.Tensor]] = {}  # whole weights of sharded modules (FSDP)
+        self.text_encoders_stopped = False  # text_encoder_steps reached: on_step_end has frozen them
 
     def check(self, family: ModelFamily, parts: Components) -> None:
         missing = [p for p in self.options.trainable_modules if not named_matches(parts.denoiser, [p])]
@@ -139,12 +140,15 @@ class Strategy:
     def kept_words(self) -> list[str]:
         return []  # no word of its own that a caption must keep
 
-    def on_step_end(self, step: int) -> None:
+    def on_step_end(self, step: int) -> bool:
         stop = self.options.text_encoder_steps
-        if stop is not None and step >= stop:
-            for name in set(self.modules) & set(self.parts.text_encoder_names):
-                # no gradient from here on, so the optimizer leaves it as it is
-                self.modules[name].requires_grad_(False)
+        if stop is None or step < stop or self.text_encoders_stopped:
+            return False
+        for name in set(self.modules) & set(self.parts.text_encoder_names):
+            # no gradient from here on, so the optimizer leaves it as it is
+            self.modules[name].requires_grad_(False)
+        self.text_encoders_stopped = True
+        return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every trained weight whole. When FSDP has sharded a module, every process must call this (gathering is

@@ -156,8 +156,8 @@ class Strategy:
     def kept_words(self) -> list[str]:
         return []  # no word of its own that a caption must keep
 
-    def on_step_end(self, step: int) -> None:
-        return None
+    def on_step_end(self, step: int) -> bool:
+        return False  # what trains never changes
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.network.tensors().items()}

@@ -250,8 +250,8 @@ class Strategy:
     def kept_words(self) -> list[str]:
         return []  # no word of its own that a caption must keep
 
-    def on_step_end(self, step: int) -> None:
-        pass
+    def on_step_end(self, step: int) -> bool:
+        return False  # what trains never changes
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return diffusers_lora.pack({name: peft_layers.state_dict(module) for name, module in self.modules.items()})

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from finetune.draws import host_choices
 from finetune.export import textual_inversion as ti_files
 from finetune.models.base import Components, ModelFamily
 from finetune.recipe.schema import StrategyOptions, required
@@ -103,6 +104,7 @@ class Strategy:
         self.file_keys: dict[str, str] = {}  # encoder name -> its key in the file (SDXL: clip_l, clip_g)
         self.rows: dict[str, torch.Tensor] = {}  # encoder name -> ids of the new rows, placeholder-major
         self.untouched: dict[str, torch.Tensor] = {}  # encoder name -> embedding matrix as it was
+        self.frozen_masks: dict[str, torch.Tensor] = {}  # encoder name -> [vocabulary, 1] rows kept as they were
 
     @property
     def placeholders(self) -> list[str]:
@@ -171,8 +173,7 @@ class Strategy:
                      for c in captions]
         else:
             templates = OBJECT_TEMPLATES if self.options.prompts == "object" else STYLE_TEMPLATES
-            picks = torch.randint(len(templates), (len(captions),), generator=generator).tolist()
-            texts = [templates[i].format(first) for i in picks]
+            texts = [template.format(first) for template in host_choices(len(captions), templates, generator)]
         return [self._expand(text) for text in texts]
 
     def kept_words(self) -> list[str]:
@@ -191,13 +192,22 @@ class Strategy:
         # diffusers' load_textual_inversion and finetune.load_adapter put the vectors in the encoder's dtype
         return held_in([encoder.get_input_embeddings() for encoder in self.encoders.values()], dtype)
 
-    def on_step_end(self, step: int) -> None:
+    def on_step_end(self, step: int) -> bool:
         with torch.no_grad():
             for name, encoder in self.encoders.items():
                 weight = encoder.get_input_embeddings().weight
-                keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-                keep[self.rows[name]] = False
-                weight[keep] = self.untouched[name][keep]
+                # every row but the new tokens' back to the base's: torch.where, not weight[keep] = ..., since
+                # indexing by a boolean mask counts its True values on the host (a wait for the GPU every step)
+                weight.copy_(torch.where(self._frozen_rows(name, weight), self.untouched[name], weight))
+        return False  # what trains never changes
+
+    def _frozen_rows(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """[vocabulary, 1] True for the rows that must keep the base's vectors; made once per encoder."""
+        if name not in self.frozen_masks:
+            keep = torch.ones(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+            keep[self.rows[name]] = False
+            self.frozen_masks[name] = keep
+        return self.frozen_masks[name]
 
     def learned(self) -> dict[str, dict[str, torch.Tensor]]:
         """placeholder -> encoder's file key (its name; SDXL's clip_l, clip_g) -> tensor[num_vectors, dim]."""

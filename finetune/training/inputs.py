@@ -1,12 +1,13 @@
 """The one place a step turns a batch into model inputs: latents for its images and conditioning for its
-captions, from the caches (finetune/data/caches.py) where they are on, encoded live where not."""
+captions, from the caches (finetune/data/caches.py) where they are on, encoded live where not; and the batches
+moved to the device one step ahead (`ahead_on_device`), so a step never waits for its inputs' copy."""
 from __future__ import annotations
 
 import logging
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -51,18 +52,60 @@ class BatchEncoder:
             self.text.fill(captions)
 
     def latents(self, parts: Components, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        if "latent_keys" in batch:
-            mean, std = self.latent_store.get(batch["latent_keys"])
-            mean, std = mean.to(self.device), std.to(self.device)
+        if "latent_moments" in batch:  # read from the cache and moved ahead (ahead_on_device)
+            mean, std = batch["latent_moments"]
+        elif "latent_keys" in batch:
+            mean, std = self.cached_moments(batch["latent_keys"])
         else:
             with torch.no_grad():
                 mean, std = self.family.encode_image_moments(parts, batch["pixel_values"])
         return self.family.latents_from_moments(parts, mean, std, generator)
 
+    def cached_moments(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent cache's (mean, std) for a batch's keys, on the device (copied without waiting for it)."""
+        mean, std = self.latent_store.get(keys)
+        return to_device(mean, self.device), to_device(std, self.device)
+
     def conditioning(self, parts: Components, captions: list[str], text_encoder_trains: bool) -> Any:
         if self.text is None or text_encoder_trains:
             return self.family.encode_prompts(parts, captions)
         return self.text.get(captions, self.device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`, the copy from the host queued without waiting for the device: from pinned (page-locked)
+    memory, the only kind a GPU copies from asynchronously (a tensor on the host is pinned first, a small copy on
+    the host). Unchanged when already there."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def ahead_on_device(batches: Iterator[dict[str, Any]], encoder: BatchEncoder) -> Iterator[dict[str, Any]]:
+    """The loader's batches with their tensors (pixels, conditions, and the cached latents their keys name, as
+    `latent_moments`) on the encoder's device, each batch's copies queued while the step before it still runs:
+    batch n + 1 is fetched and on its way when batch n is handed out. The batches are what they were (a pure
+    function of their position, finetune/data/dataset.py); the loader reads one batch further than the run uses."""
+    def moved(batch: dict[str, Any]) -> dict[str, Any]:
+        batch = dict(batch, conditions={key: to_device(value, encoder.device)
+                                        for key, value in batch["conditions"].items()})
+        if "pixel_values" in batch:
+            batch["pixel_values"] = to_device(batch["pixel_values"], encoder.device)
+        if "latent_keys" in batch and encoder.latent_store is not None:
+            batch["latent_moments"] = encoder.cached_moments(batch["latent_keys"])
+        return batch
+
+    upcoming = moved(next(batches))
+    while True:
+        current = upcoming
+        try:
+            upcoming = moved(next(batches))
+        except StopIteration:
+            yield current
+            return
+        yield current
 
 
 def make_encoder(family: ModelFamily, parts: Components, plan: CachePlan, device: torch.device,

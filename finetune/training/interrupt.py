@@ -1,5 +1,7 @@
-"""Ctrl-C and `kill` (SIGINT, SIGTERM) stop a run at the next step boundary, after a checkpoint, instead of
-losing it: the handler only records the request; the loop acts on it where the state is whole."""
+"""Ctrl-C and `kill` (SIGINT, SIGTERM) stop a run at a step boundary, after a checkpoint, instead of losing it:
+the handler only records the request; the loop acts on it where the state is whole. A single process stops at
+the next step; several processes agree on it only where the loop reads the loss (every `log.every` steps and
+before any save), since asking the others is a collective that makes every GPU wait."""
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +32,14 @@ class StopRequest:
         print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
+    def seen_here(self, accelerator) -> bool:
+        """Whether this run can stop after this step without asking the other processes: a request on a run of
+        one process (several learn of it at the next point they all read the loss, `requested_anywhere`)."""
+        return self.signum is not None and accelerator.num_processes == 1
+
     def requested_anywhere(self, accelerator) -> bool:
-        """Whether any process was asked to stop: all stop at the same step, or the others would wait forever."""
+        """Whether any process was asked to stop: all stop at the same step, or the others would wait forever.
+        With several processes a collective that waits for the devices: call it where the loss is read."""
         wanted = self.signum is not None
         if accelerator.num_processes > 1:
             import torch

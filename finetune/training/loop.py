@@ -17,11 +17,13 @@ from typing import Callable
 import torch
 
 from finetune.console import progress_bar
+from finetune.draws import step_draws
 from finetune.recipe.schema import Recipe
 from finetune.report.live import LiveReport
 from finetune.training import checkpoint, interrupt, saves, trackers
 from finetune.training.attention import sdpa_kernels
 from finetune.training.failures import check_finite_loss
+from finetune.training.inputs import ahead_on_device
 from finetune.training.offload import on_device
 from finetune.training.run import Run, setup
 from finetune.training.step import micro_step_loss
@@ -64,65 +66,81 @@ def resume(run: Run, path: Path) -> None:
 def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
     """Train from run.step to the schedule's last step, saving checkpoints, snapshots and samples on the way.
     `on_step(step)` is called after every optimizer step. Raises interrupt.Interrupted when stopped by a signal
-    (a checkpoint saved first), training/failures.py's errors when the loss diverges or a save fails."""
+    (a checkpoint saved first), training/failures.py's errors when the loss diverges or a save fails.
+
+    No step waits for the device: each step's loss stays on it until a read point (every log.every steps, the
+    last step, a step that saves a checkpoint, snapshot or sample grid, a stop request), where the losses since
+    the last one come back in one transfer and are checked and recorded step by step, as if read at each step
+    (history.jsonl, the report, the bar and trackers get every value they got before). A loss that stopped being
+    finite at step k stops the run there, naming step k, before anything is saved: the steps run after k are
+    thrown away with their weights."""
     accelerator, parts, strategy, optimizer = run.accelerator, run.parts, run.strategy, run.optimizer
     s, output_dir = run.schedule, run.saving.output_dir
     if accelerator.is_main_process:
         trackers.start(accelerator, run.recipe.log.project, run.recipe.log.run_name, run.saving.recipe,
                        str(output_dir / "logs"))
-    settings = run.settings
     step = run.step
+    # a strategy may stop training the text encoders part-way (DreamBooth's text_encoder_steps): looked at again
+    # only when its on_step_end says what trains changed (a scan of every parameter)
+    settings = dataclasses.replace(run.settings, text_encoder_trains=_text_encoder_trains(parts))
     # history.jsonl, report.html
     run.live = live = LiveReport(accelerator, run.recipe, output_dir, step, run.summary, run.caption_notes)
     progress = progress_bar(total=s.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                             disable=not accelerator.is_local_main_process)
-    batches = iter(run.loader)
+    batches = ahead_on_device(iter(run.loader), run.encoder)
+    class_batches = ahead_on_device(run.class_batches, run.encoder) if run.class_batches is not None else None
+    unread = UnreadLosses()
     # the bar closes before any message that stops the run; SDPA kernels as train.attention allows (attention.py)
     with interrupt.stop_on_signals() as stop, progress, live, sdpa_kernels(run.attention):
         while step < s.max_steps:
             live.start_step()
             losses = []
             lr = float(optimizer.param_groups[0]["lr"])  # what this step's optimizer.step() uses: logged for it
-            # a strategy may stop training the text encoders part-way (DreamBooth's text_encoder_steps)
-            settings = dataclasses.replace(settings, text_encoder_trains=any(
-                p.requires_grad for module in parts.text_encoder_modules().values() for p in module.parameters()))
             for micro in range(s.accumulation):
                 batch = next(batches)
-                class_batch = next(run.class_batches) if run.class_batches is not None else None
+                class_batch = next(class_batches) if class_batches is not None else None
                 seed = step_seed(s.seed, step, micro, accelerator.process_index)
                 torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
                 with accelerator.accumulate(*[parts.modules[name] for name in run.trained]):
                     loss = micro_step_loss(run.family, parts, strategy, batch, class_batch,
-                                           torch.Generator().manual_seed(seed), settings, run.encoder)
+                                           step_draws(seed, accelerator.device), settings, run.encoder)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and s.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(run.params, s.max_grad_norm)
+                        accelerator.clip_grad_norm_(run.params, s.max_grad_norm)  # its norm stays on the device
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
             run.lr_scheduler.step()
-            strategy.on_step_end(step + 1)
+            if strategy.on_step_end(step + 1):
+                settings = dataclasses.replace(settings, text_encoder_trains=_text_encoder_trains(parts))
             run.step = step = step + 1
-            mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-            # the same reduced value on every process, so all of them stop together
-            check_finite_loss(mean_loss, step, output_dir, run.saving.recovery)
+            unread.add(step, torch.stack(losses).mean(), lr)
+            live.end_step(step)
             if on_step is not None:
                 on_step(step)
-            # drawn by update, which keeps to the bar's pace (without a terminal, a line every 30 s)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             progress.update(1)
-            saved = s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.max_steps
-            live.record(step, mean_loss, lr, checkpoint=bool(saved))
-            if step % s.log_every == 0:
-                accelerator.log({"loss": mean_loss, "lr": lr}, step=step)
+            saved = bool(s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.max_steps)
+            snapshot = bool(s.snapshot_every and step % s.snapshot_every == 0 and step < s.max_steps)
+            sample = bool(s.sample_every and step % s.sample_every == 0)
+            if not (step % s.log_every == 0 or step == s.max_steps or saved or snapshot or sample
+                    or stop.seen_here(accelerator)):
+                continue
+            for done, mean_loss, done_lr in unread.read(accelerator):
+                # the same reduced value on every process, so all of them stop together
+                check_finite_loss(mean_loss, done, output_dir, run.saving.recovery)
+                # drawn by update, which keeps to the bar's pace (without a terminal, a line every 30 s)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{done_lr:.2e}", refresh=False)
+                live.record(done, mean_loss, done_lr, checkpoint=saved and done == step)
+                if done % s.log_every == 0:
+                    accelerator.log({"loss": mean_loss, "lr": done_lr}, step=done)
             if saved:
                 _save_checkpoint(run)
             # asked to stop: no snapshot and no sample grid at this step (a grid can take longer than the step)
             stopping = stop.requested_anywhere(accelerator)
-            if s.snapshot_every and step % s.snapshot_every == 0 and step < s.max_steps and not stopping:
+            if snapshot and not stopping:
                 saves.save_artifact(accelerator, run.saving, strategy, step,
                                     output_dir / "snapshots" / f"step-{step:06d}")
-            if s.sample_every and step % s.sample_every == 0 and not stopping:
+            if sample and not stopping:
                 with on_device(run.offloaded, accelerator.device):
                     saves.save_samples(accelerator, run.saving, run.family, parts, s.sample, s.resolution, step,
                                        strategy, run.base_dtype)
@@ -134,6 +152,34 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
                     f"stopped on {signal.Signals(stop.signum or signal.SIGINT).name} after step {step} of "
                     f"{s.max_steps}; the checkpoint is in {checkpoint.checkpoints_dir(output_dir)}. Continue "
                     f"with:\n  {run.saving.command}", stop.signum or signal.SIGINT)
+
+
+class UnreadLosses:
+    """Steps' losses (0-d tensors on the device) not read yet, in step order, with the rate each trained at."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []
+        self.rates: list[float] = []
+
+    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.rates.append(lr)
+
+    def read(self, accelerator) -> list[tuple[int, float, float]]:
+        """(step, loss averaged over the processes, lr) of each unread step, oldest first, in one reduce and one
+        transfer from the device; none are unread after it. Every process must call it at the same step."""
+        if not self.steps:
+            return []
+        values = accelerator.reduce(torch.stack(self.losses), reduction="mean").tolist()
+        read = list(zip(self.steps, values, self.rates))
+        self.steps, self.losses, self.rates = [], [], []
+        return read
+
+
+def _text_encoder_trains(parts) -> bool:
+    return any(p.requires_grad for module in parts.text_encoder_modules().values() for p in module.parameters())
 
 
 def _save_checkpoint(run: Run) -> None:

@@ -14,12 +14,18 @@ import torch
 
 
 def build_optimizer(groups: list[dict[str, Any]], kind: str, betas: tuple[float, float], weight_decay: float,
-                    eps: float) -> torch.optim.Optimizer:
+                    eps: float, device_type: str = "cpu") -> torch.optim.Optimizer:
+    """`kind` "adamw" (torch's) or "adamw8bit" (bitsandbytes') over `groups`, for parameters that train on a
+    `device_type` device ("cuda", "cpu", ...: the accelerator's, where preparing the run puts them). On CUDA
+    torch's AdamW is the fused one: one kernel for every parameter's update instead of a dozen launches per
+    tensor group, its step counter on the GPU, and with fp16's GradScaler it checks for overflow on the GPU
+    instead of reading a flag back each step (torch's `_step_supports_amp_scaling`)."""
     if kind == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=weight_decay, eps=eps)
-    return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps)
+    fused = True if device_type == "cuda" else None  # None: torch's own choice (foreach) elsewhere
+    return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused)
 
 
 def _warmup_from_one(factor: Callable[[int], float], warmup_steps: int) -> Callable[[int], float]:

@@ -40,4 +40,4 @@ def class_image_stream(accelerator, spec: ClassImageSpec, prior: PriorOptions, p
     latent_keys = encoder.cache_latents(examples, sizes, False, "class images")
     dataset = ImageCaptionDataset(examples, sizes, "center", random_flip=False, caption_dropout=0.0,
                                   latent_keys=latent_keys)
-    return iter(make_loader(dataset, order, num_workers))
+    return iter(make_loader(dataset, order, num_workers, pin_memory=accelerator.device.type == "cuda"))

@@ -253,7 +253,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     say("\n".join(summary))
     say(attention.line)
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
-                                t.adam_epsilon)
+                                t.adam_epsilon, device_type=accelerator.device.type)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
     prepared_modules, optimizer, params = prepare_for_training(accelerator, {n: parts.modules[n] for n in trained},
                                                                optimizer)
@@ -271,7 +271,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         lr_scheduler=lr_scheduler, params=params, trained=trained, trained_modules=trained_modules,
         encoder=encoder, class_batches=class_batches,
         loader=make_loader(ImageCaptionDataset(examples, sizes, d.crop, d.random_flip, d.caption_dropout,
-                                               latent_keys), order, d.num_workers),
+                                               latent_keys), order, d.num_workers,
+                           pin_memory=accelerator.device.type == "cuda"),
         settings=LossSettings(objective=family.objective(parts, recipe.model), text_encoder_trains=False,
                               prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
                               class_prompts=tuple(recipe.prior.class_prompt)),

@@ -1,9 +1,11 @@
 """One micro-step's loss: draw (the family's objective noises latents and names the target), predict, weighted
 MSE; with the prior-preservation half when asked. Nothing here knows which objective or family runs.
 
-Random draws happen in a fixed order from the step's generator (instance latents, instance noise, then the
+Random draws happen in a fixed order from the step's generators (instance latents, instance noise, then the
 class half), so the instance half of a step is the same with or without prior preservation; with
-`loss_weight: 0` the run therefore follows the one without it.
+`loss_weight: 0` the run therefore follows the one without it. Tensors are drawn on the run's device, choices
+Python acts on (prompts) from a CPU generator (finetune/draws.py): nothing here reads a device tensor back, so a
+step never waits for the device.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import torch
 
+from finetune.draws import StepDraws, host_choices
 from finetune.models.base import Components, ModelFamily
 from finetune.training.inputs import BatchEncoder
 
@@ -32,11 +35,13 @@ def per_sample_loss(prediction: torch.Tensor, wanted: torch.Tensor) -> torch.Ten
 
 
 def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dict[str, Any],
-                    class_batch: dict[str, Any] | None, generator: torch.Generator,
+                    class_batch: dict[str, Any] | None, draws: StepDraws,
                     settings: LossSettings, encoder: BatchEncoder) -> torch.Tensor:
-    objective = settings.objective
+    """The micro-step's loss, a 0-d tensor on the run's device (not read here: the loop reads it at log points).
+    `draws`: the micro-step's generators (finetune/draws.py)."""
+    objective, generator = settings.objective, draws.tensors
     instance = objective.noise(encoder.latents(parts, batch, generator), generator)
-    captions = strategy.prompts(list(batch["captions"]), generator)
+    captions = strategy.prompts(list(batch["captions"]), draws.host)
     halves = [instance]
     frozen_target = None
     if settings.prior_mode == "class_images":
@@ -47,8 +52,7 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
         # the instances' own latents, noised afresh and captioned with class prompts: what the frozen base
         # predicts for them is the target, so no class images are needed
         cls = objective.noise(instance.latents, generator)
-        picks = torch.randint(len(settings.class_prompts), (len(captions),), generator=generator).tolist()
-        class_captions = [settings.class_prompts[i] for i in picks]
+        class_captions = host_choices(len(captions), settings.class_prompts, draws.host)
         with torch.no_grad(), strategy.frozen_base(parts) as base:
             conditioning = encoder.conditioning(base, class_captions, text_encoder_trains=False)
             frozen_target = family.predict(base, cls.noisy, cls.timesteps, conditioning,
@@ -79,4 +83,5 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
 
 
 def _on(conditions: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in conditions.items()}
+    # already there when the loop moved the batch ahead of the step (training/inputs.py: ahead_on_device)
+    return {key: value.to(device, non_blocking=True) for key, value in conditions.items()}
