@@ -131,3 +131,25 @@ class CompileFigures:
         """One line for the run's log, e.g. "compile (first step): 6 graphs in 41.2 s, no graph break"."""
         breaks = "no graph break" if not self.graph_breaks else f"{self.graph_breaks} graph break(s)"
         return f"compile ({when}): {self.graphs} graph(s) in {self.seconds:.1f} s, {breaks}"
+
+
+class CompileWatch:
+    """Says when the steps compiled something: the first step's graphs and compile time, and later recompiles (a
+    new batch shape), so a run that recompiles again and again shows it. Reads dynamo's counters only (no device
+    work)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = CompileFigures.now()
+
+    def news(self, step: int) -> str | None:
+        """A line when graphs were compiled since the last call, else None."""
+        now = CompileFigures.now()
+        new = now.since(self.last)
+        if new.graphs <= 0 and new.graph_breaks <= 0:
+            return None
+        first = self.last == self.start
+        self.last = now
+        if first:
+            return new.line(f"step {step}")
+        return (new.line(f"step {step}, a new batch shape") + f"; {now.since(self.start).graphs} graph(s) in all "
+                "(sizes that keep changing become dynamic after the second)")

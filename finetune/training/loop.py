@@ -22,6 +22,7 @@ from finetune.recipe.schema import Recipe
 from finetune.report.live import LiveReport
 from finetune.training import checkpoint, interrupt, saves, trackers
 from finetune.training.attention import sdpa_kernels
+from finetune.training.compile import CompileWatch
 from finetune.training.failures import check_finite_loss
 from finetune.training.inputs import ahead_on_device
 from finetune.training.offload import on_device
@@ -90,6 +91,7 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
     batches = ahead_on_device(iter(run.loader), run.encoder)
     class_batches = ahead_on_device(run.class_batches, run.encoder) if run.class_batches is not None else None
     unread = UnreadLosses()
+    compiled = CompileWatch()  # train.compile: the first step's compile time, and any recompile after it
     # the bar closes before any message that stops the run; SDPA kernels as train.attention allows (attention.py)
     with interrupt.stop_on_signals() as stop, progress, live, sdpa_kernels(run.attention):
         while step < s.max_steps:
@@ -118,6 +120,7 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
             live.end_step(step)
             if on_step is not None:
                 on_step(step)
+            run.say(compiled.news(step))
             progress.update(1)
             saved = bool(s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.max_steps)
             snapshot = bool(s.snapshot_every and step % s.snapshot_every == 0 and step < s.max_steps)

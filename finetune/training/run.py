@@ -26,19 +26,19 @@ from finetune.export.family_header import family_fields, family_version
 from finetune.models import Components, ModelFamily, family_for
 from finetune.models.family import refusal
 from finetune.models.pipeline_folder import downsampling_of, latent_channels_of
-from finetune.models.quantize import problems_on, quantize_weights, summary_line
+from finetune.models.quantize import quantize_weights, summary_line
 from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe, SampleOptions
 from finetune.strategies import create_strategy
 from finetune.training import checkpoint, prior
 from finetune.training import compile as compiling
-from finetune.training.attention import AttentionKernels, kernels_for
-from finetune.training.engine import (enable_gradient_checkpointing, engine_report, has_accelerator,
-                                      prepare_for_training, refuse_unsharded_work, requested_engine,
+from finetune.training.attention import AttentionKernels
+from finetune.training.engine import (enable_gradient_checkpointing, has_accelerator, prepare_for_training,
                                       sharding_report)
 from finetune.training.failures import divergence_advice
 from finetune.training.inputs import BatchEncoder, make_encoder
 from finetune.training.offload import offload_idle, on_device, one_at_a_time
+from finetune.training.preflight import check_engine_and_device
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.resume import checkpoint_to_resume, check_output_dir, remove_earlier_run, resume_command
 from finetune.training.saves import Saving
@@ -160,7 +160,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
 
     t, d = recipe.train, recipe.data
     started_at = time.time() - 1  # file times may be rounded down to the second
-    attention = _check_engine(accelerator, recipe)
+    attention = check_engine_and_device(accelerator, recipe, weight_dtype(recipe.model.dtype, t.mixed_precision),
+                                        say)
     # everything that can fail cheaply fails before the model loads; first, that nothing finished gets lost
     strategy = create_strategy(recipe.strategy)
     command = resume_command(recipe.source, recipe.overrides)
@@ -286,31 +287,6 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         offloaded=offloaded, base_dtype=base_dtype, started_at=started_at, summary=summary,
         caption_notes=caption_notes, recipe=recipe, attention=attention, step=first_step, resume_from=resume_from,
         saved=saved)
-
-
-def _check_engine(accelerator, recipe: Recipe) -> AttentionKernels:
-    """Say which engine runs; refuse what it cannot do (RecipeError) before anything is read. Returns
-    train.attention resolved for the accelerator's device."""
-    engine, mismatch = engine_report(accelerator.distributed_type.name, accelerator.num_processes,
-                                     requested_engine())
-    _say(accelerator, engine)
-    if mismatch and accelerator.is_main_process:
-        log.warning(mismatch)
-    problems = refuse_unsharded_work(accelerator.distributed_type.name, recipe.strategy.kind,
-                                     recipe.strategy.trains_base_weights,
-                                     bool(getattr(recipe.strategy, "text_encoder", False)), recipe.sample.every)
-    problems += problems_on(recipe.model.quantize, accelerator.device)  # fp8 matmuls on a GPU without fp8
-    if recipe.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # accelerate applies no fp16 autocast on a CPU, so a half base would meet fp32 inputs and fail
-        problems.append("train.mixed_precision: fp16 needs a GPU; on a CPU set train.mixed_precision: bf16 (or no)")
-    # attention runs in half precision under autocast, or without it on a half base
-    half = (recipe.train.mixed_precision in ("fp16", "bf16")
-            or weight_dtype(recipe.model.dtype, recipe.train.mixed_precision) != torch.float32)
-    attention, refused = kernels_for(recipe.train.attention, accelerator.device, half_precision=half)
-    problems += refused
-    if problems:
-        raise RecipeError(recipe.source, problems)
-    return attention
 
 
 def _load_base(accelerator, family: ModelFamily, recipe: Recipe,

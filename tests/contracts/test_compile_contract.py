@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 
+from finetune.draws import step_draws
 from finetune.models import family_for, specs
 from finetune.recipe.load import parse_recipe
 from finetune.training import loop
@@ -38,8 +39,8 @@ def loss_and_gradients(run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     # as the loop sets it: textual inversion trains the text encoders' input embeddings
     settings = dataclasses.replace(run.settings, text_encoder_trains=any(
         p.requires_grad for module in run.parts.text_encoder_modules().values() for p in module.parameters()))
-    loss = micro_step_loss(run.family, run.parts, run.strategy, batch, None, torch.Generator().manual_seed(0),
-                           settings, run.encoder)
+    loss = micro_step_loss(run.family, run.parts, run.strategy, batch, None, step_draws(0, "cpu"), settings,
+                           run.encoder)
     loss.backward()
     # the optimizer's tensors, in its order (the same objects compiled and eager: compiling is in place); a
     # tensor the step does not reach has no gradient eagerly and zeros compiled: both count as zeros

@@ -60,7 +60,8 @@ def test_blocks_finds_the_unets_attention_and_resnet_blocks(tiny_base):
 
 def test_a_run_compiled_by_blocks_trains_as_the_eager_one(tiny_base, concept_dir, tmp_path, caplog):
     """Inductor compiles each block (with the LoRA layers inside) during the first step; the run says so, saves
-    the names an eager run saves, and its losses are the eager run's to rounding."""
+    the names an eager run saves, its losses are the eager run's to rounding, and the first step's compile is
+    printed."""
     from safetensors.torch import load_file
 
     caplog.set_level(logging.INFO)
@@ -72,11 +73,12 @@ def test_a_run_compiled_by_blocks_trains_as_the_eager_one(tiny_base, concept_dir
         losses[mode] = [record["loss"] for record in read_history(tmp_path / mode)]
     torch._dynamo.reset()
     assert "compile: blocks" in caplog.text and "BasicTransformerBlock, ResnetBlock2D" in caplog.text
+    assert "compile (step 1):" in caplog.text and "no graph break" in caplog.text
     assert artifacts["off"].keys() == artifacts["blocks"].keys()
     # step 1 to rounding; later steps start from weights one rounded update apart
     assert losses["blocks"] == pytest.approx(losses["off"], rel=1e-3)
-    for key, tensor in artifacts["off"].items():
-        torch.testing.assert_close(artifacts["blocks"][key], tensor, rtol=1e-3, atol=1e-5)
+    # (not the weights element by element: Adam's first updates are lr x the sign of each gradient, and a gradient
+    # near zero may round to either sign)
 
 
 def test_new_batch_sizes_stop_recompiling_once_sizes_are_dynamic(tiny_base):

@@ -35,11 +35,28 @@ def test_on_cuda_tensors_are_drawn_there_and_choices_on_the_host():
     assert draws.tensors.device.type == "cuda" and draws.host.device.type == "cpu"
 
 
-@pytest.mark.parametrize("device_type, fused", [("cuda", True), ("cpu", None), ("mps", None)])
-def test_adamw_is_the_fused_one_on_cuda_alone(device_type, fused):
+@pytest.mark.parametrize("device_type, fused, foreach", [("cuda", True, None), ("cpu", None, True),
+                                                         ("mps", None, True)])
+def test_adamw_is_the_fused_one_on_cuda_and_foreach_elsewhere(device_type, fused, foreach):
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
     optimizer = build_optimizer(groups, "adamw", (0.9, 0.999), 0.01, 1e-8, device_type=device_type)
-    assert optimizer.defaults["fused"] is fused
+    assert optimizer.defaults["fused"] is fused and optimizer.defaults["foreach"] is foreach
+
+
+def test_foreach_adamw_updates_as_the_per_tensor_loop_bit_for_bit_on_the_cpu():
+    """What lets the CPU's runs (and the golden losses) stay as they were with one operator per update."""
+    start = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate([(8, 4), (4,)])]
+    results = []
+    for foreach in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, foreach=foreach)
+        generator = torch.Generator().manual_seed(7)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        results.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def _accelerator(processes: int):

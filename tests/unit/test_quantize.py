@@ -161,12 +161,12 @@ def test_which_devices_multiply_in_8_bits(kind, device, capability, refused):
 
 def test_setup_refuses_fp8_matmuls_on_a_gpu_without_fp8_before_the_base_loads(sd3_base, tmp_path, monkeypatch):
     from finetune.models.family import Family
-    from finetune.training import loop, run
+    from finetune.training import loop, preflight, run
 
     recipe = recipe_dict(sd3_base, draw_concept(tmp_path / "images", count=1), tmp_path / "out")
     recipe["model"]["quantize"] = "fp8_w8a8"
     # the run's device as an RTX 3090 reports it; nothing may load
-    monkeypatch.setattr(run, "problems_on", lambda kind, device: device_problems(kind, "cuda", (8, 6)))
+    monkeypatch.setattr(preflight, "problems_on", lambda kind, device: device_problems(kind, "cuda", (8, 6)))
     monkeypatch.setattr(Family, "load", lambda *a, **k: pytest.fail("the base loaded"))
     try:
         with pytest.raises(RecipeError, match="fp8_w8a8 multiplies in fp8, which needs an NVIDIA GPU of compute "
