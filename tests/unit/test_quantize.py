@@ -161,7 +161,7 @@ def test_which_devices_multiply_in_8_bits(kind, device, capability, refused):
 
 def test_setup_refuses_fp8_matmuls_on_a_gpu_without_fp8_before_the_base_loads(sd3_base, tmp_path, monkeypatch):
     from finetune.models.family import Family
-    from finetune.training import loop, preflight, run
+    from finetune.training import loop, preflight
 
     recipe = recipe_dict(sd3_base, draw_concept(tmp_path / "images", count=1), tmp_path / "out")
     recipe["model"]["quantize"] = "fp8_w8a8"
