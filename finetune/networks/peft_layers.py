@@ -115,3 +115,48 @@ def _forget_adapters(module: torch.nn.Module) -> None:
         del module.peft_config
     if getattr(module, "_hf_peft_config_loaded", False):
         module._hf_peft_config_loaded = False
+
+
+def let_dynamo_trace_dora() -> None:
+    """Make peft's DoRA layers traceable by torch.compile (train.compile), idempotently. DoRA's forward asks
+    `dequantize_module_weight(base_layer)` for the weight, which tells a torchao weight by
+    `type(weight).__module__.startswith("torchao.")`; dynamo cannot read a class's `__module__` and breaks the graph
+    there, in every DoRA layer. A plain Parameter needs no dequantising: this answers it directly and hands any
+    other weight to peft's own function, so what DoRA computes does not change."""
+    import peft.tuners.lora.dora as dora
+
+    original = dora.dequantize_module_weight
+    if getattr(original, "_finetune_traceable", False):
+        return
+
+    def weight_of(module: torch.nn.Module) -> torch.Tensor:
+        weight = module.weight
+        if type(weight) is torch.nn.Parameter:
+            return weight
+        return original(module)
+
+    weight_of._finetune_traceable = True
+    dora.dequantize_module_weight = weight_of
+
+
+def let_dynamo_trace_lycoris(model: torch.nn.Module) -> int:
+    """Keep peft's LoHa and LoKr layers of `model` whose module and rank dropouts are 0 in eval mode, so that
+    torch.compile traces them whole; returns how many. In training mode each such layer draws
+    `torch.rand(1) > module_dropout` to decide whether to add its update (peft/tuners/loha/layer.py, lokr too), a
+    branch on a tensor, which dynamo cannot trace (a graph break in every adapter layer). With both dropouts 0 the
+    two modes compute the same, so the layers answer train() by staying in eval mode. (The coin also consumed the
+    global random stream: compiled runs of these variants draw their dropout elsewhere from other numbers.)"""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    pinned = 0
+    for layer in model.modules():
+        if (isinstance(layer, LycorisLayer) and not any(layer.module_dropout.values())
+                and not any(layer.rank_dropout.values())):
+            layer.train = _stay_in_eval.__get__(layer)
+            layer.train(False)
+            pinned += 1
+    return pinned
+
+
+def _stay_in_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    return torch.nn.Module.train(self, False)

@@ -72,6 +72,11 @@ def compile_denoiser(denoiser: torch.nn.Module, mode: str, declared: tuple[str, 
     if mode == "off":
         return 0
     use_finetune_cache()
+    from finetune.networks.peft_layers import let_dynamo_trace_dora, let_dynamo_trace_lycoris
+
+    # two spots in peft's layers dynamo cannot trace, each answered without changing what the layer computes
+    let_dynamo_trace_dora()
+    let_dynamo_trace_lycoris(denoiser)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if mode in ("full", "max"):
         denoiser.compile(fullgraph=fullgraph, backend=backend, mode="max-autotune" if mode == "max" else None)

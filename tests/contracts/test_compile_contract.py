@@ -50,8 +50,8 @@ def loss_and_gradients(run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss.detach(), gradients
 
 
-def compiled_against_eager(kind: str, family_name: str, base, images, out, backend: str):
-    options = allowed_by(specs()[family_name], CONTRACT[kind].options)
+def compiled_against_eager(kind: str, family_name: str, base, images, out, backend: str, **variant):
+    options = {**allowed_by(specs()[family_name], CONTRACT[kind].options), **variant}
     recipe = parse_recipe(recipe_dict(base, images, out, strategy=options,
                                       train={"max_steps": 1, "batch_size": 2, "compile": "off"}))
     family = family_for(family_name)
@@ -85,6 +85,21 @@ def test_blocks_compile_whole_and_compute_as_eager(kind, family_name, tiny_bases
                                                              concept_dir, tmp_path / "out", "aot_eager")
     assert count >= 1, f"{count} block(s) compiled: the family's repeated blocks were not found"
     assert figures.graphs >= 1 and figures.graph_breaks == 0
+    assert_same(eager, compiled, rtol=1e-5, atol=1e-6)
+
+
+# peft's other adapters, on a U-Net and a transformer (the matrix above trains plain LoRA)
+VARIANTS = {"loha": {"variant": "loha"}, "lokr": {"variant": "lokr"}, "oft": {"variant": "oft", "alpha": None},
+            "dora": {"use_dora": True}}
+
+
+@pytest.mark.parametrize("family_name", ["sd", "flux"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lora_variants_compile_whole_and_compute_as_eager(variant, family_name, tiny_bases, concept_dir, tmp_path):
+    eager, compiled, count, figures = compiled_against_eager("lora", family_name, tiny_bases[family_name],
+                                                             concept_dir, tmp_path / "out", "aot_eager",
+                                                             **VARIANTS[variant])
+    assert count >= 1 and figures.graphs >= 1 and figures.graph_breaks == 0
     assert_same(eager, compiled, rtol=1e-5, atol=1e-6)
 
 
