@@ -1,9 +1,9 @@
 """Which scaled_dot_product_attention kernels a run allows (`train.attention`), and the context that allows them.
 
 diffusers' attention processors call `torch.nn.functional.scaled_dot_product_attention` (SDPA); PyTorch picks a
-kernel for each call from those allowed (flash, memory-efficient, cuDNN, math). The loop trains (forward and
-backward, where gradient checkpointing recomputes blocks) and draws its sample grids inside `sdpa_kernels`, so
-one choice holds for the whole run:
+kernel for each call from those allowed (flash, memory-efficient, cuDNN, math). The loop's steps run inside
+`sdpa_kernels` (forward, backward, and the blocks gradient checkpointing recomputes), so one choice holds for all
+of training; sample grids draw with PyTorch's own choice (SDXL's VAE stays in fp32, which flash cannot take):
 - `auto`: what PyTorch would pick, less cuDNN attention where it is known to fail (KNOWN_CUDNN_FAILURES);
 - `flash` / `efficient` / `cudnn` / `math`: that kernel alone; one the device cannot run is refused at setup
   (`kernels_for`, before any model loads), and an attention call it cannot serve stops with the fix.

@@ -10,7 +10,8 @@ the hypernetwork's wrapper, DreamBooth's trained weights; textual inversion's ve
 - `full`: the whole denoiser as one graph (plus the pieces between graph breaks).
 - `max`: `full` in torch.compile's "max-autotune" mode: autotuned matmul kernels and CUDA graphs, which replay a
   recorded step and so need a CUDA GPU and every batch of one shape (refused otherwise, `problems`).
-- `auto`: `blocks` on CUDA, `off` elsewhere (on a CPU compiling takes minutes and gains little).
+- `auto`: `blocks` on CUDA, `off` elsewhere (on a CPU compiling takes minutes and gains little) and under FSDP
+  or DeepSpeed (not yet measured there).
 
 Compiling happens in place (`Module.compile`), so parameter names, and with them saved files, do not change.
 Batches of another size (another bucket) recompile once; from then on dynamo marks the sizes that changed as
@@ -34,12 +35,14 @@ MODES = ("auto", "off", "blocks", "full", "max")
 RECOMPILE_LIMIT = 64
 
 
-def resolve(mode: str, device_type: str) -> str:
-    """The mode a run compiles with: `auto` becomes `blocks` on CUDA and `off` elsewhere; the rest stay."""
+def resolve(mode: str, device_type: str, sharded: bool = False) -> str:
+    """The mode a run compiles with: `auto` becomes `blocks` on CUDA and `off` elsewhere, and `off` under FSDP or
+    DeepSpeed (`sharded`: compiled blocks inside sharded, checkpoint-wrapped ones have not been measured on GPUs
+    here; `blocks` asked for by name still compiles); the rest stay."""
     if mode not in MODES:
         raise ValueError(f"train.compile: {mode!r} is not one of {', '.join(MODES)}")
     if mode == "auto":
-        return "blocks" if device_type == "cuda" else "off"
+        return "blocks" if device_type == "cuda" and not sharded else "off"
     return mode
 
 

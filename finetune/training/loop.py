@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -69,12 +69,13 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
     `on_step(step)` is called after every optimizer step. Raises interrupt.Interrupted when stopped by a signal
     (a checkpoint saved first), training/failures.py's errors when the loss diverges or a save fails.
 
-    No step waits for the device: each step's loss stays on it until a read point (every log.every steps, the
-    last step, a step that saves a checkpoint, snapshot or sample grid, a stop request), where the losses since
-    the last one come back in one transfer and are checked and recorded step by step, as if read at each step
-    (history.jsonl, the report, the bar and trackers get every value they got before). A loss that stopped being
-    finite at step k stops the run there, naming step k, before anything is saved: the steps run after k are
-    thrown away with their weights."""
+    No step waits for the device: each step's loss stays on it until a read point, where the losses since the
+    last one come back together and are checked and recorded step by step, as if read at each step
+    (history.jsonl, the report, the bar and trackers get every value they got before). A log point (every
+    log.every steps) reads up to the step before it, one step late, so the device is never idle while the host
+    waits; the last step, a step that saves a checkpoint, snapshot or sample grid, and a stop request read all.
+    A loss that stopped being finite at step k stops the run there, naming step k, before anything is saved: the
+    steps run after k are thrown away with their weights."""
     accelerator, parts, strategy, optimizer = run.accelerator, run.parts, run.strategy, run.optimizer
     s, output_dir = run.schedule, run.saving.output_dir
     if accelerator.is_main_process:
@@ -92,31 +93,33 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
     class_batches = ahead_on_device(run.class_batches, run.encoder) if run.class_batches is not None else None
     unread = UnreadLosses()
     compiled = CompileWatch()  # train.compile: the first step's compile time, and any recompile after it
-    # the bar closes before any message that stops the run; SDPA kernels as train.attention allows (attention.py)
-    with interrupt.stop_on_signals() as stop, progress, live, sdpa_kernels(run.attention):
+    with interrupt.stop_on_signals() as stop, progress, live:  # the bar closes before any message that stops the run
         while step < s.max_steps:
             live.start_step()
             losses = []
             lr = float(optimizer.param_groups[0]["lr"])  # what this step's optimizer.step() uses: logged for it
-            for micro in range(s.accumulation):
-                batch = next(batches)
-                class_batch = next(class_batches) if class_batches is not None else None
-                seed = step_seed(s.seed, step, micro, accelerator.process_index)
-                torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
-                with accelerator.accumulate(*[parts.modules[name] for name in run.trained]):
-                    loss = micro_step_loss(run.family, parts, strategy, batch, class_batch,
-                                           step_draws(seed, accelerator.device), settings, run.encoder)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and s.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(run.params, s.max_grad_norm)  # its norm stays on the device
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
+            # SDPA kernels as train.attention allows (attention.py): the steps' forward, backward and recomputation
+            # only; sample grids draw with PyTorch's choice (a part kept in fp32, SDXL's VAE, could not use flash)
+            with sdpa_kernels(run.attention):
+                for micro in range(s.accumulation):
+                    batch = next(batches)
+                    class_batch = next(class_batches) if class_batches is not None else None
+                    seed = step_seed(s.seed, step, micro, accelerator.process_index)
+                    torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+                    with accelerator.accumulate(*[parts.modules[name] for name in run.trained]):
+                        loss = micro_step_loss(run.family, parts, strategy, batch, class_batch,
+                                               step_draws(seed, accelerator.device), settings, run.encoder)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and s.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(run.params, s.max_grad_norm)  # its norm stays on the device
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss.detach())
             run.lr_scheduler.step()
             if strategy.on_step_end(step + 1):
                 settings = dataclasses.replace(settings, text_encoder_trains=_text_encoder_trains(parts))
             run.step = step = step + 1
-            unread.add(step, torch.stack(losses).mean(), lr)
+            unread.add(step, torch.stack(losses).mean(), lr, accelerator)
             live.end_step(step)
             if on_step is not None:
                 on_step(step)
@@ -125,10 +128,12 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
             saved = bool(s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.max_steps)
             snapshot = bool(s.snapshot_every and step % s.snapshot_every == 0 and step < s.max_steps)
             sample = bool(s.sample_every and step % s.sample_every == 0)
-            if not (step % s.log_every == 0 or step == s.max_steps or saved or snapshot or sample
-                    or stop.seen_here(accelerator)):
+            # a save, a sample grid, a stop and the last step read every loss, this step's too (the NaN check comes
+            # before anything is written); a log point reads up to the step before, whose work is done by now
+            every_loss = step == s.max_steps or saved or snapshot or sample or stop.seen_here(accelerator)
+            if not (every_loss or step % s.log_every == 0):
                 continue
-            for done, mean_loss, done_lr in unread.read(accelerator):
+            for done, mean_loss, done_lr in unread.read(latest_too=every_loss):
                 # the same reduced value on every process, so all of them stop together
                 check_finite_loss(mean_loss, done, output_dir, run.saving.recovery)
                 # drawn by update, which keeps to the bar's pace (without a terminal, a line every 30 s)
@@ -158,27 +163,37 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
 
 
 class UnreadLosses:
-    """Steps' losses (0-d tensors on the device) not read yet, in step order, with the rate each trained at."""
+    """Steps' losses not read yet, in step order, with the rate each trained at. When a step ends its loss is
+    averaged over the processes (a collective queued on the device) and, on CUDA, copied into pinned host memory
+    behind that step's work, with an event: reading it later waits for that step's work alone, not for the steps
+    queued after it, so a read one step late finds it done while the device runs the next step."""
 
     def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.losses: list[torch.Tensor] = []
-        self.rates: list[float] = []
+        self.pending: list[tuple[int, torch.Tensor, Any, float]] = []  # step, loss, its event or None, lr
 
-    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
-        self.steps.append(step)
-        self.losses.append(loss)
-        self.rates.append(lr)
+    def add(self, step: int, loss: torch.Tensor, lr: float, accelerator) -> None:
+        """`loss`: the step's mean loss, a 0-d tensor on the device. Every process must add at the same step."""
+        mean = accelerator.reduce(loss.detach(), reduction="mean")
+        event = None
+        if mean.device.type == "cuda":
+            host = torch.empty((), dtype=mean.dtype, pin_memory=True)
+            host.copy_(mean, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            mean = host
+        self.pending.append((step, mean, event, lr))
 
-    def read(self, accelerator) -> list[tuple[int, float, float]]:
-        """(step, loss averaged over the processes, lr) of each unread step, oldest first, in one reduce and one
-        transfer from the device; none are unread after it. Every process must call it at the same step."""
-        if not self.steps:
-            return []
-        values = accelerator.reduce(torch.stack(self.losses), reduction="mean").tolist()
-        read = list(zip(self.steps, values, self.rates))
-        self.steps, self.losses, self.rates = [], [], []
-        return read
+    def read(self, latest_too: bool = True) -> list[tuple[int, float, float]]:
+        """(step, loss averaged over the processes, lr) of each unread step, oldest first; with `latest_too` false
+        the newest stays unread (read one step late: its work may still be running). Waits only for the steps it
+        reads. Reading happens on every process at the same steps (the loop's read points)."""
+        taken = self.pending if latest_too else self.pending[:-1]
+        self.pending = self.pending[len(taken):]
+        for _, _, event, _ in taken:
+            if event is not None:
+                event.synchronize()
+        values = torch.stack([loss for _, loss, _, _ in taken]).tolist() if taken else []
+        return [(step, value, lr) for (step, _, _, lr), value in zip(taken, values)]
 
 
 def _text_encoder_trains(parts) -> bool:

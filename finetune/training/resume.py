@@ -37,6 +37,7 @@ MAY_CHANGE = {
     "data.num_workers": "changes loading speed only",
     "train.gradient_checkpointing": "changes memory and speed only",
     "train.compile": "changes speed only",
+    "train.attention": "changes speed only (which attention kernels run)",
     "train.channels_last": "changes speed only",
     # the way out of a NaN loss (training/failures.py suggests it): the rate and its schedule only set how far
     # each step moves (not the data order, what trains or how the loss is computed): the run goes on as itself

@@ -169,7 +169,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                                    recipe.source, recipe.overrides)
     prepared = prepare_data(d, t.batch_size * accelerator.num_processes)
     examples, sizes = prepared.examples, prepared.sizes
-    compile_mode = compiling.resolve(t.compile, accelerator.device.type)
+    compile_mode = compiling.resolve(t.compile, accelerator.device.type,
+                                     sharded=accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"))
     if cannot := compiling.problems(compile_mode, accelerator.device.type, len(set(sizes))):
         raise RecipeError(recipe.source, cannot)
     if prepared.bucket_report is not None:

@@ -112,6 +112,12 @@ def test_recipe_changes_sorts_notes_from_refusals():
     assert refusals == ["train.seed: 0 in the checkpoint's run, 1 now"]
 
 
+def test_a_checkpoint_from_before_the_speed_keys_resumes_with_them():
+    """Issue 35 made train.compile a mode and added train.attention: a run saved before goes on (speed only)."""
+    notes, refusals = recipe_changes({"train": {"compile": False}}, {"train": {"compile": "off", "attention": "auto"}})
+    assert refusals == [] and sorted(n.split(":")[0] for n in notes) == ["train.attention", "train.compile"]
+
+
 def test_resume_command_quotes_what_the_shell_would_split():
     command = resume_command("my recipes/lora.yaml", ["output_dir=out/run 1", "sample.prompts=[a sks, a red sks]"])
     assert shlex.split(command) == ["finetune", "train", "my recipes/lora.yaml", "output_dir=out/run 1",

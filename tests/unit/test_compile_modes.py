@@ -25,6 +25,11 @@ def test_auto_compiles_by_blocks_on_cuda_only(mode, device, expected):
     assert compiling.resolve(mode, device) == expected
 
 
+def test_auto_does_not_compile_a_sharded_run_but_blocks_by_name_does():
+    assert compiling.resolve("auto", "cuda", sharded=True) == "off"
+    assert compiling.resolve("blocks", "cuda", sharded=True) == "blocks"
+
+
 def test_max_is_refused_without_cuda_or_with_several_batch_shapes():
     assert compiling.problems("max", "cuda", 1) == []
     on_cpu = compiling.problems("max", "cpu", 1)

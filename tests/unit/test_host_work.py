@@ -75,11 +75,21 @@ def test_a_stop_request_is_acted_on_at_once_by_one_process_and_at_read_points_by
 def test_unread_losses_come_back_in_step_order_once():
     unread = UnreadLosses()
     for step, loss in [(1, 0.5), (2, float("nan")), (3, 0.25)]:
-        unread.add(step, torch.tensor(loss), lr=step / 10)
-    read = unread.read(_accelerator(1))
+        unread.add(step, torch.tensor(loss), step / 10, _accelerator(1))
+    read = unread.read()
     assert [(step, lr) for step, _, lr in read] == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert read[0][1] == 0.5 and read[1][1] != read[1][1] and read[2][1] == 0.25  # the NaN kept, in its place
-    assert unread.read(_accelerator(1)) == []
+    assert unread.read() == []
+
+
+def test_a_log_point_reads_one_step_late_and_a_save_reads_all():
+    """log.every: 1 reads step n - 1's loss at step n, whose work the device has done while step n was queued."""
+    unread = UnreadLosses()
+    unread.add(1, torch.tensor(0.5), 0.1, _accelerator(1))
+    assert unread.read(latest_too=False) == []
+    unread.add(2, torch.tensor(0.25), 0.1, _accelerator(1))
+    assert unread.read(latest_too=False) == [(1, 0.5, 0.1)]
+    assert unread.read(latest_too=True) == [(2, 0.25, 0.1)]
 
 
 def test_batches_come_one_ahead_with_their_cached_latents_on_the_device():
