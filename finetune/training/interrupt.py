@@ -1,14 +1,14 @@
 """Ctrl-C and `kill` (SIGINT, SIGTERM) stop a run at a step boundary, after a checkpoint, instead of losing it:
 the handler only records the request; the loop acts on it where the state is whole. A single process stops at
 the next step; several processes agree on it only where the loop reads the loss (every `log.every` steps and
-before any save), since asking the others is a collective that makes every GPU wait."""
+before any save), one read point late, so that asking the others never makes a GPU wait."""
 from __future__ import annotations
 
 import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -24,6 +24,7 @@ class Interrupted(Exception):
 class StopRequest:
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self._agreed: Any = None  # the processes' summed flags of the last read point, on their way to the host
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:  # asked twice: the user means now
@@ -38,15 +39,21 @@ class StopRequest:
         return self.signum is not None and accelerator.num_processes == 1
 
     def requested_anywhere(self, accelerator) -> bool:
-        """Whether any process was asked to stop: all stop at the same step, or the others would wait forever.
-        With several processes a collective that waits for the devices: call it where the loss is read."""
+        """Whether any process was asked to stop, the same answer on every process (all stop at the same step, or
+        the others would wait forever); call it at the same points on every process (where the loss is read).
+        With several processes the flags are summed by a collective queued on the devices and the sum comes back
+        one call late (training/host_copy.py), so asking never makes the host wait for the step just queued: a
+        request is acted on at the second read point after it."""
         wanted = self.signum is not None
-        if accelerator.num_processes > 1:
-            import torch
+        if accelerator.num_processes == 1:
+            return wanted
+        import torch
 
-            flag = torch.tensor([float(wanted)], device=accelerator.device)
-            wanted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-        return wanted
+        from finetune.training.host_copy import LaterOnHost
+
+        flag = accelerator.reduce(torch.tensor([float(wanted)], device=accelerator.device), reduction="sum")
+        earlier, self._agreed = self._agreed, LaterOnHost(flag)
+        return earlier is not None and float(earlier.value().sum()) > 0
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -24,6 +24,7 @@ from finetune.training import checkpoint, interrupt, saves, trackers
 from finetune.training.attention import sdpa_kernels
 from finetune.training.compile import CompileWatch
 from finetune.training.failures import check_finite_loss
+from finetune.training.host_copy import LaterOnHost
 from finetune.training.inputs import ahead_on_device
 from finetune.training.offload import on_device
 from finetune.training.run import Run, setup
@@ -164,24 +165,16 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
 
 class UnreadLosses:
     """Steps' losses not read yet, in step order, with the rate each trained at. When a step ends its loss is
-    averaged over the processes (a collective queued on the device) and, on CUDA, copied into pinned host memory
-    behind that step's work, with an event: reading it later waits for that step's work alone, not for the steps
-    queued after it, so a read one step late finds it done while the device runs the next step."""
+    averaged over the processes (a collective queued on the device) and copied to the host behind that step's
+    work (training/host_copy.py): reading it later waits for that step alone, not for the steps queued after it,
+    so a read one step late finds it done while the device runs the next step."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[int, torch.Tensor, Any, float]] = []  # step, loss, its event or None, lr
+        self.pending: list[tuple[int, LaterOnHost, float]] = []  # step, its loss on the way to the host, lr
 
     def add(self, step: int, loss: torch.Tensor, lr: float, accelerator) -> None:
         """`loss`: the step's mean loss, a 0-d tensor on the device. Every process must add at the same step."""
-        mean = accelerator.reduce(loss.detach(), reduction="mean")
-        event = None
-        if mean.device.type == "cuda":
-            host = torch.empty((), dtype=mean.dtype, pin_memory=True)
-            host.copy_(mean, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            mean = host
-        self.pending.append((step, mean, event, lr))
+        self.pending.append((step, LaterOnHost(accelerator.reduce(loss.detach(), reduction="mean")), lr))
 
     def read(self, latest_too: bool = True) -> list[tuple[int, float, float]]:
         """(step, loss averaged over the processes, lr) of each unread step, oldest first; with `latest_too` false
@@ -189,11 +182,8 @@ class UnreadLosses:
         reads. Reading happens on every process at the same steps (the loop's read points)."""
         taken = self.pending if latest_too else self.pending[:-1]
         self.pending = self.pending[len(taken):]
-        for _, _, event, _ in taken:
-            if event is not None:
-                event.synchronize()
-        values = torch.stack([loss for _, loss, _, _ in taken]).tolist() if taken else []
-        return [(step, value, lr) for (step, _, _, lr), value in zip(taken, values)]
+        values = torch.stack([loss.value() for _, loss, _ in taken]).tolist() if taken else []
+        return [(step, value, lr) for (step, _, lr), value in zip(taken, values)]
 
 
 def _text_encoder_trains(parts) -> bool:

@@ -72,6 +72,16 @@ def test_a_stop_request_is_acted_on_at_once_by_one_process_and_at_read_points_by
     assert not request.seen_here(_accelerator(2))  # asking the others is a collective: only where losses are read
 
 
+def test_several_processes_agree_on_a_stop_one_read_point_late():
+    """The summed flags come back at the next read point, so asking never waits for the step just queued."""
+    request, several = interrupt.StopRequest(), _accelerator(2)
+    assert not request.requested_anywhere(several)
+    request.signum = 2
+    assert not request.requested_anywhere(several)  # the flag is on its way
+    assert request.requested_anywhere(several)
+    assert request.requested_anywhere(_accelerator(1))  # one process: at once
+
+
 def test_unread_losses_come_back_in_step_order_once():
     unread = UnreadLosses()
     for step, loss in [(1, 0.5), (2, float("nan")), (3, 0.25)]:
