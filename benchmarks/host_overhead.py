@@ -80,6 +80,7 @@ def measure(family: str, mode: str, steps: int, warmup: int, work: Path) -> dict
 
 def main() -> None:
     from finetune.models import specs
+    from finetune.recipe.checks import missing_modules
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", nargs="*", default=None, help="default: every family")
@@ -91,9 +92,9 @@ def main() -> None:
     figures = {}
     with tempfile.TemporaryDirectory(prefix="finetune-host-") as work:
         for family in args.family or sorted(specs()):
-            missing = [name for name in specs()[family].needs if not _importable(name)]
+            missing = missing_modules(specs()[family])
             if missing:
-                print(f"{family}: skipped ({', '.join(missing)} not installed)", flush=True)
+                print(f"{family}: skipped ({'; '.join(missing)})", flush=True)
                 continue
             figures[family] = {mode: measure(family, mode, args.steps, args.warmup, Path(work)) for mode in args.modes}
             eager = figures[family][args.modes[0]]
@@ -104,14 +105,6 @@ def main() -> None:
                       f"{got['graph_breaks']} break(s), compiled in {got['compile_s']} s", flush=True)
     if args.json:
         print(f"wrote {write_text_atomically(args.json, json.dumps(figures, indent=2))}")
-
-
-def _importable(name: str) -> bool:
-    try:
-        __import__(name)
-        return True
-    except Exception:  # a module built for another torch fails with anything
-        return False
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from finetune.models import positions
+from finetune.models.device_constants import on_device
 from finetune.models.base import Components, unwrapped
 from finetune.models.family import Family, FamilySpec, OriginalNames
 from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
@@ -120,9 +120,8 @@ class Chroma(Family):
             hidden_states=ChromaPipeline._pack_latents(noisy.to(dtype), batch, channels, height, width),
             timestep=(timesteps * 1000).to(dtype) / 1000, encoder_hidden_states=states.to(dtype),
             txt_ids=torch.zeros(states.shape[1], 3, device=device, dtype=dtype),
-            img_ids=positions.on_device(("chroma image ids", height, width), lambda: ChromaPipeline.
-                                        _prepare_latent_image_ids(batch, height // 2, width // 2, "cpu",
-                                                                  torch.float32), device, dtype),
+            img_ids=on_device(("chroma image ids", height, width), lambda: ChromaPipeline._prepare_latent_image_ids(
+                batch, height // 2, width // 2, "cpu", torch.float32), device, dtype),
             attention_mask=torch.cat([mask.to(device, dtype), torch.ones(batch, tokens, device=device,
                                                                          dtype=torch.bool)], dim=1),
             return_dict=False)[0]

@@ -13,17 +13,18 @@ formats need nothing but the object `finetune.models.family_for` returns. Regist
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 from finetune.models.base import Components, unwrapped
+from finetune.models.device_constants import on_device
 from finetune.models.loading import load_frozen
 
 
@@ -103,9 +104,8 @@ class FamilySpec:
     # model_index.json keys the pipeline's constructor takes (Krea 2's tapped text layers): read from the base when
     # it loads and given to every pipeline built on its parts, where they would otherwise take the defaults
     pipeline_settings: tuple[str, ...] = ()
-    # class names of the denoiser's repeated blocks that `train.compile: blocks` compiles, one graph for all copies
-    # of a class and shape (training/compile.py); empty: the denoiser's own `_repeated_blocks` (diffusers sets it
-    # on most transformers)
+    # class names of the denoiser's repeated blocks `train.compile: blocks` compiles (training/compile.py); empty:
+    # the denoiser's own `_repeated_blocks` (diffusers sets it on most transformers)
     compile_blocks: tuple[str, ...] = ()
     # importable modules the family needs beyond finetune's own dependencies -> what for; checked by importing
     # them before any model loads (a torchvision built for another torch is found but does not import)
@@ -290,8 +290,9 @@ class Family:
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         config = parts.vae.config
         if config.get("latents_mean") is not None:
-            shift = _per_channel(tuple(config.latents_mean), mean.device)
-            scale = 1.0 / _per_channel(tuple(config.latents_std), mean.device)
+            shift, std_of = (on_device((name, tuple(config[name])), partial(_per_channel, config[name]), mean.device)
+                             for name in ("latents_mean", "latents_std"))  # made once per device
+            scale = 1.0 / std_of
             return ((mean + std * noise).float() - shift) * scale
         return ((mean + std * noise).float() - (config.get("shift_factor") or 0.0)) * config.scaling_factor
 
@@ -308,8 +309,7 @@ class Family:
         raise NotImplementedError
 
 
-@functools.lru_cache(maxsize=16)
-def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """[1, channels, 1, 1] on `device`, made once: building it from a Python list each step would copy it from the
-    host every step (and on a GPU, wait for the device before the copy)."""
-    return torch.tensor(values, device=device).view(1, -1, 1, 1)
+
+def _per_channel(values) -> torch.Tensor:
+    """[1, channels, 1, 1] on the host."""
+    return torch.tensor(list(values)).view(1, -1, 1, 1)

@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 
-from finetune.models import positions
+from finetune.models.device_constants import on_device
 from finetune.models.base import Components, unwrapped
 from finetune.models.family import Family, FamilySpec, base_config
 from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
@@ -116,10 +116,8 @@ class Flux(Family):
             hidden_states=pack(noisy.to(dtype)), timestep=timesteps.to(dtype), guidance=guidance,
             pooled_projections=pooled.to(dtype), encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=dtype),
-            img_ids=positions.on_device(("flux image ids", height, width),
-                                        lambda: FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2,
-                                                                                       "cpu", torch.float32),
-                                        noisy.device, dtype),
+            img_ids=on_device(("flux image ids", height, width), lambda: FluxPipeline._prepare_latent_image_ids(
+                batch, height // 2, width // 2, "cpu", torch.float32), noisy.device, dtype),
             return_dict=False)[0]
         return unpack(tokens, height, width)
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from finetune.models import positions
+from finetune.models.device_constants import on_device
 from finetune.models.base import Components, unwrapped
 from finetune.models.family import Family, FamilySpec, OriginalNames, base_config
 from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
@@ -136,11 +136,12 @@ class Flux2(Family):
             hidden_states=Flux2Pipeline._pack_latents(patched).to(dtype),
             timestep=(timesteps * 1000).to(dtype) / 1000, guidance=guidance, encoder_hidden_states=embeds,
             # built from the shapes alone (all the helpers read), on the host, once per shape
-            txt_ids=positions.on_device(("flux2 text ids", *embeds.shape[:2]), lambda: Flux2Pipeline._prepare_text_ids(
-                torch.empty(*embeds.shape[:2], 1)), noisy.device),
-            img_ids=positions.on_device(("flux2 image ids", patched.shape[0], *patched.shape[2:]),
-                                        lambda: Flux2Pipeline._prepare_latent_ids(
-                                            torch.empty(patched.shape[0], 1, *patched.shape[2:])), noisy.device),
+            txt_ids=on_device(("flux2 text ids", *embeds.shape[:2]),
+                              lambda: Flux2Pipeline._prepare_text_ids(torch.empty(*embeds.shape[:2], 1)), noisy.device),
+            img_ids=on_device(("flux2 image ids", patched.shape[0], *patched.shape[2:]),
+                              lambda: Flux2Pipeline._prepare_latent_ids(torch.empty(patched.shape[0], 1,
+                                                                                    *patched.shape[2:])),
+                              noisy.device),
             return_dict=False)[0]
         # tokens are row-major, as img_ids say: the pipeline's _unpack_latents_with_ids is this reshape
         return Flux2Pipeline._unpatchify_latents(tokens.transpose(1, 2).reshape(patched.shape))

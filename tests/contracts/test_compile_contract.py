@@ -24,14 +24,6 @@ from tests.helpers import CONTRACT, NOT_YET, allowed_by, recipe_dict, reset_acce
 PAIRS = [(kind, family) for family in specs() for kind in CONTRACT if (kind, family) not in NOT_YET]
 
 
-@pytest.fixture(scope="module")
-def tiny_bases(tiny_base, tmp_path_factory):
-    from finetune.models.tiny import save_tiny_pipeline
-
-    return {name: tiny_base if name == "sd" else save_tiny_pipeline(tmp_path_factory.mktemp(name) / "base",
-                                                                     family=name) for name in specs()}
-
-
 def loss_and_gradients(run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-step's loss on the run's first batch with fixed draws, and the gradient of each trained tensor."""
     batch = next(iter(run.loader))

@@ -20,7 +20,6 @@ from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for, specs
 from finetune.models.base import guidance_keyword
 from finetune.models.pipeline_folder import latent_channels_of
-from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
 from finetune.report.history import read_history
 from finetune.shapes.evaluate import tuned_pipeline
@@ -90,12 +89,6 @@ def _outputs(family, parts, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         conditioning = family.encode_prompts(parts, [prompt])
         return conditioning, family.predict(parts, latents, torch.tensor([500]), conditioning,
                                                  uncropped_conditions(1, 32, 32))
-
-
-@pytest.fixture(scope="module")
-def tiny_bases(tiny_base, tmp_path_factory):
-    return {name: tiny_base if name == "sd" else save_tiny_pipeline(tmp_path_factory.mktemp(name) / "base",
-                                                                     family=name) for name in specs()}
 
 
 @pytest.fixture(scope="module", params=[(kind, family) for family in specs() for kind in CONTRACT

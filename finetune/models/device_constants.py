@@ -1,9 +1,9 @@
-"""Position ids a transformer family rebuilds for every step (Flux's and Chroma's (0, row, col) image ids, Flux.2's
-four-axis ones), built once per shape and kept on the device.
+"""Constant tensors a family would otherwise rebuild on the host every step and copy to the device: position ids
+(Flux's and Chroma's (0, row, col) image ids, Flux.2's four-axis ones), a VAE's per-channel latents_mean / std.
 
-The pipelines' helpers build them on the CPU and copy them over; a copy from pageable host memory makes the host
-wait for the device to finish the work queued before it, once a step (issue 35: no host round trip in a step).
-They depend only on the latent's shape, so each is built once per (what, shape, device, dtype) and reused.
+A copy from pageable host memory makes the host wait for the device to finish the work queued before it, once a
+step (issue 35: no host round trip in a step). They depend only on a shape or a config, so each is built once per
+(what, shape or values, device, dtype) and reused.
 """
 from __future__ import annotations
 
