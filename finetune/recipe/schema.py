@@ -80,6 +80,27 @@ class DataOptions:
     bucket_min_side: Optional[int] = None
     bucket_max_side: Optional[int] = None
     bucket_max_crop: float = 0.5  # skip an image a crop would cut by more than this share of its area
+    # masked loss (finetune/data/masks.py): "alpha" takes each image's alpha channel, a folder holds one mask
+    # image per training image by file name (white: trained, black: not); the per-pixel loss is weighted by the
+    # mask brought to latent size. None: every pixel counts
+    masks: Optional[str] = None
+    unmasked_weight: float = 0.0  # the loss weight where the mask is black (0: those pixels do not train)
+
+
+@dataclass
+class EmaOptions:
+    """train.ema: an fp32 moving average of what trains, saved as the artifact (the raw weights beside it)."""
+
+    decay: float = 0.999
+    update_every: int = 1  # optimizer steps between updates
+    device: Literal["accelerator", "cpu"] = "accelerator"  # cpu: the average in CPU memory (large DreamBooth runs)
+
+
+@dataclass
+class OffloadOptions:
+    """train.offload: block offload for large transformers on small cards."""
+
+    blocks: float = 0  # how many transformer blocks stream from the CPU: a count (>= 1) or a fraction (< 1)
 
 
 @dataclass
@@ -91,7 +112,10 @@ class TrainOptions:
     learning_rate: float = 1e-4
     lr_scheduler: LrScheduler = "constant"
     lr_warmup_steps: int = 0
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "schedule_free_adamw"] = "adamw"
+    # the optimizer's own arguments by their library's names (e.g. {d_coef: 1.0} for prodigy); checked against
+    # its signature before any model loads (finetune/training/optimizers.py)
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -108,6 +132,11 @@ class TrainOptions:
     # known to fail for this torch and GPU (cuDNN attention in Flux's backward pass with torch 2.11)
     attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
     channels_last: bool = False  # denoiser weights and inputs in NHWC, faster convolutions on many GPUs
+    # an exponential moving average of the trained weights (finetune/training/ema.py); None: none
+    ema: Optional[EmaOptions] = None
+    # frozen transformer blocks' weights kept in pinned CPU memory, each streamed to the GPU ahead of its use
+    # (finetune/training/block_offload.py); None: every weight on the accelerator
+    offload: Optional[OffloadOptions] = None
 
 
 @dataclass
@@ -121,7 +150,10 @@ class CheckpointOptions:
 @dataclass
 class SampleOptions:
     every: int = 0  # optimizer steps between sample grids; 0: never
-    prompts: list[str] = field(default_factory=list)
+    # each a prompt, or a mapping {prompt, negative_prompt, seed, steps, guidance, width, height} overriding the
+    # settings below for it (finetune/training/sample_prompts.py)
+    prompts: list[Any] = field(default_factory=list)
+    prompt_file: Optional[str] = None  # a kohya-style prompt file: one prompt per line with --n --w --h --d --l --s
     negative_prompt: str = ""
     steps: int = 25
     guidance_scale: float = 7.5
@@ -182,6 +214,19 @@ class CacheOptions:
 
 
 @dataclass
+class ValidationOptions:
+    """A validation score per run: the loss on held-out images at fixed noise and fixed timesteps spread over the
+    schedule (finetune/training/validation.py), comparable between steps and runs."""
+
+    images: Optional[str] = None  # a folder of held-out images (with captions), or a fraction of the data: "0.1"
+    every: int = 0  # optimizer steps between validation scores; 0: never
+    timesteps: int = 8  # fixed timesteps (or sigmas) spread over the schedule, each image scored at all of them
+    seed: int = 0  # of the fixed noise
+    clip_model: Optional[str] = None  # CLIP score of the sample grids against their prompts: local folder or hub id
+    dino_model: Optional[str] = None  # DINO similarity of the sample grids to the training images
+
+
+@dataclass
 class StrategyOptions:
     """Common to every strategy; each strategy subclasses it with its own fields."""
 
@@ -212,6 +257,7 @@ class Recipe:
     cache: CacheOptions = field(default_factory=CacheOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     sample: SampleOptions = field(default_factory=SampleOptions)
+    validation: ValidationOptions = field(default_factory=ValidationOptions)
     log: LogOptions = field(default_factory=LogOptions)
     # where the recipe came from, and the command line's key=value overrides, for messages (the resume command)
     # and metadata; not YAML keys
