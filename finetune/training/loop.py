@@ -28,6 +28,7 @@ from finetune.training.host_copy import LaterOnHost
 from finetune.training.inputs import ahead_on_device
 from finetune.training.offload import on_device
 from finetune.training.run import Run, setup
+from finetune.training.shown_weights import shown_weights
 from finetune.training.step import micro_step_loss
 from finetune.training.summary import written_lines
 
@@ -147,10 +148,11 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
             # asked to stop: no snapshot and no sample grid at this step (a grid can take longer than the step)
             stopping = stop.requested_anywhere(accelerator)
             if snapshot and not stopping:
-                saves.save_artifact(accelerator, run.saving, strategy, step,
-                                    output_dir / "snapshots" / f"step-{step:06d}")
+                with shown_weights(run.weight_views):
+                    saves.save_artifact(accelerator, run.saving, strategy, step,
+                                        output_dir / "snapshots" / f"step-{step:06d}")
             if sample and not stopping:
-                with on_device(run.offloaded, accelerator.device):
+                with on_device(run.offloaded, accelerator.device), shown_weights(run.weight_views):
                     saves.save_samples(accelerator, run.saving, run.family, parts, s.sample, s.resolution, step,
                                        strategy, run.base_dtype)
                 live.sampled(step)
@@ -197,7 +199,8 @@ def _save_checkpoint(run: Run) -> None:
 
 def finish(run: Run) -> Path:
     """Write the final artifact and the report's last version; say what the run wrote. Returns the artifact."""
-    artifact = saves.save_artifact(run.accelerator, run.saving, run.strategy, run.step, run.saving.output_dir)
+    with shown_weights(run.weight_views):
+        artifact = saves.save_artifact(run.accelerator, run.saving, run.strategy, run.step, run.saving.output_dir)
     if run.live is not None:
         run.live.finish()  # the page's last version, before the list of what was written (which names it)
     if run.accelerator.is_main_process:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -102,6 +102,8 @@ class Run:
     resume_from: Path | None = None  # the checkpoint setup read, for `resume` (loop.py)
     saved: tuple[dict, dict, dict] | None = None  # its state, held until `resume` puts it back
     live: Any = None  # the live report, while run_steps runs and for finish
+    # what puts the weights to show and save in place (training/shown_weights.py): EMA, schedule-free averaging
+    weight_views: list = field(default_factory=list)
 
     def say(self, text: str | None) -> None:
         """The main process speaks for all."""
