@@ -60,6 +60,10 @@ def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple
     """(trained, held out): floor(fraction x count) examples picked with `seed` (validation.seed), in their
     order. Raises DataError when that holds out none, or leaves none to train on."""
     count = math.floor(fraction * len(examples) + 1e-9)  # 0.1 x 30 is 3, not 2.9999
+    if len(examples) < 2:
+        raise DataError(f"validation.images: holding out a fraction needs at least 2 training images (one held "
+                        f"out, one trained on), and there are {len(examples)}; give a folder of held-out images "
+                        "(validation.images: FOLDER)")
     if count < 1:
         raise DataError(
             f"validation.images: {fraction:g} of {len(examples)} image(s) holds out none (it needs at least "
