@@ -100,3 +100,17 @@ def test_history_writes_the_validation_loss_only_on_the_steps_that_have_one(tmp_
     history.close()
     lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert "validation_loss" not in lines[0] and lines[1]["validation_loss"] == 0.45
+
+
+def test_the_report_draws_the_validation_loss_beside_the_training_loss(tmp_path: Path):
+    from finetune.report.page import build_page
+
+    scores = {2: 0.7, 4: 0.4, 6: 0.5}
+    history = History(tmp_path, keep_through=0)
+    for step in range(1, 7):
+        history.append({"step": step, "loss": 1.0 / step, "lr": 1e-4, "seconds_per_step": 0.1, "elapsed": step,
+                        "time": 1e9 + step, **({"validation_loss": scores[step]} if step in scores else {})})
+    history.close()
+    page = build_page(tmp_path)
+    assert "<!-- validation (held out) -->" in page  # the legend's entry (matplotlib keeps text as a comment)
+    assert "0.5 at step 6, lowest 0.4 at step 4" in page
