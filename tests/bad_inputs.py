@@ -352,6 +352,15 @@ CATALOGUE = [
              "Names the line and the file",
              lambda ws: _metadata(ws, '{"file_name": "gone.png", "text": "x"}\n'),
              ("line 1", "gone.png not found")),
+    # issue 36: validation
+    BadInput("validation-holds-out-none", "`validation.images: 0.1` (a fraction held out) with too few images to "
+             "hold any out", "Says how many images the fraction needs; raise it, or give a folder of held-out images",
+             lambda ws: ws.train(validation={"images": 0.1, "every": 2}),
+             ("validation.images: 0.1 of 4 image(s) holds out none", "at least 10 images", "validation.images: FOLDER")),
+    BadInput("validation-folder-missing", "`validation.images` names a folder that does not exist",
+             "Names it and says a fraction such as 0.1 holds out training images instead",
+             lambda ws: ws.train(validation={"images": str(ws.tmp / "no-held-out")}),
+             ("validation.images", "no-held-out is neither an existing folder", "fraction such as 0.1")),
     # the strategy meets the model
     BadInput("placeholder-past-the-window", "Textual-inversion captions whose placeholder lies past the text "
              "encoder's window (75 tokens for CLIP)", "Names the images and where the placeholder sits; move it up, "

@@ -8,7 +8,9 @@ learns that softness; `data.on_small_image: skip` leaves them out and `error` re
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+import random
+from dataclasses import dataclass, field
 
 from finetune.data.buckets import training_sizes
 from finetune.data.sources import DataError, Example, list_examples, some
@@ -24,13 +26,59 @@ class PreparedData:
     sizes: list[Size]  # (width, height) each example trains at
     groups: list[list[int]] | None  # example indices per bucket; None: one group of all
     bucket_report: dict | None
+    held_out: list[Example] = field(default_factory=list)  # validation's images, never trained on
 
 
-def prepare_data(d: DataOptions, global_batch: int, decode: bool = True) -> PreparedData:
-    """`decode`: decode every image (training) or read headers only (`finetune validate`)."""
+def prepare_data(d: DataOptions, global_batch: int, decode: bool = True, held_out_fraction: float | None = None,
+                 held_out_seed: int = 0) -> PreparedData:
+    """`decode`: decode every image (training) or read headers only (`finetune validate`). `held_out_fraction`:
+    validation.images as a fraction, those images set apart (split_held_out) before anything else sees the data."""
     examples = list_examples(d.images, d.dataset, prompt=d.prompt, caption_extension=d.caption_extension,
                              split=d.split, image_column=d.image_column, caption_column=d.caption_column,
                              on_bad_image=d.on_bad_image, decode=decode)
+    held_out = []
+    if held_out_fraction is not None:
+        examples, held_out = split_held_out(examples, held_out_fraction, held_out_seed)
+    prepared = _fitted(examples, d, global_batch)
+    prepared.held_out = held_out
+    return prepared
+
+
+def held_out_fraction(images: str | None) -> float | None:
+    """The fraction of the training images `validation.images` asks to hold out ("0.1" or 0.1), or None when it
+    names a folder (or nothing)."""
+    if images is None or isinstance(images, bool):
+        return None
+    try:
+        value = float(images)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(trained, held out): floor(fraction x count) examples picked with `seed` (validation.seed), in their
+    order. Raises DataError when that holds out none, or leaves none to train on."""
+    count = math.floor(fraction * len(examples) + 1e-9)  # 0.1 x 30 is 3, not 2.9999
+    if len(examples) < 2:
+        raise DataError(f"validation.images: holding out a fraction needs at least 2 training images (one held "
+                        f"out, one trained on), and there are {len(examples)}; give a folder of held-out images "
+                        "(validation.images: FOLDER)")
+    if count < 1:
+        raise DataError(
+            f"validation.images: {fraction:g} of {len(examples)} image(s) holds out none (it needs at least "
+            f"{math.ceil(1 / fraction) if fraction > 0 else 'more'} images); raise the fraction to at least "
+            f"{1 / len(examples):.2g}, or give a folder of held-out images (validation.images: FOLDER)")
+    if count >= len(examples):
+        raise DataError(
+            f"validation.images: {fraction:g} of {len(examples)} image(s) holds out {count}, leaving none to train "
+            "on; lower the fraction (0.1 is usual) or give a folder of held-out images")
+    picked = set(random.Random(seed).sample(range(len(examples)), count))
+    return ([e for i, e in enumerate(examples) if i not in picked], [e for i, e in enumerate(examples) if i in picked])
+
+
+def _fitted(examples: list[Example], d: DataOptions, global_batch: int) -> PreparedData:
+    """The examples sized, and those smaller than their training size upscaled, skipped or refused."""
     prepared = _sized(examples, d, global_batch)
     small = _smaller_than_trained(prepared)
     if not small:

@@ -60,8 +60,19 @@ class DDPMObjective:
                                   device=drawn_on)
         # nothing to copy when the generator is on the latents' device, as the loop's is
         noise, timesteps = noise.to(device), timesteps.to(device)
+        return self.noised(latents, noise, timesteps)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
+        """`latents` noised with the given `noise` (their shape) at `timesteps` [batch], all on one device."""
         return Noised(latents, self.scheduler.add_noise(latents, noise, timesteps), timesteps,
                       self.target(latents, noise, timesteps))
+
+    def fixed_points(self, count: int, height: int, width: int) -> torch.Tensor:
+        """`count` timesteps [count] (long, on the CPU) spread over the schedule as `noise` draws them: the
+        quantiles (k + 1/2) / count of its uniform draw over [0, num_train_timesteps), so a validation score is a
+        stratified estimate of what the training loss averages. The latent size does not matter here."""
+        total = self.scheduler.config.num_train_timesteps
+        return ((torch.arange(count, dtype=torch.float64) + 0.5) * total / count).long()
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":

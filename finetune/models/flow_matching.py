@@ -120,8 +120,33 @@ class FlowMatchingObjective:
         sigmas = self.shifted(self.draw(shape[0], generator), shape[-2], shape[-1]).float()
         # nothing to copy when the generator is on the latents' device, as the loop's is
         noise, sigmas = noise.to(device), sigmas.to(device)
+        return self.noised(latents, noise, sigmas)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> Noised:
+        """`latents` noised with the given `noise` (their shape) at `sigmas` [batch], all on one device."""
         s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
         return Noised(latents, (1 - s) * latents + s * noise, sigmas, noise - latents)
+
+    def quantiles(self, q: torch.Tensor) -> torch.Tensor:
+        """u (before any shift) at probabilities `q` of the chosen density: its inverse distribution function
+        (Phi^-1 = torch.special.ndtri for the normal-based ones)."""
+        if self.sampling == "logit_normal":
+            return torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(q))
+        if self.sampling == "sigmoid":
+            return torch.sigmoid(self.sigmoid_scale * torch.special.ndtri(q))
+        if self.sampling == "mode":
+            # the mode map falls as u rises (for mode_scale < 1 / (pi/2 - 1) = 1.75), so the q-quantile of its
+            # output is its value at 1 - q
+            u = 1 - q
+            return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        return q
+
+    def fixed_points(self, count: int, height: int, width: int) -> torch.Tensor:
+        """`count` sigmas [count] (fp32, on the CPU) spread over the schedule as `noise` draws them for latents of
+        `height` x `width`: the quantiles (k + 1/2) / count of the sigma density, shift included, so a validation
+        score is a stratified estimate of what the training loss averages."""
+        q = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+        return self.shifted(self.quantiles(q), height, width).float()
 
     def weights(self, sigmas: torch.Tensor) -> torch.Tensor | None:
         """Per-sample loss weights, or None for plain MSE."""

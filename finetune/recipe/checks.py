@@ -38,6 +38,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_cache(recipe)
     problems += cache_folder_problems(recipe)
     problems += _check_outputs(recipe)
+    problems += _check_validation(recipe)
     validate = getattr(recipe.strategy, "validate", None)
     if validate is not None:
         problems += validate(recipe)
@@ -135,6 +136,39 @@ def _check_data(recipe: Recipe) -> list[str]:
                             "or turn bucketing off")
     if not d.caption_extension.startswith("."):
         problems.append(f"data.caption_extension: should start with a dot, e.g. '.txt' (got {d.caption_extension!r})")
+    return problems
+
+
+def _check_validation(recipe: Recipe) -> list[str]:
+    """validation: a fraction in (0, 1) or a folder apart from data.images; how many images a fraction holds out
+    is checked with the data (data/prepare.py: split_held_out)."""
+    from finetune.data.prepare import held_out_fraction
+
+    v, problems = recipe.validation, []
+    if v.every < 0:
+        problems.append(f"validation.every: must be 0 (the last step only) or more, got {v.every}")
+    if v.timesteps < 1:
+        problems.append(f"validation.timesteps: must be at least 1 (8 is usual), got {v.timesteps}")
+    if v.images is None:
+        if v.every:
+            problems.append("validation.every: set, but validation.images is not: give a folder of held-out images "
+                            "or a fraction of the training images to hold out, e.g. validation.images: 0.1")
+        return problems
+    fraction = held_out_fraction(v.images)
+    if fraction is not None:
+        if not 0 < fraction < 1:
+            problems.append(f"validation.images: a fraction of the training images to hold out must lie between 0 "
+                            f"and 1 (0.1 is usual), got {v.images}; or give a folder of held-out images")
+        return problems
+    folder = Path(os.path.expanduser(v.images)).resolve()
+    if not folder.is_dir():
+        problems.append(f"validation.images: {v.images} is neither an existing folder of held-out images nor a "
+                        "fraction such as 0.1")
+    elif recipe.data.images is not None:
+        trained = Path(os.path.expanduser(recipe.data.images)).resolve()
+        if folder == trained or trained in folder.parents:
+            problems.append(f"validation.images: {v.images} lies in data.images ({recipe.data.images}), whose "
+                            "subfolders are trained on too; move the held-out images out of it, or give a fraction")
     return problems
 
 

@@ -71,10 +71,15 @@ def line_chart(series: list[tuple[str, Sequence[float], Sequence[float], dict]],
     return text[text.index("<svg"):]
 
 
-def loss_chart(steps: Sequence[int], losses: Sequence[float]) -> str:
-    return line_chart([("loss", steps, losses, {"color": "#9ecae1", "linewidth": 0.8}),
-                       (f"smoothed (EMA {SMOOTHING})", steps, smoothed(losses), {"color": "#08519c", "linewidth": 1.6})],
-                      title="Loss", ylabel="loss")
+def loss_chart(steps: Sequence[int], losses: Sequence[float],
+               validation: tuple[Sequence[int], Sequence[float]] | None = None) -> str:
+    """The training loss, smoothed, and beside it (`validation`: its steps and values) the held-out loss."""
+    series = [("loss", steps, losses, {"color": "#9ecae1", "linewidth": 0.8}),
+              (f"smoothed (EMA {SMOOTHING})", steps, smoothed(losses), {"color": "#08519c", "linewidth": 1.6})]
+    if validation is not None and validation[0]:
+        series.append(("validation (held out)", validation[0], validation[1],
+                       {"color": "#e6550d", "linewidth": 1.6, "marker": "o", "markersize": 3}))
+    return line_chart(series, title="Loss", ylabel="loss")
 
 
 def lr_chart(steps: Sequence[int], rates: Sequence[float]) -> str:

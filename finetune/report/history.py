@@ -14,6 +14,8 @@ HISTORY = "history.jsonl"
 RUN_INFO = "run.json"
 # the keys of a history line, in the order they are written
 FIELDS = ("step", "loss", "lr", "seconds_per_step", "samples_per_second", "peak_memory_bytes", "elapsed", "time")
+# written after them on the lines of the steps that have them (validation.every steps)
+OPTIONAL_FIELDS = ("validation_loss",)
 
 
 def read_history(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -45,7 +47,9 @@ class History:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
 
     def append(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps({key: record.get(key) for key in FIELDS}) + "\n")
+        line = {key: record.get(key) for key in FIELDS}
+        line.update({key: record[key] for key in OPTIONAL_FIELDS if record.get(key) is not None})
+        self._file.write(json.dumps(line) + "\n")
         self._file.flush()  # in the OS's hands: a crash of this process cannot lose it
         self.last = record
 

@@ -79,17 +79,19 @@ class LiveReport:
             "peak_memory_bytes": peak_memory(self.device),
             "elapsed": round(self._elapsed_before + now - self._session, 2), "time": round(now, 2)}
 
-    def record(self, step: int, loss: float, lr: float, checkpoint: bool = False) -> None:
-        """The step's history line (its time and memory as end_step saw them, or as they are now); the page and
-        run.json too at a checkpoint (`checkpoint`) or when REWRITE_SECONDS have passed since they were last
-        written."""
+    def record(self, step: int, loss: float, lr: float, checkpoint: bool = False,
+               validation_loss: float | None = None) -> None:
+        """The step's history line (its time and memory as end_step saw them, or as they are now, and its
+        validation score where one was made); the page and run.json too at a checkpoint (`checkpoint`), a
+        validation score, or when REWRITE_SECONDS have passed since they were last written."""
         if not self.enabled:
             return
         if step not in self._ended:
             self.end_step(step)
+        scored = {"validation_loss": validation_loss} if validation_loss is not None else {}
         self._safely("history.jsonl", self.history.append, {"step": step, "loss": loss, "lr": lr,
-                                                            **self._ended.pop(step)})
-        if checkpoint or time.monotonic() - self._written >= REWRITE_SECONDS:
+                                                            **self._ended.pop(step), **scored})
+        if checkpoint or scored or time.monotonic() - self._written >= REWRITE_SECONDS:
             self._write()
 
     def sampled(self, step: int) -> None:

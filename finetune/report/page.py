@@ -151,12 +151,22 @@ def _curves(history: list[dict], recorded: bool) -> list[str]:
     from finetune.report import charts
 
     steps = [r["step"] for r in history]
-    svgs = [charts.loss_chart(steps, [r["loss"] for r in history]),
+    scored = [(r["step"], r["validation_loss"]) for r in history if r.get("validation_loss") is not None]
+    svgs = [charts.loss_chart(steps, [r["loss"] for r in history], ([s for s, _ in scored], [v for _, v in scored])),
             charts.lr_chart(steps, [r["lr"] for r in history]),
             charts.speed_chart(steps, [r.get("seconds_per_step") for r in history])]
     return out + ['<div class="charts">' + "".join(f"<div>{svg}</div>" for svg in svgs) + "</div>",
                   (f'<p class="note">From history.jsonl ({len(history)} steps); smoothed: exponential moving '
-                  f"average, weight {charts.SMOOTHING}.</p>")]
+                  f"average, weight {charts.SMOOTHING}." + _validation_note(scored) + "</p>")]
+
+
+def _validation_note(scored: list[tuple[int, float]]) -> str:
+    """What the held-out curve says: its last score and its best (training past the best may be overfitting)."""
+    if not scored:
+        return ""
+    best = min(scored, key=lambda point: point[1])
+    return escape(f" Validation loss (held-out images, fixed noise and timesteps): {scored[-1][1]:.4g} at step "
+                  f"{scored[-1][0]}, lowest {best[1]:.4g} at step {best[0]}.")
 
 
 def _samples(output_dir: Path, info: dict, recipe: dict | None) -> list[str]:

@@ -10,12 +10,13 @@ import torch
 from finetune.data import BatchOrder
 from finetune.data.buckets import format_report
 from finetune.data.captions import caption_report
-from finetune.data.prepare import prepare_data, trained_examples
+from finetune.data.prepare import held_out_fraction, prepare_data, trained_examples
 from finetune.models import family_for
 from finetune.recipe.load import load_recipe
 from finetune.strategies import create_strategy
 from finetune.training.resume import OutputDirInUse, check_output_dir
 from finetune.training.summary import data_lines, images_per_folder, length_line
+from finetune.training.validation import folder_examples
 
 
 def validate(path: str, overrides: list[str], decode: bool = False) -> list[str]:
@@ -23,20 +24,34 @@ def validate(path: str, overrides: list[str], decode: bool = False) -> list[str]
     UnsupportedFamily, ...) naming what does not."""
     recipe = load_recipe(path, overrides)
     t, d = recipe.train, recipe.data
-    prepared = prepare_data(d, t.batch_size, decode=decode)
+    prepared = prepare_data(d, t.batch_size, decode=decode, held_out_fraction=held_out_fraction(
+        recipe.validation.images), held_out_seed=recipe.validation.seed)
     examples = prepared.examples
     order = BatchOrder(len(examples), d.repeats, t.batch_size, 1, 0, t.seed, groups=prepared.groups,
                        example_repeats=[e.repeats for e in examples])
     strategy = create_strategy(recipe.strategy)
     lines = [format_report(prepared.bucket_report)] if prepared.bucket_report is not None else []  # as training
     lines += data_lines(images_per_folder(trained_examples(prepared), d.repeats))
-    lines += _caption_lines(recipe, examples, strategy) + _output_dir_lines(recipe, strategy)
+    lines += _validation_lines(recipe, prepared) + _caption_lines(recipe, examples, strategy)
+    lines += _output_dir_lines(recipe, strategy)
     lines += [length_line(t.max_steps, t.batch_size, 1, t.gradient_accumulation_steps, order.batches_per_epoch)
               + " (on 1 process; N processes multiply the batch)",
               f"base: {recipe.model.base}", f"output: {Path(recipe.output_dir).resolve()}",
               f"{path}: ok ({recipe.strategy.kind} on {recipe.model.base}, {t.max_steps} steps; images "
               + ("decoded" if decode else "checked by their headers; --decode decodes each as training does") + ")"]
     return lines
+
+
+def _validation_lines(recipe, prepared) -> list[str]:
+    """How many images the validation score reads (a folder's are read here, as data.images's are)."""
+    v = recipe.validation
+    if v.images is None:
+        return []
+    if prepared.held_out:
+        held = f"{len(prepared.held_out)} of the training images held out (validation.images: {v.images}), not trained on"
+    else:
+        held = f"{len(folder_examples(v, recipe.data))} image(s) in {v.images}"
+    return [f"validation: {held}; each scored at {v.timesteps} fixed timesteps"]
 
 
 def _output_dir_lines(recipe, strategy) -> list[str]:

@@ -31,6 +31,7 @@ from finetune.training.run import Run, setup
 from finetune.training.shown_weights import shown_weights
 from finetune.training.step import micro_step_loss
 from finetune.training.summary import written_lines
+from finetune.training.validation import validation_loss
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -130,19 +131,29 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
             saved = bool(s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.max_steps)
             snapshot = bool(s.snapshot_every and step % s.snapshot_every == 0 and step < s.max_steps)
             sample = bool(s.sample_every and step % s.sample_every == 0)
+            validating = run.validation is not None and run.validation.due(step)
             # a save, a sample grid, a stop and the last step read every loss, this step's too (the NaN check comes
             # before anything is written); a log point reads up to the step before, whose work is done by now
-            every_loss = step == s.max_steps or saved or snapshot or sample or stop.seen_here(accelerator)
+            every_loss = (step == s.max_steps or saved or snapshot or sample or validating
+                          or stop.seen_here(accelerator))
             if not (every_loss or step % s.log_every == 0):
                 continue
+            # validation.every: the held-out loss of the weights the run shows, read now (a read point)
+            held_out = None
+            if validating:
+                with sdpa_kernels(run.attention), shown_weights(run.weight_views):
+                    held_out = validation_loss(run, settings)
             for done, mean_loss, done_lr in unread.read(latest_too=every_loss):
                 # the same reduced value on every process, so all of them stop together
                 check_finite_loss(mean_loss, done, output_dir, run.saving.recovery)
                 # drawn by update, which keeps to the bar's pace (without a terminal, a line every 30 s)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{done_lr:.2e}", refresh=False)
-                live.record(done, mean_loss, done_lr, checkpoint=saved and done == step)
+                live.record(done, mean_loss, done_lr, checkpoint=saved and done == step,
+                            validation_loss=held_out if done == step else None)
                 if done % s.log_every == 0:
                     accelerator.log({"loss": mean_loss, "lr": done_lr}, step=done)
+            if held_out is not None:
+                accelerator.log({"validation/loss": held_out}, step=step)
             if saved:
                 _save_checkpoint(run)
             # asked to stop: no snapshot and no sample grid at this step (a grid can take longer than the step)

@@ -20,7 +20,7 @@ from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
 from finetune.data.buckets import format_report, write_report
 from finetune.data.caches import estimated_bytes, plan_caches
 from finetune.data.captions import caption_report
-from finetune.data.prepare import prepare_data, trained_examples
+from finetune.data.prepare import held_out_fraction, prepare_data, trained_examples
 from finetune.data.sources import data_name, tag_frequency
 from finetune.export.family_header import family_fields, family_version
 from finetune.models import Components, ModelFamily, family_for
@@ -45,6 +45,7 @@ from finetune.training.saves import Saving
 from finetune.distributed import local_fraction
 from finetune.training.step import LossSettings
 from finetune.training.summary import Plan, images_per_folder, plan_lines
+from finetune.training.validation import ValidationScore, prepare_validation
 
 log = logging.getLogger(__name__)  # the toolkit's own messages: finetune/console.py styles them
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -104,6 +105,7 @@ class Run:
     live: Any = None  # the live report, while run_steps runs and for finish
     # what puts the weights to show and save in place (training/shown_weights.py): EMA, schedule-free averaging
     weight_views: list = field(default_factory=list)
+    validation: ValidationScore | None = None  # validation's held-out images, scored by the loop
 
     def say(self, text: str | None) -> None:
         """The main process speaks for all."""
@@ -169,7 +171,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     command = resume_command(recipe.source, recipe.overrides)
     earlier_run = check_output_dir(output_dir, output_dir / strategy.artifact_name, resume, overwrite,
                                    recipe.source, recipe.overrides)
-    prepared = prepare_data(d, t.batch_size * accelerator.num_processes)
+    prepared = prepare_data(d, t.batch_size * accelerator.num_processes, held_out_fraction=held_out_fraction(
+        recipe.validation.images), held_out_seed=recipe.validation.seed)
     examples, sizes = prepared.examples, prepared.sizes
     compile_mode = compiling.resolve(t.compile, accelerator.device.type,
                                      sharded=accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"))
@@ -236,6 +239,9 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         latent_keys = encoder.cache_latents(examples, sizes, d.random_flip, "training images")
         encoder.cache_text([e.caption for e in examples] + [""] * (d.caption_dropout > 0)
                            + list(recipe.prior.class_prompt))
+        objective = family.objective(parts, recipe.model)
+        validation = prepare_validation(recipe.validation, d, prepared.held_out, family, parts, objective, encoder,
+                                        strategy, accelerator.device, t.batch_size, t.max_steps)
     offloaded = offload_idle(parts, encoder.latent_store is not None, encoder.text is not None,
                              accelerator.device) if recipe.cache.offload else []
     parts.denoiser.to(accelerator.device)
@@ -253,7 +259,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         batch_size=t.batch_size, processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
         batches_per_epoch=order.batches_per_epoch, trainable=strategy.state_dict(), device=str(accelerator.device),
         precision=f"mixed precision {t.mixed_precision}, frozen base in {str(base_dtype).removeprefix('torch.')}",
-        base=recipe.model.base, output_dir=output_dir))
+        base=recipe.model.base, output_dir=output_dir)) + ([validation.summary] if validation else [])
     say("\n".join(summary))
     say(attention.line)
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
@@ -277,7 +283,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         loader=make_loader(ImageCaptionDataset(examples, sizes, d.crop, d.random_flip, d.caption_dropout,
                                                latent_keys), order, d.num_workers,
                            pin_memory=accelerator.device.type == "cuda"),
-        settings=LossSettings(objective=family.objective(parts, recipe.model), text_encoder_trains=False,
+        settings=LossSettings(objective=objective, text_encoder_trains=False,
                               prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
                               class_prompts=tuple(recipe.prior.class_prompt)),
         schedule=Schedule(max_steps=t.max_steps, accumulation=t.gradient_accumulation_steps, seed=t.seed,
@@ -289,7 +295,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                       data_figures=data_figures, family_header=family_header),
         offloaded=offloaded, base_dtype=base_dtype, started_at=started_at, summary=summary,
         caption_notes=caption_notes, recipe=recipe, attention=attention, step=first_step, resume_from=resume_from,
-        saved=saved)
+        saved=saved, validation=validation)
 
 
 def _load_base(accelerator, family: ModelFamily, recipe: Recipe,
