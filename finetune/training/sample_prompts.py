@@ -211,8 +211,8 @@ def row_note(row: SamplePrompt, defaults: Defaults) -> str:
 
 def summary_line(rows: list[SamplePrompt], defaults: Defaults, source: str | None) -> str:
     """The run summary's line on sample grids: how many prompts, from where, how many with their own settings."""
-    own = sum(row_note(row, defaults) != f"seed {row.seed}" or row.seed != defaults.seed + i
-              for i, row in enumerate(rows))
+    own = sum(row != SamplePrompt(row.prompt, defaults.negative_prompt, defaults.seed + i, defaults.steps,
+                                  defaults.guidance, defaults.width, defaults.height) for i, row in enumerate(rows))
     sizes = sorted({(row.width, row.height) for row in rows})
     return (f"samples: {len(rows)} prompt(s) from {source or 'sample.prompts'}, {own} with settings of their own; "
             f"sizes {', '.join(f'{w}x{h}' for w, h in sizes)}")
