@@ -14,6 +14,7 @@ from finetune.data.prepare import prepare_data, trained_examples
 from finetune.models import family_for
 from finetune.recipe.load import load_recipe
 from finetune.strategies import create_strategy
+from finetune.training.sample_prompts import validate_lines
 from finetune.training.resume import OutputDirInUse, check_output_dir
 from finetune.training.summary import data_lines, images_per_folder, length_line
 
@@ -31,6 +32,7 @@ def validate(path: str, overrides: list[str], decode: bool = False) -> list[str]
     lines = [format_report(prepared.bucket_report)] if prepared.bucket_report is not None else []  # as training
     lines += data_lines(images_per_folder(trained_examples(prepared), d.repeats))
     lines += _caption_lines(recipe, examples, strategy) + _output_dir_lines(recipe, strategy)
+    lines += validate_lines(recipe)
     lines += [length_line(t.max_steps, t.batch_size, 1, t.gradient_accumulation_steps, order.batches_per_epoch)
               + " (on 1 process; N processes multiply the batch)",
               f"base: {recipe.model.base}", f"output: {Path(recipe.output_dir).resolve()}",

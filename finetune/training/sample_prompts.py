@@ -254,6 +254,16 @@ def prompts_for_run(recipe, factor: int | None, say) -> tuple[SamplePrompt, ...]
     return tuple(rows)
 
 
+def validate_lines(recipe) -> list[str]:
+    """What `finetune validate` says of the sample grids (the recipe passed its checks): the summary line and
+    notes on kohya flags ignored; nothing when the run draws no grid."""
+    sample, resolution = recipe.sample, recipe.data.resolution
+    if sample.every <= 0:
+        return []
+    rows, notes, _ = checked_prompts(sample, resolution, 1, "")
+    return [summary_line(rows, defaults_of(sample, resolution), sample.prompt_file), *(f"note: {n}" for n in notes)]
+
+
 def grid_labels(rows: tuple[SamplePrompt, ...], defaults: Defaults) -> dict[str, list]:
     """What the report labels a grid's rows with (run.json's `samples`): each row's prompt, its note (row_note)
     and its height in pixels (rows of different sizes are of different heights)."""
