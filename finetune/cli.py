@@ -137,12 +137,18 @@ def _sample(args) -> int:
 
     from finetune.adapters import check_adapter_file, load_adapter, trained_max_token_length, trained_resolution
     from finetune.models import family_for
-    from finetune.training.sampling import sample_grid, save_png
+    from finetune.training.sample_prompts import PromptProblem, prompt_entries
+    from finetune.training.sampling import draw_grid, save_png
     from functools import partial
     from pathlib import Path
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if bool(args.prompt) == bool(args.prompt_file):
+        raise KnownProblem("give --prompt (once per row) or --prompt-file, one of the two")
     try:
+        entries, notes = prompt_entries(args.prompt or [], args.prompt_file)  # a bad file fails before the base loads
+        for note in notes:
+            print(f"note: {note}")
         if args.adapter:
             check_adapter_file(args.adapter)  # a file cut short fails here, before the base loads
         _check_writable(Path(args.out).parent, "--out")
@@ -153,8 +159,8 @@ def _sample(args) -> int:
             load_adapter(pipe, args.adapter, scale=args.scale)
         parts.max_token_length = args.max_token_length or (trained_max_token_length(args.adapter)
                                                            if args.adapter else None)
-    except (*_known_errors(), ValueError) as exc:
-        raise KnownProblem(str(exc)) from None
+    except (*_known_errors(), ValueError) as exc:  # PromptProblem is a ValueError
+        raise KnownProblem(str(exc).replace("sample.prompt_file", "--prompt-file")) from None
     from finetune.models.base import default_guidance, default_resolution
 
     # an adapter draws best at the size it learned; --resolution wins, the model's own size where the file is silent
@@ -163,12 +169,30 @@ def _sample(args) -> int:
         print(f"drawing at {trained} px, the resolution the adapter was trained at (--resolution to change)")
     resolution = args.resolution or trained or default_resolution(pipe)
     guidance = args.guidance if args.guidance is not None else default_guidance(pipe)
-    grid = sample_grid(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                       guidance_scale=guidance, seed=args.seed, images_per_prompt=args.num,
-                       resolution=resolution,
-                       encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
+    try:
+        rows = _prompt_rows(entries, args, guidance, resolution, pipe)
+    except PromptProblem as exc:
+        raise KnownProblem(str(exc)) from None
+    grid = draw_grid(pipe, rows, args.num,
+                     encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
     print(f"wrote {save_png(grid, Path(args.out))}")
     return 0
+
+
+def _prompt_rows(entries: list[dict], args, guidance: float, resolution: int, pipe) -> list:
+    """`finetune sample`'s rows: --prompt-file's entries (or the --prompt strings) with the command's options as
+    defaults, sizes checked against the loaded VAE's downsampling. Raises PromptProblem."""
+    from finetune.models.pipeline_folder import downsampling_of
+    from finetune.training.sample_prompts import Defaults, PromptProblem, resolve, size_problems
+
+    rows = resolve(entries, Defaults(negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                                     guidance=guidance, width=resolution, height=resolution))
+    vae = getattr(pipe, "vae", None)
+    factor = (downsampling_of(vae.config) if vae is not None else None) or 8
+    problems = size_problems(rows, entries, factor, f"this base's VAE downsamples by {factor}")
+    if problems:
+        raise PromptProblem("\n".join(problems))
+    return rows
 
 
 def _check_writable(folder, option: str) -> None:

@@ -39,7 +39,9 @@ def parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="generate a grid with a base model and an optional adapter")
     sample.add_argument("--base", required=True, help="hub id, diffusers folder or single checkpoint file")
     sample.add_argument("--adapter", help="artifact written by `finetune train`")
-    sample.add_argument("--prompt", required=True, action="append", help="repeat for several rows")
+    sample.add_argument("--prompt", action="append", help="repeat for several rows")
+    sample.add_argument("--prompt-file", help="kohya's prompt file instead of --prompt: .txt (one prompt a line, with "
+                        "--n --w --h --d --s --l), .toml or .json; the options below are its defaults")
     sample.add_argument("--scale", type=float, default=1.0, help="adapter strength (0: the base alone)")
     sample.add_argument("--out", required=True, help="PNG file to write")
     sample.add_argument("--negative-prompt", default="")

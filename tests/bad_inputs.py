@@ -285,6 +285,16 @@ CATALOGUE = [
     BadInput("prior-without-class-prompt", "Prior preservation without a class prompt",
              "Asks for `prior.class_prompt`, with an example",
              lambda ws: ws.train(prior={"mode": "base_prediction"}), ("prior.class_prompt", "a photo of a dog")),
+    # issue 36: prompts
+    BadInput("sample-prompt-unknown-key", "A sample prompt's mapping with a key it does not take (`size: 64`)",
+             "Names the prompt and the key, and lists the keys a prompt takes",
+             lambda ws: ws.train(sample={"every": 1, "prompts": ["a purple sks", {"prompt": "a sks", "size": 64}]}),
+             ("sample.prompts[1]: unknown key size", "prompt, negative_prompt, seed, steps, guidance, width, height")),
+    BadInput("prompt-file-size-not-divisible", "A line of `sample.prompt_file` (kohya's format) asking for a "
+             "size the base's VAE cannot divide (`--w 30`)", "Names the file and line, the multiple, and a size "
+             "that fits", lambda ws: (ws.tmp / "prompts.txt").write_text("# rows\na purple sks --w 30 --d 3\n")
+             and ws.train(sample={"every": 1, "prompt_file": str(ws.tmp / "prompts.txt")}),
+             ("prompts.txt:2: width 30 must be a multiple of 4 (this base's VAE downsamples by 4)", "try 32")),
     # the base model
     BadInput("base-missing", "`model.base` is a path that does not exist",
              "Says what it may be: a diffusers folder, a checkpoint file or a hub id",

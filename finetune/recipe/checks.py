@@ -39,6 +39,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += cache_folder_problems(recipe)
     problems += _check_outputs(recipe)
     problems += _check_validation(recipe)
+    problems += _check_prompts(recipe)
     validate = getattr(recipe.strategy, "validate", None)
     if validate is not None:
         problems += validate(recipe)
@@ -278,8 +279,9 @@ def _check_outputs(recipe: Recipe) -> list[str]:
         problems.append(f"checkpoint.keep: must be at least 1, got {c.keep}")
     if s.every < 0:
         problems.append(f"sample.every: must be 0 (off) or positive, got {s.every}")
-    if s.every > 0 and not s.prompts:
-        problems.append("sample.every is set but sample.prompts is empty: add prompts or set sample.every: 0")
+    if s.every > 0 and not s.prompts and not s.prompt_file:
+        problems.append("sample.every is set but sample.prompts is empty: add prompts (or a sample.prompt_file) or "
+                        "set sample.every: 0")
     if s.steps < 1 or s.images_per_prompt < 1:
         problems.append("sample.steps and sample.images_per_prompt must be at least 1")
     if log.every < 1:
@@ -294,6 +296,17 @@ def _check_outputs(recipe: Recipe) -> list[str]:
         if not can_write_in(parent):
             problems.append(f"output_dir: {parent} is not writable; choose a folder you can write to")
     return problems
+
+
+def _check_prompts(recipe: Recipe) -> list[str]:
+    """sample.prompts' mappings and sample.prompt_file (finetune/training/sample_prompts.py): keys, values, and
+    sizes a multiple of the VAE's downsampling where the base's folder tells it (setup checks a hub base's)."""
+    from finetune.training.sample_prompts import checked_prompts
+
+    known = vae_downsampling(recipe.model.base)
+    why = (f"this base's VAE downsamples by {known}" if known else
+           "Stable Diffusion's VAE downsamples by 8; the base's own is checked when it loads")
+    return checked_prompts(recipe.sample, recipe.data.resolution, known or 8, why)[2]
 
 
 def missing_modules(spec: FamilySpec) -> list[str]:

@@ -21,7 +21,8 @@ from finetune.recipe.schema import Recipe
 
 # (section, key) of the recipe's own path keys; a strategy marks its own with field metadata {"path": True}
 PATH_KEYS = (("model", "base"), ("model", "config"), ("model", "vae"), ("data", "images"), ("data", "dataset"),
-             ("", "output_dir"), ("prior", "class_data_dir"), ("cache", "dir"), ("validation", "images"))
+             ("", "output_dir"), ("prior", "class_data_dir"), ("cache", "dir"), ("validation", "images"),
+             ("sample", "prompt_file"))
 MAY_BE_HUB_IDS = {("model", "base"), ("model", "vae"), ("data", "dataset")}
 
 

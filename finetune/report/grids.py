@@ -39,28 +39,35 @@ def shown_cell(pixels: int) -> int:
 
 
 def labelled_grid(path: Path, prompts: Sequence[str], row_notes: Sequence[str], columns: Sequence[str],
-                  caption: str, cell: int | None = None, label_column: str = "minmax(8em,16em)") -> str:
-    """HTML of the grid at `path`: one row per prompt (with its note, e.g. the seed) and one column per label,
-    each image shown `cell` pixels wide (default: shown_cell). When the image's shape does not fit the labels (a
-    grid drawn with other settings) it is shown unlabelled, with a note saying so."""
+                  caption: str, cell: int | None = None, label_column: str = "minmax(8em,16em)",
+                  row_heights: Sequence[int] | None = None) -> str:
+    """HTML of the grid at `path`: one row per prompt (with its note, e.g. the seed and its own settings) and one
+    column per label, each image shown `cell` pixels wide (default: shown_cell). `row_heights`: each row's height
+    in the PNG's pixels, for a grid whose prompts drew different sizes (training/sampling.rows_grid: columns as
+    wide as the widest image); None: square cells. When the image's shape does not fit the labels (a grid drawn
+    with other settings) it is shown unlabelled, with a note saying so."""
     rows, count = len(prompts), len(columns)
     uri, (width, height) = data_uri(path, max(count, 1), max(rows, 1))
-    fits = rows > 0 and count > 0 and width % count == 0 and height % rows == 0 and width // count == height // rows
+    pixels = width // max(count, 1)
+    heights = list(row_heights) if row_heights is not None else [pixels] * rows
+    fits = (rows > 0 and count > 0 and width % count == 0 and len(heights) == rows and sum(heights) == height
+            and (row_heights is not None or height % rows == 0))
     if not fits:
         scale = max(1, SHOWN // max(min(width, height), 1)) if max(width, height) < 4 * SHOWN else 1
         return (f'<figure class="grid"><img class="px" alt="{escape(caption)}" src="{uri}" '
                 f'style="width:{width * scale}px"><figcaption>{escape(caption)} (unlabelled: the prompts that drew '
                 f'it are not known)</figcaption></figure>')
-    pixels = width // count
     cell = cell or shown_cell(pixels)
     smooth = "" if cell > pixels else ' style="image-rendering:auto"'
+    shown = [f"{h * cell / pixels:.6g}px" for h in heights]  # each row scaled as its columns are
+    row_sizes = f"repeat({rows},{cell}px)" if len(set(heights)) == 1 and heights[0] == pixels else " ".join(shown)
     parts = [(f'<figure class="grid"><figcaption>{escape(caption)}</figcaption><div class="cells" style="grid-template-columns:{label_column} '
-             f'repeat({count},{cell}px);grid-template-rows:auto repeat({rows},{cell}px)">'), "<div></div>"]
+             f'repeat({count},{cell}px);grid-template-rows:auto {row_sizes}">'), "<div></div>"]
     parts += [f'<div class="col">{escape(label)}</div>' for label in columns]
     for row, (prompt, note) in enumerate(zip(prompts, row_notes)):
         parts.append(f'<div class="row" style="grid-column:1;grid-row:{row + 2}"><span class="prompt">{escape(prompt or "(empty prompt)")}'
                      f'</span><span class="note">{escape(note)}</span></div>')
     parts.append(f'<img class="px"{smooth} alt="{escape(caption)}" src="{uri}" style="grid-column:2/span {count};'
-                 f'grid-row:2/span {rows};width:{cell * count}px;height:{cell * rows}px">')
+                 f'grid-row:2/span {rows};width:{cell * count}px;height:{sum(heights) * cell / pixels:.6g}px">')
     parts.append("</div></figure>")
     return "".join(parts)

@@ -94,13 +94,14 @@ class LiveReport:
         if checkpoint or scored or time.monotonic() - self._written >= REWRITE_SECONDS:
             self._write()
 
-    def sampled(self, step: int) -> None:
-        """A sample grid was written for `step`: what it shows is kept (for its labels) and the page rewritten."""
+    def sampled(self, step: int, rows: dict[str, list]) -> None:
+        """A sample grid was written for `step`: what it shows is kept (for its labels: `rows`,
+        training/sample_prompts.grid_labels) and the page rewritten."""
         if not self.enabled:
             return
         sample = self.info["recipe"]["sample"]
         self.info["samples"][f"step-{step:06d}.png"] = {
-            "prompts": list(sample["prompts"]), "seed": sample["seed"], "images_per_prompt": sample["images_per_prompt"]}
+            **rows, "seed": sample["seed"], "images_per_prompt": sample["images_per_prompt"]}
         self._write()
 
     def finish(self) -> None:

@@ -176,16 +176,19 @@ def _samples(output_dir: Path, info: dict, recipe: dict | None) -> list[str]:
     out = ["<h2>Sample grids</h2>"]
     if not grids:
         return out + ['<p class="note">No sample grids (sample.every is 0, or none is due yet).</p>']
-    out.append('<p class="note">Rows: the prompts, each drawn from its own seed; columns: successive images '
-               "from that seed. The same prompts and seeds at every step, so grids compare. Small images are shown "
-               "enlarged without smoothing; the PNGs in samples/ are as written.</p>")
+    out.append('<p class="note">Rows: the prompts, each drawn from its own seed (and the settings it sets '
+               "apart from the recipe's, named under it); columns: successive images from that seed. The same "
+               "prompts and seeds at every step, so grids compare. Small images are shown enlarged without "
+               "smoothing; the PNGs in samples/ are as written.</p>")
     fallback = (recipe or {}).get("sample", {})
     for step, path in grids:
         labels = info.get("samples", {}).get(path.name) or fallback
-        prompts = list(labels.get("prompts") or [])
+        # a recipe's prompt may be a mapping with its own settings (sample.prompts); its text labels the row
+        prompts = [p.get("prompt", "") if isinstance(p, dict) else p for p in labels.get("prompts") or []]
         seed, count = labels.get("seed", 0), int(labels.get("images_per_prompt") or 1)
-        out.append(labelled_grid(path, prompts, [f"seed {seed + row}" for row in range(len(prompts))],
-                                 [f"image {i + 1}" for i in range(count)], f"step {step} ({path.name})"))
+        notes = labels.get("notes") or [f"seed {seed + row}" for row in range(len(prompts))]
+        out.append(labelled_grid(path, prompts, notes, [f"image {i + 1}" for i in range(count)],
+                                 f"step {step} ({path.name})", row_heights=labels.get("heights")))
     return out
 
 

@@ -14,6 +14,7 @@ from finetune.data.prepare import held_out_fraction, prepare_data, trained_examp
 from finetune.models import family_for
 from finetune.recipe.load import load_recipe
 from finetune.strategies import create_strategy
+from finetune.training.sample_prompts import sample_prompt_lines
 from finetune.training.resume import OutputDirInUse, check_output_dir
 from finetune.training.summary import data_lines, images_per_folder, length_line
 from finetune.training.validation import folder_examples
@@ -34,6 +35,7 @@ def validate(path: str, overrides: list[str], decode: bool = False) -> list[str]
     lines += data_lines(images_per_folder(trained_examples(prepared), d.repeats))
     lines += _validation_lines(recipe, prepared) + _caption_lines(recipe, examples, strategy)
     lines += _output_dir_lines(recipe, strategy)
+    lines += sample_prompt_lines(recipe)
     lines += [length_line(t.max_steps, t.batch_size, 1, t.gradient_accumulation_steps, order.batches_per_epoch)
               + " (on 1 process; N processes multiply the batch)",
               f"base: {recipe.model.base}", f"output: {Path(recipe.output_dir).resolve()}",

@@ -28,6 +28,7 @@ from finetune.training.host_copy import LaterOnHost
 from finetune.training.inputs import ahead_on_device
 from finetune.training.offload import on_device
 from finetune.training.run import Run, setup
+from finetune.training.sample_prompts import defaults_of, grid_labels
 from finetune.training.shown_weights import shown_weights
 from finetune.training.step import micro_step_loss
 from finetune.training.summary import written_lines
@@ -164,9 +165,9 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
                                         output_dir / "snapshots" / f"step-{step:06d}")
             if sample and not stopping:
                 with on_device(run.offloaded, accelerator.device), shown_weights(run.weight_views):
-                    saves.save_samples(accelerator, run.saving, run.family, parts, s.sample, s.resolution, step,
-                                       strategy, run.base_dtype)
-                live.sampled(step)
+                    saves.save_samples(accelerator, run.saving, run.family, parts, s.sample_rows,
+                                       s.sample.images_per_prompt, step, strategy, run.base_dtype)
+                live.sampled(step, grid_labels(s.sample_rows, defaults_of(s.sample, s.resolution)))
             if step < s.max_steps and stopping:
                 if not saved:
                     _save_checkpoint(run)

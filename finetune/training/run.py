@@ -41,6 +41,7 @@ from finetune.training.offload import offload_idle, on_device, one_at_a_time
 from finetune.training.preflight import check_engine_and_device
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.resume import checkpoint_to_resume, check_output_dir, remove_earlier_run, resume_command
+from finetune.training.sample_prompts import prompts_for_run
 from finetune.training.saves import Saving
 from finetune.distributed import local_fraction
 from finetune.training.step import LossSettings
@@ -71,6 +72,7 @@ class Schedule:
     log_every: int
     sample: SampleOptions  # what a sample grid draws
     resolution: int  # data.resolution: the sample grid's size
+    sample_rows: tuple = ()  # the grid's prompts, each with its settings (training/sample_prompts.SamplePrompt)
 
 
 @dataclass
@@ -262,6 +264,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         base=recipe.model.base, output_dir=output_dir)) + ([validation.summary] if validation else [])
     say("\n".join(summary))
     say(attention.line)
+    sample_rows = prompts_for_run(recipe, downsampling_of(parts.vae.config), say)
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon, device_type=accelerator.device.type)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
@@ -289,7 +292,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         schedule=Schedule(max_steps=t.max_steps, accumulation=t.gradient_accumulation_steps, seed=t.seed,
                           max_grad_norm=t.max_grad_norm, checkpoint_every=recipe.checkpoint.every,
                           snapshot_every=recipe.checkpoint.snapshot_every, sample_every=recipe.sample.every,
-                          log_every=recipe.log.every, sample=recipe.sample, resolution=d.resolution),
+                          log_every=recipe.log.every, sample=recipe.sample, resolution=d.resolution,
+                          sample_rows=sample_rows),
         saving=Saving(output_dir=output_dir, command=command, recovery=divergence_advice(recipe), recipe=resolved,
                       keep=recipe.checkpoint.keep, base_model=recipe.model.base, kind=recipe.strategy.kind,
                       data_figures=data_figures, family_header=family_header),

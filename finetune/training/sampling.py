@@ -1,4 +1,5 @@
-"""Sample grids during training: one row per prompt, seeded so that grids from different steps compare."""
+"""Sample grids during training: one row per prompt, each with its own settings and seed, so that grids from
+different steps compare."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -9,9 +10,11 @@ import torch
 from PIL import Image
 
 from finetune.io.atomic import atomic_file
+from finetune.training.sample_prompts import SamplePrompt
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """`images` in rows of `columns`, every cell the size of the first image."""
     width, height = images[0].size
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (columns * width, rows * height), "white")
@@ -20,29 +23,56 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
+def rows_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    """One row of images per prompt, prompts of different sizes together: every column as wide as the widest
+    image, every row as tall as its own tallest; a smaller image sits centred in its cell on white. Images of one
+    size give image_grid's layout exactly."""
+    cell = max(image.width for row in rows for image in row)
+    heights = [max(image.height for image in row) for row in rows]
+    grid = Image.new("RGB", (cell * max(len(row) for row in rows), sum(heights)), "white")
+    top = 0
+    for row, height in zip(rows, heights):
+        for column, image in enumerate(row):
+            grid.paste(image, (column * cell + (cell - image.width) // 2, top + (height - image.height) // 2))
+        top += height
+    return grid
+
+
 @torch.no_grad()
 def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: int, guidance_scale: float,
                 seed: int, images_per_prompt: int, resolution: int,
                 encode: Callable[[list[str]], torch.Tensor] | None = None) -> Image.Image:
-    """One row per prompt. `encode` (the family's encode_prompts): prompts are encoded as training encodes
-    them (long prompts in chunks, data.max_token_length) and handed to the pipeline as embeddings; without it
-    the pipeline encodes them itself (cut at the window)."""
+    """One row per prompt, all drawn with the same settings (prompt i from seed + i), square at `resolution`:
+    draw_grid with those settings."""
+    rows = [SamplePrompt(prompt, negative_prompt, seed + index, steps, guidance_scale, resolution, resolution)
+            for index, prompt in enumerate(prompts)]
+    return draw_grid(pipeline, rows, images_per_prompt, encode)
+
+
+@torch.no_grad()
+def draw_grid(pipeline, rows: list[SamplePrompt], images_per_prompt: int,
+              encode: Callable[[list[str]], torch.Tensor] | None = None) -> Image.Image:
+    """One grid row per prompt, each drawn with its own settings (training/sample_prompts.py): its negative
+    prompt, steps, guidance, size, and a CPU generator seeded with its seed drawing its `images_per_prompt`
+    images. `encode` (the family's encode_prompts): prompts are encoded as training encodes them (long prompts in
+    chunks, data.max_token_length) and handed to the pipeline as embeddings; without it the pipeline encodes them
+    itself (cut at the window). Rows of different sizes: rows_grid's layout."""
     from finetune.models.base import guidance_keyword
 
     pipeline.set_progress_bar_config(disable=True)
     # true_cfg_scale guides only where a negative prompt is given (Qwen-Image): the empty one, as SD's default
     keyword = guidance_keyword(pipeline)
-    negative = negative_prompt if keyword == "true_cfg_scale" else negative_prompt or None
-    images = []
-    for index, prompt in enumerate(prompts):
-        generator = torch.Generator().manual_seed(seed + index)
-        text = ({"prompt_embeds": encode([prompt]), "negative_prompt_embeds": encode([negative_prompt or ""])}
-                if encode is not None else {"prompt": prompt, "negative_prompt": negative})
-        result = pipeline(**text_arguments(pipeline, text), num_inference_steps=steps,
-                          **{keyword: guidance_scale}, num_images_per_prompt=images_per_prompt,
-                          height=resolution, width=resolution, **size_arguments(pipeline), generator=generator)
-        images.extend(result.images)
-    return image_grid(images, columns=images_per_prompt)
+    drawn = []
+    for row in rows:
+        negative = row.negative_prompt if keyword == "true_cfg_scale" else row.negative_prompt or None
+        generator = torch.Generator().manual_seed(row.seed)
+        text = ({"prompt_embeds": encode([row.prompt]), "negative_prompt_embeds": encode([row.negative_prompt or ""])}
+                if encode is not None else {"prompt": row.prompt, "negative_prompt": negative})
+        result = pipeline(**text_arguments(pipeline, text), num_inference_steps=row.steps,
+                          **{keyword: row.guidance}, num_images_per_prompt=images_per_prompt,
+                          height=row.height, width=row.width, **size_arguments(pipeline), generator=generator)
+        drawn.append(list(result.images))
+    return rows_grid(drawn)
 
 
 def text_arguments(pipeline, text: dict) -> dict:

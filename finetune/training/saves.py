@@ -8,16 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from finetune.io.safetensors_io import training_metadata
 from finetune.models import Components, ModelFamily
-from finetune.recipe.schema import SampleOptions
 from finetune.training import checkpoint, trackers
 from finetune.training.failures import Recovery, check_finite_weights, saving
 from finetune.training.optim import set_base_rates
-from finetune.training.sampling import plain_forward, sample_grid, save_png
+from finetune.training.sample_prompts import SamplePrompt
+from finetune.training.sampling import draw_grid, plain_forward, save_png
 from finetune.distributed import load_optimizer_state_dict, optimizer_state_dict
 
 
@@ -83,23 +84,21 @@ def save_artifact(accelerator, saving_to: Saving, strategy, step: int, folder: P
     return artifact
 
 
-def save_samples(accelerator, saving_to: Saving, family: ModelFamily, parts: Components, sample: SampleOptions,
-                 resolution: int, step: int, strategy, dtype: torch.dtype) -> None:
-    """A sample grid drawn as a user's pipeline draws it after loading the artifact onto the base in `dtype` (the
-    frozen base's dtype): no autocast, the trained weights in the dtype that loading gives them
-    (`strategy.as_loaded`), every module in eval mode."""
+def save_samples(accelerator, saving_to: Saving, family: ModelFamily, parts: Components, rows: Sequence[SamplePrompt],
+                 images_per_prompt: int, step: int, strategy, dtype: torch.dtype) -> None:
+    """A sample grid, one row per prompt with its own settings (`rows`, training/sample_prompts.py), drawn as a
+    user's pipeline draws it after loading the artifact onto the base in `dtype` (the frozen base's dtype): no
+    autocast, the trained weights in the dtype that loading gives them (`strategy.as_loaded`), every module in
+    eval mode."""
     if accelerator.is_main_process:
-        s = sample
         pipeline = family.pipeline(parts, unwrap=accelerator.unwrap_model)
         modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()  # no dropout in samples
         with plain_forward(modules), strategy.as_loaded(dtype):
-            grid = sample_grid(pipeline, s.prompts, negative_prompt=s.negative_prompt, steps=s.steps,
-                               guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt,
-                               resolution=resolution,
-                               encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
+            grid = draw_grid(pipeline, list(rows), images_per_prompt,
+                             encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
         for m, mode in zip(modules, modes):
             m.train(mode)
         with saving("a sample grid", step, saving_to.command, saving_to.output_dir):
