@@ -285,6 +285,15 @@ CATALOGUE = [
     BadInput("prior-without-class-prompt", "Prior preservation without a class prompt",
              "Asks for `prior.class_prompt`, with an example",
              lambda ws: ws.train(prior={"mode": "base_prediction"}), ("prior.class_prompt", "a photo of a dog")),
+    # issue 36: offload
+    BadInput("offload-on-a-unet", "`train.offload` on a U-Net family (Stable Diffusion, SDXL)",
+             "Says a U-Net has no list of transformer blocks to stream, and what saves memory there",
+             lambda ws: ws.train(train={"offload": {"blocks": 2}, "gradient_checkpointing": True}),
+             ("train.offload", "is a U-Net", "remove train.offload")),
+    BadInput("offload-without-checkpointing", "`train.offload` without gradient checkpointing",
+             "Asks for `train.gradient_checkpointing: true` and says why",
+             lambda ws: ws.train(train={"offload": {"blocks": 0.5}}),
+             ("needs train.gradient_checkpointing: true",)),
     # the base model
     BadInput("base-missing", "`model.base` is a path that does not exist",
              "Says what it may be: a diffusers folder, a checkpoint file or a hub id",
