@@ -263,8 +263,9 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon, device_type=accelerator.device.type)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
-    prepared_modules, optimizer, params = prepare_for_training(accelerator, {n: parts.modules[n] for n in trained},
-                                                               optimizer)
+    with block_offload.held_back(streamed.blocks):  # accelerate's prepare moves the model to the device
+        prepared_modules, optimizer, params = prepare_for_training(accelerator,
+                                                                   {n: parts.modules[n] for n in trained}, optimizer)
     parts.modules.update(prepared_modules)
     trained_modules = [accelerator.unwrap_model(m) for m in prepared_modules.values()]
     shards, not_sharded = sharding_report(accelerator.distributed_type.name, accelerator.num_processes,

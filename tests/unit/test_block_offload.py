@@ -187,7 +187,7 @@ def _realign(parts):
             param.data = param.data.clone()
 
 
-def test_a_tiny_flux_trains_to_the_same_lora_with_its_blocks_streamed(tmp_path, caplog):
+def test_a_tiny_flux_trains_to_the_same_lora_with_its_blocks_streamed(tmp_path, caplog, monkeypatch):
     """Through setup and the loop, with gradient checkpointing: the same artifact tensors, bit for bit, and the
     summary says what streams. Both runs get their frozen weights copied into fresh memory first, as the streamed
     copies are: loaded from safetensors they sit at offsets in the mapped file, and CPU matmul kernels chosen by
@@ -198,6 +198,12 @@ def test_a_tiny_flux_trains_to_the_same_lora_with_its_blocks_streamed(tmp_path, 
     from finetune.recipe.load import parse_recipe
     from tests.helpers import draw_concept, recipe_dict, train_keeping_parts
 
+    from finetune.training import run as run_module
+
+    seen = []  # parameters accelerate's prepare (which moves the model to the device) sees: not the streamed ones
+    real = run_module.prepare_for_training
+    monkeypatch.setattr(run_module, "prepare_for_training", lambda accelerator, modules, optimizer: (
+        seen.append(sum(1 for m in modules.values() for _ in m.parameters())), real(accelerator, modules, optimizer))[1])
     base = save_tiny_pipeline(tmp_path / "tiny-flux", family="flux")
     images = draw_concept(tmp_path / "images", count=2)
     artifacts = []
@@ -213,3 +219,6 @@ def test_a_tiny_flux_trains_to_the_same_lora_with_its_blocks_streamed(tmp_path, 
         assert torch.equal(plain[key], streamed[key]), (key, (plain[key] - streamed[key]).abs().max())
     assert "offload: 2 of 2 transformer blocks (FluxSingleTransformerBlock, FluxTransformerBlock)" in caplog.text
     assert parts.denoiser._forward_pre_hooks  # the streamer's hooks are on the trained denoiser
+    frozen_in_blocks = sum(1 for b in (*parts.denoiser.transformer_blocks, *parts.denoiser.single_transformer_blocks)
+                           for p in b.parameters() if not p.requires_grad)
+    assert seen[0] - seen[1] == frozen_in_blocks > 0
