@@ -295,6 +295,15 @@ CATALOGUE = [
              "that fits", lambda ws: (ws.tmp / "prompts.txt").write_text("# rows\na purple sks --w 30 --d 3\n")
              and ws.train(sample={"every": 1, "prompt_file": str(ws.tmp / "prompts.txt")}),
              ("prompts.txt:2: width 30 must be a multiple of 4 (this base's VAE downsamples by 4)", "try 32")),
+    # issue 36: offload
+    BadInput("offload-on-a-unet", "`train.offload` on a U-Net family (Stable Diffusion, SDXL)",
+             "Says a U-Net has no list of transformer blocks to stream, and what saves memory there",
+             lambda ws: ws.train(train={"offload": {"blocks": 2}, "gradient_checkpointing": True}),
+             ("train.offload", "is a U-Net", "remove train.offload")),
+    BadInput("offload-without-checkpointing", "`train.offload` without gradient checkpointing",
+             "Asks for `train.gradient_checkpointing: true` and says why",
+             lambda ws: ws.train(train={"offload": {"blocks": 0.5}}),
+             ("needs train.gradient_checkpointing: true",)),
     # the base model
     BadInput("base-missing", "`model.base` is a path that does not exist",
              "Says what it may be: a diffusers folder, a checkpoint file or a hub id",

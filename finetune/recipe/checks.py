@@ -34,6 +34,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_model(recipe)
     problems += _check_data(recipe)
     problems += _check_train(recipe)
+    problems += _check_offload(recipe)
     problems += _check_prior(recipe)
     problems += _check_cache(recipe)
     problems += cache_folder_problems(recipe)
@@ -241,6 +242,25 @@ def _check_train(recipe: Recipe) -> list[str]:
         problems.append("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), "
                         "or set train.optimizer: adamw")
     return problems
+
+
+def _check_offload(recipe: Recipe) -> list[str]:
+    """train.offload against the family, the strategy, checkpointing, compiling and the engine asked for."""
+    from finetune.training.block_offload import problems
+    from finetune.training.engine import requested_engine
+
+    t = recipe.train
+    if t.offload is None or recipe.model.base is None:
+        return []
+    try:
+        spec = spec_of(recipe.model.family if recipe.model.family != "auto" else
+                       family_of(recipe.model.base) or DEFAULT_FAMILY)
+    except (UnsupportedFamily, FileProblem, KeyError, ValueError):
+        return []  # the model check says what is wrong with the base
+    return problems(t.offload.blocks, family=spec.title, streams=spec.offload_blocks != (),
+                    trains_base_weights=recipe.strategy.kind is not None and recipe.strategy.trains_base_weights,
+                    gradient_checkpointing=t.gradient_checkpointing, compile_mode=t.compile,
+                    engine=requested_engine())
 
 
 def _check_prior(recipe: Recipe) -> list[str]:

@@ -30,7 +30,7 @@ from finetune.models.quantize import quantize_weights, summary_line
 from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe, SampleOptions
 from finetune.strategies import create_strategy
-from finetune.training import checkpoint, prior
+from finetune.training import block_offload, checkpoint, prior
 from finetune.training import compile as compiling
 from finetune.training.attention import AttentionKernels
 from finetune.training.engine import (enable_gradient_checkpointing, has_accelerator, prepare_for_training,
@@ -176,8 +176,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     prepared = prepare_data(d, t.batch_size * accelerator.num_processes, held_out_fraction=held_out_fraction(
         recipe.validation.images), held_out_seed=recipe.validation.seed)
     examples, sizes = prepared.examples, prepared.sizes
-    compile_mode = compiling.resolve(t.compile, accelerator.device.type,
-                                     sharded=accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"))
+    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    compile_mode = "off" if t.offload else compiling.resolve(t.compile, accelerator.device.type, sharded=sharded)
     if cannot := compiling.problems(compile_mode, accelerator.device.type, len(set(sizes))):
         raise RecipeError(recipe.source, cannot)
     if prepared.bucket_report is not None:
@@ -246,7 +246,10 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                                         strategy, accelerator.device, t.batch_size, t.max_steps)
     offloaded = offload_idle(parts, encoder.latent_store is not None, encoder.text is not None,
                              accelerator.device) if recipe.cache.offload else []
-    parts.denoiser.to(accelerator.device)
+    streamed = block_offload.plan(parts.denoiser, family.spec, t.offload, accelerator.distributed_type.name,
+                                  recipe.source)
+    with block_offload.held_back(streamed.blocks):  # their frozen weights stay on the CPU
+        parts.denoiser.to(accelerator.device)
     torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
     trained = parts.trained()
@@ -254,6 +257,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         enable_gradient_checkpointing(accelerator, parts, trained)
     if t.channels_last:
         parts.denoiser.to(memory_format=torch.channels_last)
+    say(block_offload.start(parts.denoiser, streamed, accelerator.device))
     say(compiling.compile_for_training(parts.denoiser, compile_mode, family.spec.compile_blocks))
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     summary = plan_lines(Plan(
@@ -268,8 +272,9 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
                                 t.adam_epsilon, device_type=accelerator.device.type)
     lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
-    prepared_modules, optimizer, params = prepare_for_training(accelerator, {n: parts.modules[n] for n in trained},
-                                                               optimizer)
+    with block_offload.held_back(streamed.blocks):  # accelerate's prepare moves the model to the device
+        prepared_modules, optimizer, params = prepare_for_training(accelerator,
+                                                                   {n: parts.modules[n] for n in trained}, optimizer)
     parts.modules.update(prepared_modules)
     trained_modules = [accelerator.unwrap_model(m) for m in prepared_modules.values()]
     shards, not_sharded = sharding_report(accelerator.distributed_type.name, accelerator.num_processes,
