@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from finetune.data.buckets import training_sizes
+from finetune.data.masks import attach_masks
 from finetune.data.sources import DataError, Example, list_examples, some
 from finetune.recipe.schema import DataOptions
 
@@ -31,6 +32,7 @@ def prepare_data(d: DataOptions, global_batch: int, decode: bool = True) -> Prep
     examples = list_examples(d.images, d.dataset, prompt=d.prompt, caption_extension=d.caption_extension,
                              split=d.split, image_column=d.image_column, caption_column=d.caption_column,
                              on_bad_image=d.on_bad_image, decode=decode)
+    attach_masks(examples, d.masks, d.images, decode)
     prepared = _sized(examples, d, global_batch)
     small = _smaller_than_trained(prepared)
     if not small:

@@ -10,6 +10,7 @@ import torch
 from finetune.data import BatchOrder
 from finetune.data.buckets import format_report
 from finetune.data.captions import caption_report
+from finetune.data.masks import summary_line as mask_line
 from finetune.data.prepare import prepare_data, trained_examples
 from finetune.models import family_for
 from finetune.recipe.load import load_recipe
@@ -30,6 +31,7 @@ def validate(path: str, overrides: list[str], decode: bool = False) -> list[str]
     strategy = create_strategy(recipe.strategy)
     lines = [format_report(prepared.bucket_report)] if prepared.bucket_report is not None else []  # as training
     lines += data_lines(images_per_folder(trained_examples(prepared), d.repeats))
+    lines += [line for line in [mask_line(d.masks, d.unmasked_weight)] if line]
     lines += _caption_lines(recipe, examples, strategy) + _output_dir_lines(recipe, strategy)
     lines += [length_line(t.max_steps, t.batch_size, 1, t.gradient_accumulation_steps, order.batches_per_epoch)
               + " (on 1 process; N processes multiply the batch)",
