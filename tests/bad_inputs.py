@@ -93,6 +93,16 @@ def _image_file(ws: Workspace, name: str, content: bytes | None = None, caption:
     return path
 
 
+def _masks(ws: Workspace, leave_out: str = "", size_of: dict[str, tuple[int, int]] | None = None) -> Path:
+    """A white mask per training image in tmp/masks, but `leave_out`'s; `size_of` gives some another size."""
+    folder = ws.tmp / "masks"
+    folder.mkdir(exist_ok=True)
+    for image in sorted(ws.images.glob("*.png")):
+        if image.stem != leave_out:
+            Image.new("L", (size_of or {}).get(image.stem, (32, 32)), 255).save(folder / image.name)
+    return folder
+
+
 def _truncated(ws: Workspace) -> list[str]:
     data = (ws.images / "0.png").read_bytes()
     (ws.images / "0.png").write_bytes(data[: len(data) // 2])
@@ -380,6 +390,15 @@ CATALOGUE = [
              "Names it and says a fraction such as 0.1 holds out training images instead",
              lambda ws: ws.train(validation={"images": str(ws.tmp / "no-held-out")}),
              ("validation.images", "no-held-out is neither an existing folder", "fraction such as 0.1")),
+    # issue 36: masks
+    BadInput("mask-missing", "`data.masks: FOLDER` without a mask for one of the images",
+             "Names the image and the mask looked for, before any model loads",
+             lambda ws: _masks(ws, leave_out="2") and ws.train(data={"masks": str(ws.tmp / "masks")}),
+             ("data.masks", "2.png: no mask 2.* in", "named as the image")),
+    BadInput("mask-wrong-size", "A mask whose size differs from its image's",
+             "Names the mask and both sizes, before any model loads",
+             lambda ws: _masks(ws, size_of={"1": (16, 32)}) and ws.train(data={"masks": str(ws.tmp / "masks")}),
+             ("1.png is 16x32, its image", "is 32x32", "mask of its size")),
     # the strategy meets the model
     BadInput("placeholder-past-the-window", "Textual-inversion captions whose placeholder lies past the text "
              "encoder's window (75 tokens for CLIP)", "Names the images and where the placeholder sits; move it up, "

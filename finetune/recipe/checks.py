@@ -33,6 +33,7 @@ def check(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     problems += _check_model(recipe)
     problems += _check_data(recipe)
+    problems += _check_masks(recipe)
     problems += _check_train(recipe)
     problems += _check_offload(recipe)
     problems += _check_prior(recipe)
@@ -171,6 +172,29 @@ def _check_validation(recipe: Recipe) -> list[str]:
         if folder == trained or trained in folder.parents:
             problems.append(f"validation.images: {v.images} lies in data.images ({recipe.data.images}), whose "
                             "subfolders are trained on too; move the held-out images out of it, or give a fraction")
+    return problems
+
+
+def _check_masks(recipe: Recipe) -> list[str]:
+    """data.masks and data.unmasked_weight; each image's own mask is checked with the images (data/masks.py)."""
+    d = recipe.data
+    problems = []
+    if not 0.0 <= d.unmasked_weight <= 1.0:
+        problems.append(f"data.unmasked_weight: the loss weight of black mask pixels, between 0 (not trained) and 1 "
+                        f"(trained fully), got {d.unmasked_weight}")
+    if d.masks is None:
+        return problems
+    if d.dataset is not None:
+        problems.append("data.masks: masks are read beside an image folder (data.images), not from a dataset's "
+                        "columns; save the dataset's images to a folder, or remove data.masks")
+    elif d.masks != "alpha":
+        folder = Path(os.path.expanduser(d.masks))
+        if not folder.is_dir():
+            problems.append(f"data.masks: {d.masks} is not an existing folder; give a folder of mask images named "
+                            "as the training images, or alpha to use each image's alpha channel")
+        elif d.images is not None and folder.resolve().is_relative_to(Path(os.path.expanduser(d.images)).resolve()):
+            problems.append(f"data.masks: {d.masks} lies inside data.images, so its masks would train as images; "
+                            "move it beside the image folder")
     return problems
 
 

@@ -19,6 +19,7 @@ from finetune.console import ensure_configured
 from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
 from finetune.data.buckets import format_report, write_report
 from finetune.data.caches import estimated_bytes, plan_caches
+from finetune.data.masks import summary_line as mask_line
 from finetune.data.captions import caption_report
 from finetune.data.prepare import held_out_fraction, prepare_data, trained_examples
 from finetune.data.sources import data_name, tag_frequency
@@ -267,6 +268,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         precision=f"mixed precision {t.mixed_precision}, frozen base in {str(base_dtype).removeprefix('torch.')}",
         base=recipe.model.base, output_dir=output_dir)) + ([validation.summary] if validation else [])
     say("\n".join(summary))
+    say(mask_line(d.masks, d.unmasked_weight))
     say(attention.line)
     sample_rows = prompts_for_run(recipe, downsampling_of(parts.vae.config), say)
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
@@ -293,7 +295,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                            pin_memory=accelerator.device.type == "cuda"),
         settings=LossSettings(objective=objective, text_encoder_trains=False,
                               prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
-                              class_prompts=tuple(recipe.prior.class_prompt)),
+                              class_prompts=tuple(recipe.prior.class_prompt), unmasked_weight=d.unmasked_weight),
         schedule=Schedule(max_steps=t.max_steps, accumulation=t.gradient_accumulation_steps, seed=t.seed,
                           max_grad_norm=t.max_grad_norm, checkpoint_every=recipe.checkpoint.every,
                           snapshot_every=recipe.checkpoint.snapshot_every, sample_every=recipe.sample.every,
