@@ -26,15 +26,16 @@ def build_optimizer(groups: list[dict[str, Any]], kind: str, betas: tuple[float,
                             weight_decay=weight_decay, eps=eps, warmup_steps=warmup_steps, device_type=device_type)
 
 
-def schedule_for(kind: str, args: dict[str, Any], name: str, warmup_steps: int) -> tuple[str, int, Any]:
-    """(schedule name, warmup steps, factor or None) that build_scheduler takes for optimizer `kind`: the recipe's
-    own, except where the optimizer schedules itself: schedule-free AdamW (constant; its warmup is its own) and
-    Adafactor's relative step (a factor that only reports the rate it uses: relative_step_rate)."""
+def schedule_for(kind: str, args: dict[str, Any], name: str, warmup_steps: int,
+                 total_steps: int) -> tuple[str, int, int, Callable[[int], float] | None]:
+    """build_scheduler's arguments after the optimizer for optimizer `kind`: the recipe's schedule, except where
+    the optimizer schedules itself: schedule-free AdamW (constant; its warmup is its own) and Adafactor's relative
+    step (a factor that only reports the rate it uses: optimizers.relative_step_rate)."""
     if optimizers.uses_relative_step(kind, args):
-        return "constant", 0, optimizers.relative_step_rate(args)
+        return "constant", 0, total_steps, optimizers.relative_step_rate(args)
     if kind == "schedule_free_adamw":
-        return "constant", 0, None
-    return name, warmup_steps, None
+        return "constant", 0, total_steps, None
+    return name, warmup_steps, total_steps, None
 
 
 def _warmup_from_one(factor: Callable[[int], float], warmup_steps: int) -> Callable[[int], float]:

@@ -261,7 +261,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon,
                                 accelerator.device.type, t.optimizer_args, t.lr_warmup_steps)
     lr_scheduler = build_scheduler(optimizer, *schedule_for(t.optimizer, t.optimizer_args, t.lr_scheduler,
-                                                            t.lr_warmup_steps), t.max_steps)
+                                                            t.lr_warmup_steps, t.max_steps))
     prepared_modules, optimizer, params = prepare_for_training(accelerator, {n: parts.modules[n] for n in trained},
                                                                optimizer)
     parts.modules.update(prepared_modules)
