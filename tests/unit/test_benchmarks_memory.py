@@ -239,3 +239,23 @@ def test_the_qwen_image_2_1_recipe_fits_24gb(table):
     # 4096 image tokens at 1024 px (unpacked 16x latents), not the 1024 a 2x2-packed model would have
     assert _estimate("qwen_image_2_1_lora", "qwen-image-2.1", "data.resolution=2048")["parts"]["activations"] > 3.5 * (
         row["parts"]["activations"])
+
+
+@pytest.mark.parametrize("kind", ["adamw", "prodigy", "lion", "schedule_free_adamw"])
+def test_the_optimizer_state_estimate_is_what_the_optimizer_keeps(kind):
+    import importlib.util
+
+    import torch
+
+    from finetune.training import optimizers
+
+    if importlib.util.find_spec(optimizers.REGISTRY[kind].module.split(".")[0]) is None:
+        pytest.skip(f"{kind}'s package is not here")
+    weight = torch.nn.Parameter(torch.full((16, 3072), 0.5))  # Prodigy keeps no copy of an all-zero start
+    optimizer = optimizers.build([{"params": [weight], "lr": 1.0}], kind, {}, lr=1.0, betas=(0.9, 0.999),
+                                 weight_decay=0.0, eps=1e-8)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    kept = sum(t.numel() * t.element_size() for t in optimizer.state[weight].values()
+               if isinstance(t, torch.Tensor) and t.numel() > 1)
+    assert memory._optimizer_bytes([(16, 3072)], kind) == kept
