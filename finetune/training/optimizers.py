@@ -30,7 +30,7 @@ import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -44,26 +44,24 @@ class OptimizerKind:
     module: str
     class_name: str
     package: str  # the distribution pip installs
-    extra: Optional[str]  # finetune's extra that brings it (None: a dependency already)
+    install: str  # the command that installs it: finetune's extra, or the package a dependency already brings
     adam_keys: tuple[str, ...]  # which of ADAM_KEYS mean here what they mean for AdamW
     default_lr: str  # what the summary says about the learning rate it wants
 
-    def install_hint(self) -> str:
-        return f"pip install 'finetune[{self.extra}]'" if self.extra else f"pip install {self.package}"
 
-
+EXTRA = "pip install 'finetune[optimizers]'"
 REGISTRY: dict[str, OptimizerKind] = {
-    "adamw": OptimizerKind("torch.optim", "AdamW", "torch", None, ADAM_KEYS, "1e-4 for LoRA"),
-    "adamw8bit": OptimizerKind("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", "bnb", ADAM_KEYS,
-                               "as AdamW"),
-    "prodigy": OptimizerKind("prodigyopt", "Prodigy", "prodigyopt", "optimizers", ADAM_KEYS,
+    "adamw": OptimizerKind("torch.optim", "AdamW", "torch", "pip install torch", ADAM_KEYS, "1e-4 for LoRA"),
+    "adamw8bit": OptimizerKind("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", "pip install 'finetune[bnb]'",
+                               ADAM_KEYS, "as AdamW"),
+    "prodigy": OptimizerKind("prodigyopt", "Prodigy", "prodigyopt", EXTRA, ADAM_KEYS,
                              "1.0: a multiplier of the step size it finds"),
-    "adafactor": OptimizerKind("transformers.optimization", "Adafactor", "transformers", None, ("weight_decay",),
-                               "its relative step, unless relative_step: false"),
-    "lion": OptimizerKind("lion_pytorch", "Lion", "lion-pytorch", "optimizers", ("weight_decay",),
+    "adafactor": OptimizerKind("transformers.optimization", "Adafactor", "transformers", "pip install transformers",
+                               ("weight_decay",), "its relative step, unless relative_step: false"),
+    "lion": OptimizerKind("lion_pytorch", "Lion", "lion-pytorch", EXTRA, ("weight_decay",),
                           "3-10x smaller than AdamW's"),
-    "schedule_free_adamw": OptimizerKind("schedulefree", "AdamWScheduleFree", "schedulefree", "optimizers",
-                                         ADAM_KEYS, "as AdamW or a little higher; constant"),
+    "schedule_free_adamw": OptimizerKind("schedulefree", "AdamWScheduleFree", "schedulefree", EXTRA, ADAM_KEYS,
+                                         "as AdamW or a little higher; constant"),
 }
 # set by build(), from the recipe's rate and the device: refused in optimizer_args
 _SET_HERE = {"params": "the trained parameters", "lr": "train.learning_rate (or strategy.learning_rate)"}
@@ -82,7 +80,7 @@ def optimizer_class(name: str) -> type:
     except Exception as exc:  # not installed, or built for another torch (ImportError, RuntimeError)
         raise OptimizerUnavailable(
             f"train.optimizer: {name} needs {kind.package}, which does not import here ({type(exc).__name__}: "
-            f"{str(exc)[:120]}); {kind.install_hint()}, or set train.optimizer: adamw") from None
+            f"{str(exc)[:120]}); {kind.install}, or set train.optimizer: adamw") from None
 
 
 def constructor_arguments(cls: type) -> list[str]:

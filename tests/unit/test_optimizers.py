@@ -132,7 +132,7 @@ def test_rates_and_schedules_that_cannot_apply_are_refused():
 
 def test_a_missing_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(optimizers.REGISTRY, "prodigy", optimizers.REGISTRY["prodigy"].__class__(
-        "no_such_module_here", "Prodigy", "prodigyopt", "optimizers", (), ""))
+        "no_such_module_here", "Prodigy", "prodigyopt", "pip install 'finetune[optimizers]'", (), ""))
     found = optimizers.problems("prodigy", {}, 1.0, "constant", 0)
     assert len(found) == 1 and "pip install 'finetune[optimizers]'" in found[0] and "needs prodigyopt" in found[0]
 
