@@ -82,7 +82,11 @@ def _lora_shapes(denoiser: torch.nn.Module, targets, rank: int) -> list[tuple[in
 def _optimizer_bytes(shapes: list[tuple[int, ...]], kind: str) -> float:
     if kind == "adafactor":  # factored second moment: a row and a column vector per matrix, fp32
         return sum(4 * (sum(s) if len(s) == 2 else s[0]) for s in shapes)
-    return {"adamw": 8, "adamw8bit": 2}[kind] * sum(_count(s) for s in shapes)
+    # fp32 state per weight: AdamW's two moments; Prodigy's two, its s and its copy of the initial weights (p0);
+    # Lion's one momentum; schedule-free AdamW's z and second moment. Prodigy's p0 is one number for a weight that
+    # starts at zero (LoRA's B): an upper bound there
+    per_weight = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "lion": 4, "schedule_free_adamw": 8}
+    return per_weight[kind] * sum(_count(s) for s in shapes)
 
 
 def _count(shape: tuple[int, ...]) -> int:

@@ -314,6 +314,16 @@ CATALOGUE = [
              "Asks for `train.gradient_checkpointing: true` and says why",
              lambda ws: ws.train(train={"offload": {"blocks": 0.5}}),
              ("needs train.gradient_checkpointing: true",)),
+    # issue 36: optimizers
+    BadInput("unknown-optimizer-argument", "An argument the optimizer does not take (`optimizer_args: {d_coeff: 1}` "
+             "with prodigy)", "Names the optimizer's real arguments (read from its constructor) and the closest one",
+             lambda ws: ws.train(train={"optimizer": "prodigy", "learning_rate": 1.0,
+                                        "optimizer_args": {"d_coeff": 1.0}}),
+             ("takes no argument 'd_coeff'", "did you mean 'd_coef'", "Its arguments: betas")),
+    BadInput("prodigy-with-an-adamw-rate", "`optimizer: prodigy` with an AdamW learning rate such as 1e-4",
+             "Says Prodigy's rate multiplies the step size it estimates (1.0 is usual) and how to take smaller steps",
+             lambda ws: ws.train(train={"optimizer": "prodigy", "learning_rate": 1e-4}),
+             ("with prodigy", "1.0 is usual", "d_coef")),
     # the base model
     BadInput("base-missing", "`model.base` is a path that does not exist",
              "Says what it may be: a diffusers folder, a checkpoint file or a hub id",

@@ -36,6 +36,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_masks(recipe)
     problems += _check_train(recipe)
     problems += _check_offload(recipe)
+    problems += _check_optimizers(recipe)
     problems += _check_prior(recipe)
     problems += _check_cache(recipe)
     problems += cache_folder_problems(recipe)
@@ -262,9 +263,6 @@ def _check_train(recipe: Recipe) -> list[str]:
                         f"got {t.lr_warmup_steps}")
     if t.max_grad_norm < 0:
         problems.append(f"train.max_grad_norm: must be 0 (off) or positive, got {t.max_grad_norm}")
-    if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), "
-                        "or set train.optimizer: adamw")
     return problems
 
 
@@ -285,6 +283,21 @@ def _check_offload(recipe: Recipe) -> list[str]:
                     trains_base_weights=recipe.strategy.kind is not None and recipe.strategy.trains_base_weights,
                     gradient_checkpointing=t.gradient_checkpointing, compile_mode=t.compile,
                     engine=requested_engine())
+
+
+def _check_optimizers(recipe: Recipe) -> list[str]:
+    """train.optimizer and optimizer_args against the optimizer's own constructor (finetune/training/optimizers.py):
+    its package imports, every argument is one it takes, and the rate and schedule can apply to it."""
+    from finetune.training.optimizers import problems
+
+    t = recipe.train
+    if not isinstance(t.optimizer_args, dict):
+        return [f"train.optimizer_args: a mapping of the optimizer's arguments (e.g. {{d_coef: 0.5}}), got "
+                f"{t.optimizer_args!r}"]
+    rate = recipe.strategy.learning_rate or t.learning_rate
+    if not (math.isfinite(rate) and rate > 0):
+        return []  # already reported by _check_train
+    return problems(t.optimizer, t.optimizer_args, rate, t.lr_scheduler, t.lr_warmup_steps)
 
 
 def _check_prior(recipe: Recipe) -> list[str]:

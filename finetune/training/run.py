@@ -31,7 +31,7 @@ from finetune.models.quantize import quantize_weights, summary_line
 from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe, SampleOptions
 from finetune.strategies import create_strategy
-from finetune.training import block_offload, checkpoint, prior
+from finetune.training import block_offload, checkpoint, optimizers, prior
 from finetune.training import compile as compiling
 from finetune.training.attention import AttentionKernels
 from finetune.training.engine import (enable_gradient_checkpointing, has_accelerator, prepare_for_training,
@@ -40,7 +40,7 @@ from finetune.training.failures import divergence_advice
 from finetune.training.inputs import BatchEncoder, make_encoder
 from finetune.training.offload import offload_idle, on_device, one_at_a_time
 from finetune.training.preflight import check_engine_and_device
-from finetune.training.optim import build_optimizer, build_scheduler
+from finetune.training.optim import build_optimizer, build_scheduler, schedule_for
 from finetune.training.resume import checkpoint_to_resume, check_output_dir, remove_earlier_run, resume_command
 from finetune.training.sample_prompts import prompts_for_run
 from finetune.training.saves import Saving
@@ -267,13 +267,16 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         batches_per_epoch=order.batches_per_epoch, trainable=strategy.state_dict(), device=str(accelerator.device),
         precision=f"mixed precision {t.mixed_precision}, frozen base in {str(base_dtype).removeprefix('torch.')}",
         base=recipe.model.base, output_dir=output_dir)) + ([validation.summary] if validation else [])
+    summary.append(optimizers.summary_line(t.optimizer, t.optimizer_args, groups[0]["lr"], t.lr_scheduler,
+                                           t.lr_warmup_steps))
     say("\n".join(summary))
     say(mask_line(d.masks, d.unmasked_weight))
     say(attention.line)
     sample_rows = prompts_for_run(recipe, downsampling_of(parts.vae.config), say)
-    optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
-                                t.adam_epsilon, device_type=accelerator.device.type)
-    lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
+    optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon,
+                                accelerator.device.type, t.optimizer_args, t.lr_warmup_steps)
+    lr_scheduler = build_scheduler(optimizer, *schedule_for(t.optimizer, t.optimizer_args, t.lr_scheduler,
+                                                            t.lr_warmup_steps, t.max_steps))
     with block_offload.held_back(streamed.blocks):  # accelerate's prepare moves the model to the device
         prepared_modules, optimizer, params = prepare_for_training(accelerator,
                                                                    {n: parts.modules[n] for n in trained}, optimizer)
@@ -306,7 +309,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                       data_figures=data_figures, family_header=family_header),
         offloaded=offloaded, base_dtype=base_dtype, started_at=started_at, summary=summary,
         caption_notes=caption_notes, recipe=recipe, attention=attention, step=first_step, resume_from=resume_from,
-        saved=saved, validation=validation)
+        saved=saved, validation=validation, weight_views=optimizers.weight_views(t.optimizer, optimizer))
 
 
 def _load_base(accelerator, family: ModelFamily, recipe: Recipe,

@@ -253,3 +253,23 @@ def test_block_offload_fits_flux_in_12gb_and_qwen_image_at_1328px_in_24gb(table)
     assert whole > quarter > half  # more blocks streamed, less on the GPU
     # Flux's 57 blocks in int8: 19 double ones of 0.34 GB, 38 single ones of 0.14 GB; 28 streamed, less two in flight
     assert whole - half == pytest.approx(5.1, abs=0.1)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "prodigy", "lion", "schedule_free_adamw"])
+def test_the_optimizer_state_estimate_is_what_the_optimizer_keeps(kind):
+    import importlib.util
+
+    import torch
+
+    from finetune.training import optimizers
+
+    if importlib.util.find_spec(optimizers.REGISTRY[kind].module.split(".")[0]) is None:
+        pytest.skip(f"{kind}'s package is not here")
+    weight = torch.nn.Parameter(torch.full((16, 3072), 0.5))  # Prodigy keeps no copy of an all-zero start
+    optimizer = optimizers.build([{"params": [weight], "lr": 1.0}], kind, {}, lr=1.0, betas=(0.9, 0.999),
+                                 weight_decay=0.0, eps=1e-8)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    kept = sum(t.numel() * t.element_size() for t in optimizer.state[weight].values()
+               if isinstance(t, torch.Tensor) and t.numel() > 1)
+    assert memory._optimizer_bytes([(16, 3072)], kind) == kept
