@@ -34,6 +34,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_model(recipe)
     problems += _check_data(recipe)
     problems += _check_train(recipe)
+    problems += _check_ema(recipe)
     problems += _check_prior(recipe)
     problems += _check_cache(recipe)
     problems += cache_folder_problems(recipe)
@@ -206,6 +207,13 @@ def _check_train(recipe: Recipe) -> list[str]:
         problems.append("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), "
                         "or set train.optimizer: adamw")
     return problems
+
+
+def _check_ema(recipe: Recipe) -> list[str]:
+    from finetune.training.ema import problems  # its rules live beside the average they keep
+
+    t = recipe.train
+    return problems(t.ema, t.optimizer, t.max_steps)
 
 
 def _check_prior(recipe: Recipe) -> list[str]:
