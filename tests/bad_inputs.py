@@ -324,6 +324,16 @@ CATALOGUE = [
              "Says Prodigy's rate multiplies the step size it estimates (1.0 is usual) and how to take smaller steps",
              lambda ws: ws.train(train={"optimizer": "prodigy", "learning_rate": 1e-4}),
              ("with prodigy", "1.0 is usual", "d_coef")),
+    # issue 36: ema
+    BadInput("ema-decay-out-of-range", "`train.ema.decay` of 1 or more, or below 0",
+             "Says it must be at least 0 and below 1, and how far back 0.999 and 0.99 average",
+             lambda ws: ws.train(train={"ema": {"decay": 1.0}}),
+             ("train.ema.decay: must be at least 0 and below 1, got 1.0", "0.999 averages")),
+    BadInput("ema-with-schedule-free", "`train.ema` with `train.optimizer: schedule_free_adamw`",
+             "Refused: that optimizer's saved weights already are an average; leave train.ema out or choose "
+             "another optimizer",
+             lambda ws: ws.train(train={"ema": {}, "optimizer": "schedule_free_adamw"}),
+             ("train.ema: not with train.optimizer: schedule_free_adamw", "leave train.ema out")),
     # the base model
     BadInput("base-missing", "`model.base` is a path that does not exist",
              "Says what it may be: a diffusers folder, a checkpoint file or a hub id",

@@ -37,6 +37,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_train(recipe)
     problems += _check_offload(recipe)
     problems += _check_optimizers(recipe)
+    problems += _check_ema(recipe)
     problems += _check_prior(recipe)
     problems += _check_cache(recipe)
     problems += cache_folder_problems(recipe)
@@ -298,6 +299,13 @@ def _check_optimizers(recipe: Recipe) -> list[str]:
     if not (math.isfinite(rate) and rate > 0):
         return []  # already reported by _check_train
     return problems(t.optimizer, t.optimizer_args, rate, t.lr_scheduler, t.lr_warmup_steps)
+
+
+def _check_ema(recipe: Recipe) -> list[str]:
+    from finetune.training.ema import problems  # its rules live beside the average they keep
+
+    t = recipe.train
+    return problems(t.ema, t.optimizer, t.max_steps)
 
 
 def _check_prior(recipe: Recipe) -> list[str]:

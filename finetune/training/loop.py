@@ -23,6 +23,7 @@ from finetune.report.live import LiveReport
 from finetune.training import checkpoint, interrupt, saves, trackers
 from finetune.training.attention import sdpa_kernels
 from finetune.training.compile import CompileWatch
+from finetune.training.ema import RAW_FOLDER
 from finetune.training.failures import check_finite_loss
 from finetune.training.host_copy import LaterOnHost
 from finetune.training.inputs import ahead_on_device
@@ -64,6 +65,8 @@ def resume(run: Run, path: Path) -> None:
         raise ValueError(f"setup read no checkpoint {path} to resume (it read {run.resume_from})")
     rates = saves.restore_checkpoint(run.accelerator, run.saved, run.step, run.strategy, run.optimizer,
                                      run.lr_scheduler, run.trained_modules)
+    if run.ema is not None:  # train.ema's average, as the checkpoint's step left it
+        run.ema.load_state_dict(run.saved[2]["ema"])
     run.saved = None  # put back now: holding it would keep a second copy of the optimizer's state
     run.say(f"resumed from {path} at step {run.step}; step {run.step + 1} trains at learning rate {rates[0]:g}")
 
@@ -123,6 +126,8 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
             if strategy.on_step_end(step + 1):
                 settings = dataclasses.replace(settings, text_encoder_trains=_text_encoder_trains(parts))
             run.step = step = step + 1
+            if run.ema is not None:
+                run.ema.after_step(step)  # after on_step_end, which may put frozen rows back
             unread.add(step, torch.stack(losses).mean(), lr, accelerator)
             live.end_step(step)
             if on_step is not None:
@@ -160,9 +165,7 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
             # asked to stop: no snapshot and no sample grid at this step (a grid can take longer than the step)
             stopping = stop.requested_anywhere(accelerator)
             if snapshot and not stopping:
-                with shown_weights(run.weight_views):
-                    saves.save_artifact(accelerator, run.saving, strategy, step,
-                                        output_dir / "snapshots" / f"step-{step:06d}")
+                _save_artifact(run, output_dir / "snapshots" / f"step-{step:06d}")
             if sample and not stopping:
                 with on_device(run.offloaded, accelerator.device), shown_weights(run.weight_views):
                     saves.save_samples(accelerator, run.saving, run.family, parts, s.sample_rows,
@@ -206,13 +209,24 @@ def _text_encoder_trains(parts) -> bool:
 
 def _save_checkpoint(run: Run) -> None:
     saves.save_checkpoint(run.accelerator, run.saving, run.step, run.strategy, run.optimizer, run.lr_scheduler,
-                          run.trained_modules)
+                          run.trained_modules, extra_state={"ema": run.ema.state_dict()} if run.ema else None)
+
+
+def _save_artifact(run: Run, folder: Path) -> Path:
+    """The artifact in `folder` with the weights the run shows (train.ema: the average, with the weights as
+    trained beside it in raw/, each header saying which it holds)."""
+    ema = run.ema
+    if ema is not None:
+        saves.save_artifact(run.accelerator, run.saving, run.strategy, run.step, folder / RAW_FOLDER,
+                            ema.header(shows_average=False))
+    with shown_weights(run.weight_views):
+        return saves.save_artifact(run.accelerator, run.saving, run.strategy, run.step, folder,
+                                   ema.header(shows_average=True) if ema else None)
 
 
 def finish(run: Run) -> Path:
     """Write the final artifact and the report's last version; say what the run wrote. Returns the artifact."""
-    with shown_weights(run.weight_views):
-        artifact = saves.save_artifact(run.accelerator, run.saving, run.strategy, run.step, run.saving.output_dir)
+    artifact = _save_artifact(run, run.saving.output_dir)
     if run.live is not None:
         run.live.finish()  # the page's last version, before the list of what was written (which names it)
     if run.accelerator.is_main_process:

@@ -31,7 +31,7 @@ from finetune.models.quantize import quantize_weights, summary_line
 from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe, SampleOptions
 from finetune.strategies import create_strategy
-from finetune.training import block_offload, checkpoint, optimizers, prior
+from finetune.training import block_offload, checkpoint, ema, optimizers, prior
 from finetune.training import compile as compiling
 from finetune.training.attention import AttentionKernels
 from finetune.training.engine import (enable_gradient_checkpointing, has_accelerator, prepare_for_training,
@@ -109,6 +109,7 @@ class Run:
     # what puts the weights to show and save in place (training/shown_weights.py): EMA, schedule-free averaging
     weight_views: list = field(default_factory=list)
     validation: ValidationScore | None = None  # validation's held-out images, scored by the loop
+    ema: Any = None  # train.ema's average (training/ema.py): updated after each step, kept in checkpoints
 
     def say(self, text: str | None) -> None:
         """The main process speaks for all."""
@@ -266,11 +267,12 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         batch_size=t.batch_size, processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
         batches_per_epoch=order.batches_per_epoch, trainable=strategy.state_dict(), device=str(accelerator.device),
         precision=f"mixed precision {t.mixed_precision}, frozen base in {str(base_dtype).removeprefix('torch.')}",
-        base=recipe.model.base, output_dir=output_dir)) + ([validation.summary] if validation else [])
-    summary.append(optimizers.summary_line(t.optimizer, t.optimizer_args, groups[0]["lr"], t.lr_scheduler,
-                                           t.lr_warmup_steps))
+        base=recipe.model.base, output_dir=output_dir))
+    optimizer_line = optimizers.summary_line(t.optimizer, t.optimizer_args, groups[0]["lr"], t.lr_scheduler,
+                                             t.lr_warmup_steps)
+    summary += [line for line in (validation.summary if validation else None, mask_line(d.masks, d.unmasked_weight),
+                                  optimizer_line) if line] + ema.plan_line(t.ema, t.max_steps)
     say("\n".join(summary))
-    say(mask_line(d.masks, d.unmasked_weight))
     say(attention.line)
     sample_rows = prompts_for_run(recipe, downsampling_of(parts.vae.config), say)
     optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon,
@@ -281,6 +283,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         prepared_modules, optimizer, params = prepare_for_training(accelerator,
                                                                    {n: parts.modules[n] for n in trained}, optimizer)
     parts.modules.update(prepared_modules)
+    average = ema.start(t.ema, optimizer, accelerator)
     trained_modules = [accelerator.unwrap_model(m) for m in prepared_modules.values()]
     shards, not_sharded = sharding_report(accelerator.distributed_type.name, accelerator.num_processes,
                                           {n: local_fraction(m) for n, m in zip(trained, trained_modules)})
@@ -309,7 +312,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                       data_figures=data_figures, family_header=family_header),
         offloaded=offloaded, base_dtype=base_dtype, started_at=started_at, summary=summary,
         caption_notes=caption_notes, recipe=recipe, attention=attention, step=first_step, resume_from=resume_from,
-        saved=saved, validation=validation, weight_views=optimizers.weight_views(t.optimizer, optimizer))
+        saved=saved, validation=validation, ema=average,
+        weight_views=optimizers.weight_views(t.optimizer, optimizer) + ([average.shown] if average else []))
 
 
 def _load_base(accelerator, family: ModelFamily, recipe: Recipe,

@@ -37,14 +37,16 @@ class Saving:
 
 
 def save_checkpoint(accelerator, saving_to: Saving, step: int, strategy, optimizer, lr_scheduler,
-                    models: list[torch.nn.Module]) -> None:
-    """`models`: the trained modules (the optimizer's state is gathered from a sharded one)."""
+                    models: list[torch.nn.Module], extra_state: dict | None = None) -> None:
+    """`models`: the trained modules (the optimizer's state is gathered from a sharded one); `extra_state`: more
+    of the training state by name (train.ema's average), kept in training_state.pt beside the optimizer's."""
     # on every process: gathering sharded weights is collective, and a non-finite weight stops all together
     trainable = strategy.state_dict()
     check_finite_weights(trainable, step, saving_to.output_dir, saving_to.recovery)
     optimizer_state = optimizer_state_dict(optimizer, models)
     if accelerator.is_main_process:
-        training_state = {"optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict()}
+        training_state = {"optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
+                          **(extra_state or {})}
         if accelerator.scaler is not None:
             training_state["scaler"] = accelerator.scaler.state_dict()
         with saving("a checkpoint", step, saving_to.command, saving_to.output_dir):
@@ -69,8 +71,10 @@ def restore_checkpoint(accelerator, saved: tuple[dict, dict, dict], step: int, s
     return set_base_rates(lr_scheduler, recipe_rates)
 
 
-def save_artifact(accelerator, saving_to: Saving, strategy, step: int, folder: Path) -> Path:
-    """Write the artifact into `folder` (the run's folder, or a snapshot's); messages name the run's folder."""
+def save_artifact(accelerator, saving_to: Saving, strategy, step: int, folder: Path,
+                  header: dict[str, str] | None = None) -> Path:
+    """Write the artifact into `folder` (the run's folder, or a snapshot's); messages name the run's folder.
+    `header`: more keys for its metadata (which weights it holds: train.ema's)."""
     # on every process: a sharded strategy gathers its weights here, which its save (main process) writes
     check_finite_weights(strategy.state_dict(), step, saving_to.output_dir, saving_to.recovery)
     artifact = folder / strategy.artifact_name
@@ -78,6 +82,7 @@ def save_artifact(accelerator, saving_to: Saving, strategy, step: int, folder: P
         metadata = training_metadata(base_model=saving_to.base_model, strategy=saving_to.kind, steps=step,
                                      recipe=saving_to.recipe, extra=saving_to.data_figures)
         metadata.update(saving_to.family_header)
+        metadata.update(header or {})
         with saving(f"the artifact in {folder}", step, saving_to.command, saving_to.output_dir):
             artifact = strategy.save(folder, metadata)
     accelerator.wait_for_everyone()
