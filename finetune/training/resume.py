@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from finetune.training.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoints_dir, find_checkpoint,
                                          good_checkpoints, load_checkpoint, step_of)
+from finetune.training.ema import RAW_FOLDER
 
 _NEW_RATE = ("the optimizer's param groups and the schedule's base rates take {new} from the resumed step on "
              "(the Adam moments are kept)")
@@ -95,7 +96,7 @@ def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overw
     `artifact` or checkpoints (without --resume), or a finished artifact with nothing to resume (with
     --resume latest). The message prints each way on as a whole command (this run's recipe `source` and
     `overrides`, with what changes), one a line, so it can be pasted as printed. With `overwrite`, returns the
-    earlier run's checkpoints for the caller to remove."""
+    earlier run's checkpoints (and train.ema's raw/ folder) for the caller to remove."""
     if resume and overwrite:
         raise OutputDirInUse("--resume continues a run and --overwrite starts a new one: give one of them")
     if resume and resume != "latest":
@@ -103,7 +104,9 @@ def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overw
     newest = find_checkpoint(output_dir, "latest")
     finished = artifact.exists()
     if overwrite:
-        return [checkpoints_dir(output_dir)] if checkpoints_dir(output_dir).exists() else []
+        # its checkpoints, and train.ema's trained weights beside its artifact (a run without EMA writes none, and
+        # would leave the earlier run's there under its own artifact)
+        return [p for p in (checkpoints_dir(output_dir), output_dir / RAW_FOLDER) if p.exists()]
     if resume and (newest is not None or not finished):
         return []  # a checkpoint to continue from, or nothing yet (a run killed before its first checkpoint)
     held = ([f"a finished artifact ({artifact})"] if finished else []) + (

@@ -139,3 +139,18 @@ def test_the_plan_line_says_how_far_back_the_average_reaches():
     assert "about the last 100 steps" in plan_line(EmaOptions(decay=0.99), 500)[0]
     assert "about the last 200 steps" in plan_line(EmaOptions(decay=0.99, update_every=2), 500)[0]
     assert "all 500 steps" in plan_line(EmaOptions(decay=0.999), 500)[0]
+
+
+def test_overwrite_removes_the_earlier_runs_raw_weights(tmp_path):
+    """--overwrite over a run that had train.ema: its raw/ folder goes with its checkpoints, so a new run without
+    EMA does not leave the old trained weights beside its own artifact."""
+    from finetune.training.ema import RAW_FOLDER
+    from finetune.training.resume import check_output_dir
+
+    artifact = tmp_path / "pytorch_lora_weights.safetensors"
+    artifact.write_bytes(b"x")
+    (tmp_path / RAW_FOLDER).mkdir()
+    (tmp_path / RAW_FOLDER / artifact.name).write_bytes(b"x")
+    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
+    removed = check_output_dir(tmp_path, artifact, resume=None, overwrite=True, source="r.yaml")
+    assert sorted(p.name for p in removed) == ["checkpoints", RAW_FOLDER]
