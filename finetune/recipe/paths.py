@@ -22,7 +22,7 @@ from finetune.recipe.schema import Recipe
 # (section, key) of the recipe's own path keys; a strategy marks its own with field metadata {"path": True}
 PATH_KEYS = (("model", "base"), ("model", "config"), ("model", "vae"), ("data", "images"), ("data", "dataset"),
              ("", "output_dir"), ("prior", "class_data_dir"), ("cache", "dir"), ("validation", "images"),
-             ("sample", "prompt_file"))
+             ("sample", "prompt_file"), ("data", "masks"))
 MAY_BE_HUB_IDS = {("model", "base"), ("model", "vae"), ("data", "dataset")}
 
 
@@ -37,6 +37,8 @@ def resolve_paths(recipe: Recipe, recipe_dir: Path, command_line_keys: set[str])
         value = getattr(section, key)
         if not value or (section_name, key) == ("validation", "images") and held_out_fraction(value) is not None:
             continue  # validation.images: 0.1 is a fraction of the training images, not a path
+        if (section_name, key) == ("data", "masks") and value == "alpha":
+            continue  # each image's alpha channel, not a folder
         dotted = f"{section_name}.{key}" if section_name else key
         anchor = Path.cwd() if dotted in command_line_keys else recipe_dir
         setattr(section, key, _resolve(str(value), anchor, (section_name, key) in MAY_BE_HUB_IDS))

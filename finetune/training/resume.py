@@ -40,6 +40,13 @@ MAY_CHANGE = {
     "train.compile": "changes speed only",
     "train.attention": "changes speed only (which attention kernels run)",
     "train.channels_last": "changes speed only",
+    # block offload moves frozen weights, not what they compute: the way on for a run that ran out of memory
+    "train.offload": "changes memory and speed only",
+    "train.offload.": "changes memory and speed only",
+    "validation.every": "scores from this step on (a score changes nothing that trains)",
+    "validation.timesteps": "scores from this step on at the new timesteps; earlier scores are not comparable",
+    "validation.clip_model": "applies to the grids from this step on",
+    "validation.dino_model": "applies to the grids from this step on",
     # the way out of a NaN loss (training/failures.py suggests it): the rate and its schedule only set how far
     # each step moves (not the data order, what trains or how the loss is computed): the run goes on as itself
     "train.learning_rate": _NEW_RATE,
@@ -106,7 +113,8 @@ def check_output_dir(output_dir: Path, artifact: Path, resume: str | None, overw
     if overwrite:
         # its checkpoints, and train.ema's trained weights beside its artifact (a run without EMA writes none, and
         # would leave the earlier run's there under its own artifact)
-        return [p for p in (checkpoints_dir(output_dir), output_dir / RAW_FOLDER) if p.exists()]
+        raw = output_dir / RAW_FOLDER / artifact.name  # only that file: raw/ may hold a user's own files
+        return [p for p in (checkpoints_dir(output_dir), raw) if p.exists()]
     if resume and (newest is not None or not finished):
         return []  # a checkpoint to continue from, or nothing yet (a run killed before its first checkpoint)
     held = ([f"a finished artifact ({artifact})"] if finished else []) + (
@@ -144,8 +152,14 @@ def checkpoint_to_resume(output_dir: Path, resume: str | None, current: dict, so
 
 
 def remove_earlier_run(paths: list[Path]) -> None:
+    """Remove what check_output_dir returned: folders whole, files one by one (and their folder, once empty)."""
     for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+            if path.parent.name == RAW_FOLDER and not any(path.parent.iterdir()):
+                path.parent.rmdir()
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -178,6 +192,9 @@ def recipe_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
 
 # what the model section of an earlier version held for every family, unset
 _UNSET_EARLIER = {"text_encoder_3": "auto", "guidance": None, "prediction_type": None}
+# keys added to a section since, with the value that behaves as the runs before them did: a checkpoint that lacks
+# one ran that way (a key whose default is None needs no entry: a missing key compares as None)
+_ADDED_SINCE = {"data": {"unmasked_weight": 0.0}}
 
 
 def as_now(saved: dict, current: dict) -> dict:
@@ -198,6 +215,10 @@ def as_now(saved: dict, current: dict) -> dict:
     for key, unset in _UNSET_EARLIER.items():
         if key in model and key not in now and model[key] == unset:
             del model[key]
+    for section, added in _ADDED_SINCE.items():
+        if isinstance(saved.get(section), dict):
+            for key, value in added.items():
+                saved[section].setdefault(key, value)
     return saved
 
 

@@ -14,8 +14,8 @@ How the score is made (all fixed at setup, before the first step):
 - noise: drawn once per image from a CPU generator seeded with `validation.seed`: never the training generators, so
   a run's training draws and losses are the same with or without validation, and the score's noise is the same on
   any device.
-The score, each image's per-timestep MSE weighted as the objective weights the training loss (Min-SNR, ...),
-averaged, is computed in no_grad with every module in eval mode (no dropout), inside the weights the run shows
+The score, each image's per-timestep MSE weighted as the objective weights the training loss (Min-SNR, ...) and, for
+a held-out training image with a mask (data.masks), per pixel by its mask as training weighs it; averaged, is computed in no_grad with every module in eval mode (no dropout), inside the weights the run shows
 (training/shown_weights.py: EMA's average where on), every `validation.every` steps and at the last step.
 """
 from __future__ import annotations
@@ -29,9 +29,11 @@ from typing import Any, Iterator
 import torch
 
 from finetune.data.dataset import ImageCaptionDataset, collate
+from finetune.data.masks import latent_weights
 from finetune.data.prepare import held_out_fraction
 from finetune.data.sources import Example, list_examples
 from finetune.recipe.schema import DataOptions, ValidationOptions
+from finetune.training.step import per_sample_loss
 
 
 def folder_examples(options: ValidationOptions, d: DataOptions) -> list[Example]:
@@ -49,13 +51,16 @@ class HeldOutImage:
     points: torch.Tensor  # [K] timesteps or sigmas on the run's device (objective.fixed_points)
     caption: str
     conditions: dict[str, torch.Tensor]  # [1, 2] each (SDXL's sizes and crop corner)
+    mask: torch.Tensor | None = None  # [1, 1, H, W] in [0, 1] on the run's device: data.masks' mask of the image
 
 
 class ValidationScore:
     """The held-out images made ready, and how often to score them. `score` returns a 0-d tensor on the device."""
 
-    def __init__(self, images: list[HeldOutImage], every: int, max_steps: int, chunk: int, source: str):
+    def __init__(self, images: list[HeldOutImage], every: int, max_steps: int, chunk: int, source: str,
+                 unmasked_weight: float = 0.0):
         self.images, self.every, self.max_steps, self.chunk, self.source = images, every, max_steps, chunk, source
+        self.unmasked_weight = unmasked_weight  # data.unmasked_weight, for held-out images that carry a mask
 
     def due(self, step: int) -> bool:
         """Whether step `step` (steps done) is scored: every `every` steps and the last."""
@@ -82,8 +87,12 @@ class ValidationScore:
                     conditioning = encoder.conditioning(parts, [image.caption] * count, text_encoder_trains)
                     conditions = {key: value.expand(count, -1) for key, value in image.conditions.items()}
                     prediction = family.predict(parts, noised.noisy, noised.timesteps, conditioning, conditions)
-                    per_sample = torch.nn.functional.mse_loss(prediction.float(), noised.target.float(),
-                                                              reduction="none").flatten(1).mean(1)
+                    if image.mask is None:
+                        per_sample = torch.nn.functional.mse_loss(prediction.float(), noised.target.float(),
+                                                                  reduction="none").flatten(1).mean(1)
+                    else:  # weighted by its mask as training weighs it, so both curves measure the same thing
+                        weights = latent_weights(image.mask, prediction.shape[-2:], self.unmasked_weight)
+                        per_sample = per_sample_loss(prediction, noised.target, weights)
                     weights = objective.weights(points)
                     if weights is not None:
                         per_sample = per_sample * weights
@@ -119,9 +128,10 @@ def prepare_validation(options: ValidationOptions, d: DataOptions, held_out: lis
         height, width = latents.shape[-2:]
         noise = torch.randn((options.timesteps, *latents.shape[1:]), generator=host, dtype=torch.float32)
         points = objective.fixed_points(options.timesteps, height, width)
+        mask = batch["masks"].to(device) if "masks" in batch else None  # a held-out training image's mask
         images.append(HeldOutImage(latents.to(device), noise.to(device), points.to(device), caption,
-                                   {key: value.to(device) for key, value in batch["conditions"].items()}))
-    return ValidationScore(images, options.every, max_steps, max(1, chunk), source)
+                                   {key: value.to(device) for key, value in batch["conditions"].items()}, mask))
+    return ValidationScore(images, options.every, max_steps, max(1, chunk), source, d.unmasked_weight)
 
 
 @contextmanager

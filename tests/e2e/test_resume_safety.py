@@ -157,3 +157,28 @@ def test_a_checkpoint_of_the_earlier_recipe_layout_resumes_unchanged(tiny_base, 
     earlier["train"]["min_snr_gamma"] = 1.0
     with pytest.raises(CheckpointError, match="model.min_snr_gamma: 1.0 in the checkpoint's run, 5.0 now"):
         check_resumable({"recipe": earlier}, current, tmp_path)
+
+
+def test_a_checkpoint_from_before_issue_36_resumes_and_offload_may_change(tiny_base, concept_dir, tmp_path):
+    """A checkpoint written before masks, EMA, offload, optimizer_args, prompt files and validation existed lacks
+    their keys: it resumes as it ran (unmasked). Block offload and the validation cadence may change on resume
+    (memory and scores only); a mask weight that changed is still refused."""
+    from finetune.recipe.load import parse_recipe, recipe_to_dict
+    from finetune.training.resume import CheckpointError, check_resumable
+
+    current = recipe_to_dict(parse_recipe(recipe_dict(tiny_base, concept_dir, tmp_path / "out")))
+    earlier = json.loads(json.dumps(current))
+    for section, key in [("data", "masks"), ("data", "unmasked_weight"), ("train", "ema"), ("train", "offload"),
+                         ("train", "optimizer_args"), ("sample", "prompt_file")]:
+        del earlier[section][key]
+    del earlier["validation"]
+    assert check_resumable({"recipe": earlier}, current, tmp_path) == []
+    now = json.loads(json.dumps(current))
+    now["train"]["offload"] = {"blocks": 2}
+    now["validation"]["every"] = 5
+    notes = check_resumable({"recipe": current}, now, tmp_path)
+    assert sorted(n.split(":")[0] for n in notes) == ["train.offload.blocks", "validation.every"]
+    now = json.loads(json.dumps(current))
+    now["data"]["unmasked_weight"] = 0.5
+    with pytest.raises(CheckpointError, match="data.unmasked_weight: 0.0 in the checkpoint's run, 0.5 now"):
+        check_resumable({"recipe": earlier}, now, tmp_path)

@@ -101,3 +101,30 @@ def test_a_held_out_fraction_is_never_trained_on_and_the_summary_says_so(tiny_ba
         assert len(trained) == 3 and len(run.validation.images) == 2
         assert any("validation: 2 held-out image(s) (0.4 of the training images, not trained on)" in line
                    for line in run.summary)
+
+
+@pytest.mark.parametrize("shade, unmasked_weight", [(255, 0.0), (0, 0.0), (0, 0.5)])
+def test_held_out_images_with_masks_are_scored_as_training_weighs_them(tiny_base, tmp_path, shade, unmasked_weight):
+    """data.masks with a held-out fraction: the score weighs each held-out image's pixels by its mask, as the
+    training loss does. An all-white mask scores as no mask, an all-black one 0 (or unmasked_weight x the score)."""
+    from PIL import Image
+
+    images = draw_concept(tmp_path / "images", count=5)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for image in images.glob("*.png"):
+        Image.new("L", Image.open(image).size, shade).save(masks / image.name)
+
+    def score(**data):
+        recipe = parse_recipe(recipe_dict(tiny_base, images, tmp_path / f"out{len(data)}", data={
+            "images": str(images), **data}, validation={"images": "0.4", "seed": 3}))
+        with setup(recipe) as run:
+            assert all((image.mask is not None) == bool(data) for image in run.validation.images)
+            value = validation_loss(run, run.settings)
+        reset_accelerate()
+        return value
+
+    plain = score()
+    masked = score(masks=str(masks), unmasked_weight=unmasked_weight)
+    expected = plain if shade == 255 else unmasked_weight * plain
+    assert plain > 0 and masked == pytest.approx(expected, rel=1e-5, abs=1e-9)

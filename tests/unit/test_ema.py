@@ -141,16 +141,26 @@ def test_the_plan_line_says_how_far_back_the_average_reaches():
     assert "all 500 steps" in plan_line(EmaOptions(decay=0.999), 500)[0]
 
 
-def test_overwrite_removes_the_earlier_runs_raw_weights(tmp_path):
-    """--overwrite over a run that had train.ema: its raw/ folder goes with its checkpoints, so a new run without
-    EMA does not leave the old trained weights beside its own artifact."""
+def test_overwrite_removes_the_earlier_runs_raw_weights_and_nothing_else_in_raw(tmp_path):
+    """--overwrite over a run that had train.ema: its raw/ copy of the artifact goes with its checkpoints, so a new
+    run without EMA does not leave the old trained weights beside its own artifact; anything else a user keeps in
+    a raw/ folder stays."""
     from finetune.training.ema import RAW_FOLDER
-    from finetune.training.resume import check_output_dir
+    from finetune.training.resume import check_output_dir, remove_earlier_run
 
     artifact = tmp_path / "pytorch_lora_weights.safetensors"
     artifact.write_bytes(b"x")
-    (tmp_path / RAW_FOLDER).mkdir()
-    (tmp_path / RAW_FOLDER / artifact.name).write_bytes(b"x")
+    raw = tmp_path / RAW_FOLDER
+    raw.mkdir()
+    (raw / artifact.name).write_bytes(b"x")
     (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
     removed = check_output_dir(tmp_path, artifact, resume=None, overwrite=True, source="r.yaml")
-    assert sorted(p.name for p in removed) == ["checkpoints", RAW_FOLDER]
+    assert sorted(p.name for p in removed) == ["checkpoints", artifact.name]
+    (raw / "IMG_0001.CR2").write_bytes(b"a user's photo")
+    remove_earlier_run(removed)
+    assert not (tmp_path / "checkpoints").exists() and not (raw / artifact.name).exists()
+    assert (raw / "IMG_0001.CR2").read_bytes() == b"a user's photo"
+    (raw / "IMG_0001.CR2").unlink()
+    (raw / artifact.name).write_bytes(b"x")
+    remove_earlier_run(check_output_dir(tmp_path, artifact, resume=None, overwrite=True, source="r.yaml"))
+    assert not raw.exists()  # emptied by the removal: gone

@@ -267,3 +267,23 @@ def test_recipe_checks_refuse_masks_that_cannot_work(tiny_base, tmp_path, data, 
     with pytest.raises(RecipeError) as raised:  # parse_recipe runs the checks, as `finetune validate` does
         parse_recipe(recipe_dict(tiny_base, images, tmp_path / "out", data=data))
     assert says in str(raised.value)
+
+
+def test_a_relative_mask_folder_is_read_beside_the_recipe_and_alpha_is_not_a_path(tiny_base, tmp_path, monkeypatch):
+    """data.masks follows the rule of every path key: relative to the recipe file's folder, whatever the working
+    directory (a masks/ folder there must not be picked up instead); `alpha` is left as it is."""
+    import yaml
+
+    from finetune.recipe.load import load_recipe
+
+    project = tmp_path / "project"
+    images = draw_concept(project / "images")
+    (project / "masks").mkdir()
+    data = recipe_dict(tiny_base, images, "out")
+    data["data"].update(images="images", masks="masks")
+    (project / "r.yaml").write_text(yaml.safe_dump(data))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "masks").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert load_recipe(project / "r.yaml").data.masks == str(project / "masks")
+    assert load_recipe(project / "r.yaml", ["data.masks=alpha"]).data.masks == "alpha"
