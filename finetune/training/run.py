@@ -46,6 +46,7 @@ from finetune.training.saves import Saving
 from finetune.distributed import local_fraction
 from finetune.training.step import LossSettings
 from finetune.training.summary import Plan, images_per_folder, plan_lines
+from finetune.training.grid_scores import GridScorer, load_grid_scorer
 from finetune.training.validation import ValidationScore, prepare_validation
 
 log = logging.getLogger(__name__)  # the toolkit's own messages: finetune/console.py styles them
@@ -108,6 +109,7 @@ class Run:
     # what puts the weights to show and save in place (training/shown_weights.py): EMA, schedule-free averaging
     weight_views: list = field(default_factory=list)
     validation: ValidationScore | None = None  # validation's held-out images, scored by the loop
+    grid_scorer: GridScorer | None = None  # validation.clip_model / dino_model: scores each sample grid
 
     def say(self, text: str | None) -> None:
         """The main process speaks for all."""
@@ -176,6 +178,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     prepared = prepare_data(d, t.batch_size * accelerator.num_processes, held_out_fraction=held_out_fraction(
         recipe.validation.images), held_out_seed=recipe.validation.seed)
     examples, sizes = prepared.examples, prepared.sizes
+    grid_scorer = load_grid_scorer(recipe.validation.clip_model, recipe.validation.dino_model,
+                                   trained_examples(prepared), accelerator.device, recipe.source)
     compile_mode = compiling.resolve(t.compile, accelerator.device.type,
                                      sharded=accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"))
     if cannot := compiling.problems(compile_mode, accelerator.device.type, len(set(sizes))):
@@ -261,7 +265,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         batch_size=t.batch_size, processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
         batches_per_epoch=order.batches_per_epoch, trainable=strategy.state_dict(), device=str(accelerator.device),
         precision=f"mixed precision {t.mixed_precision}, frozen base in {str(base_dtype).removeprefix('torch.')}",
-        base=recipe.model.base, output_dir=output_dir)) + ([validation.summary] if validation else [])
+        base=recipe.model.base, output_dir=output_dir)) + [x.summary for x in (validation, grid_scorer) if x]
     say("\n".join(summary))
     say(attention.line)
     sample_rows = prompts_for_run(recipe, downsampling_of(parts.vae.config), say)
@@ -299,7 +303,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                       data_figures=data_figures, family_header=family_header),
         offloaded=offloaded, base_dtype=base_dtype, started_at=started_at, summary=summary,
         caption_notes=caption_notes, recipe=recipe, attention=attention, step=first_step, resume_from=resume_from,
-        saved=saved, validation=validation)
+        saved=saved, validation=validation, grid_scorer=grid_scorer)
 
 
 def _load_base(accelerator, family: ModelFamily, recipe: Recipe,
