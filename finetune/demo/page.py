@@ -116,9 +116,11 @@ def _validation(run: dict) -> list[str]:
                               {"color": "#e6550d", "linewidth": 1.6, "marker": "o", "markersize": 3})],
                             title="Validation loss", ylabel="loss")
     (first_step, first), (last_step, last) = curve[0], curve[-1]
-    said = (f"Validation loss {first:.4g} at step {first_step}, {last:.4g} at step {last_step} "
-            f"({'falling' if last < first else 'not falling'}): the loss at fixed noise and timesteps on held-out "
-            "images the shapes world drew for this concept (its captions, other draws), never trained on.")
+    best_step, best = min(curve, key=lambda point: point[1])
+    said = (f"Validation loss {first:.4g} at step {first_step}, lowest {best:.4g} at step {best_step}, {last:.4g} at "
+            f"step {last_step}: the loss at fixed noise and timesteps on held-out images the shapes world drew for "
+            "this concept (its captions, other draws), never trained on; rising after its lowest point, the run "
+            "fits its own training images more than the concept.")
     return [f'<div class="charts"><div>{svg}</div><div><p>concept fidelity <b>{_number(run.get("concept_fidelity"))}'
             f'</b></p><p class="note">{escape(said)}</p></div></div>']
 
