@@ -53,6 +53,11 @@ step step_sd15_b8_blocks 150 "$PY" benchmarks/step_time.py --model sd15 --batch-
 step step_flux_blocks 150 "$PY" benchmarks/step_time.py --model flux --resolution 1024 --steps 10 --compile blocks \
   --json "$OUT_DIR/step_flux_blocks.json"
 step memory_estimate 90 "$PY" benchmarks/memory.py --json "$OUT_DIR/memory.json"
+# issue 36: train.offload's memory saved and time added: Flux at full width (1 + 1 blocks), one block streamed
+step step_flux_checkpointed 150 "$PY" benchmarks/step_time.py --model flux --resolution 1024 --steps 10 \
+  --recipe benchmarks/configs/offload/checkpointed.yaml --json "$OUT_DIR/step_flux_checkpointed.json"
+step step_flux_offload 150 "$PY" benchmarks/step_time.py --model flux --resolution 1024 --steps 10 \
+  --recipe benchmarks/configs/offload/streamed.yaml --json "$OUT_DIR/step_flux_offload.json"
 
 # FSDP through the shipped accelerate config and recipe, on every GPU there is, on a tiny Flux
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)

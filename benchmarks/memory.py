@@ -17,7 +17,7 @@ recipe's peak is the largest of its phases, as training/loop.py runs them:
   (fp32 where `force_upcast`) encode the captions and images;
   the denoiser joins the GPU only afterwards;
 - training: the denoiser's frozen weights (base dtype, or one byte per Linear weight with `model.quantize: int8` or
-  `fp8`; `int8_w8a8` and `fp8_w8a8` keep the base dtype and make a layer's 8-bit copies as it multiplies, a few
+  `fp8`; with `train.offload` less the streamed blocks' weights but the two largest of them, in flight; `int8_w8a8` and `fp8_w8a8` keep the base dtype and make a layer's 8-bit copies as it multiplies, a few
   MB at a time, left out), the trained weights in fp32 with their fp32 gradients and the optimizer's state (AdamW
   8 bytes a weight, adamw8bit 2, Adafactor its row and column factors), the activations, and the encoders or VAE
   still there (a cache off, or `cache.offload: false`);
@@ -59,7 +59,7 @@ from benchmarks.meta_models import numel as _numel  # noqa: E402
 from benchmarks.meta_models import vae_first_width as _vae_first_width  # noqa: E402
 from benchmarks.meta_models import width as _width  # noqa: E402
 
-RECIPES = ("flux_lora", "flux_lora_16gb", "sd35_lora", "flux_dreambooth_fsdp", "flux2_lora", "flux2_klein_lora",
+RECIPES = ("flux_lora", "flux_lora_16gb", "flux_lora_12gb", "qwen_image_lora_24gb", "sd35_lora", "flux_dreambooth_fsdp", "flux2_lora", "flux2_klein_lora",
            "qwen_image_lora", "chroma_lora", "lumina2_lora", "sana_lora", "hidream_lora", "krea2_lora",
            "qwen_image_2_1_lora")
 GB = 1e9
@@ -82,7 +82,11 @@ def _lora_shapes(denoiser: torch.nn.Module, targets, rank: int) -> list[tuple[in
 def _optimizer_bytes(shapes: list[tuple[int, ...]], kind: str) -> float:
     if kind == "adafactor":  # factored second moment: a row and a column vector per matrix, fp32
         return sum(4 * (sum(s) if len(s) == 2 else s[0]) for s in shapes)
-    return {"adamw": 8, "adamw8bit": 2}[kind] * sum(_count(s) for s in shapes)
+    # fp32 state per weight: AdamW's two moments; Prodigy's two, its s and its copy of the initial weights (p0);
+    # Lion's one momentum; schedule-free AdamW's z and second moment. Prodigy's p0 is one number for a weight that
+    # starts at zero (LoRA's B): an upper bound there
+    per_weight = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "lion": 4, "schedule_free_adamw": 8}
+    return per_weight[kind] * sum(_count(s) for s in shapes)
 
 
 def _count(shape: tuple[int, ...]) -> int:
@@ -132,6 +136,8 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
         linear = sum(m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
         per_linear = 1 if recipe.model.quantize in ("int8", "fp8") else wbytes  # *_w8a8 store the base dtype
         parts["weights"] = (linear * per_linear + (_numel(denoiser) - linear) * wbytes) / GB
+        if t.offload is not None:  # streamed blocks' frozen weights in CPU memory, two of them in flight
+            parts["weights"] -= _offloaded_bytes(denoiser, model, t.offload.blocks, per_linear, wbytes) / GB
         shapes = _lora_shapes(denoiser, _lora_targets(recipe, model, denoiser), strategy.rank)
         parts["lora+grads+optimizer"] = (sum(map(_count, shapes)) * 8 + _optimizer_bytes(shapes, t.optimizer)) / GB
     parts["activations"] = _activations_gb(recipe, model, denoiser)
@@ -157,6 +163,21 @@ def estimate(recipe, model: Model, fsdp: int = 1) -> dict:
         phases["sampling"] = held + encoder_gb + vae_gb + vae_work_gb / t.batch_size
     phase = max(phases, key=phases.get)
     return {"gb": phases[phase], "phase": phase, "phases": phases, "parts": parts}
+
+
+def _offloaded_bytes(denoiser, model: Model, blocks: float, per_linear: int, wbytes: int) -> float:
+    """Bytes train.offload keeps off the GPU: the frozen weights of the blocks it streams (the same blocks
+    training/block_offload.py chooses), less the two largest of them, on the GPU while they compute or copy."""
+    from finetune.models import spec_of
+    from finetune.training import block_offload
+
+    def frozen(block) -> float:
+        linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+        return linear * per_linear + (_numel(block) - linear) * wbytes
+
+    sizes = sorted((frozen(b) for b in block_offload.chosen_blocks(denoiser, spec_of(model.family), blocks)),
+                   reverse=True)
+    return max(0.0, sum(sizes) - sum(sizes[:2]))
 
 
 def _lora_targets(recipe, model: Model, denoiser) -> list[str]:

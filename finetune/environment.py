@@ -20,12 +20,13 @@ from pathlib import Path
 
 # the packages a bug report names, in this order; those marked optional only when installed
 REPORTED = ("torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors",
-            "huggingface-hub", "tokenizers", "matplotlib", "torchvision", "bitsandbytes", "xformers", "torchao")
+            "huggingface-hub", "tokenizers", "matplotlib", "torchvision", "bitsandbytes", "xformers", "torchao",
+            "prodigyopt", "schedulefree", "lion-pytorch")
 # imported by diffusers or transformers when present although nothing requires them: a mismatched one breaks
 # their import ("operator torchvision::nms does not exist")
 IMPORTED_WHEN_PRESENT = ("torchvision", "xformers", "bitsandbytes")
-# reported only when installed: those, and optional extras (torchao: model.quantize)
-OPTIONAL = (*IMPORTED_WHEN_PRESENT, "torchao")
+# reported only when installed: those, and optional extras (torchao: model.quantize; the optimizers extra)
+OPTIONAL = (*IMPORTED_WHEN_PRESENT, "torchao", "prodigyopt", "schedulefree", "lion-pytorch")
 
 
 class IncompatiblePackages(Exception):

@@ -93,6 +93,16 @@ def _image_file(ws: Workspace, name: str, content: bytes | None = None, caption:
     return path
 
 
+def _masks(ws: Workspace, leave_out: str = "", size_of: dict[str, tuple[int, int]] | None = None) -> Path:
+    """A white mask per training image in tmp/masks, but `leave_out`'s; `size_of` gives some another size."""
+    folder = ws.tmp / "masks"
+    folder.mkdir(exist_ok=True)
+    for image in sorted(ws.images.glob("*.png")):
+        if image.stem != leave_out:
+            Image.new("L", (size_of or {}).get(image.stem, (32, 32)), 255).save(folder / image.name)
+    return folder
+
+
 def _truncated(ws: Workspace) -> list[str]:
     data = (ws.images / "0.png").read_bytes()
     (ws.images / "0.png").write_bytes(data[: len(data) // 2])
@@ -295,6 +305,25 @@ CATALOGUE = [
              "that fits", lambda ws: (ws.tmp / "prompts.txt").write_text("# rows\na purple sks --w 30 --d 3\n")
              and ws.train(sample={"every": 1, "prompt_file": str(ws.tmp / "prompts.txt")}),
              ("prompts.txt:2: width 30 must be a multiple of 4 (this base's VAE downsamples by 4)", "try 32")),
+    # issue 36: offload
+    BadInput("offload-on-a-unet", "`train.offload` on a U-Net family (Stable Diffusion, SDXL)",
+             "Says a U-Net has no list of transformer blocks to stream, and what saves memory there",
+             lambda ws: ws.train(train={"offload": {"blocks": 2}, "gradient_checkpointing": True}),
+             ("train.offload", "is a U-Net", "remove train.offload")),
+    BadInput("offload-without-checkpointing", "`train.offload` without gradient checkpointing",
+             "Asks for `train.gradient_checkpointing: true` and says why",
+             lambda ws: ws.train(train={"offload": {"blocks": 0.5}}),
+             ("needs train.gradient_checkpointing: true",)),
+    # issue 36: optimizers
+    BadInput("unknown-optimizer-argument", "An argument the optimizer does not take (`optimizer_args: {d_coeff: 1}` "
+             "with prodigy)", "Names the optimizer's real arguments (read from its constructor) and the closest one",
+             lambda ws: ws.train(train={"optimizer": "prodigy", "learning_rate": 1.0,
+                                        "optimizer_args": {"d_coeff": 1.0}}),
+             ("takes no argument 'd_coeff'", "did you mean 'd_coef'", "Its arguments: betas")),
+    BadInput("prodigy-with-an-adamw-rate", "`optimizer: prodigy` with an AdamW learning rate such as 1e-4",
+             "Says Prodigy's rate multiplies the step size it estimates (1.0 is usual) and how to take smaller steps",
+             lambda ws: ws.train(train={"optimizer": "prodigy", "learning_rate": 1e-4}),
+             ("with prodigy", "1.0 is usual", "d_coef")),
     # the base model
     BadInput("base-missing", "`model.base` is a path that does not exist",
              "Says what it may be: a diffusers folder, a checkpoint file or a hub id",
@@ -376,6 +405,15 @@ CATALOGUE = [
              lambda ws: ws.train(sample={"every": 2, "prompts": ["a purple sks"]},
                                  validation={"clip_model": str(ws.tmp / "no-clip")}),
              ("validation.clip_model", "no-clip is not an existing folder", "openai/clip-vit-base-patch32")),
+    # issue 36: masks
+    BadInput("mask-missing", "`data.masks: FOLDER` without a mask for one of the images",
+             "Names the image and the mask looked for, before any model loads",
+             lambda ws: _masks(ws, leave_out="2") and ws.train(data={"masks": str(ws.tmp / "masks")}),
+             ("data.masks", "2.png: no mask 2.* in", "named as the image")),
+    BadInput("mask-wrong-size", "A mask whose size differs from its image's",
+             "Names the mask and both sizes, before any model loads",
+             lambda ws: _masks(ws, size_of={"1": (16, 32)}) and ws.train(data={"masks": str(ws.tmp / "masks")}),
+             ("1.png is 16x32, its image", "is 32x32", "mask of its size")),
     # the strategy meets the model
     BadInput("placeholder-past-the-window", "Textual-inversion captions whose placeholder lies past the text "
              "encoder's window (75 tokens for CLIP)", "Names the images and where the placeholder sits; move it up, "

@@ -5,7 +5,8 @@ Two caches, both on by default where they give the same training as without them
   pixels the VAE would see (so by the image's content, size, crop and flip) and of the VAE's weights and dtype;
   an image edited, a recipe resized, or another VAE never reuses an entry. Entries hold the distribution (mean
   and std), not one sample of it: each step still draws its own latent from the step's generator, exactly as an
-  uncached step does, so caching changes speed and nothing else. `memory` keeps entries in RAM; `disk` keeps
+  uncached step does, so caching changes speed and nothing else. With data.masks an entry also holds the
+  variant's loss mask averaged to the latent's size, and its key covers the mask's pixels too. `memory` keeps entries in RAM; `disk` keeps
   one small safetensors file per entry (written to a temporary name and renamed), shared by later runs; an
   entry found cut short or damaged (a copy of the cache, a sync client) is encoded again with a warning naming
   it, since it can always be rebuilt. Off when crops are random (each step would need a new crop).
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 
 from finetune.console import progress_bar
 from finetune.data.images import transform
+from finetune.data.masks import latent_mask, transform_mask
 from finetune.data.sources import Example
 from finetune.file_errors import FileProblem, reading, writing
 from finetune.io.atomic import atomic_file
@@ -68,6 +70,10 @@ class LatentStore:
     def __init__(self, folder: Path | None = None):
         self.folder = folder
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mask_entries: dict[str, torch.Tensor] = {}  # in memory: key -> loss mask [1, h, w]
+        # the keys whose entries hold a mask (`fill` notes those found on disk): a run without masks, and the
+        # class images, never open an entry again to look for one
+        self.masked_keys: set[str] = set()
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -87,16 +93,22 @@ class LatentStore:
             log.warning("%s", exc)
             return False
 
-    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Keep an entry; FileProblem when the disk cache's folder cannot be written or is full."""
-        mean, std = mean.detach().cpu().contiguous(), std.detach().cpu().contiguous()
+    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Keep an entry (with its loss mask, if any); FileProblem when the disk cache's folder cannot be written
+        or is full."""
+        tensors = {"mean": mean, "std": std} | ({"mask": mask} if mask is not None else {})
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+        if mask is not None:
+            self.masked_keys.add(key)
         if self.folder is None:
-            self.entries[key] = (mean, std)
+            self.entries[key] = (tensors["mean"], tensors["std"])
+            if mask is not None:
+                self.mask_entries[key] = tensors["mask"]
             return
         path = self._path(key)
         # a present entry is always whole; not synced: an entry lost to a power cut is encoded again
         with writing(path, "a latent cache entry"), atomic_file(path, durable=False) as tmp:
-            save_file({"mean": mean, "std": std}, str(tmp))
+            save_file(tensors, str(tmp))
             give_umask_permissions(tmp)  # a shared cache stays readable by the other users the umask allows
 
     def get(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,11 +121,29 @@ class LatentStore:
                      (load_tensors(self._path(k), "latent cache entry", fix) for k in keys)]
         return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
 
+    def masks(self, keys: list[str]) -> torch.Tensor | None:
+        """The batch's loss masks [batch, 1, h, w], stacked; None when its entries hold none (data.masks off)."""
+        if keys[0] not in self.masked_keys:
+            return None
+        if self.folder is None:
+            return torch.stack([self.mask_entries[key] for key in keys])
+        masks = []
+        for key in keys:  # only the mask's bytes are read
+            with reading(self._path(key), "latent cache entry", "delete it (the next run encodes it again)"), \
+                    safe_open(str(self._path(key)), framework="pt") as entry:
+                masks.append(entry.get_tensor("mask"))
+        return torch.stack(masks)
 
-def pixel_key(pixels: torch.Tensor, vae_id: str) -> str:
+
+def pixel_key(pixels: torch.Tensor, vae_id: str, mask: torch.Tensor | None = None) -> str:
+    """The entry's key: the pixels' digest (and the loss mask's, with data.masks; without, the keys are what
+    they have always been, so existing caches stay valid)."""
     digest = hashlib.sha256(vae_id.encode())
     digest.update(str(tuple(pixels.shape)).encode())
     digest.update(pixels.numpy().tobytes())
+    if mask is not None:
+        digest.update(b"mask")
+        digest.update(mask.numpy().tobytes())
     return digest.hexdigest()[:40]
 
 
@@ -131,14 +161,19 @@ def fill(store: LatentStore, examples: list[Example], sizes: list[tuple[int, int
     for index in progress_bar(iterable=range(len(examples)), desc=f"caching latents ({what})", unit="image",
                               disable=not show_progress):
         image = examples[index].load()
+        mask_image = examples[index].mask() if examples[index].mask is not None else None
         for flip in variants:
             pixels = transform(image, sizes[index], "center", flip)
-            key = pixel_key(pixels, vae_id)
+            # the mask of this very variant (a flipped image gets the flipped mask), under the same key
+            mask = transform_mask(mask_image, sizes[index], "center", flip) if mask_image is not None else None
+            key = pixel_key(pixels, vae_id, mask)
             if key not in store:
                 with torch.no_grad():
                     mean, std = encode(pixels[None])
-                store.put(key, mean[0], std[0])
+                store.put(key, mean[0], std[0], None if mask is None else latent_mask(mask, mean.shape[-2:]))
                 encoded += 1
+            elif mask is not None:
+                store.masked_keys.add(key)  # on disk from an earlier run, its mask with it (the key covers it)
             keys[(index, flip)] = key
     return keys, encoded
 

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.images import size_conditions, transform
+from finetune.data.masks import transform_mask
 from finetune.data.sources import DataError, Example
 
 
@@ -44,7 +45,7 @@ class ImageCaptionDataset(Dataset):
         target = self.sizes[index]
         if self.latent_keys is not None:
             # cached latents are centre crops; the image's size is known from reading it before training (class
-            # images, drawn at the training size, are that size)
+            # images, drawn at the training size, are that size); a mask is cached beside its latent
             item = {"latent_key": self.latent_keys[(index, flip)]}
             conditions = size_conditions(example.size or target, target, "center", flip)
         else:
@@ -53,6 +54,9 @@ class ImageCaptionDataset(Dataset):
             state = rng.getstate()
             item = {"pixel_values": transform(image, target, self.crop, flip, rng)}
             rng.setstate(state)
+            if example.mask is not None:  # the same corner, so the mask covers what the pixels show
+                item["mask"] = transform_mask(example.mask(), target, self.crop, flip, rng)
+                rng.setstate(state)
             conditions = size_conditions(image.size, target, self.crop, flip, rng)
         item["original_size"], item["crop_top_left"], item["target_size"] = conditions
         item["caption"] = "" if rng.random() < self.caption_dropout else example.caption
@@ -60,7 +64,7 @@ class ImageCaptionDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """A batch: captions, latent keys or pixels, and `conditions`: what each image tells the model besides its
+    """A batch: captions, latent keys or pixels (and their loss masks, data/masks.py), and `conditions`: what each image tells the model besides its
     pixels, as [batch, 2] integer tensors (SDXL's `original_sizes`, `crop_top_lefts`, `target_sizes`, each
     (height, width) or (top, left)); a family's `predict` takes what it uses."""
     batch = {"captions": [item["caption"] for item in items],
@@ -70,6 +74,8 @@ def collate(items: list[dict]) -> dict:
         batch["latent_keys"] = [item["latent_key"] for item in items]
     else:
         batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+    if "mask" in items[0]:
+        batch["masks"] = torch.stack([item["mask"] for item in items])  # [batch, 1, height, width] in [0, 1]
     return batch
 
 

@@ -77,10 +77,10 @@ def size_conditions(size: tuple[int, int], target: tuple[int, int], crop: str, f
     return (size[1], size[0]), (top, left), (target[1], target[0])
 
 
-def transform(image: Image.Image, target: tuple[int, int], crop: str, flip: bool,
-              rng: random.Random | None = None) -> torch.Tensor:
-    """Resize to cover `target` (width, height), crop it (centred, or where `rng` says), maybe mirror;
-    returns CHW float in [-1, 1]."""
+def placed(image: Image.Image, target: tuple[int, int], crop: str, flip: bool,
+           rng: random.Random | None = None) -> Image.Image:
+    """Resize to cover `target` (width, height), crop it (centred, or where `rng` says), maybe mirror; any mode
+    (a mask, data/masks.py, goes through the same resampling and crop as its image)."""
     size, left, top = placement(image.size, target, crop, rng)
     if size != image.size:
         upscale = size[0] > image.size[0]
@@ -88,5 +88,12 @@ def transform(image: Image.Image, target: tuple[int, int], crop: str, flip: bool
     image = image.crop((left, top, left + target[0], top + target[1]))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+def transform(image: Image.Image, target: tuple[int, int], crop: str, flip: bool,
+              rng: random.Random | None = None) -> torch.Tensor:
+    """`placed`, as CHW float in [-1, 1]."""
+    image = placed(image, target, crop, flip, rng)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

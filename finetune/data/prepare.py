@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 
 from finetune.data.buckets import training_sizes
+from finetune.data.masks import attach_masks
 from finetune.data.sources import DataError, Example, list_examples, some
 from finetune.recipe.schema import DataOptions
 
@@ -36,6 +37,7 @@ def prepare_data(d: DataOptions, global_batch: int, decode: bool = True, held_ou
     examples = list_examples(d.images, d.dataset, prompt=d.prompt, caption_extension=d.caption_extension,
                              split=d.split, image_column=d.image_column, caption_column=d.caption_column,
                              on_bad_image=d.on_bad_image, decode=decode)
+    attach_masks(examples, d.masks, d.images, decode)
     held_out = []
     if held_out_fraction is not None:
         examples, held_out = split_held_out(examples, held_out_fraction, held_out_seed)

@@ -39,6 +39,7 @@ class Example:
     size: tuple[int, int] | None = None  # (width, height), known once the image has been read
     repeats: int = 1  # times per epoch, times data.repeats (kohya's `10_name` folders give 10)
     probe: Callable[[], tuple[int, int]] | None = None  # the upright size without decoding (None: decode to see)
+    mask: Callable[[], Image.Image] | None = None  # its loss mask, upright "L" at its size (data/masks.py)
 
 
 def list_examples(images: str | None, dataset: str | None, *, prompt: str | None, caption_extension: str,

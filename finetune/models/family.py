@@ -107,6 +107,10 @@ class FamilySpec:
     # class names of the denoiser's repeated blocks `train.compile: blocks` compiles (training/compile.py); empty:
     # the denoiser's own `_repeated_blocks` (diffusers sets it on most transformers)
     compile_blocks: tuple[str, ...] = ()
+    # class names of the denoiser's transformer blocks `train.offload` streams from the CPU
+    # (training/block_offload.py); None: compile_blocks, else the denoiser's `_repeated_blocks`; (): none (a U-Net,
+    # refused by name)
+    offload_blocks: Optional[tuple[str, ...]] = None
     # importable modules the family needs beyond finetune's own dependencies -> what for; checked by importing
     # them before any model loads (a torchvision built for another torch is found but does not import)
     needs: Mapping[str, str] = field(default_factory=dict)

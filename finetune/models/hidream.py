@@ -172,6 +172,7 @@ SPEC = FamilySpec(
     # train.compile: blocks; diffusers declares none for HiDream's transformer. Its blocks route tokens to experts
     # by data-dependent indexing, which no graph holds: the attention layers and each expert's feed-forward compile
     compile_blocks=("HiDreamAttention", "HiDreamImageFeedForwardSwiGLU"),
+    offload_blocks=("HiDreamBlock",),
     objective_defaults=(
         "uniform, static shift 3.0, no weighting: diffusers' train_dreambooth_lora_hidream.py (scheduler loaded "
         "with shift=3.0, --weighting_scheme none) and ai-toolkit's HiDream example; HiDream-I1-Full samples with "

@@ -128,6 +128,7 @@ SPEC = FamilySpec(
     name="sdxl", title="Stable Diffusion XL", pipeline="StableDiffusionXLPipeline", objective="ddpm",
     # train.compile: blocks; the U-Net's attention and ResNet blocks
     compile_blocks=("BasicTransformerBlock", "ResnetBlock2D"),
+    offload_blocks=(),
     objective_defaults=(
         "as sd's: DDPM with the base scheduler's prediction type, uniform timesteps, plain MSE (diffusers' "
         'train_text_to_image_lora_sdxl.py)'),

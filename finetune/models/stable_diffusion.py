@@ -59,6 +59,7 @@ SPEC = FamilySpec(
     name="sd", title="Stable Diffusion 1.x/2.x", pipeline="StableDiffusionPipeline", objective="ddpm",
     # train.compile: blocks; the U-Net's attention and ResNet blocks
     compile_blocks=("BasicTransformerBlock", "ResnetBlock2D"),
+    offload_blocks=(),
     objective_defaults=(
         "DDPM with the base scheduler's prediction type (epsilon; SD 2.x 768: v), uniform timesteps, plain MSE; "
         "model.min_snr_gamma and model.noise_offset opt in (diffusers' train_text_to_image_lora.py, kohya's "

@@ -33,7 +33,10 @@ def check(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     problems += _check_model(recipe)
     problems += _check_data(recipe)
+    problems += _check_masks(recipe)
     problems += _check_train(recipe)
+    problems += _check_offload(recipe)
+    problems += _check_optimizers(recipe)
     problems += _check_prior(recipe)
     problems += _check_cache(recipe)
     problems += cache_folder_problems(recipe)
@@ -190,6 +193,29 @@ def _check_grid_scores(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _check_masks(recipe: Recipe) -> list[str]:
+    """data.masks and data.unmasked_weight; each image's own mask is checked with the images (data/masks.py)."""
+    d = recipe.data
+    problems = []
+    if not 0.0 <= d.unmasked_weight <= 1.0:
+        problems.append(f"data.unmasked_weight: the loss weight of black mask pixels, between 0 (not trained) and 1 "
+                        f"(trained fully), got {d.unmasked_weight}")
+    if d.masks is None:
+        return problems
+    if d.dataset is not None:
+        problems.append("data.masks: masks are read beside an image folder (data.images), not from a dataset's "
+                        "columns; save the dataset's images to a folder, or remove data.masks")
+    elif d.masks != "alpha":
+        folder = Path(os.path.expanduser(d.masks))
+        if not folder.is_dir():
+            problems.append(f"data.masks: {d.masks} is not an existing folder; give a folder of mask images named "
+                            "as the training images, or alpha to use each image's alpha channel")
+        elif d.images is not None and folder.resolve().is_relative_to(Path(os.path.expanduser(d.images)).resolve()):
+            problems.append(f"data.masks: {d.masks} lies inside data.images, so its masks would train as images; "
+                            "move it beside the image folder")
+    return problems
+
+
 def _check_buckets(d) -> list[str]:
     from finetune.data.buckets import default_grid, derive_buckets
 
@@ -254,10 +280,41 @@ def _check_train(recipe: Recipe) -> list[str]:
                         f"got {t.lr_warmup_steps}")
     if t.max_grad_norm < 0:
         problems.append(f"train.max_grad_norm: must be 0 (off) or positive, got {t.max_grad_norm}")
-    if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), "
-                        "or set train.optimizer: adamw")
     return problems
+
+
+def _check_offload(recipe: Recipe) -> list[str]:
+    """train.offload against the family, the strategy, checkpointing, compiling and the engine asked for."""
+    from finetune.training.block_offload import problems
+    from finetune.training.engine import requested_engine
+
+    t = recipe.train
+    if t.offload is None or recipe.model.base is None:
+        return []
+    try:
+        spec = spec_of(recipe.model.family if recipe.model.family != "auto" else
+                       family_of(recipe.model.base) or DEFAULT_FAMILY)
+    except (UnsupportedFamily, FileProblem, KeyError, ValueError):
+        return []  # the model check says what is wrong with the base
+    return problems(t.offload.blocks, family=spec.title, streams=spec.offload_blocks != (),
+                    trains_base_weights=recipe.strategy.kind is not None and recipe.strategy.trains_base_weights,
+                    gradient_checkpointing=t.gradient_checkpointing, compile_mode=t.compile,
+                    engine=requested_engine())
+
+
+def _check_optimizers(recipe: Recipe) -> list[str]:
+    """train.optimizer and optimizer_args against the optimizer's own constructor (finetune/training/optimizers.py):
+    its package imports, every argument is one it takes, and the rate and schedule can apply to it."""
+    from finetune.training.optimizers import problems
+
+    t = recipe.train
+    if not isinstance(t.optimizer_args, dict):
+        return [f"train.optimizer_args: a mapping of the optimizer's arguments (e.g. {{d_coef: 0.5}}), got "
+                f"{t.optimizer_args!r}"]
+    rate = recipe.strategy.learning_rate or t.learning_rate
+    if not (math.isfinite(rate) and rate > 0):
+        return []  # already reported by _check_train
+    return problems(t.optimizer, t.optimizer_args, rate, t.lr_scheduler, t.lr_warmup_steps)
 
 
 def _check_prior(recipe: Recipe) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 from finetune.data import BatchOrder
 from finetune.data.buckets import format_report
 from finetune.data.captions import caption_report
+from finetune.data.masks import summary_line as mask_line
 from finetune.data.prepare import held_out_fraction, prepare_data, trained_examples
 from finetune.models import family_for
 from finetune.recipe.load import load_recipe
@@ -33,6 +34,7 @@ def validate(path: str, overrides: list[str], decode: bool = False) -> list[str]
     strategy = create_strategy(recipe.strategy)
     lines = [format_report(prepared.bucket_report)] if prepared.bucket_report is not None else []  # as training
     lines += data_lines(images_per_folder(trained_examples(prepared), d.repeats))
+    lines += [line for line in [mask_line(d.masks, d.unmasked_weight)] if line]
     lines += _validation_lines(recipe, prepared) + _caption_lines(recipe, examples, strategy)
     lines += _output_dir_lines(recipe, strategy)
     lines += sample_prompt_lines(recipe)

@@ -66,6 +66,16 @@ class BatchEncoder:
         mean, std = self.latent_store.get(keys)
         return to_device(mean, self.device), to_device(std, self.device)
 
+    def masks(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The batch's loss masks (data/masks.py) on the device: [batch, 1, H, W] with its pixels, at the latent's
+        size from the latent cache; None without data.masks."""
+        if "masks" in batch:
+            return to_device(batch["masks"], self.device)
+        if "latent_keys" in batch and self.latent_store is not None:
+            masks = self.latent_store.masks(batch["latent_keys"])
+            return None if masks is None else to_device(masks, self.device)
+        return None
+
     def conditioning(self, parts: Components, captions: list[str], text_encoder_trains: bool) -> Any:
         if self.text is None or text_encoder_trains:
             return self.family.encode_prompts(parts, captions)
@@ -84,8 +94,8 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def ahead_on_device(batches: Iterator[dict[str, Any]], encoder: BatchEncoder) -> Iterator[dict[str, Any]]:
-    """The loader's batches with their tensors (pixels, conditions, and the cached latents their keys name, as
-    `latent_moments`) on the encoder's device, each batch's copies queued while the step before it still runs:
+    """The loader's batches with their tensors (pixels, conditions, loss masks, and the cached latents their keys
+    name, as `latent_moments`) on the encoder's device, each batch's copies queued while the step before it still runs:
     batch n + 1 is fetched and on its way when batch n is handed out. The batches are what they were (a pure
     function of their position, finetune/data/dataset.py); the loader reads one batch further than the run uses."""
     def moved(batch: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +105,9 @@ def ahead_on_device(batches: Iterator[dict[str, Any]], encoder: BatchEncoder) ->
             batch["pixel_values"] = to_device(batch["pixel_values"], encoder.device)
         if "latent_keys" in batch and encoder.latent_store is not None:
             batch["latent_moments"] = encoder.cached_moments(batch["latent_keys"])
+        masks = encoder.masks(batch)
+        if masks is not None:
+            batch["masks"] = masks
         return batch
 
     upcoming = moved(next(batches))

@@ -12,23 +12,30 @@ from typing import Any, Callable
 
 import torch
 
+from finetune.training import optimizers
+
 
 def build_optimizer(groups: list[dict[str, Any]], kind: str, betas: tuple[float, float], weight_decay: float,
-                    eps: float, device_type: str = "cpu") -> torch.optim.Optimizer:
-    """`kind` "adamw" (torch's) or "adamw8bit" (bitsandbytes') over `groups`, for parameters that train on a
-    `device_type` device ("cuda", "cpu", ...: the accelerator's, where preparing the run puts them). On CUDA
-    torch's AdamW is the fused one: one kernel for every parameter's update instead of a dozen launches per
-    tensor group, its step counter on the GPU, and with fp16's GradScaler it checks for overflow on the GPU
-    instead of reading a flag back each step (torch's `_step_supports_amp_scaling`)."""
-    if kind == "adamw8bit":
-        import bitsandbytes as bnb
+                    eps: float, device_type: str = "cpu", args: dict[str, Any] | None = None,
+                    warmup_steps: int = 0) -> torch.optim.Optimizer:
+    """`kind` (train.optimizer, a name in training/optimizers.py's REGISTRY) over `groups`, for parameters that
+    train on a `device_type` device ("cuda", "cpu", ...: the accelerator's, where preparing the run puts them);
+    `args`: train.optimizer_args; `warmup_steps`: train.lr_warmup_steps (schedule-free AdamW's own warmup). AdamW
+    is torch's, fused on CUDA and foreach elsewhere (optimizers.keyword_arguments says why)."""
+    return optimizers.build(groups, kind, dict(args or {}), lr=groups[0]["lr"] if groups else 0.0, betas=betas,
+                            weight_decay=weight_decay, eps=eps, warmup_steps=warmup_steps, device_type=device_type)
 
-        return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=weight_decay, eps=eps)
-    if device_type == "cuda":
-        return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps, fused=True)
-    # elsewhere torch would loop over the tensors one by one (foreach is its default on CUDA only): a dozen operators
-    # per tensor each step. foreach does the same arithmetic in one operator per update (bit for bit on the CPU)
-    return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps, foreach=True)
+
+def schedule_for(kind: str, args: dict[str, Any], name: str, warmup_steps: int,
+                 total_steps: int) -> tuple[str, int, int, Callable[[int], float] | None]:
+    """build_scheduler's arguments after the optimizer for optimizer `kind`: the recipe's schedule, except where
+    the optimizer schedules itself: schedule-free AdamW (constant; its warmup is its own) and Adafactor's relative
+    step (a factor that only reports the rate it uses: optimizers.relative_step_rate)."""
+    if optimizers.uses_relative_step(kind, args):
+        return "constant", 0, total_steps, optimizers.relative_step_rate(args)
+    if kind == "schedule_free_adamw":
+        return "constant", 0, total_steps, None
+    return name, warmup_steps, total_steps, None
 
 
 def _warmup_from_one(factor: Callable[[int], float], warmup_steps: int) -> Callable[[int], float]:
@@ -41,13 +48,15 @@ def _warmup_from_one(factor: Callable[[int], float], warmup_steps: int) -> Calla
     return shifted
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int,
+                    factor: Callable[[int], float] | None = None):
     """diffusers' `name` schedule (constant, constant_with_warmup, linear, cosine, ...) with the warmup counted
-    from 1 (module docstring); the optimizer's groups hold the rate of step 1 when it returns."""
+    from 1 (module docstring), or `factor` (of the 0-based step index) instead when given (schedule_for); the
+    optimizer's groups hold the rate of step 1 when it returns."""
     from diffusers.optimization import get_scheduler
 
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-    scheduler.lr_lambdas = [_warmup_from_one(factor, warmup_steps) for factor in scheduler.lr_lambdas]
+    scheduler.lr_lambdas = [factor or _warmup_from_one(rule, warmup_steps) for rule in scheduler.lr_lambdas]
     set_base_rates(scheduler, scheduler.base_lrs)
     return scheduler
 

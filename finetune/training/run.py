@@ -19,6 +19,7 @@ from finetune.console import ensure_configured
 from finetune.data import BatchOrder, ImageCaptionDataset, make_loader
 from finetune.data.buckets import format_report, write_report
 from finetune.data.caches import estimated_bytes, plan_caches
+from finetune.data.masks import summary_line as mask_line
 from finetune.data.captions import caption_report
 from finetune.data.prepare import held_out_fraction, prepare_data, trained_examples
 from finetune.data.sources import data_name, tag_frequency
@@ -30,7 +31,7 @@ from finetune.models.quantize import quantize_weights, summary_line
 from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
 from finetune.recipe.schema import Recipe, SampleOptions
 from finetune.strategies import create_strategy
-from finetune.training import checkpoint, prior
+from finetune.training import block_offload, checkpoint, optimizers, prior
 from finetune.training import compile as compiling
 from finetune.training.attention import AttentionKernels
 from finetune.training.engine import (enable_gradient_checkpointing, has_accelerator, prepare_for_training,
@@ -39,7 +40,7 @@ from finetune.training.failures import divergence_advice
 from finetune.training.inputs import BatchEncoder, make_encoder
 from finetune.training.offload import offload_idle, on_device, one_at_a_time
 from finetune.training.preflight import check_engine_and_device
-from finetune.training.optim import build_optimizer, build_scheduler
+from finetune.training.optim import build_optimizer, build_scheduler, schedule_for
 from finetune.training.resume import checkpoint_to_resume, check_output_dir, remove_earlier_run, resume_command
 from finetune.training.sample_prompts import prompts_for_run
 from finetune.training.saves import Saving
@@ -180,8 +181,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     examples, sizes = prepared.examples, prepared.sizes
     grid_scorer = load_grid_scorer(recipe.validation.clip_model, recipe.validation.dino_model,
                                    trained_examples(prepared), accelerator.device, recipe.source)
-    compile_mode = compiling.resolve(t.compile, accelerator.device.type,
-                                     sharded=accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"))
+    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    compile_mode = "off" if t.offload else compiling.resolve(t.compile, accelerator.device.type, sharded=sharded)
     if cannot := compiling.problems(compile_mode, accelerator.device.type, len(set(sizes))):
         raise RecipeError(recipe.source, cannot)
     if prepared.bucket_report is not None:
@@ -250,7 +251,10 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                                         strategy, accelerator.device, t.batch_size, t.max_steps)
     offloaded = offload_idle(parts, encoder.latent_store is not None, encoder.text is not None,
                              accelerator.device) if recipe.cache.offload else []
-    parts.denoiser.to(accelerator.device)
+    streamed = block_offload.plan(parts.denoiser, family.spec, t.offload, accelerator.distributed_type.name,
+                                  recipe.source)
+    with block_offload.held_back(streamed.blocks):  # their frozen weights stay on the CPU
+        parts.denoiser.to(accelerator.device)
     torch.manual_seed(t.seed)  # new layers initialise from the recipe's seed, not from whatever ran before
     strategy.prepare(family, parts, keep_frozen_base=recipe.prior.mode == "base_prediction")
     trained = parts.trained()
@@ -258,6 +262,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         enable_gradient_checkpointing(accelerator, parts, trained)
     if t.channels_last:
         parts.denoiser.to(memory_format=torch.channels_last)
+    say(block_offload.start(parts.denoiser, streamed, accelerator.device))
     say(compiling.compile_for_training(parts.denoiser, compile_mode, family.spec.compile_blocks))
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     summary = plan_lines(Plan(
@@ -266,14 +271,19 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         batches_per_epoch=order.batches_per_epoch, trainable=strategy.state_dict(), device=str(accelerator.device),
         precision=f"mixed precision {t.mixed_precision}, frozen base in {str(base_dtype).removeprefix('torch.')}",
         base=recipe.model.base, output_dir=output_dir)) + [x.summary for x in (validation, grid_scorer) if x]
+    summary.append(optimizers.summary_line(t.optimizer, t.optimizer_args, groups[0]["lr"], t.lr_scheduler,
+                                           t.lr_warmup_steps))
     say("\n".join(summary))
+    say(mask_line(d.masks, d.unmasked_weight))
     say(attention.line)
     sample_rows = prompts_for_run(recipe, downsampling_of(parts.vae.config), say)
-    optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
-                                t.adam_epsilon, device_type=accelerator.device.type)
-    lr_scheduler = build_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
-    prepared_modules, optimizer, params = prepare_for_training(accelerator, {n: parts.modules[n] for n in trained},
-                                                               optimizer)
+    optimizer = build_optimizer(groups, t.optimizer, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon,
+                                accelerator.device.type, t.optimizer_args, t.lr_warmup_steps)
+    lr_scheduler = build_scheduler(optimizer, *schedule_for(t.optimizer, t.optimizer_args, t.lr_scheduler,
+                                                            t.lr_warmup_steps, t.max_steps))
+    with block_offload.held_back(streamed.blocks):  # accelerate's prepare moves the model to the device
+        prepared_modules, optimizer, params = prepare_for_training(accelerator,
+                                                                   {n: parts.modules[n] for n in trained}, optimizer)
     parts.modules.update(prepared_modules)
     trained_modules = [accelerator.unwrap_model(m) for m in prepared_modules.values()]
     shards, not_sharded = sharding_report(accelerator.distributed_type.name, accelerator.num_processes,
@@ -292,7 +302,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                            pin_memory=accelerator.device.type == "cuda"),
         settings=LossSettings(objective=objective, text_encoder_trains=False,
                               prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
-                              class_prompts=tuple(recipe.prior.class_prompt)),
+                              class_prompts=tuple(recipe.prior.class_prompt), unmasked_weight=d.unmasked_weight),
         schedule=Schedule(max_steps=t.max_steps, accumulation=t.gradient_accumulation_steps, seed=t.seed,
                           max_grad_norm=t.max_grad_norm, checkpoint_every=recipe.checkpoint.every,
                           snapshot_every=recipe.checkpoint.snapshot_every, sample_every=recipe.sample.every,
@@ -303,7 +313,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                       data_figures=data_figures, family_header=family_header),
         offloaded=offloaded, base_dtype=base_dtype, started_at=started_at, summary=summary,
         caption_notes=caption_notes, recipe=recipe, attention=attention, step=first_step, resume_from=resume_from,
-        saved=saved, validation=validation, grid_scorer=grid_scorer)
+        saved=saved, validation=validation, weight_views=optimizers.weight_views(t.optimizer, optimizer),
+        grid_scorer=grid_scorer)
 
 
 def _load_base(accelerator, family: ModelFamily, recipe: Recipe,

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from finetune.data.masks import latent_weights
 from finetune.draws import StepDraws, host_choices
 from finetune.models.base import Components, ModelFamily
 from finetune.training.inputs import BatchEncoder
@@ -26,12 +27,18 @@ class LossSettings:
     prior_mode: str = "none"  # "none", "class_images" or "base_prediction"
     prior_weight: float = 1.0
     class_prompts: tuple[str, ...] = ()
+    unmasked_weight: float = 0.0  # data.unmasked_weight: the loss weight where a mask is black (data/masks.py)
 
 
-def per_sample_loss(prediction: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample (over every dimension but the batch's), in fp32."""
-    return torch.nn.functional.mse_loss(prediction.float(), wanted.float(), reduction="none").mean(
-        dim=list(range(1, prediction.ndim)))
+def per_sample_loss(prediction: torch.Tensor, wanted: torch.Tensor,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample (over every dimension but the batch's), in fp32. `weights`: per-element
+    weights broadcast against the error (masks: [batch, 1, h, w]); the mean of the product, not divided by the
+    weights' sum (data/masks.py says why)."""
+    error = torch.nn.functional.mse_loss(prediction.float(), wanted.float(), reduction="none")
+    if weights is not None:
+        error = error * weights.to(error.device, torch.float32)
+    return error.mean(dim=list(range(1, prediction.ndim)))
 
 
 def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dict[str, Any],
@@ -71,7 +78,8 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
     wanted = [h.target for h in halves]
     if frozen_target is not None:
         wanted[1] = frozen_target
-    per_sample = per_sample_loss(prediction, torch.cat(wanted))
+    per_sample = per_sample_loss(prediction, torch.cat(wanted), _mask_weights(encoder.masks(batch), prediction,
+                                                                             len(halves), settings.unmasked_weight))
     weights = objective.weights(timesteps)
     if weights is not None:
         per_sample = per_sample * weights
@@ -80,6 +88,16 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
     if len(halves) == 2:
         loss = loss + settings.prior_weight * per_sample[n:].mean()
     return loss
+
+
+def _mask_weights(masks: torch.Tensor | None, prediction: torch.Tensor, halves: int,
+                  unmasked_weight: float) -> torch.Tensor | None:
+    """Loss weights [2B or B, 1, h, w] from the instance images' masks at the prediction's (unpacked) latent size;
+    the prior-preservation half is not masked (weight 1). None without masks: the plain loss, bit for bit."""
+    if masks is None:
+        return None
+    weights = latent_weights(masks, prediction.shape[-2:], unmasked_weight)
+    return torch.cat([weights] + [torch.ones_like(weights)] * (halves - 1))
 
 
 def _on(conditions: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -113,7 +113,7 @@ def test_batches_come_one_ahead_with_their_cached_latents_on_the_device():
 
     store = SimpleNamespace(get=lambda keys: (torch.full((1, 4, 2, 2), float(keys[0][1])), torch.ones(1, 4, 2, 2)))
     encoder = SimpleNamespace(device=torch.device("cpu"), latent_store=store,
-                              cached_moments=lambda keys: store.get(keys))
+                              cached_moments=lambda keys: store.get(keys), masks=lambda batch: None)
     batches = ahead_on_device(loader(), encoder)
     first = next(batches)
     assert fetched == [0, 1]  # the next batch is fetched (and its copies queued) before this one is used
