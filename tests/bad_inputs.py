@@ -410,6 +410,11 @@ CATALOGUE = [
              "Names it and says a fraction such as 0.1 holds out training images instead",
              lambda ws: ws.train(validation={"images": str(ws.tmp / "no-held-out")}),
              ("validation.images", "no-held-out is neither an existing folder", "fraction such as 0.1")),
+    BadInput("validation-clip-model-missing", "`validation.clip_model` names a local folder that does not exist",
+             "Names it and says to give a folder saved with save_pretrained or a hub id",
+             lambda ws: ws.train(sample={"every": 2, "prompts": ["a purple sks"]},
+                                 validation={"clip_model": str(ws.tmp / "no-clip")}),
+             ("validation.clip_model", "no-clip is not an existing folder", "openai/clip-vit-base-patch32")),
     # issue 36: masks
     BadInput("mask-missing", "`data.masks: FOLDER` without a mask for one of the images",
              "Names the image and the mask looked for, before any model loads",

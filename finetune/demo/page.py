@@ -95,12 +95,34 @@ def _run(out_dir: Path, run: dict, checks: dict[str, bool], shortened: bool, see
         f"{run['seconds']:.0f}" if k == "seconds" and run.get(k) is not None else _number(run.get(k)) for k in FIGURES]
     out.append(f"<table><tr>{head}</tr><tr>" + "".join(f'<td class="n">{escape(c)}</td>' for c in cells)
                + f"<td>{escape(targets)}</td></tr></table>")
+    out += _validation(run)
     # the artifact (file or pipeline folder)'s run: out_dir/runs/NAME, wherever the demo ran from
     page = out_dir / "runs" / Path(run.get("artifact", "")).parent.name / "report.html"
     if run.get("artifact") and page.is_file():
         link = Path(os.path.relpath(page.resolve(), out_dir.resolve())).as_posix()
         out.append(f'<p><a href="{escape(link)}">this run\'s report</a>: curves, sample grids, data, files</p>')
     return out
+
+
+def _validation(run: dict) -> list[str]:
+    """The run's validation curve (held-out images of its concept, drawn by the shapes world) beside the concept
+    fidelity it ended with: the loss on images it never trained on falls as it learns the concept."""
+    curve = run.get("validation") or []
+    if not curve:
+        return []
+    from finetune.report import charts
+
+    svg = charts.line_chart([("held-out concept images", [s for s, _ in curve], [v for _, v in curve],
+                              {"color": "#e6550d", "linewidth": 1.6, "marker": "o", "markersize": 3})],
+                            title="Validation loss", ylabel="loss")
+    (first_step, first), (last_step, last) = curve[0], curve[-1]
+    best_step, best = min(curve, key=lambda point: point[1])
+    said = (f"Validation loss {first:.4g} at step {first_step}, lowest {best:.4g} at step {best_step}, {last:.4g} at "
+            f"step {last_step}: the loss at fixed noise and timesteps on held-out images the shapes world drew for "
+            "this concept (its captions, other draws), never trained on; rising after its lowest point, the run "
+            "fits its own training images more than the concept.")
+    return [f'<div class="charts"><div>{svg}</div><div><p>concept fidelity <b>{_number(run.get("concept_fidelity"))}'
+            f'</b></p><p class="note">{escape(said)}</p></div></div>']
 
 
 def _beside(out_dir: Path, grid: str) -> Path:

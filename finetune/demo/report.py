@@ -97,8 +97,11 @@ def write_markdown(path: Path, report: dict) -> Path:
     for run in report["runs"]:
         before, after = (Path(g).name for g in run["grids"])
         seed = f" (seed {run['seed']})" if report.get("seeds", 1) > 1 else ""
+        curve = run.get("validation") or []
+        held_out = (f"; validation loss {curve[0][1]:.4g} at step {curve[0][0]} -> {curve[-1][1]:.4g} at step "
+                    f"{curve[-1][0]}" if curve else "")
         lines.append(f"- {run.get('base', 'unet')} / {run['strategy']} / {run['concept_kind']}{seed}: before `{before}`, after `{after}`; "
-                     f"artifact `{run['artifact']}`")
+                     f"artifact `{run['artifact']}`{held_out}")
     lines += ["", "Targets: " + "; ".join(
         f"{s} on {k}: " + ", ".join(f"{m} {op} {b:g}" for m, (op, b) in rules.items())
         for (s, k), rules in TARGETS.items()

@@ -34,6 +34,7 @@ GRID_SEED = 7  # of the noise the before and after grids both start from
 # shows it, and the default demo's time is spent on the targets): (label, strategy kind, concept, overrides)
 VARIANTS = [("dreambooth_no_prior", "dreambooth", "new_object", ["prior.mode=none"])]
 VARIANT_BASE = "unet"
+VALIDATION_POINTS = 10  # validation scores per run (validation.every: its steps / 10), for a curve on the page
 
 
 def available_strategies(base: str = "unet") -> list[str]:
@@ -96,14 +97,15 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
 
     def plan(base: str, label: str, strategy: str, concept: str, changes: list[str]) -> list[tuple]:
         steps = [f"train.max_steps={max_steps}"] if max_steps else []
+        path = BASE_RECIPES[base] / f"{strategy}_{concept}.yaml"
+        steps += validation_overrides(out_dir, concept, max_steps or load_recipe(path).train.max_steps)
         plans = []
         for seed in range(seeds):
             # the U-Net base's runs keep the folder names of a demo before there were two bases; one seed keeps
             # those of a demo without --seeds
             name = (("" if base == "unet" else f"{base}-") + f"{label}-{concept}"
                     + (f"-seed{seed}" if seeds > 1 else ""))
-            recipe = load_recipe(BASE_RECIPES[base] / f"{strategy}_{concept}.yaml",
-                                 [f"output_dir={out_dir / 'runs' / name}", *steps, *changes, f"train.seed={seed}"])
+            recipe = load_recipe(path, [f"output_dir={out_dir / 'runs' / name}", *steps, *changes, f"train.seed={seed}"])
             plans.append((base, label, concept, recipe, name))
         return plans
 
@@ -147,10 +149,27 @@ def run_demo(out_dir: str | Path, strategies: list[str] | None = None, max_steps
             "prior_preservation": recipe.prior.mode != "none", "steps": recipe.train.max_steps,
             "base_accuracy_after": numbers["base_accuracy_after"], "grids": [str(g) for g in grids],
             "grid_prompts": grid_prompts(concept), "grid_images": GRID_IMAGES, "grid_seed": GRID_SEED,
+            "validation": validation_curve(recipe.output_dir),
         })
         report["aggregates"] = aggregate(report["runs"])
         _write(out_dir, report)
     return report
+
+
+def validation_overrides(out_dir: Path, concept: str, steps: int) -> list[str]:
+    """The recipe overrides that give a demo run its validation score: held-out images of the concept drawn by the
+    shapes world (out_dir/validation/<concept>, written here; concepts.Concept.draw_held_out), scored about
+    VALIDATION_POINTS times. The score draws from its own generator, so the run trains as it would without it."""
+    folder = CONCEPTS[concept].write_held_out(out_dir / "validation" / concept)
+    return [f"validation.images={folder.resolve()}", f"validation.every={max(1, steps // VALIDATION_POINTS)}"]
+
+
+def validation_curve(output_dir: str) -> list[list[float]]:
+    """[step, validation loss] of each scored step of a run, from its history.jsonl."""
+    from finetune.report.history import read_history
+
+    return [[r["step"], r["validation_loss"]] for r in read_history(Path(output_dir).expanduser())
+            if r.get("validation_loss") is not None]
 
 
 def grid_prompts(concept) -> list[str]:

@@ -149,7 +149,7 @@ def _check_validation(recipe: Recipe) -> list[str]:
     is checked with the data (data/prepare.py: split_held_out)."""
     from finetune.data.prepare import held_out_fraction
 
-    v, problems = recipe.validation, []
+    v, problems = recipe.validation, _check_grid_scores(recipe)
     if v.every < 0:
         problems.append(f"validation.every: must be 0 (the last step only) or more, got {v.every}")
     if v.timesteps < 1:
@@ -174,6 +174,23 @@ def _check_validation(recipe: Recipe) -> list[str]:
         if folder == trained or trained in folder.parents:
             problems.append(f"validation.images: {v.images} lies in data.images ({recipe.data.images}), whose "
                             "subfolders are trained on too; move the held-out images out of it, or give a fraction")
+    return problems
+
+
+def _check_grid_scores(recipe: Recipe) -> list[str]:
+    """validation.clip_model / dino_model: an existing folder where a local path is given (a hub id is looked up at
+    setup), and sample grids to score."""
+    problems = []
+    for key, example in (("clip_model", "openai/clip-vit-base-patch32"), ("dino_model", "facebook/dinov2-small")):
+        name = getattr(recipe.validation, key)
+        if name is None:
+            continue
+        if looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+            problems.append(f"validation.{key}: {name} is not an existing folder; give a model folder saved with "
+                            f"save_pretrained, or a hub id such as {example}")
+        if not recipe.sample.every:
+            problems.append(f"validation.{key}: scores the sample grids, and sample.every is 0 (no grid is drawn); "
+                            f"set sample.every (and sample.prompts), or remove validation.{key}")
     return problems
 
 

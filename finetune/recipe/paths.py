@@ -22,8 +22,9 @@ from finetune.recipe.schema import Recipe
 # (section, key) of the recipe's own path keys; a strategy marks its own with field metadata {"path": True}
 PATH_KEYS = (("model", "base"), ("model", "config"), ("model", "vae"), ("data", "images"), ("data", "dataset"),
              ("", "output_dir"), ("prior", "class_data_dir"), ("cache", "dir"), ("validation", "images"),
-             ("sample", "prompt_file"), ("data", "masks"))
-MAY_BE_HUB_IDS = {("model", "base"), ("model", "vae"), ("data", "dataset")}
+             ("sample", "prompt_file"), ("data", "masks"), ("validation", "clip_model"), ("validation", "dino_model"))
+MAY_BE_HUB_IDS = {("model", "base"), ("model", "vae"), ("data", "dataset"), ("validation", "clip_model"),
+                  ("validation", "dino_model")}
 
 
 def resolve_paths(recipe: Recipe, recipe_dir: Path, command_line_keys: set[str]) -> None:

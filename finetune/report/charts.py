@@ -90,3 +90,21 @@ def lr_chart(steps: Sequence[int], rates: Sequence[float]) -> str:
 def speed_chart(steps: Sequence[int], seconds: Sequence[float]) -> str:
     return line_chart([("seconds per step", steps, seconds, {"color": "#1b9e77", "linewidth": 1.0})],
                       title="Seconds per step (the step alone)", ylabel="seconds", from_zero=True)
+
+
+# history keys of a sample grid's scores (training/grid_scores.py): chart title, y label, colour
+GRID_SCORES = {"clip_score": ("CLIP score of the sample grids, each image against its prompt", "CLIP score", "#756bb1"),
+               "dino_similarity": ("DINO similarity of the sample grids to the training images", "mean cosine",
+                                   "#31a354")}
+
+
+def grid_score_charts(history: Sequence[dict]) -> list[str]:
+    """A chart of each grid score some history line holds (none: [])."""
+    charts = []
+    for key, (title, ylabel, colour) in GRID_SCORES.items():
+        points = [(r["step"], r[key]) for r in history if r.get(key) is not None]
+        if points:
+            charts.append(line_chart([(key, [s for s, _ in points], [v for _, v in points],
+                                       {"color": colour, "linewidth": 1.4, "marker": "o", "markersize": 3})],
+                                     title=title, ylabel=ylabel))
+    return charts

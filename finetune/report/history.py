@@ -15,7 +15,7 @@ RUN_INFO = "run.json"
 # the keys of a history line, in the order they are written
 FIELDS = ("step", "loss", "lr", "seconds_per_step", "samples_per_second", "peak_memory_bytes", "elapsed", "time")
 # written after them on the lines of the steps that have them (validation.every steps)
-OPTIONAL_FIELDS = ("validation_loss",)
+OPTIONAL_FIELDS = ("validation_loss", "clip_score", "dino_similarity")
 
 
 def read_history(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -44,14 +44,24 @@ class History:
         kept = [r for r in read_history(output_dir) if r["step"] <= keep_through]
         write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.last = kept[-1] if kept else None
+        self._last_start = 0  # where the last line written by this process starts
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
 
     def append(self, record: dict[str, Any]) -> None:
         line = {key: record.get(key) for key in FIELDS}
         line.update({key: record[key] for key in OPTIONAL_FIELDS if record.get(key) is not None})
+        self._last_start = self._file.tell()
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()  # in the OS's hands: a crash of this process cannot lose it
         self.last = record
+
+    def amend_last(self, step: int, fields: dict[str, Any]) -> None:
+        """Add `fields` (OPTIONAL_FIELDS) to the last line, step `step`'s: figures made after the step's line was
+        written (a sample grid's scores). The line is rewritten in place, so each step keeps one line."""
+        if self.last is None or self.last.get("step") != step:
+            raise ValueError(f"history.jsonl: the last line is not step {step}'s")
+        self._file.truncate(self._last_start)
+        self.append({**self.last, **fields})
 
     def close(self) -> None:
         self._file.close()

@@ -94,11 +94,14 @@ class LiveReport:
         if checkpoint or scored or time.monotonic() - self._written >= REWRITE_SECONDS:
             self._write()
 
-    def sampled(self, step: int, rows: dict[str, list]) -> None:
+    def sampled(self, step: int, rows: dict[str, list], scores: dict[str, float] | None = None) -> None:
         """A sample grid was written for `step`: what it shows is kept (for its labels: `rows`,
-        training/sample_prompts.grid_labels) and the page rewritten."""
+        training/sample_prompts.grid_labels), its `scores` (training/grid_scores.py) added to the step's history
+        line, and the page rewritten."""
         if not self.enabled:
             return
+        if scores:
+            self._safely("history.jsonl", self.history.amend_last, step, scores)
         sample = self.info["recipe"]["sample"]
         self.info["samples"][f"step-{step:06d}.png"] = {
             **rows, "seed": sample["seed"], "images_per_prompt": sample["images_per_prompt"]}

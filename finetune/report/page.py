@@ -59,7 +59,7 @@ def build_page(output_dir: Path) -> str:
             _state_line(state, info, history, recipe)]
     body += _progress(info, history, recipe, state)
     body += _curves(history, bool(info))
-    body += _samples(output_dir, info, recipe)
+    body += _samples(output_dir, info, recipe, {r["step"]: r for r in history})
     body += _evaluations(output_dir)
     body += _data(output_dir, info)
     body += _files(output_dir)
@@ -154,7 +154,7 @@ def _curves(history: list[dict], recorded: bool) -> list[str]:
     scored = [(r["step"], r["validation_loss"]) for r in history if r.get("validation_loss") is not None]
     svgs = [charts.loss_chart(steps, [r["loss"] for r in history], ([s for s, _ in scored], [v for _, v in scored])),
             charts.lr_chart(steps, [r["lr"] for r in history]),
-            charts.speed_chart(steps, [r.get("seconds_per_step") for r in history])]
+            charts.speed_chart(steps, [r.get("seconds_per_step") for r in history]), *charts.grid_score_charts(history)]
     return out + ['<div class="charts">' + "".join(f"<div>{svg}</div>" for svg in svgs) + "</div>",
                   (f'<p class="note">From history.jsonl ({len(history)} steps); smoothed: exponential moving '
                   f"average, weight {charts.SMOOTHING}." + _validation_note(scored) + "</p>")]
@@ -169,7 +169,7 @@ def _validation_note(scored: list[tuple[int, float]]) -> str:
                   f"{scored[-1][0]}, lowest {best[1]:.4g} at step {best[0]}.")
 
 
-def _samples(output_dir: Path, info: dict, recipe: dict | None) -> list[str]:
+def _samples(output_dir: Path, info: dict, recipe: dict | None, by_step: dict[int, dict]) -> list[str]:
     from finetune.report.grids import labelled_grid
 
     grids = sources.sample_grids(output_dir)
@@ -189,7 +189,16 @@ def _samples(output_dir: Path, info: dict, recipe: dict | None) -> list[str]:
         notes = labels.get("notes") or [f"seed {seed + row}" for row in range(len(prompts))]
         out.append(labelled_grid(path, prompts, notes, [f"image {i + 1}" for i in range(count)],
                                  f"step {step} ({path.name})", row_heights=labels.get("heights")))
+        out += _grid_scores(by_step.get(step, {}))
     return out
+
+
+def _grid_scores(record: dict) -> list[str]:
+    """A grid's scores as its step's history line holds them (validation.clip_model / dino_model), if any."""
+    said = [f"{name} {record[key]:.4g}" for key, name in (("clip_score", "CLIP score (x100 cosine, vs. its prompt)"),
+                                                          ("dino_similarity", "DINO similarity to the training images"))
+            if record.get(key) is not None]
+    return [f'<p class="note">{escape(", ".join(said))}</p>'] if said else []
 
 
 def _evaluations(output_dir: Path) -> list[str]:

@@ -55,6 +55,23 @@ class Concept:
         return [(draw(shape, colour, size, rng), template.format(token=self.token))
                 for shape, colour, size, template in self.examples]
 
+    def draw_held_out(self) -> list[tuple[Image.Image, str]]:
+        """As many images as the examples, of the same (shape, colour, size, caption) each, drawn from another
+        generator: other radii and positions. What a validation score holds out: the concept's own distribution,
+        never one of the training images (which stay as shipped)."""
+        rng = random.Random(f"held out {self.seed}")
+        return [(draw(shape, colour, size, rng), template.format(token=self.token))
+                for shape, colour, size, template in self.examples]
+
+    def write_held_out(self, folder: str | Path) -> Path:
+        """draw_held_out's images as `<i>.png` + `<i>.txt` in `folder` (the layout validation.images reads)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (image, text) in enumerate(self.draw_held_out()):
+            image.save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(text + "\n")
+        return folder
+
     def write_examples(self, folder: str | Path, bare_copies: bool = False) -> list[Path]:
         """Each example as `<i>.png` with its caption in `<i>.txt`, the layout `data.images` reads; with
         `bare_copies`, each image once more as `bare<i>.png` captioned with the bare concept prompt ("a sks")."""

@@ -168,9 +168,14 @@ def run_steps(run: Run, on_step: Callable[[int], None] | None = None) -> None:
                 _save_artifact(run, output_dir / "snapshots" / f"step-{step:06d}")
             if sample and not stopping:
                 with on_device(run.offloaded, accelerator.device), shown_weights(run.weight_views):
-                    saves.save_samples(accelerator, run.saving, run.family, parts, s.sample_rows,
-                                       s.sample.images_per_prompt, step, strategy, run.base_dtype)
-                live.sampled(step, grid_labels(s.sample_rows, defaults_of(s.sample, s.resolution)))
+                    drawn = saves.save_samples(accelerator, run.saving, run.family, parts, s.sample_rows,
+                                               s.sample.images_per_prompt, step, strategy, run.base_dtype)
+                # validation.clip_model / dino_model: the grid's scores, on its step's history line (main process)
+                scores = run.grid_scorer.score(drawn, [r.prompt for r in s.sample_rows]) if (
+                    run.grid_scorer is not None and drawn is not None) else {}
+                if scores:
+                    accelerator.log({f"validation/{key}": value for key, value in scores.items()}, step=step)
+                live.sampled(step, grid_labels(s.sample_rows, defaults_of(s.sample, s.resolution)), scores)
             if step < s.max_steps and stopping:
                 if not saved:
                     _save_checkpoint(run)

@@ -1,4 +1,5 @@
-"""A training run set up: `setup` does everything before the first step and returns a `Run`, what the steps need.
+"""A training run set up: `setup` does everything before the first step and returns a `Run` (training/run_state.py),
+what the steps need.
 
 Order of work: check the engine, data and checkpoint (cheap, can fail) -> load the frozen base -> class images for
 prior preservation (drawn by the untouched base) -> fill the caches -> let the strategy inject what trains ->
@@ -9,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
 
 import torch
 
@@ -29,15 +28,14 @@ from finetune.models.family import refusal
 from finetune.models.pipeline_folder import downsampling_of, latent_channels_of
 from finetune.models.quantize import quantize_weights, summary_line
 from finetune.recipe.load import RecipeError, options_for, recipe_to_dict
-from finetune.recipe.schema import Recipe, SampleOptions
+from finetune.recipe.schema import Recipe
 from finetune.strategies import create_strategy
 from finetune.training import block_offload, checkpoint, ema, optimizers, prior
 from finetune.training import compile as compiling
-from finetune.training.attention import AttentionKernels
 from finetune.training.engine import (enable_gradient_checkpointing, has_accelerator, prepare_for_training,
                                       sharding_report)
 from finetune.training.failures import divergence_advice
-from finetune.training.inputs import BatchEncoder, make_encoder
+from finetune.training.inputs import make_encoder
 from finetune.training.offload import offload_idle, on_device, one_at_a_time
 from finetune.training.preflight import check_engine_and_device
 from finetune.training.optim import build_optimizer, build_scheduler, schedule_for
@@ -47,7 +45,9 @@ from finetune.training.saves import Saving
 from finetune.distributed import local_fraction
 from finetune.training.step import LossSettings
 from finetune.training.summary import Plan, images_per_folder, plan_lines
-from finetune.training.validation import ValidationScore, prepare_validation
+from finetune.training.grid_scores import load_grid_scorer
+from finetune.training.validation import prepare_validation
+from finetune.training.run_state import Run, Schedule, _say, close
 
 log = logging.getLogger(__name__)  # the toolkit's own messages: finetune/console.py styles them
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,84 +58,6 @@ def weight_dtype(model_dtype: str, mixed_precision: str) -> torch.dtype:
     if model_dtype == "auto":
         return DTYPES.get(mixed_precision, torch.float32)
     return DTYPES[model_dtype]
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The recipe's numbers the steps read: how many, how each is made, and what happens after which."""
-    max_steps: int
-    accumulation: int  # train.gradient_accumulation_steps
-    seed: int
-    max_grad_norm: float  # 0: no clipping
-    checkpoint_every: int  # 0: none (checkpoint.every)
-    snapshot_every: int  # 0: none (checkpoint.snapshot_every)
-    sample_every: int  # 0: none (sample.every)
-    log_every: int
-    sample: SampleOptions  # what a sample grid draws
-    resolution: int  # data.resolution: the sample grid's size
-    sample_rows: tuple = ()  # the grid's prompts, each with its settings (training/sample_prompts.SamplePrompt)
-
-
-@dataclass
-class Run:
-    """What the steps need, as setup leaves it; `step` and `live` change as the run goes on."""
-    accelerator: Any
-    family: ModelFamily
-    parts: Components
-    strategy: Any
-    optimizer: Any
-    lr_scheduler: Any
-    params: Any  # the prepared optimizer's parameters, clipped together
-    trained: list[str]  # names of the trained modules in parts.modules
-    trained_modules: list[torch.nn.Module]  # the same, unwrapped (the optimizer's state is gathered from them)
-    encoder: BatchEncoder
-    loader: Any  # the training images' micro-batches, from `step` on
-    class_batches: Iterator | None  # prior preservation's class images, in step with `loader`
-    settings: LossSettings
-    schedule: Schedule
-    saving: Saving
-    offloaded: list  # modules offload_idle moved off the accelerator; sample grids bring them back
-    base_dtype: torch.dtype
-    started_at: float  # files written after this are the run's (summary.written_lines)
-    summary: list[str]  # the plan's lines, for the live report
-    caption_notes: list[str]
-    # for the live report only (report/live.py reads the whole recipe) and the trackers' log.project / run_name
-    recipe: Recipe
-    attention: AttentionKernels  # train.attention resolved for this device; loop.py trains and samples inside it
-    step: int = 0  # steps done: the checkpoint's step when resuming
-    resume_from: Path | None = None  # the checkpoint setup read, for `resume` (loop.py)
-    saved: tuple[dict, dict, dict] | None = None  # its state, held until `resume` puts it back
-    live: Any = None  # the live report, while run_steps runs and for finish
-    # what puts the weights to show and save in place (training/shown_weights.py): EMA, schedule-free averaging
-    weight_views: list = field(default_factory=list)
-    validation: ValidationScore | None = None  # validation's held-out images, scored by the loop
-    ema: Any = None  # train.ema's average (training/ema.py): updated after each step, kept in checkpoints
-
-    def say(self, text: str | None) -> None:
-        """The main process speaks for all."""
-        _say(self.accelerator, text)
-
-    def close(self) -> None:
-        close(self.accelerator)
-
-    def __enter__(self) -> Run:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-def _say(accelerator, text: str | None) -> None:
-    if accelerator.is_main_process and text:
-        log.info(text)
-
-
-def close(accelerator) -> None:
-    """End the run's trackers and, in a multi-process run, its process group, however the run ended."""
-    accelerator.end_training()
-    # without this a multi-process CPU run aborts at interpreter exit
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def setup(recipe: Recipe, family: ModelFamily | None = None, *, resume: str | None = None,
@@ -178,6 +100,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     prepared = prepare_data(d, t.batch_size * accelerator.num_processes, held_out_fraction=held_out_fraction(
         recipe.validation.images), held_out_seed=recipe.validation.seed)
     examples, sizes = prepared.examples, prepared.sizes
+    grid_scorer = load_grid_scorer(recipe.validation.clip_model, recipe.validation.dino_model,
+                                   trained_examples(prepared), accelerator.device, recipe.source)
     sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
     compile_mode = "off" if t.offload else compiling.resolve(t.compile, accelerator.device.type, sharded=sharded)
     if cannot := compiling.problems(compile_mode, accelerator.device.type, len(set(sizes))):
@@ -270,8 +194,9 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         base=recipe.model.base, output_dir=output_dir))
     optimizer_line = optimizers.summary_line(t.optimizer, t.optimizer_args, groups[0]["lr"], t.lr_scheduler,
                                              t.lr_warmup_steps)
-    summary += [line for line in (validation.summary if validation else None, mask_line(d.masks, d.unmasked_weight),
-                                  optimizer_line) if line] + ema.plan_line(t.ema, t.max_steps)
+    summary += [x.summary for x in (validation, grid_scorer) if x] + [
+        line for line in (mask_line(d.masks, d.unmasked_weight), optimizer_line) if line] + ema.plan_line(
+        t.ema, t.max_steps)
     say("\n".join(summary))
     say(attention.line)
     sample_rows = prompts_for_run(recipe, downsampling_of(parts.vae.config), say)
@@ -312,7 +237,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                       data_figures=data_figures, family_header=family_header),
         offloaded=offloaded, base_dtype=base_dtype, started_at=started_at, summary=summary,
         caption_notes=caption_notes, recipe=recipe, attention=attention, step=first_step, resume_from=resume_from,
-        saved=saved, validation=validation, ema=average,
+        saved=saved, validation=validation, ema=average, grid_scorer=grid_scorer,
         weight_views=optimizers.weight_views(t.optimizer, optimizer) + ([average.shown] if average else []))
 
 

@@ -52,11 +52,17 @@ def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: in
 @torch.no_grad()
 def draw_grid(pipeline, rows: list[SamplePrompt], images_per_prompt: int,
               encode: Callable[[list[str]], torch.Tensor] | None = None) -> Image.Image:
-    """One grid row per prompt, each drawn with its own settings (training/sample_prompts.py): its negative
-    prompt, steps, guidance, size, and a CPU generator seeded with its seed drawing its `images_per_prompt`
-    images. `encode` (the family's encode_prompts): prompts are encoded as training encodes them (long prompts in
-    chunks, data.max_token_length) and handed to the pipeline as embeddings; without it the pipeline encodes them
-    itself (cut at the window). Rows of different sizes: rows_grid's layout."""
+    """One grid row per prompt, each drawn with its own settings: draw_rows' images in rows_grid's layout."""
+    return rows_grid(draw_rows(pipeline, rows, images_per_prompt, encode))
+
+
+@torch.no_grad()
+def draw_rows(pipeline, rows: list[SamplePrompt], images_per_prompt: int,
+              encode: Callable[[list[str]], torch.Tensor] | None = None) -> list[list[Image.Image]]:
+    """`images_per_prompt` images per prompt, each prompt drawn with its own settings (training/sample_prompts.py):
+    its negative prompt, steps, guidance, size, and a CPU generator seeded with its seed. `encode` (the family's
+    encode_prompts): prompts are encoded as training encodes them (long prompts in chunks, data.max_token_length)
+    and handed to the pipeline as embeddings; without it the pipeline encodes them itself (cut at the window)."""
     from finetune.models.base import guidance_keyword
 
     pipeline.set_progress_bar_config(disable=True)
@@ -72,7 +78,7 @@ def draw_grid(pipeline, rows: list[SamplePrompt], images_per_prompt: int,
                           **{keyword: row.guidance}, num_images_per_prompt=images_per_prompt,
                           height=row.height, width=row.width, **size_arguments(pipeline), generator=generator)
         drawn.append(list(result.images))
-    return rows_grid(drawn)
+    return drawn
 
 
 def text_arguments(pipeline, text: dict) -> dict:

@@ -18,7 +18,7 @@ from finetune.training import checkpoint, trackers
 from finetune.training.failures import Recovery, check_finite_weights, saving
 from finetune.training.optim import set_base_rates
 from finetune.training.sample_prompts import SamplePrompt
-from finetune.training.sampling import draw_grid, plain_forward, save_png
+from finetune.training.sampling import draw_rows, plain_forward, rows_grid, save_png
 from finetune.distributed import load_optimizer_state_dict, optimizer_state_dict
 
 
@@ -90,11 +90,12 @@ def save_artifact(accelerator, saving_to: Saving, strategy, step: int, folder: P
 
 
 def save_samples(accelerator, saving_to: Saving, family: ModelFamily, parts: Components, rows: Sequence[SamplePrompt],
-                 images_per_prompt: int, step: int, strategy, dtype: torch.dtype) -> None:
+                 images_per_prompt: int, step: int, strategy, dtype: torch.dtype) -> list[list] | None:
     """A sample grid, one row per prompt with its own settings (`rows`, training/sample_prompts.py), drawn as a
     user's pipeline draws it after loading the artifact onto the base in `dtype` (the frozen base's dtype): no
     autocast, the trained weights in the dtype that loading gives them (`strategy.as_loaded`), every module in
-    eval mode."""
+    eval mode. Returns the grid's images, a list per row, on the main process (None on the others)."""
+    drawn = None
     if accelerator.is_main_process:
         pipeline = family.pipeline(parts, unwrap=accelerator.unwrap_model)
         modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
@@ -102,11 +103,13 @@ def save_samples(accelerator, saving_to: Saving, family: ModelFamily, parts: Com
         for m in modules:
             m.eval()  # no dropout in samples
         with plain_forward(modules), strategy.as_loaded(dtype):
-            grid = draw_grid(pipeline, list(rows), images_per_prompt,
-                             encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
+            drawn = draw_rows(pipeline, list(rows), images_per_prompt,
+                              encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
+        grid = rows_grid(drawn)
         for m, mode in zip(modules, modes):
             m.train(mode)
         with saving("a sample grid", step, saving_to.command, saving_to.output_dir):
             save_png(grid, saving_to.output_dir / "samples" / f"step-{step:06d}.png")
         trackers.log_images(accelerator, "samples", grid, step)
     accelerator.wait_for_everyone()
+    return drawn

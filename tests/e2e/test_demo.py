@@ -63,7 +63,12 @@ def test_demo_writes_the_report_in_the_promised_shape(tmp_path):
     assert inlined == [Path(g).read_bytes() for run in report["runs"] for g in run["grids"]]
     assert page.count('<div class="pair">') == len(report["runs"])
     assert page.count('<span class="prompt">a red circle</span>') == 2 * len(report["runs"])
+    # each run's validation curve (held-out concept images drawn by the shapes world, every 2 // 10 -> 1 step)
+    assert all([step for step, _ in run["validation"]] == [1, 2] for run in report["runs"])
+    assert page.count("Validation loss") == 2 * len(report["runs"])  # the chart's note and its title
+    assert sorted(p.name for p in (tmp_path / "validation").iterdir()) == ["known_look", "new_object"]
     for run in report["runs"]:
+        assert f"validation loss {run['validation'][0][1]:.4g} at step 1 -> " in markdown
         assert run["grid_prompts"][0] == run["concept"] and run["grid_images"] == 4
         assert f"<td class=\"n\">{run['concept_fidelity']:.3f}</td>" in page
         # each run's own folder keeps its figures, and its report.html shows them
@@ -259,3 +264,28 @@ def test_the_demo_page_finds_its_grids_with_a_relative_out(tmp_path, monkeypatch
     assert main(["report", str(moved)]) == 0
     grids = [moved / g.name for g in grids]
     check((moved / "demo_report.html").read_text())
+
+
+def test_the_demos_validation_leaves_its_training_bit_identical(tmp_path):
+    """The demo scores every run on held-out images; its figures must stay those of the recipes as shipped."""
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune.demo.run import RECIPES, validation_curve, validation_overrides
+    from finetune.recipe.load import load_recipe
+    from finetune.training.loop import train
+    from tests.helpers import history_of, reset_accelerate
+
+    recipe = RECIPES / "lora_new_object.yaml"
+    short = ["train.max_steps=3"]
+    plain = train(load_recipe(recipe, [f"output_dir={tmp_path / 'plain'}", *short]))
+    reset_accelerate()
+    overrides = validation_overrides(tmp_path, "new_object", 3)
+    assert overrides[1] == "validation.every=1"
+    scored = train(load_recipe(recipe, [f"output_dir={tmp_path / 'scored'}", *short, *overrides]))
+    assert history_of(tmp_path / "plain") == history_of(tmp_path / "scored")
+    a, b = load_file(plain), load_file(scored)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    curve = validation_curve(str(tmp_path / "scored"))
+    assert [step for step, _ in curve] == [1, 2, 3] and all(v > 0 for _, v in curve)
+    assert validation_curve(str(tmp_path / "plain")) == []

@@ -139,6 +139,24 @@ def test_metric_sampling_does_not_depend_on_batching(base_pipe, monkeypatch, one
     assert [p for p, _ in KNOWN_LOOK.composed_prompts()][0] == "a red ohwx"  # recolourings of the look
 
 
+def test_held_out_images_are_the_concepts_own_distribution_and_never_its_training_images(evaluator, tmp_path):
+    from finetune.shapes.concepts import matches
+
+    for concept in CONCEPTS.values():
+        examples, held_out = concept.draw_examples(), concept.draw_held_out()
+        # the same captions and looks as the examples, each drawn again (deterministically) at another radius/place
+        assert [c for _, c in held_out] == [c for _, c in examples]
+        assert [_png_bytes(i) for i, _ in concept.draw_held_out()] == [_png_bytes(i) for i, _ in held_out]
+        trained = {_png_bytes(i) for i, _ in examples}
+        assert not trained & {_png_bytes(i) for i, _ in held_out}
+        labels = [{"shape": s, "colour": c, "size": z} for s, c, z, _ in concept.examples]
+        assert all(matches(verdict, label) for verdict, label in zip(evaluator.classify([i for i, _ in held_out]),
+                                                                      labels))
+        folder = concept.write_held_out(tmp_path / concept.name)
+        assert sorted(p.name for p in folder.glob("*.txt")) == [f"{i}.txt" for i in range(len(examples))]
+        assert (folder / "0.txt").read_text() == examples[0][1] + "\n"
+
+
 def test_shipped_evaluator_recognises_fresh_ground_truth(evaluator):
     from finetune.shapes.evaluator import ground_truth_accuracy
 
