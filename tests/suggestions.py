@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import tomllib
+import types
 import typing
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def _strategy_classes() -> list[type]:
     return [options_class(kind) for kind in KINDS]
 
 
+def _unwrap_optional(hint: typing.Any) -> typing.Any:
+    """X for Optional[X] (a section that is off unless given, such as train.ema); the hint itself otherwise."""
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    return inner[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(inner) == 1 else hint
+
+
 def _hints(key: str) -> list[typing.Any]:
     """The type hints `key` may have (a strategy key: in each strategy that has it); [] for no such key."""
     section, *rest = key.split(".")
@@ -115,8 +122,8 @@ def _hints(key: str) -> list[typing.Any]:
     else:
         hint = typing.get_type_hints(Recipe).get(section)
         classes = [hint] if hint is not None else []
-    for name in rest[:-1]:  # a nested section, such as flow options under a family's key
-        classes = [typing.get_type_hints(c).get(name) for c in classes]
+    for name in rest[:-1]:  # a nested section, such as flow options under a family's key, or train.ema
+        classes = [_unwrap_optional(typing.get_type_hints(c).get(name)) for c in classes]
         classes = [c for c in classes if dataclasses.is_dataclass(c)]
     if not rest:
         return list(classes)

@@ -169,7 +169,7 @@ def test_the_blocks_are_the_family_s_and_too_many_are_refused():
     ({"streams": False}, "is a U-Net"),
     ({"trains_base_weights": True}, "DreamBooth trains the blocks' own weights"),
     ({"gradient_checkpointing": False}, "needs train.gradient_checkpointing: true"),
-    ({"compile_mode": "blocks"}, "train.compile: blocks with train.offload"),
+    ({"compile_mode": "blocks"}, "train.compile: blocks cannot go with block offload"),
     ({"engine": "FSDP"}, "FSDP already shards"),
 ])
 def test_what_validate_refuses(change, says):
