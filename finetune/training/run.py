@@ -183,7 +183,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         enable_gradient_checkpointing(accelerator, parts, trained)
     if t.channels_last:
         parts.denoiser.to(memory_format=torch.channels_last)
-    say(block_offload.start(parts.denoiser, streamed, accelerator.device))
+    offload_line = block_offload.start(parts.denoiser, streamed, accelerator.device)  # in the summary below
     say(compiling.compile_for_training(parts.denoiser, compile_mode, family.spec.compile_blocks))
     groups = strategy.parameter_groups(recipe.strategy.learning_rate or t.learning_rate)
     summary = plan_lines(Plan(
@@ -194,9 +194,9 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         base=recipe.model.base, output_dir=output_dir))
     optimizer_line = optimizers.summary_line(t.optimizer, t.optimizer_args, groups[0]["lr"], t.lr_scheduler,
                                              t.lr_warmup_steps)
-    summary += [x.summary for x in (validation, grid_scorer) if x] + [
-        line for line in (mask_line(d.masks, d.unmasked_weight), optimizer_line) if line] + ema.plan_line(
-        t.ema, t.max_steps)
+    option_lines = (mask_line(d.masks, d.unmasked_weight), optimizer_line, offload_line)
+    summary += [x.summary for x in (validation, grid_scorer) if x] + [line for line in option_lines if line]
+    summary += ema.plan_line(t.ema, t.max_steps)
     say("\n".join(summary))
     say(attention.line)
     sample_rows = prompts_for_run(recipe, downsampling_of(parts.vae.config), say)
