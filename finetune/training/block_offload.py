@@ -85,8 +85,8 @@ def problems(blocks: float, *, family: str, streams: bool, trains_base_weights: 
                      "would be saved)")
     if compile_mode in ("blocks", "full", "max"):
         found.append(f"train.compile: {compile_mode} cannot go with block offload (train.offload): the compiled "
-                     "graphs would guard on the weights the hooks swap in each step and recompile; set train.compile: off or auto (auto "
-                     "does not compile with offload)")
+                     "graphs would guard on the weights the hooks swap in each step and recompile; set "
+                     "train.compile: off or auto (auto does not compile with offload)")
     if engine in REFUSED_ENGINES:
         found.append(f"train.offload: {engine} already shards the weights across GPUs, and its own hooks move them; "
                      "remove train.offload, or launch on one GPU")
