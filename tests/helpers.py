@@ -191,6 +191,26 @@ def files_under(root: Path) -> dict[str, bytes]:
             if path.is_file() and path.relative_to(root).as_posix() not in REPORT_FILES}
 
 
+def straight_and_resumed(recipe, kept: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """files_under the run's output_dir when `recipe` trains straight through, and when it is stopped after step
+    3 (crash_at_step_3) and resumed from its latest checkpoint. The straight run's folder moves to `kept` (its
+    history stays readable there with history_of)."""
+    import shutil
+
+    from finetune.training.loop import train
+
+    out = Path(recipe.output_dir)
+    train(recipe)
+    uninterrupted = files_under(out)
+    shutil.move(out, kept)
+    reset_accelerate()
+    with pytest.raises(Crash):
+        train(recipe, on_step=crash_at_step_3)
+    reset_accelerate()
+    train(recipe, resume="latest")
+    return uninterrupted, files_under(out)
+
+
 def history_of(root: Path) -> list[tuple]:
     """(step, loss, learning rate) of each step in the run's history.jsonl."""
     from finetune.report.history import read_history

@@ -15,7 +15,8 @@ import pytest
 
 from finetune.recipe.load import parse_recipe
 from finetune.training.loop import train
-from tests.helpers import STRATEGIES, Crash, crash_at_step_3, files_under, history_of, recipe_dict, reset_accelerate
+from tests.helpers import (STRATEGIES, files_under, history_of, recipe_dict, reset_accelerate,
+                           straight_and_resumed)
 
 # batch_size 2 over 4 images: each step mixes examples, so the data order's seeding matters too
 TRAIN = {"max_steps": 3, "batch_size": 2, "seed": 0}
@@ -52,14 +53,7 @@ def test_a_run_resumed_from_its_checkpoint_writes_the_same_files(tiny_base, conc
     out = tmp_path / "out"
     recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=strategy,
                                       train={**TRAIN, "max_steps": 4}, checkpoint={"every": 2}))
-    uninterrupted = files_under(train(recipe).parent)
-    shutil.move(out, tmp_path / "uninterrupted")
-    reset_accelerate()
-    with pytest.raises(Crash):
-        train(recipe, on_step=crash_at_step_3)
-    reset_accelerate()
-    train(recipe, resume="latest")
-    resumed = files_under(out)
+    uninterrupted, resumed = straight_and_resumed(recipe, tmp_path / "uninterrupted")
     artifacts = [name for name in uninterrupted if not name.startswith("checkpoints/")]
     assert artifacts, sorted(uninterrupted)
     differing = [name for name in artifacts if resumed.get(name) != uninterrupted[name]]

@@ -4,7 +4,6 @@ which, the summary and report say EMA is on, and a resumed run writes the same f
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from safetensors.torch import load_file
 from finetune.recipe.load import parse_recipe
 from finetune.training import saves
 from finetune.training.loop import train
-from tests.helpers import STRATEGIES, Crash, crash_at_step_3, files_under, recipe_dict, reset_accelerate
+from finetune.strategies import create_strategy
+from tests.helpers import STRATEGIES, recipe_dict, reset_accelerate, straight_and_resumed
 
 DECAY = 0.5  # a short horizon, so that 4 steps' average differs clearly from the last weights
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -87,21 +87,13 @@ def test_a_resumed_ema_run_writes_the_same_files(tiny_base, concept_dir, tmp_pat
     recipe = parse_recipe(recipe_dict(tiny_base, concept_dir, out, strategy=strategy, checkpoint={"every": 2},
                                       train={"max_steps": 4, "batch_size": 2,
                                              "ema": {"decay": DECAY, "device": "cpu"}}))
-    artifact = train(recipe)
-    uninterrupted = files_under(out)
-    shutil.move(out, tmp_path / "uninterrupted")
-    reset_accelerate()
-    with pytest.raises(Crash):
-        train(recipe, on_step=crash_at_step_3)
-    reset_accelerate()
-    train(recipe, resume="latest")
-    resumed = files_under(out)
+    uninterrupted, resumed = straight_and_resumed(recipe, tmp_path / "uninterrupted")
     artifacts = [name for name in uninterrupted if not name.startswith("checkpoints/")]
     assert any(name.startswith("raw/") for name in artifacts), sorted(uninterrupted)
     differing = [name for name in artifacts if resumed.get(name) != uninterrupted[name]]
     assert not differing, f"these files differ between the resumed and the uninterrupted run: {differing}"
     # every strategy's artifact holds the average, not the trained weights (the view swapped what it saves)
-    name = artifact.relative_to(out).as_posix()
+    name = create_strategy(recipe.strategy).artifact_name
     raw_name = f"raw/{name}"
     shown = {n: b for n, b in uninterrupted.items() if n == name or n.startswith(f"{name}/")}
     assert shown and any(uninterrupted.get(raw_name + n[len(name):]) != b for n, b in shown.items()

@@ -4,7 +4,6 @@ and schedule-free AdamW saves its averaged weights without a sample grid changin
 from __future__ import annotations
 
 import importlib.util
-import shutil
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from finetune.recipe.load import parse_recipe
 from finetune.training import optimizers
 from finetune.training.loop import train
-from tests.helpers import Crash, crash_at_step_3, files_under, history_of, recipe_dict, reset_accelerate
+from tests.helpers import history_of, recipe_dict, reset_accelerate, straight_and_resumed
 
 # a rate that suits each: Prodigy's multiplies the step size it finds itself
 RATES = {"prodigy": 1.0, "lion": 1e-4}
@@ -39,14 +38,8 @@ def _recipe(tiny_base, concept_dir, out, name: str, **sections):
 def test_a_run_resumed_with_each_optimizer_writes_the_same_artifact(tiny_base, concept_dir, tmp_path, name):
     out = tmp_path / "out"
     recipe = _recipe(tiny_base, concept_dir, out, name)
-    uninterrupted = files_under(train(recipe).parent)
-    shutil.move(out, tmp_path / "uninterrupted")
-    reset_accelerate()
-    with pytest.raises(Crash):
-        train(recipe, on_step=crash_at_step_3)
-    reset_accelerate()
-    train(recipe, resume="latest")
-    assert files_under(out)[ARTIFACT] == uninterrupted[ARTIFACT]
+    uninterrupted, resumed = straight_and_resumed(recipe, tmp_path / "uninterrupted")
+    assert resumed[ARTIFACT] == uninterrupted[ARTIFACT]
     assert history_of(out) == history_of(tmp_path / "uninterrupted")
     losses = [loss for _, loss, _ in history_of(out)]
     assert len(losses) == 4 and all(loss == loss for loss in losses)  # finite: not NaN
