@@ -240,4 +240,4 @@ def summary_line(name: str, args: dict[str, Any], learning_rate: float, lr_sched
     if name == "schedule_free_adamw":
         return (line + f": rate {learning_rate:g}, no schedule, warmup {args.get('warmup_steps', warmup_steps)} "
                        "step(s) of its own; grids, snapshots and the artifact hold its averaged weights")
-    return line + f": rate {learning_rate:g} ({kind.default_lr}), schedule {lr_scheduler}"
+    return line + f": rate {learning_rate:g} (usual: {kind.default_lr}), schedule {lr_scheduler}"

@@ -174,7 +174,7 @@ def test_schedule_free_shows_its_averaged_point_and_puts_the_trained_bits_back()
 
 def test_the_summary_line_says_which_rate_and_schedule_apply():
     assert optimizers.summary_line("adamw", {}, 1e-4, "cosine", 0) == (
-        "optimizer: adamw (torch.optim.AdamW): rate 0.0001 (1e-4 for LoRA), schedule cosine")
+        "optimizer: adamw (torch.optim.AdamW): rate 0.0001 (usual: 1e-4 for LoRA), schedule cosine")
     assert "its relative step sets the rate" in optimizers.summary_line("adafactor", {}, 1e-4, "constant", 0)
     line = optimizers.summary_line("schedule_free_adamw", {"r": 0.5}, 1e-3, "constant", 20)
     assert line.startswith("optimizer: schedule_free_adamw (schedulefree.AdamWScheduleFree; r=0.5): rate 0.001, "
