@@ -15,7 +15,7 @@ from finetune.data.prepare import held_out_fraction, split_held_out
 from finetune.data.sources import DataError, Example
 from finetune.models.ddpm import DDPMObjective
 from finetune.models.flow_matching import FlowMatchingObjective
-from finetune.recipe.checks import _check_validation
+from finetune.recipe.option_checks import check_validation
 from finetune.recipe.load import parse_recipe
 from finetune.recipe.schema import ValidationOptions
 from finetune.report.history import History
@@ -79,7 +79,7 @@ def _problems(tmp_path, base, **validation):
     recipe = parse_recipe({"model": {"base": str(base)}, "data": {"images": str(images)},
                            "strategy": {"kind": "lora"}, "output_dir": str(tmp_path / "out")})
     recipe.validation = ValidationOptions(**validation)
-    return _check_validation(recipe)
+    return check_validation(recipe)
 
 
 def test_checks_name_each_bad_validation_value(tmp_path, tiny_base):
