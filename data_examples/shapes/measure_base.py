@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     timed("evaluator ground truth (4000 fresh images, all 8 shapes)",
           lambda: ground_truth_accuracy(evaluator, n=4000, seed=424242))
     pipe = load_base_pipeline(base_path(args.base))
-    timed("base_vocabulary_accuracy (36 prompts x 2)", lambda: metrics.base_vocabulary_accuracy(pipe, evaluator))
+    timed("base_vocabulary_accuracy (36 prompts x 6)", lambda: metrics.base_vocabulary_accuracy(pipe, evaluator))
     for concept in CONCEPTS.values():
         timed(f"bare base {concept.name} concept_fidelity ({concept.concept_prompt()!r} x 32)",
               lambda: metrics.concept_fidelity(pipe, evaluator, concept))

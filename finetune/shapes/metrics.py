@@ -5,10 +5,15 @@ starting noise drawn for all images up front from one seed (so batching does not
 is DDIM for a DDPM-trained base (the U-Net) and the flow-matching Euler sampler for a flow-matching one (the
 transformer), each built from the pipeline's own scheduler config, whatever scheduler an artifact brings.
 
-Default counts, chosen so one adapter's full report takes well under a minute on a 2-core CPU:
-- base_vocabulary_accuracy: 36 base prompts x 2 images = 72 samples (one sample moves it by 1.4 points);
-- concept_fidelity: 32 samples of the concept prompt (about +-8 points of sampling noise at p = 0.5);
-- prompt_fidelity: 8 samples for each composed prompt, 48 for new_object's six colours.
+Default counts: at least MIN_SAMPLES (200) samples behind every figure, so that one sample moves a figure by at
+most 0.5 points (a fidelity by 0.005, the drop by 0.5) and a target is not met or missed by one sample:
+- base_vocabulary_accuracy: 36 base prompts x 6 images = 216 samples (0.46 points each);
+- concept_fidelity: 200 samples of the concept prompt;
+- prompt_fidelity: 200 samples split evenly over the composed prompts (34 x 6 colours = 204 for new_object,
+  40 x 5 = 200 for known_look).
+One adapter's three figures take about 20 s on the U-Net base and about 3 minutes on the transformer base on a
+2-core CPU (the transformer's 272 text tokens per prompt make each sample dearer; measured 2026-12-07); at the
+earlier 72 / 32 / 48 samples they took about 5 s and 40 s.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ from finetune.shapes.evaluator import Evaluator
 
 STEPS = 20
 GUIDANCE = 4.0
-BATCH_IMAGES = 64  # images per pipeline call; twice that many go through the U-Net with guidance
+BATCH_IMAGES = 64  # images per pipeline call at most; twice that many go through the denoiser with guidance
+MIN_SAMPLES = 200  # behind every figure: one sample is at most 0.5 points
+BASE_IMAGES_PER_PROMPT = 6  # x 36 base prompts = 216
 BASE_SEED, CONCEPT_SEED, COMPOSED_SEED = 0, 1, 2
 
 
@@ -39,16 +46,25 @@ def sample(pipe, prompts: Sequence[str], images_per_prompt: int, seed: int = 0) 
     pipe.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
     try:
-        per_call = max(1, BATCH_IMAGES // images_per_prompt)
-        for start in range(0, len(prompts), per_call):
-            chunk = list(prompts[start:start + per_call])
-            latents = noise[start * images_per_prompt:(start + len(chunk)) * images_per_prompt]
-            images += pipe(prompt=chunk, num_images_per_prompt=images_per_prompt, num_inference_steps=STEPS,
+        for chunk, count in _calls(list(prompts), images_per_prompt):
+            latents = noise[len(images):len(images) + len(chunk) * count]
+            images += pipe(prompt=chunk, num_images_per_prompt=count, num_inference_steps=STEPS,
                            guidance_scale=GUIDANCE, height=height, width=height, output_type="pil",
                            latents=latents.to(pipe.device, denoiser_of(pipe).dtype)).images
     finally:
         pipe.scheduler = kept_scheduler
     return images
+
+
+def _calls(prompts: list[str], images_per_prompt: int) -> list[tuple[list[str], int]]:
+    """(prompts, images per prompt) of each pipeline call, prompt-major, at most BATCH_IMAGES images each: several
+    prompts per call when each has few images, one prompt's images split over calls when it has many (one call
+    of 200 images with guidance made the transformer base's samples a third dearer each)."""
+    if images_per_prompt <= BATCH_IMAGES:
+        per_call = max(1, BATCH_IMAGES // images_per_prompt)
+        return [(prompts[start:start + per_call], images_per_prompt) for start in range(0, len(prompts), per_call)]
+    return [([prompt], min(BATCH_IMAGES, images_per_prompt - done))
+            for prompt in prompts for done in range(0, images_per_prompt, BATCH_IMAGES)]
 
 
 def judging_scheduler(scheduler):
@@ -69,21 +85,25 @@ def _share_matching(pipe, evaluator: Evaluator, prompts: Sequence[str], expectat
     return sum(matches(verdict, expected) for verdict, expected in zip(verdicts, wanted)) / len(verdicts)
 
 
-def base_vocabulary_accuracy(pipe, evaluator: Evaluator, images_per_prompt: int = 2) -> float:
+def base_vocabulary_accuracy(pipe, evaluator: Evaluator, images_per_prompt: int = BASE_IMAGES_PER_PROMPT) -> float:
     """Share of samples of "a {colour} {shape}" (all 36) with the right shape and colour; drift shows here."""
     expectations = [{"colour": prompt.split()[1], "shape": prompt.split()[2]} for prompt in BASE_PROMPTS]
     return _share_matching(pipe, evaluator, BASE_PROMPTS, expectations, images_per_prompt, BASE_SEED)
 
 
-def concept_fidelity(pipe, evaluator: Evaluator, concept: Concept, n: int = 32, token: str | None = None) -> float:
+def concept_fidelity(pipe, evaluator: Evaluator, concept: Concept, n: int = MIN_SAMPLES,
+                     token: str | None = None) -> float:
     """Share of `n` samples of the concept prompt ("a sks") that the evaluator recognises as the concept."""
     return _share_matching(pipe, evaluator, [concept.concept_prompt(token)], [concept.expected], n, CONCEPT_SEED)
 
 
-def prompt_fidelity(pipe, evaluator: Evaluator, concept: Concept, n: int = 8, token: str | None = None) -> float:
-    """Share of samples of the composed prompts ("a red sks", ...; `n` each) with the right colour and shape."""
+def prompt_fidelity(pipe, evaluator: Evaluator, concept: Concept, n: int | None = None,
+                    token: str | None = None) -> float:
+    """Share of samples of the composed prompts ("a red sks", ...; `n` each, None: MIN_SAMPLES in all, rounded up
+    to a whole number per prompt) with the right colour and shape."""
     composed = concept.composed_prompts(token)
     prompts, expectations = zip(*composed)
+    n = n if n is not None else -(-MIN_SAMPLES // len(prompts))
     return _share_matching(pipe, evaluator, prompts, expectations, n, COMPOSED_SEED)
 
 

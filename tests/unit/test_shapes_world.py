@@ -139,6 +139,43 @@ def test_metric_sampling_does_not_depend_on_batching(base_pipe, monkeypatch, one
     assert [p for p, _ in KNOWN_LOOK.composed_prompts()][0] == "a red ohwx"  # recolourings of the look
 
 
+def test_a_prompt_with_more_images_than_a_batch_is_split_and_keeps_its_noise(base_pipe, monkeypatch, one_thread):
+    import numpy as np
+
+    from finetune.shapes import metrics
+
+    whole = metrics.sample(base_pipe, ["a red circle", "a blue square"], images_per_prompt=3, seed=5)
+    monkeypatch.setattr(metrics, "BATCH_IMAGES", 2)  # 3 images per prompt: calls of 2 and 1 for each prompt
+    assert metrics._calls(["a", "b"], 3) == [(["a"], 2), (["a"], 1), (["b"], 2), (["b"], 1)]
+    split = metrics.sample(base_pipe, ["a red circle", "a blue square"], images_per_prompt=3, seed=5)
+    assert len(split) == 6
+    for a, b in zip(whole, split):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+
+
+@pytest.mark.parametrize("concept", list(CONCEPTS.values()), ids=list(CONCEPTS))
+def test_every_figure_rests_on_enough_samples_that_one_moves_it_by_at_most_half_a_point(concept, monkeypatch):
+    from PIL import Image
+
+    from finetune.shapes import metrics
+
+    counted = {}
+
+    def fake_sample(pipe, prompts, images_per_prompt, seed=0):
+        counted[seed] = len(prompts) * images_per_prompt
+        return [Image.new("RGB", (32, 32), "white")] * counted[seed]
+
+    class AnyVerdict:
+        def classify(self, images):
+            return [{"shape": "circle", "colour": "red", "size": "big"}] * len(images)
+
+    monkeypatch.setattr(metrics, "sample", fake_sample)
+    metrics.report(None, AnyVerdict(), concept)
+    points_per_sample = {seed: 100.0 / count for seed, count in counted.items()}
+    assert set(points_per_sample) == {metrics.BASE_SEED, metrics.CONCEPT_SEED, metrics.COMPOSED_SEED}
+    assert max(points_per_sample.values()) <= 0.5, points_per_sample
+
+
 def test_held_out_images_are_the_concepts_own_distribution_and_never_its_training_images(evaluator, tmp_path):
     from finetune.shapes.concepts import matches
 
