@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +29,6 @@ def nav_top_level_pages() -> list[str]:
 
 
 def test_the_site_builds_strict_with_no_warning(tmp_path):
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("material")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
