@@ -31,8 +31,11 @@ def parser() -> argparse.ArgumentParser:
                             "it): the earlier checkpoints are removed, the artifact replaced when this run saves")
 
     validate = commands.add_parser("validate", help="check a recipe and its data without loading any model")
-    validate.add_argument("recipe")
+    validate.add_argument("recipe", nargs="?", help="YAML recipe (not needed with --keys)")
     validate.add_argument("overrides", nargs="*", metavar="key=value")
+    validate.add_argument("--keys", nargs="?", const="-", metavar="FILE",
+                          help="write the recipe reference (every key: type, default, bounds, help) as Markdown to "
+                               "FILE (docs/recipes.md is this), or print it; no recipe is read")
     validate.add_argument("--decode", action="store_true",
                           help="decode every image as training does (slower); by default their headers are read")
 
