@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
 
     commands.add_parser = add_command
 
-    train = commands.add_parser("train", help="train with a YAML recipe (LoRA, DreamBooth, textual inversion, hypernetwork)")
+    train = commands.add_parser("train", help="train with a YAML recipe (LoRA, DreamBooth, textual inversion, "
+                                              "hypernetwork)")
     train.add_argument("recipe", help="YAML recipe")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100")
     train.add_argument("--resume", metavar="latest|PATH",
