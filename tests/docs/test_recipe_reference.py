@@ -70,3 +70,10 @@ def test_bounds_are_shown_in_words():
 
     assert [bounds_text(f) for f in fields(_Toy)] == ["at least 1", "between 0 and 1", "positive",
                                                      "at least 0 and below 1"]
+
+
+def test_validate_without_a_recipe_or_keys_says_what_to_give():
+    done = subprocess.run([sys.executable, "-m", "finetune", "validate"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "name a recipe" in done.stderr and "--keys" in done.stderr
