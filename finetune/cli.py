@@ -108,11 +108,32 @@ def _known_errors() -> tuple[type[Exception], ...]:
 def _validate(args) -> int:
     from finetune.tools.validate import validate
 
+    if args.keys is not None:
+        return _write_keys(args.keys)
+    if args.recipe is None:
+        raise KnownProblem("finetune validate: name a recipe (finetune validate recipe.yaml), or ask for the "
+                           "recipe reference with --keys")
     try:
         lines = validate(args.recipe, args.overrides, decode=args.decode)
     except _known_errors() as exc:
         raise KnownProblem(str(exc)) from None
     print("\n".join(lines))
+    return 0
+
+
+def _write_keys(destination: str) -> int:
+    """`finetune validate --keys [FILE]`: the recipe reference, printed ("-") or written to FILE."""
+    from pathlib import Path
+
+    from finetune.io.atomic import write_text_atomically
+    from finetune.recipe.reference import reference_markdown
+
+    text = reference_markdown()
+    if destination == "-":
+        print(text, end="")
+    else:
+        write_text_atomically(Path(destination), text)
+        print(f"wrote the recipe reference to {destination}")
     return 0
 
 

@@ -3,14 +3,25 @@ from __future__ import annotations
 
 import argparse
 
-DESCRIPTION = "Command line: `finetune train|validate|sample|env ...` (also `python -m finetune ...`)."
+DESCRIPTION = "Fine-tune text-to-image diffusion models: one training loop, YAML recipes."
+EPILOG = ("Docs: docs/index.md (each command's --help names its own page).\n"
+          "As a site: pip install -e '.[docs]' -c constraints.txt && mkdocs serve")
+# the page of docs/ (in mkdocs.yml's nav) each command's --help points to: one place, so that a command added
+# without a page stops parser() at once instead of shipping a --help that leads nowhere
+DOCS_PAGES = {"train": "training.md", "validate": "training.md", "report": "training.md",
+              "sample": "getting-started.md", "env": "getting-started.md",
+              "eval": "shapes-world.md", "demo": "shapes-world.md",
+              "extract-lora": "formats.md", "convert": "formats.md", "merge": "formats.md", "resize": "formats.md",
+              "inspect": "formats.md"}
 
 
 def parser() -> argparse.ArgumentParser:
     """`finetune`'s argument parser: every command with its options (the file tools' in tools/commands.py)."""
     from finetune import __version__
 
-    parser = argparse.ArgumentParser(prog="finetune", description=DESCRIPTION)
+    # raw: the epilog's two lines stay two lines
+    parser = argparse.ArgumentParser(prog="finetune", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"finetune {__version__}")
     # every command takes them after its name (the tools in tools/commands.py too, through add_parser)
     talk = argparse.ArgumentParser(add_help=False)
@@ -19,9 +30,19 @@ def parser() -> argparse.ArgumentParser:
                       help="everything, the libraries' own information and warnings included")
     commands = parser.add_subparsers(dest="command", required=True)
     add_parser = commands.add_parser
-    commands.add_parser = lambda *args, **kwargs: add_parser(*args, parents=[talk], **kwargs)
 
-    train = commands.add_parser("train", help="train with a recipe")
+    def add_command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        """A command with the shared options; its --help opens with what it does (the one line `finetune --help`
+        lists) and ends with its docs page."""
+        if name not in DOCS_PAGES:
+            raise KeyError(f"`finetune {name}` has no docs page: name one in DOCS_PAGES (finetune/cli_arguments.py)")
+        return add_parser(name, help=help, parents=[talk], description=help[0].upper() + help[1:] + ".",
+                          epilog=f"Docs: docs/{DOCS_PAGES[name]}", **kwargs)
+
+    commands.add_parser = add_command
+
+    train = commands.add_parser("train", help="train with a YAML recipe (LoRA, DreamBooth, textual inversion, "
+                                              "hypernetwork)")
     train.add_argument("recipe", help="YAML recipe")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100")
     train.add_argument("--resume", metavar="latest|PATH",
@@ -31,8 +52,11 @@ def parser() -> argparse.ArgumentParser:
                             "it): the earlier checkpoints are removed, the artifact replaced when this run saves")
 
     validate = commands.add_parser("validate", help="check a recipe and its data without loading any model")
-    validate.add_argument("recipe")
+    validate.add_argument("recipe", nargs="?", help="YAML recipe (not needed with --keys)")
     validate.add_argument("overrides", nargs="*", metavar="key=value")
+    validate.add_argument("--keys", nargs="?", const="-", metavar="FILE",
+                          help="write the recipe reference (every key: type, default, bounds, help) as Markdown to "
+                               "FILE (docs/recipes.md is this), or print it; no recipe is read")
     validate.add_argument("--decode", action="store_true",
                           help="decode every image as training does (slower); by default their headers are read")
 

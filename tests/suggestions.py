@@ -195,7 +195,12 @@ def _check_pip(command: str, words: list[str]) -> list[str]:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     words = iter(words)
     for word in words:
-        if word in ("-c", "-r"):
+        if word in ("&&", "||", "|", ";"):
+            break  # the next command of the line (`pip install ... && mkdocs serve`)
+        local = re.fullmatch(r"\.\[([\w,-]+)\]", word)  # this checkout with extras: `pip install -e '.[docs]'`
+        if local:
+            found += [f"{command!r}: pyproject has no extra {e!r}" for e in local[1].split(",") if e not in extras]
+        elif word in ("-c", "-r"):
             file = next(words, "")
             found += [] if (ROOT / file).is_file() else [f"{command!r}: no {file} in the repository"]
         elif word in (".", "-e", "-U", "--upgrade"):

@@ -1,6 +1,7 @@
 """The recipe: typed sections whose field names are the YAML keys users write.
 
-Every field has a default except those marked required(); `finetune.recipe.load` fills and checks them.
+Every field is declared with `key(default, help, bounds)` or `required(help)` (finetune/recipe/keys.py): its help
+text is the recipe reference (docs/recipes.md), its bounds are checked where every key is read.
 Strategy options live with each strategy (see `finetune.strategies`), because only the strategy knows them.
 """
 from __future__ import annotations
@@ -8,11 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from finetune.recipe.keys import key, required  # noqa: F401  (required: strategies import it from here)
 
-
-def required() -> Any:
-    """A key with no default: `load` reports it as missing when the recipe leaves it out."""
-    return field(default=None, metadata={"required": True})
 
 
 LrScheduler = Literal[

@@ -7,6 +7,8 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from finetune.recipe.keys import out_of_bounds
+
 _NONE = type(None)
 
 
@@ -27,6 +29,7 @@ def build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
         errors.append(f"{where or 'recipe'}: expected a mapping of keys, got {_describe(data)}")
         return None
     hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     valid = yaml_keys(cls)
     values: dict[str, Any] = {}
     for key, raw in data.items():
@@ -39,6 +42,9 @@ def build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
         ok, value = convert(hints[key], raw, path, errors)
         if ok:
             values[key] = value
+            outside = out_of_bounds(fields[key], value, path)
+            if outside:
+                errors.append(outside)
     for f in dataclasses.fields(cls):
         if f.name in values or f.metadata.get("internal"):
             continue

@@ -70,6 +70,7 @@ def test_docs_troubleshooting_answers_suggest_what_works(case):
     "Download it (`huggingface-cli download a/b --local-dir DIR`)",  # a program huggingface_hub no longer installs
     "Download it (`hf download a/b --local-folder DIR`)",
     "needs torchao: pip install 'finetune[quantise]'",  # an extra pyproject does not have
+    "the site: pip install -e '.[doc]' -c constraints.txt && mkdocs serve",  # the checkout's extra, misspelled
 ])
 def test_the_checker_refuses_a_suggestion_that_would_not_work(message):
     assert suggestions.problems(message) != []
@@ -84,6 +85,7 @@ def test_the_checker_refuses_a_suggestion_that_would_not_work(message):
     "Download it (`hf download a/b --local-dir DIR`)",
     "needs torchao: pip install torchao (or pip install 'finetune[quantize]')",
     "Fix: pip install -e . -c constraints.txt (or ...)",
+    "the site: pip install -e '.[docs]' -c constraints.txt && mkdocs serve",
     "finetune writes no single-file checkpoint; `finetune report` rebuilds it",
 ])
 def test_the_checker_passes_a_suggestion_that_works(message):

@@ -1,0 +1,79 @@
+"""The recipe reference (docs/recipes.md) is generated from the schema and cannot drift from it; every key has help
+text; bounds declared on a field are enforced where the recipe is read."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from finetune.recipe.keys import bounds_text, key
+from finetune.recipe.reference import keys_without_help, reference_markdown
+from finetune.recipe.typed import build
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGE = ROOT / "docs" / "recipes.md"
+
+
+def test_every_recipe_key_has_help_text():
+    missing = keys_without_help()
+    assert not missing, "keys without help text (declare them with key(default, help=...)):\n" + "\n".join(missing)
+
+
+def test_the_committed_reference_is_what_the_schema_generates():
+    assert PAGE.read_text() == reference_markdown(), (
+        "docs/recipes.md differs from the schema: regenerate it with `finetune validate --keys docs/recipes.md`")
+
+
+def test_the_reference_lists_every_section_and_the_keys_of_each_strategy_and_family():
+    page = reference_markdown()
+    for heading in ("## model", "## strategy", "## data", "## train", "## prior", "## sample", "## validation",
+                    "## checkpoint", "## log", "## cache", "### strategy.kind: lora", "### strategy.kind: hypernetwork",
+                    "### model.family: flux"):
+        assert f"\n{heading}" in page, heading
+    for dotted in ("`train.ema.decay`", "`model.flow.shift`", "`strategy.rank`", "`strategy.placeholder_token`",
+                   "`data.caption_extension`", "`model.text_encoder_3`", "`output_dir`"):
+        assert dotted in page, dotted
+
+
+def test_validate_keys_writes_the_page_and_never_reads_a_recipe(tmp_path):
+    out = tmp_path / "recipes.md"
+    done = subprocess.run([sys.executable, "-m", "finetune", "validate", "--keys", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == reference_markdown()
+
+
+@dataclass
+class _Toy:
+    repeats: int = key(1, "how often", minimum=1)
+    dropout: float = key(0.0, "a probability", minimum=0, maximum=1)
+    rate: Optional[float] = key(None, "positive or null", above=0, hint="1e-4 is usual")
+    decay: float = key(0.9, "below one", minimum=0, below=1)
+
+
+def test_bounds_declared_on_a_field_refuse_values_outside_them_naming_the_key():
+    errors: list[str] = []
+    built = build(_Toy, {"repeats": 0, "dropout": 1.5, "rate": -1.0, "decay": 1.0}, "toy", errors)
+    assert errors == ["toy.repeats: must be at least 1, got 0", "toy.dropout: must be between 0 and 1, got 1.5",
+                      "toy.rate: must be positive (1e-4 is usual), got -1.0",
+                      "toy.decay: must be at least 0 and below 1, got 1.0"]
+    assert built is not None
+    errors.clear()
+    build(_Toy, {"repeats": 1, "dropout": 1.0, "rate": None, "decay": 0.0}, "toy", errors)
+    assert errors == []  # the bounds themselves, and null for an optional number, are allowed
+
+
+def test_bounds_are_shown_in_words():
+    from dataclasses import fields
+
+    assert [bounds_text(f) for f in fields(_Toy)] == ["at least 1", "between 0 and 1", "positive",
+                                                     "at least 0 and below 1"]
+
+
+def test_validate_without_a_recipe_or_keys_says_what_to_give():
+    done = subprocess.run([sys.executable, "-m", "finetune", "validate"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "name a recipe" in done.stderr and "--keys" in done.stderr
