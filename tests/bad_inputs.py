@@ -76,8 +76,8 @@ class Workspace:
 @dataclass(frozen=True)
 class BadInput:
     name: str
-    problem: str  # README: what the user did or met
-    answer: str  # README: what finetune does about it and what to do
+    problem: str  # docs/troubleshooting.md: what the user did or met
+    answer: str  # docs/troubleshooting.md: what finetune does about it and what to do
     make: Callable[[Workspace], list[str]]  # builds the bad input; returns the `finetune` command line
     says: tuple[str, ...]  # fragments of the message: the problem and the fix
     loads_model: bool = False  # True only where the check needs the model (or the model is the bad input)
