@@ -11,7 +11,7 @@ devices), so runs repeat bit for bit on one device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
@@ -21,6 +21,7 @@ from finetune.recipe.keys import key
 @dataclass
 class DDPMOptions:
     """The DDPM objective's recipe keys, in the `model` section of a family that trains with it (sd, sdxl)."""
+    reference_title: ClassVar[str] = "DDPM (noise prediction)"  # the recipe reference's heading for these keys
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = key(
         None, "What the denoiser predicts: `epsilon` (the noise) or `v_prediction`; null: what the base's scheduler "
               "says.")

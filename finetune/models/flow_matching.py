@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
@@ -54,6 +54,7 @@ class FlowOptions:
 @dataclass
 class FlowMatchingOptions:
     """The flow-matching objective's recipe keys, in the `model` section of a family that trains with it."""
+    reference_title: ClassVar[str] = "flow-matching"  # the recipe reference's heading for these keys
     flow: FlowOptions = key(factory=FlowOptions, help="How sigma is drawn and the loss weighted.")
 
     def objective_problems(self) -> list[str]:
