@@ -11,25 +11,29 @@ devices), so runs repeat bit for bit on one device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
+
+from finetune.recipe.keys import key
 
 
 @dataclass
 class DDPMOptions:
     """The DDPM objective's recipe keys, in the `model` section of a family that trains with it (sd, sdxl)."""
-    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the base scheduler's own
-    min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023); None: plain MSE
-    noise_offset: float = 0.0  # e.g. 0.05-0.1: a per-channel shift of the noise, for very dark or bright images
+    reference_title: ClassVar[str] = "DDPM (noise prediction)"  # the recipe reference's heading for these keys
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = key(
+        None, "What the denoiser predicts: `epsilon` (the noise) or `v_prediction`; null: what the base's scheduler "
+              "says.")
+    min_snr_gamma: Optional[float] = key(
+        None, "Min-SNR-gamma loss weighting (Hang et al. 2023): the loss of timesteps whose signal-to-noise ratio is "
+              "above gamma weighs less; null: plain MSE. 5.0 is usual.", above=0, hint="5.0 is usual")
+    noise_offset: float = key(0.0, "A per-channel shift added to the noise, for very dark or very bright images "
+                                   "(0.05 to 0.1 is usual); 0: none.", minimum=0, hint="0.05-0.1 is usual")
 
     def objective_problems(self) -> list[str]:
-        problems = []
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            problems.append(f"model.min_snr_gamma: must be positive (5.0 is usual) or null, got {self.min_snr_gamma}")
-        if self.noise_offset < 0:
-            problems.append(f"model.noise_offset: must be 0 or more (0.05-0.1 is usual), got {self.noise_offset}")
-        return problems
+        """What the objective's keys get wrong together (each key's own bounds are declared on it)."""
+        return []
 
 
 @dataclass

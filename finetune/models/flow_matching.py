@@ -17,12 +17,13 @@ on its device (finetune/draws.py says what that changes across devices).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
 from finetune.models.ddpm import Noised
+from finetune.recipe.keys import key
 
 SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -32,28 +33,33 @@ WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 class FlowOptions:
     """How sigma is drawn and the loss weighted: `model.flow` of a flow-matching family (sd3, flux, zimage, ...);
     "auto" and None take the family's defaults (README, "Flow-matching families")."""
-    sigma_sampling: Literal["auto", "uniform", "logit_normal", "mode", "sigmoid"] = "auto"
-    logit_mean: float = 0.0  # logit_normal: u = sigmoid(N(mean, std))
-    logit_std: float = 1.0
-    mode_scale: float = 1.29  # mode: the SD3 paper's mode sampling
-    sigmoid_scale: float = 1.0  # sigmoid: u = sigmoid(scale N(0, 1))
-    shift: Optional[float] = None  # static shift s: sigma = s u / (1 + (s - 1) u); None: the family's
-    resolution_shift: Optional[bool] = None  # shift by the image's token count, as Flux samples; None: the family's
-    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # per-sample loss weights (the SD3 script's)
+    sigma_sampling: Literal["auto", "uniform", "logit_normal", "mode", "sigmoid"] = key(
+        "auto", "The density sigma is drawn from: `uniform`; `logit_normal`, sigmoid(N(logit_mean, logit_std)) (SD3's "
+                "paper); `mode`, the SD3 paper's mode sampling; `sigmoid`, sigmoid(sigmoid_scale N(0, 1)); `auto`: "
+                "the family's.")
+    logit_mean: float = key(0.0, "`logit_normal` sampling: the mean of the normal draw before the sigmoid.")
+    logit_std: float = key(1.0, "`logit_normal` sampling: the standard deviation of the normal draw before the "
+                                "sigmoid.", above=0)
+    mode_scale: float = key(1.29, "`mode` sampling: how far the SD3 paper's mode sampling bends the uniform draw.")
+    sigmoid_scale: float = key(1.0, "`sigmoid` sampling: the scale of the normal draw before the sigmoid.")
+    shift: Optional[float] = key(None, "A static shift s of sigma, s u / (1 + (s - 1) u): above 1 trains more at "
+                                       "high noise (SD3's is 3.0); null: the family's.", above=0, hint="3.0 is SD3's")
+    resolution_shift: Optional[bool] = key(None, "Shift sigma by the image's token count, as Flux samples; null: the "
+                                                 "family's.")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = key(
+        "none", "Per-sample loss weights, as the SD3 training script offers: `none`, `sigma_sqrt` (sigma^-2) or "
+                "`cosmap`.")
 
 
 @dataclass
 class FlowMatchingOptions:
     """The flow-matching objective's recipe keys, in the `model` section of a family that trains with it."""
-    flow: FlowOptions = field(default_factory=FlowOptions)
+    reference_title: ClassVar[str] = "flow-matching"  # the recipe reference's heading for these keys
+    flow: FlowOptions = key(factory=FlowOptions, help="How sigma is drawn and the loss weighted.")
 
     def objective_problems(self) -> list[str]:
-        problems = []
-        if self.flow.shift is not None and self.flow.shift <= 0:
-            problems.append(f"model.flow.shift: must be positive (3.0 is SD3's), got {self.flow.shift}")
-        if self.flow.logit_std <= 0:
-            problems.append(f"model.flow.logit_std: must be positive, got {self.flow.logit_std}")
-        return problems
+        """What the objective's keys get wrong together (each key's own bounds are declared on it)."""
+        return []
 
 
 @dataclass(frozen=True)

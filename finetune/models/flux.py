@@ -35,6 +35,7 @@ from finetune.models.base import Components, unwrapped
 from finetune.models.family import Family, FamilySpec, base_config
 from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
 from finetune.networks.hypernetwork_points import TextStream
+from finetune.recipe.keys import key
 from finetune.recipe.schema import ModelOptions
 
 # T5 tokens per caption in training and in sample grids: FluxPipeline's default max_sequence_length (dev's 512;
@@ -64,9 +65,10 @@ PRESETS = {
 @dataclass
 class FluxOptions(ModelOptions, FlowMatchingOptions):
     """`model` for model.family flux: the common keys, `flow`, and the guidance embedding's training value."""
-    # Flux.1-dev: the value its guidance embedding is given in training; None: DEFAULT_GUIDANCE (1.0, as kohya's
-    # and SimpleTuner's docs recommend for LoRA). Sampling uses sample.guidance_scale
-    guidance: Optional[float] = None
+    guidance: Optional[float] = key(
+        None, f"Flux.1-dev: the value its guidance embedding is given in training; null: {DEFAULT_GUIDANCE}, as "
+              "kohya's and SimpleTuner's docs advise for LoRA (diffusers' script uses 3.5). Sampling uses "
+              "`sample.guidance_scale`; schnell has no guidance embedding.")
 
     def problems(self) -> list[str]:
         problems = self.objective_problems()

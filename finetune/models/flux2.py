@@ -33,6 +33,7 @@ from finetune.models.base import Components, unwrapped
 from finetune.models.family import Family, FamilySpec, OriginalNames, base_config
 from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
 from finetune.networks.hypernetwork_points import TextStream
+from finetune.recipe.keys import key
 from finetune.recipe.schema import ModelOptions
 
 MAX_SEQUENCE_LENGTH = 512  # both pipelines' default, and the scripts'
@@ -51,7 +52,9 @@ PRESETS = {
 @dataclass
 class Flux2Options(ModelOptions, FlowMatchingOptions):
     """`model` for model.family flux2: the common keys, `flow`, and dev's guidance embedding's training value."""
-    guidance: Optional[float] = None  # dev only; None: DEFAULT_GUIDANCE. Sampling uses sample.guidance_scale
+    guidance: Optional[float] = key(
+        None, f"Flux.2 dev: the value its guidance embedding is given in training; null: {DEFAULT_GUIDANCE}. "
+              "Sampling uses `sample.guidance_scale`; klein has no guidance embedding (it samples with real CFG).")
 
     def problems(self) -> list[str]:
         problems = self.objective_problems()

@@ -20,6 +20,7 @@ from finetune.models.base import Components, unwrapped
 from finetune.models.family import Family, FamilySpec
 from finetune.models.flow_matching import FlowMatchingOptions
 from finetune.networks.hypernetwork_points import TextStream
+from finetune.recipe.keys import key
 from finetune.recipe.schema import ModelOptions
 
 # T5 tokens per caption in training and in sample grids (the pipeline's default; the script's is 77)
@@ -29,8 +30,9 @@ T5_TOKENS = 256
 @dataclass
 class StableDiffusion3Options(ModelOptions, FlowMatchingOptions):
     """`model` for model.family sd3: the common keys, `flow`, and whether T5 is loaded."""
-    # "none" trains and samples without T5 (the pipeline gives zeros in its place), to save its memory
-    text_encoder_3: Literal["auto", "none"] = "auto"
+    text_encoder_3: Literal["auto", "none"] = key(
+        "auto", "`none` trains and samples without the T5 text encoder (the pipeline gives zeros in its place), to "
+                "save its memory; `auto` loads it.")
 
     def problems(self) -> list[str]:
         return self.objective_problems()

@@ -4,7 +4,6 @@ test fails when the committed page differs, so the page cannot drift from the co
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from typing import Any, Iterator, Literal, Union
@@ -69,7 +68,7 @@ def _model_extras() -> list[str]:
                     and not issubclass(base, ModelOptions):
                 by_objective.setdefault(base, []).append(spec.name)
     for objective, families in by_objective.items():
-        title = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", objective.__name__.replace("Options", "")).lower()
+        title = getattr(objective, "reference_title", objective.__name__.replace("Options", ""))
         parts += [f"### {title} families ({', '.join(families)})\n",
                   _table(list(_rows(objective, "model")))]
         shown |= {f.name for f in dataclasses.fields(objective)}

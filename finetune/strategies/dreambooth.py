@@ -12,7 +12,7 @@ import contextlib
 import copy
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -22,6 +22,7 @@ from finetune.io.atomic import atomic_dir
 from finetune.models.base import Components, ModelFamily, adaptable_text_encoders
 from finetune.models.loading import cast
 from finetune.paths import give_umask_permissions
+from finetune.recipe.keys import key
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies.base import StrategySetupError, held_in
 from finetune.distributed import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
@@ -34,14 +35,18 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 @dataclass
 class Options(StrategyOptions):
-    text_encoder: bool = False
-    text_encoder_learning_rate: Optional[float] = None  # None: the U-Net's learning rate
-    # the text encoder trains for the first this-many steps, then stays as it is (None: to the end)
-    text_encoder_steps: Optional[int] = None
-    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the saved pipeline's weights
-    # empty: the whole denoiser trains; else only its layers whose names end with one of these (matched as LoRA's
-    # target_modules are, e.g. attn.to_q), all their weights, and the rest stay the base's
-    trainable_modules: list[str] = field(default_factory=list)
+    text_encoder: bool = key(False, "Also train the text encoders' own weights: every one the family trains (SDXL's "
+                                    "two; SD3's CLIPs, not T5).")
+    text_encoder_learning_rate: Optional[float] = key(None, "The text encoders' learning rate; null: the denoiser's.",
+                                                      above=0)
+    text_encoder_steps: Optional[int] = key(None, "The text encoders train for this many first steps, then stay as "
+                                                  "they are; null: to the end.", minimum=1)
+    save_dtype: Literal["fp32", "fp16", "bf16"] = key("fp32", "The dtype of the saved pipeline's weights.")
+    trainable_modules: list[str] = key(
+        factory=list, help="Train only the denoiser's layers whose names end with one of these (matched as LoRA's "
+                           "`target_modules`, e.g. `attn.to_q`), all their weights; empty: the whole denoiser. The "
+                           "saved pipeline is whole either way; a name that matches no layer stops the run before "
+                           "any work.")
 
     def changes_text_encoding(self) -> Optional[str]:
         return "strategy.text_encoder is true, so the text encoder trains" if self.text_encoder else None
@@ -51,12 +56,7 @@ class Options(StrategyOptions):
         return True  # the denoiser's own weights (all, or trainable_modules')
 
     def validate(self, recipe: Any) -> list[str]:
-        problems = []
-        if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate <= 0:
-            problems.append(f"strategy.text_encoder_learning_rate: must be positive, "
-                            f"got {self.text_encoder_learning_rate}")
-        if self.text_encoder_steps is not None and self.text_encoder_steps < 1:
-            problems.append(f"strategy.text_encoder_steps: must be at least 1, got {self.text_encoder_steps}")
+        problems = []  # a key's own bounds are declared on it (finetune/recipe/keys.py)
         if not self.text_encoder and (self.text_encoder_learning_rate is not None
                                       or self.text_encoder_steps is not None):
             problems.append("strategy.text_encoder_*: set, but strategy.text_encoder is false; "

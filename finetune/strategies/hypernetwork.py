@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ from finetune.models import family_told
 from finetune.models.base import Components, ModelFamily
 from finetune.networks.hypernetwork import (ACTIVATIONS, HyperMLP, Hypernetwork, Structure, TextStream, attach,
                                             dropout_structure, widths_of)
+from finetune.recipe.keys import key
 from finetune.recipe.schema import StrategyOptions
 
 TRAINING_NAME = "training"
@@ -28,19 +29,25 @@ TRAINING_NAME = "training"
 
 @dataclass
 class Options(StrategyOptions):
-    # width multipliers of the MLP's layers; must start and end with 1 (A1111's "1, 2, 1")
-    layer_structure: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])
-    activation: str = "linear"  # linear (none), relu, leakyrelu, elu, swish, tanh, sigmoid
-    activate_output: bool = False  # the activation after the last layer too
-    layer_norm: bool = False
-    dropout: float = 0.0  # after every hidden layer
-    weight_init: Literal["normal", "xavier", "xavier_uniform", "kaiming", "kaiming_uniform"] = "normal"
-    # the last layer starts at zero, so the untrained network changes nothing (as LoRA's B does)
-    zero_init_last: bool = True
-    strength: float = 1.0  # the residual branch's scale while training
-    self_attention: bool = False  # also rewrite self-attention inputs at the U-Net's own widths
-    a1111_pt: bool = False  # also write AUTOMATIC1111's pickled .pt (its only hypernetwork format)
-    name: str = "hypernetwork"  # the .pt file's name, which A1111 lists
+    layer_structure: list[float] = key(
+        factory=lambda: [1.0, 2.0, 1.0],
+        help="Width multipliers of each MLP's layers, as AUTOMATIC1111's \"1, 2, 1\"; must start and end with 1.")
+    activation: str = key("linear", "The activation after each hidden layer: `linear` (none), `relu`, `leakyrelu`, "
+                                    "`elu`, `swish`, `tanh` or `sigmoid`.")
+    activate_output: bool = key(False, "The activation after the last layer too.")
+    layer_norm: bool = key(False, "A LayerNorm after each layer.")
+    dropout: float = key(0.0, "Dropout after every hidden layer while training; 0: none.", minimum=0, below=1)
+    weight_init: Literal["normal", "xavier", "xavier_uniform", "kaiming", "kaiming_uniform"] = key(
+        "normal", "How the MLPs' weights start: `normal` (std 0.01), `xavier`, `xavier_uniform`, `kaiming` or "
+                  "`kaiming_uniform`.")
+    zero_init_last: bool = key(True, "The last layer starts at zero, so the untrained network changes nothing (as "
+                                     "LoRA's second matrix does).")
+    strength: float = key(1.0, "The scale of the MLPs' residual branch while training.")
+    self_attention: bool = key(False, "Also rewrite the self-attention inputs, at the U-Net's own widths (U-Net "
+                                      "families only).")
+    a1111_pt: bool = key(False, "Also write AUTOMATIC1111's pickled `.pt` (plain data only), the one hypernetwork "
+                                "format AUTOMATIC1111 reads (U-Net families only).")
+    name: str = key("hypernetwork", "The `.pt` file's name, which AUTOMATIC1111 lists.")
 
     def validate(self, recipe: Any) -> list[str]:
         problems = []
@@ -52,8 +59,6 @@ class Options(StrategyOptions):
             problems.append(f"strategy.layer_structure: every multiplier must be positive, got {s}")
         if self.activation not in ACTIVATIONS:
             problems.append(f"strategy.activation: {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
         if not math.isfinite(self.strength):
             problems.append(f"strategy.strength: must be a finite number, got {self.strength}")
         if not self.name.strip() or any(c in self.name for c in '/\\:*?"<>|'):

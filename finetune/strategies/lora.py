@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -18,6 +18,7 @@ from finetune.export.lora.kohya import module_paths
 from finetune.export.lora.kohya_names import FUSED_LAYOUTS, naming_for
 from finetune.models.base import Components, ModelFamily, adaptable_text_encoders, unwrapped
 from finetune.networks import peft_layers
+from finetune.recipe.keys import key
 from finetune.recipe.schema import StrategyOptions
 from finetune.strategies import lora_presets, lora_variants
 from finetune.strategies.base import held_in
@@ -28,33 +29,54 @@ log = logging.getLogger(__name__)
 @dataclass
 class Options(StrategyOptions):
     # peft's LoraConfig / LoHaConfig / LoKrConfig / OFTConfig; lora_variants.py says how rank and alpha map
-    variant: Literal["lora", "loha", "lokr", "oft"] = "lora"
-    rank: int = 4  # oft: the block size
-    alpha: Optional[float] = None  # None: equal to rank (scale 1); oft has none
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=list)  # empty: the family's attention projections
-    # a named set of targets instead (the family's lora_target_presets, lora_presets.py; Flux: attention,
-    # attention_mlp, all_linear); None: target_modules, or the family's default
-    target_preset: Optional[str] = None
-    use_dora: bool = False  # variant lora only
-    conv_layers: bool = False  # also the U-Net's ResNet and resampler convolutions (the family's conv_lora_targets)
-    conv_rank: Optional[int] = None  # None: rank
-    conv_alpha: Optional[float] = None  # None: the other layers' scale, alpha / rank, at conv_rank
-    # LoRA on the text encoders too: every one the family has (SDXL's two, as diffusers' --train_text_encoder)
-    text_encoder: bool = False
-    text_encoder_rank: Optional[int] = None  # None: rank
-    text_encoder_learning_rate: Optional[float] = None  # None: the U-Net's learning rate
-    text_encoder_target_modules: list[str] = field(default_factory=list)
-    # SDXL's second encoder (CLIP-G) on its own: None follows text_encoder; false leaves it out, true adapts it
-    # even without the first; its rank and learning rate default to the text_encoder_* ones
-    text_encoder_2: Optional[bool] = None
-    text_encoder_2_rank: Optional[int] = None
-    text_encoder_2_learning_rate: Optional[float] = None
-    # the diffusers file is always written; kohya adds output_dir/kohya/<output_dir name>.safetensors
-    formats: list[Literal["diffusers", "kohya", "comfyui"]] = field(default_factory=lambda: ["diffusers"])
-    # start from a LoRA file (diffusers or kohya format): its layers, ranks and alphas replace rank, alpha and
-    # target_modules, and its weights are where training starts
-    initial_weights: Optional[str] = field(default=None, metadata={"path": True})
+    variant: Literal["lora", "loha", "lokr", "oft"] = key(
+        "lora", "The adapter peft trains: `lora`, `loha` (LyCORIS's Hadamard product), `lokr` (Kronecker product) or "
+        "`oft` (a learned rotation of each layer's input). With `oft`, `rank` is the block size and there is no alpha.")
+    rank: int = key(4, "The adapter's rank: the inner width of each pair of low-rank matrices (higher learns more, "
+                       "in a larger file). With variant `oft`, the block size.", minimum=1)
+    alpha: Optional[float] = key(None, "Scales the adapter's update by alpha / rank; null: equal to rank (scale 1). "
+                                       "Variant `oft` has none.", above=0)
+    dropout: float = key(0.0, "Dropout on the adapted layers' inputs while training (variant `lora` only); 0: none.",
+                         minimum=0, below=1)
+    target_modules: list[str] = key(
+        factory=list, help="The denoiser's layers to adapt, each matched against the end of a layer's name "
+                           "(e.g. `to_q`, `attn1.to_k`); empty: the family's own list (SD's: `to_q`, `to_k`, "
+                           "`to_v`, `to_out.0`; Flux's also has its MLPs).")
+    target_preset: Optional[str] = key(
+        None, "A named set of layers to adapt instead of `target_modules`, from the family's presets (Flux: "
+              "`attention`, `attention_mlp`, `all_linear`); null: `target_modules`, or the family's default.")
+    use_dora: bool = key(False, "DoRA (weight-decomposed LoRA): also learns each adapted layer's weight magnitude. "
+                                "Variant `lora` only.")
+    conv_layers: bool = key(False, "Also adapt the U-Net's ResNet and resampler convolutions (LoCon: 3x3 `conv1`/"
+                                   "`conv2`, 1x1 `conv_shortcut`), at `conv_rank`. Not with variant `oft`.")
+    conv_rank: Optional[int] = key(None, "The convolutions' rank (with `conv_layers`); null: `rank`.", minimum=1)
+    conv_alpha: Optional[float] = key(None, "The convolutions' alpha (with `conv_layers`); null: the other layers' "
+                                            "scale, alpha / rank, at `conv_rank`.", above=0)
+    text_encoder: bool = key(False, "Also put LoRA on the text encoders: every one the family adapts (SDXL's two, as "
+                                    "diffusers' `--train_text_encoder`). Set their own rank, learning rate and "
+                                    "layers with the `text_encoder_*` keys.")
+    text_encoder_rank: Optional[int] = key(None, "The text encoders' rank; null: `rank`.", minimum=1)
+    text_encoder_learning_rate: Optional[float] = key(None, "The text encoders' learning rate; null: the denoiser's.",
+                                                      above=0)
+    text_encoder_target_modules: list[str] = key(
+        factory=list, help="The text encoders' layers to adapt, matched as `target_modules`; empty: the family's "
+                           "(their attention projections).")
+    text_encoder_2: Optional[bool] = key(
+        None, "SDXL's and SD3's second text encoder (CLIP-G) on its own: null follows `text_encoder`; false leaves it "
+              "out; true adapts it, even without the first.")
+    text_encoder_2_rank: Optional[int] = key(None, "The second text encoder's rank; null: `text_encoder_rank`, or "
+                                                   "`rank`.", minimum=1)
+    text_encoder_2_learning_rate: Optional[float] = key(
+        None, "The second text encoder's learning rate; null: `text_encoder_learning_rate`, or the denoiser's.",
+        above=0)
+    formats: list[Literal["diffusers", "kohya", "comfyui"]] = key(
+        factory=lambda: ["diffusers"],
+        help="The files to write: the diffusers-layout file always; `kohya` adds `output_dir/kohya/<output_dir "
+             "name>.safetensors` (AUTOMATIC1111, ComfyUI, Forge); `comfyui` adds ComfyUI's layout in "
+             "`output_dir/comfyui/`. Each only on the families and variants that have that layout.")
+    initial_weights: Optional[str] = key(
+        None, "Start from a LoRA file (diffusers or kohya format): its layers, ranks and alphas replace `rank`, "
+              "`alpha` and `target_modules`, and training starts from its weights. Plain LoRA only.", path=True)
 
     def changes_text_encoding(self) -> Optional[str]:
         if self.text_encoder or self.text_encoder_2:
@@ -62,19 +84,7 @@ class Options(StrategyOptions):
         return None
 
     def validate(self, recipe: Any) -> list[str]:
-        problems = []
-        if self.rank < 1:
-            problems.append(f"strategy.rank: must be at least 1, got {self.rank}")
-        for key in ("text_encoder_rank", "text_encoder_2_rank"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                problems.append(f"strategy.{key}: must be at least 1, got {getattr(self, key)}")
-        if self.alpha is not None and self.alpha <= 0:
-            problems.append(f"strategy.alpha: must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
-        for key in ("text_encoder_learning_rate", "text_encoder_2_learning_rate"):
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                problems.append(f"strategy.{key}: must be positive, got {getattr(self, key)}")
+        problems = []  # a key's own bounds are declared on it (finetune/recipe/keys.py)
         if not (self.text_encoder or self.text_encoder_2) and (
                 self.text_encoder_learning_rate is not None or self.text_encoder_rank
                 or self.text_encoder_target_modules):

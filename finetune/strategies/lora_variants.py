@@ -72,7 +72,8 @@ def refuse_oft_on_convolutions(targets: Sequence[str], unet: Any) -> None:
 
 
 def problems(options: Any) -> list[str]:
-    """What the recipe's variant options get wrong, each with its fix."""
+    """What the recipe's variant options get wrong, each with its fix (their bounds are declared on the keys, in
+    finetune/strategies/lora.py)."""
     o = options
     found = []
     if o.use_dora and o.variant != "lora":
@@ -98,8 +99,4 @@ def problems(options: Any) -> list[str]:
     if not o.conv_layers and (o.conv_rank is not None or o.conv_alpha is not None):
         found.append("strategy.conv_rank / conv_alpha: set, but strategy.conv_layers is false; set "
                      "strategy.conv_layers: true or remove them")
-    if o.conv_rank is not None and o.conv_rank < 1:
-        found.append(f"strategy.conv_rank: must be at least 1, got {o.conv_rank}")
-    if o.conv_alpha is not None and o.conv_alpha <= 0:
-        found.append(f"strategy.conv_alpha: must be positive, got {o.conv_alpha}")
     return found

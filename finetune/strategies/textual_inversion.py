@@ -21,7 +21,8 @@ import torch
 from finetune.draws import host_choices
 from finetune.export import textual_inversion as ti_files
 from finetune.models.base import Components, ModelFamily
-from finetune.recipe.schema import StrategyOptions, required
+from finetune.recipe.keys import key, required
+from finetune.recipe.schema import StrategyOptions
 from finetune.strategies.base import StrategySetupError, held_in, unchanged_base
 
 # prompts for `prompts: object` / `style` (the concept shown as a thing, or as a way of drawing)
@@ -37,21 +38,26 @@ class PlaceholderError(StrategySetupError):
 
 @dataclass
 class Options(StrategyOptions):
-    placeholder_token: list[str] = required()  # one token, or several; e.g. "<sks>"
-    initializer_token: list[str] = required()  # one word of the base's vocabulary, or one per placeholder
-    num_vectors: int = 1
-    # captions: the data's captions (a caption without a placeholder gets the first one put in front);
-    # object / style: templates such as "a photo of a {}" around the first placeholder
-    prompts: Literal["captions", "object", "style"] = "captions"
-    a1111_pt: bool = False  # also write AUTOMATIC1111's pickled .pt (its .safetensors is always written)
+    placeholder_token: list[str] = required(
+        "The new word the concept is learned as, e.g. `<sks>`, or a list of several; each must not be in the "
+        "tokenizer's vocabulary already.")
+    initializer_token: list[str] = required(
+        "A word of the base's vocabulary that tokenizes as one token, whose embedding every new vector starts from: "
+        "one for all placeholders, or one per placeholder.")
+    num_vectors: int = key(1, "Vectors per placeholder: prompts expand `<sks>` to `<sks> <sks>_1 ...`, as diffusers' "
+                              "loader does.", minimum=1)
+    prompts: Literal["captions", "object", "style"] = key(
+        "captions", "What the images are trained with: `captions`, the data's captions (a caption without a "
+                    "placeholder gets the first one put in front); `object` or `style`, templates such as \"a photo of "
+                    "a {}\" around the first placeholder.")
+    a1111_pt: bool = key(False, "Also write AUTOMATIC1111's pickled `.pt` (plain data only); the `.safetensors` "
+                                "embedding is always written.")
 
     def changes_text_encoding(self) -> Optional[str]:
         return "textual inversion trains the new words' embeddings inside the text encoder"
 
     def validate(self, recipe: Any) -> list[str]:
-        problems = []
-        if self.num_vectors < 1:
-            problems.append(f"strategy.num_vectors: must be at least 1, got {self.num_vectors}")
+        problems = []  # a key's own bounds are declared on it (finetune/recipe/keys.py)
         tokens = self.placeholder_token or []
         if len(set(tokens)) != len(tokens):
             problems.append(f"strategy.placeholder_token: each placeholder once, got {tokens}")

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
-GROUPS = {"contracts", "families", "formats", "cli", "unit", "e2e"}
+GROUPS = {"contracts", "families", "formats", "cli", "unit", "e2e", "docs"}
 
 
 def _imported_modules(source: str, package: str) -> list[str]:
