@@ -11,9 +11,9 @@
 #
 # Needs torch with CUDA and this project's dependencies importable; the device machine's image lacks diffusers
 # and datasets, which travel as wheels (/work/.library/device/README.md), and torchao for memory.py (flux_lora.yaml
-# quantizes). With torch 2.11 on an H200, cuDNN attention failed in Flux's backward pass (README, "Measured on one
-# H200"); train.attention: auto leaves it out there (finetune/training/attention.py), and the benchmarks' bare
-# loops use the same kernels. Not here yet: Flux.1-dev at its released size and SD3.5 Medium (a 24 GB random-weight
+# quantizes). With torch 2.11 on an H200, cuDNN attention failed in Flux's backward pass
+# (benchmarks/RESULTS.md, "One NVIDIA H200"); train.attention: auto leaves it out there
+# (finetune/training/attention.py), and the benchmarks' bare loops use the same kernels. Not here yet: Flux.1-dev at its released size and SD3.5 Medium (a 24 GB random-weight
 # folder takes longer to write than this run has). Figures go to OUT_DIR as JSON and logs; each step has its own
 # time limit, and a failed step does not stop the others. PEAK_TFLOPS: the GPU's dense bf16 peak for MFU (default 989, H100/H200 SXM; what matrix products reach in practice is nearer 790).
 set -u

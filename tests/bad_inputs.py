@@ -1,5 +1,6 @@
-"""The catalogue of bad inputs: each one a test (tests/cli/test_bad_inputs.py) and a row of README's troubleshooting
-table, which `python -m tests.bad_inputs` prints from this list.
+"""The catalogue of bad inputs: each one a test (tests/cli/test_bad_inputs.py) and a row of the troubleshooting
+table in docs/troubleshooting.md, which `python -m tests.bad_inputs docs/troubleshooting.md` rewrites from this
+list (without an argument it prints the table).
 
 Each entry builds its bad input in a fresh workspace and returns the command line that meets it; the test
 checks that `finetune` exits with 2, that the message holds the fragments in `says` (the problem and the fix),
@@ -75,8 +76,8 @@ class Workspace:
 @dataclass(frozen=True)
 class BadInput:
     name: str
-    problem: str  # README: what the user did or met
-    answer: str  # README: what finetune does about it and what to do
+    problem: str  # docs/troubleshooting.md: what the user did or met
+    answer: str  # docs/troubleshooting.md: what finetune does about it and what to do
     make: Callable[[Workspace], list[str]]  # builds the bad input; returns the `finetune` command line
     says: tuple[str, ...]  # fragments of the message: the problem and the fix
     loads_model: bool = False  # True only where the check needs the model (or the model is the bad input)
@@ -510,10 +511,30 @@ CATALOGUE = [
 ]
 
 
+# the generated table sits between these markers in docs/troubleshooting.md
+TABLE_START, TABLE_END = "<!-- troubleshooting:start -->", "<!-- troubleshooting:end -->"
+
+
 def troubleshooting_table() -> str:
+    """The Markdown table of every catalogue entry: the problem and what finetune does about it."""
     rows = [f"| {case.problem} | {case.answer} |" for case in CATALOGUE]
     return "\n".join(["| Problem | What finetune does, and the fix |", "| --- | --- |", *rows])
 
 
+def with_table(page: str) -> str:
+    """`page` with the text between the troubleshooting markers replaced by the current table."""
+    if TABLE_START not in page or TABLE_END not in page:
+        raise ValueError(f"no {TABLE_START} ... {TABLE_END} markers to write the table between")
+    before, rest = page.split(TABLE_START, 1)
+    return f"{before}{TABLE_START}\n{troubleshooting_table()}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+
+
 if __name__ == "__main__":
-    print(troubleshooting_table())
+    import sys
+
+    if len(sys.argv) > 1:  # python -m tests.bad_inputs docs/troubleshooting.md: rewrite the page's table
+        page = Path(sys.argv[1])
+        page.write_text(with_table(page.read_text(encoding="utf-8")), encoding="utf-8")
+        print(f"wrote the troubleshooting table in {page}")
+    else:
+        print(troubleshooting_table())

@@ -43,14 +43,14 @@ KNOWN_CUDNN_FAILURES = (
     # scripts (huggingface/diffusers#9768); 2.5.1 put it last again
     KnownFailure((2, 5, 0), (2, 5, 1), frozenset({9, 10, 12}), "NaN gradients (diffusers#9768)"),
     # from 2.11 torch puts cuDNN attention first on sm90/sm100 (check_prefer_cudnn_attention, cuDNN > 9.15), and:
-    # - Flux's backward at 1024 px on an H200, torch 2.11: "an illegal memory access" (README, "Measured on one
-    #   H200"; flash, efficient and math ran);
+    # - Flux's backward at 1024 px on an H200, torch 2.11: "an illegal memory access" (benchmarks/RESULTS.md,
+    #   "One NVIDIA H200"; flash, efficient and math ran);
     # - pytorch/pytorch#196678: NaN grad_q with an attention mask and seq_len % 128 == 64 on H100/H200, "regression
     #   since 2.11", reproduced with torch 2.13 / cuDNN 9.20 (huggingface/trl#7181: DPO runs going NaN on 2.13);
     # - pytorch/pytorch#193893: silently wrong outputs on B200 (sm_100), torch 2.11 and 2.13.
     # No release is known to fix all of them: no upper bound until one is measured (benchmarks/gpu_check.sh).
     KnownFailure((2, 11, 0), None, frozenset({9, 10}),
-                 "illegal memory access in Flux's backward (README), NaN gradients (pytorch#196678)"),
+                 "illegal memory access in Flux's backward (benchmarks/RESULTS.md), NaN gradients (pytorch#196678)"),
 )
 
 

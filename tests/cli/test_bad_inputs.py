@@ -1,6 +1,6 @@
 """Every entry of the bad-input catalogue (tests/bad_inputs.py): exit code 2, a message naming the problem and
 the fix (every setting and command it suggests valid as printed: tests/suggestions.py), no model loaded unless the
-check needs one, nothing half-written in output_dir; and README's troubleshooting table is the catalogue's."""
+check needs one, nothing half-written in output_dir; and docs/troubleshooting.md's table is the catalogue's."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from safetensors import safe_open
 from finetune.cli import main
 from finetune.models.stable_diffusion import StableDiffusion
 from tests import suggestions
-from tests.bad_inputs import CATALOGUE, Workspace, troubleshooting_table
+from tests.bad_inputs import CATALOGUE, TABLE_END, TABLE_START, Workspace, troubleshooting_table, with_table
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "pipeline", "kohya")
@@ -102,12 +102,21 @@ def test_validate_prints_the_data_summary_reading_headers_only(tiny_base, tmp_pa
     assert main(["validate", ws.recipe(), "--decode"]) == 0 and decoded
 
 
-def test_readme_troubleshooting_is_the_catalogue():
-    readme = (ROOT / "README.md").read_text()
-    start, end = "<!-- troubleshooting:start -->\n", "\n<!-- troubleshooting:end -->"
-    assert start in readme and end in readme
-    section = readme[readme.index(start) + len(start):readme.index(end)]
-    assert section == troubleshooting_table(), "regenerate it with: python -m tests.bad_inputs"
+def test_the_docs_troubleshooting_page_is_the_catalogue():
+    page = (ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    start, end = TABLE_START + "\n", "\n" + TABLE_END
+    assert start in page and end in page
+    section = page[page.index(start) + len(start):page.index(end)]
+    assert section == troubleshooting_table(), \
+        "stale: regenerate it with python -m tests.bad_inputs docs/troubleshooting.md"
+
+
+def test_the_troubleshooting_table_is_rewritten_between_its_markers():
+    """What `python -m tests.bad_inputs PAGE` writes: the text around the markers kept, a stale table replaced."""
+    stale = f"intro\n{TABLE_START}\n| old | row |\n{TABLE_END}\nadvice\n"
+    assert with_table(stale) == f"intro\n{TABLE_START}\n{troubleshooting_table()}\n{TABLE_END}\nadvice\n"
+    with pytest.raises(ValueError):
+        with_table("a page without the markers")
 
 
 def test_every_image_mode_trains_upright_and_in_colour(tiny_base, tmp_path):

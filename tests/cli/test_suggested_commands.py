@@ -53,8 +53,8 @@ def test_no_string_in_the_source_names_a_setting_or_command_that_does_not_work(p
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=lambda case: case.name)
-def test_readme_troubleshooting_answers_suggest_what_works(case):
-    """README's table (its answer column; the problem column shows the user's mistakes) is the catalogue's."""
+def test_docs_troubleshooting_answers_suggest_what_works(case):
+    """docs/troubleshooting.md's table (its answer column; the problem column shows the user's mistakes) is the catalogue's."""
     assert suggestions.problems(case.answer, in_source=True) == []
 
 

@@ -41,7 +41,7 @@ def _train(base, images, out, kind: str, precision: str, steps: int = 2):
 
 
 def _users_grid(base, artifact, dtype: torch.dtype) -> Image.Image:
-    """diffusers' own pipeline, loaded in `dtype`, with the artifact loaded as the README says (None: the base
+    """diffusers' own pipeline, loaded in `dtype`, with the artifact loaded as docs/formats.md says (None: the base
     alone)."""
     from diffusers import StableDiffusionPipeline
 

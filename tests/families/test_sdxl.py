@@ -246,7 +246,7 @@ def test_a_hypernetwork_works_at_sdxl_widths_and_keys_a1111s_file_by_them(sdxl_b
 
 def test_textual_inversion_writes_one_file_with_clip_l_and_clip_g(sdxl_base, tmp_path):
     """The layout AUTOMATIC1111, ComfyUI and kohya read for SDXL; diffusers loads it with one
-    load_textual_inversion call per encoder (as the README shows), finetune.load_adapter with one."""
+    load_textual_inversion call per encoder (as docs/families/sdxl.md shows), finetune.load_adapter with one."""
     from safetensors.torch import load_file
 
     from finetune import load_adapter

@@ -28,7 +28,7 @@ CPU_FLASH_OP = "_scaled_dot_product_flash_attention_for_cpu"  # its backward's n
 
 @pytest.mark.parametrize("choice, device, version, capability, expected", [
     ("auto", "cpu", "2.13.0+cpu", None, None),  # PyTorch's choice: CPU runs stay as they were
-    ("auto", "cuda", "2.13.0+cu130", H100, WITHOUT_CUDNN),  # pytorch#196678, README's Flux backward
+    ("auto", "cuda", "2.13.0+cu130", H100, WITHOUT_CUDNN),  # pytorch#196678, benchmarks/RESULTS.md's Flux backward
     ("auto", "cuda", "2.11.0+cu130", H100, WITHOUT_CUDNN),
     ("auto", "cuda", "2.14.0.dev20261001+cu130", H100, WITHOUT_CUDNN),  # no fixed release known
     ("auto", "cuda", "2.13.0", B200, WITHOUT_CUDNN),  # pytorch#193893
