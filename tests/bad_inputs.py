@@ -329,7 +329,7 @@ CATALOGUE = [
     BadInput("ema-decay-out-of-range", "`train.ema.decay` of 1 or more, or below 0",
              "Says it must be at least 0 and below 1, and how far back 0.999 and 0.99 average",
              lambda ws: ws.train(train={"ema": {"decay": 1.0}}),
-             ("train.ema.decay: must be at least 0 and below 1, got 1.0", "0.999 averages")),
+             ("train.ema.decay: must be at least 0 and below 1", "got 1.0", "0.999 averages")),
     BadInput("ema-with-schedule-free", "`train.ema` with `train.optimizer: schedule_free_adamw`",
              "Refused: that optimizer's saved weights already are an average; leave train.ema out or choose "
              "another optimizer",

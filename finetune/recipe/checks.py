@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import re
 from pathlib import Path
@@ -121,8 +120,6 @@ def _check_data(recipe: Recipe) -> list[str]:
         problems.append(f"data.images: {d.images} is not an existing folder")
     if d.dataset is not None and looks_like_local_path(d.dataset) and not os.path.exists(d.dataset):
         problems.append(f"data.dataset: {d.dataset} does not exist")
-    if d.repeats < 1:
-        problems.append(f"data.repeats: must be at least 1, got {d.repeats}")
     known = vae_downsampling(recipe.model.base)
     factor = known or 8
     if d.resolution < factor or d.resolution % factor:
@@ -130,10 +127,6 @@ def _check_data(recipe: Recipe) -> list[str]:
                "Stable Diffusion's VAE downsamples by 8; the base's own is read when it loads")
         problems.append(f"data.resolution: {d.resolution} must be a positive multiple of {factor} ({why}); "
                         f"try {max(factor, round(d.resolution / factor) * factor)}")
-    if not 0.0 <= d.caption_dropout <= 1.0:
-        problems.append(f"data.caption_dropout: a probability between 0 and 1, got {d.caption_dropout}")
-    if d.num_workers < 0:
-        problems.append(f"data.num_workers: must be 0 or more, got {d.num_workers}")
     if d.bucketing or d.buckets:
         problems += _check_buckets(d)
         if recipe.prior.mode == "class_images":
@@ -164,8 +157,6 @@ def _check_buckets(d) -> list[str]:
                 f"of {min_side * min_side}, more than data.resolution {d.resolution} squared allows; lower "
                 f"data.bucket_min_side to {d.resolution // step * step} or less (or leave it unset to follow the "
                 "resolution), or raise data.resolution")
-    if not 0.0 <= d.bucket_max_crop < 1.0:
-        problems.append(f"data.bucket_max_crop: a share of the image in [0, 1), got {d.bucket_max_crop}")
     return problems
 
 
@@ -197,18 +188,9 @@ def _check_cache(recipe: Recipe) -> list[str]:
 def _check_train(recipe: Recipe) -> list[str]:
     problems = []
     t = recipe.train
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
-        if getattr(t, name) < 1:
-            problems.append(f"train.{name}: must be at least 1, got {getattr(t, name)}")
-    for key, value in (("train.learning_rate", t.learning_rate), ("strategy.learning_rate",
-                                                                     recipe.strategy.learning_rate)):
-        if value is not None and not (math.isfinite(value) and value > 0):  # YAML reads .inf and .nan too
-            problems.append(f"{key}: must be positive, got {value}")
-    if t.lr_warmup_steps < 0 or t.lr_warmup_steps > t.max_steps:
+    if t.lr_warmup_steps > t.max_steps:  # at least 0: declared on the key (schema.py)
         problems.append(f"train.lr_warmup_steps: must be between 0 and train.max_steps ({t.max_steps}), "
                         f"got {t.lr_warmup_steps}")
-    if t.max_grad_norm < 0:
-        problems.append(f"train.max_grad_norm: must be 0 (off) or positive, got {t.max_grad_norm}")
     return problems
 
 
@@ -220,12 +202,7 @@ def _check_prior(recipe: Recipe) -> list[str]:
     if not [prompt for prompt in p.class_prompt if prompt.strip()]:
         problems.append(f"prior.class_prompt: prior.mode {p.mode} needs the class the instances belong to, "
                         "e.g. class_prompt: \"a photo of a dog\" (or a list of prompts)")
-    if p.loss_weight < 0:
-        problems.append(f"prior.loss_weight: must be 0 or more (1.0 is usual), got {p.loss_weight}")
     if p.mode == "class_images":
-        for name in ("num_class_images", "steps", "generation_batch_size"):
-            if getattr(p, name) < 1:
-                problems.append(f"prior.{name}: must be at least 1, got {getattr(p, name)}")
         if p.num_class_images < recipe.train.batch_size:
             problems.append(f"prior.num_class_images: {p.num_class_images} is fewer than one batch "
                             f"(train.batch_size {recipe.train.batch_size}); every batch holds as many class as "
@@ -239,22 +216,10 @@ def _check_prior(recipe: Recipe) -> list[str]:
 
 def _check_outputs(recipe: Recipe) -> list[str]:
     problems = []
-    c, s, log = recipe.checkpoint, recipe.sample, recipe.log
-    if c.every < 0:
-        problems.append(f"checkpoint.every: must be 0 (off) or positive, got {c.every}")
-    if c.snapshot_every < 0:
-        problems.append(f"checkpoint.snapshot_every: must be 0 (off) or positive, got {c.snapshot_every}")
-    if c.keep < 1:
-        problems.append(f"checkpoint.keep: must be at least 1, got {c.keep}")
-    if s.every < 0:
-        problems.append(f"sample.every: must be 0 (off) or positive, got {s.every}")
+    s = recipe.sample
     if s.every > 0 and not s.prompts and not s.prompt_file:
         problems.append("sample.every is set but sample.prompts is empty: add prompts (or a sample.prompt_file) or "
                         "set sample.every: 0")
-    if s.steps < 1 or s.images_per_prompt < 1:
-        problems.append("sample.steps and sample.images_per_prompt must be at least 1")
-    if log.every < 1:
-        problems.append(f"log.every: must be at least 1, got {log.every}")
     if recipe.output_dir is None:
         return problems
     out = Path(os.path.expanduser(recipe.output_dir))

@@ -9,6 +9,7 @@ recipe with `data.repeats: 0` is refused the same way as every other key out of 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 _NO_DEFAULT = dataclasses.MISSING
@@ -59,17 +60,23 @@ def bounds_text(field: dataclasses.Field) -> str:
 
 
 def out_of_bounds(field: dataclasses.Field, value: Any, path: str) -> Optional[str]:
-    """"path: must be at least 1, got 0" when a number `value` breaks the field's bounds; None otherwise (and for
-    None, lists and anything not a number: a list's items are not bounded here)."""
+    """"path: must be at least 1, got 0" when a number `value` breaks the field's bounds (NaN and infinity break
+    any bounds); None otherwise (and for None, lists and anything not a number: a list's items are not bounded
+    here)."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     m = field.metadata
-    broken = (("minimum" in m and value < m["minimum"]) or ("maximum" in m and value > m["maximum"])
+    if not any(name in m for name in ("minimum", "maximum", "above", "below")):
+        return None
+    # YAML reads .nan and .inf too: no bounded key means either (a NaN passes every comparison)
+    broken = (not math.isfinite(value) or ("minimum" in m and value < m["minimum"])
+              or ("maximum" in m and value > m["maximum"])
               or ("above" in m and value <= m["above"]) or ("below" in m and value >= m["below"]))
     if not broken:
         return None
     hint = f" ({m['hint']})" if m.get("hint") else ""
-    return f"{path}: must be {bounds_text(field)}{hint}, got {value}"
+    finite = "" if math.isfinite(value) else " and finite"
+    return f"{path}: must be {bounds_text(field)}{finite}{hint}, got {value}"
 
 
 def _number(value: float) -> str:

@@ -24,10 +24,6 @@ def check_validation(recipe: Recipe) -> list[str]:
     from finetune.data.prepare import held_out_fraction
 
     v, problems = recipe.validation, check_grid_scores(recipe)
-    if v.every < 0:
-        problems.append(f"validation.every: must be 0 (the last step only) or more, got {v.every}")
-    if v.timesteps < 1:
-        problems.append(f"validation.timesteps: must be at least 1 (8 is usual), got {v.timesteps}")
     if v.images is None:
         if v.every:
             problems.append("validation.every: set, but validation.images is not: give a folder of held-out images "
@@ -74,9 +70,6 @@ def check_masks(recipe: Recipe) -> list[str]:
     """data.masks and data.unmasked_weight; each image's own mask is checked with the images (data/masks.py)."""
     d = recipe.data
     problems = []
-    if not 0.0 <= d.unmasked_weight <= 1.0:
-        problems.append(f"data.unmasked_weight: the loss weight of black mask pixels, between 0 (not trained) and 1 "
-                        f"(trained fully), got {d.unmasked_weight}")
     if d.masks is None:
         return problems
     if d.dataset is not None:
@@ -123,7 +116,7 @@ def check_optimizers(recipe: Recipe) -> list[str]:
                 f"{t.optimizer_args!r}"]
     rate = recipe.strategy.learning_rate or t.learning_rate
     if not (math.isfinite(rate) and rate > 0):
-        return []  # already reported by _check_train
+        return []  # refused by the key's bounds (schema.py)
     return problems(t.optimizer, t.optimizer_args, rate, t.lr_scheduler, t.lr_warmup_steps)
 
 

@@ -118,12 +118,15 @@ def _yaml_fields(cls: type) -> list[dataclasses.Field]:
 
 
 def _rows(cls: type, where: str) -> Iterator[tuple[str, Any, dataclasses.Field]]:
-    """(dotted key, type hint, field) of every key of `cls`, nested sections (train.ema) flattened."""
+    """(dotted key, type hint, field) of every key of `cls`, nested sections (train.ema) flattened; an optional
+    section (null by default: off) gets a row of its own first, which says what setting it turns on."""
     hints = typing.get_type_hints(cls)
     for f in _yaml_fields(cls):
         name = f"{where}.{f.name}" if where else f.name
         inner = _section_type(hints[f.name])
         if inner is not None:
+            if inner is not hints[f.name]:
+                yield name, hints[f.name], f
             yield from _rows(inner, name)
         else:
             yield name, hints[f.name], f
@@ -157,8 +160,10 @@ def type_text(hint: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(f"`{a}`" for a in args)
     if origin is list:
-        return f"list of {type_text(args[0])}" if args else "list"
-    if origin is dict:
+        if args and typing.get_origin(args[0]) is Literal:
+            return "list of " + ", ".join(f"`{a}`" for a in typing.get_args(args[0]))
+        return f"list of {type_text(args[0])}" if args and args[0] is not Any else "list"
+    if origin is dict or dataclasses.is_dataclass(hint):
         return "mapping"
     return {int: "integer", float: "number", str: "text", bool: "true/false", Any: "any"}.get(hint, str(hint))
 
@@ -176,6 +181,11 @@ def _yaml(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if value == "":
+        return '""'
+    if isinstance(value, float) and "e" in repr(value):  # 1e-08 -> 1e-8, as a recipe writes it
+        mantissa, exponent = repr(value).split("e")
+        return f"{mantissa}e{int(exponent)}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_yaml(v) for v in value) + "]"
     if isinstance(value, dict):

@@ -2,6 +2,7 @@
 
 Every field is declared with `key(default, help, bounds)` or `required(help)` (finetune/recipe/keys.py): its help
 text is the recipe reference (docs/recipes.md), its bounds are checked where every key is read.
+The `data`, `prior` and `cache` sections live in finetune/recipe/data_schema.py and are re-exported here.
 Strategy options live with each strategy (see `finetune.strategies`), because only the strategy knows them.
 """
 from __future__ import annotations
@@ -9,39 +10,46 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from finetune.recipe.data_schema import CacheOptions, DataOptions, PriorOptions  # noqa: F401  (re-exported)
 from finetune.recipe.keys import key, required  # noqa: F401  (required: strategies import it from here)
-
-
 
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
 
 
+# a family's options class (its file in finetune/models/) extends this, as each strategy's class extends
+# StrategyOptions; the family's own keys (its objective's included) follow these on the reference page
 @dataclass
 class ModelOptions:
-    """What every family's `model` section holds; a family's options class (its file in finetune/models/) adds
-    its own keys, as each strategy's class adds to StrategyOptions."""
+    """The base model to train on and how it is loaded. Each family adds its own keys, listed after the common
+    ones."""
 
-    base: str = required()  # hub id, local diffusers folder, or single .safetensors/.ckpt checkpoint
-    revision: Optional[str] = None
-    variant: Optional[str] = None  # e.g. "fp16" for the fp16 weight files of a hub repository
-    # dtype of the frozen base; "auto" follows train.mixed_precision
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    # which model family (finetune/models/): "auto" tells it from a diffusers folder's model_index.json or a
-    # single file's keys; a hub id or .ckpt that cannot be read before loading is taken as sd unless set here.
-    # The family chooses the rest of this section: its own options (its objective's included) follow these
-    family: str = "auto"
-    # the frozen denoiser's Linear weights in 8 bits (torchao; adapters stay full precision), for LoRA-type
-    # strategies on large transformers (finetune/models/quantize.py): int8 / fp8 store 8 bits and multiply in the
-    # compute dtype; int8_w8a8 / fp8_w8a8 also quantise each activation on the fly and multiply in 8 bits (faster
-    # on GPUs with 8-bit tensor cores; fp8 needs compute capability 8.9+). "none": as loaded
-    quantize: Literal["none", "int8", "fp8", "int8_w8a8", "fp8_w8a8"] = "none"
-    # for a single-file checkpoint: a diffusers folder or hub id holding the matching configs
-    config: Optional[str] = None
-    # another VAE instead of the base's: a folder holding one, a pipeline folder (its vae/), a single file or a
-    # hub id (e.g. stabilityai/sd-vae-ft-mse)
-    vae: Optional[str] = None
+    base: str = required(
+        "The model to train on: a hub id (`owner/name`), a local diffusers folder, or a single "
+        "`.safetensors`/`.ckpt` checkpoint file.")
+    revision: Optional[str] = key(None, "The hub revision (branch, tag or commit) of `model.base`; null: its "
+                                        "default branch.")
+    variant: Optional[str] = key(None, "Which weight files of a hub repository to load, e.g. `fp16`; null: the "
+                                       "full-precision ones.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = key(
+        "auto", "The precision the frozen base is kept in. `auto` follows `train.mixed_precision`; `fp16` or "
+        "`bf16` needs the same `train.mixed_precision`.")
+    family: str = key(
+        "auto", "Which model family the base is (`sd`, `sdxl`, `sd3`, `flux`, ...: the names of the Model families "
+        "pages). `auto` tells it from a diffusers folder's `model_index.json` or a single file's keys; a hub id or "
+        "`.ckpt` that cannot be read before loading is taken as `sd` unless set here.")
+    quantize: Literal["none", "int8", "fp8", "int8_w8a8", "fp8_w8a8"] = key(
+        "none", "Store the frozen denoiser's Linear weights in 8 bits (torchao) for LoRA-type strategies on large "
+        "transformers; the adapters stay in full precision. `int8`/`fp8` multiply in the compute dtype, "
+        "`int8_w8a8`/`fp8_w8a8` also quantize activations and multiply in 8 bits (faster on GPUs with 8-bit "
+        "tensor cores; fp8 needs compute capability 8.9+).")
+    config: Optional[str] = key(
+        None, "For a single-file checkpoint: a diffusers folder or hub id holding the matching configs; null: "
+        "diffusers infers them from the checkpoint.")
+    vae: Optional[str] = key(
+        None, "Another VAE in place of the base's: a folder holding one, a pipeline folder (its `vae/`), a single "
+        "file, or a hub id such as `stabilityai/sd-vae-ft-mse`. Training encodes and sample grids decode with it.")
 
     def problems(self) -> list[str]:
         """What is wrong with the family's own options (a family's class extends this)."""
@@ -49,188 +57,154 @@ class ModelOptions:
 
 
 @dataclass
-class DataOptions:
-    images: Optional[str] = None  # folder of images with .txt sidecars or a metadata.jsonl
-    dataset: Optional[str] = None  # Hugging Face datasets name, or a save_to_disk folder
-    split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "text"
-    prompt: Optional[str] = None  # one fixed caption for every image (e.g. "a photo of sks dog")
-    caption_extension: str = ".txt"
-    repeats: int = 1
-    resolution: int = 512
-    crop: Literal["center", "random"] = "center"
-    random_flip: bool = False
-    caption_dropout: float = 0.0  # probability of an empty caption, for classifier-free guidance
-    # captions longer than the text encoder's 75 tokens: encoded whole in 75-token chunks, each with its own start
-    # and end tokens (kohya's --max_token_length, AUTOMATIC1111's long prompts); None: cut at the window
-    max_token_length: Optional[Literal[75, 150, 225]] = None
-    on_bad_image: Literal["error", "skip"] = "error"
-    # images smaller than the size they train at: enlarge (softer), leave out, or refuse (data/prepare.py)
-    on_small_image: Literal["upscale", "skip", "error"] = "upscale"
-    num_workers: int = 0
-    # aspect-ratio bucketing (finetune/data/buckets.py): each image at the bucket size nearest its shape
-    bucketing: bool = False
-    buckets: list[list[int]] = field(default_factory=list)  # [[width, height], ...]; empty: derived as below
-    # derived buckets: sides from bucket_min_side to bucket_max_side in bucket_step steps, area at most resolution
-    # squared; None: following the resolution (64, 256, 1024 at 512 px; see finetune/data/buckets.py)
-    bucket_step: Optional[int] = None
-    bucket_min_side: Optional[int] = None
-    bucket_max_side: Optional[int] = None
-    bucket_max_crop: float = 0.5  # skip an image a crop would cut by more than this share of its area
-    # masked loss (finetune/data/masks.py): "alpha" takes each image's alpha channel, a folder holds one mask
-    # image per training image by file name (white: trained, black: not); the per-pixel loss is weighted by the
-    # mask brought to latent size. None: every pixel counts
-    masks: Optional[str] = None
-    unmasked_weight: float = 0.0  # the loss weight where the mask is black (0: those pixels do not train)
-
-
-@dataclass
 class EmaOptions:
     """train.ema: an fp32 moving average of what trains, saved as the artifact (the raw weights beside it)."""
 
-    decay: float = 0.999
-    update_every: int = 1  # optimizer steps between updates
-    device: Literal["accelerator", "cpu"] = "accelerator"  # cpu: the average in CPU memory (large DreamBooth runs)
+    decay: float = key(
+        0.999, "How slowly the average follows the trained weights: 0.999 averages about the last 1000 updates, "
+        "0.99 the last 100.", minimum=0, below=1, hint="0.999 averages about the last 1000 updates, 0.99 the last "
+        "100")
+    update_every: int = key(1, "Optimizer steps between updates of the average (at most `train.max_steps`).",
+                            minimum=1)
+    device: Literal["accelerator", "cpu"] = key(
+        "accelerator", "Where the average is kept: `cpu` keeps it in CPU memory (large DreamBooth runs).")
 
 
 @dataclass
 class OffloadOptions:
     """train.offload: block offload for large transformers on small cards."""
 
-    blocks: float = 0  # how many transformer blocks stream from the CPU: a count (>= 1) or a fraction (< 1)
+    blocks: float = key(
+        0, "How many transformer blocks stream from CPU memory: a count (1, 2, ...) or a fraction of them (0.5); "
+        "`train.offload` needs it.")
 
 
 @dataclass
 class TrainOptions:
-    max_steps: int = 1000  # optimizer steps, whatever the number of processes
-    seed: int = 0
-    batch_size: int = 1  # per process and micro-step
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    lr_scheduler: LrScheduler = "constant"
-    lr_warmup_steps: int = 0
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "schedule_free_adamw"] = "adamw"
-    # the optimizer's own arguments by their library's names (e.g. {d_coef: 1.0} for prodigy); checked against
-    # its signature before any model loads (finetune/training/optimizers.py)
-    optimizer_args: dict[str, Any] = field(default_factory=dict)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
-    # torch.compile of the denoiser (finetune/training/compile.py), with the adapter layers inside: "blocks" each
-    # repeated block (the U-Net's attention and ResNet blocks, a transformer's blocks) compiled once for all its
-    # copies; "full" the whole denoiser; "max" the whole denoiser with CUDA graphs and autotuned kernels (a CUDA
-    # GPU and one batch shape); "auto": blocks on CUDA, off elsewhere. An older recipe's true reads as full
-    compile: Literal["auto", "off", "blocks", "full", "max"] = "auto"
-    # scaled_dot_product_attention's kernels (finetune/training/attention.py); "auto": PyTorch's choice, less those
-    # known to fail for this torch and GPU (cuDNN attention in Flux's backward pass with torch 2.11)
-    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
-    channels_last: bool = False  # denoiser weights and inputs in NHWC, faster convolutions on many GPUs
-    # an exponential moving average of the trained weights (finetune/training/ema.py); None: none
-    ema: Optional[EmaOptions] = None
-    # frozen transformer blocks' weights kept in pinned CPU memory, each streamed to the GPU ahead of its use
-    # (finetune/training/block_offload.py); None: every weight on the accelerator
-    offload: Optional[OffloadOptions] = None
+    """How the training steps run: how many, their batch, the learning rate and optimizer, the precision, and the
+    options that trade speed for memory."""
+
+    max_steps: int = key(1000, "Optimizer steps to train, whatever the number of processes.", minimum=1)
+    seed: int = key(0, "The seed of everything random in the run.")
+    batch_size: int = key(1, "Images per process and micro-step.", minimum=1)
+    gradient_accumulation_steps: int = key(
+        1, "Micro-steps whose gradients add up to one optimizer step; the effective batch is batch_size x "
+        "processes x this.", minimum=1)
+    learning_rate: float = key(1e-4, "The optimizer's learning rate (a strategy may set its own).", above=0)
+    lr_scheduler: LrScheduler = key(
+        "constant", "How the learning rate changes over the run after the warmup (diffusers' schedulers).")
+    lr_warmup_steps: int = key(
+        0, "Steps of linear warmup: step N trains at N / lr_warmup_steps of the rate, so the last warmup step is at "
+        "the full rate; at most `train.max_steps`.", minimum=0)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "schedule_free_adamw"] = key(
+        "adamw", "`adamw8bit` needs bitsandbytes; `prodigy`, `adafactor`, `lion` and `schedule_free_adamw` need "
+        "`finetune[optimizers]`. The `adam_*` keys map to the other optimizers where they mean the same.")
+    optimizer_args: dict[str, Any] = key(
+        help="The optimizer's own arguments by its library's names (`{d_coef: 0.5}` for prodigy), checked against "
+        "its constructor before any model loads.", factory=dict)
+    adam_beta1: float = key(0.9, "Adam's first-moment decay (its `betas[0]`).", minimum=0, below=1)
+    adam_beta2: float = key(0.999, "Adam's second-moment decay (its `betas[1]`).", minimum=0, below=1)
+    adam_weight_decay: float = key(1e-2, "Decoupled weight decay, as AdamW's.", minimum=0)
+    adam_epsilon: float = key(1e-8, "Adam's epsilon, added to the denominator for stability.", minimum=0)
+    max_grad_norm: float = key(1.0, "Clip the gradients' norm to this; 0 turns clipping off.", minimum=0,
+                               hint="0 turns clipping off")
+    mixed_precision: Literal["no", "fp16", "bf16"] = key(
+        "no", "Compute in `fp16` (GPU only) or `bf16`; the trained weights stay fp32.")
+    gradient_checkpointing: bool = key(
+        False, "Recompute activations in the backward pass: much less memory, about 30% slower.")
+    compile: Literal["auto", "off", "blocks", "full", "max"] = key(
+        "auto", "torch.compile of the denoiser, adapter layers inside: `blocks` each repeated block once, `full` "
+        "the whole denoiser, `max` the whole denoiser with CUDA graphs and autotuned kernels (a CUDA GPU, one "
+        "batch shape). `auto`: `blocks` on CUDA, `off` elsewhere; an older recipe's `true` reads as `full`.")
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = key(
+        "auto", "The attention kernels (PyTorch's scaled_dot_product_attention) of the training steps. `auto`: "
+        "PyTorch's choice, less those known to fail for this torch and GPU; one the device cannot run is refused "
+        "before loading.")
+    channels_last: bool = key(False, "Denoiser weights and inputs in NHWC memory format, faster convolutions on "
+                                     "many GPUs.")
+    ema: Optional[EmaOptions] = key(
+        None, "An fp32 exponential moving average of the trained weights, saved as the artifact (the trained "
+        "weights themselves in `raw/`); e.g. `{decay: 0.999}`. null: none.")
+    offload: Optional[OffloadOptions] = key(
+        None, "Keep the frozen weights of some transformer blocks in pinned CPU memory, each streamed to the GPU "
+        "ahead of its use; e.g. `{blocks: 8}`, with `gradient_checkpointing`. null: every weight on the "
+        "accelerator.")
 
 
 @dataclass
 class CheckpointOptions:
-    every: int = 500  # optimizer steps between checkpoints; 0: none but the final artifact
-    keep: int = 3
-    # optimizer steps between loadable copies of the artifact in output_dir/snapshots/step-N/; 0: none
-    snapshot_every: int = 0
+    """Checkpoints a run resumes from (`finetune train --resume`), and loadable copies of the artifact along the
+    way."""
+
+    every: int = key(500, "Optimizer steps between checkpoints; 0: none but the final artifact.", minimum=0)
+    keep: int = key(3, "How many of the newest checkpoints are kept; older ones are deleted.", minimum=1)
+    snapshot_every: int = key(
+        0, "Optimizer steps between loadable copies of the artifact in `output_dir/snapshots/step-000100/`; 0: "
+        "none.", minimum=0)
 
 
 @dataclass
 class SampleOptions:
-    every: int = 0  # optimizer steps between sample grids; 0: never
-    # each a prompt, or a mapping {prompt, negative_prompt, seed, steps, guidance, width, height} overriding the
-    # settings below for it (finetune/training/sample_prompts.py)
-    prompts: list[Any] = field(default_factory=list)
-    prompt_file: Optional[str] = None  # a kohya-style prompt file: one prompt per line with --n --w --h --d --l --s
-    negative_prompt: str = ""
-    steps: int = 25
-    guidance_scale: float = 7.5
-    seed: int = 0
-    images_per_prompt: int = 1
+    """Sample grids drawn during training with the weights as trained so far, written to
+    `output_dir/samples/step-000100.png`."""
+
+    every: int = key(0, "Optimizer steps between sample grids; 0: none.", minimum=0)
+    prompts: list[Any] = key(
+        help="The grid's prompts: each a prompt, or a mapping `{prompt, negative_prompt, seed, steps, guidance, "
+        "width, height}` that overrides the settings below for it.", factory=list)
+    prompt_file: Optional[str] = key(
+        None, "A kohya-style prompt file instead: `.txt` with one prompt per line and its `--n --w --h --d --l "
+        "--s` options, or `.toml` or `.json`.")
+    negative_prompt: str = key("", "The negative prompt of every grid prompt.")
+    steps: int = key(25, "Sampler steps per image.", minimum=1)
+    guidance_scale: float = key(7.5, "Classifier-free guidance scale.", minimum=0)
+    seed: int = key(0, "The first prompt's seed (the next prompt's is one more), the same in every grid of the "
+                                "run so grids compare.")
+    images_per_prompt: int = key(1, "Images per prompt in each grid.", minimum=1)
 
 
 @dataclass
 class LogOptions:
-    to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
-    project: str = "finetune"
-    run_name: Optional[str] = None
-    every: int = 1  # optimizer steps between logged scalars
+    """Where the training scalars (loss, learning rate, validation score) are logged."""
 
-
-@dataclass
-class PriorOptions:
-    """Prior preservation against overfitting and language drift (DreamBooth, Ruiz et al. 2023), for any strategy.
-
-    class_images: the frozen base draws `num_class_images` images of `class_prompt` once (cached under
-    `class_data_dir`, keyed by base, prompts, resolution, seed and sampler); every batch then holds as many class
-    samples as instance samples, and loss = instance loss + loss_weight x class loss.
-    base_prediction: no images; class prompts on noised instance latents are regressed onto the frozen base's
-    own prediction for them.
-    """
-
-    mode: Literal["none", "class_images", "base_prediction"] = "none"
-    class_prompt: list[str] = field(default_factory=list)  # one prompt or a list; images cycle through them
-    loss_weight: float = 1.0
-    num_class_images: int = 100
-    class_data_dir: Optional[str] = None  # None: ~/.cache/finetune/class_images (or $FINETUNE_CACHE)
-    steps: int = 25  # sampler steps when drawing class images
-    guidance_scale: float = 7.5
-    negative_prompt: str = ""
-    seed: int = 0
-    generation_batch_size: int = 4
-
-
-@dataclass
-class CacheOptions:
-    """Work done once instead of every step (see finetune/data/caches.py).
-
-    latents: the VAE's latent distribution (mean and std) of every training and class image, per size and flip;
-    each step still draws its own latent sample from it, so a cached run trains exactly as an uncached one.
-    "auto": in memory, or on disk when they would take more than 2 GB; off, with a message, where they cannot be
-    right (random crops). text: the text encoder's output for every caption, when nothing trains it.
-    Once both are built, the VAE and the text encoder leave the accelerator (`offload`). text_encoders: while the
-    caches fill, the text encoders sit on the accelerator `together`, or come one at a time, each only while it
-    encodes (`one_at_a_time`: the largest of them, not their sum; one transfer each way per batch of captions;
-    for a family with several large encoders, HiDream's four).
-    """
-
-    latents: Literal["auto", "memory", "disk", "off"] = "auto"
-    text: Literal["auto", "on", "off"] = "auto"
-    dir: Optional[str] = None  # disk latents; None: ~/.cache/finetune/latents (or $FINETUNE_CACHE)
-    offload: bool = True
-    text_encoders: Literal["together", "one_at_a_time"] = "together"
+    to: list[Literal["tensorboard", "wandb"]] = key(
+        help="The trackers: `tensorboard` (under `output_dir/logs/`) and/or `wandb` (offline with "
+        "`WANDB_MODE=offline`); empty: no tracker.", factory=list)
+    project: str = key("finetune", "The project name: W&B files the run under it, TensorBoard writes into a "
+                                   "folder of that name.")
+    run_name: Optional[str] = key(None, "The run's name in W&B; null: W&B's own.")
+    every: int = key(1, "Optimizer steps between logged scalars.", minimum=1)
 
 
 @dataclass
 class ValidationOptions:
-    """A validation score per run: the loss on held-out images at fixed noise and fixed timesteps spread over the
-    schedule (finetune/training/validation.py), comparable between steps and runs."""
+    """A validation score during training: the loss on held-out images at fixed noise and fixed timesteps spread
+    over the schedule, comparable between steps and runs."""
 
-    images: Optional[str] = None  # a folder of held-out images (with captions), or a fraction of the data: "0.1"
-    every: int = 0  # optimizer steps between validation scores; 0: never
-    timesteps: int = 8  # fixed timesteps (or sigmas) spread over the schedule, each image scored at all of them
-    seed: int = 0  # of the fixed noise
-    clip_model: Optional[str] = None  # CLIP score of the sample grids against their prompts: local folder or hub id
-    dino_model: Optional[str] = None  # DINO similarity of the sample grids to the training images
+    images: Optional[str] = key(
+        None, "A folder of held-out images (with captions), or the fraction of the training images to hold out "
+        "(`0.1`); null: no validation score.")
+    every: int = key(0, "Optimizer steps between validation scores; 0: at the last step only.", minimum=0)
+    timesteps: int = key(8, "Fixed timesteps (or sigmas) spread over the schedule; each held-out image is scored "
+                            "at all of them.", minimum=1, hint="8 is usual")
+    seed: int = key(0, "The seed of the fixed noise, and of which images a fraction holds out.")
+    clip_model: Optional[str] = key(
+        None, "Score each sample grid against its prompts with this CLIP model (a folder or hub id, e.g. "
+        "`openai/clip-vit-base-patch32`); needs `sample.every`.")
+    dino_model: Optional[str] = key(
+        None, "Score each sample grid's likeness to the training images with this DINO model (a folder or hub id, "
+        "e.g. `facebook/dinov2-small`); needs `sample.every`.")
 
 
+# common to every strategy; each strategy subclasses it with its own fields (finetune/strategies/)
 @dataclass
 class StrategyOptions:
-    """Common to every strategy; each strategy subclasses it with its own fields."""
+    """What trains and how. `strategy.kind` chooses the strategy; each kind's own keys are listed after the common
+    ones."""
 
-    kind: str = required()
-    # None: train.learning_rate
-    learning_rate: Optional[float] = None
+    kind: str = required("The strategy: `lora`, `dreambooth`, `textual_inversion` or `hypernetwork`.")
+    learning_rate: Optional[float] = key(None, "The strategy's own learning rate; null: `train.learning_rate`.",
+                                         above=0)
 
     def changes_text_encoding(self) -> Optional[str]:
         """Why the text encoder's output for a caption changes during training (so it cannot be cached), or
@@ -246,10 +220,12 @@ class StrategyOptions:
 
 @dataclass
 class Recipe:
+    """A whole recipe: one field per section, and the output folder."""
+
     model: ModelOptions
     strategy: StrategyOptions
     data: DataOptions
-    output_dir: str = required()
+    output_dir: str = required("The folder the run writes to: its artifact, checkpoints, samples and logs.")
     train: TrainOptions = field(default_factory=TrainOptions)
     prior: PriorOptions = field(default_factory=PriorOptions)
     cache: CacheOptions = field(default_factory=CacheOptions)

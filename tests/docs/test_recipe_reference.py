@@ -2,6 +2,7 @@
 text; bounds declared on a field are enforced where the recipe is read."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,6 +38,15 @@ def test_the_reference_lists_every_section_and_the_keys_of_each_strategy_and_fam
         assert dotted in page, dotted
 
 
+def test_types_and_defaults_read_as_a_recipe_writes_them():
+    page = reference_markdown()
+    for row in ("| `train.ema` | mapping or null | `null` |",  # an optional section says it is off by default
+                "| `train.ema.decay` | number | `0.999` | at least 0 and below 1 |",
+                "| `sample.negative_prompt` | text | `\"\"` |", "| `train.adam_epsilon` | number | `1e-8` |",
+                "| `log.to` | list of `tensorboard`, `wandb` | `[]` |", "| `sample.prompts` | list | `[]` |"):
+        assert row in page, row
+
+
 def test_validate_keys_writes_the_page_and_never_reads_a_recipe(tmp_path):
     out = tmp_path / "recipes.md"
     done = subprocess.run([sys.executable, "-m", "finetune", "validate", "--keys", str(out)],
@@ -63,6 +73,25 @@ def test_bounds_declared_on_a_field_refuse_values_outside_them_naming_the_key():
     errors.clear()
     build(_Toy, {"repeats": 1, "dropout": 1.0, "rate": None, "decay": 0.0}, "toy", errors)
     assert errors == []  # the bounds themselves, and null for an optional number, are allowed
+
+
+def test_nan_and_infinity_break_any_bounds():
+    """YAML reads .nan and .inf as numbers; a NaN passes every comparison, so the bounds refuse it by name."""
+    errors: list[str] = []
+    build(_Toy, {"dropout": float("nan"), "rate": float("inf")}, "toy", errors)
+    assert errors == ["toy.dropout: must be between 0 and 1 and finite, got nan",
+                      "toy.rate: must be positive and finite (1e-4 is usual), got inf"]
+
+
+def test_every_default_is_inside_its_bounds():
+    """Bounds are checked only for keys a recipe sets, so a default outside them would pass unnoticed."""
+    from finetune.recipe.keys import out_of_bounds
+    from finetune.recipe.reference import _all_option_classes, _rows
+
+    for where, cls in _all_option_classes():
+        for name, _, f in _rows(cls, where):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            assert out_of_bounds(f, default, name) is None, name
 
 
 def test_bounds_are_shown_in_words():

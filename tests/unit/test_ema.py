@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from finetune.recipe.schema import EmaOptions
+from finetune.recipe.typed import build
 from finetune.training.ema import WeightAverage, plan_line, problems
 
 
@@ -127,11 +128,19 @@ def test_a_checkpoint_of_other_shapes_is_refused():
 def test_validate_names_each_bad_value_and_the_fix():
     assert problems(None, "schedule_free_adamw", 10) == []
     assert problems(EmaOptions(), "adamw", 10) == []
-    found = problems(EmaOptions(decay=1.0, update_every=11), "schedule_free_adamw", 10)
-    assert len(found) == 3
-    assert "train.ema.decay: must be at least 0 and below 1, got 1.0" in found[0]
-    assert "between 1 and train.max_steps (10), got 11" in found[1]
-    assert "already are an average" in found[2] and "leave train.ema out" in found[2]
+    found = problems(EmaOptions(update_every=11), "schedule_free_adamw", 10)
+    assert len(found) == 2
+    assert "between 1 and train.max_steps (10), got 11" in found[0]
+    assert "already are an average" in found[1] and "leave train.ema out" in found[1]
+
+
+def test_the_decay_and_update_every_bounds_are_declared_on_the_keys():
+    errors: list[str] = []
+    build(EmaOptions, {"decay": 1.0, "update_every": 0}, "train.ema", errors)
+    assert errors[0].startswith("train.ema.decay: must be at least 0 and below 1 (0.999 averages about the last "
+                                "1000 updates")
+    assert errors[0].endswith("got 1.0")
+    assert errors[1] == "train.ema.update_every: must be at least 1, got 0"
 
 
 def test_the_plan_line_says_how_far_back_the_average_reaches():

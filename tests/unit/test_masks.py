@@ -254,7 +254,7 @@ def test_alpha_masks_and_mirrored_subfolders_are_found(tmp_path):
 
 
 @pytest.mark.parametrize("data, says", [
-    ({"unmasked_weight": 1.5}, "data.unmasked_weight: the loss weight of black mask pixels"),
+    ({"unmasked_weight": 1.5}, "data.unmasked_weight: must be between 0 and 1 (0: black pixels do not train"),
     ({"masks": "alpha", "images": None, "dataset": "some/dataset"}, "data.masks: masks are read beside"),
     ({"masks": "/no/such/masks"}, "data.masks: /no/such/masks is not an existing folder"),
     ({"masks": "INSIDE"}, "lies inside data.images"),

@@ -16,7 +16,7 @@ from finetune.data.sources import DataError, Example
 from finetune.models.ddpm import DDPMObjective
 from finetune.models.flow_matching import FlowMatchingObjective
 from finetune.recipe.option_checks import check_validation
-from finetune.recipe.load import parse_recipe
+from finetune.recipe.load import RecipeError, parse_recipe
 from finetune.recipe.schema import ValidationOptions
 from finetune.report.history import History
 
@@ -90,7 +90,17 @@ def test_checks_name_each_bad_validation_value(tmp_path, tiny_base):
     (tmp_path / "images" / "held").mkdir()
     assert "lies in data.images" in problems(images=str(tmp_path / "images" / "held"))[0]
     assert "validation.images is not" in problems(every=10)[0]
-    assert "at least 1" in problems(images="0.1", timesteps=0)[0]
+
+
+def test_validation_bounds_are_refused_where_the_recipe_is_read(tmp_path, tiny_base):
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(RecipeError) as raised:
+        parse_recipe({"model": {"base": str(tiny_base)}, "data": {"images": str(images)},
+                      "strategy": {"kind": "lora"}, "output_dir": str(tmp_path / "out"),
+                      "validation": {"images": "0.1", "timesteps": 0, "every": -1}})
+    assert "validation.timesteps: must be at least 1 (8 is usual), got 0" in raised.value.problems
+    assert "validation.every: must be at least 0, got -1" in raised.value.problems
 
 
 def test_history_writes_the_validation_loss_only_on_the_steps_that_have_one(tmp_path: Path):
