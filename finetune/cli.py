@@ -109,6 +109,10 @@ def _validate(args) -> int:
     from finetune.tools.validate import validate
 
     if args.keys is not None:
+        extra = [word for word in [args.recipe, *args.overrides] if word is not None] + ["--decode"] * args.decode
+        if extra:  # the reference alone would print, and the recipe seem checked
+            raise KnownProblem(f"finetune validate --keys writes the recipe reference and reads no recipe: leave out "
+                               f"{' '.join(extra)}, or check the recipe with finetune validate RECIPE.yaml (no --keys)")
         return _write_keys(args.keys)
     if args.recipe is None:
         raise KnownProblem("finetune validate: name a recipe (finetune validate recipe.yaml), or ask for the "
@@ -126,12 +130,15 @@ def _write_keys(destination: str) -> int:
     from pathlib import Path
 
     from finetune.io.atomic import write_text_atomically
-    from finetune.recipe.reference import reference_markdown
+    from finetune.recipe.reference import reference_markdown, refused_destination
 
     text = reference_markdown()
     if destination == "-":
         print(text, end="")
     else:
+        refused = refused_destination(destination)
+        if refused:
+            raise KnownProblem(f"finetune validate --keys: {refused}")
         write_text_atomically(Path(destination), text)
         print(f"wrote the recipe reference to {destination}")
     return 0

@@ -56,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*", metavar="key=value")
     validate.add_argument("--keys", nargs="?", const="-", metavar="FILE",
                           help="write the recipe reference (every key: type, default, bounds, help) as Markdown to "
-                               "FILE (docs/recipes.md is this), or print it; no recipe is read")
+                               "FILE (docs/recipes.md is this; an existing FILE only if it is such a page), or "
+                               "print it; no recipe is read")
     validate.add_argument("--decode", action="store_true",
                           help="decode every image as training does (slower); by default their headers are read")
 

@@ -68,7 +68,8 @@ def problems(blocks: float, *, family: str, streams: bool, trains_base_weights: 
     family has a list of transformer blocks (FamilySpec.offload_blocks is not empty); `engine`: the distributed
     engine asked for (FSDP, DEEPSPEED or None)."""
     found = []
-    if not (blocks >= 1 and blocks == int(blocks)) and not 0 < blocks < 1:
+    # a NaN fails every comparison; an infinity stops before int(), which cannot take it (YAML reads .nan, .inf)
+    if not (0 < blocks < 1 or (1 <= blocks < float("inf") and blocks == int(blocks))):
         found.append(f"train.offload.blocks: a count of blocks (1, 2, ...) or a fraction of them (0.5), got "
                      f"{blocks}; remove train.offload to keep every block on the accelerator")
     if not streams:

@@ -54,6 +54,9 @@ def test_each_command_says_what_it_does_and_names_its_docs_page(name):
     for page in pages:
         assert (ROOT / "docs" / page).is_file(), f"finetune {name}: docs/{page} does not exist"
         assert page in nav_pages(), f"finetune {name}: docs/{page} is not in mkdocs.yml's nav"
+        # the page it points to is about it, not just any page of the site
+        assert f"finetune {name}" in (ROOT / "docs" / page).read_text(encoding="utf-8"), \
+            f"docs/{page}, which `finetune {name} --help` points to, never mentions `finetune {name}`"
 
 
 @pytest.mark.parametrize("name", COMMANDS)

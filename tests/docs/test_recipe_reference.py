@@ -106,3 +106,30 @@ def test_validate_without_a_recipe_or_keys_says_what_to_give():
                           timeout=300)
     assert done.returncode != 0
     assert "name a recipe" in done.stderr and "--keys" in done.stderr
+
+
+def test_validate_keys_never_overwrites_a_file_that_is_not_a_reference_page(tmp_path, capsys):
+    """`finetune validate --keys recipe.yaml` reads recipe.yaml as --keys's FILE: the recipe must survive it."""
+    from finetune.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  max_steps: 10\n")
+    assert main(["validate", "--keys", str(recipe)]) == 2
+    assert "is not a recipe reference page, so it is left as it is" in capsys.readouterr().err
+    assert recipe.read_text() == "train:\n  max_steps: 10\n"
+    assert main(["validate", "--keys", str(tmp_path)]) == 2 and "is a folder" in capsys.readouterr().err
+    page = tmp_path / "recipes.md"
+    page.write_text(reference_markdown().replace("| `train.max_steps` |", "| `train.old_key` |"))  # a stale page
+    assert main(["validate", "--keys", str(page)]) == 0
+    assert page.read_text() == reference_markdown()
+
+
+def test_validate_keys_with_a_recipe_is_refused_rather_than_leaving_the_recipe_unchecked(tmp_path, capsys):
+    from finetune.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  max_steps: 10\n")
+    assert main(["validate", str(recipe), "train.max_steps=3", "--keys"]) == 2
+    shown = capsys.readouterr()
+    assert "reads no recipe: leave out" in shown.err and f"{recipe} train.max_steps=3" in shown.err
+    assert "# Recipe reference" not in shown.out

@@ -51,3 +51,22 @@ def test_the_readme_links_every_top_level_page_of_the_site():
     missing = [page for page in pages if page not in linked]
     assert missing == [], f"README.md links no docs/ page for {missing}"
     assert all((ROOT / "docs" / page).is_file() for page in linked), "README.md links a docs/ page that is not there"
+
+
+def test_the_readme_strategy_table_names_the_families_each_strategy_works_on():
+    """The first screen's status of each strategy agrees with the family specs (the generated family table):
+    `works on `a`, `b`` names every family that trains it, `works (not `c`...)` every family that refuses it."""
+    from finetune.models import specs
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)` \(.*\) \| (.*) \|$", readme, flags=re.MULTILINE))
+    assert set(rows) == {"lora", "dreambooth", "textual_inversion", "hypernetwork"}, rows
+    for kind, status in rows.items():
+        refusing = {spec.name for spec in specs().values() if kind in spec.refuses}
+        named = set(re.findall(r"`(\w+)`", status))
+        if status.startswith("works on "):
+            assert named == {spec.name for spec in specs().values()} - refusing, (kind, status)
+        elif status.startswith("works (not "):
+            assert named == refusing, (kind, status)
+        else:
+            assert status == "works" and not refusing, (kind, status)

@@ -166,6 +166,8 @@ def test_the_blocks_are_the_family_s_and_too_many_are_refused():
 @pytest.mark.parametrize("change, says", [
     ({"blocks": 2.5}, "a count of blocks (1, 2, ...) or a fraction"),
     ({"blocks": 0}, "a count of blocks"),
+    ({"blocks": float("inf")}, "a count of blocks"),
+    ({"blocks": float("nan")}, "a count of blocks"),
     ({"streams": False}, "is a U-Net"),
     ({"trains_base_weights": True}, "DreamBooth trains the blocks' own weights"),
     ({"gradient_checkpointing": False}, "needs train.gradient_checkpointing: true"),
