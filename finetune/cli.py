@@ -127,20 +127,12 @@ def _validate(args) -> int:
 
 def _write_keys(destination: str) -> int:
     """`finetune validate --keys [FILE]`: the recipe reference, printed ("-") or written to FILE."""
-    from pathlib import Path
+    from finetune.recipe.reference import ReferenceRefused, write_reference
 
-    from finetune.io.atomic import write_text_atomically
-    from finetune.recipe.reference import reference_markdown, refused_destination
-
-    text = reference_markdown()
-    if destination == "-":
-        print(text, end="")
-    else:
-        refused = refused_destination(destination)
-        if refused:
-            raise KnownProblem(f"finetune validate --keys: {refused}")
-        write_text_atomically(Path(destination), text)
-        print(f"wrote the recipe reference to {destination}")
+    try:
+        print(write_reference(destination), end="")
+    except ReferenceRefused as exc:
+        raise KnownProblem(f"finetune validate --keys: {exc}") from None
     return 0
 
 

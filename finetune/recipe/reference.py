@@ -48,6 +48,25 @@ def reference_markdown() -> str:
     return "\n".join(parts)
 
 
+class ReferenceRefused(ValueError):
+    """`finetune validate --keys FILE` will not write FILE; the message says why and what to do."""
+
+
+def write_reference(destination: str) -> str:
+    """The reference page: returned to print when `destination` is "-", else written to that file (atomically)
+    and a line saying so returned. Raises ReferenceRefused for a folder or a file that is not an earlier page."""
+    from finetune.io.atomic import write_text_atomically
+
+    text = reference_markdown()
+    if destination == "-":
+        return text
+    refused = refused_destination(destination)
+    if refused:
+        raise ReferenceRefused(refused)
+    write_text_atomically(Path(destination), text)
+    return f"wrote the recipe reference to {destination}\n"
+
+
 def refused_destination(destination: str) -> str | None:
     """Why `finetune validate --keys FILE` must not write to `destination`, or None. A file that is not an earlier
     reference page is kept: `finetune validate --keys recipe.yaml` reads recipe.yaml as FILE, and would otherwise
