@@ -372,6 +372,10 @@ CATALOGUE = [
     # the images and captions
     BadInput("images-folder-missing", "`data.images` does not exist", "Names the folder",
              lambda ws: ws.train(data={"images": str(ws.tmp / "no-images")}), ("data.images", "not an existing")),
+    BadInput("dataset-unreachable", "`data.dataset` names a hub dataset that cannot be reached (offline, a typo)",
+             "Names the dataset and why; check the name and the connection, or use a local folder",
+             lambda ws: ws.train(data={"images": None, "dataset": "nobody-here/no-such-dataset"}),
+             ("data.dataset: 'nobody-here/no-such-dataset' could not be loaded", "save_to_disk folder")),
     BadInput("no-images", "An image folder without images", "Names the folder and the suffixes looked for",
              lambda ws: ws.train(data={"images": str((ws.tmp / "empty").mkdir() or ws.tmp / "empty")}),
              ("no images in", ".png")),

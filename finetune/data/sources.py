@@ -173,7 +173,12 @@ def _from_dataset(name: str, split: str, image_column: str, caption_column: str,
                 raise DataError(f"data.split: {split!r} not in {name} (splits: {', '.join(loaded)})")
             loaded = loaded[split]
     else:
-        loaded = datasets.load_dataset(name, split=split)
+        try:
+            loaded = datasets.load_dataset(name, split=split)
+        except (ConnectionError, FileNotFoundError) as exc:  # offline, a typo, a private dataset (DatasetNotFoundError)
+            raise DataError(f"data.dataset: {name!r} could not be loaded ({exc}). Check the name on the Hugging Face "
+                            "hub and your connection (HF_HUB_OFFLINE=1 reads only what is cached), or give a "
+                            "save_to_disk folder, or a folder of images as data.images") from None
     columns = loaded.column_names
     for key, column in (("image_column", image_column), ("caption_column", caption_column)):
         if column not in columns and not (key == "caption_column" and prompt is not None):
