@@ -89,7 +89,7 @@ def keys_without_help() -> list[str]:
     for where, cls in _all_option_classes():
         for name, _, f in _rows(cls, where):
             if not help_of(f).strip():
-                owner = f.metadata.get("declared_in") or _owner(cls, name, where)
+                owner = _owner(cls, name, where)
                 missing.append(f"{name} ({owner})")
     return sorted(set(missing))
 
@@ -101,17 +101,16 @@ def _model_extras() -> list[str]:
     parts, shown = [], set()
     by_objective: dict[type, list[str]] = {}
     for spec in specs().values():
+        # an objective's keys (DDPMOptions, FlowMatchingOptions) are a base class that names its reference heading
         for base in spec.options.__mro__[1:]:
-            if dataclasses.is_dataclass(base) and base is not ModelOptions and base.__name__.endswith("Options") \
-                    and not issubclass(base, ModelOptions):
+            if "reference_title" in base.__dict__:
                 by_objective.setdefault(base, []).append(spec.name)
     for objective, families in by_objective.items():
-        title = getattr(objective, "reference_title", objective.__name__.replace("Options", ""))
-        parts += [f"### {title} families ({', '.join(families)})\n",
+        parts += [f"### {objective.reference_title} families ({', '.join(families)})\n",
                   _table(list(_rows(objective, "model")))]
         shown |= {f.name for f in dataclasses.fields(objective)}
+    inherited = {f.name for f in dataclasses.fields(ModelOptions)} | shown
     for spec in specs().values():
-        inherited = {f.name for f in dataclasses.fields(ModelOptions)} | shown
         own = [row for row in _rows(spec.options, "model") if row[0].split(".")[1] not in inherited]
         if own:
             parts += [f"### model.family: {spec.name} ({spec.title})\n", _table(own)]
