@@ -114,6 +114,9 @@ class FamilySpec:
     # importable modules the family needs beyond finetune's own dependencies -> what for; checked by importing
     # them before any model loads (a torchvision built for another torch is found but does not import)
     needs: Mapping[str, str] = field(default_factory=dict)
+    # edit models: how many control (reference) images a sample may carry (`data.control`, finetune/data/control.py),
+    # each reaching `predict` as `conditions["control_latents"]`; 0: the family takes none (data.control refused)
+    control_images: int = 0
 
 
 def refusal(spec: FamilySpec, strategy: Any) -> str | None:
@@ -300,6 +303,12 @@ class Family:
             return ((mean + std * noise).float() - shift) * scale
         return ((mean + std * noise).float() - (config.get("shift_factor") or 0.0)) * config.scaling_factor
 
+    def control_latents(self, parts: Components, mean: torch.Tensor) -> torch.Tensor:
+        """The latents of control images [batch, c, h, w] from their VAE means, as edit pipelines make them: the
+        distribution's mode (FluxKontextPipeline's `sample_mode="argmax"`), normalised as training latents are."""
+        generator = torch.Generator(mean.device).manual_seed(0)  # drawn against a zero std: the mean itself
+        return self.latents_from_moments(parts, mean, torch.zeros_like(mean), generator)
+
     # --- what each family writes itself ---------------------------------------------------------------------
     def encode_prompts(self, parts: Components, captions: list[str]) -> Any:
         """The text conditioning for captions: a tensor, or a tuple of tensors, each with the batch first; what
@@ -309,7 +318,9 @@ class Family:
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Any,
                 conditions: dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser's output for `noisy` latents [batch, c, h, w] at `timesteps`, shaped like them, given the
-        prompts' `conditioning` and each image's `conditions` (sizes, crop corners: finetune/data/dataset.py)."""
+        prompts' `conditioning` and each image's `conditions` (sizes, crop corners: finetune/data/dataset.py; for
+        an edit family, `control_latents`: a list with one [batch, c, h_i, w_i] tensor per control image slot, from
+        `control_latents` above)."""
         raise NotImplementedError
 
 
