@@ -7,9 +7,9 @@ Two caches, both on by default where they give the same training as without them
   and std), not one sample of it: each step still draws its own latent from the step's generator, exactly as an
   uncached step does, so caching changes speed and nothing else. With data.masks an entry also holds the
   variant's loss mask averaged to the latent's size, and its key covers the mask's pixels too. With data.control the
-  control images' entries sit beside the targets', keyed the same way (`fill_controls`). `memory` keeps entries in RAM; `disk` keeps
-  one small safetensors file per entry (written to a temporary name and renamed), shared by later runs; an
-  entry found cut short or damaged (a copy of the cache, a sync client) is encoded again with a warning naming
+  control images' entries sit beside the targets', keyed the same way (`fill_controls`). `memory` keeps entries in
+  RAM; `disk` keeps one small safetensors file per entry (written to a temporary name and renamed), shared by later
+  runs; an entry found cut short or damaged (a copy of the cache, a sync client) is encoded again with a warning naming
   it, since it can always be rebuilt. Off when crops are random (each step would need a new crop).
 - text: the text encoders' output per caption string (for SDXL both encodings and the pooled one), for the
   instance captions, the empty caption (caption dropout) and the class prompts. Off when the strategy trains a

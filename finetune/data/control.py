@@ -291,4 +291,5 @@ def _uneven(examples: list[Example]) -> list[str]:
         return []
     usual, how_many = counts.most_common(1)[0]
     return [f"{e.name} has {len(e.controls)} control image(s) ({', '.join(Path(c.name).name for c in e.controls)}) "
-            f"where {how_many} other image(s) have {usual}" for e in examples if e.controls and len(e.controls) != usual]
+            f"where {how_many} other image(s) have {usual}"
+            for e in examples if e.controls and len(e.controls) != usual]

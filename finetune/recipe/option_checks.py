@@ -122,6 +122,10 @@ def check_control(recipe: Recipe) -> list[str]:
         factor = vae_downsampling(recipe.model.base) or 8
         problems.append(f"data.control.resolution: {c.resolution} must be a multiple of {factor} (the VAE's "
                         f"downsampling); try {max(factor, round(c.resolution / factor) * factor)}")
+    if c.resize == "bucket" and not problems and not _control_grid(d):
+        problems.append(f"data.control.resolution: no bucket of the grid (data.bucket_step, data.bucket_min_side, "
+                        f"data.bucket_max_side) fits {c.resolution or d.resolution} px squared; raise "
+                        "data.control.resolution, or lower data.bucket_min_side")
     if d.crop == "random":
         problems.append("data.crop: random would cut a target and its control images differently; use data.crop: "
                         "center with data.control")
@@ -136,6 +140,15 @@ def check_control(recipe: Recipe) -> list[str]:
     if family is not None and family.spec.control_images == 0:
         problems.append(slot_problem(None, family.spec))
     return problems
+
+
+def _control_grid(d) -> list:
+    from finetune.data.control_sizes import control_buckets
+
+    try:
+        return control_buckets(d)
+    except (ValueError, ZeroDivisionError):  # a grid the bucket checks refuse by name
+        return [None]
 
 
 def _is_folder_option(images) -> bool:

@@ -132,9 +132,10 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def ahead_on_device(batches: Iterator[dict[str, Any]], encoder: BatchEncoder) -> Iterator[dict[str, Any]]:
     """The loader's batches with their tensors (pixels, conditions, loss masks, control images, and the cached latents
-    their keys name, as `latent_moments` and `control_means`) on the encoder's device, each batch's copies queued while the step before it still runs:
-    batch n + 1 is fetched and on its way when batch n is handed out. The batches are what they were (a pure
-    function of their position, finetune/data/dataset.py); the loader reads one batch further than the run uses."""
+    their keys name, as `latent_moments` and `control_means`) on the encoder's device, each batch's copies queued
+    while the step before it still runs: batch n + 1 is fetched and on its way when batch n is handed out. The
+    batches are what they were (a pure function of their position, finetune/data/dataset.py); the loader reads one
+    batch further than the run uses."""
     def moved(batch: dict[str, Any]) -> dict[str, Any]:
         batch = dict(batch, conditions={key: to_device(value, encoder.device)
                                         for key, value in batch["conditions"].items()})

@@ -67,9 +67,10 @@ def test_dataset_column_holds_images_or_lists_of_them(tmp_path):
     datasets = pytest.importorskip("datasets")
     gray = [Image.new("RGB", (32, 32), (v, v, v)) for v in (60, 70, 80, 90)]
     folder = tmp_path / "ds"
-    datasets.Dataset.from_dict({"image": gray[:2], "text": ["x", "y"], "edit": [[gray[2], gray[3]], [gray[3], gray[2]]]},
-                               features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
-                                                           "edit": [datasets.Image()]})).save_to_disk(str(folder))
+    columns = {"image": gray[:2], "text": ["x", "y"], "edit": [[gray[2], gray[3]], [gray[3], gray[2]]]}
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                  "edit": [datasets.Image()]})
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(folder))
     d = DataOptions(dataset=str(folder), resolution=32, control=ControlOptions(column="edit"))
     examples = prepare_data(d, global_batch=1).examples
     assert [[_level(c) for c in e.controls] for e in examples] == [[80, 90], [90, 80]]
@@ -139,8 +140,8 @@ def test_a_family_taking_no_or_fewer_control_images_is_refused_naming_the_edit_f
     sd = specs()["sd"]
     monkeypatch.setitem(specs(), "flux", replace(specs()["flux"], control_images=2))
     assert slot_problem(1, sd) == (
-        "model.family sd takes no control images (Stable Diffusion 1.x/2.x is not an edit model), and data.control gives "
-        "them (1 per sample); edit families: flux. Set model.family to one of them, or remove data.control")
+        "model.family sd takes no control images (Stable Diffusion 1.x/2.x is not an edit model), and data.control "
+        "gives them (1 per sample); edit families: flux. Set model.family to one of them, or remove data.control")
     assert "takes at most 2; give each image at most 2" in slot_problem(3, specs()["flux"])
     assert slot_problem(2, specs()["flux"]) is None
 
@@ -154,6 +155,8 @@ def test_a_family_taking_no_or_fewer_control_images_is_refused_naming_the_edit_f
     ({"control": {"folders": ["CONTROLS"], "resolution": 64}}, {}, {}, "remove data.control.resolution"),
     ({"control": {"folders": ["CONTROLS"], "resize": "bucket", "resolution": 30}}, {}, {},
      "must be a multiple of 4 (the VAE's downsampling); try 32"),
+    ({"control": {"folders": ["CONTROLS"], "resize": "bucket"}, "bucket_min_side": 256}, {}, {},
+     "no bucket of the grid (data.bucket_step, data.bucket_min_side, data.bucket_max_side) fits 32 px squared"),
     ({"control": {"folders": ["CONTROLS"]}, "crop": "random"}, {}, {}, "use data.crop: center with data.control"),
     ({"control": {"folders": ["CONTROLS"]}}, {"mode": "class_images", "class_prompt": ["a"]}, {},
      "use prior.mode: base_prediction"),
