@@ -149,8 +149,8 @@ def train(data: dict, tokenizers, args, checkpoint) -> None:
     live = torch.nn.ModuleList([clip, t5, transformer])
     ema = copy.deepcopy(live).eval()
     optimizer = torch.optim.AdamW(live.parameters(), lr=args.lr, weight_decay=0.01)
-    log(f"transformer {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f} M parameters, CLIP "
-        f"{sum(p.numel() for p in clip.parameters()) / 1e6:.2f} M, T5 {sum(p.numel() for p in t5.parameters()) / 1e6:.2f} M")
+    millions = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (transformer, clip, t5)]
+    log("transformer {:.2f} M parameters, CLIP {:.2f} M, T5 {:.2f} M".format(*millions))
     targets, controls = data["targets"], data["controls"]
     img_ids = token_ids(targets.shape[-1])
     txt_ids = torch.zeros(T5_TOKENS, 3)
