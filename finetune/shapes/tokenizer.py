@@ -5,6 +5,10 @@ is one token, so a caption is a handful of tokens and fits the text encoder's 16
 (e.g. a rare identifier such as "sks") falls back to byte-level characters, as in CLIP, so every prompt
 tokenizes. It is a plain `transformers.CLIPTokenizer` built from a generated vocab.json + merges.txt; adding
 tokens later (textual inversion) works as for any CLIP tokenizer.
+
+`build_shapes_t5_tokenizer` is the same idea for a T5 encoder (the edit base's `tokenizer_2`): one Unigram piece
+per word, characters for anything else. Both take `words` so the edit world can add its instruction words
+("make", "turn", ...); the defaults are the world's words, which the shipped bases were trained with.
 """
 from __future__ import annotations
 
@@ -62,11 +66,12 @@ def word_merges(words: tuple[str, ...] = WORDS) -> list[tuple[str, str]]:
     return merges
 
 
-def build_shapes_tokenizer(max_length: int = MAX_LENGTH):
+def build_shapes_tokenizer(max_length: int = MAX_LENGTH, words: tuple[str, ...] = WORDS):
+    """A CLIPTokenizer with each of `words` one token and `max_length` positions (the text encoder's)."""
     from transformers import CLIPTokenizer
 
     alphabet = byte_alphabet()
-    merges = word_merges()
+    merges = word_merges(words)
     vocab = alphabet + [c + END_OF_WORD for c in alphabet]
     vocab += [left + right for left, right in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -75,3 +80,19 @@ def build_shapes_tokenizer(max_length: int = MAX_LENGTH):
         vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
         merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
+
+
+def build_shapes_t5_tokenizer(max_length: int, words: tuple[str, ...] = WORDS):
+    """A T5Tokenizer (Unigram, built in memory; <pad>=0, </s>=1, <unk>=2 as T5 has them) that makes each of `words`
+    one token ("\u2581red") and spells any other printable word in characters; `model_max_length` = `max_length`,
+    the token count a Flux-style pipeline must pad to (min(512, model_max_length)) so sampling matches training."""
+    from transformers import T5Tokenizer
+
+    chars = [chr(c) for c in range(ord(" ") + 1, ord("~") + 1)]
+    # a whole word (score -1) beats its spelling (-2.5 for the first character, -3 for each next one)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    vocab += [("\u2581" + word, -1.0) for word in words if len(word) > 1]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.model_max_length = max_length
+    return tokenizer

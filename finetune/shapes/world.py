@@ -105,20 +105,35 @@ def _paint(canvas: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: flo
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
 
 
-def draw(shape: str, colour: str, size: str, rng: random.Random) -> Image.Image:
-    """One shape at a random radius within `size`'s range and a random position that keeps it whole."""
-    if colour not in COLOURS:
-        raise ValueError(f"unknown colour {colour!r}; known: {', '.join(COLOURS)}")
+def random_placement(size: str, rng: random.Random) -> tuple[Point, float]:
+    """((cx, cy), radius) in pixels at 32 px: a radius within `size`'s range and a centre that keeps the shape
+    whole. Draws three numbers from `rng` (radius, cx, cy, in that order), as `draw` always has."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
     radius = rng.uniform(*SIZES[size])
     low, high = radius + 1.0, IMAGE_SIZE - radius - 1.0
     cx, cy = rng.uniform(low, high), rng.uniform(low, high)
+    return (cx, cy), radius
+
+
+def draw_at(shape: str, colour: str, centre: Point, radius: float) -> Image.Image:
+    """One shape of `colour` centred at `centre` (pixels at 32 px) with half-extent `radius`: what `draw` draws
+    once it has placed the shape, so two images drawn at one placement differ only in shape or colour."""
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; known: {', '.join(COLOURS)}")
     big = IMAGE_SIZE * SUPERSAMPLE
     image = Image.new("RGB", (big, big), "white")
     s = SUPERSAMPLE
-    _paint(ImageDraw.Draw(image), shape, cx * s, cy * s, radius * s, COLOURS[colour])
+    _paint(ImageDraw.Draw(image), shape, centre[0] * s, centre[1] * s, radius * s, COLOURS[colour])
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+
+
+def draw(shape: str, colour: str, size: str, rng: random.Random) -> Image.Image:
+    """One shape at a random radius within `size`'s range and a random position that keeps it whole."""
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; known: {', '.join(COLOURS)}")
+    centre, radius = random_placement(size, rng)
+    return draw_at(shape, colour, centre, radius)
 
 
 def sample_dataset(n: int, seed: int, shapes: Sequence[str] = BASE_SHAPES,
