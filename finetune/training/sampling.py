@@ -76,7 +76,8 @@ def draw_rows(pipeline, rows: list[SamplePrompt], images_per_prompt: int,
                 if encode is not None else {"prompt": row.prompt, "negative_prompt": negative})
         result = pipeline(**text_arguments(pipeline, text), num_inference_steps=row.steps,
                           **{keyword: row.guidance}, num_images_per_prompt=images_per_prompt,
-                          height=row.height, width=row.width, **size_arguments(pipeline), generator=generator)
+                          height=row.height, width=row.width, **size_arguments(pipeline, row.width, row.height),
+                          generator=generator)
         drawn.append(list(result.images))
     return drawn
 
@@ -99,13 +100,16 @@ def text_arguments(pipeline, text: dict) -> dict:
     return text
 
 
-def size_arguments(pipeline) -> dict:
-    """`use_resolution_binning=False` where the pipeline's __call__ takes it (Sana, PixArt): images are drawn at
-    the size asked, as trained, not at the nearest size of the base's aspect-ratio table."""
+def size_arguments(pipeline, width: int, height: int) -> dict:
+    """What makes the pipeline draw at width x height, as trained, where its __call__ would draw another size:
+    `use_resolution_binning=False` where it takes that (Sana, PixArt: else the nearest size of the base's
+    aspect-ratio table), `max_area=width x height` where it takes that (Flux.1 Kontext's pipeline rescales any size
+    to max_area, 1024^2 by default)."""
     import inspect
 
-    return ({"use_resolution_binning": False}
-            if "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters else {})
+    taken = inspect.signature(pipeline.__call__).parameters
+    return {**({"use_resolution_binning": False} if "use_resolution_binning" in taken else {}),
+            **({"max_area": width * height} if "max_area" in taken else {})}
 
 
 @contextmanager
