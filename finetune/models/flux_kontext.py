@@ -116,7 +116,8 @@ class FluxKontext(Family):
         default) and the control image (at most one PIL image) is taken at its own size, not snapped to the
         pipeline's ~1 MP resolutions."""
         if len(control_images) > self.spec.control_images:
-            raise ValueError(f"Flux.1 Kontext takes one control image per prompt, got {len(control_images)}")
+            raise ValueError(f"Flux.1 Kontext takes {self.spec.control_images} control image per prompt, got "
+                             f"{len(control_images)}: give one control_image")
         given = {"image": control_images[0]} if control_images else {}
         return {**given, "max_area": width * height, "_auto_resize": False}
 
