@@ -43,6 +43,12 @@ def resolve_paths(recipe: Recipe, recipe_dir: Path, command_line_keys: set[str])
         dotted = f"{section_name}.{key}" if section_name else key
         anchor = Path.cwd() if dotted in command_line_keys else recipe_dir
         setattr(section, key, _resolve(str(value), anchor, (section_name, key) in MAY_BE_HUB_IDS))
+    # an edit model's control images in sample.prompts' mappings follow the same rule
+    from finetune.training.control_images import KEY, anchored
+
+    anchor = Path.cwd() if "sample.prompts" in command_line_keys else recipe_dir
+    recipe.sample.prompts = [{**p, KEY: anchored(p[KEY], anchor)} if isinstance(p, dict) and KEY in p else p
+                             for p in recipe.sample.prompts]
 
 
 def _resolve(value: str, anchor: Path, may_be_hub_id: bool) -> str:
