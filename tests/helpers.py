@@ -145,6 +145,15 @@ def train_shipped_recipe(name: str, base: Path, tmp_path: Path, extra: tuple[str
     return tmp_path / "out"
 
 
+def declares_data_control() -> bool:
+    """Whether the recipe schema has `data.control` (issue 38's paired data): the edit recipes need it."""
+    import dataclasses
+
+    from finetune.recipe.schema import DataOptions
+
+    return any(field.name == "control" for field in dataclasses.fields(DataOptions))
+
+
 def default_objective(family, parts):
     """The family's objective as a recipe that sets none of its options gives it."""
     return family.objective(parts, family.spec.options())

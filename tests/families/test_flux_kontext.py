@@ -19,7 +19,8 @@ from finetune.models import family_for
 from finetune.models.base import unwrapped
 from finetune.models.tiny import save_tiny_pipeline
 from finetune.recipe.load import parse_recipe
-from tests.helpers import draw_concept, flux_prediction, noise_image, recipe_dict, saved_pipeline, train_keeping_parts
+from tests.helpers import (declares_data_control, draw_concept, flux_prediction, noise_image, recipe_dict,
+                           saved_pipeline, train_keeping_parts, train_shipped_recipe)
 
 PROMPT = "make the triangle blue"
 
@@ -134,3 +135,11 @@ def test_a_single_kontext_checkpoint_is_told_as_flux1(tmp_path):
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(tmp_path / "kontext.safetensors"))
     assert family_of(str(tmp_path / "kontext.safetensors")) == "flux"
     assert family_for("flux_kontext").spec.single_file_keys == ()
+
+
+@pytest.mark.skipif(not declares_data_control(), reason="data.control (issue 38's paired data) is not declared yet")
+def test_the_shipped_recipe_validates_and_trains_on_its_edit_pairs(kontext_base, tmp_path):
+    """recipes/flux_kontext_lora.yaml as shipped (data_examples/star_edit: targets and control/), on the tiny
+    Kontext: validate finds the pairs, training writes the LoRA."""
+    out = train_shipped_recipe("flux_kontext_lora", kontext_base, tmp_path)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
