@@ -111,6 +111,32 @@ def _masks(ws: Workspace, leave_out: str = "", size_of: dict[str, tuple[int, int
     return folder
 
 
+def _edit_pairs(ws: Workspace, leave_out: str = "", orphan: str = "", broken: str = "", references: str = "",
+                edit_slots: int = 1, folders: int = 1, **data) -> list[str]:
+    """`finetune train` with a control image per training image in tmp/controls (but `leave_out`'s, with a stray
+    `orphan`, an unreadable `broken`, two numbered references for `references`), on the tiny base made an edit
+    family taking `edit_slots` control images (0: as it ships, taking none)."""
+    from dataclasses import replace
+
+    from finetune.models import specs
+
+    if edit_slots:
+        ws.monkeypatch.setitem(specs(), "sd", replace(specs()["sd"], control_images=edit_slots))
+    folder = ws.tmp / "controls"
+    folder.mkdir(exist_ok=True)
+    for image in sorted(ws.images.glob("*.png")):
+        if image.stem == references:
+            Image.new("RGB", (32, 32), "blue").save(folder / f"{image.stem}_0.png")
+            Image.new("RGB", (32, 32), "green").save(folder / f"{image.stem}_1.png")
+        elif image.stem != leave_out:
+            Image.new("RGB", (32, 32), "blue").save(folder / image.name)
+    if orphan:
+        Image.new("RGB", (32, 32), "blue").save(folder / orphan)
+    if broken:
+        (folder / broken).write_bytes(b"not an image")
+    return ws.train(data={"control": {"folders": [str(folder)] * folders}, **data})
+
+
 def _truncated(ws: Workspace) -> list[str]:
     data = (ws.images / "0.png").read_bytes()
     (ws.images / "0.png").write_bytes(data[: len(data) // 2])
@@ -453,6 +479,38 @@ CATALOGUE = [
              "Names the mask and both sizes, before any model loads",
              lambda ws: _masks(ws, size_of={"1": (16, 32)}) and ws.train(data={"masks": str(ws.tmp / "masks")}),
              ("1.png is 16x32, its image", "is 32x32", "mask of its size")),
+    # issue 38: edit pairs (data.control)
+    BadInput("control-missing", "A training image without its control image (`data.control.folders`)",
+             "Names the image and the control image looked for, before any model loads",
+             lambda ws: _edit_pairs(ws, leave_out="2"),
+             ("data.control", "2.png: no control image 2.* (or 2_0.*", "named as the image")),
+    BadInput("control-orphan", "A control image with no training image of its name",
+             "Names the control image, before any model loads: name it as its target, or move it out",
+             lambda ws: _edit_pairs(ws, orphan="9.png"),
+             ("9.png: no training image 9.* in data.images", "move out the control images")),
+    BadInput("control-unreadable", "A control image that cannot be read",
+             "Names the file and the training image it belongs to, before any model loads",
+             lambda ws: _edit_pairs(ws, broken="1.png"), ("1.png (control of", "cannot be read")),
+    BadInput("control-uneven", "A sample with more (or fewer) control images than the others",
+             "Names the sample and its control images, and how many the others have",
+             lambda ws: _edit_pairs(ws, references="3"),
+             ("3.png has 2 control image(s) (3_0.png, 3_1.png) where 3 other image(s) have 1",)),
+    BadInput("control-not-an-edit-family", "`data.control` with a family that takes no control images",
+             "Says so and names the edit families, before any model loads",
+             lambda ws: _edit_pairs(ws, edit_slots=0),
+             ("model.family sd takes no control images", "edit families:", "remove data.control")),
+    BadInput("control-too-many", "More control images per sample than the family takes",
+             "Says how many the family takes, before any model loads",
+             lambda ws: _edit_pairs(ws, folders=2),
+             ("every sample has 2 control images", "takes at most 1")),
+    BadInput("control-random-crop", "`data.crop: random` with `data.control`",
+             "Refuses: a random crop would cut a target and its control image differently; use `data.crop: center`",
+             lambda ws: _edit_pairs(ws, crop="random"), ("data.crop: center with data.control",)),
+    BadInput("control-class-images", "`prior.mode: class_images` with `data.control`",
+             "Refuses: class images have no control images; use `prior.mode: base_prediction` or none",
+             lambda ws: _edit_pairs(ws) and ws.train(data={"control": {"folders": [str(ws.tmp / "controls")]}},
+                                                     prior={"mode": "class_images", "class_prompt": ["a shape"]}),
+             ("prior.mode: base_prediction",)),
     # the strategy meets the model
     BadInput("placeholder-past-the-window", "Textual-inversion captions whose placeholder lies past the text "
              "encoder's window (75 tokens for CLIP)", "Names the images and where the placeholder sits; move it up, "

@@ -7,6 +7,10 @@ steps of `bucket_step`, with the tallest height in the same steps that keeps wid
 512 px, scaled down for smaller resolutions so that buckets always exist. An image goes to the bucket whose aspect ratio is nearest its own (in log scale) and
 is resized to cover it and center-cropped. Skipped, with the reason in the report: an image a crop would cut by
 more than `bucket_max_crop` of its area, and the images of a bucket holding fewer than one batch.
+
+With control images (data.control, finetune/data/control.py) sized by `resize: bucket`, a batch shares every
+control slot's size as well as the target's: the groups are keyed by (target bucket, control sizes), since edit
+transformers read the position ids of the whole batch from its first sample. Sizes are (width, height) throughout.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pathlib import Path
 from finetune.io.atomic import write_text_atomically
 
 Size = tuple[int, int]  # (width, height)
+Controls = tuple[Size, ...]  # one (width, height) per control slot
 
 
 def default_grid(resolution: int, step: int | None, min_side: int | None,
@@ -55,22 +60,27 @@ def nearest_bucket(image: Size, buckets: list[Size]) -> Size:
 @dataclass
 class BucketPlan:
     sizes: dict[int, Size] = field(default_factory=dict)  # example index -> training size
-    groups: dict[Size, list[int]] = field(default_factory=dict)  # bucket -> example indices that train
+    # bucket -> example indices that train; with grouping controls, (bucket, control sizes) -> indices
+    groups: dict = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, why)
+    with_controls: bool = False  # whether the groups are keyed by (bucket, control sizes)
 
     def report(self, global_batch: int, repeats: list[int]) -> dict:
-        return {
-            "buckets": [{"width": w, "height": h, "images": len(indices),
-                         "batches_per_epoch": sum(repeats[i] for i in indices) // global_batch}
-                        for (w, h), indices in sorted(self.groups.items())],
-            "skipped": [{"image": name, "reason": why} for name, why in self.skipped],
-        }
+        rows = []
+        for key, indices in sorted(self.groups.items()):
+            (w, h), controls = key if self.with_controls else (key, None)
+            row = {"width": w, "height": h, "images": len(indices),
+                   "batches_per_epoch": sum(repeats[i] for i in indices) // global_batch}
+            rows.append(row if controls is None else row | {"controls": [list(size) for size in controls]})
+        return {"buckets": rows, "skipped": [{"image": name, "reason": why} for name, why in self.skipped]}
 
 
 def plan_buckets(names: list[str], image_sizes: list[Size], buckets: list[Size], max_crop: float,
-                 global_batch: int, repeats: list[int]) -> BucketPlan:
-    """`repeats`: each image's samples per epoch (data.repeats times its folder's)."""
-    plan = BucketPlan()
+                 global_batch: int, repeats: list[int], controls: list[Controls] | None = None) -> BucketPlan:
+    """`repeats`: each image's samples per epoch (data.repeats times its folder's). `controls`: each image's
+    control sizes, when they differ from its bucket (data.control's `resize: bucket`): a group then holds the
+    images that share their bucket and every control size."""
+    plan = BucketPlan(with_controls=controls is not None)
     for index, (name, size) in enumerate(zip(names, image_sizes)):
         bucket = nearest_bucket(size, buckets)
         cut = crop_share(size, bucket)
@@ -78,22 +88,30 @@ def plan_buckets(names: list[str], image_sizes: list[Size], buckets: list[Size],
             plan.skipped.append((name, f"{size[0]}x{size[1]}: the nearest bucket {bucket[0]}x{bucket[1]} would "
                                        f"crop away {cut:.0%} of it (data.bucket_max_crop {max_crop:.0%})"))
             continue
-        plan.groups.setdefault(bucket, []).append(index)
-    for bucket, indices in list(plan.groups.items()):
+        plan.groups.setdefault(bucket if controls is None else (bucket, controls[index]), []).append(index)
+    for key, indices in list(plan.groups.items()):
         samples = sum(repeats[i] for i in indices)
         if samples < global_batch:
             for index in indices:
-                plan.skipped.append((names[index], f"bucket {bucket[0]}x{bucket[1]} holds {len(indices)} image(s), "
-                                                   f"{samples} sample(s) with repeats, fewer than one batch "
-                                                   f"({global_batch})"))
-            del plan.groups[bucket]
-    plan.sizes = {i: bucket for bucket, indices in plan.groups.items() for i in indices}
+                plan.skipped.append((names[index], f"{_group_name(key, plan.with_controls)} holds {len(indices)} "
+                                                   f"image(s), {samples} sample(s) with repeats, fewer than one "
+                                                   f"batch ({global_batch})"))
+            del plan.groups[key]
+    plan.sizes = {i: key[0] if plan.with_controls else key for key, indices in plan.groups.items() for i in indices}
     return plan
 
 
+def _group_name(key, with_controls: bool) -> str:
+    bucket, controls = key if with_controls else (key, ())
+    shown = f"bucket {bucket[0]}x{bucket[1]}"
+    return shown + (f" with control(s) {', '.join(f'{w}x{h}' for w, h in controls)}" if controls else "")
+
+
 def format_report(report: dict) -> str:
-    lines = ["bucket       images  batches/epoch"]
+    controls = any("controls" in b for b in report["buckets"])
+    lines = ["bucket       images  batches/epoch" + ("  controls" if controls else "")]
     lines += [f"{b['width']:>4}x{b['height']:<6} {b['images']:>7}  {b['batches_per_epoch']:>13}"
+              + ("  " + ", ".join(f"{w}x{h}" for w, h in b["controls"]) if "controls" in b else "")
               for b in report["buckets"]]
     if report["skipped"]:
         lines.append(f"skipped {len(report['skipped'])} image(s):")
@@ -107,14 +125,19 @@ def write_report(report: dict, path: Path) -> None:
 
 def training_sizes(names: list[str], image_sizes: list[Size], resolution: int, bucketing: bool,
                    buckets: list[list[int]], step: int | None, min_side: int | None, max_side: int | None,
-                   max_crop: float,
-                   global_batch: int, repeats: list[int]) -> tuple[list[Size], list[list[int]] | None, dict | None]:
-    """Each example's training size, the batch groups (None: one group of all) and the bucket report."""
+                   max_crop: float, global_batch: int, repeats: list[int],
+                   controls: list[Controls] | None = None) -> tuple[list[Size], list[list[int]] | None, dict | None]:
+    """Each example's training size, the batch groups (None: one group of all) and the bucket report. `controls`:
+    each example's control sizes where they do not follow its own (plan_buckets): without buckets, the square
+    images are then grouped by their control sizes alone (and the report says how)."""
     square = [(resolution, resolution)] * len(names)
-    if not bucketing:
+    if not bucketing and len(set(controls or [()])) <= 1:
         return square, None, None
-    sizes = [tuple(b) for b in buckets] or derive_buckets(resolution * resolution,
-                                                          *default_grid(resolution, step, min_side, max_side))
-    plan = plan_buckets(names, image_sizes, sizes, max_crop, global_batch, repeats)
+    if not bucketing:  # one square "bucket", cropped as without buckets (center crop, whatever its share)
+        sizes, max_crop = [(resolution, resolution)], 1.0
+    else:
+        sizes = [tuple(b) for b in buckets] or derive_buckets(resolution * resolution,
+                                                              *default_grid(resolution, step, min_side, max_side))
+    plan = plan_buckets(names, image_sizes, sizes, max_crop, global_batch, repeats, controls)
     trained = [plan.sizes.get(i, square[i]) for i in range(len(names))]  # skipped ones are never drawn
     return trained, list(plan.groups.values()), plan.report(global_batch, repeats)

@@ -6,9 +6,10 @@ Two caches, both on by default where they give the same training as without them
   an image edited, a recipe resized, or another VAE never reuses an entry. Entries hold the distribution (mean
   and std), not one sample of it: each step still draws its own latent from the step's generator, exactly as an
   uncached step does, so caching changes speed and nothing else. With data.masks an entry also holds the
-  variant's loss mask averaged to the latent's size, and its key covers the mask's pixels too. `memory` keeps entries in RAM; `disk` keeps
-  one small safetensors file per entry (written to a temporary name and renamed), shared by later runs; an
-  entry found cut short or damaged (a copy of the cache, a sync client) is encoded again with a warning naming
+  variant's loss mask averaged to the latent's size, and its key covers the mask's pixels too. With data.control the
+  control images' entries sit beside the targets', keyed the same way (`fill_controls`). `memory` keeps entries in
+  RAM; `disk` keeps one small safetensors file per entry (written to a temporary name and renamed), shared by later
+  runs; an entry found cut short or damaged (a copy of the cache, a sync client) is encoded again with a warning naming
   it, since it can always be rebuilt. Off when crops are random (each step would need a new crop).
 - text: the text encoders' output per caption string (for SDXL both encodings and the pooled one), for the
   instance captions, the empty caption (caption dropout) and the class prompts. Off when the strategy trains a
@@ -29,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finetune.console import progress_bar
+from finetune.data.control_sizes import control_pixels
 from finetune.data.images import transform
 from finetune.data.masks import latent_mask, transform_mask
 from finetune.data.sources import Example
@@ -175,6 +177,31 @@ def fill(store: LatentStore, examples: list[Example], sizes: list[tuple[int, int
             elif mask is not None:
                 store.masked_keys.add(key)  # on disk from an earlier run, its mask with it (the key covers it)
             keys[(index, flip)] = key
+    return keys, encoded
+
+
+def fill_controls(store: LatentStore, examples: list[Example], sizes: list[tuple[int, int]],
+                  control_sizes: list[tuple[tuple[int, int], ...]], resize: str, flips: bool, vae_id: str,
+                  encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                  show_progress: bool = True) -> tuple[dict[tuple[int, bool], list[str]], int]:
+    """`fill` for the examples' control images (data.control): every (example, flip) variant's control images
+    encoded, keyed as the targets' entries are (the pixels the VAE sees, so per image, size and flip); returns each
+    variant's keys, one per slot, and how many were encoded now. The pixels are those an uncached step encodes
+    (data/control_sizes.py: control_pixels, centred as cached targets are)."""
+    keys: dict[tuple[int, bool], list[str]] = {}
+    encoded = 0
+    for index in progress_bar(iterable=range(len(examples)), desc="caching latents (control images)", unit="image",
+                              disable=not show_progress):
+        for flip in (False, True) if flips else (False,):
+            keys[(index, flip)] = []
+            for pixels in control_pixels(examples[index], sizes[index], control_sizes[index], resize, "center", flip):
+                key = pixel_key(pixels, vae_id)
+                if key not in store:
+                    with torch.no_grad():
+                        mean, std = encode(pixels[None])
+                    store.put(key, mean[0], std[0])
+                    encoded += 1
+                keys[(index, flip)].append(key)
     return keys, encoded
 
 

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.data.control_sizes import control_pixels
 from finetune.data.images import size_conditions, transform
 from finetune.data.masks import transform_mask
 from finetune.data.sources import DataError, Example
@@ -23,16 +24,24 @@ class ImageCaptionDataset(Dataset):
     `sizes[i]` is example i's training (width, height): the resolution squared, or its bucket's. With
     `latent_keys` ((index, flipped) -> latent cache key) an item names its cached latents instead of carrying
     pixels; the random draws are the same either way (flip, then a random crop's corner, then caption dropout).
+    With data.control, `control_sizes[i]` is example i's control sizes, one per slot, sized by `control_resize`
+    (data/control_sizes.py); an item carries their pixels, flipped with the target, or with `control_keys`
+    ((index, flipped) -> one cache key per slot) their cached latents' keys. No control draws anything at random.
     """
 
     def __init__(self, examples: list[Example], sizes: list[tuple[int, int]], crop: str, random_flip: bool,
-                 caption_dropout: float, latent_keys: dict[tuple[int, bool], str] | None = None):
+                 caption_dropout: float, latent_keys: dict[tuple[int, bool], str] | None = None,
+                 control_sizes: list[tuple[tuple[int, int], ...]] | None = None, control_resize: str = "target",
+                 control_keys: dict[tuple[int, bool], list[str]] | None = None):
         self.examples = examples
         self.sizes = sizes
         self.crop = crop
         self.random_flip = random_flip
         self.caption_dropout = caption_dropout
         self.latent_keys = latent_keys
+        self.control_sizes = control_sizes
+        self.control_resize = control_resize
+        self.control_keys = control_keys
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -47,6 +56,11 @@ class ImageCaptionDataset(Dataset):
             # cached latents are centre crops; the image's size is known from reading it before training (class
             # images, drawn at the training size, are that size); a mask is cached beside its latent
             item = {"latent_key": self.latent_keys[(index, flip)]}
+            if self.control_keys is not None:  # cached beside the target's, per size and flip (data/caches.py)
+                item["control_keys"] = self.control_keys[(index, flip)]
+            elif self.control_sizes is not None:  # placed as the cached target was: centred
+                item["control_pixels"] = control_pixels(example, target, self.control_sizes[index],
+                                                        self.control_resize, "center", flip)
             conditions = size_conditions(example.size or target, target, "center", flip)
         else:
             image = example.load()
@@ -57,6 +71,9 @@ class ImageCaptionDataset(Dataset):
             if example.mask is not None:  # the same corner, so the mask covers what the pixels show
                 item["mask"] = transform_mask(example.mask(), target, self.crop, flip, rng)
                 rng.setstate(state)
+            if self.control_sizes is not None:  # the same corner and flip (with resize: target); rng left as it was
+                item["control_pixels"] = control_pixels(example, target, self.control_sizes[index],
+                                                        self.control_resize, self.crop, flip, rng)
             conditions = size_conditions(image.size, target, self.crop, flip, rng)
         item["original_size"], item["crop_top_left"], item["target_size"] = conditions
         item["caption"] = "" if rng.random() < self.caption_dropout else example.caption
@@ -64,8 +81,9 @@ class ImageCaptionDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """A batch: captions, latent keys or pixels (and their loss masks, data/masks.py), and `conditions`: what each image tells the model besides its
-    pixels, as [batch, 2] integer tensors (SDXL's `original_sizes`, `crop_top_lefts`, `target_sizes`, each
+    """A batch: captions, latent keys or pixels (and their loss masks, data/masks.py; with data.control, the control
+    images' pixels or cache keys, a list with one entry per slot), and `conditions`: what each image tells the model
+    besides its pixels, as [batch, 2] integer tensors (SDXL's `original_sizes`, `crop_top_lefts`, `target_sizes`, each
     (height, width) or (top, left)); a family's `predict` takes what it uses."""
     batch = {"captions": [item["caption"] for item in items],
              "conditions": {f"{key}s": torch.tensor([item[key] for item in items], dtype=torch.long)
@@ -76,6 +94,11 @@ def collate(items: list[dict]) -> dict:
         batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
     if "mask" in items[0]:
         batch["masks"] = torch.stack([item["mask"] for item in items])  # [batch, 1, height, width] in [0, 1]
+    if "control_pixels" in items[0]:  # one [batch, 3, height_i, width_i] per control slot (the batch shares sizes)
+        batch["control_pixel_values"] = [torch.stack(slot)
+                                         for slot in zip(*[item["control_pixels"] for item in items])]
+    if "control_keys" in items[0]:  # one list of cache keys per control slot
+        batch["control_latent_keys"] = [list(slot) for slot in zip(*[item["control_keys"] for item in items])]
     return batch
 
 

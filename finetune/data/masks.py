@@ -42,7 +42,7 @@ def attach_masks(examples: list[Example], masks: str | None, images_folder: str 
     if masks is None:
         return
     problems = []
-    index = None if masks == ALPHA else _mask_index(Path(os.path.expanduser(masks)))
+    index = None if masks == ALPHA else image_index(Path(os.path.expanduser(masks)))
     root = Path(os.path.expanduser(images_folder)) if images_folder else None
     for example in examples:
         try:
@@ -60,7 +60,7 @@ def attach_masks(examples: list[Example], masks: str | None, images_folder: str 
                         f"{some(problems, separator='; ')}. Fix: {fix}")
 
 
-def _mask_index(folder: Path) -> dict[str, list[Path]]:
+def image_index(folder: Path) -> dict[str, list[Path]]:
     """Every image file under `folder` by its path relative to it, without suffix ("sub/cat")."""
     found: dict[str, list[Path]] = {}
     for directory, subfolders, files in os.walk(folder):

@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass, field
 
 from finetune.data.buckets import training_sizes
+from finetune.data.control import attach_controls
+from finetune.data.control_sizes import control_sizes, grouping_sizes
 from finetune.data.masks import attach_masks
 from finetune.data.sources import DataError, Example, list_examples, some
 from finetune.recipe.schema import DataOptions
@@ -28,6 +30,9 @@ class PreparedData:
     groups: list[list[int]] | None  # example indices per bucket; None: one group of all
     bucket_report: dict | None
     held_out: list[Example] = field(default_factory=list)  # validation's images, never trained on
+    # each example's control images' training sizes, (width, height) per slot (data/control_sizes.py); None
+    # without data.control
+    control_sizes: list[tuple[Size, ...]] | None = None
 
 
 def prepare_data(d: DataOptions, global_batch: int, decode: bool = True, held_out_fraction: float | None = None,
@@ -38,6 +43,7 @@ def prepare_data(d: DataOptions, global_batch: int, decode: bool = True, held_ou
                              split=d.split, image_column=d.image_column, caption_column=d.caption_column,
                              on_bad_image=d.on_bad_image, decode=decode)
     attach_masks(examples, d.masks, d.images, decode)
+    attach_controls(examples, d.control, d.images, d.dataset, decode)
     held_out = []
     if held_out_fraction is not None:
         examples, held_out = split_held_out(examples, held_out_fraction, held_out_seed)
@@ -115,8 +121,8 @@ def _sized(examples: list[Example], d: DataOptions, global_batch: int) -> Prepar
     sizes, groups, report = training_sizes(
         [e.name for e in examples], [e.size for e in examples], d.resolution, d.bucketing or bool(d.buckets),
         d.buckets, d.bucket_step, d.bucket_min_side, d.bucket_max_side, d.bucket_max_crop, global_batch,
-        [d.repeats * e.repeats for e in examples])
-    return PreparedData(examples, sizes, groups, report)
+        [d.repeats * e.repeats for e in examples], grouping_sizes(examples, d))
+    return PreparedData(examples, sizes, groups, report, control_sizes=control_sizes(examples, sizes, d))
 
 
 def _smaller_than_trained(prepared: PreparedData) -> list[int]:

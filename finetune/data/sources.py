@@ -40,6 +40,19 @@ class Example:
     repeats: int = 1  # times per epoch, times data.repeats (kohya's `10_name` folders give 10)
     probe: Callable[[], tuple[int, int]] | None = None  # the upright size without decoding (None: decode to see)
     mask: Callable[[], Image.Image] | None = None  # its loss mask, upright "L" at its size (data/masks.py)
+    # another field of its metadata.jsonl line or dataset row by name (KeyError naming the fields there); None for
+    # an image of a folder without metadata.jsonl. data.control.column reads control images through it
+    field: Callable[[str], Any] | None = None
+    controls: list[ControlImage] | None = None  # its control images, one per slot (data/control.py)
+
+
+@dataclass
+class ControlImage:
+    """One control (reference) image of an example: what edit families see beside the caption."""
+
+    name: str  # file path, or "dataset[row].column[i]" for an image held in a dataset, for messages
+    load: Callable[[], Image.Image]  # returns upright RGB
+    size: tuple[int, int]  # upright (width, height), read when the pair was checked
 
 
 def list_examples(images: str | None, dataset: str | None, *, prompt: str | None, caption_extension: str,
@@ -156,7 +169,7 @@ def _from_metadata(folder: Path, metadata: Path, prompt: str | None, caption_col
             raise DataError(f"{metadata}, line {number}: file {row['file_name']} not found in {folder}")
         caption = prompt if prompt is not None else str(row[caption_column]).strip()
         examples.append(Example(str(path), caption, lambda p=str(path): open_image(p),
-                                probe=lambda p=str(path): probe_size(p)))
+                                probe=lambda p=str(path): probe_size(p), field=_row_field(row, metadata)))
     if not examples:
         raise DataError(f"{metadata} lists no images")
     return examples
@@ -192,7 +205,26 @@ def _from_dataset(name: str, split: str, image_column: str, caption_column: str,
             return to_rgb(value) if isinstance(value, Image.Image) else open_image(value)
         return load
 
-    return [Example(f"{name}[{row}]", captions[row], loader(row)) for row in range(len(loaded))]
+    views: dict[str, Any] = {}
+
+    def field(row: int) -> Callable[[str], Any]:
+        def value(column: str) -> Any:
+            if column not in columns:
+                raise KeyError(f"no column {column!r} in {name} (columns: {', '.join(columns)})")
+            if column not in views:  # one column read at a time: a row's other images stay undecoded
+                views[column] = loaded.select_columns([column])
+            return views[column][row][column]
+        return value
+
+    return [Example(f"{name}[{row}]", captions[row], loader(row), field=field(row)) for row in range(len(loaded))]
+
+
+def _row_field(row: dict, metadata: Path) -> Callable[[str], Any]:
+    def value(name: str) -> Any:
+        if name not in row:
+            raise KeyError(f"no {name!r} field on its line of {metadata} (fields: {', '.join(row)})")
+        return row[name]
+    return value
 
 
 def _check_readable(examples: list[Example], on_bad_image: str, decode: bool) -> list[Example]:

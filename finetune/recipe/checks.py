@@ -34,6 +34,7 @@ def check(recipe: Recipe) -> list[str]:
     problems += _check_model(recipe)
     problems += _check_data(recipe)
     problems += option_checks.check_masks(recipe)
+    problems += option_checks.check_control(recipe)
     problems += _check_train(recipe)
     problems += option_checks.check_offload(recipe)
     problems += option_checks.check_optimizers(recipe)

@@ -9,6 +9,30 @@ from finetune.recipe.keys import key
 
 
 @dataclass
+class ControlOptions:
+    """data.control: the control (reference) images of edit models (Flux.1 Kontext, Qwen-Image-Edit, Flux.2's
+    references), each paired with a training image, the target the edit should produce."""
+
+    folders: list[str] = key(
+        help="Folders of control images, each one control slot, matched to the training images by their path "
+        "relative to `data.images` and file name with any image suffix (`img1.png` <-> `control/img1.jpg`); a "
+        "folder holding several references per image numbers them `img1_0.png`, `img1_1.png` (slots in that "
+        "order). Exactly one of `folders` and `column`.", factory=list)
+    column: Optional[str] = key(
+        None, "The `metadata.jsonl` field or dataset column that holds each image's control image (a path, "
+        "relative to `data.images` for `metadata.jsonl`, or an image), or a list of them, one per slot "
+        "(`control_image` is usual). Exactly one of `folders` and `column`.")
+    resolution: Optional[int] = key(
+        None, "With `resize: bucket`, the side of the square whose area the control images keep (a multiple of "
+        "the VAE's downsampling); null: `data.resolution`.", minimum=8)
+    resize: Literal["target", "bucket"] = key(
+        "target", "`target`: each control image is brought to its target's training size with the same crop and "
+        "flip, for pixel-aligned edits. `bucket`: it keeps its own aspect ratio at `resolution` squared in area, "
+        "in its own bucket of the `data.buckets` grid (flipped with its target), as the Kontext and "
+        "Qwen-Image-Edit pipelines size references.")
+
+
+@dataclass
 class DataOptions:
     """The training images and their captions: an image folder (`data.images`) or a Hugging Face dataset
     (`data.dataset`), exactly one of them, and how each image is sized, cropped and captioned."""
@@ -73,6 +97,10 @@ class DataOptions:
     unmasked_weight: float = key(
         0.0, "The loss weight of black mask pixels: 0, they do not train; 1, they train fully.", minimum=0,
         maximum=1, hint="0: black pixels do not train, 1: they train fully")
+    control: Optional[ControlOptions] = key(
+        None, "Edit models' control images, paired with the training images: `{folders: [control]}` or "
+        "`{column: control_image}`, with `resize` and `resolution`; needs an edit family (`model.family`). "
+        "null: none.")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Checks of the training options issue 36 added (validation score, grid scores, masks, block offload, optimizers,
-EMA, per-prompt samples), each by the module that knows the option; `recipe/checks.py` calls them."""
+EMA, per-prompt samples) and of issue 38's control images, each by the module that knows the option;
+`recipe/checks.py` calls them."""
 from __future__ import annotations
 
 import math
@@ -84,6 +85,76 @@ def check_masks(recipe: Recipe) -> list[str]:
             problems.append(f"data.masks: {d.masks} lies inside data.images, so its masks would train as images; "
                             "move it beside the image folder")
     return problems
+
+
+def check_control(recipe: Recipe) -> list[str]:
+    """data.control against the rest of the recipe (each pair is checked with the images: data/control.py): one
+    source, folders that exist outside data.images, the family an edit family, and nothing that would treat a
+    target and its control images apart (random crops, class images, a validation folder without controls)."""
+    from finetune.data.control import slot_problem
+    from finetune.models import family_told
+
+    d, c = recipe.data, recipe.data.control
+    if c is None:
+        return []
+    problems = []
+    if bool(c.folders) == (c.column is not None):
+        problems.append("data.control: give exactly one of folders (folders of control images named as the training "
+                        "images) or column (a metadata.jsonl field or dataset column, e.g. control_image)")
+    if c.folders and d.dataset is not None:
+        problems.append("data.control.folders: control folders are matched by file name to an image folder "
+                        "(data.images), not to a dataset; use data.control.column (a column of the dataset)")
+    for folder in c.folders:
+        path = Path(os.path.expanduser(folder))
+        if not path.is_dir():
+            problems.append(f"data.control.folders: {folder} is not an existing folder of control images")
+        elif d.images is not None and path.resolve().is_relative_to(Path(os.path.expanduser(d.images)).resolve()):
+            problems.append(f"data.control.folders: {folder} lies inside data.images, so its control images would "
+                            "train as targets; move it beside the image folder")
+    if c.column is not None and d.images is not None and not (Path(os.path.expanduser(d.images)) /
+                                                             "metadata.jsonl").is_file():
+        problems.append(f"data.control.column: {c.column!r} is read from data.images' metadata.jsonl, and "
+                        f"{d.images} has none; write one (file_name, text, {c.column}), or use data.control.folders")
+    if c.resize == "target" and c.resolution is not None:
+        problems.append("data.control.resolution: control images take their target's size with resize: target; "
+                        "remove data.control.resolution, or set data.control.resize: bucket")
+    elif c.resolution is not None and c.resolution % (vae_downsampling(recipe.model.base) or 8):
+        factor = vae_downsampling(recipe.model.base) or 8
+        problems.append(f"data.control.resolution: {c.resolution} must be a multiple of {factor} (the VAE's "
+                        f"downsampling); try {max(factor, round(c.resolution / factor) * factor)}")
+    if c.resize == "bucket" and not problems and not _control_grid(d):
+        problems.append(f"data.control.resolution: no bucket of the grid (data.bucket_step, data.bucket_min_side, "
+                        f"data.bucket_max_side) fits {c.resolution or d.resolution} px squared; raise "
+                        "data.control.resolution, or lower data.bucket_min_side")
+    if d.crop == "random":
+        problems.append("data.crop: random would cut a target and its control images differently; use data.crop: "
+                        "center with data.control")
+    if recipe.prior.mode == "class_images":
+        problems.append("prior.mode: class_images draws class images, which have no control images; with "
+                        "data.control use prior.mode: base_prediction (the instances' own control images) or none")
+    if recipe.validation.images is not None and _is_folder_option(recipe.validation.images):
+        problems.append(f"validation.images: the held-out images in {recipe.validation.images} have no control "
+                        "images; with data.control hold out a fraction of the training images instead (e.g. "
+                        "validation.images: 0.1), which keep theirs")
+    family = family_told(recipe.model.family, recipe.model.base)
+    if family is not None and family.spec.control_images == 0:
+        problems.append(slot_problem(None, family.spec))
+    return problems
+
+
+def _control_grid(d) -> list:
+    from finetune.data.control_sizes import control_buckets
+
+    try:
+        return control_buckets(d)
+    except (ValueError, ZeroDivisionError):  # a grid the bucket checks refuse by name
+        return [None]
+
+
+def _is_folder_option(images) -> bool:
+    from finetune.data.prepare import held_out_fraction
+
+    return held_out_fraction(images) is None
 
 
 def check_offload(recipe: Recipe) -> list[str]:

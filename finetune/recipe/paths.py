@@ -43,6 +43,11 @@ def resolve_paths(recipe: Recipe, recipe_dir: Path, command_line_keys: set[str])
         dotted = f"{section_name}.{key}" if section_name else key
         anchor = Path.cwd() if dotted in command_line_keys else recipe_dir
         setattr(section, key, _resolve(str(value), anchor, (section_name, key) in MAY_BE_HUB_IDS))
+    control = recipe.data.control
+    if control is not None and control.folders:  # a list in a nested section: each folder by the same rule
+        given = command_line_keys & {"data.control", "data.control.folders"}
+        anchor = Path.cwd() if given else recipe_dir
+        control.folders = [_resolve(str(folder), anchor, False) for folder in control.folders]
     # an edit model's control images in sample.prompts' mappings follow the same rule
     from finetune.training.control_images import KEY, anchored
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from finetune.recipe.data_schema import CacheOptions, DataOptions, PriorOptions  # noqa: F401  (re-exported)
+from finetune.recipe.data_schema import (  # noqa: F401  (re-exported)
+    CacheOptions, ControlOptions, DataOptions, PriorOptions)
 from finetune.recipe.keys import key, required  # noqa: F401  (required: strategies import it from here)
 
 LrScheduler = Literal[

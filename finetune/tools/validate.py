@@ -10,10 +10,11 @@ import torch
 from finetune.data import BatchOrder
 from finetune.data.buckets import format_report
 from finetune.data.captions import caption_report
+from finetune.data.control import slot_problem, slots_of, summary_line as control_line
 from finetune.data.masks import summary_line as mask_line
 from finetune.data.prepare import held_out_fraction, prepare_data, trained_examples
-from finetune.models import family_for
-from finetune.recipe.load import load_recipe
+from finetune.models import family_for, family_told
+from finetune.recipe.load import RecipeError, load_recipe
 from finetune.strategies import create_strategy
 from finetune.training.sample_prompts import sample_prompt_lines
 from finetune.training.resume import OutputDirInUse, check_output_dir
@@ -35,6 +36,7 @@ def validate(path: str, overrides: list[str], decode: bool = False) -> list[str]
     lines = [format_report(prepared.bucket_report)] if prepared.bucket_report is not None else []  # as training
     lines += data_lines(images_per_folder(trained_examples(prepared), d.repeats))
     lines += [line for line in [mask_line(d.masks, d.unmasked_weight)] if line]
+    lines += _control_lines(recipe, prepared)
     lines += _validation_lines(recipe, prepared) + _caption_lines(recipe, examples, strategy)
     lines += _output_dir_lines(recipe, strategy)
     lines += sample_prompt_lines(recipe)
@@ -44,6 +46,18 @@ def validate(path: str, overrides: list[str], decode: bool = False) -> list[str]
               f"{path}: ok ({recipe.strategy.kind} on {recipe.model.base}, {t.max_steps} steps; images "
               + ("decoded" if decode else "checked by their headers; --decode decodes each as training does") + ")"]
     return lines
+
+
+def _control_lines(recipe, prepared) -> list[str]:
+    """The pairs counted (data.control); raises RecipeError when the family known from the recipe takes fewer
+    control images per sample than the data gives (a hub base's family is checked when training looks it up)."""
+    if recipe.data.control is None:
+        return []
+    family = family_told(recipe.model.family, recipe.model.base)
+    problem = slot_problem(slots_of(prepared.examples), family.spec) if family is not None else None
+    if problem:
+        raise RecipeError(recipe.source, [problem])
+    return [control_line(trained_examples(prepared), recipe.data.control)]
 
 
 def _validation_lines(recipe, prepared) -> list[str]:

@@ -11,7 +11,8 @@ from typing import Any, Iterator
 
 import torch
 
-from finetune.data.caches import CachePlan, LatentStore, TextCache, default_latent_dir, fill, vae_identity
+from finetune.data.caches import (CachePlan, LatentStore, TextCache, default_latent_dir, fill, fill_controls,
+                                   vae_identity)
 from finetune.data.sources import Example
 from finetune.file_errors import FileProblem, unwritable_folder
 from finetune.models.base import Components, ModelFamily
@@ -46,6 +47,42 @@ class BatchEncoder:
         log.info("latent cache (%s): %d variant(s) of %d %s, %d encoded now", where, len(keys), len(examples),
                  what, encoded)
         return keys
+
+    def cache_controls(self, examples: list[Example], sizes: list[tuple[int, int]],
+                       control_sizes: list[tuple[tuple[int, int], ...]] | None, resize: str,
+                       flips: bool) -> dict[tuple[int, bool], list[str]] | None:
+        """Fill the latent cache with the examples' control images (data.control); the keys, one per slot, their
+        dataset hands out (None: cache off, or no control images)."""
+        if self.latent_store is None or control_sizes is None:
+            return None
+        if self._vae_id is None:
+            self._vae_id = vae_identity(self.parts.vae)
+        encode = partial(self.family.encode_image_moments, self.parts)
+        keys, encoded = fill_controls(self.latent_store, examples, sizes, control_sizes, resize, flips, self._vae_id,
+                                      encode, show_progress=self.show_progress)
+        log.info("latent cache (%s): %d variant(s) of the control images of %d training images, %d encoded now",
+                 self.latent_store.folder or "memory", len(keys), len(examples), encoded)
+        return keys
+
+    def control_latents(self, parts: Components, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The batch's control latents, one [batch, c, h_i, w_i] per slot on the device (`family.control_latents`:
+        the VAE's mode, normalised): from the cache where it is on, else encoded now. Empty without data.control."""
+        if "control_means" in batch:  # read from the cache and moved ahead (ahead_on_device)
+            means = batch["control_means"]
+        elif "control_latent_keys" in batch:
+            means = self.cached_control_means(batch["control_latent_keys"])
+        elif "control_pixel_values" in batch:
+            with torch.no_grad():
+                means = [self.family.encode_image_moments(parts, to_device(pixels, self.device))[0]
+                         for pixels in batch["control_pixel_values"]]
+        else:
+            return []
+        with torch.no_grad():
+            return [self.family.control_latents(parts, mean) for mean in means]
+
+    def cached_control_means(self, keys: list[list[str]]) -> list[torch.Tensor]:
+        """The latent cache's means for a batch's control keys (one list per slot), on the device."""
+        return [to_device(self.latent_store.get(slot)[0], self.device) for slot in keys]
 
     def cache_text(self, captions: list[str]) -> None:
         if self.text is not None:
@@ -94,10 +131,11 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def ahead_on_device(batches: Iterator[dict[str, Any]], encoder: BatchEncoder) -> Iterator[dict[str, Any]]:
-    """The loader's batches with their tensors (pixels, conditions, loss masks, and the cached latents their keys
-    name, as `latent_moments`) on the encoder's device, each batch's copies queued while the step before it still runs:
-    batch n + 1 is fetched and on its way when batch n is handed out. The batches are what they were (a pure
-    function of their position, finetune/data/dataset.py); the loader reads one batch further than the run uses."""
+    """The loader's batches with their tensors (pixels, conditions, loss masks, control images, and the cached latents
+    their keys name, as `latent_moments` and `control_means`) on the encoder's device, each batch's copies queued
+    while the step before it still runs: batch n + 1 is fetched and on its way when batch n is handed out. The
+    batches are what they were (a pure function of their position, finetune/data/dataset.py); the loader reads one
+    batch further than the run uses."""
     def moved(batch: dict[str, Any]) -> dict[str, Any]:
         batch = dict(batch, conditions={key: to_device(value, encoder.device)
                                         for key, value in batch["conditions"].items()})
@@ -105,6 +143,10 @@ def ahead_on_device(batches: Iterator[dict[str, Any]], encoder: BatchEncoder) ->
             batch["pixel_values"] = to_device(batch["pixel_values"], encoder.device)
         if "latent_keys" in batch and encoder.latent_store is not None:
             batch["latent_moments"] = encoder.cached_moments(batch["latent_keys"])
+        if "control_pixel_values" in batch:
+            batch["control_pixel_values"] = [to_device(p, encoder.device) for p in batch["control_pixel_values"]]
+        if "control_latent_keys" in batch and encoder.latent_store is not None:
+            batch["control_means"] = encoder.cached_control_means(batch["control_latent_keys"])
         masks = encoder.masks(batch)
         if masks is not None:
             batch["masks"] = masks

@@ -20,6 +20,7 @@ from finetune.data.buckets import format_report, write_report
 from finetune.data.caches import estimated_bytes, plan_caches
 from finetune.data.masks import summary_line as mask_line
 from finetune.data.captions import caption_report
+from finetune.data.control import slot_problem, slots_of, summary_line as control_line
 from finetune.data.prepare import held_out_fraction, prepare_data, trained_examples
 from finetune.data.sources import data_name, tag_frequency
 from finetune.export.family_header import family_fields, family_version
@@ -105,7 +106,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                                    trained_examples(prepared), accelerator.device, recipe.source)
     sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
     compile_mode = "off" if t.offload else compiling.resolve(t.compile, accelerator.device.type, sharded=sharded)
-    if cannot := compiling.problems(compile_mode, accelerator.device.type, len(set(sizes))):
+    shapes = len(set(zip(sizes, prepared.control_sizes or sizes)))  # a batch's shape: its target and control sizes
+    if cannot := compiling.problems(compile_mode, accelerator.device.type, shapes):
         raise RecipeError(recipe.source, cannot)
     if prepared.bucket_report is not None:
         say(format_report(prepared.bucket_report))
@@ -137,6 +139,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     recipe.model = options_for(family.spec, recipe.model)  # a hub id's family, told only now
     if refusal(family.spec, recipe.strategy):
         raise RecipeError(recipe.source, [refusal(family.spec, recipe.strategy)])
+    if d.control is not None and (too_many := slot_problem(slots_of(examples), family.spec)):
+        raise RecipeError(recipe.source, [too_many])  # a hub base's family is known only now; no model loaded yet
     if control_problems(recipe, family):  # a hub id's family is told only now: before its base loads
         raise RecipeError(recipe.source, control_problems(recipe, family))
     base_dtype = weight_dtype(recipe.model.dtype, t.mixed_precision)  # the frozen base's (trained weights: fp32)
@@ -151,7 +155,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
     say("\n".join(caption_notes))
     class_count = recipe.prior.num_class_images if recipe.prior.mode == "class_images" else 0
     plan = plan_caches(recipe.cache.latents, recipe.cache.text, d.crop, recipe.strategy.changes_text_encoding(),
-                       estimated_bytes(len(examples) + class_count, 2 if d.random_flip else 1, d.resolution,
+                       estimated_bytes(len(examples) * (1 + slots_of(examples)) + class_count,
+                                       2 if d.random_flip else 1, d.resolution,
                                        latent_channels_of(parts.vae.config) or 4,
                                        downsampling_of(parts.vae.config) or 8))
     for note in plan.notes:
@@ -168,6 +173,7 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
                 lambda: family.pipeline(parts), order, d.num_workers, encoder)
     with one_at_a_time(one_by_one, accelerator.device):
         latent_keys = encoder.cache_latents(examples, sizes, d.random_flip, "training images")
+        control_keys = encoder.cache_controls(examples, sizes, prepared.control_sizes, _resize(d), d.random_flip)
         encoder.cache_text([e.caption for e in examples] + [""] * (d.caption_dropout > 0)
                            + list(recipe.prior.class_prompt))
         objective = family.objective(parts, recipe.model)
@@ -197,7 +203,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         base=recipe.model.base, output_dir=output_dir))
     optimizer_line = optimizers.summary_line(t.optimizer, t.optimizer_args, groups[0]["lr"], t.lr_scheduler,
                                              t.lr_warmup_steps)
-    option_lines = (mask_line(d.masks, d.unmasked_weight), optimizer_line, offload_line)
+    option_lines = (mask_line(d.masks, d.unmasked_weight), control_line(trained_examples(prepared), d.control),
+                    optimizer_line, offload_line)
     summary += [x.summary for x in (validation, grid_scorer) if x] + [line for line in option_lines if line]
     summary += ema.plan_line(t.ema, t.max_steps)
     say("\n".join(summary))
@@ -225,7 +232,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         lr_scheduler=lr_scheduler, params=params, trained=trained, trained_modules=trained_modules,
         encoder=encoder, class_batches=class_batches,
         loader=make_loader(ImageCaptionDataset(examples, sizes, d.crop, d.random_flip, d.caption_dropout,
-                                               latent_keys), order, d.num_workers,
+                                               latent_keys, prepared.control_sizes, _resize(d), control_keys),
+                           order, d.num_workers,
                            pin_memory=accelerator.device.type == "cuda"),
         settings=LossSettings(objective=objective, text_encoder_trains=False,
                               prior_mode=recipe.prior.mode, prior_weight=recipe.prior.loss_weight,
@@ -242,6 +250,11 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         caption_notes=caption_notes, recipe=recipe, attention=attention, step=first_step, resume_from=resume_from,
         saved=saved, validation=validation, ema=average, grid_scorer=grid_scorer,
         weight_views=optimizers.weight_views(t.optimizer, optimizer) + ([average.shown] if average else []))
+
+
+def _resize(d) -> str:
+    """data.control.resize ("target" without data.control: nothing to resize)."""
+    return d.control.resize if d.control is not None else "target"
 
 
 def _load_base(accelerator, family: ModelFamily, recipe: Recipe,

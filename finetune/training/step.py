@@ -48,6 +48,7 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
     `draws`: the micro-step's generators (finetune/draws.py)."""
     objective, generator = settings.objective, draws.tensors
     instance = objective.noise(encoder.latents(parts, batch, generator), generator)
+    controls = encoder.control_latents(parts, batch)  # data.control's, one per slot; nothing drawn (the VAE's mode)
     captions = strategy.prompts(list(batch["captions"]), draws.host)
     halves = [instance]
     frozen_target = None
@@ -63,7 +64,8 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
         with torch.no_grad(), strategy.frozen_base(parts) as base:
             conditioning = encoder.conditioning(base, class_captions, text_encoder_trains=False)
             frozen_target = family.predict(base, cls.noisy, cls.timesteps, conditioning,
-                                           _on(batch["conditions"], cls.noisy.device)).float()
+                                           _with_controls(_on(batch["conditions"], cls.noisy.device), controls, 1)
+                                           ).float()
         halves.append(cls)
         captions += class_captions
 
@@ -74,7 +76,8 @@ def micro_step_loss(family: ModelFamily, parts: Components, strategy, batch: dic
     # what each image tells the model besides its pixels (SDXL's sizes and crop corners), for both halves
     image_conditions = [batch["conditions"]] + [(class_batch or batch)["conditions"]] * (len(halves) - 1)
     conditions = {key: torch.cat([c[key] for c in image_conditions]) for key in batch["conditions"]}
-    prediction = family.predict(parts, noisy, timesteps, conditioning, _on(conditions, noisy.device))
+    prediction = family.predict(parts, noisy, timesteps, conditioning,
+                                _with_controls(_on(conditions, noisy.device), controls, len(halves)))
     wanted = [h.target for h in halves]
     if frozen_target is not None:
         wanted[1] = frozen_target
@@ -98,6 +101,15 @@ def _mask_weights(masks: torch.Tensor | None, prediction: torch.Tensor, halves: 
         return None
     weights = latent_weights(masks, prediction.shape[-2:], unmasked_weight)
     return torch.cat([weights] + [torch.ones_like(weights)] * (halves - 1))
+
+
+def _with_controls(conditions: dict[str, Any], controls: list[torch.Tensor], halves: int) -> dict[str, Any]:
+    """`conditions` with `control_latents` (finetune/models/family.py: predict), each slot repeated along the batch
+    for every half: the class half of prior preservation (base_prediction) edits the same control images. Unchanged
+    without control images."""
+    if not controls:
+        return conditions
+    return conditions | {"control_latents": [torch.cat([latents] * halves) for latents in controls]}
 
 
 def _on(conditions: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

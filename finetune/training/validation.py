@@ -4,7 +4,8 @@ training stops helping.
 
 How the score is made (all fixed at setup, before the first step):
 - images: `validation.images`, a folder read like data.images, or a fraction of the training images held out
-  (data/prepare.py: split_held_out; those are never trained on). Each is resized to data.resolution squared and
+  (data/prepare.py: split_held_out; those are never trained on, and keep their control images with data.control;
+  a folder with data.control is refused by the recipe checks, its images having no control images). Each is resized to data.resolution squared and
   centre-cropped, unflipped, and encoded to its latent's mean (no draw: the VAE's mode), captions as the strategy
   makes them (textual inversion's templates drawn from the validation seed);
 - timesteps: `validation.timesteps` points at the quantiles (k + 1/2) / K of the objective's own density
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from finetune.data.control_sizes import control_sizes
 from finetune.data.dataset import ImageCaptionDataset, collate
 from finetune.data.masks import latent_weights
 from finetune.data.prepare import held_out_fraction
@@ -52,6 +54,8 @@ class HeldOutImage:
     caption: str
     conditions: dict[str, torch.Tensor]  # [1, 2] each (SDXL's sizes and crop corner)
     mask: torch.Tensor | None = None  # [1, 1, H, W] in [0, 1] on the run's device: data.masks' mask of the image
+    # data.control's control latents of the image, one [1, c, h_i, w_i] per slot on the run's device
+    controls: list[torch.Tensor] = field(default_factory=list)
 
 
 class ValidationScore:
@@ -86,6 +90,8 @@ class ValidationScore:
                                               image.noise[start:start + count], points)
                     conditioning = encoder.conditioning(parts, [image.caption] * count, text_encoder_trains)
                     conditions = {key: value.expand(count, -1) for key, value in image.conditions.items()}
+                    if image.controls:
+                        conditions["control_latents"] = [c.expand(count, -1, -1, -1) for c in image.controls]
                     prediction = family.predict(parts, noised.noisy, noised.timesteps, conditioning, conditions)
                     if image.mask is None:
                         per_sample = torch.nn.functional.mse_loss(prediction.float(), noised.target.float(),
@@ -113,8 +119,9 @@ def prepare_validation(options: ValidationOptions, d: DataOptions, held_out: lis
     examples = held_out if fraction is not None else folder_examples(options, d)
     source = (f"{fraction:g} of the training images, not trained on" if fraction is not None
               else str(Path(os.path.expanduser(options.images))))
-    side = d.resolution
-    items = ImageCaptionDataset(examples, [(side, side)] * len(examples), "center", False, 0.0)
+    sizes = [(d.resolution, d.resolution)] * len(examples)
+    items = ImageCaptionDataset(examples, sizes, "center", False, 0.0, control_sizes=control_sizes(examples, sizes, d),
+                                control_resize=d.control.resize if d.control is not None else "target")
     host = torch.Generator().manual_seed(options.seed)
     captions = strategy.prompts([e.caption for e in examples], torch.Generator().manual_seed(options.seed))
     encoder.cache_text(captions)
@@ -129,8 +136,12 @@ def prepare_validation(options: ValidationOptions, d: DataOptions, held_out: lis
         noise = torch.randn((options.timesteps, *latents.shape[1:]), generator=host, dtype=torch.float32)
         points = objective.fixed_points(options.timesteps, height, width)
         mask = batch["masks"].to(device) if "masks" in batch else None  # a held-out training image's mask
+        with torch.no_grad():  # its control images, as training feeds them (the VAE's mode)
+            controls = [family.control_latents(parts, family.encode_image_moments(parts, pixels.to(device))[0])
+                        for pixels in batch.get("control_pixel_values", [])]
         images.append(HeldOutImage(latents.to(device), noise.to(device), points.to(device), caption,
-                                   {key: value.to(device) for key, value in batch["conditions"].items()}, mask))
+                                   {key: value.to(device) for key, value in batch["conditions"].items()}, mask,
+                                   controls))
     return ValidationScore(images, options.every, max_steps, max(1, chunk), source, d.unmasked_weight)
 
 
