@@ -143,3 +143,33 @@ def test_the_shipped_recipe_validates_and_trains_on_its_edit_pairs(kontext_base,
     Kontext: validate finds the pairs, training writes the LoRA."""
     out = train_shipped_recipe("flux_kontext_lora", kontext_base, tmp_path)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_training_gives_each_target_its_own_control_image_tokens(kontext_base, tmp_path):
+    """Through the loop (data.control folders, cached latents): every transformer call holds the target's 16
+    tokens, then its own control image's 16, packed from the control image's VAE mode, with ids (1, row, col)."""
+    from finetune.models.flux import pack
+    from tests.helpers import control_latents_of, recording
+
+    images, controls = tmp_path / "images", tmp_path / "control"
+    images.mkdir()
+    controls.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), ("red", "blue")[i]).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"edit number {i}")
+        noise_image(32, 32, seed=10 + i).save(controls / f"{i}.png")
+    calls = []
+    recipe = parse_recipe(recipe_dict(kontext_base, images, tmp_path / "out", data={"control": {"folders": [
+        str(controls)]}}, train={"max_steps": 4, "batch_size": 1}))
+    _, parts = train_keeping_parts(recipe, before_steps=lambda parts: recording(
+        parts.transformer, calls, keep=("hidden_states", "img_ids", "encoder_hidden_states")))
+    family = family_for("flux_kontext")
+    with torch.no_grad():
+        texts = [family.encode_prompts(parts, [f"edit number {i}"])[0] for i in range(2)]
+        expected = [pack(control_latents_of(family, parts, [Image.open(controls / f"{i}.png")])[0]) for i in range(2)]
+    assert len(calls) == 4
+    for call in calls:
+        (i,) = [i for i in range(2) if torch.allclose(call["encoder_hidden_states"], texts[i], atol=1e-5)]
+        assert call["hidden_states"].shape == (1, 32, 16)
+        torch.testing.assert_close(call["hidden_states"][:, 16:], expected[i], atol=1e-5, rtol=0)
+        assert call["img_ids"][16:, 0].eq(1).all() and call["img_ids"][:16, 0].eq(0).all()
