@@ -28,7 +28,8 @@ Activations: what backward keeps per block, in bytes per token per unit of width
 copy of each block (benchmarks/activations.py), times the real width, tokens (both streams: (side/16)^2 image tokens
 (Qwen-Image 2.1's too: 16x latents, one token per latent pixel), plus the text tokens: Flux's, Flux.2's and Chroma's
 512, SD3's 77 + 256, Qwen-Image's and 2.1's caption length, taken at its 512 limit; Lumina 2's 256, HiDream's 3 x
-128, Krea 2's 512; Sana's blocks the image's alone: (side/32)^2) and batch (doubled by prior preservation). With
+128, Krea 2's 512; Sana's blocks the image's alone: (side/32)^2; an edit recipe's control images add their own
+image tokens, `data.control`: they join the target's sequence) and batch (doubled by prior preservation). With
 gradient checkpointing each block keeps its inputs and one block at a time holds its full share again. Side: the
 recipe's `data.resolution` (buckets keep about its area). The ratios are measured with each family's default LoRA
 targets; a `strategy.target_preset` that adds the MLPs keeps more than they say. Text encoders are never trained by
@@ -61,7 +62,7 @@ from benchmarks.meta_models import width as _width  # noqa: E402
 
 RECIPES = ("flux_lora", "flux_lora_16gb", "flux_lora_12gb", "qwen_image_lora_24gb", "sd35_lora", "flux_dreambooth_fsdp", "flux2_lora", "flux2_klein_lora",
            "qwen_image_lora", "chroma_lora", "lumina2_lora", "sana_lora", "hidream_lora", "krea2_lora",
-           "qwen_image_2_1_lora")
+           "qwen_image_2_1_lora", "flux_kontext_lora", "flux2_edit_lora")
 GB = 1e9
 CUDA_CONTEXT_GB = 0.6
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -190,10 +191,24 @@ def _lora_targets(recipe, model: Model, denoiser) -> list[str]:
         family_for(model.family), getattr(strategy, "target_preset", None), denoiser))
 
 
+def control_tokens(recipe, model: Model) -> int:
+    """The image tokens an edit recipe's control images add to each sample (`data.control`; 0 without it): one
+    image per control folder (a column's counted as one), each at its target's size (`resize: target`) or
+    `data.control.resolution` squared in area (`resize: bucket`)."""
+    control = getattr(recipe.data, "control", None)
+    if control is None:
+        return 0
+    side = recipe.data.resolution
+    if getattr(control, "resize", "target") == "bucket":
+        side = getattr(control, "resolution", None) or side
+    return max(1, len(getattr(control, "folders", None) or ())) * (side // model.pixels_per_token) ** 2
+
+
 def _activations_gb(recipe, model: Model, denoiser) -> float:
     t = recipe.train
     batch = t.batch_size * (2 if recipe.prior.mode != "none" else 1)
-    image_tokens = (recipe.data.resolution // model.pixels_per_token) ** 2
+    # the target's tokens, then the control images' (edit models append them to the same sequence)
+    image_tokens = (recipe.data.resolution // model.pixels_per_token) ** 2 + control_tokens(recipe, model)
     tokens = activations.block_tokens(model.family, image_tokens, model.text_tokens)
     width = _width(denoiser)
     measured = ratios(model.family)

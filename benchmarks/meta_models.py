@@ -30,6 +30,11 @@ SD3_ENCODERS = (("clip+", "flux/text_encoder"), ("clip+", "sdxl/text_encoder_2")
 MODELS = {
     "flux-dev": Model("Flux.1-dev", "flux", "black-forest-labs/FLUX.1-dev", "flux/transformer", 512,
                       (("clip", "flux/text_encoder"), ("t5", "flux/text_encoder_2")), ("kl", "flux/vae")),
+    # Kontext's transformer, encoders and VAE have Flux.1-dev's configs (black-forest-labs/FLUX.1-Kontext-dev): the
+    # same network, other weights
+    "flux-kontext-dev": Model("Flux.1 Kontext", "flux_kontext", "black-forest-labs/FLUX.1-Kontext-dev",
+                              "flux/transformer", 512, (("clip", "flux/text_encoder"), ("t5", "flux/text_encoder_2")),
+                              ("kl", "flux/vae")),
     "sd35-large": Model("SD3.5 Large", "sd3", "stabilityai/stable-diffusion-3.5-large", "sd35/transformer_large",
                         77 + 256, SD3_ENCODERS, ("kl", "sd35/vae")),
     "sd35-medium": Model("SD3.5 Medium", "sd3", "stabilityai/stable-diffusion-3.5-medium",
@@ -64,6 +69,7 @@ MODELS = {
 }
 # a recipe's model.base (lowered) -> MODELS key: the first entry whose strings all occur in it (None: not modelled)
 MODEL_FOR_BASE = (
+    (("kontext",), "flux-kontext-dev"),  # before Flux.1: FLUX.1-Kontext-dev
     (("flux.1",), "flux-dev"),
     (("flux.2-dev",), "flux2-dev"),
     (("flux.2-klein", "9b"), "flux2-klein-9b"),  # the base and the step-distilled 9B share the transformer
@@ -101,6 +107,7 @@ def _builder(module: str, model_class: str, config_class: str | None = None):
 # kind -> builder: the denoisers by family, the VAEs, the text encoders
 BUILDERS = {
     "flux": _builder("diffusers", "FluxTransformer2DModel"),
+    "flux_kontext": _builder("diffusers", "FluxTransformer2DModel"),
     "sd3": _builder("diffusers", "SD3Transformer2DModel"),
     "flux2": _builder("diffusers", "Flux2Transformer2DModel"),
     "qwen_image": _builder("diffusers", "QwenImageTransformer2DModel"),

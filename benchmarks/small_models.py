@@ -195,6 +195,8 @@ KREA2_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # its text fusion's attent
 # family -> (its small model, its inputs, the LoRA targets the measurement trains)
 FAMILIES = {
     "flux": (_small_flux, _flux_inputs, FLUX_TARGETS),
+    # Flux.1's blocks; the default targets add the single blocks' proj_mlp (finetune/models/flux_kontext.py)
+    "flux_kontext": (_small_flux, _flux_inputs, (*FLUX_TARGETS, "proj_mlp")),
     "sd3": (_small_sd3, _sd3_inputs, SD3_TARGETS),
     "flux2": (_small_flux2, _flux2_inputs, FLUX2_TARGETS),
     "qwen_image": (_small_qwen_image, _qwen_image_inputs, QWEN_IMAGE_TARGETS),

@@ -22,10 +22,13 @@ def star(cx: float, cy: float, radius: float, rotation: float) -> list[tuple[flo
     return points
 
 
+# (centre x, centre y, radius, rotation) of each star, in 64 px image coordinates
+PLACEMENTS = [(32, 32, 24, 0.0), (26, 30, 18, 0.2), (38, 36, 20, -0.15), (30, 38, 16, 0.4), (34, 28, 26, 0.1)]
+
+
 def main() -> None:
     HERE.mkdir(exist_ok=True)
-    placements = [(32, 32, 24, 0.0), (26, 30, 18, 0.2), (38, 36, 20, -0.15), (30, 38, 16, 0.4), (34, 28, 26, 0.1)]
-    for i, (cx, cy, radius, rotation) in enumerate(placements):
+    for i, (cx, cy, radius, rotation) in enumerate(PLACEMENTS):
         # drawn at 4x and downsampled for smooth edges
         image = Image.new("RGB", (SIZE * 4, SIZE * 4), "white")
         ImageDraw.Draw(image).polygon(star(cx * 4, cy * 4, radius * 4, rotation), fill=(128, 40, 170))

@@ -157,6 +157,7 @@ def _sample(args) -> int:
 
     from finetune.adapters import check_adapter_file, load_adapter, trained_max_token_length, trained_resolution
     from finetune.models import family_for
+    from finetune.training.control_images import count_problems, with_given_controls
     from finetune.training.sample_prompts import PromptProblem, prompt_entries
     from finetune.training.sampling import draw_grid, save_png
     from functools import partial
@@ -169,10 +170,14 @@ def _sample(args) -> int:
         entries, notes = prompt_entries(args.prompt or [], args.prompt_file)  # a bad file fails before the base loads
         for note in notes:
             print(f"note: {note}")
+        entries = with_given_controls(entries, args.control, "--control")
         if args.adapter:
             check_adapter_file(args.adapter)  # a file cut short fails here, before the base loads
         _check_writable(Path(args.out).parent, "--out")
         family = family_for("auto", args.base, hub=True)
+        too_many = count_problems(entries, family)
+        if too_many:
+            raise KnownProblem("\n".join(too_many).replace("control_image:", "--control / control_image:"))
         parts = family.load(args.base, dtype=torch.float16 if device == "cuda" else torch.float32)
         pipe = family.pipeline(parts).to(device)
         if args.adapter:
@@ -194,7 +199,8 @@ def _sample(args) -> int:
     except PromptProblem as exc:
         raise KnownProblem(str(exc)) from None
     grid = draw_grid(pipe, rows, args.num,
-                     encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
+                     encode=partial(family.encode_prompts, parts) if parts.max_token_length else None,
+                     control=family.sample_kwargs)
     print(f"wrote {save_png(grid, Path(args.out))}")
     return 0
 

@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", help="repeat for several rows")
     sample.add_argument("--prompt-file", help="kohya's prompt file instead of --prompt: .txt (one prompt a line, with "
                         "--n --w --h --d --s --l), .toml or .json; the options below are its defaults")
+    sample.add_argument("--control", action="append", metavar="IMAGE",
+                        help="an edit model's control image for every prompt (repeat, or a comma list, for several "
+                             "control images in order); a prompt file entry's own control_image wins")
     sample.add_argument("--scale", type=float, default=1.0, help="adapter strength (0: the base alone)")
     sample.add_argument("--out", required=True, help="PNG file to write")
     sample.add_argument("--negative-prompt", default="")

@@ -94,6 +94,13 @@ def _image_file(ws: Workspace, name: str, content: bytes | None = None, caption:
     return path
 
 
+def _control_image(ws: Workspace) -> Path:
+    """An edit's control image beside the workspace's images (not among them)."""
+    path = ws.tmp / "before.png"
+    Image.new("RGB", (32, 32), "red").save(path)
+    return path
+
+
 def _masks(ws: Workspace, leave_out: str = "", size_of: dict[str, tuple[int, int]] | None = None) -> Path:
     """A white mask per training image in tmp/masks, but `leave_out`'s; `size_of` gives some another size."""
     folder = ws.tmp / "masks"
@@ -332,6 +339,23 @@ CATALOGUE = [
              "that fits", lambda ws: (ws.tmp / "prompts.txt").write_text("# rows\na purple sks --w 30 --d 3\n")
              and ws.train(sample={"every": 1, "prompt_file": str(ws.tmp / "prompts.txt")}),
              ("prompts.txt:2: width 30 must be a multiple of 4 (this base's VAE downsamples by 4)", "try 32")),
+    # issue 38: sampling with control images
+    BadInput("sample-control-image-not-an-edit-model", "A sample prompt's `control_image` (or `finetune sample "
+             "--control`) for a family that is no edit model", "Names the prompt and the family, and the families that "
+             "take control images", lambda ws: ws.train(sample={"every": 1, "prompts": [
+                 {"prompt": "a sks", "control_image": str(_control_image(ws))}]}),
+             ("sample.prompts[0]: control_image: Stable Diffusion 1.x/2.x (sd) is no edit model", "remove "
+              "control_image, or sample an edit model", "flux_kontext")),
+    BadInput("sample-control-image-missing", "A sample prompt's `control_image` that does not exist",
+             "Names the prompt and the file, and where relative paths are read from",
+             lambda ws: ws.train(sample={"every": 1, "prompts": [
+                 {"prompt": "a sks", "control_image": str(ws.tmp / "before.png")}]}),
+             ("control_image: ", "before.png does not exist", "give the path of an image file")),
+    BadInput("sample-control-on-a-base-that-is-no-edit-model", "`finetune sample --control` on a base of a family "
+             "that is no edit model", "Refuses it before the base loads, naming the family",
+             lambda ws: ["sample", "--base", str(ws.base), "--prompt", "a sks", "--control",
+                         str(_control_image(ws)), "--out", str(ws.tmp / "grid.png")],
+             ("--control / control_image: Stable Diffusion 1.x/2.x (sd) is no edit model",)),
     # issue 36: offload
     BadInput("offload-on-a-unet", "`train.offload` on a U-Net family (Stable Diffusion, SDXL)",
              "Says a U-Net has no list of transformer blocks to stream, and what saves memory there",

@@ -145,6 +145,15 @@ def train_shipped_recipe(name: str, base: Path, tmp_path: Path, extra: tuple[str
     return tmp_path / "out"
 
 
+def declares_data_control() -> bool:
+    """Whether the recipe schema has `data.control` (issue 38's paired data): the edit recipes need it."""
+    import dataclasses
+
+    from finetune.recipe.schema import DataOptions
+
+    return any(field.name == "control" for field in dataclasses.fields(DataOptions))
+
+
 def default_objective(family, parts):
     """The family's objective as a recipe that sets none of its options gives it."""
     return family.objective(parts, family.spec.options())
@@ -319,6 +328,29 @@ def recording(transformer, calls: list, keep: Iterable[str] | None = None) -> An
         calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in found.items()
                       if keep is None or k in keep})
     return transformer.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def noise_image(width: int, height: int, seed: int = 1) -> Image.Image:
+    """A width x height RGB image of uniform noise: a control image every pixel of which matters."""
+    import numpy as np
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def control_latents_of(family, parts, images: Iterable[Image.Image]) -> list:
+    """`conditions["control_latents"]` for a batch of one with these control images (one per slot), made as
+    training makes them: pixels in [-1, 1] (the pipelines' image processor: x / 255 x 2 - 1), the VAE's means
+    (`family.encode_image_moments`), `family.control_latents`."""
+    import numpy as np
+    import torch
+
+    latents = []
+    for image in images:
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        with torch.no_grad():
+            mean = family.encode_image_moments(parts, (pixels * 2 - 1)[None])[0]
+            latents.append(family.control_latents(parts, mean))
+    return latents
 
 
 def flux_prediction(transformer):

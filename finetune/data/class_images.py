@@ -133,8 +133,8 @@ def _draw(pipeline: Any, spec: ClassImageSpec, indices: list[int]) -> list:
     text = {"prompt": [spec.prompt_for(i) for i in indices],
             "negative_prompt": [negative] * len(indices) if negative is not None else None}
     return pipeline(**text_arguments(pipeline, text), num_inference_steps=spec.steps, **{keyword: spec.guidance_scale},
-                    height=spec.resolution, width=spec.resolution, **size_arguments(pipeline),
-                    generator=generators).images
+                    height=spec.resolution, width=spec.resolution,
+                    **size_arguments(pipeline, spec.resolution, spec.resolution), generator=generators).images
 
 
 def _write_image(folder: Path, index: int, image, prompt: str) -> None:

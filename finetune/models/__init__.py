@@ -14,6 +14,7 @@ FAMILY_MODULES = (
     "finetune.models.sdxl",
     "finetune.models.sd3",
     "finetune.models.flux",
+    "finetune.models.flux_kontext",
     "finetune.models.zimage",
     "finetune.models.qwen_image",
     "finetune.models.flux2",

@@ -309,6 +309,16 @@ class Family:
         generator = torch.Generator(mean.device).manual_seed(0)  # drawn against a zero std: the mean itself
         return self.latents_from_moments(parts, mean, torch.zeros_like(mean), generator)
 
+    def sample_kwargs(self, control_images: list[Any], width: int, height: int) -> dict[str, Any]:
+        """What the pipeline's __call__ takes besides the prompt for a width x height sample given
+        `control_images` (PIL images, one per control slot; `sample.prompts`' control_image): nothing for a
+        family without control images. An edit family's file says how its pipeline takes them. ValueError
+        naming the family when one that takes none is given some."""
+        if control_images:
+            raise ValueError(f"control_image: {self.spec.title} ({self.spec.name}) is no edit model and takes no "
+                             "control image; remove control_image, or sample an edit model's base")
+        return {}
+
     # --- what each family writes itself ---------------------------------------------------------------------
     def encode_prompts(self, parts: Components, captions: list[str]) -> Any:
         """The text conditioning for captions: a tensor, or a tuple of tensors, each with the batch first; what

@@ -97,31 +97,53 @@ class Flux(Family):
                 ) -> torch.Tensor:
         """The velocity [B, C, h, w] for `noisy` latents [B, C, h, w] at sigmas `timesteps` [B] in (0, 1): packed
         into tokens, run with the ids and guidance FluxPipeline gives, unpacked."""
-        from diffusers import FluxPipeline
-
         embeds, pooled = conditioning
         transformer = parts.transformer
-        config = unwrapped(transformer).config
         dtype = unwrapped(transformer).dtype
         batch, _, height, width = noisy.shape
-        if height % 2 or width % 2:
-            raise ValueError(f"Flux packs latents in 2x2 patches; a {height}x{width} latent cannot be packed: "
-                             "use image sides (and bucket sides) that are multiples of 16 px")
-        value, guidance = getattr(parts.options, "guidance", None), None
-        if value is not None and not config.guidance_embeds:
-            raise ValueError(f"model.guidance: {parts.source} has no guidance embedding (guidance_embeds: false, "
-                             "as Flux.1-schnell's); remove it")
-        if config.guidance_embeds:  # dev; schnell has no guidance input
-            guidance = torch.full((batch,), DEFAULT_GUIDANCE if value is None else value, device=noisy.device,
-                                  dtype=torch.float32)
+        check_packable(height, width, "Flux")
         tokens = transformer(
-            hidden_states=pack(noisy.to(dtype)), timestep=timesteps.to(dtype), guidance=guidance,
-            pooled_projections=pooled.to(dtype), encoder_hidden_states=embeds.to(dtype),
+            hidden_states=pack(noisy.to(dtype)), timestep=timesteps.to(dtype),
+            guidance=guidance_input(parts, batch, noisy.device), pooled_projections=pooled.to(dtype),
+            encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=dtype),
-            img_ids=on_device(("flux image ids", height, width), lambda: FluxPipeline._prepare_latent_image_ids(
-                batch, height // 2, width // 2, "cpu", torch.float32), noisy.device, dtype),
-            return_dict=False)[0]
+            img_ids=image_ids(height, width, noisy.device, dtype), return_dict=False)[0]
         return unpack(tokens, height, width)
+
+
+def check_packable(height: int, width: int, title: str) -> None:
+    """ValueError naming the fix unless a [.., h, w] latent packs into 2x2 patches (h and w even)."""
+    if height % 2 or width % 2:
+        raise ValueError(f"{title} packs latents in 2x2 patches; a {height}x{width} latent cannot be packed: "
+                         "use image sides (and bucket sides) that are multiples of 16 px")
+
+
+def guidance_input(parts: Components, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The guidance embedding's input [batch] (float32): model.guidance, DEFAULT_GUIDANCE when unset; None for a
+    transformer without one (schnell's). ValueError when model.guidance is set for such a transformer."""
+    config = unwrapped(parts.transformer).config
+    value = getattr(parts.options, "guidance", None)
+    if value is not None and not config.guidance_embeds:
+        raise ValueError(f"model.guidance: {parts.source} has no guidance embedding (guidance_embeds: false, "
+                         "as Flux.1-schnell's); remove it")
+    if not config.guidance_embeds:
+        return None
+    return torch.full((batch,), DEFAULT_GUIDANCE if value is None else value, device=device, dtype=torch.float32)
+
+
+def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype, first: int = 0) -> torch.Tensor:
+    """Position ids [h/2 * w/2, 3] of the tokens `pack` makes of an h x w latent: (first, row, col), as
+    FluxPipeline._prepare_latent_image_ids gives them (first 0); FluxKontextPipeline's reference image takes
+    first = 1. Built once per shape and device."""
+    def build() -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        ids = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, "cpu", torch.float32)
+        ids[..., 0] = first
+        return ids
+
+    return on_device(("flux image ids", height, width, first), build, device, dtype)
+
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] -> [B, h/2 * w/2, 4C]: each 2x2 patch one token, row-major (FluxPipeline._pack_latents)."""

@@ -9,6 +9,11 @@ from the base's model_index.json. As diffusers' pipeline_flux2(_klein).py and tr
   patchifies, packs with `_prepare_latent_ids` (0, h, w, 0) and unpatchifies. The *mode*, not a sample: the
   pipeline and the script encode so, so `latents_from_moments` takes the mean (std and generator unused; cached or
   not, the same latents);
+- reference images (edit training, `data.control`): each one's latents as the target's (`control_latents`: the
+  mode, normalised), patchified and packed after the target's tokens with ids (10 (i + 1), h, w, 0)
+  (`_prepare_image_ids`); the transformer modulates them with the same timestep (Flux2Pipeline does; its KV-cache
+  variant's fixed t = 0 is not taken), and the output is sliced back to the target's tokens. Sampling gives the
+  pipeline `image=[...]` (`sample_kwargs`), which caps each reference at 1024^2 px area;
 - `timestep` = sigma as the pipeline passes it (`(1000 sigma).to(dtype) / 1000`); the output is `noise - x0`;
 - dev's embedded guidance: `model.guidance`, 1.0 in training by default (SimpleTuner's `flux_guidance_value`, and
   Flux.1's choice here after kohya's LoRA advice; diffusers' script gives 3.5; sampling: sample.guidance_scale,
@@ -117,7 +122,9 @@ class Flux2(Family):
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor,
                 conditions: dict[str, torch.Tensor]) -> torch.Tensor:
         """The velocity [B, 32, h, w] for `noisy` latents [B, 32, h, w] at sigmas `timesteps` [B]: patchified and
-        packed into tokens, run with the ids and guidance the pipeline's denoising loop gives, unpacked."""
+        packed into tokens, run with the ids and guidance the pipeline's denoising loop gives, unpacked. Reference
+        images (`conditions["control_latents"]`: a list of [B, 32, h_i, w_i], at most control_images; absent or
+        empty: none) are packed after the target's tokens with T = 10 (i + 1) and sliced off the output."""
         from diffusers import Flux2Pipeline
 
         transformer = parts.transformer
@@ -135,19 +142,60 @@ class Flux2(Family):
                                   dtype=torch.float32)
         patched = Flux2Pipeline._patchify_latents(noisy)
         embeds = conditioning.to(dtype)
+        references = list(conditions.get("control_latents") or ())
+        if len(references) > self.spec.control_images:
+            raise ValueError(f"Flux.2 takes at most {self.spec.control_images} reference images per sample here, got "
+                             f"{len(references)}: give fewer control images (data.control)")
         tokens = transformer(
-            hidden_states=Flux2Pipeline._pack_latents(patched).to(dtype),
+            hidden_states=torch.cat([Flux2Pipeline._pack_latents(patched).to(dtype),
+                                     *(_reference_tokens(r, batch, dtype) for r in references)], dim=1),
             timestep=(timesteps * 1000).to(dtype) / 1000, guidance=guidance, encoder_hidden_states=embeds,
             # built from the shapes alone (all the helpers read), on the host, once per shape
             txt_ids=on_device(("flux2 text ids", *embeds.shape[:2]),
                               lambda: Flux2Pipeline._prepare_text_ids(torch.empty(*embeds.shape[:2], 1)), noisy.device),
-            img_ids=on_device(("flux2 image ids", patched.shape[0], *patched.shape[2:]),
-                              lambda: Flux2Pipeline._prepare_latent_ids(torch.empty(patched.shape[0], 1,
-                                                                                    *patched.shape[2:])),
-                              noisy.device),
+            img_ids=_image_ids(batch, patched.shape[2:], [r.shape[2:] for r in references], noisy.device),
             return_dict=False)[0]
+        target = tokens[:, :patched.shape[2] * patched.shape[3]]  # the references' tokens sliced off, as sampling does
         # tokens are row-major, as img_ids say: the pipeline's _unpack_latents_with_ids is this reshape
-        return Flux2Pipeline._unpatchify_latents(tokens.transpose(1, 2).reshape(patched.shape))
+        return Flux2Pipeline._unpatchify_latents(target.transpose(1, 2).reshape(patched.shape))
+
+    def sample_kwargs(self, control_images: list[Any], width: int, height: int) -> dict[str, Any]:
+        """Flux2(Klein)Pipeline's `image`: the reference images in order (the i-th gets T = 10 (i + 1)); nothing
+        without any. ValueError for more than control_images."""
+        if len(control_images) > self.spec.control_images:
+            raise ValueError(f"Flux.2 takes at most {self.spec.control_images} reference images per prompt here, "
+                             f"got {len(control_images)}")
+        return {"image": list(control_images)} if control_images else {}
+
+
+def _reference_tokens(latents: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reference image's latents [B, 32, h, w] (Family.control_latents) as the pipeline's tokens [B, h/2 * w/2,
+    128]: patchified 2x2 and packed row-major, like the target's."""
+    from diffusers import Flux2Pipeline
+
+    if latents.shape[0] != batch:
+        raise ValueError(f"reference latents of {latents.shape[0]} samples for a batch of {batch}")
+    if latents.shape[2] % 2 or latents.shape[3] % 2:
+        raise ValueError(f"Flux.2 patchifies latents 2x2; a {latents.shape[2]}x{latents.shape[3]} reference latent "
+                         "cannot be: use control image sides that are multiples of 16 px")
+    return Flux2Pipeline._pack_latents(Flux2Pipeline._patchify_latents(latents)).to(dtype)
+
+
+def _image_ids(batch: int, target: tuple[int, int], references: list[tuple[int, int]],
+               device: torch.device) -> torch.Tensor:
+    """Position ids [B, tokens, 4] of the target's patchified h x w grid, (0, row, col, 0), then of each
+    reference's latent grid (h_i x w_i before patchifying), (10 (i + 1), row, col, 0), as the pipeline's
+    _prepare_latent_ids and _prepare_image_ids give them. Built on the host once per shape."""
+    def build() -> torch.Tensor:
+        from diffusers import Flux2Pipeline
+
+        ids = Flux2Pipeline._prepare_latent_ids(torch.empty(batch, 1, *target))
+        if not references:
+            return ids
+        grids = [torch.empty(1, 1, h // 2, w // 2) for h, w in references]
+        return torch.cat([ids, Flux2Pipeline._prepare_image_ids(grids).expand(batch, -1, -1)], dim=1)
+
+    return on_device(("flux2 image ids", batch, tuple(target), tuple(map(tuple, references))), build, device)
 
 
 def _batch_norm(vae: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,4 +286,7 @@ SPEC = FamilySpec(
              "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
              "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
              "single_stream_modulation.linear": "single_stream_modulation.lin", "proj_out": "final_layer.linear"}),
+    # reference images per sample: BFL's limit for klein (4; dev: "recommended max 6", docs.bfl.ai's editing
+    # guide); each adds a whole image's tokens to every attention, the memory a 24 GB run has least of
+    control_images=4,
     modelspec_architecture=None)

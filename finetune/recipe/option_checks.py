@@ -199,11 +199,14 @@ def check_ema(recipe: Recipe) -> list[str]:
 
 
 def check_prompts(recipe: Recipe) -> list[str]:
-    """sample.prompts' mappings and sample.prompt_file (finetune/training/sample_prompts.py): keys, values, and
-    sizes a multiple of the VAE's downsampling where the base's folder tells it (setup checks a hub base's)."""
+    """sample.prompts' mappings and sample.prompt_file (finetune/training/sample_prompts.py): keys, values, sizes a
+    multiple of the VAE's downsampling where the base's folder tells it (setup checks a hub base's), and control
+    images (their files, and how many the family takes, where model.family or the base's folder tells it)."""
+    from finetune.models import family_told
     from finetune.training.sample_prompts import checked_prompts
 
     known = vae_downsampling(recipe.model.base)
     why = (f"this base's VAE downsamples by {known}" if known else
            "Stable Diffusion's VAE downsamples by 8; the base's own is checked when it loads")
-    return checked_prompts(recipe.sample, recipe.data.resolution, known or 8, why)[2]
+    family = family_told(recipe.model.family, recipe.model.base)
+    return checked_prompts(recipe.sample, recipe.data.resolution, known or 8, why, family)[2]

@@ -48,6 +48,12 @@ def resolve_paths(recipe: Recipe, recipe_dir: Path, command_line_keys: set[str])
         given = command_line_keys & {"data.control", "data.control.folders"}
         anchor = Path.cwd() if given else recipe_dir
         control.folders = [_resolve(str(folder), anchor, False) for folder in control.folders]
+    # an edit model's control images in sample.prompts' mappings follow the same rule
+    from finetune.training.control_images import KEY, anchored
+
+    anchor = Path.cwd() if "sample.prompts" in command_line_keys else recipe_dir
+    recipe.sample.prompts = [{**p, KEY: anchored(p[KEY], anchor)} if isinstance(p, dict) and KEY in p else p
+                             for p in recipe.sample.prompts]
 
 
 def _resolve(value: str, anchor: Path, may_be_hub_id: bool) -> str:

@@ -152,7 +152,9 @@ class SampleOptions:
     every: int = key(0, "Optimizer steps between sample grids; 0: none.", minimum=0)
     prompts: list[Any] = key(
         help="The grid's prompts: each a prompt, or a mapping `{prompt, negative_prompt, seed, steps, guidance, "
-        "width, height}` that overrides the settings below for it.", factory=list)
+        "width, height, control_image}` that overrides the settings below for it; `control_image`: an edit "
+        "model's control image (a path, or a list of paths, one per control image), shown before the results.",
+        factory=list)
     prompt_file: Optional[str] = key(
         None, "A kohya-style prompt file instead: `.txt` with one prompt per line and its `--n --w --h --d --l "
         "--s` options, or `.toml` or `.json`.")

@@ -177,7 +177,8 @@ def _samples(output_dir: Path, info: dict, recipe: dict | None, by_step: dict[in
     if not grids:
         return out + ['<p class="note">No sample grids (sample.every is 0, or none is due yet).</p>']
     out.append('<p class="note">Rows: the prompts, each drawn from its own seed (and the settings it sets '
-               "apart from the recipe's, named under it); columns: successive images from that seed. The same "
+               "apart from the recipe's, named under it); columns: an edit model's control images, if any, then "
+               "successive images from that seed. The same "
                "prompts and seeds at every step, so grids compare. Small images are shown enlarged without "
                "smoothing; the PNGs in samples/ are as written.</p>")
     fallback = (recipe or {}).get("sample", {})
@@ -187,7 +188,8 @@ def _samples(output_dir: Path, info: dict, recipe: dict | None, by_step: dict[in
         prompts = [p.get("prompt", "") if isinstance(p, dict) else p for p in labels.get("prompts") or []]
         seed, count = labels.get("seed", 0), int(labels.get("images_per_prompt") or 1)
         notes = labels.get("notes") or [f"seed {seed + row}" for row in range(len(prompts))]
-        out.append(labelled_grid(path, prompts, notes, [f"image {i + 1}" for i in range(count)],
+        columns = [f"control {i + 1}" for i in range(int(labels.get("controls") or 0))]  # edit models' grids
+        out.append(labelled_grid(path, prompts, notes, columns + [f"image {i + 1}" for i in range(count)],
                                  f"step {step} ({path.name})", row_heights=labels.get("heights")))
         out += _grid_scores(by_step.get(step, {}))
     return out

@@ -41,6 +41,7 @@ from finetune.training.offload import offload_idle, on_device, one_at_a_time
 from finetune.training.preflight import check_engine_and_device
 from finetune.training.optim import build_optimizer, build_scheduler, schedule_for
 from finetune.training.resume import checkpoint_to_resume, check_output_dir, remove_earlier_run, resume_command
+from finetune.training.control_images import control_problems
 from finetune.training.sample_prompts import prompts_for_run
 from finetune.training.saves import Saving
 from finetune.distributed import local_fraction
@@ -140,6 +141,8 @@ def _setup(accelerator, recipe: Recipe, family: ModelFamily | None, output_dir: 
         raise RecipeError(recipe.source, [refusal(family.spec, recipe.strategy)])
     if d.control is not None and (too_many := slot_problem(slots_of(examples), family.spec)):
         raise RecipeError(recipe.source, [too_many])  # a hub base's family is known only now; no model loaded yet
+    if control_problems(recipe, family):  # a hub id's family is told only now: before its base loads
+        raise RecipeError(recipe.source, control_problems(recipe, family))
     base_dtype = weight_dtype(recipe.model.dtype, t.mixed_precision)  # the frozen base's (trained weights: fp32)
     parts, one_by_one = _load_base(accelerator, family, recipe, base_dtype)
     strategy.check(family, parts)  # options that cannot fit this model fail before any long work

@@ -1,5 +1,6 @@
 """Sample prompts with their own settings: `sample.prompts` (strings, or mappings {prompt, negative_prompt, seed,
-steps, guidance, width, height}) or `sample.prompt_file`, a prompt file as kohya's sd-scripts reads it:
+steps, guidance, width, height, control_image}) or `sample.prompt_file`, a prompt file as kohya's sd-scripts reads
+it (`control_image`, an edit model's control image or images: training/control_images.py):
 
 - `.txt`: one prompt per line, settings as flags after it: `--n` negative prompt, `--w` width, `--h` height,
   `--d` seed, `--s` steps, `--l` guidance scale (`--g`, kohya's embedded guidance for Flux, is the same one value
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")
+from finetune.training.control_images import KEY as CONTROL_KEY, anchored, control_paths, count_problems
+
+KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", CONTROL_KEY)
 KOHYA_KEYS = {"sample_steps": "steps", "scale": "guidance", "guidance_scale": "guidance"}
 FLAGS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance",
          "g": "guidance"}
@@ -47,6 +50,7 @@ class SamplePrompt:
     guidance: float
     width: int
     height: int
+    control_images: tuple[str, ...] = ()  # an edit model's control images, one path per control slot
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ def read_prompt_file(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]
     entries, notes = [], []
     for item, where in raw:
         entry, item_notes = parse_line(item, where) if isinstance(item, str) else (item, [])
+        if isinstance(entry, dict) and CONTROL_KEY in entry:  # relative to the prompt file, as a recipe's paths are
+            entry = {**entry, CONTROL_KEY: anchored(entry[CONTROL_KEY], path.parent)}
         entries.append({"_where": where, **entry})
         notes += item_notes
     if not entries:
@@ -160,9 +166,14 @@ def resolve(entries: list[dict[str, Any]], defaults: Defaults) -> list[SamplePro
             raise PromptProblem(f"{where}: unknown key {', '.join(unknown)}; the keys are {', '.join(KEYS)}")
         if not isinstance(entry.get("prompt"), str):
             raise PromptProblem(f"{where}: needs `prompt`, a string (got {entry.get('prompt')!r})")
+        controls = entry.pop(CONTROL_KEY, None)
         values = {"negative_prompt": defaults.negative_prompt, "seed": defaults.seed + index, "steps": defaults.steps,
                   "guidance": defaults.guidance, "width": defaults.width, "height": defaults.height, **entry}
         _check_types(values, where)
+        try:
+            values["control_images"] = control_paths(controls) if controls is not None else ()
+        except ValueError as exc:
+            raise PromptProblem(f"{where}: {exc}") from None
         rows.append(SamplePrompt(**{**values, "guidance": float(values["guidance"])}))
     return rows
 
@@ -206,6 +217,8 @@ def row_note(row: SamplePrompt, defaults: Defaults) -> str:
         parts.append(f"{row.width}x{row.height}")
     if row.negative_prompt != defaults.negative_prompt:
         parts.append(f"negative: {row.negative_prompt or '(none)'}")
+    if row.control_images:
+        parts.append(f"control: {', '.join(Path(p).name for p in row.control_images)}")
     return " · ".join(parts)
 
 
@@ -214,8 +227,10 @@ def summary_line(rows: list[SamplePrompt], defaults: Defaults, source: str | Non
     own = sum(row != SamplePrompt(row.prompt, defaults.negative_prompt, defaults.seed + i, defaults.steps,
                                   defaults.guidance, defaults.width, defaults.height) for i, row in enumerate(rows))
     sizes = sorted({(row.width, row.height) for row in rows})
-    return (f"samples: {len(rows)} prompt(s) from {source or 'sample.prompts'}, {own} with settings of their own; "
-            f"sizes {', '.join(f'{w}x{h}' for w, h in sizes)}")
+    controlled = sum(bool(row.control_images) for row in rows)
+    return (f"samples: {len(rows)} prompt(s) from {source or 'sample.prompts'}, {own} with settings of their own"
+            + (f", {controlled} with control images" if controlled else "")
+            + f"; sizes {', '.join(f'{w}x{h}' for w, h in sizes)}")
 
 
 def defaults_of(sample, resolution: int) -> Defaults:
@@ -225,17 +240,22 @@ def defaults_of(sample, resolution: int) -> Defaults:
                     guidance=sample.guidance_scale, width=resolution, height=resolution)
 
 
-def checked_prompts(sample, resolution: int, factor: int, why: str) -> tuple[list[SamplePrompt], list[str], list[str]]:
+def checked_prompts(sample, resolution: int, factor: int, why: str, family: Any = None
+                    ) -> tuple[list[SamplePrompt], list[str], list[str]]:
     """(rows, notes, problems) of the recipe's sample section (`sample`: SampleOptions): its prompts or prompt
     file resolved against its settings, sizes checked against `factor` (the VAE's downsampling, `why` naming
-    where that figure comes from). Never raises: `finetune validate` lists the problems with the recipe's others,
-    setup raises them as a RecipeError."""
+    where that figure comes from), control images against what `family` takes (when it is known). Never raises:
+    `finetune validate` lists the problems with the recipe's others, setup raises them as a RecipeError."""
     try:
         entries, notes = prompt_entries(sample.prompts, sample.prompt_file)
-        rows = resolve(entries, defaults_of(sample, resolution))
     except PromptProblem as exc:
         return [], [], [str(exc)]
-    return rows, notes, size_problems(rows, entries, factor, why)
+    controls = count_problems(entries, family) if family is not None else []
+    try:
+        rows = resolve(entries, defaults_of(sample, resolution))
+    except PromptProblem as exc:
+        return [], [], [*controls, str(exc)]
+    return rows, notes, [*controls, *size_problems(rows, entries, factor, why)]
 
 
 def prompts_for_run(recipe, factor: int | None, say) -> tuple[SamplePrompt, ...]:
@@ -265,7 +285,9 @@ def sample_prompt_lines(recipe) -> list[str]:
 
 
 def grid_labels(rows: tuple[SamplePrompt, ...], defaults: Defaults) -> dict[str, list]:
-    """What the report labels a grid's rows with (run.json's `samples`): each row's prompt, its note (row_note)
-    and its height in pixels (rows of different sizes are of different heights)."""
+    """What the report labels a grid's rows with (run.json's `samples`): each row's prompt, its note (row_note),
+    its height in pixels (rows of different sizes are of different heights), and how many control-image columns
+    come before the results (training/control_images.with_controls)."""
     return {"prompts": [row.prompt for row in rows], "notes": [row_note(row, defaults) for row in rows],
-            "heights": [row.height for row in rows]}
+            "heights": [row.height for row in rows],
+            "controls": max((len(row.control_images) for row in rows), default=0)}

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from PIL import Image
 
 from finetune.io.atomic import atomic_file
+from finetune.training.control_images import load_control_images, with_controls
 from finetune.training.sample_prompts import SamplePrompt
+
+# a family's sample_kwargs: (control images, width, height) -> the pipeline's keyword arguments
+Control = Callable[[list[Image.Image], int, int], dict[str, Any]]
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
@@ -23,17 +27,18 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
-def rows_grid(rows: list[list[Image.Image]]) -> Image.Image:
+def rows_grid(rows: list[list[Optional[Image.Image]]]) -> Image.Image:
     """One row of images per prompt, prompts of different sizes together: every column as wide as the widest
-    image, every row as tall as its own tallest; a smaller image sits centred in its cell on white. Images of one
-    size give image_grid's layout exactly."""
-    cell = max(image.width for row in rows for image in row)
-    heights = [max(image.height for image in row) for row in rows]
+    image, every row as tall as its own tallest; a smaller image sits centred in its cell on white, a None cell
+    stays white. Images of one size give image_grid's layout exactly."""
+    cell = max(image.width for row in rows for image in row if image is not None)
+    heights = [max(image.height for image in row if image is not None) for row in rows]
     grid = Image.new("RGB", (cell * max(len(row) for row in rows), sum(heights)), "white")
     top = 0
     for row, height in zip(rows, heights):
         for column, image in enumerate(row):
-            grid.paste(image, (column * cell + (cell - image.width) // 2, top + (height - image.height) // 2))
+            if image is not None:
+                grid.paste(image, (column * cell + (cell - image.width) // 2, top + (height - image.height) // 2))
         top += height
     return grid
 
@@ -51,18 +56,24 @@ def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: in
 
 @torch.no_grad()
 def draw_grid(pipeline, rows: list[SamplePrompt], images_per_prompt: int,
-              encode: Callable[[list[str]], torch.Tensor] | None = None) -> Image.Image:
-    """One grid row per prompt, each drawn with its own settings: draw_rows' images in rows_grid's layout."""
-    return rows_grid(draw_rows(pipeline, rows, images_per_prompt, encode))
+              encode: Callable[[list[str]], torch.Tensor] | None = None, control: Optional[Control] = None
+              ) -> Image.Image:
+    """One grid row per prompt, each drawn with its own settings: draw_rows' images in rows_grid's layout, each
+    row's control images (if any) before its results."""
+    drawn = draw_rows(pipeline, rows, images_per_prompt, encode, control)
+    return rows_grid(with_controls(drawn, [row.control_images for row in rows]))
 
 
 @torch.no_grad()
 def draw_rows(pipeline, rows: list[SamplePrompt], images_per_prompt: int,
-              encode: Callable[[list[str]], torch.Tensor] | None = None) -> list[list[Image.Image]]:
+              encode: Callable[[list[str]], torch.Tensor] | None = None, control: Optional[Control] = None
+              ) -> list[list[Image.Image]]:
     """`images_per_prompt` images per prompt, each prompt drawn with its own settings (training/sample_prompts.py):
-    its negative prompt, steps, guidance, size, and a CPU generator seeded with its seed. `encode` (the family's
-    encode_prompts): prompts are encoded as training encodes them (long prompts in chunks, data.max_token_length)
-    and handed to the pipeline as embeddings; without it the pipeline encodes them itself (cut at the window)."""
+    its negative prompt, steps, guidance, size, control images, and a CPU generator seeded with its seed. `encode`
+    (the family's encode_prompts): prompts are encoded as training encodes them (long prompts in chunks,
+    data.max_token_length) and handed to the pipeline as embeddings; without it the pipeline encodes them itself
+    (cut at the window). `control` (the family's sample_kwargs): what the pipeline is given for a row's control
+    images and size; ValueError for a row with control images and no `control`."""
     from finetune.models.base import guidance_keyword
 
     pipeline.set_progress_bar_config(disable=True)
@@ -74,9 +85,13 @@ def draw_rows(pipeline, rows: list[SamplePrompt], images_per_prompt: int,
         generator = torch.Generator().manual_seed(row.seed)
         text = ({"prompt_embeds": encode([row.prompt]), "negative_prompt_embeds": encode([row.negative_prompt or ""])}
                 if encode is not None else {"prompt": row.prompt, "negative_prompt": negative})
+        if row.control_images and control is None:
+            raise ValueError("a sample prompt has control images, but no family says how its pipeline takes them")
+        given = {**size_arguments(pipeline, row.width, row.height),
+                 **(control(load_control_images(row.control_images), row.width, row.height) if control else {})}
         result = pipeline(**text_arguments(pipeline, text), num_inference_steps=row.steps,
                           **{keyword: row.guidance}, num_images_per_prompt=images_per_prompt,
-                          height=row.height, width=row.width, **size_arguments(pipeline), generator=generator)
+                          height=row.height, width=row.width, **given, generator=generator)
         drawn.append(list(result.images))
     return drawn
 
@@ -99,13 +114,16 @@ def text_arguments(pipeline, text: dict) -> dict:
     return text
 
 
-def size_arguments(pipeline) -> dict:
-    """`use_resolution_binning=False` where the pipeline's __call__ takes it (Sana, PixArt): images are drawn at
-    the size asked, as trained, not at the nearest size of the base's aspect-ratio table."""
+def size_arguments(pipeline, width: int, height: int) -> dict:
+    """What makes the pipeline draw at width x height, as trained, where its __call__ would draw another size:
+    `use_resolution_binning=False` where it takes that (Sana, PixArt: else the nearest size of the base's
+    aspect-ratio table), `max_area=width x height` where it takes that (Flux.1 Kontext's pipeline rescales any size
+    to max_area, 1024^2 by default)."""
     import inspect
 
-    return ({"use_resolution_binning": False}
-            if "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters else {})
+    taken = inspect.signature(pipeline.__call__).parameters
+    return {**({"use_resolution_binning": False} if "use_resolution_binning" in taken else {}),
+            **({"max_area": width * height} if "max_area" in taken else {})}
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from finetune.models import Components, ModelFamily
 from finetune.training import checkpoint, trackers
 from finetune.training.failures import Recovery, check_finite_weights, saving
 from finetune.training.optim import set_base_rates
+from finetune.training.control_images import with_controls
 from finetune.training.sample_prompts import SamplePrompt
 from finetune.training.sampling import draw_rows, plain_forward, rows_grid, save_png
 from finetune.distributed import load_optimizer_state_dict, optimizer_state_dict
@@ -104,8 +105,9 @@ def save_samples(accelerator, saving_to: Saving, family: ModelFamily, parts: Com
             m.eval()  # no dropout in samples
         with plain_forward(modules), strategy.as_loaded(dtype):
             drawn = draw_rows(pipeline, list(rows), images_per_prompt,
-                              encode=partial(family.encode_prompts, parts) if parts.max_token_length else None)
-        grid = rows_grid(drawn)
+                              encode=partial(family.encode_prompts, parts) if parts.max_token_length else None,
+                              control=family.sample_kwargs)
+        grid = rows_grid(with_controls(drawn, [row.control_images for row in rows]))
         for m, mode in zip(modules, modes):
             m.train(mode)
         with saving("a sample grid", step, saving_to.command, saving_to.output_dir):

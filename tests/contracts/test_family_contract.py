@@ -81,7 +81,7 @@ def test_the_inference_pipeline_shares_the_parts(family_and_parts):
     pipe = family.pipeline(parts)
     assert all(getattr(pipe, name) is module for name, module in parts.modules.items())
     image = pipe(prompt=["a red circle"], num_inference_steps=1, height=32, width=32, output_type="np",
-                 **size_arguments(pipe)).images  # Sana: drawn at 32 px, not binned to its aspect table
+                 **size_arguments(pipe, 32, 32)).images  # Sana: drawn at 32 px, not binned to its aspect table
     assert image.shape[0] == 1 and torch.isfinite(torch.from_numpy(image)).all()
 
 

@@ -190,7 +190,7 @@ def test_the_saved_artifact_reproduces_the_trained_model(run):
     for pipe in (trained, loaded):
         generator = torch.Generator().manual_seed(0)
         outputs.append(pipe(prompt=[run["prompt"]], num_inference_steps=2, **{guidance_keyword(pipe): 3.0},
-                            height=32, width=32, generator=generator, output_type="np", **size_arguments(pipe)).images)
+                            height=32, width=32, generator=generator, output_type="np", **size_arguments(pipe, 32, 32)).images)
     np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-3 if run["name"] == "dreambooth" else 1e-5)
 
 

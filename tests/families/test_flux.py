@@ -174,7 +174,7 @@ def test_validate_refuses_ddpm_options_and_guidance_where_there_is_none(flux_bas
     code, err = validate(flux_base, model={"min_snr_gamma": 5.0})
     assert code == 2 and "model.min_snr_gamma: an option of model.family sd / sdxl, and this model is flux" in err
     code, err = validate(tiny_base, model={"guidance": 1.0})  # an SD 1.x base
-    assert code == 2 and "model.guidance: an option of model.family flux / flux2, and this model is sd" in err
+    assert code == 2 and "model.guidance: an option of model.family flux / flux_kontext / flux2, and this model is sd" in err
     assert validate(flux_base, model={"guidance": 3.5, "flow": {"sigma_sampling": "logit_normal", "shift": 3.0}})[0] == 0
 
 

@@ -12,7 +12,8 @@ import yaml
 from finetune.data.dataset import uncropped_conditions
 from finetune.models import family_for
 from finetune.models.flux2 import build_tiny
-from tests.helpers import draw_concept, loaded_family, recipe_dict, recording, train_shipped_recipe
+from tests.helpers import (declares_data_control, draw_concept, loaded_family, recipe_dict, recording,
+                           train_shipped_recipe)
 
 PROMPT = "a purple sks"
 VARIANTS = {"dev": False, "klein": True}
@@ -160,6 +161,16 @@ def test_the_recipe_validates_and_trains_with_a_sample_grid(base, tmp_path):
     out = train_shipped_recipe(name, folder, tmp_path, extra=("sample.every=2", "sample.steps=2"))
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert list(out.rglob("*.png"))
+
+
+@pytest.mark.skipif(not declares_data_control(), reason="data.control (issue 38's paired data) is not declared yet")
+def test_the_edit_recipe_validates_and_trains_on_its_edit_pairs(base, tmp_path):
+    """recipes/flux2_edit_lora.yaml as shipped (a klein base, data_examples/star_edit's pairs), on the tiny klein."""
+    variant, folder = base
+    if variant != "klein":
+        pytest.skip("the edit recipe trains a klein base")
+    out = train_shipped_recipe("flux2_edit_lora", folder, tmp_path)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_a_trained_lora_loads_with_the_pipelines_own_loader(base, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import activations, memory
+from tests.helpers import declares_data_control
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 
@@ -28,6 +29,7 @@ def test_the_models_have_the_released_sizes():
              for key, (denoiser, encoders, vae) in ((k, memory._build(m)) for k, m in memory.MODELS.items())}
     t5, clip_l, clip_l_projected, clip_g, vae = 4_762_310_656, 123_060_480, 123_650_304, 694_659_840, 83_819_683
     assert sizes["flux-dev"] == [11_901_408_320, clip_l, t5, vae]
+    assert sizes["flux-kontext-dev"] == sizes["flux-dev"]  # Kontext: Flux.1-dev's network, other weights
     assert sizes["sd35-large"] == [8_056_627_520, clip_l_projected, clip_g, t5, vae]
     assert sizes["sd35-medium"] == [2_243_171_520, clip_l_projected, clip_g, t5, vae]
     # Flux.2: dev's 32 B transformer and Mistral-Small-3.1's 24 B; klein-base-9B's 9.1 B and Qwen3-8B's 8.2 B
@@ -51,7 +53,8 @@ def test_the_measured_activation_ratios_are_plausible():
                           ("flux2", {"double", "single", "rest"}), ("qwen_image", {"joint", "rest"}),
                           ("chroma", {"double", "single", "rest"}), ("lumina2", {"joint", "rest"}),
                           ("sana", {"joint", "rest"}), ("hidream", {"double", "single", "rest"}),
-                          ("krea2", {"joint", "rest"}), ("qwen_image_2_1", {"joint", "rest"})):
+                          ("krea2", {"joint", "rest"}), ("qwen_image_2_1", {"joint", "rest"}),
+                          ("flux_kontext", {"double", "single", "rest"})):
         measured = memory.ratios(family)
         assert set(measured) == kinds
         # bytes per token per unit of width: a block keeps tens of bf16 values of each token's width
@@ -87,10 +90,10 @@ def test_a_recipes_base_names_its_model():
         "stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium",
         "Alpha-VLLM/Lumina-Image-2.0", "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
         "Efficient-Large-Model/Sana_600M_1024px_diffusers", "HiDream-ai/HiDream-I1-Full", "HiDream-ai/HiDream-I1-Dev",
-        "krea/Krea-2-Raw")}
+        "krea/Krea-2-Raw", "black-forest-labs/FLUX.1-Kontext-dev")}
     assert list(told.values()) == ["flux-dev", "flux2-dev", "flux2-klein-9b", None, "qwen-image", "qwen-image-2.1",
                                    "chroma-hd", "sd35-large", "sd35-medium", "lumina2", "sana-1600m", None,
-                                   "hidream-i1-full", "hidream-i1-full", "krea2"]
+                                   "hidream-i1-full", "hidream-i1-full", "krea2", "flux-kontext-dev"]
 
 
 def test_every_shipped_recipe_has_a_row(table):
@@ -273,3 +276,22 @@ def test_the_optimizer_state_estimate_is_what_the_optimizer_keeps(kind):
     kept = sum(t.numel() * t.element_size() for t in optimizer.state[weight].values()
                if isinstance(t, torch.Tensor) and t.numel() > 1)
     assert memory._optimizer_bytes([(16, 3072)], kind) == kept
+
+
+@_shipped("flux_kontext_lora", "flux2_edit_lora")
+@pytest.mark.skipif(not declares_data_control(), reason="data.control (issue 38's paired data) is not declared yet")
+def test_the_edit_recipes_fit_24gb_and_count_the_control_images_tokens(table):
+    """The control image's tokens join the target's: the activations of an edit recipe are those of the same
+    recipe without data.control with twice the image tokens, and both recipes stay under 24 GB."""
+    for recipe, model, key in (("flux_kontext_lora", "Flux.1 Kontext", "flux-kontext-dev"),
+                               ("flux2_edit_lora", "Flux.2 klein 9B", "flux2-klein-9b")):
+        row, = [r for r in table if r["recipe"] == recipe]
+        assert row["model"] == model and row["quantize"] != "none" and row["gradient_checkpointing"]
+        assert row["gb"] <= 24.0, row
+        loaded = memory.load(RECIPES / f"{recipe}.yaml")
+        assert memory.control_tokens(loaded, memory.MODELS[key]) == 4096  # one 1024 px control image
+        plain = _estimate(recipe, key, "data.control=null")["parts"]["activations"]
+        assert 1.5 * plain < row["parts"]["activations"] < 2.5 * plain
+    # what the headers say: sample grids bring the text encoders back past 24 GB
+    assert _estimate("flux_kontext_lora", "flux-kontext-dev", "sample.every=250")["gb"] > 24.0
+    assert _estimate("flux2_edit_lora", "flux2-klein-9b", "sample.every=250")["gb"] > 24.0

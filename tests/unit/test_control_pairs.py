@@ -139,9 +139,11 @@ def test_every_problem_is_named_at_once_and_a_skipped_images_control_is_no_orpha
 def test_a_family_taking_no_or_fewer_control_images_is_refused_naming_the_edit_families(monkeypatch):
     sd = specs()["sd"]
     monkeypatch.setitem(specs(), "flux", replace(specs()["flux"], control_images=2))
+    edit = ", ".join(name for name, spec in specs().items() if spec.control_images)  # flux here, and the real ones
+    assert "flux" in edit.split(", ") and len(edit.split(", ")) >= 2
     assert slot_problem(1, sd) == (
         "model.family sd takes no control images (Stable Diffusion 1.x/2.x is not an edit model), and data.control "
-        "gives them (1 per sample); edit families: flux. Set model.family to one of them, or remove data.control")
+        f"gives them (1 per sample); edit families: {edit}. Set model.family to one of them, or remove data.control")
     assert "takes at most 2; give each image at most 2" in slot_problem(3, specs()["flux"])
     assert slot_problem(2, specs()["flux"]) is None
 
