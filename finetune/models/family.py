@@ -309,8 +309,9 @@ class Family:
         generator = torch.Generator(mean.device).manual_seed(0)  # drawn against a zero std: the mean itself
         return self.latents_from_moments(parts, mean, torch.zeros_like(mean), generator)
 
-    def sample_kwargs(self, control_images: list[Any], width: int, height: int) -> dict[str, Any]:
-        """What the pipeline's __call__ takes besides the prompt for a width x height sample given
+    def sample_kwargs(self, control_images: list[Any], width: int, height: int,
+                      pipeline: Any = None) -> dict[str, Any]:
+        """What the `pipeline`'s __call__ takes besides the prompt for a width x height sample given
         `control_images` (PIL images, one per control slot; `sample.prompts`' control_image): nothing for a
         family without control images. An edit family's file says how its pipeline takes them. ValueError
         naming the family when one that takes none is given some."""

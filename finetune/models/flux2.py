@@ -159,7 +159,8 @@ class Flux2(Family):
         # tokens are row-major, as img_ids say: the pipeline's _unpack_latents_with_ids is this reshape
         return Flux2Pipeline._unpatchify_latents(target.transpose(1, 2).reshape(patched.shape))
 
-    def sample_kwargs(self, control_images: list[Any], width: int, height: int) -> dict[str, Any]:
+    def sample_kwargs(self, control_images: list[Any], width: int, height: int,
+                      pipeline: Any = None) -> dict[str, Any]:
         """Flux2(Klein)Pipeline's `image`: the reference images in order (the i-th gets T = 10 (i + 1)); nothing
         without any. ValueError for more than control_images."""
         if len(control_images) > self.spec.control_images:

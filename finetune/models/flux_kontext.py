@@ -66,6 +66,13 @@ class KontextOptions(ModelOptions, FlowMatchingOptions):
         return problems
 
 
+def t5_tokens(tokenizer_2: Any) -> int:
+    """T5 tokens per caption, in training and sampling alike: FluxKontextPipeline's default max_sequence_length
+    (512), or fewer where the base's T5 tokenizer is shorter (`model_max_length`: the shapes edit base's 16), since
+    the pipeline pads every caption to max_sequence_length and the transformer attends to the pads."""
+    return min(T5_TOKENS, int(tokenizer_2.model_max_length))
+
+
 class FluxKontext(Family):
     def flow_defaults(self, flow: dict[str, Any], scheduler_config: Any) -> dict[str, Any]:
         """Flux.1's: sigmoid sampling shifted by the target's token count (the pipeline's mu counts the target's
@@ -73,10 +80,11 @@ class FluxKontext(Family):
         return shifted_as_the_scheduler(flow, scheduler_config, "sigmoid", always_dynamic=True)
 
     def encode_prompts(self, parts: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T5 states [batch, 512, T5 width], CLIP-L pooled [batch, CLIP width]) from the pipeline's
+        """(T5 states [batch, t5_tokens, T5 width], CLIP-L pooled [batch, CLIP width]) from the pipeline's
         encode_prompt, as flux.py's; its text_ids (zeros) are rebuilt by predict."""
-        embeds, pooled, _ = self.pipeline(parts).encode_prompt(list(captions), None, device=self.text_device(parts),
-                                                               max_sequence_length=T5_TOKENS)
+        embeds, pooled, _ = self.pipeline(parts).encode_prompt(
+            list(captions), None, device=self.text_device(parts),
+            max_sequence_length=t5_tokens(parts.tokenizers["tokenizer_2"]))
         return embeds, pooled
 
     def predict(self, parts: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
@@ -110,15 +118,18 @@ class FluxKontext(Family):
             return_dict=False)[0]
         return unpack(out[:, :tokens[0].shape[1]], height, width)
 
-    def sample_kwargs(self, control_images: list[Any], width: int, height: int) -> dict[str, Any]:
+    def sample_kwargs(self, control_images: list[Any], width: int, height: int,
+                      pipeline: Any = None) -> dict[str, Any]:
         """FluxKontextPipeline's arguments for a width x height sample: `max_area` = width x height with
         `_auto_resize` off, so the output has the size asked (the pipeline rescales to max_area, 1024^2 by
         default) and the control image (at most one PIL image) is taken at its own size, not snapped to the
-        pipeline's ~1 MP resolutions."""
+        pipeline's ~1 MP resolutions; given the `pipeline`, captions padded to the T5 tokens training used."""
         if len(control_images) > self.spec.control_images:
             raise ValueError(f"Flux.1 Kontext takes {self.spec.control_images} control image per prompt, got "
                              f"{len(control_images)}: give one control_image")
         given = {"image": control_images[0]} if control_images else {}
+        if pipeline is not None:
+            given["max_sequence_length"] = t5_tokens(pipeline.tokenizer_2)
         return {**given, "max_area": width * height, "_auto_resize": False}
 
 

@@ -13,7 +13,7 @@ from finetune.io.atomic import atomic_file
 from finetune.training.control_images import load_control_images, with_controls
 from finetune.training.sample_prompts import SamplePrompt
 
-# a family's sample_kwargs: (control images, width, height) -> the pipeline's keyword arguments
+# a family's sample_kwargs: (control images, width, height, pipeline=) -> the pipeline's keyword arguments
 Control = Callable[[list[Image.Image], int, int], dict[str, Any]]
 
 
@@ -88,7 +88,8 @@ def draw_rows(pipeline, rows: list[SamplePrompt], images_per_prompt: int,
         if row.control_images and control is None:
             raise ValueError("a sample prompt has control images, but no family says how its pipeline takes them")
         given = {**size_arguments(pipeline, row.width, row.height),
-                 **(control(load_control_images(row.control_images), row.width, row.height) if control else {})}
+                 **(control(load_control_images(row.control_images), row.width, row.height, pipeline=pipeline)
+                    if control else {})}
         result = pipeline(**text_arguments(pipeline, text), num_inference_steps=row.steps,
                           **{keyword: row.guidance}, num_images_per_prompt=images_per_prompt,
                           height=row.height, width=row.width, **given, generator=generator)

@@ -81,7 +81,7 @@ def test_training_feeds_the_transformer_what_the_pipeline_feeds_it_with_control_
         # guidance 1: the embedded value training gives by default, and no real CFG (one call) where it is CFG
         pipe(prompt=prompt, latents=PIPELINE_LATENTS[family.name](noisy), sigmas=[0.6], num_inference_steps=1,
              height=32, width=32, guidance_scale=1.0, output_type="latent",
-             **{**size_arguments(pipe, 32, 32), **family.sample_kwargs(images, 32, 32)})
+             **{**size_arguments(pipe, 32, 32), **family.sample_kwargs(images, 32, 32, pipeline=pipe)})
     hook.remove()
     sigma = pipe.scheduler.sigmas[:1]  # 0.6, shifted as the pipeline shifts it
     hook = recording(parts.transformer, training_calls)
