@@ -46,12 +46,13 @@ def rows_grid(rows: list[list[Optional[Image.Image]]]) -> Image.Image:
 @torch.no_grad()
 def sample_grid(pipeline, prompts: list[str], *, negative_prompt: str, steps: int, guidance_scale: float,
                 seed: int, images_per_prompt: int, resolution: int,
-                encode: Callable[[list[str]], torch.Tensor] | None = None) -> Image.Image:
+                encode: Callable[[list[str]], torch.Tensor] | None = None,
+                control: Optional[Control] = None) -> Image.Image:
     """One row per prompt, all drawn with the same settings (prompt i from seed + i), square at `resolution`:
-    draw_grid with those settings."""
+    draw_grid with those settings (`control`: the family's sample_kwargs, as `finetune sample` gives it)."""
     rows = [SamplePrompt(prompt, negative_prompt, seed + index, steps, guidance_scale, resolution, resolution)
             for index, prompt in enumerate(prompts)]
-    return draw_grid(pipeline, rows, images_per_prompt, encode)
+    return draw_grid(pipeline, rows, images_per_prompt, encode, control)
 
 
 @torch.no_grad()

@@ -83,7 +83,9 @@ def test_on_every_family_the_bf16_grid_is_what_finetunes_loading_draws(family, t
     pipe = loader.pipeline(loader.load(str(tiny_bases[family]), dtype=torch.bfloat16))
     finetune.load_adapter(pipe, artifact)
     settings = {k: v for k, v in SAMPLE.items() if k != "every"}
-    users = np.asarray(sample_grid(pipe, **settings, images_per_prompt=1, resolution=32))
+    # with the family's sampling arguments, as `finetune sample` draws (Kontext: its base's T5 length, max_area)
+    users = np.asarray(sample_grid(pipe, **settings, images_per_prompt=1, resolution=32,
+                                   control=loader.sample_kwargs))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "samples" / "step-000002.png")), users)
 
 
