@@ -73,8 +73,16 @@ def test_the_recipes_precision_draws_its_grid_on_a_tiny_model(path, tiny_models,
     assert main(["train", str(path), *overrides]) == 0
     recipe = load_recipe(path, overrides)
     grid = Image.open(tmp_path / "out" / "samples" / "step-000001.png")
-    assert grid.size == (32 * recipe.sample.images_per_prompt, 32 * prompts)
+    # an edit recipe's rows show their control images before the results (training/control_images.py)
+    controls = max(_control_count(prompt) for prompt in recipe.sample.prompts) if recipe.sample.prompts else 0
+    assert grid.size == (32 * (controls + recipe.sample.images_per_prompt), 32 * prompts)
     assert (tmp_path / "out" / recipe_artifact(recipe)).exists()
+
+
+def _control_count(prompt) -> int:
+    """How many control images a sample.prompts entry names (a string names none)."""
+    given = prompt.get("control_image") if isinstance(prompt, dict) else None
+    return 0 if given is None else len(given) if isinstance(given, list) else 1
 
 
 def recipe_artifact(recipe) -> str:
