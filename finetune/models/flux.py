@@ -71,12 +71,16 @@ class FluxOptions(ModelOptions, FlowMatchingOptions):
               "`sample.guidance_scale`; schnell has no guidance embedding.")
 
     def problems(self) -> list[str]:
-        problems = self.objective_problems()
-        if self.guidance is not None and base_config(self.base, "transformer/config.json").get(
-                "guidance_embeds") is False:
-            problems.append(f"model.guidance: {self.base} has no guidance embedding (its transformer config says "
-                            "guidance_embeds: false, as Flux.1-schnell's); remove it")
-        return problems
+        return self.objective_problems() + guidance_problems(self.guidance, self.base)
+
+
+def guidance_problems(guidance: Optional[float], base: str) -> list[str]:
+    """model.guidance set on a base whose transformer has no guidance embedding (Flux.1-schnell's config says
+    guidance_embeds: false): the message refusing it; [] otherwise. Shared by the Flux.1-type families."""
+    if guidance is not None and base_config(base, "transformer/config.json").get("guidance_embeds") is False:
+        return [f"model.guidance: {base} has no guidance embedding (its transformer config says "
+                "guidance_embeds: false, as Flux.1-schnell's); remove it"]
+    return []
 
 
 class Flux(Family):

@@ -33,10 +33,11 @@ from typing import Any, Optional
 import torch
 
 from finetune.models.base import Components, unwrapped
-from finetune.models.family import Family, FamilySpec, base_config
+from finetune.models.family import Family, FamilySpec
 from finetune.models.flow_matching import FlowMatchingOptions, shifted_as_the_scheduler
 from finetune.models.flux import (
-    DEFAULT_GUIDANCE, PRESETS, T5_TOKENS, check_packable, guidance_input, image_ids, pack, unpack)
+    DEFAULT_GUIDANCE, PRESETS, T5_TOKENS, check_packable, guidance_input, guidance_problems, image_ids, pack,
+    unpack)
 from finetune.networks.hypernetwork_points import TextStream
 from finetune.recipe.keys import key
 from finetune.recipe.schema import ModelOptions
@@ -58,12 +59,7 @@ class KontextOptions(ModelOptions, FlowMatchingOptions):
               "as for Flux.1-dev (diffusers' Kontext script uses 3.5). Sampling uses `sample.guidance_scale`.")
 
     def problems(self) -> list[str]:
-        problems = self.objective_problems()
-        if self.guidance is not None and base_config(self.base, "transformer/config.json").get(
-                "guidance_embeds") is False:
-            problems.append(f"model.guidance: {self.base} has no guidance embedding (its transformer config says "
-                            "guidance_embeds: false); remove it")
-        return problems
+        return self.objective_problems() + guidance_problems(self.guidance, self.base)
 
 
 def t5_tokens(tokenizer_2: Any) -> int:
